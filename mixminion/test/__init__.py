@@ -1,0 +1,1 @@
+"""Unit tests of mixminion (run with ``trial mixminion``)."""
