@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Runs the whole test suite: unit tests (mixminion/test) and, when present,
+# tests with real processes (tests/).  Used by the README and by CI.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export TYPE3_VECTORS="${TYPE3_VECTORS:-$(cd .. && pwd)/shared/vectors}"
+exec python3 -m twisted.trial --temp-directory="${TMPDIR:-/tmp}/mixminion-trial-$$" mixminion "$@"
