@@ -26,3 +26,9 @@ class BuildError(CodecError):
 
 class CompressionError(ParseError):
     """A compressed message was not a valid zlib stream of our settings."""
+
+
+class ChecksumError(ParseError):
+    """A payload's SHA-1 checksum did not match: it is encrypted (a reply or
+    an end-to-end encrypted message), not for us, or junk -- as opposed to a
+    payload that checks but is malformed."""

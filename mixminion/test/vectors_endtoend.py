@@ -139,3 +139,172 @@ def check_payload_decode(e: Entry) -> None:
         return
     _eq("message", e["expected"], e["why"])
     _eq(decoded.message().hex(), e["message_hex"], e["why"])
+
+
+# --- server_processing.json: the exit's view and the case extras -----------
+
+_DECODED_FIELDS = ("payload_sha1_hex payload_prefix_hex type singleton fragment headers "
+                   "body_hex body_text compressed_hex error")
+
+
+def check_decoded(decoded: Mapping[str, Any], payload: bytes) -> None:
+    """Compare the exit's classification of ``payload`` with ``decoded``."""
+    from mixminion.codec import exit as exit_view
+
+    _no_extra(decoded, _DECODED_FIELDS, "decoded")
+    _eq(crypto.sha1(payload).hex(), decoded["payload_sha1_hex"], "payload sha1")
+    _eq(payload[:64].hex(), decoded["payload_prefix_hex"], "payload prefix")
+    view = exit_view.classify_payload(payload)
+    kind = decoded["type"]
+    if kind == "plain":
+        if not isinstance(view, exit_view.Plain):
+            raise AssertionError(f"expected plain, got {view!r}")
+        single = decoded["singleton"]
+        _no_extra(single, "size hash_hex compressed_hex", "singleton")
+        _eq(view.compressed.hex(), single["compressed_hex"], "compressed")
+        _eq(len(view.compressed), single["size"], "size")
+        _eq(payload[2:22].hex(), single["hash_hex"], "hash")
+        _eq(view.headers, decoded["headers"], "headers")
+        _eq(view.body.hex(), decoded["body_hex"], "body")
+        if "body_text" in decoded:
+            _eq(view.body.decode("ascii"), decoded["body_text"], "body text")
+    elif kind == "fragment":
+        if not isinstance(view, exit_view.FragmentPiece):
+            raise AssertionError(f"expected fragment, got {view!r}")
+        frag = decoded["fragment"]
+        _no_extra(frag, "index hash_hex message_id_hex message_length data_length", "fragment")
+        f = view.fragment
+        _eq(f.index, frag["index"], "index")
+        _eq(f.hash.hex(), frag["hash_hex"], "hash")
+        _eq(f.message_id.hex(), frag["message_id_hex"], "message id")
+        _eq(f.message_length, frag["message_length"], "message length")
+        _eq(len(f.data), frag["data_length"], "data length")
+    elif kind == "long":
+        if not isinstance(view, exit_view.Overcompressed):
+            raise AssertionError(f"expected overcompressed, got {view!r}")
+        _eq(view.compressed.hex(), decoded["compressed_hex"], "compressed")
+    elif kind == "enc":
+        if not isinstance(view, exit_view.Encrypted):
+            raise AssertionError(f"expected encrypted, got {view!r}")
+    elif kind == "err":
+        if not isinstance(view, exit_view.Corrupt):
+            raise AssertionError(f"expected corrupt, got {view!r}")
+    else:
+        raise AssertionError(f"unknown decoded type {kind!r}")
+
+
+def check_case_extras(case: Mapping[str, Any], exits: Sequence[tuple[Any, Optional[int]]]) -> None:
+    """``message``, ``owner_decode``, ``recipient_decode``, ``surb_b64`` and
+    ``reassembly`` of one case, against the exits our processor produced."""
+    last = exits[-1][0] if exits else None
+    if "surb_b64" in case:
+        block = ReplyBlock.parse(blob(case, "surb"))
+        _eq(block.pack(), blob(case, "surb"), "case SURB re-encoding")
+    if "owner_decode" in case:
+        _check_owner_decode(case["owner_decode"], last)
+    if "recipient_decode" in case:
+        _check_recipient_decode(case["recipient_decode"], last)
+    if "reassembly" in case:
+        _check_reassembly(case["reassembly"], exits, case.get("message"))
+    elif "message" in case and last is not None:
+        _check_message(case["message"], last.payload)
+
+
+def _check_decoded_message(got: Decoded, spec: Mapping[str, Any], what: str) -> None:
+    message = got.message()
+    _eq(message.hex(), spec["message_hex"], f"{what} message")
+    headers, body = parse_message(message)
+    _eq(headers, spec["headers"], f"{what} headers")
+    _eq(body.hex(), spec["body_hex"], f"{what} body")
+
+
+def _check_owner_decode(spec: Mapping[str, Any], exit_result: Any) -> None:
+    _no_extra(spec, "user_key_hex tag_hex message_hex headers body_hex", "owner_decode")
+    if exit_result is None:
+        raise AssertionError("owner_decode without an exit")
+    _eq(exit_result.tag.hex(), spec["tag_hex"], "owner tag")
+    got = decode_payload(exit_result.payload, exit_result.tag, {"owner": unhex(spec["user_key_hex"])})
+    if got is None or got.kind != "reply":
+        raise AssertionError(f"owner could not decode the reply: {got!r}")
+    _check_decoded_message(got, spec, "owner")
+
+
+def _check_recipient_decode(spec: Mapping[str, Any], exit_result: Any) -> None:
+    _no_extra(spec, "recipient_private_key_der_hex tag_hex message_hex headers body_hex",
+              "recipient_decode")
+    if exit_result is None:
+        raise AssertionError("recipient_decode without an exit")
+    _eq(exit_result.tag.hex(), spec["tag_hex"], "recipient tag")
+    key = PrivateKey.from_der(unhex(spec["recipient_private_key_der_hex"]))
+    got = decode_payload(exit_result.payload, exit_result.tag, {}, [key])
+    if got is None or got.kind != "encrypted":
+        raise AssertionError(f"recipient could not decode: {got!r}")
+    _check_decoded_message(got, spec, "recipient")
+
+
+def _check_message(spec: Mapping[str, Any], payload: bytes) -> None:
+    """What the sender encoded, as seen by a plain exit."""
+    from mixminion.codec import exit as exit_view
+
+    _no_extra(spec, "headers body_hex uncompressed_hex", "message")
+    view = exit_view.classify_payload(payload)
+    if "uncompressed_hex" in spec:
+        if not isinstance(view, exit_view.Overcompressed):
+            raise AssertionError(f"expected overcompressed, got {view!r}")
+        _eq(decompress(view.compressed, len(spec["uncompressed_hex"]) // 2).hex(),
+            spec["uncompressed_hex"], "uncompressed")
+        return
+    if isinstance(view, exit_view.Plain):
+        _eq(view.headers, spec["headers"], "message headers")
+        _eq(view.body.hex(), spec["body_hex"], "message body")
+    elif isinstance(view, exit_view.Corrupt):
+        pass  # exit_bad_compression: the sender's message never decodes
+    elif not isinstance(view, exit_view.Encrypted):
+        raise AssertionError(f"message case ended in {view!r}")
+
+
+def _check_reassembly(spec: Mapping[str, Any], exits: Sequence[tuple[Any, Optional[int]]],
+                      message: Optional[Mapping[str, Any]]) -> None:
+    from mixminion.codec.compression import reassembled_limit
+    from mixminion.codec.fragments import parse_server_side_message, reassemble
+    from mixminion.codec.payload import FragmentPayload, parse_payload
+
+    _no_extra(spec, "fragment_count k n chunks message_id_hex message_length "
+              "fragments_used_by_index unwhitened_sha1_hex delivery_routing_type "
+              "delivery_routing_type_name delivery_routing_info_hex compressed_sha1_hex "
+              "message_sha1_hex headers body_sha1_hex body_length", "reassembly")
+    frags = {}
+    for result, _number in exits:
+        parsed = parse_payload(result.payload)
+        if not isinstance(parsed, FragmentPayload):
+            raise AssertionError("a fragmented case delivered a non-fragment")
+        frags[parsed.index] = parsed
+    _eq(len(frags), spec["fragment_count"], "fragment count")
+    _eq(spec["chunks"] * spec["n"], spec["fragment_count"], "chunks x n")
+    for f in frags.values():
+        _eq(f.message_id.hex(), spec["message_id_hex"], "message id")
+        _eq(f.message_length, spec["message_length"], "message length")
+    used = [frags[i] for i in spec["fragments_used_by_index"]]
+    whole = reassemble(used)
+    _eq(len(whole), spec["message_length"], "reassembled length")
+    _eq(crypto.sha1(whole).hex(), spec["unwhitened_sha1_hex"], "unwhitened")
+    # Any other k per chunk must give the same message: try the last k.
+    k, n = spec["k"], spec["n"]
+    alt = [frags[c * n + j] for c in range(spec["chunks"]) for j in range(n - k, n)]
+    _eq(reassemble(alt), whole, "reassembly from the last k of each chunk")
+    rt, ri, compressed = parse_server_side_message(whole)
+    _eq(rt, spec["delivery_routing_type"], "delivery type")
+    from mixminion.codec.routing import type_name
+    _eq(type_name(rt), spec["delivery_routing_type_name"], "delivery type name")
+    _eq(ri.hex(), spec["delivery_routing_info_hex"], "delivery address")
+    _eq(crypto.sha1(compressed).hex(), spec["compressed_sha1_hex"], "compressed")
+    text = decompress(compressed, reassembled_limit(len(compressed)))
+    _eq(crypto.sha1(text).hex(), spec["message_sha1_hex"], "message")
+    headers, body = parse_message(text)
+    _eq(headers, spec["headers"], "headers")
+    _eq(crypto.sha1(body).hex(), spec["body_sha1_hex"], "body")
+    _eq(len(body), spec["body_length"], "body length")
+    if message is not None:
+        _no_extra(message, "headers body_hex", "message")
+        _eq(headers, message["headers"], "message headers")
+        _eq(body.hex(), message["body_hex"], "message body")
