@@ -18,6 +18,7 @@ from typing import Sequence
 from mixminion.codec.build import build_message_packets, build_reply_packet, encode_message_payloads
 from mixminion.codec.decode import decode_payload
 from mixminion.codec.exit import classify_payload
+from mixminion.codec.exit_headers import parse_message
 from mixminion.codec.header import Hop
 from mixminion.codec.process import Drop, Exit, PacketProcessor, Reject, Relay
 from mixminion.codec.replay import MemoryReplayLog
@@ -109,8 +110,11 @@ def main(argv: Sequence[str] | None = None, out=sys.stdout) -> int:
     result = _follow(reply.packet, by_address[reply.first_hop.address], by_address, out)
     if result is not None:
         decoded = decode_payload(result.payload, result.tag, {"me": user_key})
-        text = decoded.message() if decoded else None
-        print(f"  the SURB's owner decodes: {text!r}", file=out)
+        if decoded is None:
+            print("  the SURB's owner cannot decode the reply", file=out)
+        else:
+            _headers, body = parse_message(decoded.message())
+            print(f"  the SURB's owner decodes a {decoded.kind}: {body!r}", file=out)
 
     print("Replaying the reply packet at its first hop:", file=out)
     _follow(reply.packet, by_address[reply.first_hop.address], by_address, out)
