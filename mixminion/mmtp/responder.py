@@ -1,0 +1,234 @@
+"""The MMTP responder: Twisted glue around :class:`ResponderMachine`.
+
+The protocol only feeds bytes to the machine, hands packets to the sink,
+and writes what the machine says.  A packet is acknowledged RECEIVED only
+after the sink's Deferred fires (the packet is on disk); a sink failure
+sends REJECTED.  Deadlines (handshake, version line, partial frame, idle)
+run on an injected clock.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IHandshakeListener, IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mixminion.mmtp.interfaces import IPacketSink
+from mixminion.mmtp.limits import AddressRules, ConnectionCounter, ConnectionLimits
+from mixminion.mmtp.machine import (
+    NEED_DATA,
+    JunkReceived,
+    PacketReceived,
+    ProtocolError,
+    ResponderMachine,
+    VersionAccepted,
+)
+from mixminion.mmtp.stats import MMTPStats
+from mixminion.mmtp.timers import Timers
+
+
+def _tcp_transport(transport):
+    """The TCP transport under a TLS wrapper (for flow control)."""
+    while hasattr(transport, "transport") and not hasattr(transport, "pauseProducing"):
+        transport = transport.transport
+    return transport
+
+
+@implementer(IHandshakeListener)
+class MMTPResponderProtocol(Protocol):
+    log = Logger()
+
+    def __init__(self, factory: "MMTPResponderFactory") -> None:
+        self.factory = factory
+        self.machine = ResponderMachine(max_line_length=factory.limits.max_line_length)
+        self.timers = Timers(factory.clock)
+        self.peer = "?"
+        self.closed = False
+        self._paused = False
+
+    # --- connection lifecycle --------------------------------------------
+
+    def connectionMade(self) -> None:  # noqa: N802
+        peer = self.transport.getPeer()
+        self.peer = getattr(peer, "host", str(peer))
+        self.factory.stats.count("ReceivedConnection")
+        self.timers.start("handshake", self.factory.limits.handshake_timeout,
+                          lambda: self._timed_out("TLS handshake"))
+
+    def handshakeCompleted(self) -> None:  # noqa: N802
+        self.timers.cancel("handshake")
+        self.timers.start("line", self.factory.limits.line_timeout,
+                          lambda: self._timed_out("protocol line"))
+        self._touch()
+
+    def connectionLost(self, reason: Failure = None) -> None:  # noqa: N802
+        self.closed = True
+        self.timers.cancel_all()
+
+    # --- data -------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        self._touch()
+        try:
+            self.machine.receive_data(data)
+            self._drain()
+        except ProtocolError as exc:
+            self._protocol_error(exc)
+            return
+        self._watch_partial_frame()
+
+    def _drain(self) -> None:
+        while True:
+            event = self.machine.next_event()
+            if event is NEED_DATA:
+                break
+            if isinstance(event, PacketReceived):
+                self._store(event.seq, event.packet)
+            elif isinstance(event, JunkReceived):
+                self.machine.accept(event.seq)
+            elif isinstance(event, VersionAccepted):
+                self.timers.cancel("line")
+        self._flush()
+        self._apply_backpressure()
+
+    def _store(self, seq: int, packet: bytes) -> None:
+        d = defer.maybeDeferred(self.factory.sink.receivePacket, packet, self.peer)
+        d.addCallbacks(self._stored, self._not_stored, callbackArgs=(seq,),
+                       errbackArgs=(seq,))
+
+    def _stored(self, _result, seq: int) -> None:
+        self.factory.stats.count("ReceivedPacket")
+        self._acknowledge(seq, True)
+
+    def _not_stored(self, failure: Failure, seq: int) -> None:
+        self.factory.stats.count("RejectedPacket")
+        self.log.warn("Packet refused by storage; answering REJECTED: {why}",
+                      why=failure.getErrorMessage())
+        self._acknowledge(seq, False)
+
+    def _acknowledge(self, seq: int, accepted: bool) -> None:
+        if self.machine.dead:
+            return  # the connection broke first; the sender will resend
+        (self.machine.accept if accepted else self.machine.reject)(seq)
+        if not self.closed:
+            self._flush()
+            self._apply_backpressure()
+
+    def _flush(self) -> None:
+        out = self.machine.data_to_send()
+        if out and not self.closed:
+            self.transport.write(out)
+
+    # --- limits -------------------------------------------------------------
+
+    def _apply_backpressure(self) -> None:
+        """Stop reading while too many packets wait for the disk."""
+        tcp = _tcp_transport(self.transport)
+        busy = self.machine.pending_acks >= self.factory.limits.max_unacknowledged
+        if busy and not self._paused:
+            self._paused = True
+            tcp.pauseProducing()
+        elif not busy and self._paused and not self.closed:
+            self._paused = False
+            tcp.resumeProducing()
+
+    def _watch_partial_frame(self) -> None:
+        """A peer that starts a frame must finish it (slowloris guard)."""
+        partial = self.machine.version is not None and self.machine.buffered > 0
+        if partial and not self.timers.running("frame"):
+            self.timers.start("frame", self.factory.limits.frame_timeout,
+                              lambda: self._timed_out("partial frame"))
+        elif not partial:
+            self.timers.cancel("frame")
+
+    def _touch(self) -> None:
+        self.timers.restart("idle", self.factory.limits.idle_timeout,
+                            lambda: self._timed_out("idle connection"))
+
+    def _timed_out(self, what: str) -> None:
+        self.factory.stats.count("TimedOut")
+        self.log.info("MMTP connection closed: {what} timed out", what=what)
+        self._abort()
+
+    def _protocol_error(self, exc: ProtocolError) -> None:
+        self.factory.stats.count("ProtocolError")
+        self.log.info("MMTP peer broke the protocol ({code}): {message}",
+                      code=exc.code, message=exc.message)
+        self._abort()
+
+    def _abort(self) -> None:
+        self.timers.cancel_all()
+        if not self.closed:
+            self.closed = True
+            self.transport.abortConnection()
+
+
+class MMTPResponderFactory(Factory):
+    """Builds responder protocols for one listening port (inside TLS)."""
+
+    protocol = MMTPResponderProtocol
+
+    def __init__(self, sink: IPacketSink, clock: IReactorTime,
+                 limits: Optional[ConnectionLimits] = None,
+                 stats: Optional[MMTPStats] = None) -> None:
+        self.sink = sink
+        self.clock = clock
+        self.limits = limits or ConnectionLimits()
+        self.stats = stats or MMTPStats()
+
+    def buildProtocol(self, addr) -> MMTPResponderProtocol:  # noqa: N802
+        return self.protocol(self)
+
+
+class GuardedTLSFactory(TLSMemoryBIOFactory):
+    """TLS server factory that applies ``Allow``/``Deny`` rules and
+    connection limits when TCP accepts, before any TLS work is done."""
+
+    log = Logger()
+
+    def __init__(self, context_factory, wrapped: MMTPResponderFactory,
+                 rules: Optional[AddressRules] = None, clock: Optional[IReactorTime] = None) -> None:
+        super().__init__(context_factory, False, wrapped, clock=clock)
+        self.rules = rules or AddressRules()
+        self.counter = ConnectionCounter(wrapped.limits)
+        self.stats = wrapped.stats
+        self._hosts: dict[int, str] = {}
+
+    def buildProtocol(self, addr):  # noqa: N802
+        host = getattr(addr, "host", "")
+        if not self.rules.allows(host):
+            self.stats.count("DeniedConnection")
+            self.log.info("MMTP connection refused by address rules")
+            return None
+        why = self.counter.refusal(host)
+        if why is not None:
+            self.stats.count("RefusedConnection")
+            self.log.info("MMTP connection refused: {why}", why=why)
+            return None
+        protocol = super().buildProtocol(addr)
+        if protocol is not None:
+            self.counter.opened(host)
+            self._hosts[id(protocol)] = host
+        return protocol
+
+    def unregisterProtocol(self, protocol) -> None:  # noqa: N802
+        host = self._hosts.pop(id(protocol), None)
+        if host is not None:
+            self.counter.closed(host)
+        super().unregisterProtocol(protocol)
+
+
+def responder_factory(sink: IPacketSink, tls, clock: IReactorTime,
+                      limits: Optional[ConnectionLimits] = None,
+                      rules: Optional[AddressRules] = None,
+                      stats: Optional[MMTPStats] = None) -> GuardedTLSFactory:
+    """The factory to listen with: limits → TLS (``tls`` is a
+    :class:`mixminion.mmtp.tls.ResponderTLS`) → MMTP → ``sink``."""
+    inner = MMTPResponderFactory(sink, clock, limits, stats)
+    return GuardedTLSFactory(tls, inner, rules, clock=clock)

@@ -1,0 +1,134 @@
+"""The durable sink behind an MMTP responder: group commit in a worker thread.
+
+Packets handed to :meth:`DurableSink.receivePacket` are written by one
+worker thread; everything that arrives while a commit runs is written by
+the next commit, so one fsync covers many packets.  Each caller's
+Deferred fires only after the commit holding its packet returned.
+"""
+
+from __future__ import annotations
+
+import shutil
+from typing import Optional
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorThreads, IReactorTime
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from mixminion.mmtp.interfaces import IPacketSink
+from mixminion.server.packetstore import PacketStore, PacketStoreError
+
+PACKET_LEN = 32768
+
+
+class SinkRefused(Exception):
+    """The sink will not take the packet now (full disk, full queue)."""
+
+
+@implementer(IPacketSink)
+class DurableSink:
+    """Stores received packets in a :class:`PacketStore` queue.
+
+    ``max_queued`` bounds the queue's length and ``min_free_bytes`` the
+    free disk space below which packets are refused (the responder then
+    answers REJECTED and the sender retries later: mmtp.md §11).
+    """
+
+    log = Logger()
+
+    def __init__(self, store: PacketStore, reactor, queue: str = "incoming",
+                 max_batch: int = 256, max_queued: Optional[int] = None,
+                 min_free_bytes: int = 0, on_stored=None) -> None:
+        self.store = store
+        self.queue = queue
+        self.reactor = reactor
+        self.max_batch = max_batch
+        self.max_queued = max_queued
+        self.min_free_bytes = min_free_bytes
+        self.on_stored = on_stored
+        self.refused = 0
+        self.stored = 0
+        self._waiting: list[tuple[bytes, defer.Deferred]] = []
+        self._writing = False
+        self._queued = store.count(queue)
+        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="mixminion-store")
+        self._pool.start()
+        self._stopped = False
+
+    def receivePacket(self, packet: bytes, peer: str) -> defer.Deferred:  # noqa: N802
+        if len(packet) != PACKET_LEN:
+            return defer.fail(SinkRefused("packet has the wrong length"))
+        reason = self._refusal()
+        if reason:
+            self.refused += 1
+            self.log.warn("Refusing a packet: {reason}", reason=reason)
+            return defer.fail(SinkRefused(reason))
+        d: defer.Deferred = defer.Deferred()
+        self._waiting.append((packet, d))
+        self._queued += 1
+        self._write_next()
+        return d
+
+    def _refusal(self) -> Optional[str]:
+        if self._stopped:
+            return "the store is shutting down"
+        if self.max_queued is not None and self._queued >= self.max_queued:
+            return "incoming queue is full"
+        if self.min_free_bytes:
+            try:
+                free = shutil.disk_usage(self.store.path).free
+            except OSError as exc:
+                return f"cannot check free disk space: {exc}"
+            if free < self.min_free_bytes:
+                return "free disk space is below the configured minimum"
+        return None
+
+    def _write_next(self) -> None:
+        if self._writing or not self._waiting:
+            return
+        batch = self._waiting[:self.max_batch]
+        del self._waiting[:self.max_batch]
+        self._writing = True
+        now = self.reactor.seconds()
+        d = deferToThreadPool(self.reactor, self._pool, self.store.add_many,
+                              self.queue, [p for p, _ in batch], now)
+        d.addBoth(self._written, batch)
+
+    def _written(self, result, batch) -> None:
+        self._writing = False
+        if isinstance(result, Failure):
+            self._queued -= len(batch)
+            self.refused += len(batch)
+            self.log.failure("Could not store {count} packets", result, count=len(batch))
+            for _, d in batch:
+                d.errback(Failure(SinkRefused("the packet could not be stored")))
+        else:
+            self.stored += len(batch)
+            if self.on_stored is not None:
+                self.on_stored(result)
+            for (_, d), packet_id in zip(batch, result):
+                d.callback(packet_id)
+        self._write_next()
+
+    def removed(self, count: int) -> None:
+        """Tell the sink that ``count`` packets left its queue."""
+        self._queued = max(0, self._queued - count)
+
+    def stop(self) -> defer.Deferred:
+        """Refuse new packets, finish the writes under way, stop the thread."""
+        self._stopped = True
+        done: defer.Deferred = defer.Deferred()
+
+        def check() -> None:
+            if self._writing or self._waiting:
+                self.reactor.callLater(0.01, check)
+            else:
+                self._pool.stop()
+                done.callback(None)
+
+        check()
+        return done
