@@ -7,9 +7,10 @@ version, and pipelines frames (six in flight by default).  Each packet has
 a Deferred that fires on RECEIVED and fails on REJECTED or on any loss of
 the connection, so the caller keeps its copy until the peer has it.
 
-:class:`MMTPClient` keeps at most one connection per destination, sends at
-most ``max_packets_per_connection`` packets over one connection, and
-opens the next connection for packets that arrive meanwhile.
+:class:`MMTPClient` queues packets on one connection per destination, at
+most ``max_packets_per_connection`` on each; the next connection opens
+while the full one still waits for its acknowledgements (at most
+``connections_per_destination`` at once).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from mixminion.mmtp.machine import (
 )
 from mixminion.mmtp.stats import MMTPStats
 from mixminion.mmtp.timers import Timers
+from mixminion.mmtp.transport import set_no_delay
 from mixminion.mmtp.tls import InitiatorTLS, KeyIdMismatch, TLSVerificationError
 
 PACKET_LEN = 32768
@@ -79,6 +81,11 @@ class InitiatorSettings:
     connect_timeout: float = 60.0
     handshake_timeout: float = 60.0
     idle_timeout: float = 300.0
+    #: open connections to one destination: one accepts new packets while
+    #: the one before it waits for its last acknowledgements
+    connections_per_destination: int = 2
+    #: local address to connect from (None: the system's choice)
+    bind_address: Optional[tuple[str, int]] = None
 
 
 @implementer(IHandshakeListener)
@@ -121,6 +128,7 @@ class MMTPInitiatorProtocol(Protocol):
     # --- connection lifecycle ------------------------------------------------
 
     def connectionMade(self) -> None:  # noqa: N802
+        set_no_delay(self.transport)
         self.timers.start("handshake", self.settings.handshake_timeout,
                           lambda: self._fail(ConnectionFailed("TLS handshake timed out")))
 
@@ -225,7 +233,7 @@ class _InitiatorFactory(Factory):
 
 
 class MMTPClient:
-    """Sends packets to next hops, reusing one connection per destination.
+    """Sends packets to next hops, reusing connections per destination.
 
     ``connect`` may be replaced in tests: it takes a destination and a
     protocol factory and returns a Deferred firing with the connected
@@ -244,6 +252,8 @@ class MMTPClient:
         self._active: dict[Destination, MMTPInitiatorProtocol] = {}
         self._connecting: dict[Destination, list[_Item]] = {}
         self._waiting: dict[Destination, list[_Item]] = {}
+        #: connections per destination, connecting or open
+        self._live: dict[Destination, int] = {}
 
     def send_packet(self, destination: Destination, packet: bytes) -> defer.Deferred:
         """Deferred firing when ``destination`` acknowledges RECEIVED."""
@@ -262,14 +272,17 @@ class MMTPClient:
             proto.queue(item)
         elif destination in self._connecting:
             self._connecting[destination].append(item)
-        elif proto is not None:
-            self._waiting.setdefault(destination, []).append(item)
-        else:
+        elif self._live.get(destination, 0) < self.settings.connections_per_destination:
             self._open(destination, [item])
+        else:
+            self._waiting.setdefault(destination, []).append(item)
         return item.deferred
 
     def _open(self, destination: Destination, items: list[_Item]) -> None:
+        """Connect for ``items``; a full connection keeps draining its
+        acknowledgements while the next one does its handshake."""
         self._connecting[destination] = items
+        self._live[destination] = self._live.get(destination, 0) + 1
         self.stats.count("AttemptedConnect")
 
         def build() -> MMTPInitiatorProtocol:
@@ -282,21 +295,28 @@ class MMTPClient:
 
     def connect(self, destination: Destination, factory: Factory) -> defer.Deferred:
         endpoint = HostnameEndpoint(self.reactor, destination.host, destination.port,
-                                    timeout=self.settings.connect_timeout)
+                                    timeout=self.settings.connect_timeout,
+                                    bindAddress=self.settings.bind_address)
         return wrapClientTLS(self.tls, endpoint).connect(factory)
 
     def _connected(self, proto: MMTPInitiatorProtocol, destination: Destination) -> None:
         items = self._connecting.pop(destination, [])
         self._active[destination] = proto
         for i, item in enumerate(items):
-            if proto.accepting:
-                proto.queue(item)
-            else:
-                self._waiting.setdefault(destination, []).extend(items[i:])
+            if not proto.accepting:
+                self._overflow(destination, items[i:])
                 break
+            proto.queue(item)
+
+    def _overflow(self, destination: Destination, items: list[_Item]) -> None:
+        if self._live.get(destination, 0) < self.settings.connections_per_destination:
+            self._open(destination, items)
+        else:
+            self._waiting.setdefault(destination, []).extend(items)
 
     def _connect_failed(self, failure: Failure, destination: Destination) -> None:
         items = self._connecting.pop(destination, [])
+        self._live[destination] -= 1
         self.stats.count("FailedConnect")
         self.log.info("Could not connect to a next hop: {why}", why=failure.getErrorMessage())
         error = Failure(ConnectionFailed(f"cannot connect: {failure.getErrorMessage()}"))
@@ -307,14 +327,29 @@ class MMTPClient:
         self._start_waiting(destination)
 
     def _finished(self, proto: MMTPInitiatorProtocol) -> None:
-        if self._active.get(proto.destination) is proto:
-            del self._active[proto.destination]
-        self._start_waiting(proto.destination)
+        destination = proto.destination
+        self._live[destination] -= 1
+        if not self._live[destination]:
+            del self._live[destination]
+        if self._active.get(destination) is proto:
+            del self._active[destination]
+        self._start_waiting(destination)
 
     def _start_waiting(self, destination: Destination) -> None:
         waiting = self._waiting.pop(destination, [])
-        if waiting and destination not in self._connecting and destination not in self._active:
-            self._open(destination, waiting)
+        if not waiting:
+            return
+        proto = self._active.get(destination)
+        if proto is not None and proto.accepting:
+            for i, item in enumerate(waiting):
+                if not proto.accepting:
+                    self._overflow(destination, waiting[i:])
+                    return
+                proto.queue(item)
+        elif destination in self._connecting:
+            self._connecting[destination].extend(waiting)
+        else:
+            self._overflow(destination, waiting)
 
     def close(self) -> defer.Deferred:
         """Abort every connection (their packets fail and stay queued)."""

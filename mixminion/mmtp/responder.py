@@ -31,13 +31,7 @@ from mixminion.mmtp.machine import (
 )
 from mixminion.mmtp.stats import MMTPStats
 from mixminion.mmtp.timers import Timers
-
-
-def _tcp_transport(transport):
-    """The TCP transport under a TLS wrapper (for flow control)."""
-    while hasattr(transport, "transport") and not hasattr(transport, "pauseProducing"):
-        transport = transport.transport
-    return transport
+from mixminion.mmtp.transport import set_no_delay, tcp_transport
 
 
 @implementer(IHandshakeListener)
@@ -58,6 +52,7 @@ class MMTPResponderProtocol(Protocol):
         peer = self.transport.getPeer()
         self.peer = getattr(peer, "host", str(peer))
         self.factory.stats.count("ReceivedConnection")
+        set_no_delay(self.transport)
         self.timers.start("handshake", self.factory.limits.handshake_timeout,
                           lambda: self._timed_out("TLS handshake"))
 
@@ -129,7 +124,7 @@ class MMTPResponderProtocol(Protocol):
 
     def _apply_backpressure(self) -> None:
         """Stop reading while too many packets wait for the disk."""
-        tcp = _tcp_transport(self.transport)
+        tcp = tcp_transport(self.transport)
         busy = self.machine.pending_acks >= self.factory.limits.max_unacknowledged
         if busy and not self._paused:
             self._paused = True
