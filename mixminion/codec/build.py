@@ -14,7 +14,7 @@ from typing import Callable, Mapping, Optional, Sequence
 from mixminion.codec import crypto
 from mixminion.codec.compression import compress
 from mixminion.codec.crypto import RandomSource
-from mixminion.codec.errors import BuildError
+from mixminion.codec.errors import BuildError, ParseError
 from mixminion.codec.exit_headers import encode_headers
 from mixminion.codec.fragments import fragment_message, server_side_prefix
 from mixminion.codec.header import SECRET_LEN, Hop, build_header, check_header_room, leg_routing
@@ -24,10 +24,12 @@ from mixminion.codec.routing import (
     DROP_TYPE,
     FRAGMENT_TYPE,
     MIN_EXIT_TYPE,
-    TAG_LEN,
-    check_smtp_address,
     SMTP_TYPE,
+    TAG_LEN,
+    TAGLESS_EXIT_TYPES,
+    check_smtp_address,
     make_tag,
+    type_name,
 )
 from mixminion.codec.rsa import OAEP_OVERHEAD, PublicKey
 from mixminion.codec.surb import ReplyBlock
@@ -80,25 +82,29 @@ def build_forward_packet(
     exit_address: bytes,
     rng: RandomSource,
     *,
-    tagged: bool = True,
+    tagged: Optional[bool] = None,
 ) -> BuiltPacket:
     """A plaintext forward packet (§7.1).
 
-    ``tagged=False`` suppresses the decoding handle, as DROP, FRAGMENT and
-    PING exits expect.
+    DROP, FRAGMENT and PING exits carry no decoding handle, every other
+    exit a random one; ``tagged`` may only confirm that, since an exit
+    refuses a packet whose routing info does not match its type.
     """
     _check_exit(exit_type)
     if len(payload) != PAYLOAD_LEN:
         raise BuildError(f"payload must be {PAYLOAD_LEN} bytes")
-    tag = make_tag(rng) if tagged else b""
+    wants_tag = exit_type != DROP_TYPE and exit_type not in TAGLESS_EXIT_TYPES
+    if tagged is not None and tagged != wants_tag:
+        raise BuildError(f"exit type {type_name(exit_type)} "
+                         f"{'needs' if wants_tag else 'takes no'} decoding handle")
+    tag = make_tag(rng) if wants_tag else b""
     packet = _two_legs(payload, path1, path2, exit_type, tag + exit_address, rng)
     return BuiltPacket(packet, path1[0], tag)
 
 
 def build_dummy_packet(path1: Path, path2: Path, rng: RandomSource) -> BuiltPacket:
     """A DROP packet with a random payload: looks like traffic until its exit."""
-    return build_forward_packet(rng(PAYLOAD_LEN), path1, path2, DROP_TYPE, b"", rng,
-                                tagged=False)
+    return build_forward_packet(rng(PAYLOAD_LEN), path1, path2, DROP_TYPE, b"", rng)
 
 
 def build_encrypted_forward_packet(
@@ -197,7 +203,10 @@ def build_message_packets(
     """
     _check_exit(exit_type)
     if exit_type == SMTP_TYPE:
-        check_smtp_address(exit_address)
+        try:
+            check_smtp_address(exit_address)
+        except ParseError as exc:
+            raise BuildError(f"cannot send to that address: {exc}") from None
     payloads = encode_message_payloads(body, rng, headers=headers, exit_type=exit_type,
                                        exit_address=exit_address)
     if len(payloads) == 1:
@@ -207,8 +216,7 @@ def build_message_packets(
     for i, payload in enumerate(payloads):
         path1, path2 = paths(i)
         exits.add(path2[-1].address)
-        built.append(build_forward_packet(payload, path1, path2, FRAGMENT_TYPE, b"", rng,
-                                          tagged=False))
+        built.append(build_forward_packet(payload, path1, path2, FRAGMENT_TYPE, b"", rng))
     if len(exits) != 1:
         raise BuildError("all fragments of a message must reach the same exit")
     return built

@@ -92,7 +92,10 @@ def parse_reply_blocks(data: bytes) -> list[ReplyBlock]:
     or one or more text-armored SURBs."""
     stripped = data.lstrip(_WHITESPACE)
     if stripped.startswith(b"-----BEGIN"):
-        return [ReplyBlock.parse(body) for body in _text_bodies(stripped)]
+        blocks = [ReplyBlock.parse(body) for body in _text_bodies(stripped)]
+        if not blocks:
+            raise ParseError("no reply block found")
+        return blocks
     blocks, pos = [], 0
     while True:
         while pos < len(data) and data[pos] in _WHITESPACE:

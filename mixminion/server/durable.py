@@ -12,7 +12,6 @@ import shutil
 from typing import Optional
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -20,7 +19,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from mixminion.mmtp.interfaces import IPacketSink
-from mixminion.server.packetstore import PacketStore, PacketStoreError
+from mixminion.server.packetstore import PacketStore
 
 PACKET_LEN = 32768
 

@@ -9,7 +9,7 @@ from typing import Any, Mapping, Optional, Sequence
 from mixminion.codec import crypto
 from mixminion.codec.compression import decompress
 from mixminion.codec.decode import CorruptPayload, Decoded, decode_payload
-from mixminion.codec.errors import CodecError, ParseError
+from mixminion.codec.errors import ParseError
 from mixminion.codec.exit_headers import parse_message
 from mixminion.codec.routing import tag_from_random
 from mixminion.codec.rsa import PrivateKey
