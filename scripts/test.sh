@@ -4,4 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export TYPE3_VECTORS="${TYPE3_VECTORS:-$(cd .. && pwd)/shared/vectors}"
-exec python3 -m twisted.trial --temp-directory="${TMPDIR:-/tmp}/mixminion-trial-$$" mixminion "$@"
+if [ "$#" -eq 0 ]; then set -- mixminion tests; fi
+exec python3 -m twisted.trial --temp-directory="${TMPDIR:-/tmp}/mixminion-trial-$$" "$@"
