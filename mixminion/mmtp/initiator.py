@@ -81,6 +81,9 @@ class InitiatorSettings:
     connect_timeout: float = 60.0
     handshake_timeout: float = 60.0
     idle_timeout: float = 300.0
+    #: how long to wait for the peer's TLS close_notify after ours; a peer
+    #: that never answers would otherwise hold the destination forever
+    close_timeout: float = 30.0
     #: open connections to one destination: one accepts new packets while
     #: the one before it waits for its last acknowledgements
     connections_per_destination: int = 2
@@ -104,6 +107,7 @@ class MMTPInitiatorProtocol(Protocol):
         self.machine: InitiatorMachine[_Item] = InitiatorMachine(writeahead=settings.writeahead)
         self.timers = Timers(clock)
         self.queued = 0
+        self.acked = 0
         self.closing = False
         self.authenticated = False
         self._failure: Optional[Failure] = None
@@ -172,6 +176,7 @@ class MMTPInitiatorProtocol(Protocol):
         self._flush()
 
     def _acknowledged(self, item: _Item, accepted: bool) -> None:
+        self.acked += 1
         if accepted:
             if not item.junk:
                 self.stats.count("SuccessfulRelay")
@@ -197,7 +202,16 @@ class MMTPInitiatorProtocol(Protocol):
             self.closing = True
             self.machine.close()
             self.timers.cancel_all()
+            # Until connectionLost the client keeps this connection as the
+            # destination's, so a peer that never answers our close_notify
+            # must not hold it (and the packets waiting for it) forever.
+            self.timers.start("close", self.settings.close_timeout, self._close_timed_out)
             self.transport.loseConnection()
+
+    def _close_timed_out(self) -> None:
+        self.stats.count("TimedOut")
+        self.log.info("Next hop did not finish closing the MMTP connection; aborting it")
+        self.transport.abortConnection()
 
     def _touch(self) -> None:
         self.timers.restart("idle", self.settings.idle_timeout,
@@ -215,12 +229,18 @@ class MMTPInitiatorProtocol(Protocol):
         self.timers.cancel_all()
         failure = self._failure or Failure(ConnectionFailed(
             f"connection lost: {reason.getErrorMessage() if reason else 'unknown'}"))
-        outstanding = self.machine.outstanding()
+        outstanding = [i for i in self.machine.outstanding() if not i.deferred.called]
+        if outstanding:
+            self.log.info("MMTP connection to a next hop lost with {count} packets "
+                          "unacknowledged: {why}", count=len(outstanding),
+                          why=failure.getErrorMessage())
+        else:
+            self.log.debug("MMTP connection to a next hop closed after {acked} "
+                           "acknowledgements", acked=self.acked)
         for item in outstanding:
-            if not item.deferred.called:
-                if not item.junk:
-                    self.stats.count("FailedRelay")
-                item.deferred.errback(failure)
+            if not item.junk:
+                self.stats.count("FailedRelay")
+            item.deferred.errback(failure)
         self.on_done(self)
 
 
@@ -254,6 +274,8 @@ class MMTPClient:
         self._waiting: dict[Destination, list[_Item]] = {}
         #: connections per destination, connecting or open
         self._live: dict[Destination, int] = {}
+        #: every open connection, including full ones no longer in _active
+        self._protocols: set[MMTPInitiatorProtocol] = set()
 
     def send_packet(self, destination: Destination, packet: bytes) -> defer.Deferred:
         """Deferred firing when ``destination`` acknowledges RECEIVED."""
@@ -302,6 +324,7 @@ class MMTPClient:
     def _connected(self, proto: MMTPInitiatorProtocol, destination: Destination) -> None:
         items = self._connecting.pop(destination, [])
         self._active[destination] = proto
+        self._protocols.add(proto)
         for i, item in enumerate(items):
             if not proto.accepting:
                 self._overflow(destination, items[i:])
@@ -328,6 +351,7 @@ class MMTPClient:
 
     def _finished(self, proto: MMTPInitiatorProtocol) -> None:
         destination = proto.destination
+        self._protocols.discard(proto)
         self._live[destination] -= 1
         if not self._live[destination]:
             del self._live[destination]
@@ -353,6 +377,6 @@ class MMTPClient:
 
     def close(self) -> defer.Deferred:
         """Abort every connection (their packets fail and stay queued)."""
-        for proto in list(self._active.values()):
+        for proto in list(self._protocols):
             proto._fail(ConnectionFailed("client shutting down"))
         return defer.succeed(None)

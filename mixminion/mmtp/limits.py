@@ -27,6 +27,17 @@ def normalize_address(host: str) -> Optional[IPAddress]:
     return addr
 
 
+def _unmap(network: IPNetwork) -> IPNetwork:
+    """A rule written for IPv4-mapped IPv6 addresses, as IPv4: peers are
+    matched in IPv4 form (normalize_address), so otherwise the rule would
+    silently never match."""
+    if isinstance(network, ipaddress.IPv6Network) and network.prefixlen >= 96:
+        mapped = network.network_address.ipv4_mapped
+        if mapped is not None:
+            return ipaddress.IPv4Network((mapped, network.prefixlen - 96))
+    return network
+
+
 @dataclass(frozen=True)
 class AddressRule:
     """``Allow``/``Deny`` one network; ``network=None`` matches everyone."""
@@ -48,7 +59,7 @@ class AddressRule:
             network = ipaddress.ip_network(text, strict=False)
         except ValueError:
             raise ValueError(f"not an address or network: {text!r}") from None
-        return cls(verb == "allow", network)
+        return cls(verb == "allow", _unmap(network))
 
     def matches(self, addr: IPAddress) -> bool:
         if self.network is None:
@@ -112,8 +123,10 @@ class ConnectionCounter:
 
     def closed(self, host: str) -> None:
         key = _source_key(host)
+        if key not in self.per_source:
+            return  # not counted as open: keep total equal to the per-source sum
         self.total = max(0, self.total - 1)
-        left = self.per_source.get(key, 0) - 1
+        left = self.per_source[key] - 1
         if left > 0:
             self.per_source[key] = left
         else:

@@ -45,6 +45,10 @@ class MMTPResponderProtocol(Protocol):
         self.peer = "?"
         self.closed = False
         self._paused = False
+        self._handshake_done = False
+        self.frames = 0  # good frames received (SEND and JUNK)
+        self.stored = 0  # packets acknowledged RECEIVED
+        self.rejected = 0  # packets acknowledged REJECTED
 
     # --- connection lifecycle --------------------------------------------
 
@@ -57,26 +61,46 @@ class MMTPResponderProtocol(Protocol):
                           lambda: self._timed_out("TLS handshake"))
 
     def handshakeCompleted(self) -> None:  # noqa: N802
+        self._handshake_done = True
         self.timers.cancel("handshake")
         self.timers.start("line", self.factory.limits.line_timeout,
                           lambda: self._timed_out("protocol line"))
         self._touch()
 
     def connectionLost(self, reason: Failure = None) -> None:  # noqa: N802
+        closed_by_peer = not self.closed
         self.closed = True
         self.timers.cancel_all()
+        why = reason.getErrorMessage() if reason is not None else "unknown"
+        if closed_by_peer and not self._handshake_done:
+            # Scanners, non-TLS clients and failed handshakes end here; the
+            # TLS layer itself says nothing.
+            self.log.info("MMTP connection closed during the TLS handshake: {why}", why=why)
+        elif closed_by_peer and not self.machine.dead:
+            # A peer that hangs up inside a version line or a frame broke
+            # the protocol; its partial frame is dropped, never stored.
+            try:
+                self.machine.receive_eof()
+            except ProtocolError as exc:
+                self._count_protocol_error(exc)
+        self.log.debug(
+            "MMTP connection closed (version {version}): {frames} frames, {stored} "
+            "packets stored, {rejected} rejected; {why}",
+            version=self.machine.version, frames=self.frames, stored=self.stored,
+            rejected=self.rejected, why=why)
 
     # --- data -------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
         self._touch()
+        frames_before = self.frames
         try:
             self.machine.receive_data(data)
             self._drain()
         except ProtocolError as exc:
             self._protocol_error(exc)
             return
-        self._watch_partial_frame()
+        self._watch_partial_frame(progressed=self.frames != frames_before)
 
     def _drain(self) -> None:
         while True:
@@ -84,8 +108,10 @@ class MMTPResponderProtocol(Protocol):
             if event is NEED_DATA:
                 break
             if isinstance(event, PacketReceived):
+                self.frames += 1
                 self._store(event.seq, event.packet)
             elif isinstance(event, JunkReceived):
+                self.frames += 1
                 self.machine.accept(event.seq)
             elif isinstance(event, VersionAccepted):
                 self.timers.cancel("line")
@@ -99,10 +125,12 @@ class MMTPResponderProtocol(Protocol):
 
     def _stored(self, _result, seq: int) -> None:
         self.factory.stats.count("ReceivedPacket")
+        self.stored += 1
         self._acknowledge(seq, True)
 
     def _not_stored(self, failure: Failure, seq: int) -> None:
         self.factory.stats.count("RejectedPacket")
+        self.rejected += 1
         self.log.warn("Packet refused by storage; answering REJECTED: {why}",
                       why=failure.getErrorMessage())
         self._acknowledge(seq, False)
@@ -132,11 +160,17 @@ class MMTPResponderProtocol(Protocol):
         elif not busy and self._paused and not self.closed:
             self._paused = False
             tcp.resumeProducing()
+            self._watch_partial_frame(progressed=True)
 
-    def _watch_partial_frame(self) -> None:
-        """A peer that starts a frame must finish it (slowloris guard)."""
-        partial = self.machine.version is not None and self.machine.buffered > 0
-        if partial and not self.timers.running("frame"):
+    def _watch_partial_frame(self, progressed: bool = False) -> None:
+        """A peer that starts a frame must finish it (slowloris guard).
+        The deadline is per frame: it restarts whenever a frame completed,
+        so a long pipelined batch is not cut off while it makes progress.
+        It does not run while we are paused: the peer cannot finish a frame
+        we do not read, and our slow disk is not its fault."""
+        partial = (self.machine.version is not None and self.machine.buffered > 0
+                   and not self._paused)
+        if partial and (progressed or not self.timers.running("frame")):
             self.timers.start("frame", self.factory.limits.frame_timeout,
                               lambda: self._timed_out("partial frame"))
         elif not partial:
@@ -152,10 +186,13 @@ class MMTPResponderProtocol(Protocol):
         self._abort()
 
     def _protocol_error(self, exc: ProtocolError) -> None:
+        self._count_protocol_error(exc)
+        self._abort()
+
+    def _count_protocol_error(self, exc: ProtocolError) -> None:
         self.factory.stats.count("ProtocolError")
         self.log.info("MMTP peer broke the protocol ({code}): {message}",
                       code=exc.code, message=exc.message)
-        self._abort()
 
     def _abort(self) -> None:
         self.timers.cancel_all()
