@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+from contextlib import contextmanager
 from typing import Iterable, Iterator, Optional, Sequence
 
 _SCHEMA = """
@@ -27,6 +28,15 @@ CREATE TABLE IF NOT EXISTS packets (
     added REAL NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS packets_queue ON packets (queue, id);
+CREATE TABLE IF NOT EXISTS replay (
+    key_digest BLOB NOT NULL,
+    entry BLOB NOT NULL,
+    PRIMARY KEY (key_digest, entry)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS kv (
+    name TEXT PRIMARY KEY,
+    value BLOB NOT NULL
+);
 """
 
 
@@ -47,7 +57,8 @@ class PacketStore:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         os.close(fd)
         os.chmod(path, 0o600)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._tx_depth = 0
         try:
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -60,24 +71,95 @@ class PacketStore:
             if os.path.exists(path + suffix):
                 os.chmod(path + suffix, 0o600)
 
+    @contextmanager
+    def transaction(self) -> Iterator["PacketStore"]:
+        """Group several operations into one durable commit.
+
+        Inside the ``with`` block every method of this store joins the
+        transaction; it commits (one fsync) when the block ends and rolls
+        back if it raises.  Other threads wait for the block to finish.
+        """
+        with self._lock:
+            if self._tx_depth:
+                self._tx_depth += 1
+                try:
+                    yield self
+                finally:
+                    self._tx_depth -= 1
+                return
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise PacketStoreError(f"cannot start a transaction: {exc}") from exc
+            self._tx_depth = 1
+            try:
+                yield self
+            except BaseException:
+                self._tx_depth = 0
+                self._rollback()
+                raise
+            self._tx_depth = 0
+            try:
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._rollback()
+                raise PacketStoreError(f"cannot commit: {exc}") from exc
+
     def add_many(self, queue: str, packets: Sequence[bytes], now: float = 0.0,
                  meta: Optional[Sequence[Optional[bytes]]] = None) -> list[int]:
-        """Store ``packets`` in one transaction; durable when this returns."""
+        """Store ``packets`` in one transaction; durable when this returns
+        (or when the enclosing :meth:`transaction` commits)."""
         metas = list(meta) if meta is not None else [None] * len(packets)
-        with self._lock:
-            try:
+        try:
+            with self.transaction():
                 cur = self._db.cursor()
-                cur.execute("BEGIN IMMEDIATE")
                 ids = []
                 for packet, m in zip(packets, metas):
                     cur.execute("INSERT INTO packets (queue, packet, meta, added) "
                                 "VALUES (?, ?, ?, ?)", (queue, packet, m, now))
                     ids.append(cur.lastrowid)
-                cur.execute("COMMIT")
                 return ids
-            except sqlite3.Error as exc:
-                self._rollback()
-                raise PacketStoreError(f"cannot store packets: {exc}") from exc
+        except sqlite3.Error as exc:
+            raise PacketStoreError(f"cannot store packets: {exc}") from exc
+
+    def replay_seen_or_add_many(self, key_digest: bytes, entries: Iterable[bytes]) -> list[bool]:
+        """Test-and-set replay entries of one packet key; in order, so a
+        repeated entry within the batch is seen the second time."""
+        with self.transaction():
+            cur = self._db.cursor()
+            seen = []
+            for entry in entries:
+                cur.execute("INSERT OR IGNORE INTO replay (key_digest, entry) VALUES (?, ?)",
+                            (key_digest, entry))
+                seen.append(cur.rowcount == 0)
+            return seen
+
+    def forget_replay_log(self, key_digest: bytes) -> None:
+        """Delete the replay entries of a retired packet key."""
+        self._write_many("DELETE FROM replay WHERE key_digest = ?", [(key_digest,)])
+
+    def meta(self, packet_id: int) -> Optional[bytes]:
+        with self._lock:
+            row = self._db.execute("SELECT meta FROM packets WHERE id = ?",
+                                   (packet_id,)).fetchone()
+        if row is None:
+            raise KeyError(packet_id)
+        return None if row[0] is None else bytes(row[0])
+
+    def items(self, queue: str) -> list[tuple[int, Optional[bytes], float]]:
+        """(id, meta, added) of every packet in ``queue``, oldest first,
+        without the packets themselves (a pool may hold 50,000)."""
+        with self._lock:
+            return [(r[0], None if r[1] is None else bytes(r[1]), r[2]) for r in self._db.execute(
+                "SELECT id, meta, added FROM packets WHERE queue = ? ORDER BY id", (queue,))]
+
+    def set_value(self, name: str, value: bytes) -> None:
+        self._write_many("INSERT OR REPLACE INTO kv (name, value) VALUES (?, ?)", [(name, value)])
+
+    def get_value(self, name: str) -> Optional[bytes]:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM kv WHERE name = ?", (name,)).fetchone()
+        return None if row is None else bytes(row[0])
 
     def add(self, queue: str, packet: bytes, now: float = 0.0, meta: Optional[bytes] = None) -> int:
         return self.add_many(queue, [packet], now, [meta])[0]
@@ -115,6 +197,9 @@ class PacketStore:
         self._write_many("UPDATE packets SET queue = ? WHERE id = ?",
                          [(queue, i) for i in ids])
 
+    def update_meta(self, packet_id: int, meta: Optional[bytes]) -> None:
+        self._write_many("UPDATE packets SET meta = ? WHERE id = ?", [(meta, packet_id)])
+
     def remove_many(self, ids: Iterable[int]) -> None:
         """Delete packets (overwritten with zeros by ``secure_delete``)."""
         self._write_many("DELETE FROM packets WHERE id = ?", [(i,) for i in ids])
@@ -134,14 +219,11 @@ class PacketStore:
     def _write_many(self, sql: str, rows: list[tuple]) -> None:
         if not rows:
             return
-        with self._lock:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
+        try:
+            with self.transaction():
                 self._db.executemany(sql, rows)
-                self._db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                self._rollback()
-                raise PacketStoreError(str(exc)) from exc
+        except sqlite3.Error as exc:
+            raise PacketStoreError(str(exc)) from exc
 
     def _rollback(self) -> None:
         try:

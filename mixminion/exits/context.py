@@ -1,0 +1,90 @@
+"""What the node gives each exit module: directories, time, logging,
+counters, and a way to hand a new item to another module."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from twisted.logger import Logger
+
+from mixminion.directory.descriptor import DeliveryInfo
+from mixminion.mmtp.stats import MMTPStats
+
+
+class Counters(Protocol):
+    """Anything with ``count(event, n)``, such as the node's statistics."""
+
+    def count(self, event: str, n: int = 1) -> None: ...
+
+
+@dataclass(frozen=True)
+class ExitContext:
+    """Shared services for exit modules.
+
+    ``base_dir`` is the server's BaseDir; a module keeps its files in
+    :meth:`module_dir`.  ``clock`` gives the time (a ``task.Clock`` in
+    tests); ``reactor`` makes connections and processes.  ``dispatch``
+    delivers an item through the dispatcher (set by the dispatcher; the
+    FRAGMENT module uses it for the messages it completes).
+    """
+
+    base_dir: str
+    clock: Any
+    reactor: Any = None
+    log_namespace: str = "mixminion.exits"
+    counters: Counters = dataclasses.field(default_factory=MMTPStats)
+    dispatcher: Any = None
+
+    def __post_init__(self) -> None:
+        if self.reactor is None:
+            from twisted.internet import reactor
+
+            object.__setattr__(self, "reactor", reactor)
+
+    def for_module(self, name: str) -> "ExitContext":
+        """This context with a log namespace of the module's own."""
+        return dataclasses.replace(self, log_namespace=f"{self.log_namespace}.{name.lower()}")
+
+    def module_dir(self, name: str) -> str:
+        """``BaseDir/deliver/NAME``, created (mode 0700) if missing."""
+        path = os.path.join(self.base_dir, "deliver", name)
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        return path
+
+    def logger(self, source: object = None) -> Logger:
+        return Logger(namespace=self.log_namespace, source=source)
+
+    def now(self) -> float:
+        return self.clock.seconds()
+
+    def count(self, event: str, n: int = 1) -> None:
+        self.counters.count(event, n)
+
+
+@dataclass(frozen=True)
+class Advertisement:
+    """A descriptor section a module publishes.
+
+    ``fields`` are the lines in order; ``descriptor_value`` is the same
+    information for :class:`~mixminion.directory.descriptor.DescriptorFields`
+    (a :class:`DeliveryInfo` for MBOX/SMTP, the fragment count for
+    ``Delivery/Fragmented``).
+    """
+
+    section: str
+    fields: tuple[tuple[str, str], ...]
+    descriptor_value: Any = None
+
+
+def mail_advertisement(section: str, max_size: int, allow_from: bool) -> Advertisement:
+    """``[Delivery/MBOX]`` or ``[Delivery/SMTP]``: version, size in KiB,
+    whether a sender's From name is honoured."""
+    kib = max_size // 1024
+    return Advertisement(
+        section,
+        (("Version", "0.1"), ("Maximum-Size", str(kib)), ("Allow-From", "yes" if allow_from else "no")),
+        DeliveryInfo(max_size_kib=kib, allow_from=allow_from),
+    )

@@ -1,0 +1,53 @@
+"""The DROP exit module: counts and discards (exit type 0x0000).
+
+Processing already discards DROP packets as dummies (server.md §18 item 5),
+so this module mostly serves items made by other means; it is always
+enabled and has no configuration section.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+from twisted.internet import defer
+from zope.interface import implementer
+
+from mixminion.codec.routing import DROP_TYPE
+from mixminion.exits.context import Advertisement, ExitContext
+from mixminion.exits.errors import ExitConfigError
+from mixminion.exits.interfaces import IExitModule
+from mixminion.exits.items import DeliveryItem, DeliveryResult
+
+
+@implementer(IExitModule)
+class DropModule:
+    name = "DROP"
+    exit_types = frozenset({DROP_TYPE})
+    priority = 0
+    uses_tag = False
+    retry_schedule: list[int] = []
+
+    def __init__(self) -> None:
+        self.context: Optional[ExitContext] = None
+        self.dropped = 0
+
+    def configure(self, section: Mapping[str, Any], context: ExitContext) -> None:
+        unknown = set(section or {}) - {"Enabled"}
+        if unknown:
+            raise ExitConfigError(f"DROP takes no options (got {', '.join(sorted(unknown))})")
+        self.context = context
+
+    def deliver(self, item: DeliveryItem) -> defer.Deferred:
+        self.dropped += 1
+        if self.context is not None:
+            self.context.count("ExitDropModule")
+        return defer.succeed(DeliveryResult.OK)
+
+    def flush(self) -> defer.Deferred:
+        return defer.succeed(None)
+
+    def advertise(self) -> Optional[Advertisement]:
+        return None
+
+    def stop(self) -> defer.Deferred:
+        return defer.succeed(None)

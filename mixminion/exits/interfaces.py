@@ -1,0 +1,74 @@
+"""The zope interfaces of exit modules, all in one place.
+
+An exit module is found at run time as a Twisted plugin: the plugin object
+(an :class:`IExitModuleFactory`, living in a module under
+``mixminion/plugins/``) is cheap to import and only names the real module,
+which it builds on demand.  Built-in modules and third-party ones are found
+the same way (see :mod:`mixminion.exits.registry`).
+"""
+
+from __future__ import annotations
+
+from zope.interface import Attribute, Interface
+
+
+class IExitModule(Interface):
+    """Delivers the payloads of one or more exit routing types.
+
+    Life cycle: built by its factory, :meth:`configure` once, then
+    :meth:`flush` once per delivery round and :meth:`deliver` for each item,
+    :meth:`stop` at shutdown.
+    """
+
+    name = Attribute("Module name as used in logs and counters, e.g. 'SMTP'.")
+    exit_types = Attribute("frozenset of the exit routing types it handles.")
+    priority = Attribute(
+        "int; modules are flushed in ascending priority: FRAGMENT is -1 so the "
+        "messages it completes reach the other modules (0) in the same round.")
+    uses_tag = Attribute(
+        "bool; true if the first 20 bytes of the routing info are a decoding "
+        "handle (server.md §9.1).")
+    retry_schedule = Attribute(
+        "list of int seconds: the per-message retry schedule (server.md §6.3) "
+        "the node applies to items this module answered RETRY.")
+
+    def configure(section, context):
+        """Read the module's configuration section and prepare to deliver.
+
+        ``section`` maps option names to values, either the raw strings of
+        the configuration file or values already parsed by the node (bool,
+        int, list...).  ``context`` is an :class:`~mixminion.exits.context.ExitContext`.
+        Raises :class:`~mixminion.exits.errors.ExitConfigError`.
+        """
+
+    def deliver(item):
+        """Deliver one :class:`~mixminion.exits.items.DeliveryItem`.
+
+        Returns a Deferred firing with a
+        :class:`~mixminion.exits.items.DeliveryResult`.  A failure (or an
+        exception) counts as NORETRY.
+        """
+
+    def flush():
+        """Once per delivery round, before the round's items: periodic work
+        (expiry, retries of internal queues).  Returns a Deferred."""
+
+    def advertise():
+        """The descriptor section this module publishes, as an
+        :class:`~mixminion.exits.context.Advertisement`, or None."""
+
+    def stop():
+        """Release resources at shutdown.  Returns a Deferred."""
+
+
+class IExitModuleFactory(Interface):
+    """What an exit-module plugin file provides (with ``IPlugin``)."""
+
+    name = Attribute("Module name, unique among the installed plugins, e.g. 'SMTP'.")
+    section = Attribute(
+        "Name of the configuration section that enables the module, e.g. "
+        "'Delivery/SMTP', or None for a module that is always enabled.")
+    description = Attribute("One line for operators.")
+
+    def create():
+        """Build a new, unconfigured :class:`IExitModule` provider."""

@@ -1,0 +1,11 @@
+"""The exit modules that come with mixminion (loaded only when used)."""
+
+from mixminion.exits.plugin import ExitModulePlugin
+
+smtp = ExitModulePlugin("SMTP", "Delivery/SMTP", "mixminion.exits.smtp.SMTPModule",
+                        "Mail to any address through an MTA")
+mbox = ExitModulePlugin("MBOX", "Delivery/MBOX", "mixminion.exits.mbox.MBOXModule",
+                        "Mail to local aliases listed in an address file")
+fragment = ExitModulePlugin("FRAGMENT", "Delivery/Fragmented", "mixminion.exits.fragment.FragmentModule",
+                            "Reassembly of fragmented messages for the other modules")
+drop = ExitModulePlugin("DROP", None, "mixminion.exits.drop.DropModule", "Counts and discards")

@@ -1,0 +1,1694 @@
+"""``mixminiond.conf``: syntax, value types, schema and validation (server.md §14).
+
+Three layers, each usable alone:
+
+* :func:`parse_sections` -- the file syntax of §14.1 (sections, ``Key: value``
+  entries, continuation lines), giving :class:`RawSection` objects;
+* the value types of §14.2 (``BOOLEAN``, ``INTERVAL``, ``SIZE``...), each a
+  :class:`ValueType` that parses text and prints the canonical form;
+* :data:`SCHEMA`, every section and option we understand, with its type,
+  default, meaning and whether a SIGHUP can apply a change -- the one place
+  an option is described; :func:`parse_config` applies it and the
+  cross-field rules and returns a :class:`ServerConfig`.
+
+Deviations from the reference, on purpose: unknown sections and options
+are warned about rather than refused (an unknown option is never ignored
+silently); ``[Delivery/<Name>]`` sections we do not know are kept raw for
+exit-module plugins; sizes accept G/GB and refuse trailing garbage; several
+options the reference parsed and ignored are implemented (``ListenIP6``,
+``Allow``/``Deny``) and the MMTP limits of mmtp.md §14.2 are added.
+
+No Twisted here: the node turns these values into listeners and queues.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import ipaddress
+import math
+import os
+import pwd
+import re
+import shlex
+import shutil
+import socket
+import stat
+from dataclasses import dataclass, field
+from fractions import Fraction
+from types import MappingProxyType
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
+
+from mixminion.codec.errors import ParseError
+from mixminion.codec.routing import check_smtp_address
+from mixminion.directory import textformat
+from mixminion.directory.descriptor import (
+    DEFAULT_MMTP_PORT,
+    MAX_COMMENTS,
+    MAX_CONTACT,
+    MAX_CONTACT_FINGERPRINT,
+)
+from mixminion.directory.descriptor import AddressRule as PublishedRule
+from mixminion.mmtp.limits import AddressRule as LinkRule
+from mixminion.mmtp.limits import AddressRules, ConnectionLimits
+from mixminion.server import schedule as sched
+
+Key = tuple[str, str]  # (section, option)
+
+
+# --- errors ------------------------------------------------------------------------
+
+
+def _where(filename: str, line: int, section: Optional[str], key: Optional[str]) -> str:
+    """``file:line: [Section] Key:`` -- the prefix of every error and warning."""
+    text = f"{filename}:{line}:"
+    if section:
+        text += f" [{section}]"
+    if key:
+        text += f" {key}"
+    return text + ":" if section or key else text
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; ``str()`` names the file, the line,
+    the section/option and the reason."""
+
+    def __init__(self, filename: str, line: int, section: Optional[str],
+                 key: Optional[str], reason: str) -> None:
+        super().__init__(f"{_where(filename, line, section, key)} {reason}")
+        self.filename = filename
+        self.line = line
+        self.section = section
+        self.key = key
+        self.reason = reason
+
+
+# --- file syntax (§14.1) ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RawEntry:
+    """One ``Key: value`` entry, continuation lines already joined."""
+
+    key: str
+    value: str
+    line: int
+
+
+@dataclass(frozen=True)
+class RawSection:
+    """A section as written: entries in file order, nothing interpreted.
+
+    This is what a ``[Delivery/<Name>]`` plugin receives; :meth:`error`
+    and :meth:`warning` let it report problems in our format.
+    """
+
+    name: str
+    line: int
+    entries: tuple[RawEntry, ...]
+    filename: str = "<string>"
+
+    def get(self, key: str) -> Optional[str]:
+        """The value of a single-valued option, or None if absent."""
+        for entry in self.entries:
+            if entry.key == key:
+                return entry.value
+        return None
+
+    def get_all(self, key: str) -> tuple[str, ...]:
+        return tuple(e.value for e in self.entries if e.key == key)
+
+    def keys(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(e.key for e in self.entries))
+
+    def line_of(self, key: str) -> int:
+        return next((e.line for e in self.entries if e.key == key), self.line)
+
+    def error(self, key: Optional[str], reason: str) -> ConfigError:
+        return ConfigError(self.filename, self.line_of(key) if key else self.line, self.name, key, reason)
+
+    def warning(self, key: Optional[str], reason: str) -> str:
+        line = self.line_of(key) if key else self.line
+        return f"{_where(self.filename, line, self.name, key)} {reason}"
+
+    @property
+    def enabled(self) -> bool:
+        """``Enabled`` as a boolean (absent = no); a bad value is an error."""
+        text = self.get("Enabled")
+        if text is None:
+            return False
+        try:
+            return bool(BOOLEAN.parse(text))
+        except ValueError as exc:
+            raise self.error("Enabled", str(exc)) from None
+
+
+_BAD_CHAR = re.compile(r"[^\x20-\x7e\t\n\x0b\r]")
+_SECTION_LINE = re.compile(r"\[\s*([^\s\]]+)\s*\]\s*")
+_ENTRY_LINE = re.compile(r"([^:=\s]+)(?:\s*[:=]\s*|\s+)(.*)", re.DOTALL)
+
+
+def _check_characters(text: str, filename: str) -> None:
+    """Rule 1: printing ASCII plus TAB, LF, VT, CR."""
+    bad = _BAD_CHAR.search(text)
+    if bad is not None:
+        line = text.count("\n", 0, bad.start()) + 1
+        raise ConfigError(filename, line, None, None,
+                          f"character {ord(bad.group()):#04x} is not allowed "
+                          "(only printing ASCII, TAB, LF, VT and CR)")
+
+
+class _SyntaxReader:
+    """Rules 2-5 and 7 (repeated sections) of §14.1, line by line."""
+
+    def __init__(self, filename: str) -> None:
+        self.filename = filename
+        self.sections: list[tuple[str, int, list[RawEntry]]] = []
+        self.seen: dict[str, int] = {}
+
+    def error(self, line: int, reason: str) -> ConfigError:
+        section = self.sections[-1][0] if self.sections else None
+        return ConfigError(self.filename, line, section, None, reason)
+
+    def feed(self, number: int, line: str) -> None:
+        if not line.strip() or line.lstrip().startswith("#"):
+            return
+        if line[0] in " \t\x0b":
+            self._continue(number, line.strip())
+        elif line.startswith("["):
+            self._section(number, line)
+        else:
+            self._entry(number, line.rstrip())
+
+    def _section(self, number: int, line: str) -> None:
+        match = _SECTION_LINE.fullmatch(line)
+        if match is None:
+            raise self.error(number, f'"{line.strip()}" is not a section header (expected "[Name]")')
+        name = match.group(1)
+        if name in self.seen:
+            raise ConfigError(self.filename, number, name, None,
+                              f"section appears twice (first on line {self.seen[name]})")
+        self.seen[name] = number
+        self.sections.append((name, number, []))
+
+    def _entry(self, number: int, line: str) -> None:
+        match = _ENTRY_LINE.fullmatch(line)
+        if match is None:
+            raise self.error(number, f'"{line}" is not an entry (expected "Key: value")')
+        if not self.sections:
+            raise ConfigError(self.filename, number, None, match.group(1),
+                              "entry before the first [Section] header")
+        self.sections[-1][2].append(RawEntry(match.group(1), match.group(2).strip(), number))
+
+    def _continue(self, number: int, text: str) -> None:
+        if not self.sections or not self.sections[-1][2]:
+            raise self.error(number, "indented line does not continue an entry")
+        entries = self.sections[-1][2]
+        last = entries[-1]
+        entries[-1] = dataclasses.replace(last, value=f"{last.value} {text}".strip())
+
+
+def parse_sections(data: Union[str, bytes], filename: str = "<string>") -> tuple[RawSection, ...]:
+    """The sections of a file in the syntax of §14.1, values uninterpreted."""
+    text = data.decode("latin-1") if isinstance(data, (bytes, bytearray)) else data
+    text = textformat.normalise_newlines(text)
+    _check_characters(text, filename)
+    reader = _SyntaxReader(filename)
+    for number, line in enumerate(text.split("\n"), 1):
+        reader.feed(number, line)
+    return tuple(RawSection(name, line, tuple(entries), filename)
+                 for name, line, entries in reader.sections)
+
+
+# --- value types (§14.2) --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ValueType:
+    """How one kind of value is read and written back.
+
+    ``parse`` raises ValueError whose message is the whole reason, e.g.
+    ``"ten minutes" is not an interval (expected NUMBER UNIT, ...)``.
+    """
+
+    name: str
+    parse: Callable[[str], Any]
+    format: Callable[[Any], str] = str
+
+
+def _not_a(text: str, what: str, hint: str) -> ValueError:
+    return ValueError(f'"{text}" is not {what} ({hint})')
+
+
+def _wrap(what: str, hint: str, check: Callable[[str], Any]) -> Callable[[str], Any]:
+    """A parser reusing a validator from elsewhere, with our wording."""
+    def parse(text: str) -> Any:
+        try:
+            return check(text)
+        except (ValueError, ParseError):
+            raise _not_a(text, what, hint) from None
+    return parse
+
+
+def _format_bool(value: bool) -> str:
+    return "yes" if value else "no"
+
+
+def _parse_int(text: str) -> int:
+    if not re.fullmatch(r"[+-]?[0-9]+", text):
+        raise _not_a(text, "an integer", "expected decimal digits, e.g. 16")
+    return int(text)
+
+
+def _parse_port(text: str) -> int:
+    number = _parse_int(text)
+    if not 1 <= number <= 65535:
+        raise ValueError(f'"{text}" is not a TCP port (expected 1-65535)')
+    return number
+
+
+_SIZE_UNITS: Mapping[str, int] = {
+    "": 1, "b": 1, "byte": 1, "octet": 1,
+    "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10,
+    "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20,
+    "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30,
+}
+_SIZE = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([A-Za-z]*)")
+
+
+def _size_unit(unit: str) -> Optional[int]:
+    unit = unit.lower()
+    if unit in _SIZE_UNITS:
+        return _SIZE_UNITS[unit]
+    if unit.endswith("s") and unit[:-1] in _SIZE_UNITS and unit != "s":
+        return _SIZE_UNITS[unit[:-1]]
+    return None
+
+
+def parse_size(text: str) -> int:
+    """``NUMBER [UNIT]`` in bytes; K/M/G are powers of 1024; the whole text
+    must be consumed (the reference read ``1 GB`` as 1 byte)."""
+    match = _SIZE.fullmatch(text.strip())
+    unit = _size_unit(match.group(2)) if match else None
+    if match is None or unit is None:
+        raise _not_a(text, "a size", 'expected NUMBER [b|KB|MB|GB], e.g. "100 KB"')
+    return math.floor(Fraction(match.group(1)) * unit)
+
+
+def format_size(value: int) -> str:
+    """Canonical size (§14.11): ``100 KB``, ``1 GB``, ``12 bytes``."""
+    for unit, size in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
+        if value and value % size == 0:
+            return f"{value // size} {unit}"
+    return f"{value} byte" if value == 1 else f"{value} bytes"
+
+
+def _parse_fraction(text: str) -> float:
+    match = re.fullmatch(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(%?)", text.strip())
+    if match is None:
+        raise _not_a(text, "a fraction", 'expected a percentage such as "60%" or a number such as 0.6')
+    value = Fraction(match.group(1)) / (100 if match.group(2) else 1)
+    if value > 1:
+        raise ValueError(f'"{text}" is not a fraction between 0 and 1 (0%-100%)')
+    return float(value)
+
+
+SEVERITIES = ("TRACE", "DEBUG", "INFO", "WARN", "ERROR", "FATAL", "NEVER")
+
+
+def _parse_severity(text: str) -> str:
+    if text.upper() not in SEVERITIES:
+        raise _not_a(text, "a log severity", "expected one of " + " ".join(SEVERITIES))
+    return text.upper()
+
+
+def _parse_filename(text: str) -> str:
+    """Quotes stripped, ``~`` expanded; made absolute later, when the base
+    directory is known."""
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        text = text[1:-1]
+    if not text:
+        raise ValueError('"" is not a filename (expected a path)')
+    return os.path.expanduser(text)
+
+
+def _parse_command(text: str) -> tuple[str, ...]:
+    """Split like a shell would (quotes allowed); that the program exists
+    is checked only for options in use."""
+    try:
+        argv = tuple(shlex.split(text))
+    except ValueError as exc:
+        raise _not_a(text, "a command", str(exc)) from None
+    if not argv:
+        raise _not_a(text, "a command", "expected PROGRAM [ARGUMENTS...]")
+    return argv
+
+
+def _parse_user(text: str) -> int:
+    """A user name or numeric UID, as a UID."""
+    if text.isdigit():
+        return int(text)
+    try:
+        return pwd.getpwnam(text).pw_uid
+    except KeyError:
+        raise ValueError(f'"{text}" is not a user on this system (expected a user name or UID)') from None
+
+
+def _parse_email(text: str) -> str:
+    try:
+        check_smtp_address(text.encode("ascii"))
+    except ParseError as exc:
+        raise _not_a(text, "an e-mail address", f"{exc}; expected local@domain") from None
+    return text
+
+
+def _parse_ipv6(text: str) -> str:
+    try:
+        return ipaddress.IPv6Address(text).compressed
+    except ValueError:
+        raise _not_a(text, "an IPv6 address", 'expected e.g. "::1" or "2001:db8::1"') from None
+
+
+def _parse_any_ip(text: str) -> str:
+    try:
+        return ipaddress.ip_address(text).compressed
+    except ValueError:
+        raise _not_a(text, "an IP address", 'expected e.g. "127.0.0.1" or "::1"') from None
+
+
+def _string(max_length: Optional[int] = None) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if max_length is not None and len(text) > max_length:
+            raise ValueError(f"value is {len(text)} characters long; at most {max_length} allowed")
+        return text
+    return parse
+
+
+# Mix algorithms (§5): accepted names, case-insensitive -> canonical name.
+MIX_ALGORITHMS: Mapping[str, str] = {
+    "timed": "Timed",
+    "cottrell": "Cottrell", "mixmaster": "Cottrell", "dynamicpool": "Cottrell",
+    "binomial": "Binomial", "binomialcottrell": "Binomial", "binomialdynamicpool": "Binomial",
+}
+
+
+def _parse_mix_algorithm(text: str) -> str:
+    try:
+        return MIX_ALGORITHMS[text.lower()]
+    except KeyError:
+        raise _not_a(text, "a mix algorithm", "expected Timed, Cottrell or Binomial") from None
+
+
+def _parse_mode(text: str) -> str:
+    if text.lower() not in ("relay", "local"):
+        raise _not_a(text, "a server mode", "expected relay")
+    return text.lower()
+
+
+_CLASS_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)+")
+
+
+def _parse_class_name(text: str) -> str:
+    if not _CLASS_NAME.fullmatch(text):
+        raise _not_a(text, "a module class", "expected package.module.Class")
+    return text
+
+
+def _parse_path_list(text: str) -> tuple[str, ...]:
+    return tuple(os.path.expanduser(p) for p in text.split(":") if p)
+
+
+@dataclass(frozen=True)
+class ConfigAddressRule:
+    """One ``Allow``/``Deny`` line: an IPv4 network (None = ``*``) and a
+    port range.  Kept with its text because descriptors publish it as
+    written."""
+
+    allow: bool
+    network: Optional[ipaddress.IPv4Network]
+    low_port: int
+    high_port: int
+    text: str
+    line: int = field(default=0, compare=False)
+
+    def matches(self, ip: str, port: Optional[int] = None) -> bool:
+        """True if ``ip`` (and ``port``, when given) fall under this rule."""
+        if port is not None and not self.low_port <= port <= self.high_port:
+            return False
+        if self.network is None:
+            return True
+        try:
+            return ipaddress.ip_address(ip) in self.network
+        except (ValueError, TypeError):
+            return False
+
+    def link_rule(self) -> LinkRule:
+        """The rule for the MMTP listener (addresses only; see
+        :meth:`IncomingSection.connection_rules`)."""
+        return LinkRule(self.allow, self.network)
+
+    def published(self) -> PublishedRule:
+        return PublishedRule("Allow" if self.allow else "Deny", self.text)
+
+
+def _address_rule(allow: bool) -> Callable[[str], ConfigAddressRule]:
+    """``IP[/MASK] [PORT[-PORT]]`` or ``* [PORT[-PORT]]``; default ports:
+    Allow 48099 only, Deny all."""
+    def parse(text: str) -> ConfigAddressRule:
+        hint = "expected IP[/MASK] [PORT[-PORT]] or * [PORT[-PORT]]"
+        try:
+            textformat.decode_address_rule(text)
+        except ValueError:
+            raise _not_a(text, "an address rule", hint) from None
+        address, _, rest = text.partition(" ")
+        ip, _, mask = address.partition("/")
+        network = None
+        if ip != "*":
+            try:
+                network = ipaddress.IPv4Network(f"{ip}/{mask or '255.255.255.255'}", strict=False)
+            except ValueError:
+                raise ValueError(f'"{text}": the mask must be contiguous, e.g. 255.255.255.0') from None
+        ports = rest.strip()
+        if ports:
+            low, _, high = ports.partition("-")
+            low_port, high_port = int(low), int(high or low)
+        else:
+            low_port, high_port = (DEFAULT_MMTP_PORT, DEFAULT_MMTP_PORT) if allow else (0, 65535)
+        return ConfigAddressRule(allow, network, low_port, high_port, " ".join(text.split()))
+    return parse
+
+
+@dataclass(frozen=True)
+class Authority:
+    """A directory authority: where to fetch from/upload to, and the
+    fingerprint (hex SHA-1 of its identity key) its signatures must match."""
+
+    url: str
+    fingerprint: str
+
+    def __str__(self) -> str:
+        return f"{self.url} {self.fingerprint}"
+
+
+def _parse_authority(text: str) -> Authority:
+    url, _, rest = text.partition(" ")
+    fingerprint = "".join(rest.split()).upper()
+    if not re.fullmatch(r"https?://\S+", url) or not re.fullmatch(r"[0-9A-F]{40}", fingerprint):
+        raise _not_a(text, "a directory authority",
+                     "expected URL FINGERPRINT, the fingerprint being 40 hex digits")
+    return Authority(url, fingerprint)
+
+
+_HOST_HINT = "expected letters, digits, '.' and '-', e.g. mix.example.org"
+
+BOOLEAN = ValueType("boolean", _wrap("a boolean", "expected yes/no, true/false, on/off or 1/0",
+                                     textformat.decode_bool), _format_bool)
+INT = ValueType("int", _parse_int)
+PORT = ValueType("port", _parse_port)
+INTERVAL = ValueType("interval", sched.parse_interval, sched.format_interval)
+INTERVAL_LIST = ValueType("interval list", sched.parse_retry_schedule, sched.format_retry_schedule)
+SIZE = ValueType("size", parse_size, format_size)
+FRACTION = ValueType("fraction", _parse_fraction, lambda v: f"{v * 100:.2f}%")
+SEVERITY = ValueType("severity", _parse_severity)
+FILENAME = ValueType("filename", _parse_filename)
+COMMAND = ValueType("command", _parse_command, shlex.join)
+USER = ValueType("user", _parse_user)
+EMAIL = ValueType("email", _parse_email)
+NICKNAME = ValueType("nickname", _wrap("a nickname", "expected 1-24 characters of A-Z a-z 0-9 -, "
+                                                    "starting with a letter", textformat.decode_nickname))
+HOST = ValueType("host", _wrap("a hostname", _HOST_HINT, textformat.decode_host))
+IP = ValueType("IP", _wrap("an IPv4 address", "expected a dotted quad, e.g. 192.0.2.7", textformat.decode_ip))
+IPV6 = ValueType("IPv6", _parse_ipv6)
+ANY_IP = ValueType("IP or IPv6", _parse_any_ip)
+ALLOW_RULE = ValueType("address rule", _address_rule(True), lambda r: r.text)
+DENY_RULE = ValueType("address rule", _address_rule(False), lambda r: r.text)
+STRING = ValueType("string", _string())
+MIX_ALGORITHM = ValueType("mix algorithm", _parse_mix_algorithm)
+MODE = ValueType("mode", _parse_mode)
+CLASS_NAME = ValueType("class name", _parse_class_name)
+PATH_LIST = ValueType("path list", _parse_path_list, ":".join)
+AUTHORITY = ValueType("authority", _parse_authority)
+
+
+def _limited(max_length: int) -> ValueType:
+    return ValueType("string", _string(max_length))
+
+
+# --- the schema ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of one section.
+
+    ``default`` is text in the option's own syntax (None: unset unless
+    ``derived`` says how it is computed).  ``reload``: a SIGHUP applies a
+    change; otherwise a restart is needed.  ``published``: the value shows
+    in the server descriptor.  ``paths``: how a relative filename is
+    resolved (``base`` = BaseDir, ``config`` = the config file's folder).
+    """
+
+    key: str
+    type: ValueType
+    doc: str
+    default: Optional[str] = None
+    required: bool = False
+    many: bool = False
+    reload: bool = False
+    published: bool = False
+    derived: str = ""
+    paths: str = "config"
+    attr: str = ""
+
+    @property
+    def name(self) -> str:
+        """The accessor name on the section object (``MixInterval`` ->
+        ``mix_interval``)."""
+        return self.attr or snake_case(self.key)
+
+
+def snake_case(key: str) -> str:
+    """``ListenIP6`` -> ``listen_ip6``, ``Contact-Email`` -> ``contact_email``."""
+    spaced = re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", key)
+    return spaced.replace("-", "_").lower()
+
+
+@dataclass(frozen=True)
+class SectionSpec:
+    name: str
+    doc: str
+    options: tuple[Option, ...]
+    required: bool = False
+
+    def option(self, key: str) -> Optional[Option]:
+        return next((o for o in self.options if o.key == key), None)
+
+
+def _mail_options(retry_default: str = sched.DEFAULT_MODULE_RETRY) -> tuple[Option, ...]:
+    """Options shared by the modules that send e-mail (§14.9)."""
+    return (
+        Option("Enabled", BOOLEAN, "run this module", required=True, published=True),
+        Option("Advertise", BOOLEAN, "publish the capability in our descriptor",
+               default="yes", reload=True, published=True),
+        Option("Retry", INTERVAL_LIST, "per-message retry schedule (§6.3)",
+               default=retry_default, reload=True),
+        Option("MaximumSize", SIZE, "largest message delivered, after decompression; "
+               "raised to at least 32 KB and rounded up to whole KB",
+               default="100K", reload=True, published=True),
+        Option("AllowFromAddress", BOOLEAN, "honour a sender-chosen From name",
+               default="yes", reload=True, published=True),
+        Option("SubjectLine", STRING, "Subject when the message gives none",
+               default="Type III Anonymous Message", reload=True),
+        Option("X-Abuse", STRING, "adds an X-Abuse header", reload=True),
+        Option("Comments", STRING, "adds a Comments header", reload=True),
+        Option("Message", STRING, "disclaimer paragraph placed before the body", reload=True),
+        Option("FromTag", STRING, "prefix of the From display name",
+               default="[Anon]", reload=True),
+        Option("ReturnAddress", STRING, "address in From and the envelope sender; "
+               "required when enabled", reload=True),
+    )
+
+
+def _mta_options() -> tuple[Option, ...]:
+    return (
+        Option("SMTPServer", STRING, "mail server to hand messages to",
+               derived="localhost unless SendmailCommand is set", reload=True),
+        Option("SMTPPort", PORT, "its port (ours: lets tests use a high loopback port)",
+               default="25", reload=True),
+        Option("SendmailCommand", COMMAND, "program fed each message on stdin, e.g. "
+               "'/usr/sbin/sendmail -i -t'; exclusive with SMTPServer", reload=True),
+    )
+
+
+def _path(key: str, default: Optional[str], doc: str, derived: str = "") -> Option:
+    return Option(key, FILENAME, doc, default=default, paths="base", derived=derived)
+
+
+SCHEMA_SECTIONS: tuple[SectionSpec, ...] = (
+    SectionSpec("Host", "this machine (§14.3)", (
+        Option("ShredCommand", COMMAND, "secure-delete program taking many file arguments",
+               derived="/usr/bin/shred -uz -n0 if present, else overwrite with zeros and unlink"),
+        Option("EntropySource", FILENAME, "character device of true randomness",
+               default="/dev/urandom"),
+        Option("TrustedUser", USER, "owners besides root allowed on parent directories",
+               many=True, attr="trusted_users"),
+        Option("FileParanoia", BOOLEAN, "check permissions of private files and their "
+               "folders", default="yes"),
+    )),
+    SectionSpec("Server", "the node itself (§14.4)", required=True, options=(
+        _path("BaseDir", None, "root of every server file",
+              derived="Homedir, else /var/spool/minion (with a warning)"),
+        _path("Homedir", None, "obsolete name of BaseDir"),
+        _path("LogFile", "log", "log file"),
+        _path("StatsFile", "stats", "statistics history"),
+        _path("KeyDir", "keys", "identity key and keysets"),
+        _path("WorkDir", "work", "TLS, hash logs, directory cache"),
+        _path("QueueDir", None, "packet queues", derived="${WorkDir}/queues"),
+        _path("PidFile", "pid", "PID file, locked while running"),
+        Option("LogLevel", SEVERITY, "least severe message logged; TRACE and DEBUG are "
+               "insecure", default="WARN", reload=True),
+        Option("EchoMessages", BOOLEAN, "also log to the console", default="no", reload=True),
+        Option("Daemon", BOOLEAN, "detach from the terminal", default="no"),
+        Option("LogStats", BOOLEAN, "keep traffic statistics", default="yes", reload=True),
+        Option("StatsInterval", INTERVAL, "statistics period; under 2 hours is insecure",
+               default="1 day", reload=True),
+        Option("EncryptIdentityKey", BOOLEAN, "not implemented", default="no"),
+        Option("IdentityKeyBits", INT, "identity key size, 2048-4096", default="2048"),
+        Option("PublicKeyLifetime", INTERVAL, "lifetime of each packet key, at least 1 day",
+               default="30 days"),
+        Option("PublicKeyOverlap", INTERVAL, "how long an expired packet key is still "
+               "accepted, 6-72 hours", default="24 hours"),
+        Option("EncryptPrivateKey", BOOLEAN, "not implemented", default="no"),
+        Option("Mode", MODE, "only relay is implemented", required=True),
+        Option("Nickname", NICKNAME, "published server name", required=True, published=True),
+        Option("Contact-Email", EMAIL, "administrator address, published as Contact",
+               required=True, published=True),
+        Option("Contact-Fingerprint", _limited(MAX_CONTACT_FINGERPRINT),
+               "administrator's PGP fingerprint, published", published=True),
+        Option("Comments", _limited(MAX_COMMENTS), "published free text", published=True),
+        Option("ModulePath", PATH_LIST, "colon-separated folders searched for extension "
+               "modules", default=""),
+        Option("Module", CLASS_NAME, "extension delivery module, package.module.Class",
+               many=True, attr="modules"),
+        Option("MixAlgorithm", MIX_ALGORITHM, "Timed, Cottrell or Binomial (§5); Timed is "
+               "insecure", default="Timed", reload=True),
+        Option("MixInterval", INTERVAL, "time between mixes", default="30 minutes", reload=True),
+        Option("MixPoolRate", FRACTION, "share of the pool sent per mix (Cottrell, Binomial)",
+               default="60%", reload=True),
+        Option("MixPoolMinSize", INT, "packets kept back in the pool (Cottrell, Binomial)",
+               default="5", reload=True),
+        Option("Timeout", INTERVAL, "MMTP idle timeout", default="5 minutes", reload=True),
+        Option("MaxBandwidth", SIZE, "bytes per second over all connections (unset: no "
+               "limit)", reload=True),
+        Option("MaxBandwidthSpike", SIZE, "token-bucket capacity",
+               derived="5 x MaxBandwidth", reload=True),
+        Option("MaxQueuedPackets", INT, "ours: packets held before MMTP answers REJECTED",
+               default="50000", reload=True),
+        Option("MinFreeDisk", SIZE, "ours: free space kept on the queue disk; below it MMTP "
+               "answers REJECTED", default="100 MB", reload=True),
+        Option("MetricsPort", PORT, "ours: serve Prometheus metrics on this port (unset: off)"),
+        Option("MetricsAddress", ANY_IP, "ours: address of the metrics listener; keep it on "
+               "loopback", default="127.0.0.1"),
+    )),
+    SectionSpec("Incoming/MMTP", "accepting packets from other nodes (§14.5)", required=True,
+                options=(
+        Option("Enabled", BOOLEAN, "accept MMTP connections (must be yes)", required=True,
+               published=True),
+        Option("IP", IP, "published IPv4 address (0.0.0.0: guess); default listen address",
+               default="0.0.0.0", published=True),
+        Option("Hostname", HOST, "published name other nodes connect to",
+               derived="this host's fully-qualified name (with a warning)", published=True),
+        Option("Port", PORT, "published port", default=str(DEFAULT_MMTP_PORT), published=True),
+        Option("ListenIP", IP, "IPv4 address to bind", derived="IP"),
+        Option("ListenPort", PORT, "port to bind", derived="Port"),
+        Option("ListenIP6", IPV6, "ours, now implemented: also listen on this IPv6 address "
+               "(unset: IPv4 only)"),
+        Option("Allow", ALLOW_RULE, "addresses that may connect; enforced and published",
+               many=True, reload=True, published=True),
+        Option("Deny", DENY_RULE, "addresses refused; enforced and published",
+               many=True, reload=True, published=True),
+        Option("MaxConnections", INT, "ours: simultaneous inbound connections",
+               default="128", reload=True),
+        Option("MaxConnectionsPerAddress", INT, "ours: simultaneous inbound connections from "
+               "one address", default="8", reload=True),
+        Option("HandshakeTimeout", INTERVAL, "ours: time allowed for the TLS handshake",
+               default="60 seconds", reload=True),
+        Option("LineTimeout", INTERVAL, "ours: time allowed for the protocol line",
+               default="30 seconds", reload=True),
+        Option("FrameTimeout", INTERVAL, "ours: time allowed to finish a started frame",
+               default="60 seconds", reload=True),
+        Option("Legacy", BOOLEAN, "ours: also accept TLS 1.0 peers of the 0.0.8 era "
+               "(doc/mmtp-legacy.md)", default="no"),
+    )),
+    SectionSpec("Outgoing/MMTP", "relaying packets to other nodes (§14.6)", (
+        Option("Enabled", BOOLEAN, "relay to other nodes", required=True, published=True),
+        Option("Retry", INTERVAL_LIST, "per-address retry schedule (§6.4)",
+               default=sched.DEFAULT_OUTGOING_RETRY, reload=True),
+        Option("MaxConnections", INT, "simultaneous outgoing connections", default="16",
+               reload=True),
+        Option("MaxPacketsPerConnection", INT, "ours: packets sent on one connection before "
+               "a fresh one is opened", default="100", reload=True),
+        Option("Allow", ALLOW_RULE, "destinations we relay to; enforced and published",
+               many=True, reload=True, published=True),
+        Option("Deny", DENY_RULE, "destinations we refuse; enforced and published",
+               many=True, reload=True, published=True),
+        Option("Legacy", BOOLEAN, "ours: also speak TLS 1.0 to 0.0.8-era peers",
+               default="no"),
+    )),
+    SectionSpec("DirectoryServers", "publication and directories (§14.7)", (
+        Option("Publish", BOOLEAN, "upload our descriptors to the authorities",
+               default="no", reload=True),
+        Option("Authority", AUTHORITY, "ours: a directory authority, URL FINGERPRINT",
+               many=True, reload=True, attr="authorities"),
+        Option("ServerURL", STRING, "not used", many=True, reload=True),
+        Option("PublishURL", STRING, "not used (see Authority)", many=True, reload=True),
+        Option("MaxSkew", INTERVAL, "not used", default="10 minutes", reload=True),
+    )),
+    SectionSpec("Pinging", "measuring other nodes (§10, §14.8)", (
+        Option("Enabled", BOOLEAN, "run the pinger", default="yes"),
+        Option("RecomputeInterval", INTERVAL, "how often results are recomputed",
+               default="30 minutes"),
+        Option("ServerPingPeriod", INTERVAL, "one-hop ping interval", default="2 hours"),
+        Option("DullChainPingPeriod", INTERVAL, "two-hop interval, ordinary chains",
+               default="4 days"),
+        Option("ChainPingPeriod", INTERVAL, "two-hop interval, interesting chains",
+               default="1 day"),
+        Option("ServerProbePeriod", INTERVAL, "connection probe interval", default="1 hour"),
+        Option("RetainData", INTERVAL, "how long raw data is kept", default="30 days"),
+        Option("RetainResults", INTERVAL, "how long results are kept", default="1 year"),
+    )),
+    SectionSpec("Delivery/SMTP", "e-mail to any address (§9.3, §14.9)",
+                _mail_options() + _mta_options() + (
+        Option("BlacklistFile", FILENAME, "addresses never mailed (§9.5); must exist",
+               reload=True),
+    )),
+    SectionSpec("Delivery/MBOX", "e-mail to local mailbox names (§9.4, §14.9)",
+                _mail_options() + _mta_options() + (
+        Option("AddressFile", FILENAME, "name: address lines; required when enabled",
+               reload=True),
+        Option("RemoveContact", STRING, "whom recipients ask to be removed; required when "
+               "enabled", reload=True),
+    )),
+    SectionSpec("Delivery/SMTP-Via-Mixmaster", "deprecated Type II bridge (§9.6)",
+                _mail_options() + (
+        Option("MixCommand", COMMAND, "the mixmaster program", required=True, reload=True),
+        Option("Server", STRING, "Type II remailer, or comma-separated chain",
+               required=True, reload=True),
+    )),
+    SectionSpec("Delivery/Fragmented", "server-side reassembly (§9.7)", (
+        Option("Enabled", BOOLEAN, "reassemble fragmented messages", required=True,
+               published=True),
+        Option("MaximumSize", SIZE, "largest compressed message reassembled",
+               required=True, reload=True, published=True),
+        Option("MaximumInterval", INTERVAL, "how long fragments wait for the rest",
+               default="2 days", reload=True),
+    )),
+)
+
+SCHEMA: Mapping[str, SectionSpec] = {s.name: s for s in SCHEMA_SECTIONS}
+
+#: Delivery sections with a class of their own; other ``Delivery/*`` are plugins.
+MAIL_MODULES = ("SMTP", "MBOX", "SMTP-Via-Mixmaster")
+PLUGIN_PREFIX = "Delivery/"
+MIN_MAXIMUM_SIZE = 32 * 1024
+DEFAULT_BASE_DIR = "/var/spool/minion"
+DEFAULT_SHRED = ("/usr/bin/shred", "-uz", "-n0")
+
+SUMMARY_KEYS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("Server", ("LogLevel", "LogStats", "StatsInterval", "PublicKeyOverlap", "Mode",
+                "MixAlgorithm", "MixInterval", "MixPoolRate", "MixPoolMinSize", "Timeout",
+                "MaxBandwidth")),
+    ("Outgoing/MMTP", ("Retry", "MaxConnections")),
+    ("Delivery/SMTP", ("Enabled", "Retry", "SMTPServer", "ReturnAddress", "FromTag",
+                       "SubjectLine", "MaximumSize")),
+    ("Delivery/SMTP-Via-Mixmaster", ("Enabled", "Retry", "Server", "FromTag", "SubjectLine",
+                                     "MaximumSize")),
+    ("Delivery/Fragmented", ("Enabled", "MaximumSize", "MaximumInterval")),
+)
+
+
+# --- typed section objects ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HostSection:
+    shred_command: Optional[tuple[str, ...]]
+    entropy_source: str
+    trusted_users: tuple[int, ...]
+    file_paranoia: bool
+
+
+@dataclass(frozen=True)
+class ServerSection:
+    """``[Server]``; paths are absolute, intervals in seconds, sizes in bytes."""
+
+    base_dir: str
+    homedir: Optional[str]
+    log_file: str
+    stats_file: str
+    key_dir: str
+    work_dir: str
+    queue_dir: str
+    pid_file: str
+    log_level: str
+    echo_messages: bool
+    daemon: bool
+    log_stats: bool
+    stats_interval: int
+    encrypt_identity_key: bool
+    identity_key_bits: int
+    public_key_lifetime: int
+    public_key_overlap: int
+    encrypt_private_key: bool
+    mode: str
+    nickname: str
+    contact_email: str
+    contact_fingerprint: Optional[str]
+    comments: Optional[str]
+    module_path: tuple[str, ...]
+    modules: tuple[str, ...]
+    mix_algorithm: str
+    mix_interval: int
+    mix_pool_rate: float
+    mix_pool_min_size: int
+    timeout: int
+    max_bandwidth: Optional[int]
+    max_bandwidth_spike: Optional[int]
+    max_queued_packets: int
+    min_free_disk: int
+    metrics_port: Optional[int]
+    metrics_address: str
+
+    # The layout of §2, so that no other module spells these paths.
+    @property
+    def version_file(self) -> str:
+        return os.path.join(self.base_dir, "version")
+
+    @property
+    def current_desc_file(self) -> str:
+        return os.path.join(self.base_dir, "current-desc")
+
+    @property
+    def tls_dir(self) -> str:
+        return os.path.join(self.work_dir, "tls")
+
+    @property
+    def hashlog_dir(self) -> str:
+        return os.path.join(self.work_dir, "hashlogs")
+
+    @property
+    def directory_cache_dir(self) -> str:
+        return os.path.join(self.work_dir, "dir")
+
+    @property
+    def pinger_dir(self) -> str:
+        return os.path.join(self.work_dir, "pinger")
+
+    @property
+    def stats_work_file(self) -> str:
+        return os.path.join(self.work_dir, "stats.tmp")
+
+    def queue(self, name: str) -> str:
+        """``incoming``, ``mix``, ``outgoing`` or ``deliver/<MODULE>``."""
+        return os.path.join(self.queue_dir, name)
+
+
+def _ordered_rules(allow: Sequence[ConfigAddressRule],
+                   deny: Sequence[ConfigAddressRule]) -> tuple[ConfigAddressRule, ...]:
+    """Allow and Deny lines interleaved as written: the first match wins."""
+    return tuple(sorted((*allow, *deny), key=lambda r: r.line))
+
+
+@dataclass(frozen=True)
+class IncomingSection:
+    enabled: bool
+    ip: str
+    hostname: Optional[str]
+    port: int
+    listen_ip: str
+    listen_port: int
+    listen_ip6: Optional[str]
+    allow: tuple[ConfigAddressRule, ...]
+    deny: tuple[ConfigAddressRule, ...]
+    max_connections: int
+    max_connections_per_address: int
+    handshake_timeout: int
+    line_timeout: int
+    frame_timeout: int
+    legacy: bool
+
+    @property
+    def address_rules(self) -> tuple[ConfigAddressRule, ...]:
+        return _ordered_rules(self.allow, self.deny)
+
+    def connection_rules(self) -> AddressRules:
+        """Rules for the listener.  Ports are ignored: a peer's source port
+        is ephemeral, so only its address can be judged."""
+        return AddressRules(r.link_rule() for r in self.address_rules)
+
+    def published_rules(self) -> tuple[PublishedRule, ...]:
+        return tuple(r.published() for r in self.address_rules)
+
+    def published_hostname(self) -> str:
+        """``Hostname``, else this host's FQDN (a DNS lookup: call once)."""
+        return self.hostname or socket.getfqdn()
+
+
+@dataclass(frozen=True)
+class OutgoingSection:
+    enabled: bool
+    retry: sched.Schedule
+    max_connections: int
+    max_packets_per_connection: int
+    allow: tuple[ConfigAddressRule, ...]
+    deny: tuple[ConfigAddressRule, ...]
+    legacy: bool
+
+    @property
+    def address_rules(self) -> tuple[ConfigAddressRule, ...]:
+        return _ordered_rules(self.allow, self.deny)
+
+    def allows(self, ip: str, port: int) -> bool:
+        """May we relay to ``ip:port``?  First matching rule wins; none
+        matching allows."""
+        for rule in self.address_rules:
+            if rule.matches(ip, port):
+                return rule.allow
+        return True
+
+    def published_rules(self) -> tuple[PublishedRule, ...]:
+        return tuple(r.published() for r in self.address_rules)
+
+
+@dataclass(frozen=True)
+class DirectorySection:
+    publish: bool
+    authorities: tuple[Authority, ...]
+    server_url: tuple[str, ...]
+    publish_url: tuple[str, ...]
+    max_skew: int
+
+
+@dataclass(frozen=True)
+class PingingSection:
+    enabled: bool
+    recompute_interval: int
+    server_ping_period: int
+    dull_chain_ping_period: int
+    chain_ping_period: int
+    server_probe_period: int
+    retain_data: int
+    retain_results: int
+
+
+@dataclass(frozen=True)
+class MailDelivery:
+    """Options common to the e-mail modules."""
+
+    enabled: bool
+    advertise: bool
+    retry: sched.Schedule
+    maximum_size: int
+    allow_from_address: bool
+    subject_line: str
+    x_abuse: Optional[str]
+    comments: Optional[str]
+    message: Optional[str]
+    from_tag: str
+    return_address: Optional[str]
+
+    @property
+    def maximum_size_kib(self) -> int:
+        """As published in the descriptor's ``Maximum-Size``."""
+        return self.maximum_size // 1024
+
+
+@dataclass(frozen=True)
+class SMTPDelivery(MailDelivery):
+    smtp_server: Optional[str]
+    smtp_port: int
+    sendmail_command: Optional[tuple[str, ...]]
+    blacklist_file: Optional[str]
+
+
+@dataclass(frozen=True)
+class MBOXDelivery(MailDelivery):
+    smtp_server: Optional[str]
+    smtp_port: int
+    sendmail_command: Optional[tuple[str, ...]]
+    address_file: Optional[str]
+    remove_contact: Optional[str]
+
+
+@dataclass(frozen=True)
+class MixmasterDelivery(MailDelivery):
+    mix_command: tuple[str, ...]
+    server: str
+
+
+@dataclass(frozen=True)
+class FragmentedDelivery:
+    enabled: bool
+    maximum_size: int
+    maximum_interval: int
+
+
+DeliverySection = Union[SMTPDelivery, MBOXDelivery, MixmasterDelivery, FragmentedDelivery, RawSection]
+
+SECTION_CLASSES: Mapping[str, type] = {
+    "Host": HostSection,
+    "Server": ServerSection,
+    "Incoming/MMTP": IncomingSection,
+    "Outgoing/MMTP": OutgoingSection,
+    "DirectoryServers": DirectorySection,
+    "Pinging": PingingSection,
+    "Delivery/SMTP": SMTPDelivery,
+    "Delivery/MBOX": MBOXDelivery,
+    "Delivery/SMTP-Via-Mixmaster": MixmasterDelivery,
+    "Delivery/Fragmented": FragmentedDelivery,
+}
+
+
+# --- the parsed configuration ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class ServerConfig:
+    """A validated ``mixminiond.conf``.
+
+    Typed sections (``config.server.mix_interval``, ``config.incoming.port``,
+    ``config.delivery("SMTP")``) for the node, and ``config["Server",
+    "MixInterval"]`` for generic code; both give effective values (defaults
+    applied, paths absolute, sizes rounded).
+    """
+
+    filename: str
+    host: HostSection
+    server: ServerSection
+    incoming: IncomingSection
+    outgoing: OutgoingSection
+    directory: DirectorySection
+    pinging: PingingSection
+    deliveries: Mapping[str, DeliverySection]
+    unknown_sections: Mapping[str, RawSection]
+    warnings: tuple[str, ...]
+    values: Mapping[Key, Any] = field(repr=False)
+    entries: Mapping[Key, RawEntry] = field(repr=False)
+    present: frozenset[str] = field(repr=False)
+
+    def __getitem__(self, key: Key) -> Any:
+        return self.values[key]
+
+    def get(self, section: str, key: str, default: Any = None) -> Any:
+        value = self.values.get((section, key))
+        return default if value is None else value
+
+    def is_set(self, section: str, key: str) -> bool:
+        """True if the file gives the option (rather than its default)."""
+        return (section, key) in self.entries
+
+    def has_section(self, name: str) -> bool:
+        return name in self.present
+
+    def delivery(self, name: str) -> Optional[DeliverySection]:
+        """``[Delivery/<name>]`` (e.g. ``"SMTP"``), typed for our modules,
+        raw for plugins; None if absent.  Check ``.enabled``."""
+        return self.deliveries.get(name)
+
+    def enabled_deliveries(self) -> tuple[str, ...]:
+        """Names of the delivery sections to run, in file order."""
+        return tuple(name for name, section in self.deliveries.items() if section.enabled)
+
+    @property
+    def plugin_sections(self) -> Mapping[str, RawSection]:
+        """``[Delivery/<Name>]`` sections for plugins, by ``<Name>``."""
+        return {n: s for n, s in self.deliveries.items() if isinstance(s, RawSection)}
+
+    def connection_limits(self) -> ConnectionLimits:
+        """Inbound MMTP limits (mmtp.md §14.2); idle timeout = ``Timeout``."""
+        inc = self.incoming
+        return ConnectionLimits(
+            max_connections=inc.max_connections,
+            max_per_source=inc.max_connections_per_address,
+            handshake_timeout=float(inc.handshake_timeout),
+            line_timeout=float(inc.line_timeout),
+            frame_timeout=float(inc.frame_timeout),
+            idle_timeout=float(self.server.timeout),
+        )
+
+    def insecurities(self) -> tuple[str, ...]:
+        """Reasons published as ``Why-Insecure`` (§14.10); empty means
+        ``Secure-Configuration: yes``."""
+        return _insecurities(self.server)
+
+    def configuration_summary(self) -> str:
+        """``[Testing] Configuration`` (§14.11); a change regenerates the
+        descriptor."""
+        items = []
+        for section, keys in SUMMARY_KEYS:
+            if section not in self.present:
+                continue
+            spec = SCHEMA[section]
+            for key in keys:
+                value = self.values.get((section, key))
+                if value is not None:
+                    text = spec.option(key).type.format(value)  # type: ignore[union-attr]
+                    items.append(f"{section}/{key}={_quote(text)}")
+        return "; ".join(items)
+
+
+def _quote(text: str) -> str:
+    """Single-quoted with backslash escapes, so a value cannot end the item."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _insecurities(server: ServerSection) -> tuple[str, ...]:
+    reasons = []
+    if server.log_level in ("TRACE", "DEBUG"):
+        reasons.append("Log is too verbose")
+    if server.log_stats and server.stats_interval < 2 * sched.HOUR:
+        reasons.append("StatsInterval is too short")
+    if server.mix_algorithm == "Timed":
+        reasons.append("Mix algorithm is not secure")
+    elif server.mix_pool_min_size < 5:
+        reasons.append("MixPoolMinSize is too small")
+    if server.mix_interval < 30 * sched.MINUTE:
+        reasons.append("Mix interval under 30 minutes")
+    return tuple(reasons)
+
+
+# --- building: values, defaults, paths -----------------------------------------------------
+
+
+class _Builder:
+    """Applies the schema to parsed sections; collects warnings; raises the
+    first error."""
+
+    def __init__(self, sections: tuple[RawSection, ...], filename: str,
+                 config_dir: str, last_line: int) -> None:
+        self.filename = filename
+        self.config_dir = config_dir
+        self.last_line = last_line
+        self.sections = {s.name: s for s in sections}
+        self.order = [s.name for s in sections]
+        self.values: dict[Key, Any] = {}
+        self.entries: dict[Key, RawEntry] = {}
+        self.warnings: list[str] = []
+
+    # reporting
+
+    def line_of(self, section: str, key: Optional[str] = None) -> int:
+        if key is not None and (section, key) in self.entries:
+            return self.entries[section, key].line
+        raw = self.sections.get(section)
+        return raw.line if raw is not None else self.last_line
+
+    def error(self, section: str, key: Optional[str], reason: str) -> ConfigError:
+        return ConfigError(self.filename, self.line_of(section, key), section, key, reason)
+
+    def warn(self, section: Optional[str], key: Optional[str], reason: str,
+             line: Optional[int] = None) -> None:
+        if line is None:
+            line = self.line_of(section, key) if section else self.last_line
+        self.warnings.append(f"{_where(self.filename, line, section, key)} {reason}")
+
+    def get(self, section: str, key: str) -> Any:
+        return self.values.get((section, key))
+
+    def given(self, section: str, key: str) -> bool:
+        return (section, key) in self.entries
+
+    # reading the file
+
+    def read(self) -> None:
+        for name in SCHEMA:
+            if SCHEMA[name].required and name not in self.sections:
+                raise ConfigError(self.filename, self.last_line, name, None,
+                                  "required section is missing")
+        for name in self.order:
+            raw = self.sections[name]
+            spec = SCHEMA.get(name)
+            if spec is not None:
+                self.read_section(spec, raw)
+            else:
+                self.unknown_section(raw)
+        for spec in SCHEMA_SECTIONS:
+            if spec.name not in self.sections and not spec.name.startswith(PLUGIN_PREFIX):
+                self.apply_defaults(spec)
+
+    def unknown_section(self, raw: RawSection) -> None:
+        if raw.name.startswith(PLUGIN_PREFIX) and len(raw.name) > len(PLUGIN_PREFIX):
+            near = [n for n in SCHEMA if n.lower() == raw.name.lower()]
+            if near:
+                self.warn(raw.name, None, f"not a section we know; did you mean [{near[0]}]? "
+                          "Kept for a delivery plugin", raw.line)
+            return
+        hint = _suggest(raw.name, SCHEMA, "[{}]")
+        self.warn(raw.name, None, f"unknown section, ignored{hint}", raw.line)
+
+    def read_section(self, spec: SectionSpec, raw: RawSection) -> None:
+        many: dict[str, list[Any]] = {}
+        for entry in raw.entries:
+            option = spec.option(entry.key)
+            if option is None:
+                hint = _suggest(entry.key, [o.key for o in spec.options])
+                self.warn(spec.name, entry.key, f"unknown option, ignored{hint}", entry.line)
+                continue
+            value = self.parse_value(spec.name, option, entry)
+            if option.many:
+                self.entries.setdefault((spec.name, entry.key), entry)
+                many.setdefault(entry.key, []).append(value)
+            elif (spec.name, entry.key) in self.entries:
+                first = self.entries[spec.name, entry.key].line
+                raise ConfigError(self.filename, entry.line, spec.name, entry.key,
+                                  f"given twice (first on line {first}); it takes one value")
+            else:
+                self.entries[spec.name, entry.key] = entry
+                self.values[spec.name, entry.key] = value
+        for key, items in many.items():
+            self.values[spec.name, key] = tuple(items)
+        for option in spec.options:
+            if option.required and not self.given(spec.name, option.key):
+                raise self.error(spec.name, option.key, "required option is missing")
+        self.apply_defaults(spec)
+
+    def parse_value(self, section: str, option: Option, entry: RawEntry) -> Any:
+        try:
+            value = option.type.parse(entry.value)
+        except ValueError as exc:
+            raise ConfigError(self.filename, entry.line, section, entry.key, str(exc)) from None
+        if isinstance(value, ConfigAddressRule):
+            value = dataclasses.replace(value, line=entry.line)
+        return value
+
+    def apply_defaults(self, spec: SectionSpec) -> None:
+        for option in spec.options:
+            key = (spec.name, option.key)
+            if key in self.values:
+                continue
+            if option.many:
+                self.values[key] = ()
+            elif option.default is not None:
+                self.values[key] = option.type.parse(option.default)
+            else:
+                self.values[key] = None
+
+    # derived defaults and paths
+
+    def derive(self) -> None:
+        self.derive_base_dir()
+        self.resolve_paths()
+        self.derive_defaults()
+
+    def derive_base_dir(self) -> None:
+        base, home = self.get("Server", "BaseDir"), self.get("Server", "Homedir")
+        if home is not None:
+            self.warn("Server", "Homedir", "obsolete name; write BaseDir instead")
+            if base is not None and self.absolute(base) != self.absolute(home):
+                raise self.error("Server", "Homedir", "BaseDir and Homedir disagree; give only BaseDir")
+            self.values["Server", "Homedir"] = self.absolute(home)
+        if base is None and home is None:
+            self.warn("Server", "BaseDir", f"not set; using {DEFAULT_BASE_DIR}")
+        self.values["Server", "BaseDir"] = self.absolute(base or home or DEFAULT_BASE_DIR)
+
+    def absolute(self, path: str, base: Optional[str] = None) -> str:
+        return os.path.normpath(os.path.join(base or self.config_dir, path))
+
+    def resolve_paths(self) -> None:
+        """Files the server writes live under BaseDir; files the operator
+        supplies are found next to the configuration file."""
+        base_dir = self.values["Server", "BaseDir"]
+        for (section, key), value in list(self.values.items()):
+            option = SCHEMA[section].option(key)
+            if value is None or option is None or option.type is not FILENAME \
+                    or key in ("BaseDir", "Homedir"):
+                continue
+            base = base_dir if option.paths == "base" else self.config_dir
+            self.values[section, key] = self.absolute(value, base)
+        if self.get("Server", "QueueDir") is None:
+            self.values["Server", "QueueDir"] = os.path.join(self.get("Server", "WorkDir"), "queues")
+
+    def derive_defaults(self) -> None:
+        if "Outgoing/MMTP" not in self.sections:
+            self.values["Outgoing/MMTP", "Enabled"] = False  # no section: not relaying
+        for key, source in (("ListenIP", "IP"), ("ListenPort", "Port")):
+            if self.get("Incoming/MMTP", key) is None:
+                self.values["Incoming/MMTP", key] = self.get("Incoming/MMTP", source)
+        bandwidth = self.get("Server", "MaxBandwidth")
+        if self.get("Server", "MaxBandwidthSpike") is None and bandwidth is not None:
+            self.values["Server", "MaxBandwidthSpike"] = 5 * bandwidth
+        if self.get("Host", "ShredCommand") is None and os.path.exists(DEFAULT_SHRED[0]):
+            self.values["Host", "ShredCommand"] = DEFAULT_SHRED
+        for module in ("SMTP", "MBOX"):
+            section = PLUGIN_PREFIX + module
+            if section in self.sections and self.get(section, "SendmailCommand") is None \
+                    and self.get(section, "SMTPServer") is None:
+                self.values[section, "SMTPServer"] = "localhost"
+
+
+def _suggest(word: str, choices: Iterable[str], template: str = "{}") -> str:
+    """A hint for a misspelt name, since unknown names are only warned about."""
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f"; did you mean {template.format(close[0])}?" if close else ""
+
+
+# --- cross-field validation (§14.4-§14.9) --------------------------------------------------
+
+
+def _check_range(b: _Builder, section: str, key: str, low: int, high: Optional[int],
+                 what: Callable[[int], str] = str) -> None:
+    value = b.get(section, key)
+    if value is None:
+        return
+    if value < low or (high is not None and value > high):
+        bound = f"between {what(low)} and {what(high)}" if high is not None else f"at least {what(low)}"
+        raise b.error(section, key, f"{what(value)} is out of range: must be {bound}")
+
+
+def _check_server(b: _Builder) -> None:
+    s = "Server"
+    _check_range(b, s, "IdentityKeyBits", 2048, 4096)
+    _check_range(b, s, "PublicKeyLifetime", sched.DAY, None, sched.format_interval)
+    _check_range(b, s, "PublicKeyOverlap", 6 * sched.HOUR, 72 * sched.HOUR, sched.format_interval)
+    _check_range(b, s, "MixPoolMinSize", 0, None)
+    for key in ("MixInterval", "Timeout", "StatsInterval"):
+        _check_range(b, s, key, 1, None, sched.format_interval)
+    _check_range(b, s, "MaxQueuedPackets", 1, None)
+    if len(b.get(s, "Contact-Email")) > MAX_CONTACT:
+        raise b.error(s, "Contact-Email", f"longer than the {MAX_CONTACT} characters a descriptor allows")
+    if b.get(s, "Mode") == "local":
+        raise b.error(s, "Mode", "local mode is not implemented; use relay")
+    for key in ("EncryptIdentityKey", "EncryptPrivateKey"):
+        if b.get(s, key):
+            b.warn(s, key, "not implemented; the key is stored unencrypted")
+    _check_mixing(b)
+    _check_bandwidth(b)
+    address = ipaddress.ip_address(b.get(s, "MetricsAddress"))
+    if b.get(s, "MetricsPort") is not None and not address.is_loopback:
+        b.warn(s, "MetricsAddress", f"{address} is not a loopback address; "
+               "metrics describe traffic and should not be public")
+
+
+def _check_mixing(b: _Builder) -> None:
+    s = "Server"
+    interval, algorithm = b.get(s, "MixInterval"), b.get(s, "MixAlgorithm")
+    if interval < 30 * sched.MINUTE:
+        b.warn(s, "MixInterval", f"{sched.format_interval(interval)} is under 30 minutes: "
+               "the descriptor will say the configuration is insecure")
+    if algorithm == "Timed":
+        for key in ("MixPoolRate", "MixPoolMinSize"):
+            if b.given(s, key):
+                b.warn(s, key, "only used by the Cottrell and Binomial algorithms; "
+                       "MixAlgorithm is Timed")
+    elif b.get(s, "MixPoolRate") < 0.05:
+        b.warn(s, "MixPoolRate", "under 5%: packets may wait in the pool for a very long time")
+
+
+def _check_bandwidth(b: _Builder) -> None:
+    s = "Server"
+    rate, spike = b.get(s, "MaxBandwidth"), b.get(s, "MaxBandwidthSpike")
+    if rate is None:
+        if b.given(s, "MaxBandwidthSpike"):
+            b.warn(s, "MaxBandwidthSpike", "ignored without MaxBandwidth")
+        return
+    if rate < 1:
+        raise b.error(s, "MaxBandwidth", "must be more than 0 bytes per second")
+    if spike < rate:
+        raise b.error(s, "MaxBandwidthSpike", f"{format_size(spike)} is less than MaxBandwidth "
+                      f"({format_size(rate)})")
+
+
+def _check_incoming(b: _Builder) -> None:
+    s = "Incoming/MMTP"
+    if not b.get(s, "Enabled"):
+        b.warn(s, "Enabled", "no is not supported: a node must accept packets")
+    if b.get(s, "Hostname") is None:
+        b.warn(s, "Hostname", "not set; the descriptor will publish this host's FQDN")
+    _check_range(b, s, "MaxConnections", 1, None)
+    _check_range(b, s, "MaxConnectionsPerAddress", 1, None)
+    if b.get(s, "MaxConnectionsPerAddress") > b.get(s, "MaxConnections"):
+        b.warn(s, "MaxConnectionsPerAddress", "larger than MaxConnections, so it never applies")
+    if b.get(s, "Legacy"):
+        b.warn(s, "Legacy", "accepts TLS 1.0 peers; their links are weaker (doc/mmtp-legacy.md)")
+
+
+def _check_outgoing(b: _Builder) -> None:
+    s = "Outgoing/MMTP"
+    if not b.get(s, "Enabled"):
+        b.warn(s, None if s not in b.sections else "Enabled",
+               "outgoing MMTP is not enabled: this node cannot relay packets to other nodes")
+    _check_range(b, s, "MaxConnections", 1, None)
+    _check_range(b, s, "MaxPacketsPerConnection", 1, None)
+    if b.get(s, "Legacy"):
+        b.warn(s, "Legacy", "speaks TLS 1.0 to old peers; their links are weaker")
+    if b.get(s, "Enabled"):
+        _check_retry(b, s)
+
+
+def _check_retry(b: _Builder, section: str) -> None:
+    for warning in sched.schedule_warnings(b.get(section, "Retry"), b.get("Server", "MixInterval")):
+        b.warn(section, "Retry", warning)
+
+
+def _check_directory(b: _Builder) -> None:
+    s = "DirectoryServers"
+    for key in ("ServerURL", "PublishURL", "MaxSkew"):
+        if b.given(s, key):
+            b.warn(s, key, "parsed but not used" + ("; use Authority" if "URL" in key else ""))
+    if b.get(s, "Publish") and not b.get(s, "Authority"):
+        b.warn(s, "Publish", "yes, but no Authority is configured: nothing will be uploaded")
+
+
+def _check_host(b: _Builder) -> None:
+    if b.get("Host", "ShredCommand") is not None:
+        _check_program(b, "Host", "ShredCommand")
+    source = b.get("Host", "EntropySource")
+    try:
+        is_device = stat.S_ISCHR(os.stat(source).st_mode)
+    except OSError as exc:
+        raise b.error("Host", "EntropySource", f"cannot use {source}: {exc.strerror}") from None
+    if not is_device:
+        b.warn("Host", "EntropySource", f"{source} is not a character device")
+
+
+def _check_program(b: _Builder, section: str, key: str) -> None:
+    """The program of a command option exists (absolute, or found in $PATH);
+    it is made absolute so a later change of $PATH cannot swap it."""
+    argv = b.get(section, key)
+    program = argv[0]
+    if os.path.isabs(program):
+        found = program if os.access(program, os.X_OK) and os.path.isfile(program) else None
+    elif "/" in program:
+        raise b.error(section, key, f'"{program}": give an absolute path or a program name in $PATH')
+    else:
+        found = shutil.which(program)
+    if found is None:
+        raise b.error(section, key, f'"{program}" is not an executable program')
+    b.values[section, key] = (found, *argv[1:])
+
+
+def _check_file(b: _Builder, section: str, key: str) -> None:
+    path = b.get(section, key)
+    if not os.path.isfile(path) or not os.access(path, os.R_OK):
+        raise b.error(section, key, f"{path} does not exist or is not a readable file")
+
+
+def _check_mail(b: _Builder, module: str) -> None:
+    s = PLUGIN_PREFIX + module
+    _round_maximum_size(b, s)
+    if module != "SMTP-Via-Mixmaster" and b.given(s, "SMTPServer") and b.given(s, "SendmailCommand"):
+        raise b.error(s, "SendmailCommand", "give SMTPServer or SendmailCommand, not both")
+    if not b.get(s, "Enabled"):
+        return
+    _check_retry(b, s)
+    _require(b, s, "ReturnAddress")
+    _mailbox_warning(b, s, "ReturnAddress")
+    for key in ("SendmailCommand", "MixCommand"):
+        if b.get(s, key) is not None:
+            _check_program(b, s, key)
+    if module == "SMTP" and b.get(s, "BlacklistFile") is not None:
+        _check_file(b, s, "BlacklistFile")
+    if module == "MBOX":
+        _require(b, s, "AddressFile")
+        _check_file(b, s, "AddressFile")
+        _require(b, s, "RemoveContact")
+        _mailbox_warning(b, s, "RemoveContact")
+        if b.given(s, "FromTag"):
+            b.warn(s, "FromTag", "ignored by MBOX, which always uses [Anon]")
+    if module == "SMTP-Via-Mixmaster":
+        b.warn(s, None, "deprecated: the Type II network is nearly gone")
+
+
+def _require(b: _Builder, section: str, key: str) -> None:
+    if b.get(section, key) is None:
+        raise b.error(section, key, "required when the module is enabled")
+
+
+def _mailbox_warning(b: _Builder, section: str, key: str) -> None:
+    try:
+        _parse_email(b.get(section, key))
+    except ValueError as exc:
+        b.warn(section, key, f"does not look like a mailbox: {exc}")
+
+
+def _round_maximum_size(b: _Builder, section: str) -> None:
+    """At least 32 KB and a whole number of KB, as the descriptor publishes KB."""
+    size = b.get(section, "MaximumSize")
+    rounded = max(MIN_MAXIMUM_SIZE, -(-size // 1024) * 1024)
+    if rounded != size:
+        why = "under the 32 KB minimum" if size < MIN_MAXIMUM_SIZE else "not a whole number of KB"
+        b.warn(section, "MaximumSize", f"{format_size(size)} is {why}; using {format_size(rounded)}")
+        b.values[section, "MaximumSize"] = rounded
+
+
+def _check_deliveries(b: _Builder) -> None:
+    present = [m for m in MAIL_MODULES if PLUGIN_PREFIX + m in b.sections]
+    for module in present:
+        _check_mail(b, module)
+    enabled = [m for m in present if b.get(PLUGIN_PREFIX + m, "Enabled")]
+    if "SMTP" in enabled and "SMTP-Via-Mixmaster" in enabled:
+        raise b.error("Delivery/SMTP-Via-Mixmaster", "Enabled",
+                      "cannot be enabled together with [Delivery/SMTP]: both handle SMTP exits")
+    if "Delivery/Fragmented" in b.sections and b.get("Delivery/Fragmented", "Enabled"):
+        _check_fragmented(b, enabled)
+
+
+def _check_fragmented(b: _Builder, enabled: Sequence[str]) -> None:
+    s = "Delivery/Fragmented"
+    if not enabled:
+        raise b.error(s, "Enabled", "needs an enabled delivery module for the reassembled "
+                      "messages (MBOX, SMTP or SMTP-Via-Mixmaster)")
+    size = b.get(s, "MaximumSize")
+    for module in enabled:
+        other = b.get(PLUGIN_PREFIX + module, "MaximumSize")
+        if size > other:
+            b.warn(s, "MaximumSize", f"larger than [Delivery/{module}] MaximumSize "
+                   f"({format_size(other)}): some reassembled messages cannot be delivered")
+        elif other > 10 * size:
+            b.warn(s, "MaximumSize", f"[Delivery/{module}] MaximumSize is more than ten times "
+                   "larger: big messages must be sent unfragmented")
+
+
+def _validate(b: _Builder) -> None:
+    _check_host(b)
+    _check_server(b)
+    _check_incoming(b)
+    _check_outgoing(b)
+    _check_directory(b)
+    _check_deliveries(b)
+
+
+# --- assembling --------------------------------------------------------------------------
+
+
+def _section_object(b: _Builder, name: str) -> Any:
+    spec, cls = SCHEMA[name], SECTION_CLASSES[name]
+    return cls(**{o.name: b.values.get((name, o.key)) for o in spec.options})
+
+
+def _deliveries(b: _Builder) -> dict[str, DeliverySection]:
+    deliveries: dict[str, DeliverySection] = {}
+    for name in b.order:
+        if not name.startswith(PLUGIN_PREFIX) or len(name) == len(PLUGIN_PREFIX):
+            continue
+        short = name[len(PLUGIN_PREFIX):]
+        deliveries[short] = _section_object(b, name) if name in SCHEMA else b.sections[name]
+    return deliveries
+
+
+def _assemble(b: _Builder) -> ServerConfig:
+    unknown = {n: s for n, s in b.sections.items()
+               if n not in SCHEMA and not n.startswith(PLUGIN_PREFIX)}
+    return ServerConfig(
+        filename=b.filename,
+        host=_section_object(b, "Host"),
+        server=_section_object(b, "Server"),
+        incoming=_section_object(b, "Incoming/MMTP"),
+        outgoing=_section_object(b, "Outgoing/MMTP"),
+        directory=_section_object(b, "DirectoryServers"),
+        pinging=_section_object(b, "Pinging"),
+        deliveries=_deliveries(b),
+        unknown_sections=unknown,
+        warnings=tuple(b.warnings),
+        values=MappingProxyType(dict(b.values)),
+        entries=MappingProxyType(dict(b.entries)),
+        present=frozenset(b.sections),
+    )
+
+
+def parse_config(text: Union[str, bytes], filename: str = "<string>",
+                 config_dir: Optional[str] = None) -> ServerConfig:
+    """Parse and validate a configuration.
+
+    ``config_dir`` is where relative paths of operator-supplied files
+    (``AddressFile``...) and a relative ``BaseDir`` are looked up; by
+    default the folder of ``filename``.
+    """
+    if config_dir is None:
+        config_dir = os.path.dirname(os.path.abspath(filename))
+    sections = parse_sections(text, filename)
+    source = text.decode("latin-1") if isinstance(text, (bytes, bytearray)) else text
+    last_line = max(1, textformat.normalise_newlines(source).rstrip("\n").count("\n") + 1)
+    builder = _Builder(sections, filename, config_dir, last_line)
+    builder.read()
+    builder.derive()
+    _validate(builder)
+    return _assemble(builder)
+
+
+def load_config(path: str) -> ServerConfig:
+    """Read and validate ``path``; unreadable files are a ConfigError too."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise ConfigError(path, 0, None, None, f"cannot read the file: {exc.strerror}") from None
+    return parse_config(data, path)
+
+
+# --- reloading (SIGHUP) -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReloadPlan:
+    """What changed between two configurations.
+
+    ``live``: options a SIGHUP applies; ``restart``: options that only take
+    effect after a restart (the node keeps the old value and says so);
+    ``descriptor_changed``: the published descriptor must be regenerated.
+    """
+
+    live: tuple[Key, ...]
+    restart: tuple[Key, ...]
+    descriptor_changed: bool
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.live or self.restart)
+
+    @property
+    def needs_restart(self) -> bool:
+        return bool(self.restart)
+
+
+def _comparable(config: ServerConfig) -> dict[Key, Any]:
+    """Every value to compare: plugin sections' raw values included, and
+    address rules with their place among both Allow and Deny lines (the
+    first match wins, so reordering them is a change)."""
+    values = dict(config.values)
+    for short, section in config.plugin_sections.items():
+        for key in section.keys():
+            values[PLUGIN_PREFIX + short, key] = section.get_all(key)
+    for name, rules in (("Incoming/MMTP", config.incoming.address_rules),
+                        ("Outgoing/MMTP", config.outgoing.address_rules)):
+        for key, allow in (("Allow", True), ("Deny", False)):
+            values[name, key] = tuple((i, r) for i, r in enumerate(rules) if r.allow is allow)
+    return values
+
+
+def _reloadable(section: str, key: str) -> bool:
+    spec = SCHEMA.get(section)
+    if spec is None:  # a plugin's section: its own options reload, enabling it does not
+        return key != "Enabled"
+    option = spec.option(key)
+    return option is not None and option.reload
+
+
+def _published(section: str, key: str) -> bool:
+    spec = SCHEMA.get(section)
+    option = spec.option(key) if spec is not None else None
+    return option is not None and option.published
+
+
+def reloadable_differences(old: ServerConfig, new: ServerConfig) -> ReloadPlan:
+    """Sort every changed option into applied-on-SIGHUP and needs-restart."""
+    before, after = _comparable(old), _comparable(new)
+    changed = [k for k in dict.fromkeys([*before, *after]) if before.get(k) != after.get(k)]
+    live = tuple(k for k in changed if _reloadable(*k))
+    restart = tuple(k for k in changed if not _reloadable(*k))
+    descriptor_changed = (
+        any(_published(*k) for k in changed)
+        or old.configuration_summary() != new.configuration_summary()
+        or old.insecurities() != new.insecurities()
+    )
+    return ReloadPlan(live, restart, descriptor_changed)

@@ -1,0 +1,127 @@
+"""Delivery: each exit module's queue, flushed after every mix.
+
+A payload stays in its module's queue until the module answers OK or
+NORETRY, or its per-message retry schedule runs out (server.md §6.3), so
+an MTA that is down only delays mail.  Modules are flushed in ascending
+priority: FRAGMENT first, so the messages it completes are delivered in
+the same round.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping, Optional
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from mixminion.exits.items import DeliveryResult, make_delivery_item
+from mixminion.server.items import ExitItem, decode_item, encode_item
+from mixminion.server.mixing import delivery_queue
+from mixminion.server.packetstore import PacketStore
+from mixminion.server.schedule import MessageRetryState
+
+
+class Delivery:
+    """Hands queued payloads to their exit modules."""
+
+    log = Logger()
+
+    def __init__(self, store: PacketStore, modules: Mapping[str, object], clock,
+                 count: Callable[[str, int], None]) -> None:
+        self.store = store
+        self.modules = dict(modules)
+        self.clock = clock
+        self.count = count
+        self._by_type: dict[int, str] = {}
+        for name, module in self.modules.items():
+            for exit_type in module.exit_types:
+                self._by_type[exit_type] = name
+        self._busy: set[int] = set()
+        self._flushing: Optional[defer.Deferred] = None
+
+    def module_for(self, exit_type: int) -> Optional[str]:
+        return self._by_type.get(exit_type)
+
+    def flush(self) -> defer.Deferred:
+        """One delivery round; a round already running is not doubled."""
+        if self._flushing is not None:
+            return self._flushing
+        self._flushing = defer.ensureDeferred(self._round())
+
+        def done(result):
+            self._flushing = None
+            return result
+
+        return self._flushing.addBoth(done)
+
+    async def _round(self) -> int:
+        delivered = 0
+        order = sorted(self.modules.items(), key=lambda kv: getattr(kv[1], "priority", 0))
+        for name, module in order:
+            try:
+                await defer.maybeDeferred(module.flush)
+            except Exception:
+                self.log.failure("Exit module {name} failed its periodic work", name=name)
+            delivered += await self._deliver_queue(name, module)
+        return delivered
+
+    async def _deliver_queue(self, name: str, module) -> int:
+        now = self.clock.seconds()
+        schedule = tuple(getattr(module, "retry_schedule", ()) or ())
+        attempts = []
+        for packet_id, meta, added in self.store.items(delivery_queue(name)):
+            if packet_id in self._busy:
+                continue
+            item, extra = decode_item(meta)
+            assert isinstance(item, ExitItem)
+            retry = MessageRetryState(schedule, extra.get("queued", added), extra.get("last"))
+            ready = retry.next_attempt(now)
+            if ready is None:
+                self.store.remove_many([packet_id])
+                self.count(f"Expired:{name}", 1)
+                continue
+            if ready > now:
+                continue
+            attempts.append(defer.ensureDeferred(
+                self._attempt(name, module, packet_id, item, retry, now)))
+        results = await defer.gatherResults(attempts, consumeErrors=True) if attempts else []
+        return sum(1 for r in results if r)
+
+    async def _attempt(self, name, module, packet_id: int, item: ExitItem,
+                       retry: MessageRetryState, started: float) -> bool:
+        self._busy.add(packet_id)
+        try:
+            payload = self.store.get(packet_id)
+            try:
+                delivery = make_delivery_item(item.exit_type, item.routing_info, payload,
+                                              item.application_key, retry.queued,
+                                              getattr(module, "uses_tag", None))
+                result = await defer.maybeDeferred(module.deliver, delivery)
+            except Exception as exc:
+                self.log.error("Exit module {name} failed on an item: {why}", name=name,
+                               why=str(exc))
+                result = DeliveryResult.NORETRY
+            if result is DeliveryResult.RETRY:
+                if retry.failed(started, self.clock.seconds()):
+                    self.store.update_meta(packet_id, encode_item(
+                        item, queued=retry.queued, last=retry.last_attempt))
+                    self.count(f"Retry:{name}", 1)
+                else:
+                    self.store.remove_many([packet_id])
+                    self.count(f"Expired:{name}", 1)
+                return False
+            self.store.remove_many([packet_id])
+            if result is DeliveryResult.OK:
+                self.count(f"Delivered:{name}", 1)
+                return True
+            self.count(f"Undeliverable:{name}", 1)
+            return False
+        finally:
+            self._busy.discard(packet_id)
+
+    def stop(self) -> defer.Deferred:
+        d = self._flushing if self._flushing is not None else defer.succeed(None)
+        return d.addBoth(lambda _: defer.gatherResults(
+            [defer.maybeDeferred(m.stop) for m in self.modules.values()], consumeErrors=True))
+
+

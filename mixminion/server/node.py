@@ -1,0 +1,204 @@
+"""The mix node: the service tree ``twistd mixminion`` runs.
+
+Data flows one way::
+
+    MMTP responder -> incoming queue -> processing (replay log first)
+        -> mix pool -> outgoing queue -> MMTP client
+                    -> exit module queues -> SMTP / MBOX / FRAGMENT / DROP
+
+Every queue is a table of one SQLite packet store (WAL, fsync per
+commit); each hand-over between queues is one transaction, so a crash at
+any point loses no acknowledged packet and relays none twice (a resent
+packet is refused by the next hop's replay log).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Optional
+
+from twisted.application import internet, service
+from twisted.internet import defer
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.logger import Logger
+from twisted.web.server import Site
+
+from mixminion.mmtp.initiator import InitiatorSettings, MMTPClient
+from mixminion.mmtp.limits import AddressRules, ConnectionLimits
+from mixminion.mmtp.responder import responder_factory
+from mixminion.mmtp.tls import InitiatorTLS, ResponderTLS
+from mixminion.server.delivery import Delivery
+from mixminion.server.durable import DurableSink
+from mixminion.server.metrics import metrics_root
+from mixminion.server.mixing import OUT, Mixer
+from mixminion.server.outgoing import Outgoing
+from mixminion.server.packetstore import PacketStore
+from mixminion.server.pool import make_pool
+from mixminion.server.processing import INCOMING, MIX, Processor
+from mixminion.server.stats import NodeStats
+
+DEFAULT_OUTGOING_RETRY = (3600,) * 24 + (7 * 3600,) * 18
+
+
+@dataclass
+class NodeSettings:
+    """Everything the node needs, already parsed and validated (the
+    configuration file maps onto this; tests build it directly)."""
+
+    base_dir: str
+    nickname: str
+    listen_ip: str = "127.0.0.1"
+    listen_port: int = 48099
+    listen_ip6: Optional[str] = None
+    mix_algorithm: str = "Timed"
+    mix_interval: float = 1800.0
+    pool_min_size: int = 5
+    pool_rate: float = 0.6
+    outgoing_retry: tuple[int, ...] = DEFAULT_OUTGOING_RETRY
+    limits: ConnectionLimits = field(default_factory=ConnectionLimits)
+    rules: AddressRules = field(default_factory=AddressRules)
+    initiator: InitiatorSettings = field(default_factory=InitiatorSettings)
+    max_queued: Optional[int] = 50000
+    min_free_disk: int = 0
+    metrics_port: Optional[int] = None
+    metrics_address: str = "127.0.0.1"
+    legacy_in: bool = False
+    legacy_out: bool = False
+    stats_interval: float = 300.0
+
+    @property
+    def work_dir(self) -> str:
+        return os.path.join(self.base_dir, "work")
+
+    @property
+    def queue_dir(self) -> str:
+        return os.path.join(self.work_dir, "queues")
+
+
+def _private_dir(path: str) -> None:
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    os.chmod(path, 0o700)
+
+
+class PipelineService(service.Service):
+    """Starts and stops the stages in order; the listeners are siblings
+    started after it (children of :class:`MixNode`)."""
+
+    log = Logger()
+
+    def __init__(self, node: "MixNode") -> None:
+        self.node = node
+
+    def startService(self) -> None:  # noqa: N802
+        super().startService()
+        self.node.start_pipeline()
+
+    def stopService(self) -> defer.Deferred:  # noqa: N802
+        super().stopService()
+        return defer.ensureDeferred(self.node.stop_pipeline())
+
+
+class MixNode(service.MultiService):
+    """A Type III mix: built from :class:`NodeSettings`, a key provider and
+    the configured exit modules."""
+
+    log = Logger()
+
+    def __init__(self, settings: NodeSettings, reactor, identity, packet_keys: Callable[[], list],
+                 modules: Mapping[str, object], *, rng=os.urandom) -> None:
+        super().__init__()
+        self.settings = settings
+        self.reactor = reactor
+        self.identity = identity
+        self.packet_keys = packet_keys
+        for path in (settings.base_dir, settings.work_dir, settings.queue_dir):
+            _private_dir(path)
+        self.stats = NodeStats(os.path.join(settings.work_dir, "stats.json"))
+        self.store = PacketStore(os.path.join(settings.queue_dir, "packets.db"))
+        self.processor = Processor(self.store, reactor, self.stats.count)
+        self.sink = DurableSink(self.store, reactor, INCOMING, max_queued=settings.max_queued,
+                                min_free_bytes=settings.min_free_disk,
+                                on_stored=self.processor.kick)
+        self.tls = ResponderTLS(identity, settings.nickname, clock=reactor,
+                                legacy=settings.legacy_in)
+        self.client = MMTPClient(reactor, InitiatorTLS(legacy=settings.legacy_out),
+                                 settings.initiator, self.stats)
+        self.delivery = Delivery(self.store, modules, reactor, self.stats.count)
+        self.outgoing = Outgoing(self.store, self.client, settings.outgoing_retry, reactor,
+                                 identity.public.keyid, self.stats.count, self.processor.kick)
+        self.mixer = Mixer(self.store, make_pool(settings.mix_algorithm, settings.pool_min_size,
+                                                 settings.pool_rate),
+                           settings.mix_interval, reactor, self.delivery.module_for,
+                           self.stats.count, self._after_mix)
+        PipelineService(self).setServiceParent(self)
+        factory = responder_factory(self.sink, self.tls, reactor, settings.limits,
+                                    settings.rules, self.stats)
+        self.listeners = []
+        endpoint = TCP4ServerEndpoint(reactor, settings.listen_port, backlog=128,
+                                      interface=settings.listen_ip)
+        self._listen(internet.StreamServerEndpointService(endpoint, factory))
+        if settings.listen_ip6:
+            endpoint6 = TCP6ServerEndpoint(reactor, settings.listen_port, backlog=128,
+                                           interface=settings.listen_ip6)
+            self._listen(internet.StreamServerEndpointService(endpoint6, factory))
+        if settings.metrics_port is not None:
+            site = Site(metrics_root(self.metrics_text))
+            metrics = TCP4ServerEndpoint(reactor, settings.metrics_port,
+                                         interface=settings.metrics_address)
+            self._listen(internet.StreamServerEndpointService(metrics, site))
+        self._stats_call = None
+
+    def _listen(self, svc: internet.StreamServerEndpointService) -> None:
+        svc._raiseSynchronously = True
+        svc.setServiceParent(self)
+        self.listeners.append(svc)
+
+    # --- pipeline ------------------------------------------------------------
+
+    def start_pipeline(self) -> None:
+        self.processor.set_keys(self.packet_keys())
+        self.mixer.start()
+        self.processor.kick()
+        self.reactor.callLater(0, self.outgoing.flush)
+        self._schedule_stats()
+        self.log.info("Mix node {nickname} started", nickname=self.settings.nickname)
+
+    def refresh_keys(self) -> None:
+        """After a key rotation: decrypt with the live keys only."""
+        self.processor.set_keys(self.packet_keys())
+
+    def _after_mix(self) -> None:
+        self.outgoing.flush()
+        self.delivery.flush()
+
+    def _schedule_stats(self) -> None:
+        self._stats_call = self.reactor.callLater(self.settings.stats_interval, self._save_stats)
+
+    def _save_stats(self) -> None:
+        try:
+            self.stats.save()
+        except OSError as exc:
+            self.log.warn("Could not save statistics: {why}", why=str(exc))
+        self._schedule_stats()
+
+    async def stop_pipeline(self) -> None:
+        if self._stats_call is not None and self._stats_call.active():
+            self._stats_call.cancel()
+        self.mixer.stop()
+        await self.sink.stop()
+        await self.processor.stop()
+        await self.client.close()
+        await self.outgoing.stop()
+        await self.delivery.stop()
+        self.stats.save()
+        self.store.close()
+
+    def queue_sizes(self) -> dict[str, int]:
+        sizes = {name: self.store.count(q) for name, q in
+                 (("incoming", INCOMING), ("pool", MIX), ("outgoing", OUT))}
+        return sizes
+
+    def metrics_text(self) -> str:
+        gauges = {f"queue_{k}_packets": v for k, v in self.queue_sizes().items()}
+        return self.stats.prometheus_text(gauges)

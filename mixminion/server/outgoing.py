@@ -1,0 +1,164 @@
+"""The outgoing queue: relay packets to next hops over MMTP, with retries
+per destination address (server.md §4.4, §6.4).
+
+A packet leaves the queue only when the next hop answered RECEIVED; a
+failure keeps it and marks its address failed, so everything queued for
+that address waits for the address's next retry time and then goes out
+together.  Packets older than the whole retry schedule are dropped.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Callable, Optional
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from mixminion.mmtp.initiator import Destination, MMTPClient
+from mixminion.server.items import RelayItem, decode_item
+from mixminion.server.mixing import OUT
+from mixminion.server.packetstore import PacketStore
+from mixminion.server.processing import INCOMING
+from mixminion.server.schedule import AddressRetryState
+
+_STATE_KEY = "outgoing-address-state"
+
+
+class Outgoing:
+    """Sends the ``out`` queue; one flush after every mix (and on demand)."""
+
+    log = Logger()
+
+    def __init__(self, store: PacketStore, client: MMTPClient, schedule: tuple[int, ...],
+                 clock: IReactorTime, own_keyid: bytes, count: Callable[[str, int], None],
+                 on_local: Callable[[], None]) -> None:
+        self.store = store
+        self.client = client
+        self.schedule = schedule
+        self.clock = clock
+        self.own_keyid = own_keyid
+        self.count = count
+        self.on_local = on_local
+        self.in_flight: set[int] = set()
+        self.addresses: dict[Destination, AddressRetryState] = self._load_states()
+        self._done: list[int] = []
+        self._writing = False
+        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="mixminion-outgoing")
+        self._pool.start()
+
+    # --- address retry state, kept across restarts ---------------------------
+
+    def _load_states(self) -> dict[Destination, AddressRetryState]:
+        raw = self.store.get_value(_STATE_KEY)
+        states = {}
+        for row in json.loads(raw) if raw else []:
+            dest = Destination(row["host"], row["port"], bytes.fromhex(row["keyid"]))
+            states[dest] = AddressRetryState.from_record(self.schedule, row["state"])
+        return states
+
+    def _save_states(self) -> None:
+        now = self.clock.seconds()
+        for dest in [d for d, s in self.addresses.items() if s.forgettable(now)]:
+            del self.addresses[dest]
+        rows = [{"host": d.host, "port": d.port, "keyid": d.keyid.hex(), "state": s.to_record()}
+                for d, s in self.addresses.items()]
+        self.store.set_value(_STATE_KEY, json.dumps(rows).encode())
+
+    def _state(self, dest: Destination) -> AddressRetryState:
+        if dest not in self.addresses:
+            self.addresses[dest] = AddressRetryState(self.schedule)
+        return self.addresses[dest]
+
+    # --- flushing ---------------------------------------------------------------
+
+    def flush(self) -> int:
+        """Hand every ready packet to MMTP; returns how many were sent."""
+        now = self.clock.seconds()
+        lifetime = sum(self.schedule)
+        expired, local, sent = [], [], 0
+        for packet_id, meta, added in self.store.items(OUT):
+            if packet_id in self.in_flight:
+                continue
+            item, _ = decode_item(meta)
+            assert isinstance(item, RelayItem)
+            if added + lifetime < now:
+                expired.append(packet_id)
+                continue
+            if item.keyid == self.own_keyid:
+                local.append(packet_id)
+                continue
+            dest = Destination(item.host, item.port, item.keyid)
+            if not self._state(dest).ready(now):
+                continue
+            self._send(packet_id, dest, now)
+            sent += 1
+        if expired:
+            self.store.remove_many(expired)
+            self.count("ExpiredRelay", len(expired))
+            self.log.warn("Dropped {n} packets whose retry schedule ran out", n=len(expired))
+        if local:
+            self.store.move_many(local, INCOMING)
+            self.count("RelayedToSelf", len(local))
+            self.on_local()
+        return sent
+
+    def _send(self, packet_id: int, dest: Destination, started: float) -> None:
+        self.in_flight.add(packet_id)
+        packet = self.store.get(packet_id)
+        d = self.client.send_packet(dest, packet)
+        d.addCallbacks(self._sent, self._failed, callbackArgs=(packet_id, dest),
+                       errbackArgs=(packet_id, dest, started))
+
+    def _sent(self, _result, packet_id: int, dest: Destination) -> None:
+        state = self._state(dest)
+        was_failing = state.first_failure is not None
+        state.succeeded(self.clock.seconds())
+        if was_failing:
+            self._save_states()
+        self.count("Relayed", 1)
+        self._done.append(packet_id)
+        self._remove_done()
+
+    def _failed(self, failure: Failure, packet_id: int, dest: Destination, started: float) -> None:
+        self.in_flight.discard(packet_id)
+        self._state(dest).failed(started)
+        self._save_states()
+        self.count("RelayFailed", 1)
+        self.log.info("Relay failed, will retry: {why}", why=failure.getErrorMessage())
+
+    def _remove_done(self) -> None:
+        """Delete acknowledged packets in batches, off the reactor thread."""
+        if self._writing or not self._done:
+            return
+        batch, self._done = self._done, []
+        self._writing = True
+        d = deferToThreadPool(self.clock, self._pool, self.store.remove_many, batch)
+
+        def written(result):
+            self._writing = False
+            if isinstance(result, Failure):
+                self._done.extend(batch)
+                self.log.failure("Could not remove relayed packets", result)
+            else:
+                self.in_flight.difference_update(batch)
+            self._remove_done()
+
+        d.addBoth(written)
+
+    def stop(self) -> defer.Deferred:
+        done: defer.Deferred = defer.Deferred()
+
+        def check() -> None:
+            if self._writing or self._done:
+                self.clock.callLater(0.01, check)
+            else:
+                self._pool.stop()
+                done.callback(None)
+
+        check()
+        return done
