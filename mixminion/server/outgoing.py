@@ -36,8 +36,11 @@ class Outgoing:
 
     def __init__(self, store: PacketStore, client: MMTPClient, schedule: tuple[int, ...],
                  clock: IReactorTime, own_keyid: bytes, count: Callable[[str, int], None],
-                 on_local: Callable[[], None]) -> None:
+                 on_local: Callable[[], None], reactor=None) -> None:
         self.store = store
+        #: runs the store's deletions in a worker thread; defaults to ``clock``
+        #: (the real reactor); tests pass a ``task.Clock`` as ``clock``
+        self.reactor = reactor if reactor is not None else clock
         self.client = client
         self.schedule = schedule
         self.clock = clock
@@ -137,7 +140,7 @@ class Outgoing:
             return
         batch, self._done = self._done, []
         self._writing = True
-        d = deferToThreadPool(self.clock, self._pool, self.store.remove_many, batch)
+        d = deferToThreadPool(self.reactor, self._pool, self.store.remove_many, batch)
 
         def written(result):
             self._writing = False
@@ -155,7 +158,7 @@ class Outgoing:
 
         def check() -> None:
             if self._writing or self._done:
-                self.clock.callLater(0.01, check)
+                self.reactor.callLater(0.01, check)
             else:
                 self._pool.stop()
                 done.callback(None)

@@ -1,0 +1,265 @@
+"""The node's pipeline stages, one at a time, on a real packet store.
+
+Processing, mixing, the outgoing queue and delivery each get their input
+put straight into the store; time is a ``task.Clock`` wherever a stage
+only reads the clock.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+from twisted.internet import defer, reactor, task
+from twisted.trial import unittest
+
+from mixminion.codec.build import build_forward_packet, encode_message_payloads
+from mixminion.codec.header import Hop
+from mixminion.codec.routing import MBOX_TYPE, SMTP_TYPE, HostInfo
+from mixminion.codec.rsa import PrivateKey
+from mixminion.exits.items import DeliveryResult
+from mixminion.mmtp.initiator import ConnectionFailed, Destination
+from mixminion.server.delivery import Delivery
+from mixminion.server.items import ExitItem, RelayItem, decode_item, encode_item
+from mixminion.server.mixing import OUT, Mixer, delivery_queue
+from mixminion.server.outgoing import Outgoing
+from mixminion.server.packetstore import PacketStore
+from mixminion.server.pool import TimedPool
+from mixminion.server.processing import INCOMING, MIX, Processor
+from mixminion.server.stats import NodeStats
+
+
+@functools.lru_cache(maxsize=None)
+def _key(n: int) -> PrivateKey:
+    return PrivateKey.generate(2048)
+
+
+def _hop(n: int) -> Hop:
+    return Hop(_key(n).public, HostInfo(f"mix{n}.example.net", 48000 + n, bytes([n]) * 20))
+
+
+def _packet(exit_type: int = SMTP_TYPE, address: bytes = b"a@example.com") -> bytes:
+    [payload] = encode_message_payloads(b"hello\n", os.urandom)
+    return build_forward_packet(payload, [_hop(0)], [_hop(1)], exit_type, address,
+                                os.urandom).packet
+
+
+class StoreTestCase(unittest.TestCase):
+    def setUp(self) -> None:
+        path = self.mktemp()
+        os.makedirs(path)
+        self.store = PacketStore(os.path.join(path, "packets.db"))
+        self.addCleanup(self.store.close)
+        self.stats = NodeStats()
+
+
+class ProcessorTests(StoreTestCase):
+    async def _drain(self, processor: Processor) -> None:
+        processor.kick()
+        await processor.idle
+        await processor.stop()
+
+    def test_relay_packets_reach_the_pool_with_their_next_hop(self) -> None:
+        packets = [_packet() for _ in range(3)]
+        self.store.add_many(INCOMING, packets)
+        processor = Processor(self.store, reactor, self.stats.count)
+        processor.set_keys([_key(0)])
+        d = defer.ensureDeferred(self._drain(processor))
+
+        def check(_):
+            self.assertEqual(self.store.count(INCOMING), 0)
+            items = self.store.items(MIX)
+            self.assertEqual(len(items), 3)
+            for _id, meta, _added in items:
+                item, _ = decode_item(meta)
+                self.assertEqual(item, RelayItem("mix1.example.net", 48001, bytes([1]) * 20))
+            self.assertEqual(self.stats["ProcessedRelay"], 3)
+
+        return d.addCallback(check)
+
+    def test_replayed_packet_is_refused_and_nothing_is_queued_twice(self) -> None:
+        packet = _packet()
+        self.store.add_many(INCOMING, [packet, packet])
+        processor = Processor(self.store, reactor, self.stats.count)
+        processor.set_keys([_key(0)])
+        d = defer.ensureDeferred(self._drain(processor))
+
+        def check(_):
+            self.assertEqual(self.store.count(MIX), 1)
+            self.assertEqual(self.stats["Rejected:replay"], 1)
+
+        return d.addCallback(check)
+
+    def test_a_failed_batch_leaves_everything_in_place(self) -> None:
+        """Replay entries and results commit together, or not at all."""
+        packet = _packet()
+        self.store.add_many(INCOMING, [packet])
+        processor = Processor(self.store, reactor, self.stats.count)
+        processor.set_keys([_key(0)])
+        original = self.store.remove_many
+
+        def broken(ids):
+            raise OSError("disk gone")
+
+        self.store.remove_many = broken  # type: ignore[method-assign]
+        from mixminion.codec.process import PacketProcessor
+        from mixminion.server.store_replay import StoreReplayLog
+
+        proc = PacketProcessor([(_key(0), StoreReplayLog(self.store, _key(0).public.keyid))])
+        self.assertRaises(OSError, processor._process_batch, proc, self.store.ids(INCOMING))
+        self.store.remove_many = original  # type: ignore[method-assign]
+        self.assertEqual(self.store.count(INCOMING), 1)
+        self.assertEqual(self.store.count(MIX), 0)
+        # The replay entry rolled back too: the packet still processes.
+        counts = processor._process_batch(proc, self.store.ids(INCOMING))
+        self.assertEqual(counts["ProcessedRelay"], 1)
+        return processor.stop()
+
+
+class MixerTests(StoreTestCase):
+    def test_timed_mix_moves_everything_at_the_interval(self) -> None:
+        clock = task.Clock()
+        relay = encode_item(RelayItem("h", 1, bytes(20)))
+        mbox = encode_item(ExitItem(MBOX_TYPE, bytes(20) + b"nym", bytes(16)))
+        unknown = encode_item(ExitItem(0x0999, bytes(20) + b"x", bytes(16)))
+        self.store.add_many(MIX, [b"r" * 10, b"m" * 10, b"u" * 10], meta=[relay, mbox, unknown])
+        flushed = []
+        mixer = Mixer(self.store, TimedPool(), 60, clock,
+                      lambda t: "MBOX" if t == MBOX_TYPE else None,
+                      self.stats.count, lambda: flushed.append(True))
+        mixer.start()
+        self.addCleanup(mixer.stop)
+        clock.advance(59)
+        self.assertEqual(self.store.count(MIX), 3)
+        clock.advance(1)
+        self.assertEqual(self.store.count(MIX), 0)
+        self.assertEqual(self.store.count(OUT), 1)
+        self.assertEqual(self.store.count(delivery_queue("MBOX")), 1)
+        self.assertEqual(self.store.count(), 2)
+        self.assertEqual(self.stats["DroppedUnknownExitType"], 1)
+        self.assertEqual(flushed, [True])
+
+
+class FakeClient:
+    """Stands in for MMTPClient: each send returns a Deferred the test fires."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[Destination, bytes, defer.Deferred]] = []
+
+    def send_packet(self, dest: Destination, packet: bytes) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        self.sent.append((dest, packet, d))
+        return d
+
+
+class OutgoingTests(StoreTestCase):
+    def _outgoing(self, clock, client, schedule=(60, 60)) -> Outgoing:
+        out = Outgoing(self.store, client, schedule, clock, b"\x07" * 20, self.stats.count,
+                       lambda: None, reactor=reactor)
+        self.addCleanup(out.stop)
+        return out
+
+    def test_success_removes_failure_waits_for_the_address_retry(self) -> None:
+        clock = task.Clock()
+        clock.advance(1000)
+        client = FakeClient()
+        meta = encode_item(RelayItem("127.0.0.1", 5000, b"\x01" * 20))
+        ids = self.store.add_many(OUT, [b"a" * 32768, b"b" * 32768], now=1000, meta=[meta, meta])
+        out = self._outgoing(clock, client)
+        self.assertEqual(out.flush(), 2)
+        self.assertEqual(out.flush(), 0)  # in flight: not sent twice
+        client.sent[0][2].callback(None)
+        client.sent[1][2].errback(ConnectionFailed("down"))
+        self.assertEqual(self.stats["Relayed"], 1)
+        self.assertEqual(self.stats["RelayFailed"], 1)
+        d: defer.Deferred = task.deferLater(reactor, 0.2, lambda: None)
+
+        def after(_):
+            self.assertEqual(self.store.ids(OUT), [ids[1]])
+            clock.advance(30)
+            self.assertEqual(out.flush(), 0)  # the address waits for its retry
+            clock.advance(31)
+            self.assertEqual(out.flush(), 1)
+
+        return d.addCallback(after)
+
+    def test_packets_for_ourselves_go_back_to_incoming_and_old_ones_expire(self) -> None:
+        clock = task.Clock()
+        clock.advance(10_000)
+        mine = encode_item(RelayItem("127.0.0.1", 5000, b"\x07" * 20))
+        other = encode_item(RelayItem("127.0.0.1", 5001, b"\x02" * 20))
+        self.store.add_many(OUT, [b"x" * 10], now=10_000, meta=[mine])
+        self.store.add_many(OUT, [b"y" * 10], now=100, meta=[other])
+        out = self._outgoing(clock, FakeClient())
+        self.assertEqual(out.flush(), 0)
+        self.assertEqual(self.store.count(INCOMING), 1)
+        self.assertEqual(self.store.count(OUT), 0)
+        self.assertEqual(self.stats["ExpiredRelay"], 1)
+
+
+class ScriptedModule:
+    """An exit module whose answers the test scripts."""
+
+    name = "MBOX"
+    exit_types = frozenset({MBOX_TYPE})
+    priority = 0
+    uses_tag = True
+    retry_schedule = (100, 100)
+
+    def __init__(self, answers) -> None:
+        self.answers = list(answers)
+        self.items = []
+
+    def deliver(self, item):
+        self.items.append(item)
+        return defer.succeed(self.answers.pop(0))
+
+    def flush(self):
+        return defer.succeed(None)
+
+    def stop(self):
+        return defer.succeed(None)
+
+
+class DeliveryTests(StoreTestCase):
+    async def _deliver_scripted(self, answers, steps):
+        clock = task.Clock()
+        clock.advance(5000)
+        module = ScriptedModule(answers)
+        delivery = Delivery(self.store, {"MBOX": module}, clock, self.stats.count)
+        [payload] = encode_message_payloads(b"to the nym\n", os.urandom)
+        meta = encode_item(ExitItem(MBOX_TYPE, b"T" * 20 + b"nym", bytes(16)))
+        self.store.add_many(delivery_queue("MBOX"), [payload], now=5000, meta=[meta])
+        for advance in steps:
+            clock.advance(advance)
+            await delivery.flush()
+        return module
+
+    def test_retry_then_success(self) -> None:
+        async def go():
+            module = await self._deliver_scripted([DeliveryResult.RETRY, DeliveryResult.OK], [0, 50, 60])
+            self.assertEqual(len(module.items), 2)  # not retried before its time
+            self.assertEqual(module.items[0].address, b"nym")
+            self.assertEqual(module.items[0].tag, b"T" * 20)
+            self.assertEqual(self.store.count(), 0)
+            self.assertEqual(self.stats["Retry:MBOX"], 1)
+            self.assertEqual(self.stats["Delivered:MBOX"], 1)
+
+        return defer.ensureDeferred(go())
+
+    def test_noretry_drops_and_counts(self) -> None:
+        async def go():
+            await self._deliver_scripted([DeliveryResult.NORETRY], [0])
+            self.assertEqual(self.store.count(), 0)
+            self.assertEqual(self.stats["Undeliverable:MBOX"], 1)
+
+        return defer.ensureDeferred(go())
+
+    def test_retries_run_out(self) -> None:
+        async def go():
+            module = await self._deliver_scripted([DeliveryResult.RETRY] * 3, [0, 100, 100, 100])
+            self.assertEqual(len(module.items), 3)
+            self.assertEqual(self.store.count(), 0)
+            self.assertEqual(self.stats["Expired:MBOX"], 1)
+
+        return defer.ensureDeferred(go())
