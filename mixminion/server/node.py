@@ -148,6 +148,7 @@ class MixNode(service.MultiService):
                                          interface=settings.metrics_address)
             self._listen(internet.StreamServerEndpointService(metrics, site))
         self._stats_call = None
+        self._first_flush = None
 
     def _listen(self, svc: internet.StreamServerEndpointService) -> None:
         svc._raiseSynchronously = True
@@ -160,13 +161,37 @@ class MixNode(service.MultiService):
         self.processor.set_keys(self.packet_keys())
         self.mixer.start()
         self.processor.kick()
-        self.reactor.callLater(0, self.outgoing.flush)
+        self._first_flush = self.reactor.callLater(0, self.outgoing.flush)
         self._schedule_stats()
         self.log.info("Mix node {nickname} started", nickname=self.settings.nickname)
 
     def refresh_keys(self) -> None:
         """After a key rotation: decrypt with the live keys only."""
         self.processor.set_keys(self.packet_keys())
+
+    def apply_settings(self, settings: NodeSettings) -> None:
+        """Apply what a SIGHUP may change without a restart: mixing,
+        retry schedules, connection limits and address rules."""
+        self.settings.mix_algorithm = settings.mix_algorithm
+        self.settings.pool_min_size = settings.pool_min_size
+        self.settings.pool_rate = settings.pool_rate
+        self.mixer.pool = make_pool(settings.mix_algorithm, settings.pool_min_size,
+                                    settings.pool_rate)
+        if settings.mix_interval != self.mixer.interval:
+            self.mixer.stop()
+            self.mixer.interval = self.settings.mix_interval = settings.mix_interval
+            self.mixer.start()
+        self.outgoing.schedule = self.settings.outgoing_retry = settings.outgoing_retry
+        for state in self.outgoing.addresses.values():
+            state.schedule = settings.outgoing_retry
+        limits = self.settings.limits
+        for name in vars(settings.limits):
+            setattr(limits, name, getattr(settings.limits, name))
+        self.settings.rules = settings.rules
+        for listener in self.listeners:
+            factory = getattr(listener, "factory", None)
+            if hasattr(factory, "rules"):
+                factory.rules = settings.rules
 
     def _after_mix(self) -> None:
         self.outgoing.flush()
@@ -183,8 +208,9 @@ class MixNode(service.MultiService):
         self._schedule_stats()
 
     async def stop_pipeline(self) -> None:
-        if self._stats_call is not None and self._stats_call.active():
-            self._stats_call.cancel()
+        for call in (self._stats_call, self._first_flush):
+            if call is not None and call.active():
+                call.cancel()
         self.mixer.stop()
         await self.sink.stop()
         await self.processor.stop()

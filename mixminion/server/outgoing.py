@@ -10,7 +10,7 @@ together.  Packets older than the whole retry schedule are dropped.
 from __future__ import annotations
 
 import json
-from typing import Callable, Optional
+from typing import Callable
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime

@@ -8,6 +8,7 @@ configuration stops start-up with the file, line, option and reason.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import time
 from typing import Any, Mapping
@@ -21,7 +22,12 @@ from mixminion.directory.descriptor import DescriptorFields, IncomingMMTP, Outgo
 from mixminion.exits.context import ExitContext
 from mixminion.exits.registry import build_dispatcher
 from mixminion.mmtp.initiator import InitiatorSettings
-from mixminion.server.config import ConfigError, ServerConfig, load_config
+from mixminion.server.config import (
+    ConfigError,
+    ServerConfig,
+    load_config,
+    reloadable_differences,
+)
 from mixminion.server.keys import KeyStore
 from mixminion.server.node import MixNode, NodeSettings
 
@@ -148,10 +154,46 @@ class KeyService(service.Service):
             self._schedule()
 
 
+class ReloadService(service.Service):
+    """SIGHUP: re-read the configuration file and apply what can change
+    while running; say which changes need a restart."""
+
+    def __init__(self, node: MixNode, config: ServerConfig, reactor) -> None:
+        self.node, self.config, self.reactor = node, config, reactor
+        self._previous = None
+
+    def startService(self) -> None:  # noqa: N802
+        super().startService()
+        self._previous = signal.signal(
+            signal.SIGHUP, lambda signum, frame: self.reactor.callFromThread(self.reload))
+
+    def stopService(self):  # noqa: N802
+        super().stopService()
+        if self._previous is not None:
+            signal.signal(signal.SIGHUP, self._previous)
+
+    def reload(self) -> None:
+        try:
+            new = load_config(self.config.filename)
+        except (ConfigError, OSError) as exc:
+            log.error("SIGHUP: configuration not reloaded: {why}", why=str(exc))
+            return
+        plan = reloadable_differences(self.config, new)
+        if not plan.changed:
+            log.info("SIGHUP: configuration unchanged")
+            return
+        self.node.apply_settings(node_settings(new))
+        for section, key in plan.restart:
+            log.warn("SIGHUP: [{section}] {key} changed; it takes effect after a restart",
+                     section=section, key=key)
+        log.info("SIGHUP: applied {n} changed options", n=len(plan.live))
+        self.config = new
+
+
 def build_node(config: ServerConfig, reactor) -> service.MultiService:
     """The whole node from a parsed configuration."""
     for warning in config.warnings:
-        log.warn("Configuration: {warning}", warning=warning)
+        log.warn("Configuration: {problem}", problem=warning)
     server = config.server
     now = time.time()
     context = ExitContext(base_dir=server.base_dir, clock=reactor, reactor=reactor)
@@ -167,6 +209,7 @@ def build_node(config: ServerConfig, reactor) -> service.MultiService:
     node = MixNode(node_settings(config), reactor, keys.identity,
                    lambda: [key for key, _path in keys.packet_keys(reactor.seconds())], modules)
     KeyService(keys, node, template, reactor).setServiceParent(node)
+    ReloadService(node, config, reactor).setServiceParent(node)
     node.keys = keys
     return node
 
