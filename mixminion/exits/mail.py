@@ -333,9 +333,9 @@ class MailModule:
         from mixminion.exits import mta
 
         if reader.has("SendmailCommand"):
-            if reader.has("SMTPServer") or reader.has("SMTPPort"):
-                raise ExitConfigError(
-                    f"[{reader.name}] SendmailCommand and SMTPServer/SMTPPort are exclusive")
+            # SMTPPort alone is ignored: a parsed configuration fills in its default.
+            if reader.has("SMTPServer"):
+                raise ExitConfigError(f"[{reader.name}] SendmailCommand and SMTPServer are exclusive")
             argv = reader.get("SendmailCommand", parse_command)
             assert argv is not None
             return mta.SendmailCommand(argv, context.reactor, context.logger())

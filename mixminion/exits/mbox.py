@@ -77,9 +77,8 @@ class MBOXModule(MailModule):
             if not _MAILBOXISH.match(value):
                 self.log.warn("[Delivery/MBOX] {key} does not look like an e-mail address", key=key)
         if reader.has("MboxFile"):
-            if reader.has("SMTPServer") or reader.has("SMTPPort") or reader.has("SendmailCommand"):
-                raise ExitConfigError("[Delivery/MBOX] MboxFile excludes SMTPServer, SMTPPort "
-                                      "and SendmailCommand")
+            if reader.has("SMTPServer") or reader.has("SendmailCommand"):
+                raise ExitConfigError("[Delivery/MBOX] MboxFile excludes SMTPServer and SendmailCommand")
             mbox_path = reader.get("MboxFile", lambda v: parse_filename(v, context.base_dir))
             assert mbox_path is not None
             self.transport = MboxFile(mbox_path, context.clock, context.logger())

@@ -9,12 +9,13 @@ the same round.
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Optional
+from typing import Callable, Optional
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from mixminion.exits.items import DeliveryResult, make_delivery_item
+from mixminion.exits.items import DeliveryResult
+from mixminion.exits.registry import Dispatcher
 from mixminion.server.items import ExitItem, decode_item, encode_item
 from mixminion.server.mixing import delivery_queue
 from mixminion.server.packetstore import PacketStore
@@ -26,21 +27,19 @@ class Delivery:
 
     log = Logger()
 
-    def __init__(self, store: PacketStore, modules: Mapping[str, object], clock,
+    def __init__(self, store: PacketStore, dispatcher: Dispatcher, clock,
                  count: Callable[[str, int], None]) -> None:
         self.store = store
-        self.modules = dict(modules)
+        self.dispatcher = dispatcher
         self.clock = clock
         self.count = count
-        self._by_type: dict[int, str] = {}
-        for name, module in self.modules.items():
-            for exit_type in module.exit_types:
-                self._by_type[exit_type] = name
         self._busy: set[int] = set()
         self._flushing: Optional[defer.Deferred] = None
 
     def module_for(self, exit_type: int) -> Optional[str]:
-        return self._by_type.get(exit_type)
+        """The queue an exit payload of this type waits in (its module's)."""
+        module = self.dispatcher.module_for(exit_type)
+        return None if module is None else module.name
 
     def flush(self) -> defer.Deferred:
         """One delivery round; a round already running is not doubled."""
@@ -56,13 +55,12 @@ class Delivery:
 
     async def _round(self) -> int:
         delivered = 0
-        order = sorted(self.modules.items(), key=lambda kv: getattr(kv[1], "priority", 0))
-        for name, module in order:
-            try:
-                await defer.maybeDeferred(module.flush)
-            except Exception:
-                self.log.failure("Exit module {name} failed its periodic work", name=name)
-            delivered += await self._deliver_queue(name, module)
+        try:
+            await self.dispatcher.flush()
+        except Exception:
+            self.log.failure("Exit modules failed their periodic work")
+        for module in self.dispatcher.modules:  # ascending priority: FRAGMENT first
+            delivered += await self._deliver_queue(module.name, module)
         return delivered
 
     async def _deliver_queue(self, name: str, module) -> int:
@@ -92,36 +90,25 @@ class Delivery:
         self._busy.add(packet_id)
         try:
             payload = self.store.get(packet_id)
-            try:
-                delivery = make_delivery_item(item.exit_type, item.routing_info, payload,
-                                              item.application_key, retry.queued,
-                                              getattr(module, "uses_tag", None))
-                result = await defer.maybeDeferred(module.deliver, delivery)
-            except Exception as exc:
-                self.log.error("Exit module {name} failed on an item: {why}", name=name,
-                               why=str(exc))
-                result = DeliveryResult.NORETRY
+            # The dispatcher drops corrupt payloads and unknown types, and
+            # turns a module's crash into NORETRY; it counts each outcome.
+            result = await self.dispatcher.deliver_payload(
+                item.exit_type, item.routing_info, payload, item.application_key, retry.queued)
             if result is DeliveryResult.RETRY:
                 if retry.failed(started, self.clock.seconds()):
                     self.store.update_meta(packet_id, encode_item(
                         item, queued=retry.queued, last=retry.last_attempt))
-                    self.count(f"Retry:{name}", 1)
                 else:
                     self.store.remove_many([packet_id])
                     self.count(f"Expired:{name}", 1)
                 return False
             self.store.remove_many([packet_id])
-            if result is DeliveryResult.OK:
-                self.count(f"Delivered:{name}", 1)
-                return True
-            self.count(f"Undeliverable:{name}", 1)
-            return False
+            return result is DeliveryResult.OK
         finally:
             self._busy.discard(packet_id)
 
     def stop(self) -> defer.Deferred:
         d = self._flushing if self._flushing is not None else defer.succeed(None)
-        return d.addBoth(lambda _: defer.gatherResults(
-            [defer.maybeDeferred(m.stop) for m in self.modules.values()], consumeErrors=True))
+        return d.addBoth(lambda _: self.dispatcher.stop())
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Optional
+from typing import Callable, Optional
 
 from twisted.application import internet, service
 from twisted.internet import defer
@@ -24,6 +24,7 @@ from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.logger import Logger
 from twisted.web.server import Site
 
+from mixminion.exits.registry import Dispatcher
 from mixminion.mmtp.initiator import InitiatorSettings, MMTPClient
 from mixminion.mmtp.limits import AddressRules, ConnectionLimits
 from mixminion.mmtp.responder import responder_factory
@@ -76,6 +77,10 @@ class NodeSettings:
         return os.path.join(self.work_dir, "queues")
 
 
+def node_stats_path(settings: NodeSettings) -> str:
+    return os.path.join(settings.work_dir, "stats.json")
+
+
 def _private_dir(path: str) -> None:
     os.makedirs(path, mode=0o700, exist_ok=True)
     os.chmod(path, 0o700)
@@ -106,7 +111,7 @@ class MixNode(service.MultiService):
     log = Logger()
 
     def __init__(self, settings: NodeSettings, reactor, identity, packet_keys: Callable[[], list],
-                 modules: Mapping[str, object], *, rng=os.urandom) -> None:
+                 dispatcher: Dispatcher, *, stats: Optional[NodeStats] = None) -> None:
         super().__init__()
         self.settings = settings
         self.reactor = reactor
@@ -114,7 +119,7 @@ class MixNode(service.MultiService):
         self.packet_keys = packet_keys
         for path in (settings.base_dir, settings.work_dir, settings.queue_dir):
             _private_dir(path)
-        self.stats = NodeStats(os.path.join(settings.work_dir, "stats.json"))
+        self.stats = stats if stats is not None else NodeStats(node_stats_path(settings))
         self.store = PacketStore(os.path.join(settings.queue_dir, "packets.db"))
         self.processor = Processor(self.store, reactor, self.stats.count)
         self.sink = DurableSink(self.store, reactor, INCOMING, max_queued=settings.max_queued,
@@ -124,7 +129,7 @@ class MixNode(service.MultiService):
                                 legacy=settings.legacy_in)
         self.client = MMTPClient(reactor, InitiatorTLS(legacy=settings.legacy_out),
                                  settings.initiator, self.stats)
-        self.delivery = Delivery(self.store, modules, reactor, self.stats.count)
+        self.delivery = Delivery(self.store, dispatcher, reactor, self.stats.count)
         self.outgoing = Outgoing(self.store, self.client, settings.outgoing_retry, reactor,
                                  identity.public.keyid, self.stats.count, self.processor.kick)
         self.mixer = Mixer(self.store, make_pool(settings.mix_algorithm, settings.pool_min_size,

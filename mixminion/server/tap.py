@@ -29,7 +29,8 @@ from mixminion.server.config import (
     reloadable_differences,
 )
 from mixminion.server.keys import KeyStore
-from mixminion.server.node import MixNode, NodeSettings
+from mixminion.server.node import MixNode, NodeSettings, node_stats_path
+from mixminion.server.stats import NodeStats
 
 log = Logger()
 
@@ -196,7 +197,11 @@ def build_node(config: ServerConfig, reactor) -> service.MultiService:
         log.warn("Configuration: {problem}", problem=warning)
     server = config.server
     now = time.time()
-    context = ExitContext(base_dir=server.base_dir, clock=reactor, reactor=reactor)
+    settings = node_settings(config)
+    for path in (settings.base_dir, settings.work_dir):
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    stats = NodeStats(node_stats_path(settings))
+    context = ExitContext(base_dir=server.base_dir, clock=reactor, reactor=reactor, counters=stats)
     dispatcher = build_dispatcher(exit_sections(config), context, required=server.modules)
     keys = KeyStore(server.key_dir, server.hashlog_dir, server.identity_key_bits,
                     server.public_key_lifetime, server.public_key_overlap)
@@ -205,9 +210,9 @@ def build_node(config: ServerConfig, reactor) -> service.MultiService:
     keys.regenerate_descriptors(template, now)
     keys.ensure_keys(now, template)
     keys.rotate(now)
-    modules = {m.name: m for m in dispatcher.modules}
-    node = MixNode(node_settings(config), reactor, keys.identity,
-                   lambda: [key for key, _path in keys.packet_keys(reactor.seconds())], modules)
+    node = MixNode(settings, reactor, keys.identity,
+                   lambda: [key for key, _path in keys.packet_keys(reactor.seconds())], dispatcher,
+                   stats=stats)
     KeyService(keys, node, template, reactor).setServiceParent(node)
     ReloadService(node, config, reactor).setServiceParent(node)
     node.keys = keys

@@ -760,7 +760,7 @@ class SMTPDelivery(unittest.TestCase):
     def test_configuration_errors(self):
         for section in (
             {"Enabled": "yes"},  # no ReturnAddress
-            smtp_section(25, SendmailCommand=sys.executable),
+            smtp_section(25, SendmailCommand=sys.executable),  # with SMTPServer
             smtp_section(25, MboxFile="x"),
             smtp_section(25, Bogus="1"),
             smtp_section(0),
@@ -812,6 +812,13 @@ class SendmailCommandDelivery(unittest.TestCase):
     def test_failing_command_is_retry(self):
         result = yield self.module(75).deliver(plain_item(b"x"))
         self.assertIs(result, DeliveryResult.RETRY)
+
+    def test_port_default_does_not_conflict(self):
+        # A parsed configuration always carries SMTPPort's default.
+        module = SMTPModule()
+        module.configure({"Enabled": True, "ReturnAddress": RETURN, "SMTPPort": 25,
+                          "SendmailCommand": (sys.executable, "-c", "pass")}, self.h.context)
+        self.assertEqual(module.transport.argv, [sys.executable, "-c", "pass"])
 
     def test_command_string_is_split_not_shelled(self):
         module = SMTPModule()

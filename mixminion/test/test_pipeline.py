@@ -17,7 +17,12 @@ from mixminion.codec.build import build_forward_packet, encode_message_payloads
 from mixminion.codec.header import Hop
 from mixminion.codec.routing import MBOX_TYPE, SMTP_TYPE, HostInfo
 from mixminion.codec.rsa import PrivateKey
+from zope.interface import implementer
+
+from mixminion.exits.context import ExitContext
+from mixminion.exits.interfaces import IExitModule
 from mixminion.exits.items import DeliveryResult
+from mixminion.exits.registry import Dispatcher
 from mixminion.mmtp.initiator import ConnectionFailed, Destination
 from mixminion.server.delivery import Delivery
 from mixminion.server.items import ExitItem, RelayItem, decode_item, encode_item
@@ -197,6 +202,7 @@ class OutgoingTests(StoreTestCase):
         self.assertEqual(self.stats["ExpiredRelay"], 1)
 
 
+@implementer(IExitModule)
 class ScriptedModule:
     """An exit module whose answers the test scripts."""
 
@@ -220,13 +226,22 @@ class ScriptedModule:
     def stop(self):
         return defer.succeed(None)
 
+    def configure(self, section, context) -> None:
+        pass
+
+    def advertise(self):
+        return None
+
 
 class DeliveryTests(StoreTestCase):
     async def _deliver_scripted(self, answers, steps):
         clock = task.Clock()
         clock.advance(5000)
         module = ScriptedModule(answers)
-        delivery = Delivery(self.store, {"MBOX": module}, clock, self.stats.count)
+        dispatcher = Dispatcher(ExitContext(base_dir=self.mktemp(), clock=clock,
+                                            reactor=reactor, counters=self.stats))
+        dispatcher.add_module(module)
+        delivery = Delivery(self.store, dispatcher, clock, self.stats.count)
         [payload] = encode_message_payloads(b"to the nym\n", os.urandom)
         meta = encode_item(ExitItem(MBOX_TYPE, b"T" * 20 + b"nym", bytes(16)))
         self.store.add_many(delivery_queue("MBOX"), [payload], now=5000, meta=[meta])
@@ -242,8 +257,8 @@ class DeliveryTests(StoreTestCase):
             self.assertEqual(module.items[0].address, b"nym")
             self.assertEqual(module.items[0].tag, b"T" * 20)
             self.assertEqual(self.store.count(), 0)
-            self.assertEqual(self.stats["Retry:MBOX"], 1)
-            self.assertEqual(self.stats["Delivered:MBOX"], 1)
+            self.assertEqual(self.stats["ExitRetry:MBOX"], 1)
+            self.assertEqual(self.stats["ExitDelivered:MBOX"], 1)
 
         return defer.ensureDeferred(go())
 
@@ -251,7 +266,7 @@ class DeliveryTests(StoreTestCase):
         async def go():
             await self._deliver_scripted([DeliveryResult.NORETRY], [0])
             self.assertEqual(self.store.count(), 0)
-            self.assertEqual(self.stats["Undeliverable:MBOX"], 1)
+            self.assertEqual(self.stats["ExitFailed:MBOX"], 1)
 
         return defer.ensureDeferred(go())
 
