@@ -768,6 +768,9 @@ SCHEMA_SECTIONS: tuple[SectionSpec, ...] = (
                reload=True),
         Option("RemoveContact", STRING, "whom recipients ask to be removed; required when "
                "enabled", reload=True),
+        Option("MboxFile", FILENAME, "ours: append the mail to this local mbox file instead "
+               "of handing it to an MTA; exclusive with SMTPServer, SMTPPort and "
+               "SendmailCommand", reload=True),
     )),
     SectionSpec("Delivery/SMTP-Via-Mixmaster", "deprecated Type II bridge (§9.6)",
                 _mail_options() + (
@@ -1018,6 +1021,8 @@ class MBOXDelivery(MailDelivery):
     sendmail_command: Optional[tuple[str, ...]]
     address_file: Optional[str]
     remove_contact: Optional[str]
+    mbox_file: Optional[str]
+    mbox_file: Optional[str]
 
 
 @dataclass(frozen=True)
@@ -1322,7 +1327,8 @@ class _Builder:
         for module in ("SMTP", "MBOX"):
             section = PLUGIN_PREFIX + module
             if section in self.sections and self.get(section, "SendmailCommand") is None \
-                    and self.get(section, "SMTPServer") is None:
+                    and self.get(section, "SMTPServer") is None \
+                    and self.get(section, "MboxFile") is None:
                 self.values[section, "SMTPServer"] = "localhost"
 
 
@@ -1489,6 +1495,9 @@ def _check_mail(b: _Builder, module: str) -> None:
     if module == "SMTP" and b.get(s, "BlacklistFile") is not None:
         _check_file(b, s, "BlacklistFile")
     if module == "MBOX":
+        clashing = [k for k in ("SMTPServer", "SMTPPort", "SendmailCommand") if b.given(s, k)]
+        if b.get(s, "MboxFile") is not None and clashing:
+            raise b.error(s, "MboxFile", f"give MboxFile or {clashing[0]}, not both")
         _require(b, s, "AddressFile")
         _check_file(b, s, "AddressFile")
         _require(b, s, "RemoveContact")
