@@ -54,19 +54,25 @@ from mixminion.directory.descriptor import (
     parse_descriptor,
 )
 from mixminion.directory.textformat import SECONDS_PER_DAY, decode_time, format_date, format_time
+# one directory-fsync helper for the server (tolerates filesystems that refuse it)
+from mixminion.server.replay_log import _fsync_directory
 
 __all__ = [
     "DescriptorTemplate",
+    "InvalidKeyset",
     "KeyStore",
     "KeyStoreError",
     "Keyset",
     "LoadResult",
     "PREPUBLICATION_INTERVAL",
     "PUBLICATION_LATENCY",
+    "ROTATION_POSTPONEMENT",
     "RotationResult",
+    "fields_for",
     "keysets_needed",
     "midnight",
     "next_keyset_number",
+    "parse_hashlog_name",
     "plan_keysets",
     "schedule_problems",
     "secure_delete",
@@ -90,9 +96,6 @@ KEYSET_START_DELAY = 60
 MIDNIGHT_SLACK = 30
 #: §8.3 step 6: the node postpones a rotation this long while generation runs
 ROTATION_POSTPONEMENT = 120
-#: a key is live up to and including Valid-Until + Overlap; its removal is
-#: scheduled at the first whole second after that
-REMOVAL_DELAY = 1
 
 IDENTITY_FILE = "identity.key"
 PACKET_KEY_FILE = "mix.key"
@@ -102,6 +105,8 @@ KEYSET_PREFIX = "key_"
 HASHLOG_PREFIX = "hash_"
 _TMP_SUFFIX = ".tmp"
 _KEYSET_NAME = re.compile(r"key_(\d{4,})")
+#: a replay log and its companions: ``hash_0001``, ``hash_0001-wal``, ``hash_0001_jrnl``...
+_HASHLOG_FILE = re.compile(r"hash_(\d{4,})(\D.*)?", re.DOTALL)
 _DIR_MODE = 0o700
 _PRIVATE_MODE = 0o600
 _PUBLIC_MODE = 0o644
@@ -194,6 +199,12 @@ def hashlog_name(number: int) -> str:
     return f"{HASHLOG_PREFIX}{number:04d}"
 
 
+def parse_hashlog_name(name: str) -> Optional[int]:
+    """The keyset number a replay-log file belongs to (``hash_0012-wal`` → 12)."""
+    match = _HASHLOG_FILE.fullmatch(name)
+    return int(match.group(1)) if match else None
+
+
 def schedule_problems(intervals: Sequence[tuple[int, int]]) -> list[str]:
     """§8.3 step 7: overlaps and gaps between validity intervals.
 
@@ -223,14 +234,6 @@ def _running_reach(ordered: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 # --- files -------------------------------------------------------------------------
-
-
-def _fsync_directory(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _make_directory(path: str) -> None:
@@ -508,17 +511,19 @@ class KeyStore:
         """Read everything from disk: §3 step 9 up to generation.
 
         Creates the identity key if there is none, deletes invalid keysets
-        (§8.3 step 8) and dead ones (step 5), and reports schedule problems
-        (step 7).  Resets the live set that :meth:`rotate` compares against.
+        (§8.3 step 8), dead ones (step 5) and replay logs without a keyset,
+        and reports schedule problems (step 7).  Resets the live set that
+        :meth:`rotate` compares against.
         """
         _make_directory(self.key_dir)
         _make_directory(self.hashlog_dir)
         created = self._load_identity()
-        keysets, invalid = self._scan(now)
+        keysets, invalid = self._scan()
         with self._write_lock:
             self._keysets = keysets
             self._active = {}
         dead = self._delete_dead(now)
+        self._delete_orphan_logs()
         warnings = self._check_schedule()
         for message in warnings:
             self.warn(message)
@@ -547,7 +552,7 @@ class KeyStore:
         self._identity = key
         return False
 
-    def _scan(self, now: float) -> tuple[dict[int, Keyset], list[str]]:
+    def _scan(self) -> tuple[dict[int, Keyset], list[str]]:
         keysets: dict[int, Keyset] = {}
         invalid: list[str] = []
         for name in sorted(os.listdir(self.key_dir)):
@@ -744,8 +749,13 @@ class KeyStore:
         return [(k.packet_key, k.hashlog_path) for k in self.live_keysets(now)]
 
     def next_rotation(self, now: float) -> Optional[float]:
-        """§8.3 step 6: the next instant the live set changes (None if never)."""
-        removals = [k.valid_until + self.overlap + REMOVAL_DELAY for k in self.keysets if k.is_live(now, self.overlap)]
+        """§8.3 step 6: the next instant the live set changes (None if never).
+
+        A key is live up to and including Valid-Until + Overlap (§17.5), so
+        its removal is due at the next representable time after that, not
+        at it (which would find it still live and schedule itself again).
+        """
+        removals = [_just_after(k.valid_until + self.overlap) for k in self.keysets if k.is_live(now, self.overlap)]
         activations = [float(k.valid_after) for k in self.keysets if k.valid_after > now]
         events = removals + activations
         return min(events) if events else None
@@ -789,10 +799,9 @@ class KeyStore:
             secure_delete(path)
         _fsync_directory(self.key_dir)
 
-    def _hashlog_files(self, number: int) -> list[str]:
-        """``hash_NNNN`` and its companions (``-wal``, ``-shm``, ``-journal``,
-        the reference's ``_jrnl``), but not ``hash_NNNNN``."""
-        base = hashlog_name(number)
+    def _hashlog_files(self, number: Optional[int] = None) -> list[str]:
+        """Replay-log files (``hash_NNNN`` and the companions SQLite or the
+        reference leave beside it) of keyset ``number``, or of any keyset."""
         try:
             names = os.listdir(self.hashlog_dir)
         except FileNotFoundError:
@@ -800,8 +809,21 @@ class KeyStore:
         return [
             os.path.join(self.hashlog_dir, name)
             for name in names
-            if name == base or (name.startswith(base) and not name[len(base)].isdigit())
+            if (owner := parse_hashlog_name(name)) is not None and (number is None or owner == number)
         ]
+
+    def _delete_orphan_logs(self) -> list[str]:
+        """Replay logs whose keyset is gone (a crash between deleting the two):
+        their tags belong to destroyed keys, so they go too."""
+        orphans = [p for p in self._hashlog_files() if parse_hashlog_name(os.path.basename(p)) not in self._keysets]
+        for path in orphans:
+            secure_delete(path)
+        return orphans
+
+
+def _just_after(t: float) -> float:
+    """The smallest float greater than ``t``: the first instant past a closed interval."""
+    return math.nextafter(float(t), math.inf)
 
 
 def _read_published(path: str) -> Optional[int]:
