@@ -15,11 +15,11 @@ from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from mixminion.mmtp.interfaces import IPacketSink
 from mixminion.server.packetstore import PacketStore
+from mixminion.server.workers import stop_when_idle, worker_pool
 
 PACKET_LEN = 32768
 
@@ -54,8 +54,7 @@ class DurableSink:
         self._waiting: list[tuple[bytes, defer.Deferred]] = []
         self._writing = False
         self._queued = store.count(queue)
-        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="mixminion-store")
-        self._pool.start()
+        self._pool = worker_pool("mixminion-store")
         self._stopped = False
 
     def receivePacket(self, packet: bytes, peer: str) -> defer.Deferred:  # noqa: N802
@@ -120,14 +119,4 @@ class DurableSink:
     def stop(self) -> defer.Deferred:
         """Refuse new packets, finish the writes under way, stop the thread."""
         self._stopped = True
-        done: defer.Deferred = defer.Deferred()
-
-        def check() -> None:
-            if self._writing or self._waiting:
-                self.reactor.callLater(0.01, check)
-            else:
-                self._pool.stop()
-                done.callback(None)
-
-        check()
-        return done
+        return stop_when_idle(self.reactor, lambda: self._writing or bool(self._waiting), self._pool)

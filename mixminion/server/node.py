@@ -125,6 +125,7 @@ class MixNode(service.MultiService):
         self.sink = DurableSink(self.store, reactor, INCOMING, max_queued=settings.max_queued,
                                 min_free_bytes=settings.min_free_disk,
                                 on_stored=self.processor.kick)
+        self.processor.on_drained = self.sink.removed
         self.tls = ResponderTLS(identity, settings.nickname, clock=reactor,
                                 legacy=settings.legacy_in)
         self.client = MMTPClient(reactor, InitiatorTLS(legacy=settings.legacy_out),

@@ -17,7 +17,6 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 
 from mixminion.mmtp.initiator import Destination, MMTPClient
 from mixminion.server.items import RelayItem, decode_item
@@ -25,6 +24,7 @@ from mixminion.server.mixing import OUT
 from mixminion.server.packetstore import PacketStore
 from mixminion.server.processing import INCOMING
 from mixminion.server.schedule import AddressRetryState
+from mixminion.server.workers import stop_when_idle, worker_pool
 
 _STATE_KEY = "outgoing-address-state"
 
@@ -51,8 +51,7 @@ class Outgoing:
         self.addresses: dict[Destination, AddressRetryState] = self._load_states()
         self._done: list[int] = []
         self._writing = False
-        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="mixminion-outgoing")
-        self._pool.start()
+        self._pool = worker_pool("mixminion-outgoing")
 
     # --- address retry state, kept across restarts ---------------------------
 
@@ -154,14 +153,4 @@ class Outgoing:
         d.addBoth(written)
 
     def stop(self) -> defer.Deferred:
-        done: defer.Deferred = defer.Deferred()
-
-        def check() -> None:
-            if self._writing or self._done:
-                self.reactor.callLater(0.01, check)
-            else:
-                self._pool.stop()
-                done.callback(None)
-
-        check()
-        return done
+        return stop_when_idle(self.reactor, lambda: self._writing or bool(self._done), self._pool)

@@ -15,7 +15,6 @@ from typing import Callable, Optional, Sequence
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.threadpool import ThreadPool
 
 from mixminion.codec.process import Drop, Exit, PacketProcessor, Reject, Relay
 from mixminion.codec.routing import PING_TYPE
@@ -23,6 +22,7 @@ from mixminion.codec.rsa import PrivateKey
 from mixminion.server.items import ExitItem, RelayItem, encode_item
 from mixminion.server.packetstore import PacketStore
 from mixminion.server.store_replay import StoreReplayLog
+from mixminion.server.workers import worker_pool
 
 INCOMING = "incoming"
 MIX = "mix"
@@ -34,16 +34,17 @@ class Processor:
     log = Logger()
 
     def __init__(self, store: PacketStore, reactor, count: Callable[[str, int], None],
-                 batch_size: int = 16) -> None:
+                 batch_size: int = 16, on_drained: Optional[Callable[[int], None]] = None) -> None:
         self.store = store
+        #: told how many packets left the incoming queue (the sink bounds it)
+        self.on_drained = on_drained
         self.reactor = reactor
         self.count = count
         self.batch_size = batch_size
         self._processor: Optional[PacketProcessor] = None
         self._running = False
         self._again = False
-        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="mixminion-processing")
-        self._pool.start()
+        self._pool = worker_pool("mixminion-processing")
         self.idle: defer.Deferred = defer.succeed(None)
 
     def set_keys(self, keys: Sequence[PrivateKey]) -> None:
@@ -72,6 +73,7 @@ class Processor:
             if not ids:
                 return totals
             totals.update(self._process_batch(processor, ids))
+            totals["_drained"] += len(ids)
 
     def _process_batch(self, processor: PacketProcessor, ids: list[int]) -> Counter:
         counts: Counter = Counter()
@@ -103,6 +105,9 @@ class Processor:
 
     def _done(self, counts: Counter) -> None:
         self._running = False
+        drained = counts.pop("_drained", 0)
+        if drained and self.on_drained is not None:
+            self.on_drained(drained)
         for name, n in counts.items():
             self.count(name, n)
         if sum(n for name, n in counts.items() if name.startswith("Rejected:")):

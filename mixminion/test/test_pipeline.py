@@ -278,3 +278,23 @@ class DeliveryTests(StoreTestCase):
             self.assertEqual(self.stats["Expired:MBOX"], 1)
 
         return defer.ensureDeferred(go())
+
+
+class SinkBoundTests(StoreTestCase):
+    def test_a_full_incoming_queue_refuses_until_processing_drains_it(self) -> None:
+        from mixminion.server.durable import DurableSink, SinkRefused
+
+        sink = DurableSink(self.store, reactor, INCOMING, max_queued=2)
+        self.addCleanup(sink.stop)
+
+        async def go():
+            await sink.receivePacket(b"a" * 32768, "peer")
+            await sink.receivePacket(b"b" * 32768, "peer")
+            with self.assertRaises(SinkRefused):
+                await sink.receivePacket(b"c" * 32768, "peer")
+            self.assertEqual(sink.refused, 1)
+            sink.removed(1)
+            await sink.receivePacket(b"d" * 32768, "peer")
+            self.assertEqual(self.store.count(INCOMING), 3)
+
+        return defer.ensureDeferred(go())
