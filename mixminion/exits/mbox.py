@@ -62,7 +62,9 @@ class MBOXModule(MailModule):
         self.remove_contact = ""
 
     def _configure_more(self, reader: SectionReader, context: ExitContext) -> None:
-        if reader.has("FromTag"):
+        # The node passes every option with its default filled in, so only
+        # a FromTag other than the default one is worth a warning.
+        if reader.get("FromTag", parse_text) not in (None, DEFAULT_FROM_TAG):
             self.log.warn("[Delivery/MBOX] FromTag is ignored: MBOX mail always uses [Anon]")
         path = reader.require("AddressFile", lambda v: parse_filename(v, context.base_dir))
         try:

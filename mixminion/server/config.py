@@ -1022,7 +1022,6 @@ class MBOXDelivery(MailDelivery):
     address_file: Optional[str]
     remove_contact: Optional[str]
     mbox_file: Optional[str]
-    mbox_file: Optional[str]
 
 
 @dataclass(frozen=True)

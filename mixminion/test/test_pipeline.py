@@ -99,8 +99,7 @@ class ProcessorTests(StoreTestCase):
         """Replay entries and results commit together, or not at all."""
         packet = _packet()
         self.store.add_many(INCOMING, [packet])
-        processor = Processor(self.store, reactor, self.stats.count)
-        processor.set_keys([_key(0)])
+        processor = Processor(self.store, reactor, self.stats.count)  # no keys: no worker run
         original = self.store.remove_many
 
         def broken(ids):
