@@ -220,8 +220,9 @@ class MixNode(service.MultiService):
         self.mixer.stop()
         await self.sink.stop()
         await self.processor.stop()
+        outgoing_stopped = self.outgoing.stop()  # before the close aborts its sends
         await self.client.close()
-        await self.outgoing.stop()
+        await outgoing_stopped
         await self.delivery.stop()
         self.stats.save()
         self.store.close()

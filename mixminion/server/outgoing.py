@@ -51,6 +51,9 @@ class Outgoing:
         self.addresses: dict[Destination, AddressRetryState] = self._load_states()
         self._done: list[int] = []
         self._writing = False
+        #: set by :meth:`stop`: sends aborted by our own shutdown are not the
+        #: next hop's failures and must not delay its packets after a restart
+        self.stopping = False
         self._pool = worker_pool("mixminion-outgoing")
 
     # --- address retry state, kept across restarts ---------------------------
@@ -128,6 +131,8 @@ class Outgoing:
 
     def _failed(self, failure: Failure, packet_id: int, dest: Destination, started: float) -> None:
         self.in_flight.discard(packet_id)
+        if self.stopping:
+            return
         self._state(dest).failed(started)
         self._save_states()
         self.count("RelayFailed", 1)
@@ -153,4 +158,6 @@ class Outgoing:
         d.addBoth(written)
 
     def stop(self) -> defer.Deferred:
+        """Call before closing the MMTP client; fires once removals are written."""
+        self.stopping = True
         return stop_when_idle(self.reactor, lambda: self._writing or bool(self._done), self._pool)

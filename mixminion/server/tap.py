@@ -29,7 +29,9 @@ from mixminion.server.config import (
     reloadable_differences,
 )
 from mixminion.server.keys import KeyStore
+from mixminion.server.logfilter import apply_log_level
 from mixminion.server.node import MixNode, NodeSettings, node_stats_path
+from mixminion.server.publish import publisher_for
 from mixminion.server.stats import NodeStats
 
 log = Logger()
@@ -115,6 +117,8 @@ class KeyService(service.Service):
         self.keys, self.node, self.template, self.reactor = keys, node, template, reactor
         self._call = None
         self._busy = False
+        #: called after each generation/rotation run (the publisher)
+        self.listeners: list = []
 
     def startService(self) -> None:  # noqa: N802
         super().startService()
@@ -148,6 +152,8 @@ class KeyService(service.Service):
         for keyset in getattr(result, "removed", ()):
             self.node.store.forget_replay_log(keyset.packet_key.public.keyid)
         log.info("Packet keys rotated")
+        for listener in self.listeners:
+            listener()
 
     def _done(self, _):
         self._busy = False
@@ -162,6 +168,8 @@ class ReloadService(service.Service):
     def __init__(self, node: MixNode, config: ServerConfig, reactor) -> None:
         self.node, self.config, self.reactor = node, config, reactor
         self._previous = None
+        #: called on every SIGHUP, whatever the configuration says (the publisher)
+        self.listeners: list = []
 
     def startService(self) -> None:  # noqa: N802
         super().startService()
@@ -174,6 +182,8 @@ class ReloadService(service.Service):
             signal.signal(signal.SIGHUP, self._previous)
 
     def reload(self) -> None:
+        for listener in self.listeners:
+            listener()
         try:
             new = load_config(self.config.filename)
         except (ConfigError, OSError) as exc:
@@ -213,8 +223,15 @@ def build_node(config: ServerConfig, reactor) -> service.MultiService:
     node = MixNode(settings, reactor, keys.identity,
                    lambda: [key for key, _path in keys.packet_keys(reactor.seconds())], dispatcher,
                    stats=stats)
-    KeyService(keys, node, template, reactor).setServiceParent(node)
-    ReloadService(node, config, reactor).setServiceParent(node)
+    key_service = KeyService(keys, node, template, reactor)
+    key_service.setServiceParent(node)
+    reload_service = ReloadService(node, config, reactor)
+    reload_service.setServiceParent(node)
+    publisher = publisher_for(config.directory, keys, reactor)
+    if publisher is not None:
+        publisher.setServiceParent(node)
+        key_service.listeners.append(lambda: publisher.kick("new keys"))
+        reload_service.listeners.append(lambda: publisher.kick("SIGHUP"))
     node.keys = keys
     return node
 
@@ -228,4 +245,5 @@ def makeService(options: Mapping[str, Any]) -> service.IService:  # noqa: N802
         raise SystemExit(f"mixminion: {exc}") from None
     except OSError as exc:
         raise SystemExit(f"mixminion: cannot read {options['config']}: {exc.strerror}") from None
+    apply_log_level(config.server.log_level)
     return build_node(config, reactor)
