@@ -20,7 +20,7 @@ from typing import Callable, Optional, Sequence
 
 from twisted.application import service
 from twisted.internet import defer
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from mixminion.directory.http import HTTPClient, Response, join_url
@@ -63,7 +63,7 @@ Uploader = Callable[[str, str], "defer.Deferred[UploadResult]"]
 
 def http_uploader(client: HTTPClient) -> Uploader:
     """POST ``desc`` to ``<authority URL>/publish``."""
-    def upload(url: str, text: str) -> defer.Deferred[UploadResult]:
+    def upload(url: str, text: str) -> defer.Deferred:
         d = client.post_form(join_url(url, "publish"), {"desc": text})
         d.addCallback(parse_answer)
         d.addErrback(lambda f: UploadResult(False, f.getErrorMessage() or f.type.__name__, error=True))
@@ -82,17 +82,20 @@ class Publisher(service.Service):
     """Publishes unpublished keysets to ``authorities`` (``(url, fingerprint)``)."""
 
     def __init__(self, keys: KeyStore, authorities: Sequence[tuple[str, str]], clock: IReactorTime,
-                 uploader: Uploader, rng: Callable[[], float] = random.SystemRandom().random) -> None:
+                 uploader: Uploader, rng: Callable[[], float] = random.SystemRandom().random,
+                 close: Optional[Callable[[], object]] = None) -> None:
         self.keys = keys
         self.authorities = [(url, fp) for url, fp in authorities]
         self.clock = clock
         self.upload = uploader
         self.rng = rng
+        #: releases the uploader's connections when the service stops
+        self.close = close
         #: keyset number -> fingerprints of authorities that accepted its current descriptor
         self.accepted: dict[int, set[str]] = {}
         self._accepted_digest: dict[int, bytes] = {}
         self.failures = 0
-        self._retry = None
+        self._retry: Optional[IDelayedCall] = None
         self._running: Optional[defer.Deferred] = None
         self._again = False
 
@@ -105,9 +108,12 @@ class Publisher(service.Service):
         self.kick("start-up")
 
     def stopService(self):  # noqa: N802
+        """Stop at once: a pending upload is cancelled (and retried at next start)."""
         super().stopService()
         self._cancel_retry()
-        return self._running if self._running is not None else None
+        if self._running is not None:
+            self._running.cancel()
+        return defer.maybeDeferred(self.close) if self.close is not None else None
 
     def _cancel_retry(self) -> None:
         if self._retry is not None and self._retry.active():
@@ -198,4 +204,5 @@ def publisher_for(directory, keys: KeyStore, reactor) -> Optional[Publisher]:
     if not directory.publish or not directory.authorities:
         return None
     authorities = [(a.url, a.fingerprint) for a in directory.authorities]
-    return Publisher(keys, authorities, reactor, http_uploader(HTTPClient(reactor, timeout=60.0)))
+    client = HTTPClient(reactor, timeout=60.0)
+    return Publisher(keys, authorities, reactor, http_uploader(client), close=client.close)

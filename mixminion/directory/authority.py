@@ -1,0 +1,357 @@
+"""A directory authority's descriptor store (descriptors.md §7.3, §5.5).
+
+Servers upload descriptors; the authority keeps what passes every check,
+one file per descriptor, and votes on the current ones.  Everything an
+authority will put its signature under enters through
+:meth:`AuthorityStore.accept_upload`, whether a server uploaded it or a
+peer authority had it, so the same rules apply to both.
+
+Admission of new servers (the reference required a human to edit a vote
+file for every new server, which nobody did; we default to the opposite):
+
+* ``auto`` (default): any valid descriptor is voted for, as long as its
+  nickname is free or already belongs to its identity key.
+* ``manual``: only identities marked ``yes`` in the vote file are voted
+  for; others are stored and reported as "queued pending manual checking",
+  and appended to the vote file as ``#abstain`` lines for the operator.
+
+In both modes an optional vote file (§7.3 syntax, one
+``[#]yes|no|abstain|ignore NICKNAME FINGERPRINT`` per line) can pin a
+nickname to a key (``yes``), keep a server out of our votes (``no``) or
+drop its uploads silently (``ignore``).
+
+On disk, under the authority's base directory::
+
+    descriptors/<base64url(digest), no padding>   current descriptors
+    archive/<same name>                           superseded or expired
+    held/<same name>                              refused nickname claims, for inspection
+    nicknames                                     "nickname FINGERPRINT" per line, first claim wins
+
+No Twisted here; the clock is the ``now`` argument of every call.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from mixminion.directory.descriptor import DescriptorError, ServerDescriptor, parse_descriptor
+from mixminion.directory.directory import MAX_FUTURE, is_superseded
+from mixminion.directory.textformat import SECONDS_PER_DAY, TextFormatError, format_date, format_time
+
+__all__ = [
+    "ADMISSION_MODES",
+    "AuthorityStore",
+    "MAX_DESCRIPTOR_SIZE",
+    "VoteFile",
+    "atomic_write",
+    "digest_name",
+]
+
+#: largest upload we parse; real descriptors are 2-4 KB (Comments <= 1 KB)
+MAX_DESCRIPTOR_SIZE = 32 * 1024
+#: archived descriptors are deleted this long after they expire
+ARCHIVE_RETENTION = 30 * SECONDS_PER_DAY
+ADMISSION_MODES = ("auto", "manual")
+VOTES = ("yes", "no", "abstain", "ignore")
+
+_DESCRIPTORS, _ARCHIVE, _HELD, _NICKNAMES = "descriptors", "archive", "held", "nicknames"
+_TMP = ".tmp"
+_NAME = re.compile(r"[A-Za-z0-9_-]{27}")
+_VOTE_LINE = re.compile(r"(#?)\s*(yes|no|abstain|ignore)\s+([A-Za-z][A-Za-z0-9-]*)\s+([0-9A-Fa-f ]+)")
+
+
+def digest_name(digest: bytes) -> str:
+    """File name of a descriptor: base64url of its digest, no padding (27 chars)."""
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+
+
+def atomic_write(path: str, data: bytes, mode: int = 0o644) -> None:
+    """Temp file, fsync, rename: a crash leaves the old file or the new one."""
+    tmp = path + _TMP
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class Vote:
+    vote: str
+    nickname: str
+    fingerprint: str
+    decided: bool  # False for "#vote" lines: seen, no decision yet
+
+
+class VoteFile:
+    """The operator's §7.3 vote file; missing file = no votes.
+
+    Re-read when its mtime changes, so the operator can edit it live.
+    """
+
+    def __init__(self, path: Optional[str]) -> None:
+        self.path = path
+        self._mtime: Optional[float] = None
+        self._votes: dict[str, Vote] = {}
+
+    def _refresh(self) -> None:
+        if self.path is None:
+            return
+        try:
+            mtime = os.stat(self.path).st_mtime
+        except FileNotFoundError:
+            self._votes, self._mtime = {}, None
+            return
+        if mtime == self._mtime:
+            return
+        votes: dict[str, Vote] = {}
+        with open(self.path, encoding="ascii", errors="replace") as f:
+            for line in f:
+                match = _VOTE_LINE.fullmatch(line.strip())
+                if match is None:
+                    continue
+                hashed, vote, nickname, fp = match.groups()
+                fingerprint = "".join(fp.split()).upper()
+                if len(fingerprint) == 40:
+                    decided = not hashed
+                    if decided or fingerprint not in votes:
+                        votes[fingerprint] = Vote(vote, nickname, fingerprint, decided)
+        self._votes, self._mtime = votes, mtime
+
+    def get(self, fingerprint: str) -> Optional[Vote]:
+        self._refresh()
+        vote = self._votes.get(fingerprint)
+        return vote if vote is not None and vote.decided else None
+
+    def known(self, fingerprint: str) -> bool:
+        self._refresh()
+        return fingerprint in self._votes
+
+    def owner_of(self, nickname: str) -> Optional[str]:
+        """The fingerprint a ``yes`` line binds ``nickname`` to."""
+        self._refresh()
+        lowered = nickname.lower()
+        for vote in self._votes.values():
+            if vote.decided and vote.vote == "yes" and vote.nickname.lower() == lowered:
+                return vote.fingerprint
+        return None
+
+    def append_pending(self, descriptor: ServerDescriptor, now: float) -> None:
+        """Tell the operator about a new server, as the reference did."""
+        if self.path is None or self.known(descriptor.fingerprint):
+            return
+        block = (f"#   Added {format_time(int(now))} [GMT]:\n"
+                 f"#abstain {descriptor.nickname} {descriptor.fingerprint}\n")
+        with open(self.path, "a", encoding="ascii") as f:
+            f.write(block)
+        self._mtime = None
+
+
+Log = Callable[[str, str], None]  # (level, message)
+
+
+class AuthorityStore:
+    """Received descriptors on disk, with the checks that let them in."""
+
+    def __init__(
+        self,
+        base_dir: str,
+        now: float,
+        *,
+        admission: str = "auto",
+        vote_file: Optional[str] = None,
+        max_size: int = MAX_DESCRIPTOR_SIZE,
+        #: the consensus drops descriptors starting later than this (§7.2 step 4)
+        max_future: int = MAX_FUTURE,
+        log: Optional[Log] = None,
+    ) -> None:
+        if admission not in ADMISSION_MODES:
+            raise ValueError(f"admission must be one of {', '.join(ADMISSION_MODES)}, not {admission!r}")
+        self.base_dir = base_dir
+        self.admission = admission
+        self.votes = VoteFile(vote_file)
+        self.max_size = max_size
+        self.max_future = max_future
+        self.log: Log = log or (lambda level, message: None)
+        for name in (_DESCRIPTORS, _ARCHIVE, _HELD):
+            os.makedirs(os.path.join(base_dir, name), mode=0o700, exist_ok=True)
+        self._nicknames = self._read_nicknames()
+        self._current: dict[bytes, ServerDescriptor] = {}
+        self._load(now)
+
+    # --- paths ----------------------------------------------------------------
+
+    def _path(self, where: str, digest: bytes) -> str:
+        return os.path.join(self.base_dir, where, digest_name(digest))
+
+    @property
+    def nickname_file(self) -> str:
+        return os.path.join(self.base_dir, _NICKNAMES)
+
+    # --- the nickname table --------------------------------------------------------
+
+    def _read_nicknames(self) -> dict[str, str]:
+        table: dict[str, str] = {}
+        try:
+            with open(self.nickname_file, encoding="ascii") as f:
+                for line in f:
+                    parts = line.split()
+                    if len(parts) == 2:
+                        table.setdefault(parts[0].lower(), parts[1].upper())
+        except FileNotFoundError:
+            pass
+        return table
+
+    def _bind(self, nickname: str, fingerprint: str) -> None:
+        if self._nicknames.get(nickname.lower()) == fingerprint:
+            return
+        self._nicknames[nickname.lower()] = fingerprint
+        text = "".join(f"{n} {fp}\n" for n, fp in sorted(self._nicknames.items()))
+        atomic_write(self.nickname_file, text.encode("ascii"), 0o600)
+
+    def owner_of(self, nickname: str) -> Optional[str]:
+        """Fingerprint of the identity that owns ``nickname`` (vote file first)."""
+        return self.votes.owner_of(nickname) or self._nicknames.get(nickname.lower())
+
+    # --- loading -----------------------------------------------------------------
+
+    def _load(self, now: float) -> None:
+        directory = os.path.join(self.base_dir, _DESCRIPTORS)
+        for name in sorted(os.listdir(directory)):
+            path = os.path.join(directory, name)
+            if name.endswith(_TMP):
+                os.unlink(path)
+                continue
+            try:
+                with open(path, "rb") as f:
+                    descriptor = parse_descriptor(f.read(), now, check_validity=False)
+            except (OSError, DescriptorError, TextFormatError) as exc:
+                self.log("warn", f"stored descriptor {name} is unusable ({exc}); archived")
+                os.replace(path, os.path.join(self.base_dir, _ARCHIVE, name))
+                continue
+            self._current[descriptor.digest] = descriptor
+        self.housekeeping(now)
+
+    # --- uploads -------------------------------------------------------------------
+
+    def accept_upload(self, text: str | bytes, now: float, *, source: str = "upload") -> tuple[bool, str]:
+        """Validate and store one descriptor; ``(accepted, message for the uploader)``.
+
+        ``accepted`` is what the publication protocol reports as ``Status``.
+        """
+        if len(text) > self.max_size:
+            return False, f"Descriptor is {len(text)} bytes; this authority accepts at most {self.max_size}."
+        try:
+            descriptor = parse_descriptor(text, now, check_validity=False)
+        except DescriptorError as exc:
+            return False, f"Invalid descriptor: {exc}"
+        fingerprint = descriptor.fingerprint
+        where = f"{descriptor.nickname} ({fingerprint}, from {source})"
+        if descriptor.valid_until < now:
+            return False, (
+                f"Descriptor expired at {format_date(descriptor.valid_until)} GMT; this authority's time is "
+                f"{format_time(int(now))} GMT. Is your clock right?"
+            )
+        if descriptor.valid_after > now + self.max_future:
+            return False, (
+                f"Descriptor starts {format_date(descriptor.valid_after)}, more than "
+                f"{self.max_future // SECONDS_PER_DAY} days after this authority's time "
+                f"{format_time(int(now))} GMT. Is your clock right?"
+            )
+        vote = self.votes.get(fingerprint)
+        if vote is not None and vote.vote == "ignore":
+            self.log("info", f"ignored descriptor of {where}: vote file says ignore")
+            return True, "Accepted."
+        owner = self.owner_of(descriptor.nickname)
+        if owner is not None and owner != fingerprint:
+            self._hold(descriptor)
+            self.log("warn", f"refused descriptor of {where}: nickname belongs to {owner}")
+            return False, (
+                f"The nickname {descriptor.nickname} already belongs to a server with identity {owner}; "
+                f"this descriptor has identity {fingerprint}. Choose another nickname."
+            )
+        if descriptor.digest in self._current:
+            return True, "Already have this descriptor."
+        self._bind(descriptor.nickname, fingerprint)
+        self._store(descriptor)
+        self._archive_superseded(descriptor.nickname)
+        if descriptor.digest not in self._current:
+            self.log("info", f"descriptor of {where} is already superseded; archived")
+            return True, "Accepted (already superseded by a newer descriptor)."
+        self.log("info", f"accepted descriptor {digest_name(descriptor.digest)} of {where}")
+        if self.admission == "manual" and vote is None:
+            self.votes.append_pending(descriptor, now)
+            return True, "Server queued pending manual checking."
+        return True, "Accepted."
+
+    def _store(self, descriptor: ServerDescriptor) -> None:
+        atomic_write(self._path(_DESCRIPTORS, descriptor.digest), descriptor.text.encode("ascii"))
+        self._current[descriptor.digest] = descriptor
+
+    def _hold(self, descriptor: ServerDescriptor) -> None:
+        atomic_write(self._path(_HELD, descriptor.digest), descriptor.text.encode("ascii"))
+
+    def _archive(self, descriptor: ServerDescriptor) -> None:
+        source = self._path(_DESCRIPTORS, descriptor.digest)
+        if os.path.exists(source):
+            os.replace(source, self._path(_ARCHIVE, descriptor.digest))
+        self._current.pop(descriptor.digest, None)
+
+    def _archive_superseded(self, nickname: str) -> None:
+        same = [d for d in self._current.values() if d.nickname.lower() == nickname.lower()]
+        for descriptor in same:
+            if is_superseded(descriptor, same):
+                self._archive(descriptor)
+
+    # --- reading -----------------------------------------------------------------
+
+    def has(self, digest: bytes) -> bool:
+        return digest in self._current
+
+    def all(self) -> list[ServerDescriptor]:
+        """Everything stored (current and future, admitted or not)."""
+        return sorted(self._current.values(), key=lambda d: (d.nickname.lower(), d.valid_after, d.digest))
+
+    def admitted(self, descriptor: ServerDescriptor) -> bool:
+        """Whether our votes include this server (see the module docstring)."""
+        vote = self.votes.get(descriptor.fingerprint)
+        if vote is not None:
+            return vote.vote == "yes" or (vote.vote == "abstain" and self.admission == "auto")
+        return self.admission == "auto"
+
+    def descriptors(self, now: float) -> list[ServerDescriptor]:
+        """What we vote for: unexpired, not superseded, admitted."""
+        return [d for d in self.all() if d.valid_until >= now and self.admitted(d)]
+
+    # --- housekeeping ----------------------------------------------------------------
+
+    def housekeeping(self, now: float) -> int:
+        """Archive expired and superseded descriptors; forget old archives.
+        Returns how many descriptors left the current set."""
+        before = len(self._current)
+        for descriptor in list(self._current.values()):
+            if descriptor.valid_until < now:
+                self._archive(descriptor)
+        for nickname in {d.nickname.lower() for d in self._current.values()}:
+            self._archive_superseded(nickname)
+        self._prune_archive(now)
+        return before - len(self._current)
+
+    def _prune_archive(self, now: float) -> None:
+        for where in (_ARCHIVE, _HELD):
+            directory = os.path.join(self.base_dir, where)
+            for name in os.listdir(directory):
+                path = os.path.join(directory, name)
+                try:
+                    if os.stat(path).st_mtime < now - ARCHIVE_RETENTION:
+                        os.unlink(path)
+                except FileNotFoundError:
+                    pass

@@ -1,0 +1,75 @@
+"""``twistd mixminion-directory -c authority.conf``: a directory authority.
+
+Reads the configuration, loads (or on first start creates) the identity
+key under ``BaseDir``, and returns the authority's service.  The first
+start logs the fingerprint: it goes into every authority's ``Peer`` list
+and every server's ``[DirectoryServers] Authority`` line.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from twisted.application import service
+from twisted.logger import Logger
+from twisted.python import usage
+
+from mixminion.codec.rsa import PrivateKey
+from mixminion.directory.authconfig import load_authority_config
+from mixminion.directory.authority import atomic_write
+from mixminion.directory.http import HTTPClient
+from mixminion.directory.service import Authority, AuthorityService, AuthoritySettings
+from mixminion.server.config import ConfigError
+
+log = Logger()
+IDENTITY_FILE = "identity.key"
+
+
+class Options(usage.Options):
+    synopsis = "-c authority.conf"
+    longdesc = "Run a Type III (Mixminion) directory authority."
+    optParameters = [["config", "c", None, "the authority's configuration file"]]
+
+    def postOptions(self) -> None:  # noqa: N802
+        if not self["config"]:
+            raise usage.UsageError("a configuration file is required: -c authority.conf")
+
+
+def load_identity(path: str, bits: int) -> PrivateKey:
+    """The authority's signing key; created 0600 on first start, never replaced."""
+    if not os.path.exists(path):
+        key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                                serialization.NoEncryption())
+        atomic_write(path, pem, 0o600)
+        identity = PrivateKey(key)
+        log.info("Created identity key; fingerprint {fp}", fp=identity.public.fingerprint)
+        return identity
+    with open(path, "rb") as f:
+        loaded = serialization.load_pem_private_key(f.read(), password=None)
+    if not isinstance(loaded, rsa.RSAPrivateKey):
+        raise SystemExit(f"mixminion-directory: {path} is not an RSA key")
+    return PrivateKey(loaded)
+
+
+def build_authority(settings: AuthoritySettings, reactor) -> AuthorityService:
+    os.makedirs(settings.base_dir, mode=0o700, exist_ok=True)
+    identity = load_identity(os.path.join(settings.base_dir, IDENTITY_FILE), settings.identity_key_bits)
+    timeout = max(1.0, min(30.0, settings.vote_interval / 3 * 0.8))
+    authority = Authority(settings, identity, reactor, HTTPClient(reactor, timeout=timeout))
+    log.info("Authority {nick} ({fp}): {n} authorities, threshold {t}",
+             nick=settings.nickname, fp=authority.fingerprint, n=len(authority.voters), t=authority.threshold)
+    return AuthorityService(authority, reactor)
+
+
+def makeService(options: Mapping[str, Any]) -> service.IService:  # noqa: N802
+    from twisted.internet import reactor
+
+    try:
+        settings = load_authority_config(os.path.abspath(options["config"]))
+    except ConfigError as exc:
+        raise SystemExit(f"mixminion-directory: {exc}") from None
+    return build_authority(settings, reactor)
