@@ -1,0 +1,7 @@
+"""The client side of mixminion: what the ``mixminion-client`` command uses.
+
+:mod:`mixminion.client.directory` is the client's view of the network: the
+directory downloaded from the authorities, checked against pinned
+authority fingerprints, cached on disk, plus descriptors imported by hand
+(client.md §8, descriptors.md §8).
+"""
