@@ -12,14 +12,13 @@ import shutil
 from typing import Optional
 
 from twisted.internet import defer
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mixminion.mmtp.interfaces import IPacketSink
 from mixminion.server.packetstore import PacketStore
-from mixminion.server.workers import stop_when_idle, worker_pool
+from mixminion.server.workers import run_in, stop_when_idle, worker_pool
 
 PACKET_LEN = 32768
 
@@ -92,7 +91,7 @@ class DurableSink:
         del self._waiting[:self.max_batch]
         self._writing = True
         now = self.reactor.seconds()
-        d = deferToThreadPool(self.reactor, self._pool, self.store.add_many,
+        d = run_in(self.reactor, self._pool, self.store.add_many,
                               self.queue, [p for p, _ in batch], now)
         d.addBoth(self._written, batch)
 

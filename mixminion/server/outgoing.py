@@ -14,7 +14,6 @@ from typing import Callable
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -24,7 +23,7 @@ from mixminion.server.mixing import OUT
 from mixminion.server.packetstore import PacketStore
 from mixminion.server.processing import INCOMING
 from mixminion.server.schedule import AddressRetryState
-from mixminion.server.workers import stop_when_idle, worker_pool
+from mixminion.server.workers import run_in, stop_when_idle, worker_pool
 
 _STATE_KEY = "outgoing-address-state"
 
@@ -144,7 +143,7 @@ class Outgoing:
             return
         batch, self._done = self._done, []
         self._writing = True
-        d = deferToThreadPool(self.reactor, self._pool, self.store.remove_many, batch)
+        d = run_in(self.reactor, self._pool, self.store.remove_many, batch)
 
         def written(result):
             self._writing = False

@@ -5,14 +5,25 @@ from __future__ import annotations
 from typing import Callable
 
 from twisted.internet import defer
+from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
 
 def worker_pool(name: str) -> ThreadPool:
-    """A started pool of one thread: writes to one store stay in order."""
-    pool = ThreadPool(minthreads=1, maxthreads=1, name=name)
-    pool.start()
-    return pool
+    """A pool of one thread, so writes to one store stay in order.
+
+    It is started by its first :func:`run_in`, not here: twistd builds the
+    service tree before it forks into a daemon, and threads do not survive
+    a fork.
+    """
+    return ThreadPool(minthreads=1, maxthreads=1, name=name)
+
+
+def run_in(reactor, pool: ThreadPool, fn: Callable, *args) -> defer.Deferred:
+    """``deferToThreadPool``, starting the pool on first use."""
+    if not pool.started:
+        pool.start()
+    return deferToThreadPool(reactor, pool, fn, *args)
 
 
 def stop_when_idle(reactor, busy: Callable[[], bool], pool: ThreadPool) -> defer.Deferred:
@@ -24,7 +35,8 @@ def stop_when_idle(reactor, busy: Callable[[], bool], pool: ThreadPool) -> defer
         if busy():
             reactor.callLater(0.01, check)
         else:
-            pool.stop()
+            if pool.started:
+                pool.stop()
             done.callback(None)
 
     check()
