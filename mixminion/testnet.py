@@ -2,9 +2,9 @@
 
 ::
 
-    mixminion-testnet up [--nodes N] [--mta HOST:PORT] [DIR]
+    mixminion-testnet up [--nodes N] [--mta HOST:PORT] [--blacklist FILE] [DIR]
     mixminion-testnet status [DIR]
-    mixminion-testnet demo [--nodes N] [--mta HOST:PORT] [DIR]
+    mixminion-testnet demo [--nodes N] [--mta HOST:PORT] [--blacklist FILE] [DIR]
     mixminion-testnet down [--purge] [DIR]
 
 ``up`` writes keys and configurations for three directory authorities and
@@ -13,11 +13,13 @@ N mix nodes (default 5) on free loopback ports, starts each as a daemonized
 authority serves a consensus, signed by at least two of them, that lists
 every node.  Mail leaves the network through an SMTP sink of ours
 (:mod:`mixminion.smtpsink`, one file per message in ``DIR/mail/``) unless
-``--mta`` names a real mail server.  Every node delivers ``mbox:me`` into
+``--mta`` names a real mail server; ``--blacklist FILE`` gives the SMTP
+exits that ``BlacklistFile`` (``deny ...`` lines, see
+:mod:`mixminion.exits.blacklist`).  Every node delivers ``mbox:me`` into
 the mbox file ``DIR/mbox``; the exit nodes (the second half) also deliver
-by SMTP and reassemble fragments.  Mixing is Timed with a 1-second interval
-and the authorities vote every 3 seconds, so everything happens fast -- and
-insecurely, which the nodes' descriptors say.
+by SMTP and reassemble fragments (messages up to 1 MB).  Mixing is Timed
+with a 1-second interval and the authorities vote every 3 seconds, so
+everything happens fast -- and insecurely, which the nodes' descriptors say.
 
 ``DIR`` defaults to ``$MIXMINION_TESTNET_DIR`` or ``~/.mixminion-testnet``;
 ``DIR/testnet.json`` describes the network for ``status``, ``down`` and
@@ -171,6 +173,7 @@ class Network:
     directory: str
     procs: list[Proc] = field(default_factory=list)
     mta: Optional[str] = None  # "HOST:PORT" of a real MTA, or None for our sink
+    blacklist: Optional[str] = None  # the SMTP exits' BlacklistFile (absolute), or None
 
     @property
     def state_file(self) -> str:
@@ -205,7 +208,8 @@ class Network:
         return os.path.join(self.client_dir, "mixminionrc")
 
     def save(self) -> None:
-        data = {"format": 1, "mta": self.mta, "procs": [asdict(p) for p in self.procs]}
+        data = {"format": 1, "mta": self.mta, "blacklist": self.blacklist,
+                "procs": [asdict(p) for p in self.procs]}
         tmp = self.state_file + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=1)
@@ -222,7 +226,7 @@ class Network:
         except (OSError, ValueError) as exc:
             raise TestnetError(f"{directory}/{STATE_FILE} is unreadable ({exc}); remove {directory} "
                                "to start afresh.") from None
-        return cls(directory, [Proc(**p) for p in data["procs"]], data.get("mta"))
+        return cls(directory, [Proc(**p) for p in data["procs"]], data.get("mta"), data.get("blacklist"))
 
 
 # --- small helpers ------------------------------------------------------------------------
@@ -299,14 +303,15 @@ async def http_get(reactor: Any, url: str, timeout: float = 5.0) -> tuple[int, b
 # --- writing the network --------------------------------------------------------------------
 
 
-def create_network(directory: str, nodes: int, mta: Optional[str]) -> Network:
+def create_network(directory: str, nodes: int, mta: Optional[str],
+                   blacklist: Optional[str] = None) -> Network:
     """Keys and configurations for a new network in ``directory``."""
     from mixminion.directory.tap import IDENTITY_FILE, load_identity
     from mixminion.smtpsink import tac_text
 
     os.makedirs(directory, mode=0o700, exist_ok=True)
     os.chmod(directory, 0o700)
-    net = Network(directory, mta=mta)
+    net = Network(directory, mta=mta, blacklist=blacklist)
     ports = free_ports(AUTHORITIES + 2 * nodes + 1)
     exits = set(range(nodes - max(1, (nodes + 1) // 2), nodes))
     for i in range(AUTHORITIES):
@@ -391,10 +396,11 @@ ReturnAddress: {n.name}-exit@localhost.localdomain
 SMTPServer: {smtp_host}
 SMTPPort: {smtp_port}
 Retry: {RETRY}
-
+MaximumSize: 1 MB
+{f"BlacklistFile: {net.blacklist}" if net.blacklist else ""}
 [Delivery/Fragmented]
 Enabled: yes
-MaximumSize: 100 KB
+MaximumSize: 1 MB
 """
         write_file(n.conf, text)
     if net.sink is not None:
@@ -513,11 +519,19 @@ async def authority_directory(reactor: Any, net: Network, auth: Proc) -> Optiona
     return listed(net, body, reactor.seconds()) if code == 200 else None
 
 
-async def bring_up(reactor: Any, directory: str, nodes: int, mta: Optional[str]) -> Network:
+async def bring_up(reactor: Any, directory: str, nodes: int, mta: Optional[str],
+                   blacklist: Optional[str] = None) -> Network:
     """``up``: create (or restart) the network and wait for its consensus."""
     directory = os.path.abspath(directory)
     net = Network.load(directory)
     if net is not None:
+        if blacklist is not None and net.blacklist != blacklist:
+            raise TestnetError(f"{directory} holds a network whose SMTP exits were set up "
+                               + (f"with --blacklist {net.blacklist}" if net.blacklist else
+                                  "without --blacklist")
+                               + f", not --blacklist {blacklist}; edit BlacklistFile in the "
+                               "exits' mixminiond.conf, or remove the folder with "
+                               f"'{PROG} down --purge {directory}'.")
         if len(net.nodes) != nodes or net.mta != mta:
             running = [p for p in net.procs if p.pid() is not None]
             raise TestnetError(
@@ -542,7 +556,14 @@ async def bring_up(reactor: Any, directory: str, nodes: int, mta: Optional[str])
             raise TestnetError(f"--mta {mta!r}: give HOST:PORT, e.g. 127.0.0.1:25")
         say(f"Creating a network of {AUTHORITIES} directory authorities and {nodes} mix nodes "
             f"in {directory}")
-        net = create_network(directory, nodes, mta)
+        if blacklist is not None:
+            from mixminion.exits.blacklist import Blacklist
+            from mixminion.exits.errors import ExitConfigError
+            try:
+                Blacklist.from_file(blacklist)
+            except ExitConfigError as exc:
+                raise TestnetError(f"--blacklist: {exc}") from None
+        net = create_network(directory, nodes, mta, blacklist)
         waiting = list(net.procs)
     t0 = reactor.seconds()
     order = [p for p in waiting if p.kind == "sink"] + [p for p in waiting if p.kind == "authority"] \
@@ -756,12 +777,13 @@ def mbox_tail(net: Network, offset: int) -> bytes:
         os.close(fd)
 
 
-async def demo(reactor: Any, directory: str, nodes: int, mta: Optional[str]) -> int:
+async def demo(reactor: Any, directory: str, nodes: int, mta: Optional[str],
+               blacklist: Optional[str] = None) -> int:
     directory = os.path.abspath(directory)
     net = Network.load(directory)
     if net is None or any(p.pid() is None for p in net.procs):
         net = await bring_up(reactor, directory, nodes if net is None else len(net.nodes),
-                             mta if net is None else net.mta)
+                             mta if net is None else net.mta, blacklist if net is None else None)
     else:
         say(f"Using the running network in {directory}.")
         await refresh_client(reactor, net)
@@ -898,6 +920,11 @@ def build_parser() -> argparse.ArgumentParser:
                            help=f"mix nodes (default {DEFAULT_NODES}; at least 4)")
             s.add_argument("--mta", metavar="HOST:PORT", default=None,
                            help="deliver SMTP mail to this mail server instead of our sink")
+            s.add_argument("--blacklist", metavar="FILE", default=None,
+                           type=lambda v: os.path.abspath(os.path.expanduser(v)),
+                           help="blacklist for the SMTP exits (BlacklistFile in [Delivery/SMTP]): "
+                                "'deny address|user|onehost|allhosts|pattern ARG' lines; "
+                                "set when the network is created")
         if name == "down":
             s.add_argument("--purge", action="store_true",
                            help="also delete the network's folder (keys, queues, mail)")
@@ -911,12 +938,12 @@ async def run(reactor: Any, argv: Sequence[str]) -> int:
         if args.command in ("up", "demo") and args.nodes < 4:
             raise TestnetError("--nodes must be at least 4 (the demo's path has 4 hops)")
         if args.command == "up":
-            net = await bring_up(reactor, directory, args.nodes, args.mta)
+            net = await bring_up(reactor, directory, args.nodes, args.mta, args.blacklist)
             say("")
             say(usage_text(net))
             return 0
         if args.command == "demo":
-            return await demo(reactor, directory, args.nodes, args.mta)
+            return await demo(reactor, directory, args.nodes, args.mta, args.blacklist)
         net = Network.load(directory)
         if net is None:
             if args.command == "down" and args.purge and os.path.isdir(directory):
