@@ -155,6 +155,13 @@ class _Opened:
     subheader: Subheader
     key_index: int
     replay: bytes
+    #: the routing result, worked out ahead by :meth:`PacketProcessor.open_batch`
+    #: (pure, so it is only used once the replay log has said "fresh")
+    routed: Optional[ProcessResult] = None
+
+
+#: a packet after the checks before the replay log: opaque outside this module
+OpenedPacket = Union[_Opened, Reject]
 
 
 class PacketProcessor:
@@ -185,7 +192,28 @@ class PacketProcessor:
         """Process several packets with one replay-log call per key (one
         commit for a durable log), as if :meth:`process` had been called on
         each in order."""
-        opened = [self._open(packet) for packet in packets]
+        return self.finish_batch(self.open_batch(packets))
+
+    def open_batch(self, packets: Sequence[bytes]) -> list[OpenedPacket]:
+        """All the cryptography of each packet, with no log touched: the
+        checks before the replay log (steps 1-6) and, for a packet that
+        passes them, its routing as if it were fresh.  A server runs this
+        before it takes the lock its durable log needs; :meth:`finish_batch`
+        then consults the log and keeps the routing of the fresh packets
+        only, so the results are those of :meth:`process`."""
+        opened = []
+        for packet in packets:
+            item = self._open(packet)
+            if isinstance(item, _Opened):
+                item = _Opened(item.packet, item.subheader, item.key_index, item.replay,
+                               self._route(item))
+            opened.append(item)
+        return opened
+
+    def finish_batch(self, opened: Sequence[OpenedPacket]) -> list[ProcessResult]:
+        """The rest of :meth:`process_batch` for what :meth:`open_batch`
+        returned: one replay-log call per key, and the routing of the
+        packets the logs had not seen."""
         by_key: dict[int, list[int]] = {}
         for pos, item in enumerate(opened):
             if isinstance(item, _Opened):
@@ -202,7 +230,7 @@ class PacketProcessor:
             elif seen[pos]:
                 results.append(Reject(RejectReason.REPLAY, item.subheader))
             else:
-                results.append(self._route(item))
+                results.append(item.routed if item.routed is not None else self._route(item))
         return results
 
     # --- checks before the replay log (steps 1-6) --------------------------

@@ -172,10 +172,25 @@ class PacketStore:
             raise KeyError(packet_id)
         return bytes(row[0])
 
-    def ids(self, queue: str) -> list[int]:
+    def ids(self, queue: str, limit: int = -1, after: int = 0) -> list[int]:
+        """Ids in ``queue`` above ``after``, oldest first; at most ``limit``
+        of them (all if negative), so a worker taking batches from a long
+        queue does not read the whole queue for each batch."""
         with self._lock:
             return [r[0] for r in self._db.execute(
-                "SELECT id FROM packets WHERE queue = ? ORDER BY id", (queue,))]
+                "SELECT id FROM packets WHERE queue = ? AND id > ? ORDER BY id LIMIT ?",
+                (queue, after, limit))]
+
+    def get_many(self, ids: Sequence[int]) -> list[bytes]:
+        """The packets with these ids, in that order, in one query."""
+        with self._lock:
+            rows = dict(self._db.execute(
+                f"SELECT id, packet FROM packets WHERE id IN ({','.join('?' * len(ids))})",
+                list(ids)))
+        try:
+            return [bytes(rows[i]) for i in ids]
+        except KeyError as exc:
+            raise KeyError(exc.args[0]) from None
 
     def iterate(self, queue: str) -> Iterator[tuple[int, bytes]]:
         """(id, packet) pairs of ``queue`` in arrival order."""
@@ -196,6 +211,14 @@ class PacketStore:
         """Move packets to another queue in one durable transaction."""
         self._write_many("UPDATE packets SET queue = ? WHERE id = ?",
                          [(queue, i) for i in ids])
+
+    def replace_many(self, queue: str, rows: Sequence[tuple[int, bytes, Optional[bytes]]],
+                     now: float = 0.0) -> None:
+        """Give each ``(id, packet, meta)`` row new contents and move it to
+        ``queue``, in one transaction.  Rewriting a row in place costs one
+        write of the packet; an insert plus a secure delete costs two."""
+        self._write_many("UPDATE packets SET queue = ?, packet = ?, meta = ?, added = ? "
+                         "WHERE id = ?", [(queue, p, m, now, i) for i, p, m in rows])
 
     def update_meta(self, packet_id: int, meta: Optional[bytes]) -> None:
         self._write_many("UPDATE packets SET meta = ? WHERE id = ?", [(meta, packet_id)])
