@@ -1,0 +1,507 @@
+"""Crash safety of one mix node run as a real process (issue 4).
+
+The node under test runs as ``twistd -n mixminion`` with the Timed pool
+and a one-second mix interval.  Its only next hop is an MMTP responder in
+this process whose sink records what it receives.  Packets are built with
+path 1 = [node] and path 2 = [next hop], so the node decrypts each one
+with its packet key, swaps the headers and relays the result.
+
+While the packets stream in (an :class:`MMTPClient` that resends every
+packet whose Deferred failed), the node is killed with SIGKILL several
+times at seeded random moments and restarted on the same BaseDir.  At the
+end:
+
+* every packet was acknowledged, and every acknowledged packet reached the
+  next hop, byte for byte what the node's packet key makes of it (the test
+  reads the key after the first start and computes each output itself);
+* nothing reached the next hop that was not sent; after the next hop's own
+  replay filter (a :class:`PacketProcessor` with the next hop's packet
+  key) each input arrived exactly once; a packet arrived twice only when
+  the node was killed in between (its RECEIVED was lost with the process);
+* after a quiet period and a clean stop, the node's queues are empty and
+  its replay log holds one entry per packet.
+
+The kill schedule comes from ``MIXMINION_CRASH_SEED`` (default 4); the
+number of packets from ``MIXMINION_CRASH_PACKETS`` (default 2000).  Every
+kill, restart and count is written to ``crash.log`` in the test's
+temporary directory, and the node's own logs are ``node-N.log`` beside it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import signal
+import socket
+import sqlite3
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Optional
+
+from cryptography.hazmat.primitives import serialization
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import ProcessProtocol, Protocol
+from twisted.internet.task import deferLater
+from twisted.python.failure import Failure
+from twisted.trial import unittest
+from zope.interface import implementer
+
+from mixminion.codec.build import build_forward_packet
+from mixminion.codec.header import Hop
+from mixminion.codec.packet import PAYLOAD_LEN
+from mixminion.codec.process import Exit, PacketProcessor, Reject, RejectReason, Relay
+from mixminion.codec.replay import MemoryReplayLog
+from mixminion.codec.routing import FRAGMENT_TYPE, IPv4Info
+from mixminion.codec.rsa import PrivateKey
+from mixminion.mmtp.initiator import Destination, MMTPClient
+from mixminion.mmtp.interfaces import IPacketSink
+from mixminion.mmtp.responder import responder_factory
+from mixminion.mmtp.tls import ResponderTLS
+
+N_PACKETS = int(os.environ.get("MIXMINION_CRASH_PACKETS", "2000"))
+SEED = int(os.environ.get("MIXMINION_CRASH_SEED", "4"))
+KILLS = int(os.environ.get("MIXMINION_CRASH_KILLS", "6"))  # SIGKILLs, plus one SIGTERM
+MIX_INTERVAL = 1  # seconds; the configuration's interval has whole seconds
+WINDOW = 300  # packets the client keeps outstanding at once
+RETRY_DELAY = 0.25  # before a failed packet is offered again
+STALL_LIMIT = 45.0  # seconds without a new acknowledgement: the node is stuck
+FINAL_WAIT = 60.0  # after the last restart, for every packet to reach the next hop
+START_LIMIT = 30.0  # for a node to listen after it was started
+QUEUES = ("incoming", "mix", "out")
+
+CONFIG = """\
+[Server]
+BaseDir: {base}
+Mode: relay
+Nickname: crashtest
+Contact-Email: crash@localhost.localdomain
+MixAlgorithm: Timed
+MixInterval: {interval} seconds
+LogLevel: INFO
+
+[Incoming/MMTP]
+Enabled: yes
+IP: 127.0.0.1
+Hostname: localhost
+Port: {port}
+
+[Outgoing/MMTP]
+Enabled: yes
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_key(path: str) -> PrivateKey:
+    with open(path, "rb") as f:
+        return PrivateKey(serialization.load_pem_private_key(f.read(), password=None))
+
+
+def sleep(seconds: float) -> defer.Deferred:
+    return deferLater(reactor, seconds, lambda: None)
+
+
+def sha1(data: bytes) -> bytes:
+    return hashlib.sha1(data).digest()
+
+
+# --------------------------------------------------------------- the next hop
+
+
+@dataclass
+class Arrival:
+    """One packet as the next hop received it."""
+
+    digest: bytes
+    life: int  # which run of the node was current when it arrived
+    index: Optional[int]  # input it came from (None: not a packet we sent)
+    replay: bool  # refused by the next hop's replay filter
+
+
+@implementer(IPacketSink)
+class NextHopSink:
+    """Records every packet and runs it through the next hop's own replay
+    filter: what a real next hop would accept is what counts."""
+
+    def __init__(self, packet_key: PrivateKey, current_life) -> None:
+        self.processor = PacketProcessor([(packet_key, MemoryReplayLog())])
+        self.current_life = current_life
+        self.expected: dict[bytes, int] = {}
+        self.arrivals: list[Arrival] = []
+        self.accepted: dict[int, int] = {}  # input index -> accepted copies
+        self.problems: list[str] = []
+
+    def receivePacket(self, packet: bytes, peer: str) -> defer.Deferred:  # noqa: N802
+        digest = sha1(packet)
+        index = self.expected.get(digest)
+        result = self.processor.process(packet)
+        replay = isinstance(result, Reject) and result.reason is RejectReason.REPLAY
+        if not replay:
+            if not isinstance(result, Exit):
+                self.problems.append(f"next hop could not open a packet: {result!r:.120}")
+            else:
+                opened = int.from_bytes(result.payload[:4], "big")
+                if index is not None and opened != index:
+                    self.problems.append(f"packet for input {index} carries input {opened}")
+                self.accepted[opened] = self.accepted.get(opened, 0) + 1
+        self.arrivals.append(Arrival(digest, self.current_life(), index, replay))
+        return defer.succeed(None)
+
+    def distinct(self) -> int:
+        return len(self.accepted)
+
+
+# -------------------------------------------------------------- the node process
+
+
+class NodeProcess(ProcessProtocol):
+    """One run of ``twistd -n mixminion``; ``ended`` fires with how it
+    ended (ProcessDone or ProcessTerminated)."""
+
+    def __init__(self, life: int) -> None:
+        self.life = life
+        self.ended: defer.Deferred = defer.Deferred()
+        self.output: list[bytes] = []
+
+    def outReceived(self, data: bytes) -> None:  # noqa: N802
+        self.output.append(data)
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Failure) -> None:  # noqa: N802
+        self.ended.callback(reason.value)
+
+    @property
+    def alive(self) -> bool:
+        return not self.ended.called
+
+    def signal(self, sig: str) -> None:
+        if self.alive:
+            self.transport.signalProcess(sig)
+
+
+# -------------------------------------------------------------- the client side
+
+
+@dataclass
+class Sender:
+    """Streams packets to the node and offers every failed one again until
+    the node answers RECEIVED."""
+
+    client: MMTPClient
+    dest: Destination
+    packets: list[bytes]
+    pending: deque = field(default_factory=deque)
+    outstanding: set = field(default_factory=set)
+    acked: set = field(default_factory=set)
+    failures: int = 0
+    last_ack: float = field(default_factory=time.monotonic)
+    _retry_call: object = None
+
+    def start(self) -> None:
+        self.pending.extend(range(len(self.packets)))
+        self.pump()
+
+    def pump(self) -> None:
+        while self.pending and len(self.outstanding) < WINDOW:
+            index = self.pending.popleft()
+            self.outstanding.add(index)
+            d = self.client.send_packet(self.dest, self.packets[index])
+            d.addCallbacks(self._received, self._failed, callbackArgs=(index,),
+                           errbackArgs=(index,))
+
+    def _received(self, _result: object, index: int) -> None:
+        self.outstanding.discard(index)
+        self.acked.add(index)
+        self.last_ack = time.monotonic()
+        self.pump()
+
+    def _failed(self, _failure: Failure, index: int) -> None:
+        self.outstanding.discard(index)
+        self.failures += 1
+        self.pending.append(index)
+        if self._retry_call is None:
+            self._retry_call = reactor.callLater(RETRY_DELAY, self._retry)
+
+    def _retry(self) -> None:
+        self._retry_call = None
+        self.pump()
+
+    def stop(self) -> None:
+        if self._retry_call is not None and self._retry_call.active():
+            self._retry_call.cancel()
+        self.pending.clear()
+
+
+# ------------------------------------------------------------------------ the test
+
+
+class CrashTest(unittest.TestCase):
+    timeout = 400
+
+    def setUp(self) -> None:
+        self.dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.dir)
+        self.base = os.path.join(self.dir, "base")
+        self.port = free_port()
+        self.conf = os.path.join(self.dir, "node.conf")
+        with open(self.conf, "w") as f:
+            f.write(CONFIG.format(base=self.base, interval=MIX_INTERVAL, port=self.port))
+        self.rng = random.Random(SEED)
+        self.lines: list[str] = []
+        self.t0 = time.monotonic()
+        self.node: Optional[NodeProcess] = None
+        self.lives = 0
+        self.addCleanup(self._kill_leftover)
+
+    # --- diagnostics -----------------------------------------------------------
+
+    def note(self, text: str) -> None:
+        line = f"{time.monotonic() - self.t0:7.2f}s {text}"
+        self.lines.append(line)
+        with open(os.path.join(self.dir, "crash.log"), "a") as f:
+            f.write(line + "\n")
+
+    def diagnosis(self) -> str:
+        tail = []
+        if self.node is not None:
+            path = os.path.join(self.dir, f"node-{self.node.life}.log")
+            try:
+                with open(path) as f:
+                    tail = f.read().splitlines()[-30:]
+            except OSError:
+                pass
+        return ("\n".join(self.lines[-60:]) + f"\n--- {self.dir}/node-N.log (last run):\n"
+                + "\n".join(tail))
+
+    def _kill_leftover(self) -> defer.Deferred:
+        if self.node is not None and self.node.alive:
+            self.node.signal("KILL")
+            return self.node.ended.addErrback(lambda _: None)
+        return defer.succeed(None)
+
+    # --- the node's lives --------------------------------------------------------
+
+    def spawn(self) -> NodeProcess:
+        node = NodeProcess(self.lives)
+        log = os.path.join(self.dir, f"node-{self.lives}.log")
+        args = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+                "-n", "--pidfile=", f"--logfile={log}", "mixminion", "-c", self.conf]
+        reactor.spawnProcess(node, sys.executable, args, env=dict(os.environ), path=self.dir)
+        self.node = node
+        self.lives += 1
+        self.note(f"start #{node.life} (pid {node.transport.pid})")
+        return node
+
+    async def wait_listening(self, node: NodeProcess) -> None:
+        deadline = time.monotonic() + START_LIMIT
+        while True:
+            if not node.alive:
+                self.fail(f"node run #{node.life} exited while starting\n{self.diagnosis()}")
+            try:
+                proto = await connectProtocol(
+                    TCP4ClientEndpoint(reactor, "127.0.0.1", self.port, timeout=1), Protocol())
+                proto.transport.abortConnection()
+                return
+            except Exception:
+                if time.monotonic() > deadline:
+                    self.fail(f"node did not listen within {START_LIMIT} s\n{self.diagnosis()}")
+                await sleep(0.05)
+
+    async def kill(self, why: str) -> None:
+        node = self.node
+        assert node is not None
+        if not node.alive:
+            self.fail(f"node run #{node.life} died by itself\n{self.diagnosis()}")
+        hop = self.hop
+        self.note(f"SIGKILL #{node.life} ({why}): acked {len(self.sender.acked)}, "
+                  f"in flight {len(self.sender.outstanding)}, next hop {len(hop.arrivals)} "
+                  f"arrivals / {hop.distinct()} distinct")
+        node.signal("KILL")
+        await node.ended
+
+    async def stop_cleanly(self, why: str) -> None:
+        """SIGTERM, and the node must be gone within 30 s."""
+        node = self.node
+        assert node is not None
+        self.note(f"SIGTERM #{node.life} ({why}): acked {len(self.sender.acked)}, "
+                  f"in flight {len(self.sender.outstanding)}, next hop "
+                  f"{len(self.hop.arrivals)} arrivals / {self.hop.distinct()} distinct")
+        node.signal("TERM")
+        deadline = time.monotonic() + 30
+        while node.alive and time.monotonic() < deadline:
+            await sleep(0.1)
+        clean = not node.alive
+        if not clean:
+            node.signal("KILL")
+        how = await node.ended
+        self.note(f"node #{node.life} stopped: {how.__class__.__name__}")
+        self.assertTrue(clean, f"node did not stop within 30 s of SIGTERM\n{self.diagnosis()}")
+
+    # --- the run -------------------------------------------------------------------
+
+    def progress(self) -> int:
+        """Acknowledged plus relayed: kills spread over this land both while
+        packets stream in and while the node works off its backlog."""
+        return len(self.sender.acked) + self.hop.distinct()
+
+    async def _wait_progress(self, threshold: int) -> None:
+        seen, since = self.progress(), time.monotonic()
+        while seen < threshold:
+            if time.monotonic() - since > STALL_LIMIT:
+                self.fail(f"no progress for {STALL_LIMIT} s (at {seen})\n{self.diagnosis()}")
+            if not self.node.alive:
+                self.fail(f"node run #{self.node.life} died by itself\n{self.diagnosis()}")
+            await sleep(0.02)
+            if self.progress() != seen:
+                seen, since = self.progress(), time.monotonic()
+
+    def kill_plan(self) -> list[tuple[str, int, float]]:
+        """(kind, progress to wait for, extra delay) per event, spread over
+        the run: SIGKILL once :meth:`progress` passed a random point, one
+        SIGKILL a random moment after a restart (while the node recovers its
+        queues), and one clean stop (SIGTERM), whose aborted sends must not
+        be held against the next hop."""
+        plan = []
+        lo, hi = 0.04, 0.92
+        events = KILLS + 1
+        for k in range(events):
+            a = lo + (hi - lo) * k / events
+            b = lo + (hi - lo) * (k + 1) / events
+            plan.append(("kill", self.rng.randrange(int(2 * N_PACKETS * a),
+                                                    int(2 * N_PACKETS * b)),
+                         self.rng.uniform(0.0, 0.6)))
+        startup, term = self.rng.sample(range(1, events), 2)
+        plan[startup] = ("startup", 0, self.rng.uniform(0.3, 2.0))
+        plan[term] = ("term",) + plan[term][1:]
+        return plan
+
+    async def crash_run(self, plan: list[tuple[str, int, float]]) -> None:
+        node = self.spawn()
+        await self.wait_listening(node)
+        keys = os.path.join(self.base, "keys")
+        identity = read_key(os.path.join(keys, "identity.key"))
+        keysets = sorted(d for d in os.listdir(keys) if d.startswith("key_"))
+        node_key = read_key(os.path.join(keys, keysets[0], "mix.key"))
+        self.note(f"node keysets {keysets}; building {N_PACKETS} packets")
+
+        hop_identity = PrivateKey.generate(2048)
+        hop_packet_key = PrivateKey.generate(2048)
+        self.hop = NextHopSink(hop_packet_key, lambda: self.lives - 1)
+        listener = reactor.listenTCP(
+            0, responder_factory(self.hop, ResponderTLS(hop_identity, "nexthop", clock=reactor),
+                                 reactor), interface="127.0.0.1")
+        self.addCleanup(listener.stopListening)
+        hop_port = listener.getHost().port
+
+        build_rng = random.Random(SEED + 1).randbytes
+        path1 = [Hop(node_key.public, IPv4Info("127.0.0.1", self.port, identity.public.keyid))]
+        path2 = [Hop(hop_packet_key.public,
+                     IPv4Info("127.0.0.1", hop_port, hop_identity.public.keyid))]
+        packets = []
+        for i in range(N_PACKETS):
+            payload = i.to_bytes(4, "big") + build_rng(PAYLOAD_LEN - 4)
+            packets.append(build_forward_packet(payload, path1, path2, FRAGMENT_TYPE, b"",
+                                                build_rng).packet)
+        # What the node must make of each packet: processing is deterministic.
+        mirror = PacketProcessor([(node_key, MemoryReplayLog())])
+        for i, packet in enumerate(packets):
+            result = mirror.process(packet)
+            self.assertIsInstance(result, Relay)
+            self.hop.expected[sha1(result.packet)] = i
+        self.note(f"built and mirrored {N_PACKETS} packets; next hop on port {hop_port}")
+
+        client = MMTPClient(reactor)
+        self.sender = Sender(client, Destination("127.0.0.1", self.port, identity.public.keyid),
+                             packets)
+        self.addCleanup(lambda: sleep(0.5))  # connection attempts being torn down
+        self.addCleanup(client.close)
+        self.addCleanup(self.sender.stop)
+        self.sender.start()
+
+        for n, (kind, point, delay) in enumerate(plan):
+            if kind == "startup":
+                await sleep(delay)
+                await self.kill(f"{delay:.2f} s after start")
+            else:
+                await self._wait_progress(point)
+                await sleep(delay)
+                if kind == "kill":
+                    await self.kill(f"progress {point} + {delay:.2f} s")
+                else:
+                    await self.stop_cleanly(f"progress {point} + {delay:.2f} s")
+            await sleep(self.rng.uniform(0.05, 0.5))
+            node = self.spawn()
+            if n + 1 < len(plan) and plan[n + 1][0] == "startup":
+                continue  # the next kill lands while this run starts up
+            await self.wait_listening(node)
+
+        await self._wait_progress(N_PACKETS)
+        while len(self.sender.acked) < N_PACKETS:
+            if time.monotonic() - self.sender.last_ack > STALL_LIMIT:
+                self.fail(f"no acknowledgement for {STALL_LIMIT} s\n{self.diagnosis()}")
+            await sleep(0.05)
+        self.note(f"all {N_PACKETS} acknowledged after {self.sender.failures} failed sends")
+        deadline = time.monotonic() + FINAL_WAIT
+        while self.hop.distinct() < N_PACKETS and time.monotonic() < deadline:
+            if not self.node.alive:
+                self.fail(f"node run #{self.node.life} died by itself\n{self.diagnosis()}")
+            await sleep(0.1)
+        # A quiet period: anything still to come (a duplicate, a stray
+        # packet) has time to arrive before the queues are read.
+        await sleep(3 * MIX_INTERVAL + 1)
+        self.note(f"next hop: {len(self.hop.arrivals)} arrivals, {self.hop.distinct()} distinct")
+
+        await self.stop_cleanly("end of the run")
+        self.check(client)
+
+    def check(self, client: MMTPClient) -> None:
+        hop, sender = self.hop, self.sender
+        report = self.diagnosis()
+        self.assertEqual(hop.problems, [], report)
+        unknown = [a for a in hop.arrivals if a.index is None]
+        self.assertEqual(len(unknown), 0, f"{len(unknown)} packets relayed that were never "
+                                          f"sent\n{report}")
+        self.assertEqual(len(sender.acked), N_PACKETS, report)
+        missing = sorted(sender.acked - set(hop.accepted))
+        self.assertEqual(missing, [], f"{len(missing)} acknowledged packets never relayed "
+                                      f"(first: {missing[:10]})\n{report}")
+        self.assertEqual(set(hop.accepted), sender.acked, report)
+        twice = {i: n for i, n in hop.accepted.items() if n != 1}
+        self.assertEqual(twice, {}, f"inputs accepted more than once by the next hop\n{report}")
+        # A packet may reach the next hop twice only when the node died
+        # between the two copies: the first copy's RECEIVED died with it.
+        last_life: dict[bytes, int] = {}
+        same_life = []
+        for arrival in hop.arrivals:
+            if last_life.get(arrival.digest) == arrival.life:
+                same_life.append(arrival.index)
+            last_life[arrival.digest] = arrival.life
+        self.assertEqual(same_life, [], f"packets relayed twice by one run of the node\n{report}")
+        duplicates = sum(1 for a in hop.arrivals if a.replay)
+        self.note(f"checked: {N_PACKETS} acked and relayed once; {duplicates} resends after "
+                  f"kills; {sender.failures} failed sends retried; {self.lives} runs")
+
+        db = sqlite3.connect(os.path.join(self.base, "work", "queues", "packets.db"))
+        try:
+            counts = dict(db.execute("SELECT queue, COUNT(*) FROM packets GROUP BY queue"))
+            replay_entries = db.execute("SELECT COUNT(*) FROM replay").fetchone()[0]
+        finally:
+            db.close()
+        self.note(f"store after stop: {counts or 'empty'}; {replay_entries} replay entries")
+        self.assertEqual({q: n for q, n in counts.items() if n}, {},
+                         f"packets left in the node's queues\n{self.diagnosis()}")
+        self.assertEqual(replay_entries, N_PACKETS, self.diagnosis())
+
+    def test_kill_and_restart_loses_and_duplicates_nothing(self) -> defer.Deferred:
+        plan = self.kill_plan()
+        self.note(f"seed {SEED}, {N_PACKETS} packets, kill plan {plan}")
+        return defer.ensureDeferred(self.crash_run(plan))
