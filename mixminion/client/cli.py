@@ -1202,28 +1202,42 @@ async def run(argv: Sequence[str], *, stdin: Optional[BinaryIO] = None,
     observer = _forward_twisted_logs(ctx)
     globalLogPublisher.addObserver(observer)  # type: ignore[arg-type]
     lock: Optional[ClientLock] = None
+    # Notices from loading the configuration (e.g. "wrote a default
+    # ~/.mixminionrc") are held back until the command's arguments have
+    # been accepted, so a usage error is always exactly one line.
+    notices: list[str] = []
     try:
-        ctx.config = load_client_config(args.config, environ, ctx.info)
-        for warning in ctx.config.warnings:
-            ctx.warn(warning)
+        ctx.config = load_client_config(args.config, environ, notices.append)
         if args.command in LOCKED:
             private_dir(ctx.config.user_dir)
             lock = ClientLock(ctx.config.user_dir)
             lock.acquire(ctx.info)
-        return await HANDLERS[args.command](ctx)
+        for warning in ctx.config.warnings:
+            ctx.warn(warning)
+        status = await HANDLERS[args.command](ctx)
+        _flush_notices(ctx, notices)
+        return status
     except UsageError as exc:
         stderr.write(f"{exc}\n")
         return 2
     except (UserError, PathError, ConfigError, keyring_mod.KeyringError) as exc:
+        _flush_notices(ctx, notices)
         ctx.log("ERROR", str(exc))
         return 1
     except OSError as exc:
+        _flush_notices(ctx, notices)
         ctx.log("ERROR", f"{exc}")
         return 1
     finally:
         if lock is not None:
             lock.release()
         globalLogPublisher.removeObserver(observer)  # type: ignore[arg-type]
+
+
+def _flush_notices(ctx: Context, notices: list[str]) -> None:
+    for notice in notices:
+        ctx.info(notice)
+    notices.clear()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -297,3 +297,15 @@ class SinkBoundTests(StoreTestCase):
             self.assertEqual(self.store.count(INCOMING), 3)
 
         return defer.ensureDeferred(go())
+
+
+class SinkDiskTests(StoreTestCase):
+    def test_too_little_free_disk_answers_refused(self) -> None:
+        """A full disk makes MMTP answer REJECTED instead of crashing."""
+        from mixminion.server.durable import DurableSink, SinkRefused
+
+        sink = DurableSink(self.store, reactor, INCOMING, min_free_bytes=1 << 62)
+        self.addCleanup(sink.stop)
+        d = sink.receivePacket(b"a" * 32768, "peer")
+        self.assertFailure(d, SinkRefused)
+        return d.addCallback(lambda _: self.assertEqual(self.store.count(INCOMING), 0))
