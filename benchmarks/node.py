@@ -1,0 +1,345 @@
+"""One mix node's relay rate and memory, printed as one JSON object.
+
+The node runs as a real child process (``twistd -n mixminion``, Timed pool,
+one-second mix interval).  This process sends it packets with
+:class:`MMTPClient` and runs the next hop: an MMTP responder that only
+counts what arrives.  So a relayed packet crosses MMTP in, the durable
+incoming queue, processing (replay log and result in one transaction), the
+pool, the outgoing queue and MMTP out.
+
+* ``relay_per_s``: the rate at which relayed packets arrive at the next
+  hop between the 10th and the 90th percentile arrival, i.e. once the
+  pipeline is full (nothing leaves the pool before the first mix, and the
+  last packets wait for the last one); ``end_to_end_per_s`` divides all
+  packets by the time from the first send to the last arrival instead.
+* ``codec_relay_per_s``: :meth:`PacketProcessor.process` alone on the same
+  packets, in this process, with an in-memory replay log (best of two
+  passes); ``pipeline_ratio`` is the first over the second.
+* ``rss_mb_50k``: the resident memory (VmRSS) of a second node, whose mix
+  interval is a day, once 50,000 packets pushed through MMTP sit in its
+  pool (read from its metrics page).
+
+Usage: python3 benchmarks/node.py [--packets N] [--clients N] [--pool N] [--profile FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from typing import Callable, Optional
+
+from cryptography.hazmat.primitives import serialization
+from twisted.internet import defer, task, threads
+from zope.interface import implementer
+
+from mixminion.codec.build import build_forward_packet
+from mixminion.codec.header import Hop, HopRouting, build_header
+from mixminion.codec.packet import PAYLOAD_LEN
+from mixminion.codec.process import PacketProcessor, Relay
+from mixminion.codec.replay import MemoryReplayLog
+from mixminion.codec.routing import DROP_TYPE, FWD_IPV4_TYPE, IPv4Info
+from mixminion.codec.rsa import PrivateKey
+from mixminion.mmtp.initiator import Destination, MMTPClient
+from mixminion.mmtp.interfaces import IPacketSink
+from mixminion.mmtp.responder import responder_factory
+from mixminion.mmtp.tls import ResponderTLS
+
+CONFIG = """\
+[Server]
+BaseDir: {base}
+Mode: relay
+Nickname: bench
+Contact-Email: bench@localhost.localdomain
+MixAlgorithm: Timed
+MixInterval: {interval}
+MetricsPort: {metrics}
+
+[Incoming/MMTP]
+Enabled: yes
+IP: 127.0.0.1
+Hostname: localhost
+Port: {port}
+
+[Outgoing/MMTP]
+Enabled: yes
+"""
+MIX_INTERVAL = 1  # seconds, for the relay run
+WINDOW = 2000  # packets outstanding at once while filling the pool
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_key(path: str) -> PrivateKey:
+    with open(path, "rb") as f:
+        return PrivateKey(serialization.load_pem_private_key(f.read(), password=None))
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of ``pid`` (all its threads) so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mb(pid: int) -> tuple[float, float]:
+    """(VmRSS, VmHWM) of ``pid`` in MiB."""
+    with open(f"/proc/{pid}/status") as f:
+        text = f.read()
+    rss = int(re.search(r"VmRSS:\s+(\d+) kB", text).group(1))
+    hwm = int(re.search(r"VmHWM:\s+(\d+) kB", text).group(1))
+    return rss / 1024, hwm / 1024
+
+
+@implementer(IPacketSink)
+class CountingSink:
+    """The next hop: counts arrivals and notes when the last one came."""
+
+    def __init__(self) -> None:
+        self.digests: set[bytes] = set()
+        self.times: list[float] = []  # arrival time of each distinct packet
+
+    @property
+    def count(self) -> int:
+        return len(self.times)
+
+    def receivePacket(self, packet: bytes, peer: str) -> defer.Deferred:  # noqa: N802
+        digest = hashlib.sha1(packet).digest()
+        if digest not in self.digests:
+            self.digests.add(digest)
+            self.times.append(time.perf_counter())
+        return defer.succeed(None)
+
+    def steady_rate(self) -> float:
+        """Arrivals per second between the 10th and the 90th percentile
+        arrival: the node's rate once its pipeline is full, without the
+        first mix interval (nothing leaves before it) or the last one."""
+        n = len(self.times)
+        lo, hi = n // 10, n - n // 10 - 1
+        return (hi - lo) / (self.times[hi] - self.times[lo])
+
+
+class Node:
+    """A ``twistd -n mixminion`` child process on a fresh BaseDir."""
+
+    def __init__(self, workdir: str, name: str, interval: str,
+                 profile: Optional[str] = None) -> None:
+        self.dir = os.path.join(workdir, name)
+        os.makedirs(self.dir)
+        self.base = os.path.join(self.dir, "base")
+        self.port, self.metrics = free_port(), free_port()
+        conf = os.path.join(self.dir, "node.conf")
+        with open(conf, "w") as f:
+            f.write(CONFIG.format(base=self.base, interval=interval, port=self.port,
+                                  metrics=self.metrics))
+        extra = [f"--profile={profile}", "--profiler=cprofile", "--savestats"] if profile else []
+        self.log = os.path.join(self.dir, "node.log")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",
+             "--pidfile=", f"--logfile={self.log}", *extra, "mixminion", "-c", conf],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=self.dir)
+
+    async def started(self, reactor) -> None:
+        """Wait until the node listens, then read its keys."""
+        deadline = time.monotonic() + 60
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"node exited at start; see {self.log}")
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"node did not start; see {self.log}")
+            await task.deferLater(reactor, 0.1, lambda: None)
+        keys = os.path.join(self.base, "keys")
+        keyset = sorted(d for d in os.listdir(keys) if d.startswith("key_"))[0]
+        self.identity = read_key(os.path.join(keys, "identity.key")).public
+        self.packet_key = read_key(os.path.join(keys, keyset, "mix.key"))
+        self.dest = Destination("127.0.0.1", self.port, self.identity.keyid)
+        self.hop = Hop(self.packet_key.public, IPv4Info("127.0.0.1", self.port,
+                                                        self.identity.keyid))
+
+    async def queues(self, reactor) -> dict[str, int]:
+        """Queue lengths from the node's metrics page."""
+        url = f"http://127.0.0.1:{self.metrics}/metrics"
+        body = await threads.deferToThread(
+            lambda: urllib.request.urlopen(url, timeout=30).read().decode())
+        return {m.group(1): int(float(m.group(2)))
+                for m in re.finditer(r"^mixminion_queue_(\w+)_packets (\S+)$", body, re.M)}
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+async def relay_run(reactor, workdir: str, sink_hop: Hop, sink: CountingSink, packets: int,
+                    n_clients: int, profile: Optional[str]) -> dict:
+    node = Node(workdir, "relay", f"{MIX_INTERVAL} seconds", profile)
+    try:
+        await node.started(reactor)
+        dummy = Hop(PrivateKey.generate(2048).public, IPv4Info("127.0.0.1", 1, bytes(20)))
+        batch = [build_forward_packet(os.urandom(PAYLOAD_LEN), [node.hop, sink_hop], [dummy],
+                                      DROP_TYPE, b"", os.urandom).packet
+                 for _ in range(packets)]
+        codec = 0.0
+        for _ in range(2):
+            processor = PacketProcessor([(node.packet_key, MemoryReplayLog())])
+            start = time.perf_counter()
+            for packet in batch:
+                result = processor.process(packet)
+            codec = max(codec, packets / (time.perf_counter() - start))
+            assert isinstance(result, Relay), result
+        # Several clients stand for several peers (each has its own MMTP
+        # window of unacknowledged packets); the default is one.
+        clients = [MMTPClient(reactor) for _ in range(n_clients)]
+        print(f"relay: sending {packets} packets to node pid {node.proc.pid}", file=sys.stderr,
+              flush=True)
+        start = time.perf_counter()
+        cpu_start, own_start = cpu_seconds(node.proc.pid), time.process_time()
+        sends = [clients[i % len(clients)].send_packet(node.dest, p) for i, p in enumerate(batch)]
+        del batch
+        await defer.gatherResults(sends)
+        acked = time.perf_counter() - start
+        backlog = await node.queues(reactor)  # where packets wait once all are in
+        deadline = time.monotonic() + 120
+        while sink.count < packets and time.monotonic() < deadline:
+            await task.deferLater(reactor, 0.01, lambda: None)
+        if sink.count < packets:
+            raise RuntimeError(f"only {sink.count} of {packets} packets relayed; see {node.log}")
+        elapsed = sink.times[-1] - start
+        node_cpu = cpu_seconds(node.proc.pid) - cpu_start
+        own_cpu = time.process_time() - own_start
+        for client in clients:
+            await client.close()
+        relay = sink.steady_rate()
+        return {"relay_per_s": round(relay, 1),
+                "codec_relay_per_s": round(codec, 1),
+                "pipeline_ratio": round(relay / codec, 3),
+                "end_to_end_per_s": round(packets / elapsed, 1),
+                "relay_elapsed_s": round(elapsed, 2),
+                "ingest_per_s": round(packets / acked, 1),
+                "queues_when_ingested": backlog,
+                "node_cpu_ms_per_packet": round(node_cpu / packets * 1000, 3),
+                "node_cpu_share": round(node_cpu / elapsed, 2),
+                "bench_cpu_share": round(own_cpu / elapsed, 2)}
+    finally:
+        node.stop()
+
+
+async def pool_run(reactor, workdir: str, sink_hop: Hop, total: int) -> dict:
+    """Fill a node's pool with ``total`` packets; its memory once they are in."""
+    node = Node(workdir, "pool", "1 day")
+    try:
+        await node.started(reactor)
+        idle_rss, _ = rss_mb(node.proc.pid)
+        routing = [HopRouting(node.packet_key.public, FWD_IPV4_TYPE, sink_hop.address.pack())]
+        rest = os.urandom(32768 - 2048)  # header 2 and payload: the node never checks them
+
+        def make() -> bytes:
+            return build_header(routing, [os.urandom(16)], os.urandom) + rest
+
+        client = MMTPClient(reactor)
+        done = defer.Deferred()
+        state = {"next": 0, "out": 0, "acked": 0, "retries": 0}
+
+        def pump() -> None:
+            while state["next"] < total and state["out"] < WINDOW:
+                state["next"] += 1
+                send(make())
+
+        def send(packet: bytes) -> None:
+            state["out"] += 1
+            d = client.send_packet(node.dest, packet)
+            d.addCallbacks(received, failed, errbackArgs=(packet,))
+
+        def received(_):
+            state["out"] -= 1
+            state["acked"] += 1
+            if state["acked"] == total:
+                done.callback(None)
+            pump()
+
+        def failed(_, packet: bytes):
+            # REJECTED (the node's incoming queue is full): offer it again.
+            state["out"] -= 1
+            state["retries"] += 1
+            reactor.callLater(0.5, send, packet)
+
+        start = time.perf_counter()
+        pump()
+        await done
+        pushed = time.perf_counter() - start
+        deadline = time.monotonic() + 600
+        while True:
+            sizes = await node.queues(reactor)
+            if sizes.get("pool", 0) >= total and not sizes.get("incoming", 0):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"pool did not fill: {sizes}; see {node.log}")
+            await task.deferLater(reactor, 0.5, lambda: None)
+        pooled = time.perf_counter() - start
+        await task.deferLater(reactor, 2, lambda: None)  # let the last batch settle
+        rss, peak = rss_mb(node.proc.pid)
+        await client.close()
+        return {"rss_mb_50k" if total == 50000 else f"rss_mb_{total}": round(rss, 1),
+                "rss_peak_mb": round(peak, 1), "rss_idle_mb": round(idle_rss, 1),
+                "pool_fill_s": round(pooled, 1), "pool_push_per_s": round(total / pushed, 1),
+                "pool_rejected_sends": state["retries"]}
+    finally:
+        node.stop()
+
+
+async def run(reactor, args) -> None:
+    sink = CountingSink()
+    identity, packet_key = PrivateKey.generate(2048), PrivateKey.generate(2048)
+    listener = reactor.listenTCP(0, responder_factory(sink, ResponderTLS(identity, "sink",
+                                                                         clock=reactor), reactor),
+                                 interface="127.0.0.1")
+    sink_hop = Hop(packet_key.public, IPv4Info("127.0.0.1", listener.getHost().port,
+                                               identity.public.keyid))
+    result: dict = {"packets": args.packets, "clients": args.clients,
+                    "mix_interval_s": MIX_INTERVAL}
+    with tempfile.TemporaryDirectory() as work:
+        result.update(await relay_run(reactor, work, sink_hop, sink, args.packets, args.clients,
+                                      args.profile))
+        if args.pool:
+            result.update(await pool_run(reactor, work, sink_hop, args.pool))
+    await listener.stopListening()
+    result["python"] = sys.version.split()[0]
+    print(json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--packets", type=int, default=8000,
+                        help="packets for the relay run (default 8000)")
+    parser.add_argument("--clients", type=int, default=1,
+                        help="MMTP clients sending at once, as several peers would (default 1)")
+    parser.add_argument("--pool", type=int, default=50000,
+                        help="packets for the memory run (default 50000; 0 skips it)")
+    parser.add_argument("--profile", metavar="FILE",
+                        help="run the relay node under cProfile, stats saved to FILE")
+    args = parser.parse_args()
+    task.react(lambda reactor: defer.ensureDeferred(run(reactor, args)))
+
+
+if __name__ == "__main__":
+    main()
