@@ -65,6 +65,7 @@ from mixminion.directory.textformat import (
     format_time,
     previous_midnight,
 )
+from mixminion.fileutil import atomic_write, fsync_dir
 
 log = Logger()
 
@@ -205,39 +206,6 @@ def version_advice(recommended: Sequence[str], version: str = __version__) -> Op
     return (f"This software (version {version}) is newer than any recommended version "
             f"({shown}); that is fine if you know why you run it.")
 
-
-def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
-    """Replace ``path`` so that a crash leaves the old or the new content,
-    never a mixture: temp file in the same folder, fsync, rename, fsync dir."""
-    folder = os.path.dirname(path) or "."
-    fd, temp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(temp, mode)
-        os.replace(temp, path)
-    except BaseException:
-        try:
-            os.unlink(temp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: str) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class _BodyTooLarge(Exception):
@@ -900,7 +868,7 @@ class ClientDirectory:
                 raise ImportRejected(f"too many imported descriptors named {base}.*")
         finally:
             os.unlink(temp)
-        _fsync_dir(folder)
+        fsync_dir(folder)
 
     # -- version advice -------------------------------------------------------------------
 

@@ -207,7 +207,7 @@ def read_keyring_text(user_dir: str) -> Optional[str]:
 
 def write_keyring(user_dir: str, ring: Keyring, passphrase: str, log_n: int = SCRYPT_LOG_N) -> None:
     """Write atomically with mode 0600 in a 0700 folder."""
-    from mixminion.client.store import atomic_write
+    from mixminion.fileutil import atomic_write
 
     folder = os.path.dirname(keyring_path(user_dir))
     os.makedirs(folder, mode=0o700, exist_ok=True)

@@ -287,6 +287,13 @@ class Legs:
         return first + (":" + ",".join(d.nickname for d in self.leg2) if self.leg2 else "")
 
 
+_FILL_ATTEMPTS = 20
+
+
+class _Cornered(Exception):
+    """A random fill left a hop with no candidate; draw the path again."""
+
+
 class PathSelector:
     """Draws concrete paths from a spec against a set of known servers.
 
@@ -454,7 +461,7 @@ class PathSelector:
             candidates = self.exit_candidates(needs)
             if candidates:
                 slots[-1] = self.rng.choice(candidates)
-        hops = self._fill(slots, reply=(kind == "reply"))
+        hops = self._fill_retrying(slots, reply=(kind == "reply"))
         if kind == "forward":
             legs = Legs(hops[:swap_slot], hops[swap_slot:])
         else:
@@ -462,7 +469,20 @@ class PathSelector:
         self._check_fits(legs, kind, needs)
         return legs
 
-    def _fill(self, slots: list[Optional[ServerDescriptor]], reply: bool) -> list[ServerDescriptor]:
+    def _fill_retrying(self, slots: list[Optional[ServerDescriptor]],
+                       reply: bool) -> list[ServerDescriptor]:
+        """Random choices made hop by hop can corner themselves (a hop whose
+        neighbours leave no candidate); draw again a few times before
+        accepting a path that repeats a server."""
+        for _ in range(_FILL_ATTEMPTS):
+            try:
+                return self._fill(slots, reply, strict=True)
+            except _Cornered:
+                continue
+        return self._fill(slots, reply, strict=False)
+
+    def _fill(self, slots: list[Optional[ServerDescriptor]], reply: bool,
+              strict: bool = False) -> list[ServerDescriptor]:
         if not self.servers and any(s is None for s in slots):
             raise PathError("No usable servers are known: run update-servers (and check the "
                             "Authority lines of your configuration), or import descriptors.")
@@ -495,6 +515,8 @@ class PathSelector:
             if candidates:
                 out[i] = self.rng.choice(candidates)
                 continue
+            if strict:
+                raise _Cornered()
             if prev is not None and (nxt is None or prev.can_relay_to(nxt)):
                 self.warn(f"No suitable server for hop {i + 1}; reusing {prev.nickname}.")
                 out[i] = prev

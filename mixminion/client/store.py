@@ -20,46 +20,16 @@ import fcntl
 import json
 import os
 import struct
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
 from mixminion.codec.fragments import Reassembler
 from mixminion.mmtp.initiator import Destination
+from mixminion.fileutil import atomic_write
 
 PACKET_LEN = 32768
 QUEUE_MAGIC = b"MIXMINION-CLIENT-QUEUE 1\n"
-
-
-def fsync_dir(folder: str) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
-    """Replace ``path`` all at once: readers see the old or the new file."""
-    folder = os.path.dirname(path) or "."
-    fd, temp = tempfile.mkstemp(dir=folder, prefix=".tmp.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(temp, mode)
-        os.replace(temp, path)
-    except BaseException:
-        try:
-            os.unlink(temp)
-        except OSError:
-            pass
-        raise
-    fsync_dir(folder)
 
 
 def private_dir(path: str) -> str:

@@ -41,6 +41,7 @@ from typing import Callable, Optional
 from mixminion.directory.descriptor import DescriptorError, ServerDescriptor, parse_descriptor
 from mixminion.directory.directory import MAX_FUTURE, is_superseded
 from mixminion.directory.textformat import SECONDS_PER_DAY, TextFormatError, format_date, format_time
+from mixminion import fileutil
 
 __all__ = [
     "ADMISSION_MODES",
@@ -70,17 +71,9 @@ def digest_name(digest: bytes) -> str:
 
 
 def atomic_write(path: str, data: bytes, mode: int = 0o644) -> None:
-    """Temp file, fsync, rename: a crash leaves the old file or the new one."""
-    tmp = path + _TMP
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    """:func:`mixminion.fileutil.atomic_write`, public by default: the
+    authority's descriptors are public documents."""
+    fileutil.atomic_write(path, data, mode)
 
 
 @dataclass(frozen=True)
@@ -227,7 +220,7 @@ class AuthorityStore:
         directory = os.path.join(self.base_dir, _DESCRIPTORS)
         for name in sorted(os.listdir(directory)):
             path = os.path.join(directory, name)
-            if name.endswith(_TMP):
+            if name.endswith(_TMP) or name.startswith("."):  # an interrupted write
                 os.unlink(path)
                 continue
             try:
