@@ -36,7 +36,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from typing import Callable, Optional
+from typing import Optional
 
 from cryptography.hazmat.primitives import serialization
 from twisted.internet import defer, task, threads

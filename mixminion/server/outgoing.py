@@ -10,7 +10,8 @@ together.  Packets older than the whole retry schedule are dropped.
 from __future__ import annotations
 
 import json
-from typing import Callable
+from collections import deque
+from typing import Callable, Optional
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
@@ -32,6 +33,10 @@ class Outgoing:
     """Sends the ``out`` queue; one flush after every mix (and on demand)."""
 
     log = Logger()
+    #: packets handed to MMTP and not yet removed: each is 32 KiB in memory
+    #: until its next hop answers, so a mix that empties a pool of 50,000
+    #: packets into the queue must not load them all at once
+    max_in_flight = 512
 
     def __init__(self, store: PacketStore, client: MMTPClient, schedule: tuple[int, ...],
                  clock: IReactorTime, own_keyid: bytes, count: Callable[[str, int], None],
@@ -47,6 +52,8 @@ class Outgoing:
         self.count = count
         self.on_local = on_local
         self.in_flight: set[int] = set()
+        #: ready packets not yet handed to MMTP (see :attr:`max_in_flight`)
+        self._ready: deque[tuple[int, Destination]] = deque()
         self.addresses: dict[Destination, AddressRetryState] = self._load_states()
         self._done: list[int] = []
         self._writing = False
@@ -81,10 +88,11 @@ class Outgoing:
     # --- flushing ---------------------------------------------------------------
 
     def flush(self) -> int:
-        """Hand every ready packet to MMTP; returns how many were sent."""
+        """Hand every ready packet to MMTP (up to :attr:`max_in_flight` at a
+        time, the rest as earlier ones leave); returns how many went now."""
         now = self.clock.seconds()
         lifetime = sum(self.schedule)
-        expired, local, sent = [], [], 0
+        expired, local, ready = [], [], []
         for packet_id, meta, added in self.store.items(OUT):
             if packet_id in self.in_flight:
                 continue
@@ -99,8 +107,9 @@ class Outgoing:
             dest = Destination(item.host, item.port, item.keyid)
             if not self._state(dest).ready(now):
                 continue
-            self._send(packet_id, dest, now)
-            sent += 1
+            ready.append((packet_id, dest))
+        self._ready = deque(ready)
+        sent = self._send_ready(now)
         if expired:
             self.store.remove_many(expired)
             self.count("ExpiredRelay", len(expired))
@@ -109,6 +118,19 @@ class Outgoing:
             self.store.move_many(local, INCOMING)
             self.count("RelayedToSelf", len(local))
             self.on_local()
+        return sent
+
+    def _send_ready(self, now: Optional[float] = None) -> int:
+        """Send queued ready packets while fewer than :attr:`max_in_flight`
+        are out; one whose address failed meanwhile waits for the next flush."""
+        now = self.clock.seconds() if now is None else now
+        sent = 0
+        while self._ready and len(self.in_flight) < self.max_in_flight:
+            packet_id, dest = self._ready.popleft()
+            if packet_id in self.in_flight or not self._state(dest).ready(now):
+                continue
+            self._send(packet_id, dest, now)
+            sent += 1
         return sent
 
     def _send(self, packet_id: int, dest: Destination, started: float) -> None:
@@ -136,6 +158,7 @@ class Outgoing:
         self._save_states()
         self.count("RelayFailed", 1)
         self.log.info("Relay failed, will retry: {why}", why=failure.getErrorMessage())
+        self._send_ready()
 
     def _remove_done(self) -> None:
         """Delete acknowledged packets in batches, off the reactor thread."""
@@ -152,6 +175,8 @@ class Outgoing:
                 self.log.failure("Could not remove relayed packets", result)
             else:
                 self.in_flight.difference_update(batch)
+                if not self.stopping:
+                    self._send_ready()
             self._remove_done()
 
         d.addBoth(written)

@@ -1,0 +1,107 @@
+"""Regression tests for two outgoing-queue bugs found by the crash test and
+the node benchmark (issue 4).
+
+* A mix that moved a large pool into the ``out`` queue made the node read
+  every packet of it into memory at once (20,000 packets: 725 MB resident);
+  now at most ``max_in_flight`` are handed to MMTP, and more as they leave.
+* A clean shutdown aborted the sends under way, and those failures marked
+  the next hop's address as failed, so after a restart everything for it
+  waited for the first retry interval (an hour by default).
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.internet import defer, reactor, task
+from twisted.trial import unittest
+
+from mixminion.mmtp.initiator import ConnectionFailed, Destination
+from mixminion.server.items import RelayItem, encode_item
+from mixminion.server.mixing import OUT
+from mixminion.server.outgoing import Outgoing
+from mixminion.server.packetstore import PacketStore
+from mixminion.server.stats import NodeStats
+
+
+class HeldClient:
+    """An MMTP client whose sends stay pending until the test answers them."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[Destination, defer.Deferred]] = []
+
+    def send_packet(self, dest: Destination, packet: bytes) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        self.sent.append((dest, d))
+        return d
+
+
+def settle() -> defer.Deferred:
+    """Let the removal thread write and call back."""
+    return task.deferLater(reactor, 0.3, lambda: None)
+
+
+class OutgoingWindowTests(unittest.TestCase):
+    def setUp(self) -> None:
+        path = self.mktemp()
+        os.makedirs(path)
+        self.store = PacketStore(os.path.join(path, "packets.db"))
+        self.addCleanup(self.store.close)
+        self.stats = NodeStats()
+        self.clock = task.Clock()
+        self.clock.advance(1000)
+        self.client = HeldClient()
+        self.meta = encode_item(RelayItem("127.0.0.1", 5000, b"\x01" * 20))
+
+    def outgoing(self, window: int) -> Outgoing:
+        out = Outgoing(self.store, self.client, (60, 60), self.clock, b"\x07" * 20,
+                       self.stats.count, lambda: None, reactor=reactor)
+        out.max_in_flight = window
+        self.addCleanup(out.stop)
+        return out
+
+    async def test_at_most_a_window_of_packets_is_handed_to_mmtp(self) -> None:
+        self.store.add_many(OUT, [bytes(32768)] * 25, now=1000, meta=[self.meta] * 25)
+        out = self.outgoing(10)
+        self.assertEqual(out.flush(), 10)
+        self.assertEqual(len(self.client.sent), 10)
+        for _, d in self.client.sent[:4]:
+            d.callback(None)
+        await settle()  # removed: four more go out without waiting for a mix
+        self.assertEqual(len(self.client.sent), 14)
+        self.assertEqual(out.flush(), 0)  # a new flush does not double anything
+        answered = 4
+        while answered < len(self.client.sent):
+            self.assertLessEqual(len(self.client.sent) - answered, 10)
+            for _, d in self.client.sent[answered:]:
+                d.callback(None)
+            answered = len(self.client.sent)
+            await settle()
+        self.assertEqual(len(self.client.sent), 25)
+        self.assertEqual(self.store.count(OUT), 0)
+        self.assertEqual(self.stats["Relayed"], 25)
+
+    async def test_a_failure_does_not_send_the_rest_of_its_address(self) -> None:
+        self.store.add_many(OUT, [bytes(32768)] * 5, now=1000, meta=[self.meta] * 5)
+        out = self.outgoing(2)
+        self.assertEqual(out.flush(), 2)
+        self.client.sent[0][1].errback(ConnectionFailed("down"))
+        self.client.sent[1][1].errback(ConnectionFailed("down"))
+        self.assertEqual(len(self.client.sent), 2)  # the address waits for its retry
+        self.assertEqual(self.store.count(OUT), 5)
+        self.clock.advance(61)
+        self.assertEqual(out.flush(), 2)
+
+    async def test_shutdown_aborts_are_not_held_against_the_next_hop(self) -> None:
+        self.store.add_many(OUT, [bytes(32768)] * 3, now=1000, meta=[self.meta] * 3)
+        out = self.outgoing(10)
+        self.assertEqual(out.flush(), 3)
+        stopped = out.stop()
+        for _, d in self.client.sent:
+            d.errback(ConnectionFailed("client shutting down"))
+        await stopped
+        self.assertEqual(self.stats["RelayFailed"], 0)
+        again = Outgoing(self.store, HeldClient(), (60, 60), self.clock, b"\x07" * 20,
+                         self.stats.count, lambda: None, reactor=reactor)
+        self.addCleanup(again.stop)
+        self.assertEqual(again.flush(), 3)  # right away after the restart
