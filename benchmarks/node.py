@@ -14,10 +14,20 @@ pool, the outgoing queue and MMTP out.
   packets by the time from the first send to the last arrival instead.
 * ``codec_relay_per_s``: :meth:`PacketProcessor.process` alone on the same
   packets, in this process, with an in-memory replay log (best of two
-  passes); ``pipeline_ratio`` is the first over the second.
+  passes); ``pipeline_ratio`` is ``relay_per_s`` over it.
+* ``ingest_per_s``: packets acknowledged per second by the node, and
+  ``queues_when_ingested`` where the packets were at that moment (a long
+  ``incoming`` queue means processing, not reception, was the limit);
+  ``node_cpu_ms_per_packet`` and the CPU shares of both processes say how
+  much of the machine the run used.
 * ``rss_mb_50k``: the resident memory (VmRSS) of a second node, whose mix
   interval is a day, once 50,000 packets pushed through MMTP sit in its
   pool (read from its metrics page).
+
+One client (``--clients``, default 1) is one peer: MMTP lets it have six
+unacknowledged packets on each of two connections, so its rate is bounded
+by the node's acknowledgement latency; several clients stand for several
+peers.  ``--profile`` runs the relay node under cProfile (reactor thread).
 
 Usage: python3 benchmarks/node.py [--packets N] [--clients N] [--pool N] [--profile FILE]
 """
@@ -106,7 +116,7 @@ def rss_mb(pid: int) -> tuple[float, float]:
 
 @implementer(IPacketSink)
 class CountingSink:
-    """The next hop: counts arrivals and notes when the last one came."""
+    """The next hop: counts distinct arrivals and notes when each came."""
 
     def __init__(self) -> None:
         self.digests: set[bytes] = set()
