@@ -41,7 +41,6 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import sys
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Optional, TypeVar
@@ -59,6 +58,7 @@ from mixminion.client.directory import ClientDirectory, DirectoryUpdateError
 from mixminion.codec.rsa import PrivateKey
 from mixminion.directory import directory as dirformat
 from mixminion.directory.descriptor import parse_descriptor
+from mixminion.testnet import free_ports
 
 T = TypeVar("T")
 reactor: Any = _reactor
@@ -74,18 +74,6 @@ STOP_TIMEOUT = 5.0
 # --- processes -------------------------------------------------------------------------
 
 
-def free_ports(count: int) -> list[int]:
-    """Distinct free loopback ports (all bound at once, then released)."""
-    sockets = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def tail(path: str, lines: int = 25) -> str:
