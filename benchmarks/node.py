@@ -105,6 +105,21 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def family_cpu_seconds(pid: int) -> float:
+    """:func:`cpu_seconds` of ``pid`` plus its child processes (the node's
+    processing child), those alive now."""
+    total = cpu_seconds(pid)
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        total += cpu_seconds(int(entry))
+            except (OSError, ValueError):
+                continue
+    return total
+
+
 def rss_mb(pid: int) -> tuple[float, float]:
     """(VmRSS, VmHWM) of ``pid`` in MiB."""
     with open(f"/proc/{pid}/status") as f:
@@ -223,7 +238,7 @@ async def relay_run(reactor, workdir: str, sink_hop: Hop, sink: CountingSink, pa
         print(f"relay: sending {packets} packets to node pid {node.proc.pid}", file=sys.stderr,
               flush=True)
         start = time.perf_counter()
-        cpu_start, own_start = cpu_seconds(node.proc.pid), time.process_time()
+        cpu_start, own_start = family_cpu_seconds(node.proc.pid), time.process_time()
         sends = [clients[i % len(clients)].send_packet(node.dest, p) for i, p in enumerate(batch)]
         del batch
         await defer.gatherResults(sends)
@@ -235,7 +250,7 @@ async def relay_run(reactor, workdir: str, sink_hop: Hop, sink: CountingSink, pa
         if sink.count < packets:
             raise RuntimeError(f"only {sink.count} of {packets} packets relayed; see {node.log}")
         elapsed = sink.times[-1] - start
-        node_cpu = cpu_seconds(node.proc.pid) - cpu_start
+        node_cpu = family_cpu_seconds(node.proc.pid) - cpu_start
         own_cpu = time.process_time() - own_start
         for client in clients:
             await client.close()

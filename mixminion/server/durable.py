@@ -4,6 +4,9 @@ Packets handed to :meth:`DurableSink.receivePacket` are written by one
 worker thread; everything that arrives while a commit runs is written by
 the next commit, so one fsync covers many packets.  Each caller's
 Deferred fires only after the commit holding its packet returned.
+
+The same commits delete the packets processing has consumed
+(:meth:`DurableSink.consumed`), so the deletions cost no fsync of their own.
 """
 
 from __future__ import annotations
@@ -53,6 +56,9 @@ class DurableSink:
         self._waiting: list[tuple[bytes, defer.Deferred]] = []
         self._writing = False
         self._queued = store.count(queue)
+        #: incoming ids up to this one are processed: delete them next commit
+        self._forget_through = 0
+        self._forgotten = 0
         self._pool = worker_pool("mixminion-store")
         self._stopped = False
 
@@ -85,18 +91,28 @@ class DurableSink:
         return None
 
     def _write_next(self) -> None:
-        if self._writing or not self._waiting:
+        if self._writing or not (self._waiting or self._forget_through > self._forgotten):
             return
         batch = self._waiting[:self.max_batch]
         del self._waiting[:self.max_batch]
         self._writing = True
         now = self.reactor.seconds()
-        d = run_in(self.reactor, self._pool, self.store.add_many,
-                              self.queue, [p for p, _ in batch], now)
-        d.addBoth(self._written, batch)
+        forget = self._forget_through if self._forget_through > self._forgotten else 0
+        d = run_in(self.reactor, self._pool, self._write, [p for p, _ in batch], now, forget)
+        d.addBoth(self._written, batch, forget)
 
-    def _written(self, result, batch) -> None:
+    def _write(self, packets: list[bytes], now: float, forget_through: int) -> list[int]:
+        """Worker thread: one commit that stores ``packets`` and deletes
+        the consumed ones."""
+        with self.store.transaction():
+            if forget_through:
+                self.store.remove_through(self.queue, forget_through)
+            return self.store.add_many(self.queue, packets, now) if packets else []
+
+    def _written(self, result, batch, forget: int) -> None:
         self._writing = False
+        if not isinstance(result, Failure) and forget:
+            self._forgotten = max(self._forgotten, forget)
         if isinstance(result, Failure):
             self._queued -= len(batch)
             self.refused += len(batch)
@@ -114,6 +130,18 @@ class DurableSink:
     def removed(self, count: int) -> None:
         """Tell the sink that ``count`` packets left its queue."""
         self._queued = max(0, self._queued - count)
+
+    def added(self, count: int) -> None:
+        """Tell the sink that ``count`` packets joined its queue by another
+        way (a packet the node relays to itself)."""
+        self._queued += count
+
+    def consumed(self, through: int, count: int) -> None:
+        """Processing committed every packet up to id ``through``
+        (``count`` of them): delete them with the next commit."""
+        self.removed(count)
+        self._forget_through = max(self._forget_through, through)
+        self._write_next()
 
     def stop(self) -> defer.Deferred:
         """Refuse new packets, finish the writes under way, stop the thread."""

@@ -6,10 +6,15 @@ Data flows one way::
         -> mix pool -> outgoing queue -> MMTP client
                     -> exit module queues -> SMTP / MBOX / FRAGMENT / DROP
 
-Every queue is a table of one SQLite packet store (WAL, fsync per
-commit); each hand-over between queues is one transaction, so a crash at
-any point loses no acknowledged packet and relays none twice (a resent
-packet is refused by the next hop's replay log).
+Received packets wait in their own SQLite store (``incoming.db``), which
+only the reception thread writes, so an acknowledgement waits for one short
+commit; every later queue is a table of the main store (``packets.db``).
+Both use WAL with an fsync per commit; each hand-over between queues is one
+transaction (processing's across the two stores is made safe by a consumed
+mark: :mod:`mixminion.server.draining`), so a crash at any point loses no
+acknowledged packet and relays none twice (a resent packet is refused by
+the next hop's replay log).  Decryption runs in a child process
+(:mod:`mixminion.server.processing`).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from mixminion.mmtp.limits import AddressRules, ConnectionLimits
 from mixminion.mmtp.responder import responder_factory
 from mixminion.mmtp.tls import InitiatorTLS, ResponderTLS
 from mixminion.server.delivery import Delivery
+from mixminion.server.draining import recover_incoming
 from mixminion.server.durable import DurableSink
 from mixminion.server.metrics import metrics_root
 from mixminion.server.mixing import OUT, Mixer
@@ -121,18 +127,20 @@ class MixNode(service.MultiService):
             _private_dir(path)
         self.stats = stats if stats is not None else NodeStats(node_stats_path(settings))
         self.store = PacketStore(os.path.join(settings.queue_dir, "packets.db"))
-        self.processor = Processor(self.store, reactor, self.stats.count)
-        self.sink = DurableSink(self.store, reactor, INCOMING, max_queued=settings.max_queued,
+        self.incoming = PacketStore(os.path.join(settings.queue_dir, "incoming.db"))
+        recover_incoming(self.incoming, self.store)
+        self.processor = Processor(self.incoming.path, self.store.path, reactor, self.stats.count)
+        self.sink = DurableSink(self.incoming, reactor, INCOMING, max_queued=settings.max_queued,
                                 min_free_bytes=settings.min_free_disk,
                                 on_stored=self.processor.kick)
-        self.processor.on_drained = self.sink.removed
+        self.processor.on_consumed = self.sink.consumed
         self.tls = ResponderTLS(identity, settings.nickname, clock=reactor,
                                 legacy=settings.legacy_in)
         self.client = MMTPClient(reactor, InitiatorTLS(legacy=settings.legacy_out),
                                  settings.initiator, self.stats)
         self.delivery = Delivery(self.store, dispatcher, reactor, self.stats.count)
         self.outgoing = Outgoing(self.store, self.client, settings.outgoing_retry, reactor,
-                                 identity.public.keyid, self.stats.count, self.processor.kick)
+                                 identity.public.keyid, self.stats.count, self._relay_to_self)
         self.mixer = Mixer(self.store, make_pool(settings.mix_algorithm, settings.pool_min_size,
                                                  settings.pool_rate),
                            settings.mix_interval, reactor, self.delivery.module_for,
@@ -162,6 +170,11 @@ class MixNode(service.MultiService):
         self.listeners.append(svc)
 
     # --- pipeline ------------------------------------------------------------
+
+    def _relay_to_self(self, packets: list[bytes]) -> None:
+        self.incoming.add_many(INCOMING, packets, self.reactor.seconds())
+        self.sink.added(len(packets))
+        self.processor.kick()
 
     def start_pipeline(self) -> None:
         self.processor.set_keys(self.packet_keys())
@@ -226,11 +239,11 @@ class MixNode(service.MultiService):
         await self.delivery.stop()
         self.stats.save()
         self.store.close()
+        self.incoming.close()
 
     def queue_sizes(self) -> dict[str, int]:
-        sizes = {name: self.store.count(q) for name, q in
-                 (("incoming", INCOMING), ("pool", MIX), ("outgoing", OUT))}
-        return sizes
+        return {"incoming": self.incoming.count(INCOMING), "pool": self.store.count(MIX),
+                "outgoing": self.store.count(OUT)}
 
     def metrics_text(self) -> str:
         gauges = {f"queue_{k}_packets": v for k, v in self.queue_sizes().items()}

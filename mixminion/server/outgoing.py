@@ -22,7 +22,6 @@ from mixminion.mmtp.initiator import Destination, MMTPClient
 from mixminion.server.items import RelayItem, decode_item
 from mixminion.server.mixing import OUT
 from mixminion.server.packetstore import PacketStore
-from mixminion.server.processing import INCOMING
 from mixminion.server.schedule import AddressRetryState
 from mixminion.server.workers import run_in, stop_when_idle, worker_pool
 
@@ -40,7 +39,7 @@ class Outgoing:
 
     def __init__(self, store: PacketStore, client: MMTPClient, schedule: tuple[int, ...],
                  clock: IReactorTime, own_keyid: bytes, count: Callable[[str, int], None],
-                 on_local: Callable[[], None], reactor=None) -> None:
+                 relay_to_self: Callable[[list[bytes]], None], reactor=None) -> None:
         self.store = store
         #: runs the store's deletions in a worker thread; defaults to ``clock``
         #: (the real reactor); tests pass a ``task.Clock`` as ``clock``
@@ -50,7 +49,9 @@ class Outgoing:
         self.clock = clock
         self.own_keyid = own_keyid
         self.count = count
-        self.on_local = on_local
+        #: stores packets whose next hop is this node in its incoming queue
+        #: (durably, before returning): a path may name one node twice
+        self.relay_to_self = relay_to_self
         self.in_flight: set[int] = set()
         #: ready packets not yet handed to MMTP (see :attr:`max_in_flight`)
         self._ready: deque[tuple[int, Destination]] = deque()
@@ -115,9 +116,11 @@ class Outgoing:
             self.count("ExpiredRelay", len(expired))
             self.log.warn("Dropped {n} packets whose retry schedule ran out", n=len(expired))
         if local:
-            self.store.move_many(local, INCOMING)
+            # Stored there before removed here: a crash in between leaves a
+            # copy that the replay log refuses, never a lost packet.
+            self.relay_to_self(self.store.get_many(local))
+            self.store.remove_many(local)
             self.count("RelayedToSelf", len(local))
-            self.on_local()
         return sent
 
     def _send_ready(self, now: Optional[float] = None) -> int:

@@ -64,6 +64,8 @@ class PacketStore:
         os.chmod(path, 0o600)
         self._lock = threading.RLock()
         self._tx_depth = 0
+        #: the thread whose transaction is open (its reads must see its writes)
+        self._tx_thread: Optional[int] = None
         #: per-thread read-only connections (see :meth:`get_many`)
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
@@ -104,13 +106,14 @@ class PacketStore:
             except sqlite3.Error as exc:
                 raise PacketStoreError(f"cannot start a transaction: {exc}") from exc
             self._tx_depth = 1
+            self._tx_thread = threading.get_ident()
             try:
                 yield self
             except BaseException:
-                self._tx_depth = 0
+                self._tx_depth, self._tx_thread = 0, None
                 self._rollback()
                 raise
-            self._tx_depth = 0
+            self._tx_depth, self._tx_thread = 0, None
             try:
                 self._db.execute("COMMIT")
             except sqlite3.Error as exc:
@@ -151,9 +154,7 @@ class PacketStore:
         self._write_many("DELETE FROM replay WHERE key_digest = ?", [(key_digest,)])
 
     def meta(self, packet_id: int) -> Optional[bytes]:
-        with self._lock:
-            row = self._db.execute("SELECT meta FROM packets WHERE id = ?",
-                                   (packet_id,)).fetchone()
+        row = self._query_one("SELECT meta FROM packets WHERE id = ?", (packet_id,))
         if row is None:
             raise KeyError(packet_id)
         return None if row[0] is None else bytes(row[0])
@@ -161,25 +162,21 @@ class PacketStore:
     def items(self, queue: str) -> list[tuple[int, Optional[bytes], float]]:
         """(id, meta, added) of every packet in ``queue``, oldest first,
         without the packets themselves (a pool may hold 50,000)."""
-        with self._lock:
-            return [(r[0], None if r[1] is None else bytes(r[1]), r[2]) for r in self._db.execute(
-                "SELECT id, meta, added FROM packets WHERE queue = ? ORDER BY id", (queue,))]
+        return [(r[0], None if r[1] is None else bytes(r[1]), r[2]) for r in self._query(
+            "SELECT id, meta, added FROM packets WHERE queue = ? ORDER BY id", (queue,))]
 
     def set_value(self, name: str, value: bytes) -> None:
         self._write_many("INSERT OR REPLACE INTO kv (name, value) VALUES (?, ?)", [(name, value)])
 
     def get_value(self, name: str) -> Optional[bytes]:
-        with self._lock:
-            row = self._db.execute("SELECT value FROM kv WHERE name = ?", (name,)).fetchone()
+        row = self._query_one("SELECT value FROM kv WHERE name = ?", (name,))
         return None if row is None else bytes(row[0])
 
     def add(self, queue: str, packet: bytes, now: float = 0.0, meta: Optional[bytes] = None) -> int:
         return self.add_many(queue, [packet], now, [meta])[0]
 
     def get(self, packet_id: int) -> bytes:
-        with self._lock:
-            row = self._db.execute("SELECT packet FROM packets WHERE id = ?",
-                                   (packet_id,)).fetchone()
+        row = self._query_one("SELECT packet FROM packets WHERE id = ?", (packet_id,))
         if row is None:
             raise KeyError(packet_id)
         return bytes(row[0])
@@ -189,7 +186,7 @@ class PacketStore:
         ``limit`` of them (all if negative), so a worker taking batches from
         a long queue does not read the whole queue for each batch.  Read
         like :meth:`get_many`, without waiting for the writers."""
-        return [r[0] for r in self._reader().execute(
+        return [r[0] for r in self._query(
             "SELECT id FROM packets WHERE queue = ? AND id > ? ORDER BY id LIMIT ?",
             (queue, after, limit))]
 
@@ -200,7 +197,7 @@ class PacketStore:
         another thread writes, so a worker reading its next batch does not
         wait for the shared connection's lock (and the writers behind it).
         """
-        rows = dict(self._reader().execute(
+        rows = dict(self._query(
             f"SELECT id, packet FROM packets WHERE id IN ({','.join('?' * len(ids))})",
             list(ids)))
         try:
@@ -217,11 +214,9 @@ class PacketStore:
                 continue
 
     def count(self, queue: Optional[str] = None) -> int:
-        with self._lock:
-            if queue is None:
-                return self._db.execute("SELECT COUNT(*) FROM packets").fetchone()[0]
-            return self._db.execute("SELECT COUNT(*) FROM packets WHERE queue = ?",
-                                    (queue,)).fetchone()[0]
+        if queue is None:
+            return self._query_one("SELECT COUNT(*) FROM packets", ())[0]
+        return self._query_one("SELECT COUNT(*) FROM packets WHERE queue = ?", (queue,))[0]
 
     def move_many(self, ids: Iterable[int], queue: str) -> None:
         """Move packets to another queue in one durable transaction."""
@@ -243,11 +238,43 @@ class PacketStore:
         """Delete packets (overwritten with zeros by ``secure_delete``)."""
         self._write_many("DELETE FROM packets WHERE id = ?", [(i,) for i in ids])
 
+    def remove_through(self, queue: str, last_id: int) -> None:
+        """Delete every packet of ``queue`` whose id is at most ``last_id``."""
+        self._write_many("DELETE FROM packets WHERE queue = ? AND id <= ?", [(queue, last_id)])
+
+    def reserve_ids_through(self, last_id: int) -> None:
+        """Make every id given from now on larger than ``last_id`` (ids are
+        never reused anyway; this carries that over a store re-created
+        from scratch, whose ids would otherwise start again at 1)."""
+        with self.transaction():
+            row = self._db.execute(
+                "SELECT seq FROM sqlite_sequence WHERE name = 'packets'").fetchone()
+            if row is None:
+                self._db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('packets', ?)",
+                                 (last_id,))
+            elif row[0] < last_id:
+                self._db.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'packets'",
+                                 (last_id,))
+
     def checkpoint(self) -> None:
         """Fold the WAL into the database and truncate it, so deleted
         packets do not survive in old WAL frames."""
         with self._lock:
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def _query(self, sql: str, params: Sequence) -> list[tuple]:
+        """Rows of a read.  Readers do not take the writers' lock: a WAL
+        reader sees the last commit without waiting for the one under way
+        (whose fsync may take milliseconds, far too long for the reactor
+        thread).  A thread inside its own transaction reads through the
+        writing connection instead, so it sees what it wrote."""
+        if self._tx_thread == threading.get_ident():
+            return self._db.execute(sql, params).fetchall()
+        return self._reader().execute(sql, params).fetchall()
+
+    def _query_one(self, sql: str, params: Sequence) -> Optional[tuple]:
+        rows = self._query(sql, params)
+        return rows[0] if rows else None
 
     def _reader(self) -> sqlite3.Connection:
         """This thread's read-only view of the committed store."""

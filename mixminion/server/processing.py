@@ -1,159 +1,211 @@
-"""Processing: incoming queue → codec → mix pool, one transaction a batch.
+"""Processing: incoming queue → codec → mix pool, in a child process.
 
-Packets are decrypted in a worker thread so the reactor keeps serving
-MMTP.  For each batch, the replay entries, the items the packets became
-and the removal of the packets from the incoming queue commit together
-(see :mod:`mixminion.server.store_replay`), so a crash at any moment
-either leaves a packet to be processed again or has it processed once.
+The codec's work per packet (one RSA decryption, LIONESS over the payload)
+costs about as much CPU as everything else the node does for it, and in
+one process it would share the GIL with MMTP: acknowledgements would wait
+behind decryption.  So :class:`Processor` runs it in
+:mod:`mixminion.server.processing_child`, started on first use (after
+twistd's fork into a daemon) and restarted if it dies.  The child reads
+the incoming store and commits to the main store; this side only tells it
+the packet keys and when to drain, counts what it did, and lets the
+reception side delete what it consumed (see
+:mod:`mixminion.server.draining` for why that is crash-safe).
 """
 
 from __future__ import annotations
 
-from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+import json
+import os
+import sys
 from typing import Callable, Optional, Sequence
 
-from twisted.internet import defer
+from twisted.internet import defer, protocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
-from mixminion.codec.process import Drop, Exit, OpenedPacket, PacketProcessor, Reject, Relay
-from mixminion.codec.routing import PING_TYPE
+import mixminion
 from mixminion.codec.rsa import PrivateKey
-from mixminion.server.items import ExitItem, RelayItem, encode_item
-from mixminion.server.packetstore import PacketStore
-from mixminion.server.store_replay import StoreReplayLog
-from mixminion.server.workers import run_in, worker_pool
+from mixminion.server.draining import INCOMING, MIX  # noqa: F401  (re-exported)
 
-INCOMING = "incoming"
-MIX = "mix"
+#: longest line the child may send (a batch report is a few hundred bytes)
+MAX_LINE = 1 << 20
+
+
+class _ChildProtocol(protocol.ProcessProtocol):
+    """Splits the child's stdout into JSON messages for the Processor."""
+
+    def __init__(self, owner: "Processor") -> None:
+        self.owner = owner
+        self._buffer = b""
+
+    def outReceived(self, data: bytes) -> None:  # noqa: N802
+        self._buffer += data
+        *lines, self._buffer = self._buffer.split(b"\n")
+        if len(self._buffer) > MAX_LINE:
+            self.owner.log.error("Processing child sent an overlong line; restarting it")
+            self._buffer = b""
+            self.transport.signalProcess("KILL")
+            return
+        for line in lines:
+            try:
+                message = json.loads(line)
+            except ValueError:
+                self.owner.log.error("Processing child sent a line that is not JSON")
+                continue
+            self.owner._message(message)
+
+    def errReceived(self, data: bytes) -> None:  # noqa: N802
+        for line in data.decode("utf-8", "replace").splitlines():
+            if line.strip():
+                self.owner.log.warn("Processing child: {line}", line=line)
+
+    def processEnded(self, reason: Failure) -> None:  # noqa: N802
+        self.owner._ended(self, reason)
 
 
 class Processor:
-    """Drains the incoming queue into the mix pool."""
+    """Keeps the processing child fed; counts what it reports.
+
+    ``on_consumed(through, count)`` is told after each committed batch that
+    incoming packets up to id ``through`` (``count`` of them) are done.
+    """
 
     log = Logger()
 
-    def __init__(self, store: PacketStore, reactor, count: Callable[[str, int], None],
-                 batch_size: int = 16, on_drained: Optional[Callable[[int], None]] = None) -> None:
-        self.store = store
-        #: told how many packets left the incoming queue (the sink bounds it)
-        self.on_drained = on_drained
+    def __init__(self, incoming_path: str, store_path: str, reactor,
+                 count: Callable[[str, int], None], *,
+                 on_consumed: Optional[Callable[[int, int], None]] = None,
+                 batch_size: int = 32, restart_delay: float = 1.0) -> None:
+        self.incoming_path = incoming_path
+        self.store_path = store_path
+        self.lock_path = os.path.join(os.path.dirname(store_path), "processing.lock")
         self.reactor = reactor
         self.count = count
+        self.on_consumed = on_consumed
         self.batch_size = batch_size
-        self._processor: Optional[PacketProcessor] = None
-        self._running = False
+        self.restart_delay = restart_delay
+        self._keys: list[PrivateKey] = []
+        self._child: Optional[_ChildProtocol] = None
+        self._ready = False
+        self._draining = False
         self._again = False
-        self._pool = worker_pool("mixminion-processing")
-        #: opens the next batch (all its cryptography) while the worker
-        #: commits the current one; its thread starts on first use
-        self._opener = ThreadPoolExecutor(1, thread_name_prefix="mixminion-opening")
-        self.idle: defer.Deferred = defer.succeed(None)
+        self._stopping = False
+        self._retry = None
+        self._idle_waiters: list[defer.Deferred] = []
+        self._stopped: Optional[defer.Deferred] = None
+        #: children started so far (a restart after a crash adds one)
+        self.starts = 0
+
+    # --- what the node calls ---------------------------------------------------
 
     def set_keys(self, keys: Sequence[PrivateKey]) -> None:
         """Use these packet keys (newest first) from now on."""
-        logs = [(key, StoreReplayLog(self.store, key.public.keyid)) for key in keys]
-        self._processor = PacketProcessor(logs) if logs else None
+        self._keys = list(keys)
+        if self._ready:
+            self._send({"keys": [key.der.hex() for key in self._keys]})
         self.kick()
 
     def kick(self, _ignored: object = None) -> None:
         """Process whatever is in the incoming queue, soon."""
-        if self._running:
+        if self._stopping or not self._keys:
+            return
+        if self._child is None:
+            self._start()
+        elif not self._ready or self._draining:
             self._again = True
-            return
-        if self._processor is None:
-            return
-        self._running = True
-        self._again = False
-        self.idle = run_in(self.reactor, self._pool, self._drain, self._processor)
-        self.idle.addCallbacks(self._done, self._failed)
+        else:
+            self._draining, self._again = True, False
+            self._send({"drain": True})
 
-    def _drain(self, processor: PacketProcessor) -> Counter:
-        """Worker thread: process every incoming packet, a batch per commit.
-
-        Batch k+1 is read and opened in the helper thread while batch k
-        commits here: the RSA and LIONESS work mostly runs without the GIL,
-        so it overlaps with the store's writes instead of adding to them.
-        """
-        totals: Counter = Counter()
-        ids = self.store.ids(INCOMING, self.batch_size)
-        opening = self._opener.submit(self._open, processor, ids)
-        while ids:
-            following = self.store.ids(INCOMING, self.batch_size, after=ids[-1])
-            next_opening = self._opener.submit(self._open, processor, following)
-            totals.update(self._process_batch(processor, ids, opening.result()))
-            if self.on_drained is not None:
-                self.reactor.callFromThread(self.on_drained, len(ids))
-            ids, opening = following, next_opening
-        return totals
-
-    def _open(self, processor: PacketProcessor, ids: list[int]) -> list[OpenedPacket]:
-        return processor.open_batch(self.store.get_many(ids)) if ids else []
-
-    def _process_batch(self, processor: PacketProcessor, ids: list[int],
-                       opened: Optional[list[OpenedPacket]] = None) -> Counter:
-        counts: Counter = Counter()
-        now = self.reactor.seconds()
-        # Only this worker takes packets out of the incoming queue, so they
-        # can be read, and all their cryptography done, before the
-        # transaction: the store's lock is held for the replay log and the
-        # writes alone.
-        if opened is None:
-            opened = self._open(processor, ids)
-        with self.store.transaction():
-            results = processor.finish_batch(opened)
-            pooled, dropped = [], []
-            for packet_id, result in zip(ids, results):
-                row = self._pool_row(result, counts)
-                if row is None:
-                    dropped.append(packet_id)
-                else:
-                    pooled.append((packet_id, *row))
-            # What a packet became replaces it in its own row: one write of
-            # 32 KiB instead of an insert and a secure delete.
-            self.store.replace_many(MIX, pooled, now)
-            self.store.remove_many(dropped)
-        return counts
-
-    def _pool_row(self, result, counts: Counter) -> Optional[tuple[bytes, bytes]]:
-        """(data, meta) to put in the pool for ``result``; None to drop it."""
-        if isinstance(result, Relay):
-            counts["ProcessedRelay"] += 1
-            return result.packet, encode_item(RelayItem.from_next_hop(result.next_hop))
-        if isinstance(result, Exit):
-            if result.exit_type == PING_TYPE:
-                counts["DroppedPing"] += 1
-                return None
-            counts["ProcessedExit"] += 1
-            item = ExitItem(result.exit_type, result.routing_info, result.application_key)
-            return result.payload, encode_item(item)
-        if isinstance(result, Drop):
-            counts["DroppedDummy"] += 1
-        elif isinstance(result, Reject):
-            counts[f"Rejected:{result.reason.value}"] += 1
-        return None
-
-    def _done(self, counts: Counter) -> None:
-        self._running = False
-        for name, n in counts.items():
-            self.count(name, n)
-        if sum(n for name, n in counts.items() if name.startswith("Rejected:")):
-            self.log.info("Processing rejected {n} packets",
-                          n=sum(n for k, n in counts.items() if k.startswith("Rejected:")))
-        if self._again:
-            self.kick()
-
-    def _failed(self, failure) -> None:
-        self._running = False
-        self.log.failure("Packet processing failed; will retry", failure)
-        self.reactor.callLater(1.0, self.kick)
+    def wait_idle(self) -> defer.Deferred:
+        """Fires once the child has drained the queue and nothing is pending."""
+        if self._child is None and not self._keys:
+            return defer.succeed(None)
+        d: defer.Deferred = defer.Deferred()
+        self._idle_waiters.append(d)
+        self.kick()
+        return d
 
     def stop(self) -> defer.Deferred:
-        d = self.idle if self._running else defer.succeed(None)
+        """Close the child's stdin (it finishes its batch and exits)."""
+        self._stopping = True
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        if self._child is None:
+            return defer.succeed(None)
+        self._stopped = defer.Deferred()
+        self._child.transport.closeStdin()
+        child = self._child
+        kill = self.reactor.callLater(60, self._kill, child)
+        self._stopped.addBoth(lambda r: (kill.cancel() if kill.active() else None, r)[1])
+        return self._stopped
 
-        def stop_pool(_):
-            if self._pool.started:
-                self._pool.stop()
-            self._opener.shutdown(wait=True)
+    # --- the child ---------------------------------------------------------------
 
-        return d.addBoth(stop_pool)
+    def _start(self) -> None:
+        self.starts += 1
+        self._child = _ChildProtocol(self)
+        self._ready = self._draining = False
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(mixminion.__file__)))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (package_root, env.get("PYTHONPATH")) if p)
+        argv = [sys.executable, "-m", "mixminion.server.processing_child",
+                "--incoming", self.incoming_path, "--store", self.store_path,
+                "--lock", self.lock_path, "--batch", str(self.batch_size)]
+        self.reactor.spawnProcess(self._child, sys.executable, argv, env=env,
+                                  childFDs={0: "w", 1: "r", 2: "r"})
+
+    def _send(self, message: dict) -> None:
+        self._child.transport.write(json.dumps(message).encode() + b"\n")
+
+    def _message(self, message: dict) -> None:
+        if message.get("ready"):
+            self._ready = True
+            self._send({"keys": [key.der.hex() for key in self._keys]})
+            self._again = False
+            self._draining = True
+            self._send({"drain": True})
+        elif "batch" in message:
+            batch = message["batch"]
+            for name, n in batch["counts"].items():
+                self.count(name, n)
+            rejected = sum(n for k, n in batch["counts"].items() if k.startswith("Rejected:"))
+            if rejected:
+                self.log.info("Processing rejected {n} packets", n=rejected)
+            if self.on_consumed is not None:
+                self.on_consumed(batch["through"], batch["count"])
+        elif message.get("idle"):
+            self._draining = False
+            if self._again:
+                self.kick()
+            else:
+                waiters, self._idle_waiters = self._idle_waiters, []
+                for d in waiters:
+                    d.callback(None)
+        elif "error" in message:
+            self._draining = False
+            self.log.error("Packet processing failed; will retry: {why}", why=message["error"])
+            self._retry = self.reactor.callLater(self.restart_delay, self.kick)
+
+    def _ended(self, child: _ChildProtocol, reason: Failure) -> None:
+        if child is not self._child:
+            return
+        self._child = None
+        self._ready = self._draining = False
+        if self._stopping:
+            stopped, self._stopped = self._stopped, None
+            if stopped is not None:
+                stopped.callback(None)
+            return
+        self.log.error("Processing child exited ({why}); restarting it",
+                       why=reason.getErrorMessage())
+        self._retry = self.reactor.callLater(self.restart_delay, self.kick)
+
+    def _kill(self, child: _ChildProtocol) -> None:
+        self.log.warn("Processing child did not stop in time; killing it")
+        try:
+            child.transport.signalProcess("KILL")
+        except Exception:  # already gone
+            pass
+

@@ -55,7 +55,7 @@ class OutgoingWindowTests(unittest.TestCase):
 
     def outgoing(self, window: int) -> Outgoing:
         out = Outgoing(self.store, self.client, (60, 60), self.clock, b"\x07" * 20,
-                       self.stats.count, lambda: None, reactor=reactor)
+                       self.stats.count, lambda packets: None, reactor=reactor)
         out.max_in_flight = window
         self.addCleanup(out.stop)
         return out
@@ -102,6 +102,6 @@ class OutgoingWindowTests(unittest.TestCase):
         await stopped
         self.assertEqual(self.stats["RelayFailed"], 0)
         again = Outgoing(self.store, HeldClient(), (60, 60), self.clock, b"\x07" * 20,
-                         self.stats.count, lambda: None, reactor=reactor)
+                         self.stats.count, lambda packets: None, reactor=reactor)
         self.addCleanup(again.stop)
         self.assertEqual(again.flush(), 3)  # right away after the restart

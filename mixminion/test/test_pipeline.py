@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import functools
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from mixminion.codec.build import build_forward_packet, encode_message_payloads
+from mixminion.codec.process import PacketProcessor
 from mixminion.codec.header import Hop
 from mixminion.codec.routing import MBOX_TYPE, SMTP_TYPE, HostInfo
 from mixminion.codec.rsa import PrivateKey
@@ -30,7 +32,9 @@ from mixminion.server.mixing import OUT, Mixer, delivery_queue
 from mixminion.server.outgoing import Outgoing
 from mixminion.server.packetstore import PacketStore
 from mixminion.server.pool import TimedPool
-from mixminion.server.processing import INCOMING, MIX, Processor
+from mixminion.server.draining import INCOMING, MIX, consumed_through, drain, recover_incoming
+from mixminion.server.processing import Processor
+from mixminion.server.store_replay import StoreReplayLog
 from mixminion.server.stats import NodeStats
 
 
@@ -58,36 +62,55 @@ class StoreTestCase(unittest.TestCase):
         self.stats = NodeStats()
 
 
-class ProcessorTests(StoreTestCase):
+class TwoStoreTestCase(StoreTestCase):
+    """Processing's two stores: incoming and main."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.incoming = PacketStore(os.path.join(os.path.dirname(self.store.path),
+                                                 "incoming.db"))
+        self.addCleanup(self.incoming.close)
+
+
+class ProcessorTests(TwoStoreTestCase):
+    """The Twisted side with a real processing child process."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.consumed: list[tuple[int, int]] = []
+
+    def _processor(self) -> Processor:
+        processor = Processor(self.incoming.path, self.store.path, reactor, self.stats.count,
+                              on_consumed=lambda *a: self.consumed.append(a),
+                              restart_delay=0.1)
+        self.addCleanup(processor.stop)
+        return processor
+
     async def _drain(self, processor: Processor) -> None:
-        processor.kick()
-        await processor.idle
-        await processor.stop()
+        processor.set_keys([_key(0)])
+        await processor.wait_idle()
 
     def test_relay_packets_reach_the_pool_with_their_next_hop(self) -> None:
         packets = [_packet() for _ in range(3)]
-        self.store.add_many(INCOMING, packets)
-        processor = Processor(self.store, reactor, self.stats.count)
-        processor.set_keys([_key(0)])
-        d = defer.ensureDeferred(self._drain(processor))
+        ids = self.incoming.add_many(INCOMING, packets)
+        d = defer.ensureDeferred(self._drain(self._processor()))
 
         def check(_):
-            self.assertEqual(self.store.count(INCOMING), 0)
             items = self.store.items(MIX)
             self.assertEqual(len(items), 3)
             for _id, meta, _added in items:
                 item, _ = decode_item(meta)
                 self.assertEqual(item, RelayItem("mix1.example.net", 48001, bytes([1]) * 20))
             self.assertEqual(self.stats["ProcessedRelay"], 3)
+            self.assertEqual(self.consumed, [(ids[-1], 3)])
+            self.assertEqual(consumed_through(self.store), ids[-1])
 
         return d.addCallback(check)
 
     def test_replayed_packet_is_refused_and_nothing_is_queued_twice(self) -> None:
         packet = _packet()
-        self.store.add_many(INCOMING, [packet, packet])
-        processor = Processor(self.store, reactor, self.stats.count)
-        processor.set_keys([_key(0)])
-        d = defer.ensureDeferred(self._drain(processor))
+        self.incoming.add_many(INCOMING, [packet, packet])
+        d = defer.ensureDeferred(self._drain(self._processor()))
 
         def check(_):
             self.assertEqual(self.store.count(MIX), 1)
@@ -95,29 +118,110 @@ class ProcessorTests(StoreTestCase):
 
         return d.addCallback(check)
 
-    def test_a_failed_batch_leaves_everything_in_place(self) -> None:
-        """Replay entries and results commit together, or not at all."""
-        packet = _packet()
-        self.store.add_many(INCOMING, [packet])
-        processor = Processor(self.store, reactor, self.stats.count)  # no keys: no worker run
-        original = self.store.remove_many
+    def test_a_killed_child_is_restarted_and_loses_nothing(self) -> None:
+        processor = self._processor()
 
-        def broken(ids):
+        async def go():
+            await self._drain(processor)  # the child is up and idle
+            first = processor._child
+            first.transport.signalProcess("KILL")
+            self.incoming.add_many(INCOMING, [_packet() for _ in range(4)])
+            while processor._child is first or processor._child is None:
+                await task.deferLater(reactor, 0.05, lambda: None)
+            await processor.wait_idle()
+            self.assertEqual(processor.starts, 2)
+            self.assertEqual(self.store.count(MIX), 4)
+            self.assertEqual(self.stats["ProcessedRelay"], 4)
+
+        return defer.ensureDeferred(go())
+
+    def test_stop_ends_the_child(self) -> None:
+        processor = self._processor()
+
+        async def go():
+            await self._drain(processor)
+            child = processor._child
+            await processor.stop()
+            self.assertIsNone(processor._child)
+            self.assertIsNotNone(child.transport.status)  # the process has exited
+
+        return defer.ensureDeferred(go())
+
+
+class DrainingTests(TwoStoreTestCase):
+    """The batch logic the child runs, called directly."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.processor = PacketProcessor(
+            [(_key(0), StoreReplayLog(self.store, _key(0).public.keyid))])
+
+    def _drain(self, batch_size: int = 16) -> list:
+        return list(drain(self.incoming, self.store, self.processor, batch_size,
+                          lambda: 123.0))
+
+    def test_batches_commit_in_order_with_the_consumed_mark(self) -> None:
+        ids = self.incoming.add_many(INCOMING, [_packet() for _ in range(5)])
+        with ThreadPoolExecutor(1) as opener:
+            done = list(drain(self.incoming, self.store, self.processor, 2, lambda: 123.0,
+                              opener))
+        self.assertEqual([(b.through, b.count) for b in done],
+                         [(ids[1], 2), (ids[3], 2), (ids[4], 1)])
+        self.assertEqual(sum(b.counts["ProcessedRelay"] for b in done), 5)
+        self.assertEqual(consumed_through(self.store), ids[4])
+        self.assertEqual({added for _, _, added in self.store.items(MIX)}, {123.0})
+
+    def test_a_failed_batch_leaves_everything_in_place(self) -> None:
+        """Replay entries, results and the consumed mark commit together,
+        or not at all."""
+        self.incoming.add_many(INCOMING, [_packet()])
+        original = self.store.add_many
+
+        def broken(*args, **kwargs):
             raise OSError("disk gone")
 
-        self.store.remove_many = broken  # type: ignore[method-assign]
-        from mixminion.codec.process import PacketProcessor
-        from mixminion.server.store_replay import StoreReplayLog
-
-        proc = PacketProcessor([(_key(0), StoreReplayLog(self.store, _key(0).public.keyid))])
-        self.assertRaises(OSError, processor._process_batch, proc, self.store.ids(INCOMING))
-        self.store.remove_many = original  # type: ignore[method-assign]
-        self.assertEqual(self.store.count(INCOMING), 1)
+        self.store.add_many = broken  # type: ignore[method-assign]
+        self.assertRaises(OSError, self._drain)
+        self.store.add_many = original  # type: ignore[method-assign]
         self.assertEqual(self.store.count(MIX), 0)
+        self.assertEqual(consumed_through(self.store), 0)
         # The replay entry rolled back too: the packet still processes.
-        counts = processor._process_batch(proc, self.store.ids(INCOMING))
-        self.assertEqual(counts["ProcessedRelay"], 1)
-        return processor.stop()
+        [done] = self._drain()
+        self.assertEqual(done.counts["ProcessedRelay"], 1)
+
+    def test_packets_up_to_the_consumed_mark_are_never_processed_again(self) -> None:
+        """A crash after processing committed but before the incoming
+        packets were deleted: the next drain skips them."""
+        ids = self.incoming.add_many(INCOMING, [_packet() for _ in range(3)])
+        self._drain()
+        self.assertEqual(self.incoming.count(INCOMING), 3)  # the node deletes them later
+        self.assertEqual(self._drain(), [])
+        self.assertEqual(self.store.count(MIX), 3)
+        recover_incoming(self.incoming, self.store)
+        self.assertEqual(self.incoming.count(INCOMING), 0)
+        later = self.incoming.add_many(INCOMING, [_packet()])
+        self.assertGreater(later[0], ids[-1])
+        self.assertEqual(len(self._drain()), 1)
+
+    def test_a_recreated_incoming_store_does_not_reuse_consumed_ids(self) -> None:
+        self.incoming.add_many(INCOMING, [_packet() for _ in range(3)])
+        self._drain()
+        self.incoming.close()
+        os.unlink(self.incoming.path)
+        self.incoming = PacketStore(self.incoming.path)
+        self.addCleanup(self.incoming.close)
+        recover_incoming(self.incoming, self.store)
+        self.incoming.add_many(INCOMING, [_packet()])
+        [done] = self._drain()
+        self.assertEqual(done.counts["ProcessedRelay"], 1)
+        self.assertEqual(self.store.count(MIX), 4)
+
+    def test_packets_queued_in_the_main_store_by_an_older_version_move_over(self) -> None:
+        self.store.add_many(INCOMING, [_packet(), _packet()])
+        recover_incoming(self.incoming, self.store)
+        self.assertEqual(self.store.count(INCOMING), 0)
+        self.assertEqual(self.incoming.count(INCOMING), 2)
+        self.assertEqual(sum(b.count for b in self._drain()), 2)
 
 
 class MixerTests(StoreTestCase):
@@ -158,8 +262,9 @@ class FakeClient:
 
 class OutgoingTests(StoreTestCase):
     def _outgoing(self, clock, client, schedule=(60, 60)) -> Outgoing:
+        self.relayed_to_self: list[bytes] = []
         out = Outgoing(self.store, client, schedule, clock, b"\x07" * 20, self.stats.count,
-                       lambda: None, reactor=reactor)
+                       self.relayed_to_self.extend, reactor=reactor)
         self.addCleanup(out.stop)
         return out
 
@@ -196,7 +301,7 @@ class OutgoingTests(StoreTestCase):
         self.store.add_many(OUT, [b"y" * 10], now=100, meta=[other])
         out = self._outgoing(clock, FakeClient())
         self.assertEqual(out.flush(), 0)
-        self.assertEqual(self.store.count(INCOMING), 1)
+        self.assertEqual(self.relayed_to_self, [b"x" * 10])
         self.assertEqual(self.store.count(OUT), 0)
         self.assertEqual(self.stats["ExpiredRelay"], 1)
 
@@ -295,6 +400,25 @@ class SinkBoundTests(StoreTestCase):
             sink.removed(1)
             await sink.receivePacket(b"d" * 32768, "peer")
             self.assertEqual(self.store.count(INCOMING), 3)
+
+        return defer.ensureDeferred(go())
+
+
+    def test_consumed_packets_are_deleted_by_the_next_commit(self) -> None:
+        from mixminion.server.durable import DurableSink
+
+        sink = DurableSink(self.store, reactor, INCOMING, max_queued=3)
+        self.addCleanup(sink.stop)
+
+        async def go():
+            ids = [await sink.receivePacket(bytes([i]) * 32768, "peer") for i in range(3)]
+            sink.consumed(ids[1], 2)  # processing committed the first two
+            await sink.receivePacket(b"d" * 32768, "peer")  # room again, same commit
+            self.assertEqual(self.store.get_many(self.store.ids(INCOMING)),
+                             [bytes([2]) * 32768, b"d" * 32768])
+            sink.consumed(ids[2], 1)  # with nothing arriving, a commit of its own
+            while self.store.count(INCOMING) != 1:
+                await task.deferLater(reactor, 0.01, lambda: None)
 
         return defer.ensureDeferred(go())
 

@@ -1,0 +1,116 @@
+"""Processing's batch logic: incoming queue → codec → mix pool.
+
+No Twisted and no clock of its own: it runs inside the processing child
+process (:mod:`mixminion.server.processing_child`) and in unit tests.
+
+Received packets wait in their own store, ``incoming.db``, which only the
+node's reception thread writes: an MMTP acknowledgement then waits for
+that one short commit, never for processing's.  The results go to the main
+store, ``packets.db``.  Two SQLite files cannot share a transaction in WAL
+mode, so the main store records how far processing got: each batch's
+replay entries, pool items and the highest incoming id it consumed commit
+together.  The node deletes incoming packets up to that id later (and at
+start-up), and processing never reads below it; so a crash at any moment
+either leaves a packet to be processed again or has it processed once.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional, Sequence
+
+from mixminion.codec.process import Drop, Exit, OpenedPacket, PacketProcessor, Reject, Relay
+from mixminion.codec.routing import PING_TYPE
+from mixminion.server.items import ExitItem, RelayItem, encode_item
+from mixminion.server.packetstore import PacketStore
+
+INCOMING = "incoming"
+MIX = "mix"
+#: kv name in the main store: the highest incoming id whose processing committed
+CONSUMED_KEY = "incoming-consumed-through"
+
+
+@dataclass(frozen=True)
+class BatchDone:
+    """One committed batch: incoming ids up to ``through`` are consumed."""
+
+    through: int
+    count: int
+    counts: Counter
+
+
+def consumed_through(store: PacketStore) -> int:
+    """The highest incoming id processing has committed (0 if none)."""
+    raw = store.get_value(CONSUMED_KEY)
+    return int(raw) if raw else 0
+
+
+def recover_incoming(incoming: PacketStore, store: PacketStore) -> None:
+    """At start-up, before anything runs: delete incoming packets whose
+    processing committed before a crash, and take over packets an older
+    version queued inside the main store (copied first, so a crash here
+    leaves a copy for the replay log to refuse, never a loss)."""
+    through = consumed_through(store)
+    if through:
+        incoming.remove_through(INCOMING, through)
+        # A re-created incoming store must not hand out consumed ids.
+        incoming.reserve_ids_through(through)
+    old = store.ids(INCOMING)
+    if old:
+        incoming.add_many(INCOMING, store.get_many(old))
+        store.remove_many(old)
+
+
+def drain(incoming: PacketStore, store: PacketStore, processor: PacketProcessor,
+          batch_size: int, now: Callable[[], float], opener: Optional[Executor] = None) -> Iterator[BatchDone]:
+    """Process every incoming packet above the consumed mark, a batch per
+    commit, yielding after each commit.
+
+    With an ``opener``, batch k+1 is read and opened there (its RSA and
+    LIONESS mostly run without the GIL) while batch k commits here.
+    """
+    def open_(ids: list[int]) -> list[OpenedPacket]:
+        return processor.open_batch(incoming.get_many(ids)) if ids else []
+
+    ids = incoming.ids(INCOMING, batch_size, after=consumed_through(store))
+    opening = opener.submit(open_, ids) if opener else None
+    while ids:
+        following = incoming.ids(INCOMING, batch_size, after=ids[-1])
+        next_opening = opener.submit(open_, following) if opener else None
+        opened = opening.result() if opening else open_(ids)
+        yield BatchDone(ids[-1], len(ids), commit_batch(store, processor, ids[-1], opened, now()))
+        ids, opening = following, next_opening
+
+
+def commit_batch(store: PacketStore, processor: PacketProcessor, through: int,
+                 opened: Sequence[OpenedPacket], now: float) -> Counter:
+    """Replay entries, pool items and the consumed mark in one transaction."""
+    counts: Counter = Counter()
+    with store.transaction():
+        results = processor.finish_batch(opened)
+        rows = [row for row in (pool_row(result, counts) for result in results) if row]
+        if rows:
+            store.add_many(MIX, [data for data, _ in rows], now, [meta for _, meta in rows])
+        store.set_value(CONSUMED_KEY, str(through).encode())
+    return counts
+
+
+def pool_row(result, counts: Counter) -> Optional[tuple[bytes, bytes]]:
+    """(data, meta) to put in the pool for ``result``; None to drop it."""
+    if isinstance(result, Relay):
+        counts["ProcessedRelay"] += 1
+        return result.packet, encode_item(RelayItem.from_next_hop(result.next_hop))
+    if isinstance(result, Exit):
+        if result.exit_type == PING_TYPE:
+            counts["DroppedPing"] += 1
+            return None
+        counts["ProcessedExit"] += 1
+        item = ExitItem(result.exit_type, result.routing_info, result.application_key)
+        return result.payload, encode_item(item)
+    if isinstance(result, Drop):
+        counts["DroppedDummy"] += 1
+    elif isinstance(result, Reject):
+        counts[f"Rejected:{result.reason.value}"] += 1
+    return None

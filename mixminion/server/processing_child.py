@@ -1,0 +1,103 @@
+"""The processing child process: decrypts incoming packets into the pool.
+
+The node's process runs MMTP both ways, its queues and its timers; this
+one runs the codec, so the RSA and LIONESS work (about 0.3 ms a packet)
+and its store writes use a core of their own instead of competing with
+the reactor for the GIL.  It talks JSON lines over its stdin and stdout
+(see :class:`mixminion.server.processing.Processor` for the other end)::
+
+    node  -> child   {"keys": [hex DER, ...]}   packet keys, newest first
+                     {"drain": true}            process what is queued
+    child -> node    {"ready": true}            stores open, lock held
+                     {"batch": {"through": ID, "count": N, "counts": {...}}}
+                     {"idle": true}             the queue is empty
+                     {"error": "why"}           a drain failed; ask again
+
+It exits when its stdin closes (the node stopped or died).  An exclusive
+lock on a file beside the stores keeps a child of a killed node from
+processing beside its successor's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import signal
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import BinaryIO, Optional
+
+from mixminion.codec.process import PacketProcessor
+from mixminion.codec.rsa import PrivateKey
+from mixminion.server.draining import drain
+from mixminion.server.packetstore import PacketStore, PacketStoreError
+from mixminion.server.store_replay import StoreReplayLog
+
+
+class Child:
+    """What the child does with each request from the node."""
+
+    def __init__(self, incoming: PacketStore, store: PacketStore, batch_size: int,
+                 out: BinaryIO) -> None:
+        self.incoming = incoming
+        self.store = store
+        self.batch_size = batch_size
+        self.out = out
+        self.processor: Optional[PacketProcessor] = None
+        self.opener = ThreadPoolExecutor(1, thread_name_prefix="mixminion-opening")
+
+    def send(self, message: dict) -> None:
+        self.out.write(json.dumps(message).encode() + b"\n")
+        self.out.flush()
+
+    def handle(self, message: dict) -> None:
+        if "keys" in message:
+            keys = [PrivateKey.from_der(bytes.fromhex(k)) for k in message["keys"]]
+            self.processor = PacketProcessor(
+                [(key, StoreReplayLog(self.store, key.public.keyid)) for key in keys])
+        elif message.get("drain"):
+            if self.processor is None:
+                self.send({"error": "no packet keys yet"})
+                return
+            try:
+                for done in drain(self.incoming, self.store, self.processor, self.batch_size,
+                                  time.time, self.opener):
+                    self.send({"batch": {"through": done.through, "count": done.count,
+                                         "counts": dict(done.counts)}})
+            except (PacketStoreError, OSError) as exc:
+                self.send({"error": f"processing failed: {exc}"})
+                return
+            self.send({"idle": True})
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--incoming", required=True, help="the incoming packet store")
+    parser.add_argument("--store", required=True, help="the main packet store")
+    parser.add_argument("--lock", required=True, help="lock file held while running")
+    parser.add_argument("--batch", type=int, default=32, help="packets per commit")
+    args = parser.parse_args(argv)
+    # The node decides when this process stops (by closing its stdin): a
+    # Ctrl-C at a foreground twistd reaches the whole process group.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with open(args.lock, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        incoming, store = PacketStore(args.incoming), PacketStore(args.store)
+        child = Child(incoming, store, args.batch, sys.stdout.buffer)
+        try:
+            child.send({"ready": True})
+            for line in sys.stdin.buffer:
+                child.handle(json.loads(line))
+        except BrokenPipeError:
+            pass  # the node is gone; what was committed stays committed
+        finally:
+            child.opener.shutdown(wait=True)
+            incoming.close()
+            store.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
