@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -33,7 +34,8 @@ class Mixer:
     def __init__(self, store: PacketStore, pool, interval: float, clock: IReactorTime,
                  module_for: Callable[[int], Optional[str]],
                  count: Callable[[str, int], None],
-                 after_mix: Callable[[], None]) -> None:
+                 after_mix: Callable[[], None],
+                 run_write: Optional[Callable[..., defer.Deferred]] = None) -> None:
         self.store = store
         self.pool = pool
         self.interval = interval
@@ -41,19 +43,44 @@ class Mixer:
         self.module_for = module_for
         self.count = count
         self.after_mix = after_mix
+        #: runs the round's store transaction: the node passes a worker
+        #: thread, since a commit may wait for processing's (tens of
+        #: milliseconds the reactor would not serve MMTP); by default it
+        #: runs in place
+        self.run_write = run_write or (lambda fn, *args: defer.maybeDeferred(fn, *args))
         self._loop: Optional[LoopingCall] = None
+        self._stopping = False
+        #: the round whose moves are being written, if any
+        self._round: Optional[defer.Deferred] = None
 
     def start(self) -> None:
+        self._stopping = False
         self._loop = LoopingCall(self.mix)
         self._loop.clock = self.clock
         self._loop.start(self.interval, now=False)
 
-    def stop(self) -> None:
+    def stop(self) -> defer.Deferred:
+        """Stop mixing; fires once a round under way has been written
+        (its items are then not handed on: they wait in their queues)."""
+        self._stopping = True
         if self._loop is not None and self._loop.running:
             self._loop.stop()
+        if self._round is None:
+            return defer.succeed(None)
+        done: defer.Deferred = defer.Deferred()
+        self._round.addBoth(lambda result: (done.callback(None), result)[1])
+        return done
 
-    def mix(self) -> int:
-        """One mix round; returns the number of items sent on."""
+    def restart(self, interval: float) -> None:
+        """Mix every ``interval`` seconds from now on."""
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self.interval = interval
+        self.start()
+
+    def mix(self) -> defer.Deferred:
+        """One mix round; fires with the number of items sent on once
+        their moves are committed."""
         items = self.store.items(MIX)
         by_id = {packet_id: meta for packet_id, meta, _ in items}
         chosen = self.pool.choose_batch(list(by_id))
@@ -69,15 +96,36 @@ class Mixer:
                     dropped.append(packet_id)
                 else:
                     exits.setdefault(module, []).append(packet_id)
+
+        def moved(_) -> int:
+            if dropped:
+                self.count("DroppedUnknownExitType", len(dropped))
+                self.log.warn("Dropped {n} payloads for exit types with no module",
+                              n=len(dropped))
+            self.count("Mixed", len(chosen))
+            self.log.debug("Mix: {sent} of {pool} items sent on", sent=len(chosen),
+                           pool=len(items))
+            if not self._stopping:
+                self.after_mix()
+            return len(chosen)
+
+        def failed(failure) -> int:
+            self.log.failure("Could not move the mixed items; they stay in the pool", failure)
+            return 0
+
+        d = self.run_write(self._move, relays, exits, dropped).addCallbacks(moved, failed)
+        self._round = d
+
+        def finished(result):
+            if self._round is d:
+                self._round = None
+            return result
+
+        return d.addBoth(finished)
+
+    def _move(self, relays: list[int], exits: dict[str, list[int]], dropped: list[int]) -> None:
         with self.store.transaction():
             self.store.move_many(relays, OUT)
             for module, ids in exits.items():
                 self.store.move_many(ids, delivery_queue(module))
             self.store.remove_many(dropped)
-        if dropped:
-            self.count("DroppedUnknownExitType", len(dropped))
-            self.log.warn("Dropped {n} payloads for exit types with no module", n=len(dropped))
-        self.count("Mixed", len(chosen))
-        self.log.debug("Mix: {sent} of {pool} items sent on", sent=len(chosen), pool=len(items))
-        self.after_mix()
-        return len(chosen)

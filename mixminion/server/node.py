@@ -44,6 +44,7 @@ from mixminion.server.packetstore import PacketStore
 from mixminion.server.pool import make_pool
 from mixminion.server.processing import INCOMING, MIX, Processor
 from mixminion.server.stats import NodeStats
+from mixminion.server.workers import run_in, worker_pool
 
 DEFAULT_OUTGOING_RETRY = (3600,) * 24 + (7 * 3600,) * 18
 
@@ -141,10 +142,11 @@ class MixNode(service.MultiService):
         self.delivery = Delivery(self.store, dispatcher, reactor, self.stats.count)
         self.outgoing = Outgoing(self.store, self.client, settings.outgoing_retry, reactor,
                                  identity.public.keyid, self.stats.count, self._relay_to_self)
+        self._mixing_pool = worker_pool("mixminion-mixing")
         self.mixer = Mixer(self.store, make_pool(settings.mix_algorithm, settings.pool_min_size,
                                                  settings.pool_rate),
                            settings.mix_interval, reactor, self.delivery.module_for,
-                           self.stats.count, self._after_mix)
+                           self.stats.count, self._after_mix, run_write=self._mixing_write)
         PipelineService(self).setServiceParent(self)
         factory = responder_factory(self.sink, self.tls, reactor, settings.limits,
                                     settings.rules, self.stats)
@@ -197,9 +199,8 @@ class MixNode(service.MultiService):
         self.mixer.pool = make_pool(settings.mix_algorithm, settings.pool_min_size,
                                     settings.pool_rate)
         if settings.mix_interval != self.mixer.interval:
-            self.mixer.stop()
-            self.mixer.interval = self.settings.mix_interval = settings.mix_interval
-            self.mixer.start()
+            self.settings.mix_interval = settings.mix_interval
+            self.mixer.restart(settings.mix_interval)
         self.outgoing.schedule = self.settings.outgoing_retry = settings.outgoing_retry
         for state in self.outgoing.addresses.values():
             state.schedule = settings.outgoing_retry
@@ -211,6 +212,9 @@ class MixNode(service.MultiService):
             factory = getattr(listener, "factory", None)
             if hasattr(factory, "rules"):
                 factory.rules = settings.rules
+
+    def _mixing_write(self, fn, *args) -> defer.Deferred:
+        return run_in(self.reactor, self._mixing_pool, fn, *args)
 
     def _after_mix(self) -> None:
         self.outgoing.flush()
@@ -230,7 +234,9 @@ class MixNode(service.MultiService):
         for call in (self._stats_call, self._first_flush):
             if call is not None and call.active():
                 call.cancel()
-        self.mixer.stop()
+        await self.mixer.stop()
+        if self._mixing_pool.started:
+            self._mixing_pool.stop()
         await self.sink.stop()
         await self.processor.stop()
         outgoing_stopped = self.outgoing.stop()  # before the close aborts its sends
