@@ -35,7 +35,6 @@ Usage: python3 benchmarks/node.py [--packets N] [--clients N] [--pool N] [--prof
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -134,7 +133,7 @@ class CountingSink:
     """The next hop: counts distinct arrivals and notes when each came."""
 
     def __init__(self) -> None:
-        self.digests: set[bytes] = set()
+        self.digests: set[bytes] = set()  # of each packet's first 32 bytes
         self.times: list[float] = []  # arrival time of each distinct packet
 
     @property
@@ -142,7 +141,10 @@ class CountingSink:
         return len(self.times)
 
     def receivePacket(self, packet: bytes, peer: str) -> defer.Deferred:  # noqa: N802
-        digest = hashlib.sha1(packet).digest()
+        # The first 256 bytes are an RSA-OAEP ciphertext: random, so they
+        # tell packets apart without hashing 32 KiB (this process shares the
+        # machine with the node; its CPU is not the node's to spend).
+        digest = packet[:32]
         if digest not in self.digests:
             self.digests.add(digest)
             self.times.append(time.perf_counter())

@@ -187,15 +187,28 @@ class ClientLock:
         self.path = os.path.join(user_dir, "lock")
         self.fd: Optional[int] = None
 
+    #: seconds to wait quietly before saying whom we wait for: another
+    #: command usually lets go within a moment, and a notice would then be
+    #: noise (and break the one-line promise of a usage error)
+    quiet_wait = 2.0
+
     def acquire(self, notice: Callable[[str], None] = lambda _: None) -> None:
         private_dir(os.path.dirname(self.path))
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "another process"
-            notice(f"Waiting for the client lock {self.path}, held by PID {holder}...")
+        deadline = time.monotonic() + self.quiet_wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.02)
+                    continue
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            who = f"PID {holder}" if holder.isdigit() else "another process"
+            notice(f"Waiting for the client lock {self.path}, held by {who}...")
             fcntl.flock(fd, fcntl.LOCK_EX)
+            break
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
         self.fd = fd

@@ -3,13 +3,14 @@
 No Twisted and no clock of its own: it runs inside the processing child
 process (:mod:`mixminion.server.processing_child`) and in unit tests.
 
-Received packets wait in their own store, ``incoming.db``, which only the
+Received packets wait in the incoming log
+(:class:`~mixminion.server.incoming_log.IncomingLog`), which only the
 node's reception thread writes: an MMTP acknowledgement then waits for
 that one short commit, never for processing's.  The results go to the main
-store, ``packets.db``.  Two SQLite files cannot share a transaction in WAL
-mode, so the main store records how far processing got: each batch's
-replay entries, pool items and the highest incoming id it consumed commit
-together.  The node deletes incoming packets up to that id later (and at
+store, ``packets.db``.  The log and SQLite cannot share a transaction, so
+the main store records how far processing got: each batch's replay
+entries, pool items and the highest incoming id it consumed commit
+together.  The node removes incoming packets up to that id later (and at
 start-up), and processing never reads below it; so a crash at any moment
 either leaves a packet to be processed again or has it processed once.
 """
@@ -23,6 +24,7 @@ from typing import Callable, Iterator, Optional, Sequence
 
 from mixminion.codec.process import Drop, Exit, OpenedPacket, PacketProcessor, Reject, Relay
 from mixminion.codec.routing import PING_TYPE
+from mixminion.server.incoming_log import IncomingLog
 from mixminion.server.items import ExitItem, RelayItem, encode_item
 from mixminion.server.packetstore import PacketStore
 
@@ -47,26 +49,25 @@ def consumed_through(store: PacketStore) -> int:
     return int(raw) if raw else 0
 
 
-def recover_incoming(incoming: PacketStore, store: PacketStore) -> None:
-    """At start-up, before anything runs: delete incoming packets whose
-    processing committed before a crash, and take over packets an older
-    version queued inside the main store (copied first, so a crash here
-    leaves a copy for the replay log to refuse, never a loss)."""
-    through = consumed_through(store)
-    if through:
-        incoming.remove_through(INCOMING, through)
-        # A re-created incoming store must not hand out consumed ids.
-        incoming.reserve_ids_through(through)
+def open_incoming(directory: str, store: PacketStore) -> IncomingLog:
+    """The node's incoming log, recovered after whatever stopped the node:
+    records processing consumed are removed, and packets an older version
+    queued inside the main store are taken over (appended first, so a
+    crash here leaves a copy for the replay log to refuse, never a loss)."""
+    incoming = IncomingLog(directory, consumed_through(store))
     old = store.ids(INCOMING)
     if old:
-        incoming.add_many(INCOMING, store.get_many(old))
+        incoming.add_many(store.get_many(old))
         store.remove_many(old)
+    return incoming
 
 
-def drain(incoming: PacketStore, store: PacketStore, processor: PacketProcessor,
-          batch_size: int, now: Callable[[], float], opener: Optional[Executor] = None) -> Iterator[BatchDone]:
-    """Process every incoming packet above the consumed mark, a batch per
-    commit, yielding after each commit.
+def drain(incoming: IncomingLog, store: PacketStore, processor: PacketProcessor,
+          batch_size: int, now: Callable[[], float], opener: Optional[Executor] = None,
+          through: Optional[int] = None) -> Iterator[BatchDone]:
+    """Process every incoming packet above the consumed mark (and up to
+    ``through``, the last id the writer committed), a batch per commit,
+    yielding after each commit.
 
     With an ``opener``, batch k+1 is read and opened there (its RSA and
     LIONESS mostly run without the GIL) while batch k commits here.
@@ -74,10 +75,13 @@ def drain(incoming: PacketStore, store: PacketStore, processor: PacketProcessor,
     def open_(ids: list[int]) -> list[OpenedPacket]:
         return processor.open_batch(incoming.get_many(ids)) if ids else []
 
-    ids = incoming.ids(INCOMING, batch_size, after=consumed_through(store))
+    def batch_after(last: int) -> list[int]:
+        return incoming.ids(after=last, limit=batch_size, through=through)
+
+    ids = batch_after(consumed_through(store))
     opening = opener.submit(open_, ids) if opener else None
     while ids:
-        following = incoming.ids(INCOMING, batch_size, after=ids[-1])
+        following = batch_after(ids[-1])
         next_opening = opener.submit(open_, following) if opener else None
         opened = opening.result() if opening else open_(ids)
         yield BatchDone(ids[-1], len(ids), commit_batch(store, processor, ids[-1], opened, now()))

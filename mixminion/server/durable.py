@@ -30,9 +30,30 @@ class SinkRefused(Exception):
     """The sink will not take the packet now (full disk, full queue)."""
 
 
+class StoreQueue:
+    """One queue of a :class:`PacketStore` as a sink's destination (the
+    node itself uses :class:`~mixminion.server.incoming_log.IncomingLog`,
+    which has the same three members)."""
+
+    def __init__(self, store: PacketStore, queue: str) -> None:
+        self.store = store
+        self.queue = queue
+        self.path = store.path
+
+    def count(self) -> int:
+        return self.store.count(self.queue)
+
+    def write(self, packets: list[bytes], now: float, forget_through: int) -> list[int]:
+        """One commit: delete the consumed packets, store the new ones."""
+        with self.store.transaction():
+            if forget_through:
+                self.store.remove_through(self.queue, forget_through)
+            return self.store.add_many(self.queue, packets, now) if packets else []
+
+
 @implementer(IPacketSink)
 class DurableSink:
-    """Stores received packets in a :class:`PacketStore` queue.
+    """Stores received packets in an incoming log or a :class:`PacketStore` queue.
 
     ``max_queued`` bounds the queue's length and ``min_free_bytes`` the
     free disk space below which packets are refused (the responder then
@@ -41,11 +62,12 @@ class DurableSink:
 
     log = Logger()
 
-    def __init__(self, store: PacketStore, reactor, queue: str = "incoming",
+    def __init__(self, store, reactor, queue: str = "incoming",
                  max_batch: int = 256, max_queued: Optional[int] = None,
                  min_free_bytes: int = 0, on_stored=None) -> None:
-        self.store = store
-        self.queue = queue
+        #: where packets go: a PacketStore (its ``queue``) or anything with
+        #: ``write``, ``count`` and ``path`` like an IncomingLog
+        self.target = StoreQueue(store, queue) if isinstance(store, PacketStore) else store
         self.reactor = reactor
         self.max_batch = max_batch
         self.max_queued = max_queued
@@ -55,7 +77,7 @@ class DurableSink:
         self.stored = 0
         self._waiting: list[tuple[bytes, defer.Deferred]] = []
         self._writing = False
-        self._queued = store.count(queue)
+        self._queued = self.target.count()
         #: incoming ids up to this one are processed: delete them next commit
         self._forget_through = 0
         self._forgotten = 0
@@ -83,7 +105,7 @@ class DurableSink:
             return "incoming queue is full"
         if self.min_free_bytes:
             try:
-                free = shutil.disk_usage(self.store.path).free
+                free = shutil.disk_usage(self.target.path).free
             except OSError as exc:
                 return f"cannot check free disk space: {exc}"
             if free < self.min_free_bytes:
@@ -98,16 +120,9 @@ class DurableSink:
         self._writing = True
         now = self.reactor.seconds()
         forget = self._forget_through if self._forget_through > self._forgotten else 0
-        d = run_in(self.reactor, self._pool, self._write, [p for p, _ in batch], now, forget)
+        d = run_in(self.reactor, self._pool, self.target.write, [p for p, _ in batch], now,
+                   forget)
         d.addBoth(self._written, batch, forget)
-
-    def _write(self, packets: list[bytes], now: float, forget_through: int) -> list[int]:
-        """Worker thread: one commit that stores ``packets`` and deletes
-        the consumed ones."""
-        with self.store.transaction():
-            if forget_through:
-                self.store.remove_through(self.queue, forget_through)
-            return self.store.add_many(self.queue, packets, now) if packets else []
 
     def _written(self, result, batch, forget: int) -> None:
         self._writing = False

@@ -6,11 +6,11 @@ Data flows one way::
         -> mix pool -> outgoing queue -> MMTP client
                     -> exit module queues -> SMTP / MBOX / FRAGMENT / DROP
 
-Received packets wait in their own SQLite store (``incoming.db``), which
-only the reception thread writes, so an acknowledgement waits for one short
-commit; every later queue is a table of the main store (``packets.db``).
-Both use WAL with an fsync per commit; each hand-over between queues is one
-transaction (processing's across the two stores is made safe by a consumed
+Received packets wait in an append-only log (``queues/incoming/``, see
+:mod:`mixminion.server.incoming_log`), which only the reception thread
+writes, so an acknowledgement waits for one short append and sync; every
+later queue is a table of the main SQLite store (``packets.db``, WAL, an
+fsync per commit).  Each hand-over between queues is one transaction (processing's across the two stores is made safe by a consumed
 mark: :mod:`mixminion.server.draining`), so a crash at any point loses no
 acknowledged packet and relays none twice (a resent packet is refused by
 the next hop's replay log).  Decryption runs in a child process
@@ -35,14 +35,14 @@ from mixminion.mmtp.limits import AddressRules, ConnectionLimits
 from mixminion.mmtp.responder import responder_factory
 from mixminion.mmtp.tls import InitiatorTLS, ResponderTLS
 from mixminion.server.delivery import Delivery
-from mixminion.server.draining import recover_incoming
+from mixminion.server.draining import consumed_through, open_incoming
 from mixminion.server.durable import DurableSink
 from mixminion.server.metrics import metrics_root
 from mixminion.server.mixing import OUT, Mixer
 from mixminion.server.outgoing import Outgoing
 from mixminion.server.packetstore import PacketStore
 from mixminion.server.pool import make_pool
-from mixminion.server.processing import INCOMING, MIX, Processor
+from mixminion.server.processing import MIX, Processor
 from mixminion.server.stats import NodeStats
 from mixminion.server.workers import run_in, worker_pool
 
@@ -128,12 +128,12 @@ class MixNode(service.MultiService):
             _private_dir(path)
         self.stats = stats if stats is not None else NodeStats(node_stats_path(settings))
         self.store = PacketStore(os.path.join(settings.queue_dir, "packets.db"))
-        self.incoming = PacketStore(os.path.join(settings.queue_dir, "incoming.db"))
-        recover_incoming(self.incoming, self.store)
+        self.incoming = open_incoming(os.path.join(settings.queue_dir, "incoming"), self.store)
         self.processor = Processor(self.incoming.path, self.store.path, reactor, self.stats.count)
-        self.sink = DurableSink(self.incoming, reactor, INCOMING, max_queued=settings.max_queued,
+        self.processor.committed_through = self.incoming.committed_through
+        self.sink = DurableSink(self.incoming, reactor, max_queued=settings.max_queued,
                                 min_free_bytes=settings.min_free_disk,
-                                on_stored=self.processor.kick)
+                                on_stored=self.processor.stored)
         self.processor.on_consumed = self.sink.consumed
         self.tls = ResponderTLS(identity, settings.nickname, clock=reactor,
                                 legacy=settings.legacy_in)
@@ -174,9 +174,9 @@ class MixNode(service.MultiService):
     # --- pipeline ------------------------------------------------------------
 
     def _relay_to_self(self, packets: list[bytes]) -> None:
-        self.incoming.add_many(INCOMING, packets, self.reactor.seconds())
+        ids = self.incoming.add_many(packets, self.reactor.seconds())
         self.sink.added(len(packets))
-        self.processor.kick()
+        self.processor.stored(ids)
 
     def start_pipeline(self) -> None:
         self.processor.set_keys(self.packet_keys())
@@ -239,6 +239,8 @@ class MixNode(service.MultiService):
             self._mixing_pool.stop()
         await self.sink.stop()
         await self.processor.stop()
+        # What processing consumed is overwritten now, not at the next start.
+        self.incoming.remove_through(consumed_through(self.store))
         outgoing_stopped = self.outgoing.stop()  # before the close aborts its sends
         await self.client.close()
         await outgoing_stopped
@@ -248,7 +250,7 @@ class MixNode(service.MultiService):
         self.incoming.close()
 
     def queue_sizes(self) -> dict[str, int]:
-        return {"incoming": self.incoming.count(INCOMING), "pool": self.store.count(MIX),
+        return {"incoming": self.incoming.count(), "pool": self.store.count(MIX),
                 "outgoing": self.store.count(OUT)}
 
     def metrics_text(self) -> str:

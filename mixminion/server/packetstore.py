@@ -242,20 +242,6 @@ class PacketStore:
         """Delete every packet of ``queue`` whose id is at most ``last_id``."""
         self._write_many("DELETE FROM packets WHERE queue = ? AND id <= ?", [(queue, last_id)])
 
-    def reserve_ids_through(self, last_id: int) -> None:
-        """Make every id given from now on larger than ``last_id`` (ids are
-        never reused anyway; this carries that over a store re-created
-        from scratch, whose ids would otherwise start again at 1)."""
-        with self.transaction():
-            row = self._db.execute(
-                "SELECT seq FROM sqlite_sequence WHERE name = 'packets'").fetchone()
-            if row is None:
-                self._db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('packets', ?)",
-                                 (last_id,))
-            elif row[0] < last_id:
-                self._db.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'packets'",
-                                 (last_id,))
-
     def checkpoint(self) -> None:
         """Fold the WAL into the database and truncate it, so deleted
         packets do not survive in old WAL frames."""

@@ -85,6 +85,8 @@ class Processor:
         self.batch_size = batch_size
         self.restart_delay = restart_delay
         self._keys: list[PrivateKey] = []
+        #: the last incoming id on stable storage (the child reads no further)
+        self.committed_through = 0
         self._child: Optional[_ChildProtocol] = None
         self._ready = False
         self._draining = False
@@ -105,6 +107,12 @@ class Processor:
             self._send({"keys": [key.der.hex() for key in self._keys]})
         self.kick()
 
+    def stored(self, ids: Sequence[int]) -> None:
+        """Incoming packets with these ids are committed: process them."""
+        if ids:
+            self.committed_through = max(self.committed_through, max(ids))
+        self.kick()
+
     def kick(self, _ignored: object = None) -> None:
         """Process whatever is in the incoming queue, soon."""
         if self._stopping or not self._keys:
@@ -115,7 +123,7 @@ class Processor:
             self._again = True
         else:
             self._draining, self._again = True, False
-            self._send({"drain": True})
+            self._send_drain()
 
     def wait_idle(self) -> defer.Deferred:
         """Fires once the child has drained the queue and nothing is pending."""
@@ -159,13 +167,16 @@ class Processor:
     def _send(self, message: dict) -> None:
         self._child.transport.write(json.dumps(message).encode() + b"\n")
 
+    def _send_drain(self) -> None:
+        self._send({"drain": True, "through": self.committed_through})
+
     def _message(self, message: dict) -> None:
         if message.get("ready"):
             self._ready = True
             self._send({"keys": [key.der.hex() for key in self._keys]})
             self._again = False
             self._draining = True
-            self._send({"drain": True})
+            self._send_drain()
         elif "batch" in message:
             batch = message["batch"]
             for name, n in batch["counts"].items():

@@ -7,7 +7,9 @@ the reactor for the GIL.  It talks JSON lines over its stdin and stdout
 (see :class:`mixminion.server.processing.Processor` for the other end)::
 
     node  -> child   {"keys": [hex DER, ...]}   packet keys, newest first
-                     {"drain": true}            process what is queued
+                     {"drain": true, "through": ID}
+                                                process what is queued, up to
+                                                the last id the node committed
     child -> node    {"ready": true}            stores open, lock held
                      {"batch": {"through": ID, "count": N, "counts": {...}}}
                      {"idle": true}             the queue is empty
@@ -32,6 +34,7 @@ from typing import BinaryIO, Optional
 from mixminion.codec.process import PacketProcessor
 from mixminion.codec.rsa import PrivateKey
 from mixminion.server.draining import drain
+from mixminion.server.incoming_log import IncomingLog, IncomingLogError
 from mixminion.server.packetstore import PacketStore, PacketStoreError
 from mixminion.server.store_replay import StoreReplayLog
 
@@ -39,7 +42,7 @@ from mixminion.server.store_replay import StoreReplayLog
 class Child:
     """What the child does with each request from the node."""
 
-    def __init__(self, incoming: PacketStore, store: PacketStore, batch_size: int,
+    def __init__(self, incoming: IncomingLog, store: PacketStore, batch_size: int,
                  out: BinaryIO) -> None:
         self.incoming = incoming
         self.store = store
@@ -63,10 +66,10 @@ class Child:
                 return
             try:
                 for done in drain(self.incoming, self.store, self.processor, self.batch_size,
-                                  time.time, self.opener):
+                                  time.time, self.opener, message["through"]):
                     self.send({"batch": {"through": done.through, "count": done.count,
                                          "counts": dict(done.counts)}})
-            except (PacketStoreError, OSError) as exc:
+            except (PacketStoreError, IncomingLogError, OSError) as exc:
                 self.send({"error": f"processing failed: {exc}"})
                 return
             self.send({"idle": True})
@@ -74,7 +77,7 @@ class Child:
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--incoming", required=True, help="the incoming packet store")
+    parser.add_argument("--incoming", required=True, help="the incoming log's directory")
     parser.add_argument("--store", required=True, help="the main packet store")
     parser.add_argument("--lock", required=True, help="lock file held while running")
     parser.add_argument("--batch", type=int, default=32, help="packets per commit")
@@ -84,7 +87,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     with open(args.lock, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        incoming, store = PacketStore(args.incoming), PacketStore(args.store)
+        incoming = IncomingLog(args.incoming, read_only=True)
+        store = PacketStore(args.store)
         child = Child(incoming, store, args.batch, sys.stdout.buffer)
         try:
             child.send({"ready": True})

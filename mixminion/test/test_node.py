@@ -5,11 +5,16 @@ from __future__ import annotations
 import os
 import socket
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
 from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
+from mixminion.codec.build import build_forward_packet
+from mixminion.codec.header import Hop
+from mixminion.codec.packet import PAYLOAD_LEN
+from mixminion.codec.routing import DROP_TYPE, IPv4Info
 from mixminion.directory.descriptor import parse_descriptor
+from mixminion.mmtp.initiator import Destination, MMTPClient
 from mixminion.server.config import load_config
 from mixminion.server.tap import ReloadService, build_node
 
@@ -92,3 +97,41 @@ class NodeFromConfigTests(unittest.TestCase):
             self.assertIn("mixminion_queue_pool_packets 0", text)
 
         return d.addCallback(check)
+
+    def test_stop_overwrites_the_processed_incoming_packets(self) -> None:
+        """Received packets are processed into the pool; once the node has
+        stopped, nothing of them is left readable in the incoming log."""
+        base = os.path.abspath(self.mktemp())
+        conf = base + ".conf"
+        port = _free_port()
+        self._write(conf, base=base, algorithm="Timed", interval="1 hour", port=port,
+                    maxconn=128, metrics=_free_port())
+        node = build_node(load_config(conf), reactor)
+        node.startService()
+        stopped = []
+
+        async def go() -> None:
+            key = node.packet_keys()[0]
+            me = IPv4Info("127.0.0.1", port, node.identity.public.keyid)
+            elsewhere = Hop(key.public, IPv4Info("127.0.0.1", 1, bytes(20)))
+            packets = [build_forward_packet(os.urandom(PAYLOAD_LEN), [Hop(key.public, me),
+                                                                      elsewhere],
+                                            [elsewhere], DROP_TYPE, b"", os.urandom).packet
+                       for _ in range(3)]
+            client = MMTPClient(reactor)
+            dest = Destination("127.0.0.1", port, node.identity.public.keyid)
+            await defer.gatherResults([client.send_packet(dest, p) for p in packets])
+            await client.close()
+            while node.queue_sizes()["pool"] < 3:
+                await task.deferLater(reactor, 0.02, lambda: None)
+            await node.stopService()
+            stopped.append(True)
+            log_dir = os.path.join(base, "work", "queues", "incoming")
+            for name in os.listdir(log_dir):
+                with open(os.path.join(log_dir, name), "rb") as f:
+                    content = f.read()
+                for packet in packets:
+                    self.assertNotIn(packet[:4096], content)
+
+        self.addCleanup(lambda: None if stopped else node.stopService())
+        return defer.ensureDeferred(go())

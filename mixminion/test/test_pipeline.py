@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 from twisted.internet import defer, reactor, task
@@ -32,7 +33,8 @@ from mixminion.server.mixing import OUT, Mixer, delivery_queue
 from mixminion.server.outgoing import Outgoing
 from mixminion.server.packetstore import PacketStore
 from mixminion.server.pool import TimedPool
-from mixminion.server.draining import INCOMING, MIX, consumed_through, drain, recover_incoming
+from mixminion.server.draining import INCOMING, MIX, consumed_through, drain, open_incoming
+from mixminion.server.incoming_log import IncomingLog
 from mixminion.server.processing import Processor
 from mixminion.server.store_replay import StoreReplayLog
 from mixminion.server.stats import NodeStats
@@ -67,8 +69,7 @@ class TwoStoreTestCase(StoreTestCase):
 
     def setUp(self) -> None:
         super().setUp()
-        self.incoming = PacketStore(os.path.join(os.path.dirname(self.store.path),
-                                                 "incoming.db"))
+        self.incoming = IncomingLog(os.path.join(os.path.dirname(self.store.path), "incoming"))
         self.addCleanup(self.incoming.close)
 
 
@@ -83,16 +84,18 @@ class ProcessorTests(TwoStoreTestCase):
         processor = Processor(self.incoming.path, self.store.path, reactor, self.stats.count,
                               on_consumed=lambda *a: self.consumed.append(a),
                               restart_delay=0.1)
+        processor.committed_through = self.incoming.committed_through
         self.addCleanup(processor.stop)
         return processor
 
     async def _drain(self, processor: Processor) -> None:
+        processor.committed_through = self.incoming.committed_through
         processor.set_keys([_key(0)])
         await processor.wait_idle()
 
     def test_relay_packets_reach_the_pool_with_their_next_hop(self) -> None:
         packets = [_packet() for _ in range(3)]
-        ids = self.incoming.add_many(INCOMING, packets)
+        ids = self.incoming.add_many(packets)
         d = defer.ensureDeferred(self._drain(self._processor()))
 
         def check(_):
@@ -109,7 +112,7 @@ class ProcessorTests(TwoStoreTestCase):
 
     def test_replayed_packet_is_refused_and_nothing_is_queued_twice(self) -> None:
         packet = _packet()
-        self.incoming.add_many(INCOMING, [packet, packet])
+        self.incoming.add_many([packet, packet])
         d = defer.ensureDeferred(self._drain(self._processor()))
 
         def check(_):
@@ -125,7 +128,7 @@ class ProcessorTests(TwoStoreTestCase):
             await self._drain(processor)  # the child is up and idle
             first = processor._child
             first.transport.signalProcess("KILL")
-            self.incoming.add_many(INCOMING, [_packet() for _ in range(4)])
+            processor.committed_through = self.incoming.add_many([_packet() for _ in range(4)])[-1]
             while processor._child is first or processor._child is None:
                 await task.deferLater(reactor, 0.05, lambda: None)
             await processor.wait_idle()
@@ -158,13 +161,13 @@ class DrainingTests(TwoStoreTestCase):
 
     def _drain(self, batch_size: int = 16) -> list:
         return list(drain(self.incoming, self.store, self.processor, batch_size,
-                          lambda: 123.0))
+                          lambda: 123.0, through=self.incoming.committed_through))
 
     def test_batches_commit_in_order_with_the_consumed_mark(self) -> None:
-        ids = self.incoming.add_many(INCOMING, [_packet() for _ in range(5)])
+        ids = self.incoming.add_many([_packet() for _ in range(5)])
         with ThreadPoolExecutor(1) as opener:
             done = list(drain(self.incoming, self.store, self.processor, 2, lambda: 123.0,
-                              opener))
+                              opener, ids[-1]))
         self.assertEqual([(b.through, b.count) for b in done],
                          [(ids[1], 2), (ids[3], 2), (ids[4], 1)])
         self.assertEqual(sum(b.counts["ProcessedRelay"] for b in done), 5)
@@ -174,7 +177,7 @@ class DrainingTests(TwoStoreTestCase):
     def test_a_failed_batch_leaves_everything_in_place(self) -> None:
         """Replay entries, results and the consumed mark commit together,
         or not at all."""
-        self.incoming.add_many(INCOMING, [_packet()])
+        self.incoming.add_many([_packet()])
         original = self.store.add_many
 
         def broken(*args, **kwargs):
@@ -191,36 +194,40 @@ class DrainingTests(TwoStoreTestCase):
 
     def test_packets_up_to_the_consumed_mark_are_never_processed_again(self) -> None:
         """A crash after processing committed but before the incoming
-        packets were deleted: the next drain skips them."""
-        ids = self.incoming.add_many(INCOMING, [_packet() for _ in range(3)])
+        packets were removed: the next drain skips them, and reopening the
+        log (as the node does at start-up) removes them."""
+        ids = self.incoming.add_many([_packet() for _ in range(3)])
         self._drain()
-        self.assertEqual(self.incoming.count(INCOMING), 3)  # the node deletes them later
+        self.assertEqual(self.incoming.count(), 3)  # the node removes them later
         self.assertEqual(self._drain(), [])
         self.assertEqual(self.store.count(MIX), 3)
-        recover_incoming(self.incoming, self.store)
-        self.assertEqual(self.incoming.count(INCOMING), 0)
-        later = self.incoming.add_many(INCOMING, [_packet()])
+        self.incoming.close()
+        self.incoming = open_incoming(self.incoming.directory, self.store)
+        self.addCleanup(self.incoming.close)
+        self.assertEqual(self.incoming.count(), 0)
+        later = self.incoming.add_many([_packet()])
         self.assertGreater(later[0], ids[-1])
         self.assertEqual(len(self._drain()), 1)
 
-    def test_a_recreated_incoming_store_does_not_reuse_consumed_ids(self) -> None:
-        self.incoming.add_many(INCOMING, [_packet() for _ in range(3)])
+    def test_a_recreated_incoming_log_does_not_reuse_consumed_ids(self) -> None:
+        self.incoming.add_many([_packet() for _ in range(3)])
         self._drain()
         self.incoming.close()
-        os.unlink(self.incoming.path)
-        self.incoming = PacketStore(self.incoming.path)
+        shutil.rmtree(self.incoming.directory)
+        self.incoming = open_incoming(self.incoming.directory, self.store)
         self.addCleanup(self.incoming.close)
-        recover_incoming(self.incoming, self.store)
-        self.incoming.add_many(INCOMING, [_packet()])
+        self.assertEqual(self.incoming.add_many([_packet()]), [4])
         [done] = self._drain()
         self.assertEqual(done.counts["ProcessedRelay"], 1)
         self.assertEqual(self.store.count(MIX), 4)
 
     def test_packets_queued_in_the_main_store_by_an_older_version_move_over(self) -> None:
         self.store.add_many(INCOMING, [_packet(), _packet()])
-        recover_incoming(self.incoming, self.store)
+        self.incoming.close()
+        self.incoming = open_incoming(self.incoming.directory, self.store)
+        self.addCleanup(self.incoming.close)
         self.assertEqual(self.store.count(INCOMING), 0)
-        self.assertEqual(self.incoming.count(INCOMING), 2)
+        self.assertEqual(self.incoming.count(), 2)
         self.assertEqual(sum(b.count for b in self._drain()), 2)
 
 
