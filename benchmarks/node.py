@@ -5,7 +5,8 @@ one-second mix interval).  This process sends it packets with
 :class:`MMTPClient` and runs the next hop: an MMTP responder that only
 counts what arrives.  So a relayed packet crosses MMTP in, the durable
 incoming queue, processing (replay log and result in one transaction), the
-pool, the outgoing queue and MMTP out.
+pool, the outgoing queue and MMTP out (decryption runs in the node's
+processing child process).
 
 * ``relay_per_s``: the rate at which relayed packets arrive at the next
   hop between the 10th and the 90th percentile arrival, i.e. once the
@@ -18,9 +19,12 @@ pool, the outgoing queue and MMTP out.
 * ``ingest_per_s``: packets acknowledged per second by the node, and
   ``queues_when_ingested`` where the packets were at that moment (a long
   ``incoming`` queue means processing, not reception, was the limit);
-  ``node_cpu_ms_per_packet`` and the CPU shares of both processes say how
-  much of the machine the run used.
-* ``rss_mb_50k``: the resident memory (VmRSS) of a second node, whose mix
+  ``node_cpu_ms_per_packet`` (the node and its processing child) and the
+  CPU shares of the node and of this process say how much of the machine
+  the run used: on two cores, this process (the sender and the next hop)
+  takes about a sixth of it.
+* ``rss_mb_50k``: the resident memory (VmRSS, the node's process and its
+  processing child together) of a second node, whose mix
   interval is a day, once 50,000 packets pushed through MMTP sit in its
   pool (read from its metrics page).
 
@@ -104,19 +108,29 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def family_cpu_seconds(pid: int) -> float:
-    """:func:`cpu_seconds` of ``pid`` plus its child processes (the node's
-    processing child), those alive now."""
-    total = cpu_seconds(pid)
+def child_pids(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (the node's processing child)."""
+    children = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/stat") as f:
                     if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        total += cpu_seconds(int(entry))
+                        children.append(int(entry))
             except (OSError, ValueError):
                 continue
-    return total
+    return children
+
+
+def family_cpu_seconds(pid: int) -> float:
+    """:func:`cpu_seconds` of ``pid`` plus its child processes alive now."""
+    return cpu_seconds(pid) + sum(cpu_seconds(c) for c in child_pids(pid))
+
+
+def family_rss_mb(pid: int) -> tuple[float, float]:
+    """(VmRSS, VmHWM) of ``pid`` and its child processes, summed, in MiB."""
+    pairs = [rss_mb(p) for p in [pid, *child_pids(pid)]]
+    return sum(r for r, _ in pairs), sum(h for _, h in pairs)
 
 
 def rss_mb(pid: int) -> tuple[float, float]:
@@ -276,7 +290,7 @@ async def pool_run(reactor, workdir: str, sink_hop: Hop, total: int) -> dict:
     node = Node(workdir, "pool", "1 day")
     try:
         await node.started(reactor)
-        idle_rss, _ = rss_mb(node.proc.pid)
+        idle_rss, _ = family_rss_mb(node.proc.pid)
         routing = [HopRouting(node.packet_key.public, FWD_IPV4_TYPE, sink_hop.address.pack())]
         rest = os.urandom(32768 - 2048)  # header 2 and payload: the node never checks them
 
@@ -324,7 +338,7 @@ async def pool_run(reactor, workdir: str, sink_hop: Hop, total: int) -> dict:
             await task.deferLater(reactor, 0.5, lambda: None)
         pooled = time.perf_counter() - start
         await task.deferLater(reactor, 2, lambda: None)  # let the last batch settle
-        rss, peak = rss_mb(node.proc.pid)
+        rss, peak = family_rss_mb(node.proc.pid)
         await client.close()
         return {"rss_mb_50k" if total == 50000 else f"rss_mb_{total}": round(rss, 1),
                 "rss_peak_mb": round(peak, 1), "rss_idle_mb": round(idle_rss, 1),

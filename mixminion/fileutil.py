@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from typing import Optional
 
 
 def fsync_dir(folder: str) -> None:
@@ -39,3 +40,19 @@ def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
             pass
         raise
     fsync_dir(folder)
+
+
+def open_segment(path: str, create: bool, writable: bool = True) -> Optional[int]:
+    """A descriptor of a segment file (mode 0600), or None if it does not
+    exist and ``create`` is false.  A new file's name is synced into its
+    folder, so it survives a crash."""
+    if create:
+        existed = os.path.exists(path)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        if not existed:
+            fsync_dir(os.path.dirname(path) or ".")
+        return fd
+    try:
+        return os.open(path, os.O_RDWR if writable else os.O_RDONLY)
+    except FileNotFoundError:
+        return None

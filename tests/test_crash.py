@@ -525,15 +525,17 @@ class CrashTest(unittest.TestCase):
         self.assertEqual({q: n for q, n in counts.items() if n}, {},
                          f"packets left in the node's queues\n{self.diagnosis()}")
         self.assertEqual(replay_entries, N_PACKETS, self.diagnosis())
-        # The incoming log keeps nothing either: consumed records are zeros.
-        log_dir = os.path.join(self.base, "work", "queues", "incoming")
+        # The incoming log and the body files keep nothing either: what
+        # was consumed or relayed is zeros (or gone).
         leftover = {}
-        for name in os.listdir(log_dir):
-            with open(os.path.join(log_dir, name), "rb") as f:
-                data = f.read()
-            if data.strip(b"\0"):
-                leftover[name] = len(data)
-        self.assertEqual(leftover, {}, f"packets left in the incoming log\n{self.diagnosis()}")
+        for sub in ("incoming", "bodies"):
+            folder = os.path.join(self.base, "work", "queues", sub)
+            for name in os.listdir(folder):
+                with open(os.path.join(folder, name), "rb") as f:
+                    data = f.read()
+                if data.strip(b"\0"):
+                    leftover[f"{sub}/{name}"] = len(data)
+        self.assertEqual(leftover, {}, f"packet data left on disk\n{self.diagnosis()}")
 
     def test_kill_and_restart_loses_and_duplicates_nothing(self) -> defer.Deferred:
         plan = self.kill_plan()

@@ -28,7 +28,7 @@ import threading
 import zlib
 from typing import Optional, Sequence
 
-from mixminion.fileutil import fsync_dir
+from mixminion.fileutil import open_segment
 
 PACKET_LEN = 32768
 _HEADER = struct.Struct(">4sQdI")  # magic, id, time added, CRC-32 of the packet
@@ -91,17 +91,9 @@ class IncomingLog:
     def _fd(self, segment: int, create: bool = False) -> Optional[int]:
         fd = self._fds.get(segment)
         if fd is None:
-            path = self._segment_path(segment)
-            if create:
-                existed = os.path.exists(path)
-                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-                if not existed:
-                    fsync_dir(self.directory)  # the new name survives a crash
-            else:
-                try:
-                    fd = os.open(path, os.O_RDONLY if self.read_only else os.O_RDWR)
-                except FileNotFoundError:
-                    return None
+            fd = open_segment(self._segment_path(segment), create, not self.read_only)
+            if fd is None:
+                return None
             self._fds[segment] = fd
         return fd
 

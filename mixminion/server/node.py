@@ -127,9 +127,14 @@ class MixNode(service.MultiService):
         for path in (settings.base_dir, settings.work_dir, settings.queue_dir):
             _private_dir(path)
         self.stats = stats if stats is not None else NodeStats(node_stats_path(settings))
-        self.store = PacketStore(os.path.join(settings.queue_dir, "packets.db"))
+        self.store = PacketStore(os.path.join(settings.queue_dir, "packets.db"),
+                                 body_dir=os.path.join(settings.queue_dir, "bodies"))
+        stray = self.store.sweep_bodies()
+        if stray:
+            self.log.info("Overwrote {n} packet bodies left by a crash", n=stray)
         self.incoming = open_incoming(os.path.join(settings.queue_dir, "incoming"), self.store)
-        self.processor = Processor(self.incoming.path, self.store.path, reactor, self.stats.count)
+        self.processor = Processor(self.incoming.path, self.store.path, reactor, self.stats.count,
+                                   body_dir=os.path.join(settings.queue_dir, "bodies"))
         self.processor.committed_through = self.incoming.committed_through
         self.sink = DurableSink(self.incoming, reactor, max_queued=settings.max_queued,
                                 min_free_bytes=settings.min_free_disk,

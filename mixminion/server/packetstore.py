@@ -19,6 +19,8 @@ import threading
 from contextlib import contextmanager
 from typing import Iterable, Iterator, Optional, Sequence
 
+from mixminion.server.bodies import MAX_BODY, BodyFiles
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS packets (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -57,8 +59,12 @@ class PacketStore:
     The object is thread-safe.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, body_dir: Optional[str] = None) -> None:
         self.path = path
+        #: where packet bodies live when not in the table (see bodies.py)
+        self._bodies = BodyFiles(body_dir) if body_dir else None
+        #: ids whose bodies are zeroed once the deleting transaction commits
+        self._to_zero: list[int] = []
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         os.close(fd)
         os.chmod(path, 0o600)
@@ -111,14 +117,19 @@ class PacketStore:
                 yield self
             except BaseException:
                 self._tx_depth, self._tx_thread = 0, None
+                self._to_zero.clear()
                 self._rollback()
                 raise
             self._tx_depth, self._tx_thread = 0, None
             try:
                 self._db.execute("COMMIT")
             except sqlite3.Error as exc:
+                self._to_zero.clear()
                 self._rollback()
                 raise PacketStoreError(f"cannot commit: {exc}") from exc
+            if self._to_zero:
+                ids, self._to_zero = self._to_zero, []
+                self._zero_bodies(ids)
 
     def add_many(self, queue: str, packets: Sequence[bytes], now: float = 0.0,
                  meta: Optional[Sequence[Optional[bytes]]] = None) -> list[int]:
@@ -128,11 +139,19 @@ class PacketStore:
         try:
             with self.transaction():
                 cur = self._db.cursor()
-                ids = []
+                ids, outside = [], []
                 for packet, m in zip(packets, metas):
+                    # With a body directory, the row holds an empty blob and
+                    # the body goes to its slot (synced before the commit).
+                    external = self._bodies is not None and len(packet) <= MAX_BODY
                     cur.execute("INSERT INTO packets (queue, packet, meta, added) "
-                                "VALUES (?, ?, ?, ?)", (queue, packet, m, now))
+                                "VALUES (?, ?, ?, ?)", (queue, b"" if external else packet, m,
+                                                        now))
                     ids.append(cur.lastrowid)
+                    if external:
+                        outside.append((cur.lastrowid, packet))
+                if outside:
+                    self._bodies.write([i for i, _ in outside], [p for _, p in outside])
                 return ids
         except sqlite3.Error as exc:
             raise PacketStoreError(f"cannot store packets: {exc}") from exc
@@ -179,7 +198,7 @@ class PacketStore:
         row = self._query_one("SELECT packet FROM packets WHERE id = ?", (packet_id,))
         if row is None:
             raise KeyError(packet_id)
-        return bytes(row[0])
+        return self._body(packet_id, row[0])
 
     def ids(self, queue: str, limit: int = -1, after: int = 0) -> list[int]:
         """Committed ids in ``queue`` above ``after``, oldest first; at most
@@ -201,7 +220,7 @@ class PacketStore:
             f"SELECT id, packet FROM packets WHERE id IN ({','.join('?' * len(ids))})",
             list(ids)))
         try:
-            return [bytes(rows[i]) for i in ids]
+            return [self._body(i, rows[i]) for i in ids]
         except KeyError as exc:
             raise KeyError(exc.args[0]) from None
 
@@ -223,24 +242,60 @@ class PacketStore:
         self._write_many("UPDATE packets SET queue = ? WHERE id = ?",
                          [(queue, i) for i in ids])
 
-    def replace_many(self, queue: str, rows: Sequence[tuple[int, bytes, Optional[bytes]]],
-                     now: float = 0.0) -> None:
-        """Give each ``(id, packet, meta)`` row new contents and move it to
-        ``queue``, in one transaction.  Rewriting a row in place costs one
-        write of the packet; an insert plus a secure delete costs two."""
-        self._write_many("UPDATE packets SET queue = ?, packet = ?, meta = ?, added = ? "
-                         "WHERE id = ?", [(queue, p, m, now, i) for i, p, m in rows])
-
     def update_meta(self, packet_id: int, meta: Optional[bytes]) -> None:
         self._write_many("UPDATE packets SET meta = ? WHERE id = ?", [(meta, packet_id)])
 
     def remove_many(self, ids: Iterable[int]) -> None:
-        """Delete packets (overwritten with zeros by ``secure_delete``)."""
-        self._write_many("DELETE FROM packets WHERE id = ?", [(i,) for i in ids])
+        """Delete packets (overwritten with zeros: in the table by
+        ``secure_delete``, in their body slots once the deletion commits)."""
+        ids = list(ids)
+        if not ids:
+            return
+        with self.transaction():
+            self._write_many("DELETE FROM packets WHERE id = ?", [(i,) for i in ids])
+            if self._bodies is not None:
+                self._to_zero.extend(ids)
 
     def remove_through(self, queue: str, last_id: int) -> None:
         """Delete every packet of ``queue`` whose id is at most ``last_id``."""
-        self._write_many("DELETE FROM packets WHERE queue = ? AND id <= ?", [(queue, last_id)])
+        with self.transaction():
+            self.remove_many(r[0] for r in self._db.execute(
+                "SELECT id FROM packets WHERE queue = ? AND id <= ?", (queue, last_id)))
+
+    def sweep_bodies(self) -> int:
+        """Start-up, before another process writes: zero body slots that
+        have no row (see :meth:`BodyFiles.sweep`); how many held data."""
+        if self._bodies is None:
+            return 0
+        with self._lock:
+            return self._bodies.sweep(self._external_ids, self._allocated_through())
+
+    # --- bodies outside the table -------------------------------------------------
+
+    def _body(self, packet_id: int, stored: bytes) -> bytes:
+        if self._bodies is not None and not stored:
+            return self._bodies.read(packet_id)
+        return bytes(stored)
+
+    def _zero_bodies(self, ids: list[int]) -> None:
+        try:
+            self._bodies.zero(ids, self._rows_between, self._allocated_through())
+        except OSError as exc:
+            # The rows are gone; the next start's sweep zeroes what is left.
+            raise PacketStoreError(f"cannot overwrite removed packets: {exc}") from exc
+
+    def _rows_between(self, first: int, last: int) -> bool:
+        return self._db.execute("SELECT 1 FROM packets WHERE id BETWEEN ? AND ? LIMIT 1",
+                                (first, last)).fetchone() is not None
+
+    def _external_ids(self, first: int, last: int) -> set[int]:
+        return {r[0] for r in self._db.execute(
+            "SELECT id FROM packets WHERE id BETWEEN ? AND ? AND length(packet) = 0",
+            (first, last))}
+
+    def _allocated_through(self) -> int:
+        row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'packets'").fetchone()
+        return row[0] if row else 0
 
     def checkpoint(self) -> None:
         """Fold the WAL into the database and truncate it, so deleted
@@ -286,6 +341,8 @@ class PacketStore:
             for conn in self._readers:
                 conn.close()
             self._readers.clear()
+            if self._bodies is not None:
+                self._bodies.close()
 
     def _write_many(self, sql: str, rows: list[tuple]) -> None:
         if not rows:

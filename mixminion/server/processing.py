@@ -75,9 +75,11 @@ class Processor:
     def __init__(self, incoming_path: str, store_path: str, reactor,
                  count: Callable[[str, int], None], *,
                  on_consumed: Optional[Callable[[int, int], None]] = None,
-                 batch_size: int = 32, restart_delay: float = 1.0) -> None:
+                 batch_size: int = 32, restart_delay: float = 1.0,
+                 body_dir: Optional[str] = None) -> None:
         self.incoming_path = incoming_path
         self.store_path = store_path
+        self.body_dir = body_dir
         self.lock_path = os.path.join(os.path.dirname(store_path), "processing.lock")
         self.reactor = reactor
         self.count = count
@@ -161,6 +163,8 @@ class Processor:
         argv = [sys.executable, "-m", "mixminion.server.processing_child",
                 "--incoming", self.incoming_path, "--store", self.store_path,
                 "--lock", self.lock_path, "--batch", str(self.batch_size)]
+        if self.body_dir:
+            argv += ["--bodies", self.body_dir]
         self.reactor.spawnProcess(self._child, sys.executable, argv, env=env,
                                   childFDs={0: "w", 1: "r", 2: "r"})
 

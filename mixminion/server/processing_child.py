@@ -79,6 +79,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--incoming", required=True, help="the incoming log's directory")
     parser.add_argument("--store", required=True, help="the main packet store")
+    parser.add_argument("--bodies", help="the main store's body directory, if it has one")
     parser.add_argument("--lock", required=True, help="lock file held while running")
     parser.add_argument("--batch", type=int, default=32, help="packets per commit")
     args = parser.parse_args(argv)
@@ -88,7 +89,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     with open(args.lock, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         incoming = IncomingLog(args.incoming, read_only=True)
-        store = PacketStore(args.store)
+        store = PacketStore(args.store, body_dir=args.bodies)
         child = Child(incoming, store, args.batch, sys.stdout.buffer)
         try:
             child.send({"ready": True})
