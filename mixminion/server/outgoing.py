@@ -36,6 +36,8 @@ class Outgoing:
     #: until its next hop answers, so a mix that empties a pool of 50,000
     #: packets into the queue must not load them all at once
     max_in_flight = 512
+    #: packets read from the store in one query when sending
+    read_batch = 32
 
     def __init__(self, store: PacketStore, client: MMTPClient, schedule: tuple[int, ...],
                  clock: IReactorTime, own_keyid: bytes, count: Callable[[str, int], None],
@@ -129,16 +131,33 @@ class Outgoing:
         now = self.clock.seconds() if now is None else now
         sent = 0
         while self._ready and len(self.in_flight) < self.max_in_flight:
-            packet_id, dest = self._ready.popleft()
-            if packet_id in self.in_flight or not self._state(dest).ready(now):
-                continue
-            self._send(packet_id, dest, now)
-            sent += 1
+            batch: list[tuple[int, Destination]] = []
+            while (self._ready and len(batch) < self.read_batch
+                   and len(self.in_flight) + len(batch) < self.max_in_flight):
+                packet_id, dest = self._ready.popleft()
+                if packet_id not in self.in_flight and self._state(dest).ready(now):
+                    batch.append((packet_id, dest))
+            for (packet_id, dest), packet in zip(batch, self._read([i for i, _ in batch])):
+                if packet is not None:
+                    self._send(packet_id, dest, packet, now)
+                    sent += 1
         return sent
 
-    def _send(self, packet_id: int, dest: Destination, started: float) -> None:
+    def _read(self, ids: list[int]) -> list[Optional[bytes]]:
+        """The packets with these ids in one query (None for one gone)."""
+        try:
+            return list(self.store.get_many(ids)) if ids else []
+        except KeyError:
+            packets: list[Optional[bytes]] = []
+            for packet_id in ids:
+                try:
+                    packets.append(self.store.get(packet_id))
+                except KeyError:
+                    packets.append(None)
+            return packets
+
+    def _send(self, packet_id: int, dest: Destination, packet: bytes, started: float) -> None:
         self.in_flight.add(packet_id)
-        packet = self.store.get(packet_id)
         d = self.client.send_packet(dest, packet)
         d.addCallbacks(self._sent, self._failed, callbackArgs=(packet_id, dest),
                        errbackArgs=(packet_id, dest, started))

@@ -29,6 +29,14 @@ from mixminion.server.draining import INCOMING, MIX  # noqa: F401  (re-exported)
 
 #: longest line the child may send (a batch report is a few hundred bytes)
 MAX_LINE = 1 << 20
+#: how much the child lowers its CPU priority.  Decryption is throughput
+#: work with a queue in front of it; MMTP acknowledgements and relaying
+#: are latency work.  When both want the CPU, the node's process goes
+#: first, and the incoming queue (bounded by MaxQueuedPackets, then
+#: REJECTED) absorbs the difference.  benchmarks/node.py, one sender, 7
+#: runs each: pipeline_ratio 0.55-0.61 (mean 0.59) at 5 against 0.51-0.55
+#: at 0; at 10 the queue grew and results varied more (0.55-0.62).
+CHILD_NICENESS = 5
 
 
 class _ChildProtocol(protocol.ProcessProtocol):
@@ -162,7 +170,8 @@ class Processor:
             p for p in (package_root, env.get("PYTHONPATH")) if p)
         argv = [sys.executable, "-m", "mixminion.server.processing_child",
                 "--incoming", self.incoming_path, "--store", self.store_path,
-                "--lock", self.lock_path, "--batch", str(self.batch_size)]
+                "--lock", self.lock_path, "--batch", str(self.batch_size),
+                "--nice", str(CHILD_NICENESS)]
         if self.body_dir:
             argv += ["--bodies", self.body_dir]
         self.reactor.spawnProcess(self._child, sys.executable, argv, env=env,

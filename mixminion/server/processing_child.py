@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
+import os
 import signal
 import sys
 import time
@@ -82,10 +83,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--bodies", help="the main store's body directory, if it has one")
     parser.add_argument("--lock", required=True, help="lock file held while running")
     parser.add_argument("--batch", type=int, default=32, help="packets per commit")
+    parser.add_argument("--nice", type=int, default=0, help="lower this process's priority by N")
     args = parser.parse_args(argv)
     # The node decides when this process stops (by closing its stdin): a
     # Ctrl-C at a foreground twistd reaches the whole process group.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if args.nice:
+        os.nice(args.nice)
     with open(args.lock, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         incoming = IncomingLog(args.incoming, read_only=True)

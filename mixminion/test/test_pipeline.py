@@ -440,3 +440,33 @@ class SinkDiskTests(StoreTestCase):
         d = sink.receivePacket(b"a" * 32768, "peer")
         self.assertFailure(d, SinkRefused)
         return d.addCallback(lambda _: self.assertEqual(self.store.count(INCOMING), 0))
+
+    def test_free_space_is_read_at_most_every_quarter_second_and_errs_low(self) -> None:
+        from collections import namedtuple
+
+        from mixminion.server import durable
+
+        clock, reads = task.Clock(), []
+        usage = namedtuple("usage", "total used free")
+
+        def disk_usage(path):
+            reads.append(clock.seconds())
+            return usage(0, 0, 20 * 32768)
+
+        self.patch(durable.shutil, "disk_usage", disk_usage)
+        sink = durable.DurableSink(self.store, clock, INCOMING, min_free_bytes=10 * 32768)
+        self.assertEqual([sink._refusal() for _ in range(11)], [None] * 11)
+        self.assertEqual(len(reads), 1)  # the estimate counts the 11 taken down
+        self.assertIsNone(sink._refusal())  # estimate under the minimum: read again
+        self.assertEqual(len(reads), 2)
+        clock.advance(0.25)
+        sink._refusal()
+        self.assertEqual(len(reads), 3)
+
+        def full(path):
+            reads.append(clock.seconds())
+            return usage(0, 0, 32768)
+
+        self.patch(durable.shutil, "disk_usage", full)
+        clock.advance(0.25)
+        self.assertIn("below the configured minimum", sink._refusal())
