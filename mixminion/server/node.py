@@ -43,6 +43,7 @@ from mixminion.server.outgoing import Outgoing
 from mixminion.server.packetstore import PacketStore
 from mixminion.server.pool import make_pool
 from mixminion.server.processing import MIX, Processor
+from mixminion.server.processing_child import processing_lock
 from mixminion.server.stats import NodeStats
 from mixminion.server.workers import run_in, worker_pool
 
@@ -129,12 +130,16 @@ class MixNode(service.MultiService):
         self.stats = stats if stats is not None else NodeStats(node_stats_path(settings))
         self.store = PacketStore(os.path.join(settings.queue_dir, "packets.db"),
                                  body_dir=os.path.join(settings.queue_dir, "bodies"))
-        stray = self.store.sweep_bodies()
-        if stray:
-            self.log.info("Overwrote {n} packet bodies left by a crash", n=stray)
-        self.incoming = open_incoming(os.path.join(settings.queue_dir, "incoming"), self.store)
-        self.processor = Processor(self.incoming.path, self.store.path, reactor, self.stats.count,
+        self.processor = Processor(os.path.join(settings.queue_dir, "incoming"), self.store.path,
+                                   reactor, self.stats.count,
                                    body_dir=os.path.join(settings.queue_dir, "bodies"))
+        with processing_lock(self.processor.lock_path) as waited:
+            if waited:
+                self.log.info("Waited for the processing child of the previous run to exit")
+            stray = self.store.sweep_bodies()
+            if stray:
+                self.log.info("Overwrote {n} packet bodies left by a crash", n=stray)
+            self.incoming = open_incoming(self.processor.incoming_path, self.store)
         self.processor.committed_through = self.incoming.committed_through
         self.sink = DurableSink(self.incoming, reactor, max_queued=settings.max_queued,
                                 min_free_bytes=settings.min_free_disk,

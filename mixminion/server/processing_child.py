@@ -30,7 +30,8 @@ import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import BinaryIO, Optional
+from contextlib import contextmanager
+from typing import BinaryIO, Iterator, Optional
 
 from mixminion.codec.process import PacketProcessor
 from mixminion.codec.rsa import PrivateKey
@@ -38,6 +39,27 @@ from mixminion.server.draining import drain
 from mixminion.server.incoming_log import IncomingLog, IncomingLogError
 from mixminion.server.packetstore import PacketStore, PacketStoreError
 from mixminion.server.store_replay import StoreReplayLog
+
+
+@contextmanager
+def processing_lock(path: str) -> Iterator[bool]:
+    """Hold the processing lock; yields whether it had to wait for it.
+
+    The child holds it while it runs.  The node takes it too, for its
+    start-up recovery: a child of a node killed with SIGKILL may still be
+    finishing a batch (writing packet bodies before their rows commit), and
+    the recovery must not overwrite them as strays."""
+    with os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT, 0o600), "r+b") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            waited = False
+        except BlockingIOError:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            waited = True
+        try:
+            yield waited
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 class Child:
@@ -90,8 +112,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if args.nice:
         os.nice(args.nice)
-    with open(args.lock, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with processing_lock(args.lock):
         incoming = IncomingLog(args.incoming, read_only=True)
         store = PacketStore(args.store, body_dir=args.bodies)
         child = Child(incoming, store, args.batch, sys.stdout.buffer)

@@ -151,6 +151,34 @@ class ProcessorTests(TwoStoreTestCase):
         return defer.ensureDeferred(go())
 
 
+    def test_the_node_waits_for_a_child_of_a_killed_node(self) -> None:
+        """A processing child outliving its node holds the lock; the next
+        node's start-up recovery waits for it."""
+        import subprocess
+        import sys
+        import time
+
+        from mixminion.server.processing_child import processing_lock
+
+        lock = os.path.join(os.path.dirname(self.store.path), "processing.lock")
+        holder = subprocess.Popen(
+            [sys.executable, "-c", "import sys, time\n"
+             "from mixminion.server.processing_child import processing_lock\n"
+             f"with processing_lock({lock!r}):\n"
+             "    print('held', flush=True); time.sleep(0.5)"],
+            stdout=subprocess.PIPE)
+        self.addCleanup(holder.wait)
+        self.assertEqual(holder.stdout.readline(), b"held\n")
+        start = time.monotonic()
+        with processing_lock(lock) as waited:
+            self.assertTrue(waited)
+            self.assertGreater(time.monotonic() - start, 0.2)
+        with processing_lock(lock) as waited:
+            self.assertFalse(waited)
+        holder.stdout.close()
+        self.assertEqual(os.stat(lock).st_mode & 0o777, 0o600)
+
+
 class DrainingTests(TwoStoreTestCase):
     """The batch logic the child runs, called directly."""
 
