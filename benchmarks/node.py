@@ -66,6 +66,7 @@ from mixminion.mmtp.initiator import Destination, MMTPClient
 from mixminion.mmtp.interfaces import IPacketSink
 from mixminion.mmtp.responder import responder_factory
 from mixminion.mmtp.tls import ResponderTLS
+from mixminion.procinfo import child_pids
 
 CONFIG = """\
 [Server]
@@ -106,20 +107,6 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def child_pids(pid: int) -> list[int]:
-    """Processes whose parent is ``pid`` (the node's processing child)."""
-    children = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        children.append(int(entry))
-            except (OSError, ValueError):
-                continue
-    return children
 
 
 def family_cpu_seconds(pid: int) -> float:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import random
 import socket
 import sqlite3
@@ -64,6 +65,7 @@ from mixminion.mmtp.initiator import Destination, MMTPClient
 from mixminion.mmtp.interfaces import IPacketSink
 from mixminion.mmtp.responder import responder_factory
 from mixminion.mmtp.tls import ResponderTLS
+from mixminion.procinfo import child_pids
 
 N_PACKETS = int(os.environ.get("MIXMINION_CRASH_PACKETS", "2000"))
 SEED = int(os.environ.get("MIXMINION_CRASH_SEED", "4"))
@@ -342,7 +344,17 @@ class CrashTest(unittest.TestCase):
         self.note(f"SIGKILL #{node.life} ({why}): acked {len(self.sender.acked)}, "
                   f"in flight {len(self.sender.outstanding)}, next hop {len(hop.arrivals)} "
                   f"arrivals / {hop.distinct()} distinct")
+        # Every other time the processing child dies too, as in a power
+        # cut; otherwise it outlives the node by a batch at most.
+        children = child_pids(node.transport.pid) if node.life % 2 else []
         node.signal("KILL")
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if children:
+            self.note(f"  and its processing child {children}")
         await node.ended
 
     async def stop_cleanly(self, why: str) -> None:
