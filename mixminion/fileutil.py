@@ -50,7 +50,16 @@ def open_segment(path: str, create: bool, writable: bool = True) -> Optional[int
         existed = os.path.exists(path)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         if not existed:
-            fsync_dir(os.path.dirname(path) or ".")
+            try:  # acknowledgements depend on this name surviving a crash
+                folder = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+                try:
+                    os.fsync(folder)
+                finally:
+                    os.close(folder)
+            except OSError:
+                os.close(fd)
+                os.unlink(path)
+                raise
         return fd
     try:
         return os.open(path, os.O_RDWR if writable else os.O_RDONLY)

@@ -99,7 +99,9 @@ class BodyFiles:
                         # length + 1: a zeroed slot (length field 0) is "no body"
                         buffers += [_LENGTH.pack(len(body) + 1), body,
                                     bytes(MAX_BODY - len(body))]
-                    os.pwritev(fd, buffers, start)
+                    written = os.pwritev(fd, buffers, start)
+                    if written != len(chunk) * SLOT_LEN:  # e.g. the disk filled up
+                        raise OSError(f"short write of packet bodies ({written} bytes)")
                 os.fdatasync(fd)
 
     def read(self, row_id: int) -> bytes:
@@ -126,7 +128,8 @@ class BodyFiles:
                 segment, offset = self._locate(row_id)
                 fd = self._fd(segment, create=False)
                 if fd is not None:
-                    os.pwrite(fd, bytes(SLOT_LEN), offset)
+                    if os.pwrite(fd, bytes(SLOT_LEN), offset) != SLOT_LEN:
+                        raise OSError(f"short write overwriting body {row_id}")
                     touched.add(segment)
             for segment in sorted(touched):
                 self._unlink_if_dead(segment, row_exists, allocated_through)

@@ -149,6 +149,10 @@ class DurableSink:
         self._writing = False
         if not isinstance(result, Failure) and forget:
             self._forgotten = max(self._forgotten, forget)
+            problem = getattr(self.target, "removal_error", None)
+            if problem is not None:
+                self.log.error("Could not overwrite processed packets (will retry): {why}",
+                               why=str(problem))
         if isinstance(result, Failure):
             self._queued -= len(batch)
             self.refused += len(batch)
@@ -157,10 +161,13 @@ class DurableSink:
                 d.errback(Failure(SinkRefused("the packet could not be stored")))
         else:
             self.stored += len(batch)
-            if self.on_stored is not None:
-                self.on_stored(result)
             for (_, d), packet_id in zip(batch, result):
                 d.callback(packet_id)
+            if self.on_stored is not None:
+                try:
+                    self.on_stored(result)
+                except Exception:  # the packets are stored and acknowledged
+                    self.log.failure("After storing {count} packets", count=len(batch))
         self._write_next()
 
     def removed(self, count: int) -> None:
@@ -176,6 +183,8 @@ class DurableSink:
         """Processing committed every packet up to id ``through``
         (``count`` of them): delete them with the next commit."""
         self.removed(count)
+        if self._stopped:
+            return  # the node overwrites them itself once processing stopped
         self._forget_through = max(self._forget_through, through)
         self._write_next()
 

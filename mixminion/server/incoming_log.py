@@ -55,6 +55,8 @@ class IncomingLog:
         self.directory = directory
         self.per_segment = per_segment
         self.read_only = read_only
+        #: why the last overwriting of consumed records failed, if it did
+        self.removal_error: Optional[OSError] = None
         self._lock = threading.Lock()
         self._fds: dict[int, int] = {}
         if not read_only:
@@ -163,7 +165,13 @@ class IncomingLog:
         """What a :class:`~mixminion.server.durable.DurableSink` commit
         does: remove the consumed records, append the new ones."""
         if forget_through:
-            self.remove_through(forget_through)
+            try:
+                self.remove_through(forget_through)
+                self.removal_error = None
+            except OSError as exc:
+                # Overwriting consumed records must not stop reception; the
+                # next commit tries again from where removal stopped.
+                self.removal_error = exc
         return self.add_many(packets, now) if packets else []
 
     def remove_through(self, last_id: int) -> None:

@@ -106,7 +106,10 @@ class Mixer:
             self.log.debug("Mix: {sent} of {pool} items sent on", sent=len(chosen),
                            pool=len(items))
             if not self._stopping:
-                self.after_mix()
+                try:
+                    self.after_mix()
+                except Exception:  # a failed flush must not stop the mixing timer
+                    self.log.failure("Handing on the mixed items failed; next round retries")
             return len(chosen)
 
         def failed(failure) -> int:

@@ -141,6 +141,7 @@ class MixNode(service.MultiService):
                 self.log.info("Overwrote {n} packet bodies left by a crash", n=stray)
             self.incoming = open_incoming(self.processor.incoming_path, self.store)
         self.processor.committed_through = self.incoming.committed_through
+        self.processor.consumed_through = self.incoming.removed_through
         self.sink = DurableSink(self.incoming, reactor, max_queued=settings.max_queued,
                                 min_free_bytes=settings.min_free_disk,
                                 on_stored=self.processor.stored)

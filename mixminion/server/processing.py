@@ -97,6 +97,8 @@ class Processor:
         self._keys: list[PrivateKey] = []
         #: the last incoming id on stable storage (the child reads no further)
         self.committed_through = 0
+        #: the last incoming id the child reported consumed
+        self.consumed_through = 0
         self._child: Optional[_ChildProtocol] = None
         self._ready = False
         self._draining = False
@@ -162,7 +164,7 @@ class Processor:
 
     def _start(self) -> None:
         self.starts += 1
-        self._child = _ChildProtocol(self)
+        child = _ChildProtocol(self)
         self._ready = self._draining = False
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(mixminion.__file__)))
         env = dict(os.environ)
@@ -174,8 +176,15 @@ class Processor:
                 "--nice", str(CHILD_NICENESS)]
         if self.body_dir:
             argv += ["--bodies", self.body_dir]
-        self.reactor.spawnProcess(self._child, sys.executable, argv, env=env,
-                                  childFDs={0: "w", 1: "r", 2: "r"})
+        try:
+            self.reactor.spawnProcess(child, sys.executable, argv, env=env,
+                                      childFDs={0: "w", 1: "r", 2: "r"})
+        except OSError as exc:  # e.g. out of file descriptors
+            self.log.error("Cannot start the processing child ({why}); trying again",
+                           why=str(exc))
+            self._retry = self.reactor.callLater(self.restart_delay, self.kick)
+            return
+        self._child = child
 
     def _send(self, message: dict) -> None:
         self._child.transport.write(json.dumps(message).encode() + b"\n")
@@ -197,8 +206,13 @@ class Processor:
             rejected = sum(n for k, n in batch["counts"].items() if k.startswith("Rejected:"))
             if rejected:
                 self.log.info("Processing rejected {n} packets", n=rejected)
+            # Ids are consecutive: counting from the last mark also covers
+            # a batch whose report died with a killed child.
+            through = batch["through"]
+            consumed = max(0, through - self.consumed_through)
+            self.consumed_through = max(self.consumed_through, through)
             if self.on_consumed is not None:
-                self.on_consumed(batch["through"], batch["count"])
+                self.on_consumed(through, consumed)
         elif message.get("idle"):
             self._draining = False
             if self._again:

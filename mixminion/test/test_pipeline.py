@@ -31,7 +31,7 @@ from mixminion.server.delivery import Delivery
 from mixminion.server.items import ExitItem, RelayItem, decode_item, encode_item
 from mixminion.server.mixing import OUT, Mixer, delivery_queue
 from mixminion.server.outgoing import Outgoing
-from mixminion.server.packetstore import PacketStore
+from mixminion.server.packetstore import PacketStore, PacketStoreError
 from mixminion.server.pool import TimedPool
 from mixminion.server.draining import INCOMING, MIX, consumed_through, drain, open_incoming
 from mixminion.server.incoming_log import IncomingLog
@@ -498,3 +498,76 @@ class SinkDiskTests(StoreTestCase):
         self.patch(durable.shutil, "disk_usage", full)
         clock.advance(0.25)
         self.assertIn("below the configured minimum", sink._refusal())
+
+
+class FailureHandlingTests(TwoStoreTestCase):
+    """Error paths found in review: none may lose packets or stop a stage."""
+
+    def test_a_short_body_write_rolls_the_rows_back(self) -> None:
+        from mixminion.server import bodies
+
+        store = PacketStore(os.path.join(os.path.dirname(self.store.path), "b.db"),
+                            body_dir=os.path.join(os.path.dirname(self.store.path), "b"))
+        self.addCleanup(store.close)
+        self.patch(bodies.os, "pwritev", lambda fd, buffers, offset: 100)  # disk full
+        self.assertRaises(OSError, store.add_many, MIX, [b"x" * 1000])
+        self.assertEqual(store.count(), 0)
+
+    def test_a_child_that_cannot_start_is_tried_again(self) -> None:
+        clock = task.Clock()
+        attempts: list[object] = []
+
+        class Reactor:
+            callLater = clock.callLater
+            seconds = clock.seconds
+
+            def spawnProcess(self, proto, *args, **kwargs):  # noqa: N802
+                attempts.append(proto)
+                if len(attempts) == 1:
+                    raise OSError("Too many open files")
+                proto.transport = None
+
+        processor = Processor(self.incoming.path, self.store.path, Reactor(), self.stats.count,
+                              restart_delay=1.0)
+        processor.set_keys([_key(0)])
+        self.assertEqual(len(attempts), 1)
+        self.assertIsNone(processor._child)
+        clock.advance(1.0)
+        self.assertEqual(len(attempts), 2)
+        self.assertIs(processor._child, attempts[1])
+
+    def test_consumed_counts_come_from_ids_so_a_lost_report_is_counted(self) -> None:
+        consumed = []
+        processor = Processor(self.incoming.path, self.store.path, reactor, self.stats.count,
+                              on_consumed=lambda *a: consumed.append(a))
+        processor.consumed_through = 10
+        # The report for ids 11-14 died with a killed child; this one is 15-16.
+        processor._message({"batch": {"through": 16, "count": 2, "counts": {}}})
+        self.assertEqual(consumed, [(16, 6)])
+
+    def test_failing_to_overwrite_consumed_records_does_not_stop_reception(self) -> None:
+        ids = self.incoming.add_many([_packet(), _packet()])
+
+        def broken(last_id):
+            raise OSError("I/O error")
+
+        self.patch(self.incoming, "remove_through", broken)
+        [new] = self.incoming.write([_packet()], 0.0, ids[-1])
+        self.assertEqual(new, ids[-1] + 1)
+        self.assertIsInstance(self.incoming.removal_error, OSError)
+
+    def test_a_failing_flush_after_a_mix_does_not_stop_mixing(self) -> None:
+        clock = task.Clock()
+        calls = []
+
+        def flush() -> None:
+            calls.append(clock.seconds())
+            raise PacketStoreError("database is locked")
+
+        mixer = Mixer(self.store, TimedPool(), 60, clock, lambda t: None, self.stats.count, flush)
+        mixer.start()
+        self.addCleanup(mixer.stop)
+        clock.advance(60)
+        clock.advance(60)
+        self.assertEqual(calls, [60, 120])
+        self.assertEqual(len(self.flushLoggedErrors(PacketStoreError)), 2)
