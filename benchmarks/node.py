@@ -51,7 +51,6 @@ import time
 import urllib.request
 from typing import Optional
 
-from cryptography.hazmat.primitives import serialization
 from twisted.internet import defer, task, threads
 from zope.interface import implementer
 
@@ -67,6 +66,8 @@ from mixminion.mmtp.interfaces import IPacketSink
 from mixminion.mmtp.responder import responder_factory
 from mixminion.mmtp.tls import ResponderTLS
 from mixminion.procinfo import child_pids
+from mixminion.server.keys import read_pem_key
+from mixminion.testnet import free_ports
 
 CONFIG = """\
 [Server]
@@ -89,17 +90,6 @@ Enabled: yes
 """
 MIX_INTERVAL = 1  # seconds, for the relay run
 WINDOW = 2000  # packets outstanding at once while filling the pool
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def read_key(path: str) -> PrivateKey:
-    with open(path, "rb") as f:
-        return PrivateKey(serialization.load_pem_private_key(f.read(), password=None))
 
 
 def cpu_seconds(pid: int) -> float:
@@ -168,7 +158,7 @@ class Node:
         self.dir = os.path.join(workdir, name)
         os.makedirs(self.dir)
         self.base = os.path.join(self.dir, "base")
-        self.port, self.metrics = free_port(), free_port()
+        self.port, self.metrics = free_ports(2)
         conf = os.path.join(self.dir, "node.conf")
         with open(conf, "w") as f:
             f.write(CONFIG.format(base=self.base, interval=interval, port=self.port,
@@ -194,8 +184,8 @@ class Node:
             await task.deferLater(reactor, 0.1, lambda: None)
         keys = os.path.join(self.base, "keys")
         keyset = sorted(d for d in os.listdir(keys) if d.startswith("key_"))[0]
-        self.identity = read_key(os.path.join(keys, "identity.key")).public
-        self.packet_key = read_key(os.path.join(keys, keyset, "mix.key"))
+        self.identity = read_pem_key(os.path.join(keys, "identity.key")).public
+        self.packet_key = read_pem_key(os.path.join(keys, keyset, "mix.key"))
         self.dest = Destination("127.0.0.1", self.port, self.identity.keyid)
         self.hop = Hop(self.packet_key.public, IPv4Info("127.0.0.1", self.port,
                                                         self.identity.keyid))

@@ -37,7 +37,6 @@ import hashlib
 import os
 import signal
 import random
-import socket
 import sqlite3
 import sys
 import time
@@ -45,7 +44,6 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from cryptography.hazmat.primitives import serialization
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import ProcessProtocol, Protocol
@@ -66,6 +64,8 @@ from mixminion.mmtp.interfaces import IPacketSink
 from mixminion.mmtp.responder import responder_factory
 from mixminion.mmtp.tls import ResponderTLS
 from mixminion.procinfo import child_pids
+from mixminion.server.keys import read_pem_key
+from mixminion.testnet import free_ports
 
 N_PACKETS = int(os.environ.get("MIXMINION_CRASH_PACKETS", "2000"))
 SEED = int(os.environ.get("MIXMINION_CRASH_SEED", "4"))
@@ -96,17 +96,6 @@ Port: {port}
 [Outgoing/MMTP]
 Enabled: yes
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def read_key(path: str) -> PrivateKey:
-    with open(path, "rb") as f:
-        return PrivateKey(serialization.load_pem_private_key(f.read(), password=None))
 
 
 def sleep(seconds: float) -> defer.Deferred:
@@ -269,7 +258,7 @@ class CrashTest(unittest.TestCase):
         self.dir = os.path.abspath(self.mktemp())
         os.makedirs(self.dir)
         self.base = os.path.join(self.dir, "base")
-        self.port = free_port()
+        [self.port] = free_ports(1)
         self.conf = os.path.join(self.dir, "node.conf")
         with open(self.conf, "w") as f:
             f.write(CONFIG.format(base=self.base, interval=MIX_INTERVAL, port=self.port))
@@ -424,9 +413,9 @@ class CrashTest(unittest.TestCase):
         node = self.spawn()
         await self.wait_listening(node)
         keys = os.path.join(self.base, "keys")
-        identity = read_key(os.path.join(keys, "identity.key"))
+        identity = read_pem_key(os.path.join(keys, "identity.key"))
         keysets = sorted(d for d in os.listdir(keys) if d.startswith("key_"))
-        node_key = read_key(os.path.join(keys, keysets[0], "mix.key"))
+        node_key = read_pem_key(os.path.join(keys, keysets[0], "mix.key"))
         self.note(f"node keysets {keysets}; building {N_PACKETS} packets")
 
         hop_identity = PrivateKey.generate(2048)

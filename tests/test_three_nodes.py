@@ -41,7 +41,6 @@ import pwd
 import re
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -60,6 +59,7 @@ from mixminion.codec.header import Hop
 from mixminion.codec.routing import MBOX_TYPE, SMTP_TYPE, HostInfo
 from mixminion.directory.descriptor import ServerDescriptor, parse_descriptor
 from mixminion.mmtp.initiator import Destination, MMTPClient
+from mixminion.testnet import free_ports
 
 #: the global reactor (untyped: its interfaces are spread over many zope ones)
 reactor: Any = _reactor
@@ -91,20 +91,6 @@ BIG_SIZE = 60 * 1024
 
 
 # --- small helpers ---------------------------------------------------------------------
-
-
-def free_ports(count: int) -> list[int]:
-    """Ports the kernel says are free: all bound at once so they differ."""
-    sockets = []
-    try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def tail(path: str, lines: int = 30) -> str:

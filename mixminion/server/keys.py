@@ -321,7 +321,8 @@ def _write_pem(path: str, key: PrivateKey) -> None:
     _write_file(path, pem, _PRIVATE_MODE)
 
 
-def _read_pem(path: str) -> PrivateKey:
+def read_pem_key(path: str) -> PrivateKey:
+    """An unencrypted PEM RSA private key file written by this module."""
     with open(path, "rb") as f:
         data = f.read()
     try:
@@ -540,7 +541,7 @@ class KeyStore:
             self._identity = key
             return True
         try:
-            key = _read_pem(path)
+            key = read_pem_key(path)
         except (OSError, InvalidKeyset) as exc:
             raise KeyStoreError(f"cannot read the identity key: {exc}") from exc
         bits = key.key.key_size
@@ -571,7 +572,7 @@ class KeyStore:
         directory = os.path.join(self.key_dir, keyset_name(number))
         for name in (PACKET_KEY_FILE, DESCRIPTOR_FILE, PUBLISHED_FILE):
             secure_delete(os.path.join(directory, name + _TMP_SUFFIX))
-        packet_key = _read_pem(os.path.join(directory, PACKET_KEY_FILE))
+        packet_key = read_pem_key(os.path.join(directory, PACKET_KEY_FILE))
         with open(os.path.join(directory, DESCRIPTOR_FILE), "rb") as f:
             descriptor = parse_descriptor(f.read(), _NO_TIME_CHECK, check_validity=False)
         if descriptor.identity != self.identity.public:
