@@ -17,7 +17,7 @@ from twisted.logger import Logger
 
 from mixminion.server.items import ExitItem, RelayItem, decode_item
 from mixminion.server.packetstore import PacketStore
-from mixminion.server.processing import MIX
+from mixminion.server.draining import MIX
 
 OUT = "out"
 

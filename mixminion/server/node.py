@@ -35,14 +35,14 @@ from mixminion.mmtp.limits import AddressRules, ConnectionLimits
 from mixminion.mmtp.responder import responder_factory
 from mixminion.mmtp.tls import InitiatorTLS, ResponderTLS
 from mixminion.server.delivery import Delivery
-from mixminion.server.draining import consumed_through, open_incoming
+from mixminion.server.draining import MIX, consumed_through, open_incoming
 from mixminion.server.durable import DurableSink
 from mixminion.server.metrics import metrics_root
 from mixminion.server.mixing import OUT, Mixer
 from mixminion.server.outgoing import Outgoing
 from mixminion.server.packetstore import PacketStore
 from mixminion.server.pool import make_pool
-from mixminion.server.processing import MIX, Processor
+from mixminion.server.processing import Processor
 from mixminion.server.processing_child import processing_lock
 from mixminion.server.stats import NodeStats
 from mixminion.server.workers import run_in, worker_pool

@@ -25,7 +25,6 @@ from twisted.python.failure import Failure
 
 import mixminion
 from mixminion.codec.rsa import PrivateKey
-from mixminion.server.draining import INCOMING, MIX  # noqa: F401  (re-exported)
 
 #: longest line the child may send (a batch report is a few hundred bytes)
 MAX_LINE = 1 << 20

@@ -11,7 +11,7 @@ the reactor for the GIL.  It talks JSON lines over its stdin and stdout
                                                 process what is queued, up to
                                                 the last id the node committed
     child -> node    {"ready": true}            stores open, lock held
-                     {"batch": {"through": ID, "count": N, "counts": {...}}}
+                     {"batch": {"through": ID, "counts": {...}}}
                      {"idle": true}             the queue is empty
                      {"error": "why"}           a drain failed; ask again
 
@@ -90,8 +90,7 @@ class Child:
             try:
                 for done in drain(self.incoming, self.store, self.processor, self.batch_size,
                                   time.time, self.opener, message["through"]):
-                    self.send({"batch": {"through": done.through, "count": done.count,
-                                         "counts": dict(done.counts)}})
+                    self.send({"batch": {"through": done.through, "counts": dict(done.counts)}})
             except (PacketStoreError, IncomingLogError, OSError) as exc:
                 self.send({"error": f"processing failed: {exc}"})
                 return

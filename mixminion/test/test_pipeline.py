@@ -542,7 +542,7 @@ class FailureHandlingTests(TwoStoreTestCase):
                               on_consumed=lambda *a: consumed.append(a))
         processor.consumed_through = 10
         # The report for ids 11-14 died with a killed child; this one is 15-16.
-        processor._message({"batch": {"through": 16, "count": 2, "counts": {}}})
+        processor._message({"batch": {"through": 16, "counts": {}}})
         self.assertEqual(consumed, [(16, 6)])
 
     def test_failing_to_overwrite_consumed_records_does_not_stop_reception(self) -> None:
