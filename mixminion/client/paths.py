@@ -458,7 +458,12 @@ class PathSelector:
         elif not slots:
             slots.append(None)
         if fixed_exit is None and kind != "reply" and slots[-1] is None and needs is not None:
-            candidates = self.exit_candidates(needs)
+            # Padding for the swap point may have put this slot after an
+            # exit drawn above: never draw the same server twice in a row.
+            before = slots[-2] if len(slots) > 1 else None
+            exits = self.exit_candidates(needs)
+            candidates = [d for d in exits if before is None
+                          or d.nickname.lower() != before.nickname.lower()] or exits
             if candidates:
                 slots[-1] = self.rng.choice(candidates)
         hops = self._fill_retrying(slots, reply=(kind == "reply"))

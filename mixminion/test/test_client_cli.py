@@ -337,6 +337,18 @@ class PathSelectionTests(unittest.TestCase):
                 self.assertIn(hops[-1].nickname, ("Alpha", "Beta"))  # only they deliver SMTP
         self.assertEqual(len(sel.choose(parse_path("*4"), "forward", needs).hops), 4)
 
+    def test_a_one_hop_draw_padded_for_the_swap_point_repeats_no_server(self) -> None:
+        """'~5' can draw one hop; it becomes the exit, the swap point adds
+        a hop after it, and that hop is an exit too: it must differ."""
+        env = Env(self, standard_servers())
+        sel = self.selector(env)
+        sel._approx = lambda n: 0  # ~5 is one hop plus ~4: draw none more
+        needs = ExitNeeds(parse_address("a@example.org"), size=1000)
+        for _ in range(40):
+            legs = sel.choose(parse_path("~5"), "forward", needs)
+            a, b = legs.hops
+            self.assertNotEqual(a.nickname, b.nickname, str(legs))
+
     def test_fragmented_exit_needs_reassembly_and_size(self) -> None:
         sel = self.selector(Env(self))
         needs = ExitNeeds(parse_address("a@example.org"), size=60000, fragments=6)
