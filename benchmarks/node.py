@@ -2,8 +2,9 @@
 
 The node runs as a real child process (``twistd -n mixminion``, Timed pool,
 one-second mix interval).  This process sends it packets with
-:class:`MMTPClient` and runs the next hop: an MMTP responder that only
-counts what arrives.  So a relayed packet crosses MMTP in, the durable
+:class:`MMTPClient`; the next hop, an MMTP responder that only counts what
+arrives, is a second child process (``--serve-sink``), as it would be
+another machine.  So a relayed packet crosses MMTP in, the durable
 incoming queue, processing (replay log and result in one transaction), the
 pool, the outgoing queue and MMTP out (decryption runs in the node's
 processing child process).
@@ -21,8 +22,8 @@ processing child process).
   ``incoming`` queue means processing, not reception, was the limit);
   ``node_cpu_ms_per_packet`` (the node and its processing child) and the
   CPU shares of the node and of this process say how much of the machine
-  the run used: on two cores, this process (the sender and the next hop)
-  takes about a sixth of it.
+  the run used: on two cores, the sender and the next hop (counted
+  together as ``bench_cpu_share``) take about a sixth of it.
 * ``rss_mb_50k``: the resident memory (VmRSS, the node's process and its
   processing child together) of a second node, whose mix
   interval is a day, once 50,000 packets pushed through MMTP sit in its
@@ -51,7 +52,7 @@ import time
 import urllib.request
 from typing import Optional
 
-from twisted.internet import defer, task, threads
+from twisted.internet import defer, protocol, task, threads
 from zope.interface import implementer
 
 from mixminion.codec.build import build_forward_packet
@@ -125,11 +126,7 @@ class CountingSink:
 
     def __init__(self) -> None:
         self.digests: set[bytes] = set()  # of each packet's first 32 bytes
-        self.times: list[float] = []  # arrival time of each distinct packet
-
-    @property
-    def count(self) -> int:
-        return len(self.times)
+        self.times: list[float] = []  # time.monotonic() of each distinct arrival
 
     def receivePacket(self, packet: bytes, peer: str) -> defer.Deferred:  # noqa: N802
         # The first 256 bytes are an RSA-OAEP ciphertext: random, so they
@@ -138,16 +135,112 @@ class CountingSink:
         digest = packet[:32]
         if digest not in self.digests:
             self.digests.add(digest)
-            self.times.append(time.perf_counter())
+            self.times.append(time.monotonic())
         return defer.succeed(None)
 
-    def steady_rate(self) -> float:
-        """Arrivals per second between the 10th and the 90th percentile
-        arrival: the node's rate once its pipeline is full, without the
-        first mix interval (nothing leaves before it) or the last one."""
-        n = len(self.times)
-        lo, hi = n // 10, n - n // 10 - 1
-        return (hi - lo) / (self.times[hi] - self.times[lo])
+
+def serve_sink() -> None:
+    """The next hop's own process (``--serve-sink``): an MMTP responder
+    with a fresh identity that counts arrivals.  It prints its port and
+    KeyID, then its count as it grows; a line on stdin asks for the
+    arrival times (and its CPU time), and end of stdin stops it."""
+    from twisted.internet import reactor, stdio
+    from twisted.protocols.basic import LineReceiver
+
+    sink = CountingSink()
+    identity = PrivateKey.generate(2048)
+    port = reactor.listenTCP(0, responder_factory(sink, ResponderTLS(identity, "sink",
+                                                                     clock=reactor), reactor),
+                             interface="127.0.0.1")
+
+    class Control(LineReceiver):
+        delimiter = b"\n"
+
+        def connectionMade(self) -> None:  # noqa: N802
+            self.reported = -1
+            self.sendLine(json.dumps({"port": port.getHost().port,
+                                      "keyid": identity.public.keyid.hex()}).encode())
+            self.ticker = task.LoopingCall(self.report)
+            self.ticker.start(0.02)
+
+        def report(self) -> None:
+            if len(sink.times) != self.reported:
+                self.reported = len(sink.times)
+                self.sendLine(json.dumps({"count": self.reported}).encode())
+
+        def lineReceived(self, line: bytes) -> None:  # noqa: N802
+            self.sendLine(json.dumps({"times": sink.times,
+                                      "cpu": time.process_time()}).encode())
+
+        def connectionLost(self, reason=None) -> None:  # noqa: N802
+            if self.ticker.running:
+                self.ticker.stop()
+            reactor.stop()
+
+    stdio.StandardIO(Control())
+    reactor.run()
+
+
+class SinkProcess(protocol.ProcessProtocol):
+    """The parent's handle on :func:`serve_sink` running as a child process.
+
+    The next hop is a machine of its own in a real network; in this
+    process, its reactor would share one thread with the sender's, and
+    every burst the node relays would hold up the sender's packets."""
+
+    def __init__(self, reactor) -> None:
+        self.reactor = reactor
+        self.count = 0
+        self._buffer = b""
+        self._started: defer.Deferred = defer.Deferred()
+        self._answer: Optional[defer.Deferred] = None
+        self.exited: defer.Deferred = defer.Deferred()
+
+    async def start(self) -> tuple[int, bytes]:
+        """Spawn it; its (port, identity KeyID)."""
+        self.reactor.spawnProcess(self, sys.executable,
+                                  [sys.executable, os.path.abspath(__file__), "--serve-sink"],
+                                  env=os.environ.copy())
+        hello = await self._started
+        return hello["port"], bytes.fromhex(hello["keyid"])
+
+    def outReceived(self, data: bytes) -> None:  # noqa: N802
+        self._buffer += data
+        *lines, self._buffer = self._buffer.split(b"\n")
+        for line in lines:
+            message = json.loads(line)
+            if "port" in message:
+                self._started.callback(message)
+            elif "count" in message:
+                self.count = message["count"]
+            elif "times" in message and self._answer is not None:
+                answer, self._answer = self._answer, None
+                answer.callback(message)
+
+    async def times_and_cpu(self) -> tuple[list[float], float]:
+        """Arrival times so far and the process's CPU seconds."""
+        self._answer = defer.Deferred()
+        self.transport.write(b"times\n")
+        message = await self._answer
+        return message["times"], message["cpu"]
+
+    def processEnded(self, reason) -> None:  # noqa: N802
+        if not self._started.called:
+            self._started.errback(reason)
+        self.exited.callback(None)
+
+    async def stop(self) -> None:
+        self.transport.closeStdin()
+        await self.exited
+
+
+def steady_rate(times: list[float]) -> float:
+    """Arrivals per second between the 10th and the 90th percentile
+    arrival: the node's rate once its pipeline is full, without the
+    first mix interval (nothing leaves before it) or the last one."""
+    n = len(times)
+    lo, hi = n // 10, n - n // 10 - 1
+    return (hi - lo) / (times[hi] - times[lo])
 
 
 class Node:
@@ -208,7 +301,7 @@ class Node:
                 self.proc.wait()
 
 
-async def relay_run(reactor, workdir: str, sink_hop: Hop, sink: CountingSink, packets: int,
+async def relay_run(reactor, workdir: str, sink_hop: Hop, sink: SinkProcess, packets: int,
                     n_clients: int, profile: Optional[str]) -> dict:
     node = Node(workdir, "relay", f"{MIX_INTERVAL} seconds", profile)
     try:
@@ -230,24 +323,26 @@ async def relay_run(reactor, workdir: str, sink_hop: Hop, sink: CountingSink, pa
         clients = [MMTPClient(reactor) for _ in range(n_clients)]
         print(f"relay: sending {packets} packets to node pid {node.proc.pid}", file=sys.stderr,
               flush=True)
-        start = time.perf_counter()
+        _, sink_cpu_start = await sink.times_and_cpu()
+        start = time.monotonic()
         cpu_start, own_start = family_cpu_seconds(node.proc.pid), time.process_time()
         sends = [clients[i % len(clients)].send_packet(node.dest, p) for i, p in enumerate(batch)]
         del batch
         await defer.gatherResults(sends)
-        acked = time.perf_counter() - start
+        acked = time.monotonic() - start
         backlog = await node.queues(reactor)  # where packets wait once all are in
         deadline = time.monotonic() + 120
         while sink.count < packets and time.monotonic() < deadline:
             await task.deferLater(reactor, 0.01, lambda: None)
         if sink.count < packets:
             raise RuntimeError(f"only {sink.count} of {packets} packets relayed; see {node.log}")
-        elapsed = sink.times[-1] - start
+        times, sink_cpu = await sink.times_and_cpu()
+        elapsed = times[-1] - start
         node_cpu = family_cpu_seconds(node.proc.pid) - cpu_start
-        own_cpu = time.process_time() - own_start
+        own_cpu = time.process_time() - own_start + sink_cpu - sink_cpu_start
         for client in clients:
             await client.close()
-        relay = sink.steady_rate()
+        relay = steady_rate(times)
         return {"relay_per_s": round(relay, 1),
                 "codec_relay_per_s": round(codec, 1),
                 "pipeline_ratio": round(relay / codec, 3),
@@ -326,21 +421,21 @@ async def pool_run(reactor, workdir: str, sink_hop: Hop, total: int) -> dict:
 
 
 async def run(reactor, args) -> None:
-    sink = CountingSink()
-    identity, packet_key = PrivateKey.generate(2048), PrivateKey.generate(2048)
-    listener = reactor.listenTCP(0, responder_factory(sink, ResponderTLS(identity, "sink",
-                                                                         clock=reactor), reactor),
-                                 interface="127.0.0.1")
-    sink_hop = Hop(packet_key.public, IPv4Info("127.0.0.1", listener.getHost().port,
-                                               identity.public.keyid))
+    sink = SinkProcess(reactor)
+    sink_port, sink_keyid = await sink.start()
+    # The sink never decrypts: its packet key only shapes the headers.
+    packet_key = PrivateKey.generate(2048)
+    sink_hop = Hop(packet_key.public, IPv4Info("127.0.0.1", sink_port, sink_keyid))
     result: dict = {"packets": args.packets, "clients": args.clients,
                     "mix_interval_s": MIX_INTERVAL}
-    with tempfile.TemporaryDirectory() as work:
-        result.update(await relay_run(reactor, work, sink_hop, sink, args.packets, args.clients,
-                                      args.profile))
-        if args.pool:
-            result.update(await pool_run(reactor, work, sink_hop, args.pool))
-    await listener.stopListening()
+    try:
+        with tempfile.TemporaryDirectory() as work:
+            result.update(await relay_run(reactor, work, sink_hop, sink, args.packets,
+                                          args.clients, args.profile))
+            if args.pool:
+                result.update(await pool_run(reactor, work, sink_hop, args.pool))
+    finally:
+        await sink.stop()
     result["python"] = sys.version.split()[0]
     print(json.dumps(result))
 
@@ -357,7 +452,11 @@ def main() -> None:
                         help="packets for the memory run (default 50000; 0 skips it)")
     parser.add_argument("--profile", metavar="FILE",
                         help="run the relay node under cProfile, stats saved to FILE")
+    parser.add_argument("--serve-sink", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve_sink:
+        serve_sink()
+        return
     task.react(lambda reactor: defer.ensureDeferred(run(reactor, args)))
 
 

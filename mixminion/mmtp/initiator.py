@@ -77,7 +77,7 @@ class _Item:
 @dataclass
 class InitiatorSettings:
     writeahead: int = 6
-    max_packets_per_connection: int = 100
+    max_packets_per_connection: int = 1000
     connect_timeout: float = 60.0
     handshake_timeout: float = 60.0
     idle_timeout: float = 300.0

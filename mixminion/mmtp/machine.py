@@ -182,6 +182,10 @@ class _ReceiveBuffer:
             return None
         return at + len(CRLF) - self._start
 
+    def startswith(self, prefix: bytes) -> bool:
+        """Whether the live bytes begin with ``prefix`` (no copy)."""
+        return self._data.startswith(prefix, self._start)
+
     def peek(self, begin: int, end: int) -> bytes:
         """A copy of live bytes ``[begin:end)`` (offsets from the read point)."""
         with memoryview(self._data) as view:
@@ -372,6 +376,11 @@ class ResponderMachine(_Machine):
         assert reject is not None
         self._complete(seq, reject)
 
+    @property
+    def has_data_to_send(self) -> bool:
+        """Whether :meth:`data_to_send` has anything (without copying)."""
+        return bool(self._out)
+
     def data_to_send(self) -> bytes:
         """Bytes to write: the version reply, then acks in frame order."""
         self._check_alive()
@@ -400,16 +409,16 @@ class ResponderMachine(_Machine):
 
     def _next_frame(self) -> Union[PacketReceived, JunkReceived, NeedData]:
         buf = self._rbuf
-        if len(buf) < COMMAND_LEN:
+        live = len(buf)
+        if live < COMMAND_LEN:
             return NEED_DATA
-        command = buf.peek(0, COMMAND_LEN)
-        if command != SEND_COMMAND and command != JUNK_COMMAND:
+        send = buf.startswith(SEND_COMMAND)
+        if not send and not buf.startswith(JUNK_COMMAND):
+            command = buf.peek(0, COMMAND_LEN)
             raise self._fail("unknown_command", f"unknown frame command {command!r}")
-        if len(buf) < FRAME_LEN:
+        if live < FRAME_LEN:
             return NEED_DATA
-        if command == SEND_COMMAND:
-            return self._take_send()
-        return self._take_junk()
+        return self._take_send() if send else self._take_junk()
 
     def _take_send(self) -> PacketReceived:
         packet = self._rbuf.peek(_PACKET_START, _DIGEST_START)

@@ -45,6 +45,7 @@ class MMTPResponderProtocol(Protocol):
         self.peer = "?"
         self.closed = False
         self._paused = False
+        self._tcp = None  # the TCP transport under TLS, for flow control
         self._handshake_done = False
         self.frames = 0  # good frames received (SEND and JUNK)
         self.stored = 0  # packets acknowledged RECEIVED
@@ -56,6 +57,7 @@ class MMTPResponderProtocol(Protocol):
         peer = self.transport.getPeer()
         self.peer = getattr(peer, "host", str(peer))
         self.factory.stats.count("ReceivedConnection")
+        self._tcp = tcp_transport(self.transport)
         set_no_delay(self.transport)
         self.timers.start("handshake", self.factory.limits.handshake_timeout,
                           lambda: self._timed_out("TLS handshake"))
@@ -103,18 +105,20 @@ class MMTPResponderProtocol(Protocol):
         self._watch_partial_frame(progressed=self.frames != frames_before)
 
     def _drain(self) -> None:
-        while True:
-            event = self.machine.next_event()
-            if event is NEED_DATA:
-                break
+        machine = self.machine
+        event = machine.next_event()
+        if event is NEED_DATA:
+            return  # most chunks: part of a frame (TLS records are 16 KiB)
+        while event is not NEED_DATA:
             if isinstance(event, PacketReceived):
                 self.frames += 1
                 self._store(event.seq, event.packet)
             elif isinstance(event, JunkReceived):
                 self.frames += 1
-                self.machine.accept(event.seq)
+                machine.accept(event.seq)
             elif isinstance(event, VersionAccepted):
                 self.timers.cancel("line")
+            event = machine.next_event()
         self._flush()
         self._apply_backpressure()
 
@@ -144,22 +148,20 @@ class MMTPResponderProtocol(Protocol):
             self._apply_backpressure()
 
     def _flush(self) -> None:
-        out = self.machine.data_to_send()
-        if out and not self.closed:
-            self.transport.write(out)
+        if self.machine.has_data_to_send and not self.closed:
+            self.transport.write(self.machine.data_to_send())
 
     # --- limits -------------------------------------------------------------
 
     def _apply_backpressure(self) -> None:
         """Stop reading while too many packets wait for the disk."""
-        tcp = tcp_transport(self.transport)
         busy = self.machine.pending_acks >= self.factory.limits.max_unacknowledged
         if busy and not self._paused:
             self._paused = True
-            tcp.pauseProducing()
+            self._tcp.pauseProducing()
         elif not busy and self._paused and not self.closed:
             self._paused = False
-            tcp.resumeProducing()
+            self._tcp.resumeProducing()
             self._watch_partial_frame(progressed=True)
 
     def _watch_partial_frame(self, progressed: bool = False) -> None:
@@ -171,7 +173,7 @@ class MMTPResponderProtocol(Protocol):
         partial = (self.machine.version is not None and self.machine.buffered > 0
                    and not self._paused)
         if partial and (progressed or not self.timers.running("frame")):
-            self.timers.start("frame", self.factory.limits.frame_timeout,
+            self.timers.restart("frame", self.factory.limits.frame_timeout,
                               lambda: self._timed_out("partial frame"))
         elif not partial:
             self.timers.cancel("frame")

@@ -727,7 +727,7 @@ SCHEMA_SECTIONS: tuple[SectionSpec, ...] = (
         Option("MaxConnections", INT, "simultaneous outgoing connections", default="16",
                reload=True),
         Option("MaxPacketsPerConnection", INT, "ours: packets sent on one connection before "
-               "a fresh one is opened", default="100", reload=True),
+               "a fresh one is opened", default="1000", reload=True),
         Option("Allow", ALLOW_RULE, "destinations we relay to; enforced and published",
                many=True, reload=True, published=True),
         Option("Deny", DENY_RULE, "destinations we refuse; enforced and published",

@@ -373,7 +373,7 @@ class ParsedValueTests(ConfigTestCase):
         out = config.outgoing
         self.assertTrue(out.enabled)
         self.assertEqual(out.retry, (3600,) * 24 + (25200,) * 18)
-        self.assertEqual((out.max_connections, out.max_packets_per_connection), (16, 100))
+        self.assertEqual((out.max_connections, out.max_packets_per_connection), (16, 1000))
         self.assertFalse(config.directory.publish)
         self.assertEqual(config.directory.authorities, ())
         self.assertTrue(config.pinging.enabled)
