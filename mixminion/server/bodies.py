@@ -28,7 +28,7 @@ import struct
 import threading
 from typing import Callable, Iterable, Optional, Sequence
 
-from mixminion.fileutil import open_segment
+from mixminion.fileutil import open_segment, write_zeros
 
 MAX_BODY = 32768
 _LENGTH = struct.Struct(">I")
@@ -122,16 +122,19 @@ class BodyFiles:
         """Overwrite the slots of deleted rows; sync and unlink each touched
         segment that is fully allocated and holds no row any more
         (``row_exists(first, last)`` asks the store)."""
-        touched: set[int] = set()
+        by_segment: dict[int, list[tuple[int, None]]] = {}
+        for row_id in ids:
+            by_segment.setdefault(self._locate(row_id)[0], []).append((row_id, None))
+        touched: list[int] = []
         with self._lock:
-            for row_id in ids:
-                segment, offset = self._locate(row_id)
+            for segment, rows in sorted(by_segment.items()):
                 fd = self._fd(segment, create=False)
-                if fd is not None:
-                    if os.pwrite(fd, bytes(SLOT_LEN), offset) != SLOT_LEN:
-                        raise OSError(f"short write overwriting body {row_id}")
-                    touched.add(segment)
-            for segment in sorted(touched):
+                if fd is None:
+                    continue
+                for start, run in _consecutive(rows, self._locate):
+                    write_zeros(fd, start, len(run) * SLOT_LEN)  # adjacent slots at once
+                touched.append(segment)
+            for segment in touched:
                 self._unlink_if_dead(segment, row_exists, allocated_through)
 
     def _unlink_if_dead(self, segment: int, row_exists: Callable[[int, int], bool],
@@ -165,7 +168,7 @@ class BodyFiles:
                         continue
                     if os.pread(fd, SLOT_LEN, offset).strip(b"\0"):
                         stray += 1
-                        os.pwrite(fd, bytes(SLOT_LEN), offset)
+                        write_zeros(fd, offset, SLOT_LEN)
                 os.fdatasync(fd)
                 if not live and last <= allocated_through:
                     self._forget_fd(segment)
@@ -178,10 +181,10 @@ class BodyFiles:
                 self._forget_fd(segment)
 
 
-def _consecutive(rows: list[tuple[int, bytes]],
+def _consecutive(rows: list[tuple[int, Optional[bytes]]],
                  locate: Callable[[int], tuple[int, int]]) -> list[tuple[int, list]]:
-    """Split rows (ascending ids, one segment) into runs of adjacent slots:
-    (offset of the first, rows)."""
+    """Split rows (ids of one segment, any order) into runs of adjacent
+    slots, ascending: (offset of the first, rows)."""
     runs: list[tuple[int, list]] = []
     previous = None
     for row_id, body in sorted(rows):

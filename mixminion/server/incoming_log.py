@@ -3,8 +3,8 @@
 Received packets leave the incoming queue in the order they came, so the
 queue needs no index: packet ``n`` (ids count up from 1, never reused) is
 record ``(n - 1) % per_segment`` of segment file ``(n - 1) // per_segment``.
-A commit appends its records with one write per segment and one
-``fdatasync``; processing reads them by position; consumed records are
+A commit appends its records with one synchronous write (``RWF_DSYNC``)
+per segment; processing reads them by position; consumed records are
 overwritten with zeros, and a segment whose records are all consumed is
 synced and unlinked.  Measured per packet (CPU): append and sync 25 us,
 zeroing 3 us, against 55 us for an insert and 50 us for a secure delete in
@@ -28,7 +28,7 @@ import threading
 import zlib
 from typing import Optional, Sequence
 
-from mixminion.fileutil import open_segment
+from mixminion.fileutil import open_segment, write_durably, write_zeros
 
 PACKET_LEN = 32768
 _HEADER = struct.Struct(">4sQdI")  # magic, id, time added, CRC-32 of the packet
@@ -127,7 +127,7 @@ class IncomingLog:
             start = offset if seg == segment else 0
             size = os.fstat(fd).st_size
             if size > start:
-                os.pwrite(fd, bytes(size - start), start)
+                write_zeros(fd, start, size - start)
                 os.ftruncate(fd, start)
                 os.fdatasync(fd)
             if start == 0:
@@ -154,10 +154,9 @@ class IncomingLog:
                 buffers.append(packet)
             for segment, (offset, buffers) in runs.items():
                 fd = self._fd(segment, create=True)
-                written = os.pwritev(fd, buffers, offset)
+                written = write_durably(fd, buffers, offset)
                 if written != len(buffers) // 2 * RECORD_LEN:
                     raise OSError(f"short write to the incoming log ({written} bytes)")
-                os.fdatasync(fd)
             self.committed_through = ids[-1] if ids else self.committed_through
             return ids
 
@@ -194,8 +193,7 @@ class IncomingLog:
             if fd is None:
                 continue
             if hi >= lo:
-                offset = self._locate(lo)[1]
-                os.pwrite(fd, bytes((hi - lo + 1) * RECORD_LEN), offset)
+                write_zeros(fd, self._locate(lo)[1], (hi - lo + 1) * RECORD_LEN)
             if seg_last <= last_id or (every_segment and seg_first > self.committed_through):
                 # Zeros reach the disk before the name goes: the kernel
                 # drops unwritten pages of an unlinked file.
