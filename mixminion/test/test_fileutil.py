@@ -10,11 +10,14 @@ from twisted.trial import unittest
 from mixminion import fileutil
 
 
-class WriteZerosTests(unittest.TestCase):
+class _OpenFile(unittest.TestCase):
     def setUp(self) -> None:
         self.path = self.mktemp()
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         self.addCleanup(os.close, self.fd)
+
+
+class WriteZerosTests(_OpenFile):
 
     def test_overwrites_exactly_the_range(self) -> None:
         size = 3 * (1 << 20) + 12345  # more than the shared buffer, not a multiple
@@ -36,11 +39,7 @@ class WriteZerosTests(unittest.TestCase):
         self.assertEqual(os.fstat(self.fd).st_size, 15)
 
 
-class WriteDurablyTests(unittest.TestCase):
-    def setUp(self) -> None:
-        self.path = self.mktemp()
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        self.addCleanup(os.close, self.fd)
+class WriteDurablyTests(_OpenFile):
 
     def test_writes_the_buffers_in_order(self) -> None:
         written = fileutil.write_durably(self.fd, [b"head", b"-", b"tail"], 3)
