@@ -43,6 +43,16 @@ def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
     fsync_dir(folder)
 
 
+def sync_directory(folder: str) -> None:
+    """Make names created in ``folder`` durable; raises if it cannot
+    (unlike :func:`fsync_dir`, for names acknowledgements depend on)."""
+    fd = os.open(folder or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def open_segment(path: str, create: bool, writable: bool = True) -> Optional[int]:
     """A descriptor of a segment file (mode 0600), or None if it does not
     exist and ``create`` is false.  A new file's name is synced into its
@@ -52,11 +62,7 @@ def open_segment(path: str, create: bool, writable: bool = True) -> Optional[int
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         if not existed:
             try:  # acknowledgements depend on this name surviving a crash
-                folder = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-                try:
-                    os.fsync(folder)
-                finally:
-                    os.close(folder)
+                sync_directory(os.path.dirname(path))
             except OSError:
                 os.close(fd)
                 os.unlink(path)

@@ -6,7 +6,8 @@ record ``(n - 1) % per_segment`` of segment file ``(n - 1) // per_segment``.
 A commit appends its records with one synchronous write (``RWF_DSYNC``)
 per segment; processing reads them by position; consumed records are
 overwritten with zeros, and a segment whose records are all consumed is
-synced and unlinked.  Measured per packet (CPU): append and sync 25 us,
+synced and then kept as a spare for a later segment (at most two) or
+unlinked.  Measured per packet (CPU): append and sync 25 us,
 zeroing 3 us, against 55 us for an insert and 50 us for a secure delete in
 SQLite, and the acknowledgement of every received packet waits for it.
 
@@ -28,13 +29,16 @@ import threading
 import zlib
 from typing import Optional, Sequence
 
-from mixminion.fileutil import open_segment, write_durably, write_zeros
+from mixminion.fileutil import open_segment, sync_directory, write_durably, write_zeros
 
 PACKET_LEN = 32768
 _HEADER = struct.Struct(">4sQdI")  # magic, id, time added, CRC-32 of the packet
 _MAGIC = b"MMIQ"
 RECORD_LEN = _HEADER.size + PACKET_LEN
 _SEGMENT_RE = re.compile(r"^(\d{12})\.seg$")
+_SPARE_RE = re.compile(r"^\d+\.spare$")
+#: emptied segments kept (zeroed) for reuse; see :meth:`IncomingLog._retire`
+MAX_SPARES = 2
 
 
 class IncomingLogError(Exception):
@@ -59,9 +63,11 @@ class IncomingLog:
         self.removal_error: Optional[OSError] = None
         self._lock = threading.Lock()
         self._fds: dict[int, int] = {}
+        self._spares: list[str] = []
         if not read_only:
             os.makedirs(directory, mode=0o700, exist_ok=True)
             os.chmod(directory, 0o700)
+            self._spares = self._find_spares()
         #: every id up to this one is on stable storage
         self.committed_through = consumed_through
         #: records up to this id are gone (zeroed, their segments unlinked)
@@ -90,10 +96,27 @@ class IncomingLog:
             return []
         return sorted(int(m.group(1)) for m in map(_SEGMENT_RE.match, names) if m)
 
+    def _find_spares(self) -> list[str]:
+        full = self.per_segment * RECORD_LEN
+        spares = []
+        for name in sorted(os.listdir(self.directory)):
+            if _SPARE_RE.match(name):
+                path = os.path.join(self.directory, name)
+                if len(spares) < MAX_SPARES and os.path.getsize(path) == full:
+                    spares.append(path)
+                else:
+                    os.unlink(path)  # zeros only: synced before it was renamed
+        return spares
+
     def _fd(self, segment: int, create: bool = False) -> Optional[int]:
         fd = self._fds.get(segment)
         if fd is None:
-            fd = open_segment(self._segment_path(segment), create, not self.read_only)
+            path = self._segment_path(segment)
+            if create and self._spares and not os.path.exists(path):
+                os.rename(self._spares.pop(0), path)
+                # Acknowledgements will depend on records under this name.
+                sync_directory(self.directory)
+            fd = open_segment(path, create, not self.read_only)
             if fd is None:
                 return None
             self._fds[segment] = fd
@@ -195,12 +218,29 @@ class IncomingLog:
             if hi >= lo:
                 write_zeros(fd, self._locate(lo)[1], (hi - lo + 1) * RECORD_LEN)
             if seg_last <= last_id or (every_segment and seg_first > self.committed_through):
-                # Zeros reach the disk before the name goes: the kernel
-                # drops unwritten pages of an unlinked file.
-                os.fdatasync(fd)
-                self._close_segment(segment)
-                os.unlink(self._segment_path(segment))
+                self._retire(segment, fd)
         self.removed_through = max(self.removed_through, last_id)
+
+    def _retire(self, segment: int, fd: int) -> None:
+        """A segment with no live record left (every record zeroed): keep
+        it as a spare for a later segment, or unlink it.  Writing into a
+        spare overwrites blocks the file already has, so a commit syncs
+        only its data and no block allocation: measured 56 us of CPU and
+        126 us of waiting per 3-packet commit, against 87 us and 210 us
+        when appending to a new file."""
+        # Zeros reach the disk before the name goes: the kernel drops
+        # unwritten pages of an unlinked file (and a spare must hold no
+        # packet bytes either).
+        os.fdatasync(fd)
+        full = os.fstat(fd).st_size == self.per_segment * RECORD_LEN
+        self._close_segment(segment)
+        path = self._segment_path(segment)
+        spare = os.path.join(self.directory, f"{segment}.spare")
+        if full and len(self._spares) < MAX_SPARES and not os.path.exists(spare):
+            os.rename(path, spare)
+            self._spares.append(spare)
+        else:
+            os.unlink(path)
 
     # --- reading -----------------------------------------------------------------
 

@@ -41,7 +41,16 @@ class IncomingLogTests(unittest.TestCase):
             return f.read()
 
     def segments(self) -> list[str]:
-        return sorted(os.listdir(self.dir))
+        return sorted(n for n in os.listdir(self.dir) if n.endswith(".seg"))
+
+    def spares(self, per: int = PER) -> list[str]:
+        """Emptied segments kept for reuse; each full-size and all zeros."""
+        names = sorted(n for n in os.listdir(self.dir) if n.endswith(".spare"))
+        for name in names:
+            with open(os.path.join(self.dir, name), "rb") as f:
+                data = f.read()
+            self.assertEqual((len(data), data.count(0)), (per * RECORD_LEN, per * RECORD_LEN))
+        return names
 
     def filled(self, n: int, consumed: int = 0) -> IncomingLog:
         log = self.open(consumed)
@@ -107,6 +116,7 @@ class IncomingLogTests(unittest.TestCase):
         log.add_many([pkt(8)])
         log.remove_through(8)  # a segment full and consumed goes
         self.assertEqual(self.segments(), [])
+        self.assertEqual(self.spares(), ["0.spare", "1.spare"])  # zeroed, kept for reuse
 
     def assert_torn_at_4(self) -> None:
         log = self.open()
@@ -183,7 +193,8 @@ class IncomingLogTests(unittest.TestCase):
             self.assertLessEqual(len(reader._fds), 2)
             done = ids[-1]
             writer.remove_through(done)
-            self.assertLessEqual(len(os.listdir(self.dir)), 1)
+            self.assertLessEqual(len(self.segments()), 1)
+            self.assertLessEqual(len(self.spares(per=2)), 2)
         self.assertEqual(writer.count(), 0)
         self.assertRaises(IncomingLogError, reader.get_many, [done + 1])
 
@@ -197,3 +208,41 @@ class IncomingLogTests(unittest.TestCase):
         self.assertFalse(os.path.exists(self.seg(0)))
         self.assertEqual(log.get_many([5]), [pkt(5)])
         self.assertRaises(IncomingLogError, log.get_many, [3])
+
+    # 13
+    def test_spares_are_reused(self) -> None:
+        log = self.filled(3 * PER)
+        log.remove_through(3 * PER)  # three full segments emptied: two kept
+        self.assertEqual((self.segments(), self.spares()), ([], ["0.spare", "1.spare"]))
+        inode = os.stat(os.path.join(self.dir, "0.spare")).st_ino
+        ids = log.add_many([pkt(i) for i in range(13, 13 + PER + 1)])  # segments 3 and 4
+        self.assertEqual(ids, list(range(13, 18)))
+        self.assertEqual(self.spares(), [])
+        self.assertEqual(os.stat(self.seg(3)).st_ino, inode)  # the oldest spare, renamed
+        self.assertEqual(log.get_many(ids), [pkt(i) for i in ids])
+        self.assertEqual(self.raw(4)[RECORD_LEN:], bytes((PER - 1) * RECORD_LEN))
+        log.close()
+        again = self.open(consumed=12)  # what recovery makes of a reused file
+        self.assertEqual((again.committed_through, again.ids()), (17, ids))
+        self.assertEqual(again.get_many(ids), [pkt(i) for i in ids])
+
+    # 14
+    def test_recovery_with_spares(self) -> None:
+        log = self.filled(2 * PER)
+        log.remove_through(PER)
+        self.assertEqual(self.spares(), ["0.spare"])
+        log.add_many([pkt(9)])  # segment 2 is the spare, renamed
+        log.close()
+        # A crash after a spare was renamed for a segment never written:
+        os.rename(self.seg(2), self.seg(3))
+        with open(os.path.join(self.dir, "7.spare"), "wb") as f:
+            f.write(bytes(RECORD_LEN))  # not full-size: not kept
+        with open(os.path.join(self.dir, "8.spare"), "wb") as f:
+            f.write(bytes(PER * RECORD_LEN))  # a good spare: kept
+        again = self.open(consumed=PER)
+        self.assertEqual((again.committed_through, again.ids()), (2 * PER, [5, 6, 7, 8]))
+        self.assertEqual(self.segments(), [f"{1:012d}.seg"])  # 3 held no record: gone
+        self.assertEqual(self.spares(), ["8.spare"])
+        self.assertEqual(again.add_many([pkt(9)]), [9])
+        self.assertEqual(self.spares(), [])
+        self.assertEqual(again.get_many([5, 9]), [pkt(5), pkt(9)])
