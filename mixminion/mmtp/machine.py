@@ -270,7 +270,8 @@ class _Machine:
         An empty string is ignored (EOF is ``receive_eof``).  Raises
         RemoteProtocolError for bytes the peer could not legally send at
         all yet (before our version line) or any more (after it closed)."""
-        self._check_alive()
+        if self._error is not None:  # (inline: this runs for every TLS record)
+            self._check_alive()
         if not data:
             return
         if self._eof:
@@ -358,7 +359,8 @@ class ResponderMachine(_Machine):
 
     def next_event(self) -> Union[ResponderEvent, NeedData]:
         """The next event, or NEED_DATA.  Raises RemoteProtocolError."""
-        self._check_alive()
+        if self._error is not None:
+            self._check_alive()
         if self._version is None:
             return self._next_version()
         return self._next_frame()

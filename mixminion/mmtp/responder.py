@@ -46,6 +46,7 @@ class MMTPResponderProtocol(Protocol):
         self.closed = False
         self._paused = False
         self._tcp = None  # the TCP transport under TLS, for flow control
+        self._frame_watched = False  # the partial-frame deadline is running
         self._handshake_done = False
         self.frames = 0  # good frames received (SEND and JUNK)
         self.stored = 0  # packets acknowledged RECEIVED
@@ -73,6 +74,7 @@ class MMTPResponderProtocol(Protocol):
         closed_by_peer = not self.closed
         self.closed = True
         self.timers.cancel_all()
+        self._frame_watched = False
         why = reason.getErrorMessage() if reason is not None else "unknown"
         if closed_by_peer and not self._handshake_done:
             # Scanners, non-TLS clients and failed handshakes end here; the
@@ -170,13 +172,21 @@ class MMTPResponderProtocol(Protocol):
         so a long pipelined batch is not cut off while it makes progress.
         It does not run while we are paused: the peer cannot finish a frame
         we do not read, and our slow disk is not its fault."""
+        if self._frame_watched and not progressed and not self._paused:
+            return  # more of the frame already watched (most TLS records)
         partial = (self.machine.version is not None and self.machine.buffered > 0
                    and not self._paused)
-        if partial and (progressed or not self.timers.running("frame")):
+        if partial and (progressed or not self._frame_watched):
             self.timers.restart("frame", self.factory.limits.frame_timeout,
-                              lambda: self._timed_out("partial frame"))
+                                self._frame_timed_out)
+            self._frame_watched = True
         elif not partial:
             self.timers.cancel("frame")
+            self._frame_watched = False
+
+    def _frame_timed_out(self) -> None:
+        self._frame_watched = False
+        self._timed_out("partial frame")
 
     def _touch(self) -> None:
         self.timers.restart("idle", self.factory.limits.idle_timeout,
@@ -198,6 +208,7 @@ class MMTPResponderProtocol(Protocol):
 
     def _abort(self) -> None:
         self.timers.cancel_all()
+        self._frame_watched = False
         if not self.closed:
             self.closed = True
             self.transport.abortConnection()
