@@ -6,8 +6,9 @@ lets tests drive them with ``task.Clock``.
 
 Two of them (idle, partial frame) are pushed back with every chunk of
 data, several times per packet.  :meth:`Timers.restart` therefore only
-records the new due time; the pending call, if it fires before that time,
-re-arms itself for the rest.  A deadline still fires exactly when due.
+records a later due time; the pending call, if it fires before that time,
+re-arms itself for the rest (an earlier one resets the call).  A deadline
+still fires exactly when due.
 """
 
 from __future__ import annotations
@@ -33,9 +34,13 @@ class Timers:
 
     def restart(self, name: str, seconds: float, fn: Callable[[], None]) -> None:
         """Move a running deadline to ``seconds`` from now (start it if it
-        is not running); costs no reactor call while it runs."""
-        if name in self._calls and seconds and seconds > 0:
-            self._due[name] = self.clock.seconds() + seconds
+        is not running); costs no reactor call while it only moves later."""
+        call = self._calls.get(name)
+        if call is not None and seconds and seconds > 0:
+            due = self.clock.seconds() + seconds
+            self._due[name] = due
+            if due < call.getTime():  # sooner (a reload shortened the timeout)
+                call.reset(seconds)
         else:
             self.start(name, seconds, fn)
 

@@ -113,9 +113,15 @@ class IncomingLog:
         if fd is None:
             path = self._segment_path(segment)
             if create and self._spares and not os.path.exists(path):
-                os.rename(self._spares.pop(0), path)
-                # Acknowledgements will depend on records under this name.
-                sync_directory(self.directory)
+                spare = self._spares.pop(0)
+                os.rename(spare, path)
+                try:  # acknowledgements will depend on records under this name
+                    sync_directory(self.directory)
+                except OSError:
+                    # Put it back: the next attempt must sync the name again.
+                    os.rename(path, spare)
+                    self._spares.insert(0, spare)
+                    raise
             fd = open_segment(path, create, not self.read_only)
             if fd is None:
                 return None
@@ -215,10 +221,15 @@ class IncomingLog:
             fd = self._fd(segment)
             if fd is None:
                 continue
-            if hi >= lo:
-                write_zeros(fd, self._locate(lo)[1], (hi - lo + 1) * RECORD_LEN)
             if seg_last <= last_id or (every_segment and seg_first > self.committed_through):
+                if hi >= lo:
+                    write_zeros(fd, self._locate(lo)[1], (hi - lo + 1) * RECORD_LEN)
                 self._retire(segment, fd)
+            elif hi >= lo:
+                write_zeros(fd, self._locate(lo)[1], (hi - lo + 1) * RECORD_LEN)
+                # Appends are synced by range (RWF_DSYNC), which leaves
+                # these zeros in the page cache: sync them now.
+                os.fdatasync(fd)
         self.removed_through = max(self.removed_through, last_id)
 
     def _retire(self, segment: int, fd: int) -> None:

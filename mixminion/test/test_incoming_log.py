@@ -246,3 +246,34 @@ class IncomingLogTests(unittest.TestCase):
         self.assertEqual(again.add_many([pkt(9)]), [9])
         self.assertEqual(self.spares(), [])
         self.assertEqual(again.get_many([5, 9]), [pkt(5), pkt(9)])
+
+    # 15
+    def test_failed_directory_sync_puts_the_spare_back(self) -> None:
+        from mixminion.server import incoming_log
+        log = self.filled(2 * PER)
+        log.remove_through(PER)  # segment 0 becomes a spare
+        syncs, real = [], incoming_log.sync_directory
+
+        def flaky(folder: str) -> None:
+            syncs.append(folder)
+            if len(syncs) == 1:
+                raise OSError(5, "EIO (simulated)")
+            real(folder)
+
+        self.patch(incoming_log, "sync_directory", flaky)
+        self.assertRaises(OSError, log.add_many, [pkt(9)])  # segment 2: not acknowledged
+        self.assertEqual((self.segments(), self.spares()), ([f"{1:012d}.seg"], ["0.spare"]))
+        self.assertEqual(log.add_many([pkt(9)]), [9])  # the retry syncs the name again
+        self.assertEqual(len(syncs), 2)
+        self.assertEqual(self.spares(), [])
+        self.assertEqual(log.get_many([9]), [pkt(9)])
+
+    # 16
+    def test_zeros_in_a_live_segment_are_synced(self) -> None:
+        log = self.filled(3)
+        synced = []
+        real = os.fdatasync
+        self.patch(os, "fdatasync", lambda fd: (synced.append(fd), real(fd)))
+        log.remove_through(2)  # records 1-2 of segment 0, which stays
+        self.assertEqual(synced, [log._fds[0]])
+        self.assertEqual(self.raw(0)[:2 * RECORD_LEN], bytes(2 * RECORD_LEN))

@@ -40,6 +40,17 @@ class TimersTests(unittest.TestCase):
         self.clock.advance(0.1)
         self.assertEqual(self.fired, [17])
 
+    def test_restart_can_bring_a_deadline_forward(self) -> None:
+        # A reload that lowers a timeout applies to connections already open.
+        self.timers.start("idle", 300, self.fire)
+        self.clock.advance(5)
+        self.timers.restart("idle", 10, self.fire)
+        self.clock.advance(9.9)
+        self.assertEqual(self.fired, [])
+        self.clock.advance(0.1)
+        self.assertEqual(self.fired, [15])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
     def test_restart_of_a_stopped_timer_starts_it(self) -> None:
         self.timers.restart("frame", 5, self.fire)
         self.clock.advance(5)
