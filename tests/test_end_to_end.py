@@ -33,12 +33,9 @@ import base64
 import io
 import json
 import os
-import pwd
 import re
-import shutil
 import signal
 import sys
-import tempfile
 from typing import Any, Awaitable, Callable, Optional
 
 from twisted.internet import defer, utils
@@ -46,17 +43,7 @@ from twisted.internet import reactor as _reactor
 from twisted.trial import unittest
 
 from mixminion.codec.exit import PLAINTEXT, parse_text_message
-from tests.test_three_nodes import (
-    INSTALL_MTA,
-    MTA,
-    SMTPD_CONF,
-    find_smtpd,
-    free_ports,
-    port_open,
-    sleep,
-    spawn,
-    stop_process,
-)
+from tests.test_three_nodes import MTA, alive, sleep, start_opensmtpd
 
 reactor: Any = _reactor
 
@@ -68,32 +55,6 @@ DROPS = 3
 COMMAND_TIMEOUT = 120
 DELIVERY_TIMEOUT = 60
 EVENT = 'mixminion_events_total{{event="{}"}}'
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is gone for our purposes
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except OSError:
-        return True
-
-
-def running_smtpd() -> list[int]:
-    """Pids of smtpd processes already on this machine."""
-    found = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/comm", encoding="ascii", errors="replace") as f:
-                    if f.read().strip() == "smtpd":
-                        found.append(int(name))
-            except OSError:
-                pass
-    return found
 
 
 def big_text(size: int) -> bytes:
@@ -162,37 +123,7 @@ class EndToEndTests(unittest.TestCase):
                 os.kill(pid, signal.SIGKILL)
 
     async def start_mta(self) -> MTA:
-        smtpd = find_smtpd()
-        if smtpd is None:
-            self.fail(f"this test needs opensmtpd, which is not installed: run '{INSTALL_MTA}' as root")
-        if os.geteuid() != 0:
-            self.fail("opensmtpd only runs as root (it drops to its own users): run this test as root")
-        others = running_smtpd()
-        if others:
-            self.fail(f"an smtpd is already running (pid {', '.join(map(str, others))}); opensmtpd "
-                      "allows one per machine: stop it (e.g. 'service opensmtpd stop') and run "
-                      "this test again")
-        nobody = pwd.getpwnam("nobody")
-        top = tempfile.mkdtemp(prefix="mixminion-mta-")
-        self.addCleanup(shutil.rmtree, top, True)
-        os.chmod(top, 0o755)
-        maildir = os.path.join(top, "Maildir")
-        os.mkdir(maildir, 0o700)
-        os.chown(maildir, nobody.pw_uid, nobody.pw_gid)
-        [port] = free_ports(1)
-        conf = os.path.join(self.top, "smtpd.conf")
-        with open(conf, "w", encoding="ascii") as f:
-            f.write(SMTPD_CONF.format(port=port, maildir=maildir))
-        os.chmod(conf, 0o644)
-        proc = spawn("smtpd", [smtpd, "-d", "-f", conf], self.top)
-        self.addCleanup(stop_process, proc, 5)
-        for _ in range(100):
-            if not proc.running or await port_open(port):
-                break
-            await sleep(0.1)
-        if not proc.running or not await port_open(port):
-            self.fail(f"smtpd -d -f {conf} did not start:\n{proc.text()}")
-        return MTA(port, maildir, conf, proc)
+        return await start_opensmtpd(self, self.top)
 
     # -- what came out -------------------------------------------------------------
 

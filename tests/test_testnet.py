@@ -18,21 +18,11 @@ from twisted.internet import defer, utils
 from twisted.internet import reactor as _reactor
 from twisted.trial import unittest
 
+from tests.test_three_nodes import alive
+
 reactor: Any = _reactor
 
 COMMAND_TIMEOUT = 150
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is gone for our purposes
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except OSError:
-        return True
 
 
 class TestnetTests(unittest.TestCase):

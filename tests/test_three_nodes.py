@@ -223,6 +223,82 @@ match from any for any action "deliver"
 """
 
 
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not, for our purposes)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except OSError:
+        return True
+
+
+def running_smtpd() -> list[int]:
+    """Pids of smtpd processes already on this machine."""
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/comm", encoding="ascii", errors="replace") as f:
+                    if f.read().strip() == "smtpd":
+                        found.append(int(name))
+            except OSError:
+                pass
+    return found
+
+
+async def start_opensmtpd(case: unittest.TestCase, workdir: str, skip_hint: str = "") -> MTA:
+    """A real opensmtpd on a free loopback port, delivering to a Maildir
+    as 'nobody' (stopped when ``case`` ends); fails ``case`` with what to
+    do when the machine cannot run one.  ``skip_hint`` ends those
+    messages (how to run the test without the MTA, where it can)."""
+    smtpd = find_smtpd()
+    if smtpd is None:
+        case.fail(f"this test needs opensmtpd, which is not installed: run '{INSTALL_MTA}' as "
+                  f"root (CI does){skip_hint}")
+    if os.geteuid() != 0:
+        case.fail("opensmtpd only runs as root (it drops to its own users): run this test as "
+                  f"root, as CI does{skip_hint}")
+    others = running_smtpd()
+    if others:
+        case.fail(f"an smtpd is already running (pid {', '.join(map(str, others))}); opensmtpd "
+                  "allows one per machine: stop it (e.g. 'service opensmtpd stop') and run "
+                  "this test again")
+    try:
+        nobody = pwd.getpwnam("nobody")
+    except KeyError:
+        case.fail("smtpd delivers as the user 'nobody', which this machine does not have")
+    # Outside the trial folder, whose parents nobody may not be able to enter.
+    top = tempfile.mkdtemp(prefix="mixminion-mta-")
+    case.addCleanup(shutil.rmtree, top, True)
+    os.chmod(top, 0o755)
+    maildir = os.path.join(top, "Maildir")
+    os.mkdir(maildir, 0o700)
+    os.chown(maildir, nobody.pw_uid, nobody.pw_gid)
+    [port] = free_ports(1)
+    conf = os.path.join(workdir, "smtpd.conf")
+    with open(conf, "w", encoding="ascii") as f:
+        f.write(SMTPD_CONF.format(port=port, maildir=maildir))
+    os.chmod(conf, 0o644)
+    proc = spawn("smtpd", [smtpd, "-d", "-f", conf], workdir)
+    case.addCleanup(stop_process, proc, 5)
+    for _ in range(100):
+        if not proc.running or await port_open(port):
+            break
+        await sleep(0.1)
+    if not proc.running or not await port_open(port):
+        hint = ""
+        if "already" in proc.text():
+            hint = ("\nAnother smtpd is running (opensmtpd allows one per machine): stop it, "
+                    "e.g. 'systemctl stop opensmtpd' or 'service opensmtpd stop'.")
+        why = proc.reason.value if proc.reason is not None else "not listening after 10 s"
+        case.fail(f"smtpd -d -f {conf} did not start ({why}):\n{proc.text()}{hint}")
+    return MTA(port, maildir, conf, proc)
+
+
 # --- the nodes ---------------------------------------------------------------------------
 
 
@@ -419,46 +495,8 @@ class ThreeNodesTests(unittest.TestCase):
     async def start_mta(self) -> Optional[MTA]:
         if SKIP_MTA:
             return None
-        smtpd = find_smtpd()
-        if smtpd is None:
-            self.fail("the SMTP exit test needs opensmtpd, which is not installed: run "
-                      f"'{INSTALL_MTA}' as root (CI does), or set MIXMINION_SKIP_MTA=1 to skip "
-                      "the MTA part")
-        if os.geteuid() != 0:
-            self.fail("opensmtpd only runs as root (it drops to its own users): run this test as "
-                      "root, as CI does, or set MIXMINION_SKIP_MTA=1 to skip the MTA part")
-        try:
-            nobody = pwd.getpwnam("nobody")
-        except KeyError:
-            self.fail("smtpd delivers as the user 'nobody', which this machine does not have")
-        # Outside the trial folder, whose parents nobody may not be able to enter.
-        top = tempfile.mkdtemp(prefix="mixminion-mta-")
-        self.addCleanup(shutil.rmtree, top, True)
-        os.chmod(top, 0o755)
-        maildir = os.path.join(top, "Maildir")
-        os.mkdir(maildir, 0o700)
-        os.chown(maildir, nobody.pw_uid, nobody.pw_gid)
-        [port] = free_ports(1)
-        conf = os.path.join(self.dir, "smtpd.conf")
-        with open(conf, "w", encoding="ascii") as f:
-            f.write(SMTPD_CONF.format(port=port, maildir=maildir))
-        os.chmod(conf, 0o644)
-        proc = spawn("smtpd", [smtpd, "-d", "-f", conf], self.dir)
-        self.addCleanup(stop_process, proc, 5)
-        mta = MTA(port, maildir, conf, proc)
-
-        async def listening_or_ended() -> bool:
-            return not proc.running or await port_open(port)
-
-        await self.wait_until("smtpd to listen", listening_or_ended, 10, interval=0.1,
-                              explain=proc.text)
-        if not proc.running:
-            hint = ""
-            if "already" in proc.text():
-                hint = ("\nAnother smtpd is running (opensmtpd allows one per machine): stop it, "
-                        "e.g. 'systemctl stop opensmtpd' or 'service opensmtpd stop'.")
-            self.fail(f"smtpd -d -f {conf} exited: {proc.reason.value}\n{proc.text()}{hint}")
-        return mta
+        return await start_opensmtpd(
+            self, self.dir, ", or set MIXMINION_SKIP_MTA=1 to skip the MTA part")
 
     # -- the nodes ------------------------------------------------------------------
 
