@@ -65,6 +65,8 @@ class PacketStore:
         self._bodies = BodyFiles(body_dir) if body_dir else None
         #: ids whose bodies are zeroed once the deleting transaction commits
         self._to_zero: list[int] = []
+        #: bodies written by the open transaction: zeroed if it rolls back
+        self._written: list[int] = []
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         os.close(fd)
         os.chmod(path, 0o600)
@@ -118,6 +120,7 @@ class PacketStore:
             except BaseException:
                 self._tx_depth, self._tx_thread = 0, None
                 self._to_zero.clear()
+                self._zero_unwritten()
                 self._rollback()
                 raise
             self._tx_depth, self._tx_thread = 0, None
@@ -125,8 +128,10 @@ class PacketStore:
                 self._db.execute("COMMIT")
             except sqlite3.Error as exc:
                 self._to_zero.clear()
+                self._zero_unwritten()
                 self._rollback()
                 raise PacketStoreError(f"cannot commit: {exc}") from exc
+            self._written.clear()
             if self._to_zero:
                 ids, self._to_zero = self._to_zero, []
                 self._zero_bodies(ids)
@@ -151,6 +156,7 @@ class PacketStore:
                     if external:
                         outside.append((cur.lastrowid, packet))
                 if outside:
+                    self._written.extend(i for i, _ in outside)  # before: a write may fail midway
                     self._bodies.write([i for i, _ in outside], [p for _, p in outside])
                 return ids
         except sqlite3.Error as exc:
@@ -276,6 +282,19 @@ class PacketStore:
         if self._bodies is not None and not stored:
             return self._bodies.read(packet_id)
         return bytes(stored)
+
+    def _zero_unwritten(self) -> None:
+        """Before a rollback: overwrite the bodies of the rows it undoes.
+        Their ids will be handed out again, so this happens while the
+        transaction still holds the write lock (no other writer, in this
+        process or another, can have been given those ids yet).  If it
+        fails, the next start's sweep does it."""
+        ids, self._written = self._written, []
+        if ids:
+            try:
+                self._bodies.zero(ids, self._rows_between, self._allocated_through())
+            except (OSError, sqlite3.Error):
+                pass
 
     def _zero_bodies(self, ids: list[int]) -> None:
         try:

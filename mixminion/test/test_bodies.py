@@ -142,6 +142,26 @@ class StoreBodiesTest(unittest.TestCase):
         self.assertLive(1, 2, 3, 4)
         self.assertEqual(self.store.get_many([1, 2, 3, 4]), data[:4])
 
+    def test_rolled_back_insert_leaves_no_body(self) -> None:
+        """Bodies written for rows whose transaction rolled back are
+        overwritten at once, not left for the next start's sweep."""
+        self.store.add_many("q", packets(2))
+
+        def fail() -> None:
+            with self.store.transaction():
+                self.assertEqual(self.store.add_many("q", packets(3)), [3, 4, 5])
+                self.assertLive(3, 4, 5)
+                raise RuntimeError("abort")
+
+        self.assertRaises(RuntimeError, fail)
+        self.assertZeroed(3, 4, 5)
+        self.assertLive(1, 2)
+        again = packets(1)
+        self.assertEqual(self.store.add_many("q", again), [3])  # the id comes back
+        self.assertEqual(self.store.get(3), again[0])
+        self.assertZeroed(4, 5)
+        self.assertEqual(self.store.sweep_bodies(), 0)
+
     def test_remove_through(self) -> None:
         """Only the queue's rows up to the bound lose their bodies."""
         a = packets(2) + packets(2)
