@@ -72,26 +72,34 @@ def drain(incoming: IncomingLog, store: PacketStore, processor: PacketProcessor,
     With an ``opener``, batch k+1 is read and opened there (its RSA and
     LIONESS mostly run without the GIL) while batch k commits here.
     """
-    def open_(ids: list[int]) -> list[OpenedPacket]:
-        return processor.open_batch(incoming.get_many(ids)) if ids else []
+    def open_(ids: list[int]) -> tuple[list[OpenedPacket], int]:
+        """The batch opened, and how many of its records were unreadable."""
+        packets = incoming.read_many(ids)
+        readable = [p for p in packets if p is not None]
+        return processor.open_batch(readable), len(packets) - len(readable)
 
     def batch_after(last: int) -> list[int]:
         return incoming.ids(after=last, limit=batch_size, through=through)
 
     ids = batch_after(consumed_through(store))
-    opening = opener.submit(open_, ids) if opener else None
+    opening = opener.submit(open_, ids) if opener and ids else None
     while ids:
         following = batch_after(ids[-1])
-        next_opening = opener.submit(open_, following) if opener else None
-        opened = opening.result() if opening else open_(ids)
-        yield BatchDone(ids[-1], len(ids), commit_batch(store, processor, ids[-1], opened, now()))
+        next_opening = opener.submit(open_, following) if opener and following else None
+        opened, damaged = opening.result() if opening else open_(ids)
+        counts = commit_batch(store, processor, ids[-1], opened, now(), damaged)
+        yield BatchDone(ids[-1], len(ids), counts)
         ids, opening = following, next_opening
 
 
 def commit_batch(store: PacketStore, processor: PacketProcessor, through: int,
-                 opened: Sequence[OpenedPacket], now: float) -> Counter:
-    """Replay entries, pool items and the consumed mark in one transaction."""
+                 opened: Sequence[OpenedPacket], now: float, damaged: int = 0) -> Counter:
+    """Replay entries, pool items and the consumed mark in one transaction
+    (``damaged``: records of the batch that could not be read, counted as
+    dropped)."""
     counts: Counter = Counter()
+    if damaged:
+        counts["DroppedDamaged"] = damaged
     with store.transaction():
         results = processor.finish_batch(opened)
         rows = [row for row in (pool_row(result, counts) for result in results) if row]

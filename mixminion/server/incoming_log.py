@@ -12,9 +12,11 @@ zeroing 3 us, against 55 us for an insert and 50 us for a secure delete in
 SQLite, and the acknowledgement of every received packet waits for it.
 
 Each record carries its id and a CRC-32 of the packet, so recovery after a
-crash finds where the committed records end: a record torn by a power cut
-was never acknowledged (acknowledgements wait for the sync), and is
-dropped with everything after it.
+crash finds where the committed records end: at the last good record.
+Records torn by a power cut belong to the last commit, which was never
+acknowledged (acknowledgements wait for the sync); a bad record before a
+good one was damaged after its commit, and processing drops and counts it
+instead of stopping there.
 
 One process writes (the node); the processing child only reads, and only
 ids the node told it are committed.
@@ -27,7 +29,7 @@ import re
 import struct
 import threading
 import zlib
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 from mixminion.fileutil import open_segment, sync_directory, write_durably, write_zeros
 
@@ -137,14 +139,36 @@ class IncomingLog:
 
     def _recover(self, consumed_through: int) -> None:
         """Find the committed records above ``consumed_through``; zero
-        what is below it and what follows the last good record."""
-        packet_id = consumed_through + 1
-        while self._read_record(packet_id, check=True) is not None:
-            packet_id += 1
-        self.committed_through = packet_id - 1
-        self._zero_from(packet_id)
+        what is below it and what follows the last good record.
+
+        Commits run one after another and each is synced before the next
+        starts, so a good record proves that every commit before its own
+        finished.  The log therefore ends at the last good record, not at
+        the first bad one: a bad record below it was acknowledged and then
+        damaged on disk (or torn in that last commit, which nobody was told
+        of); it stays in the log and readers skip it (:meth:`read_many`),
+        where stopping at it would throw away the acknowledged records after
+        it."""
+        last_good = consumed_through
+        for packet_id in self._slots_after(consumed_through):
+            if self._read_record(packet_id, check=True) is not None:
+                last_good = packet_id
+        self.committed_through = last_good
+        self._zero_from(last_good + 1)
         self.removed_through = 0
         self._remove_through_locked(consumed_through, every_segment=True)
+
+    def _slots_after(self, packet_id: int) -> Iterator[int]:
+        """Every id above ``packet_id`` that has a whole record's room in
+        an existing segment file, in order."""
+        first_segment = self._locate(packet_id + 1)[0]
+        for segment in self._segments():
+            if segment < first_segment:
+                continue
+            fd = self._fd(segment)
+            slots = os.fstat(fd).st_size // RECORD_LEN
+            base = segment * self.per_segment
+            yield from range(max(packet_id + 1, base + 1), base + slots + 1)
 
     def _zero_from(self, first_bad: int) -> None:
         """Zero every record from ``first_bad`` on (never acknowledged)."""
@@ -271,13 +295,22 @@ class IncomingLog:
 
     def get_many(self, ids: Sequence[int]) -> list[bytes]:
         """The packets with these committed ids, checked against their CRC."""
-        packets = []
+        packets = self.read_many(ids)
+        for packet_id, packet in zip(ids, packets):
+            if packet is None:
+                raise IncomingLogError(f"incoming packet {packet_id} is missing or damaged")
+        return packets  # type: ignore[return-value]
+
+    def read_many(self, ids: Sequence[int]) -> list[Optional[bytes]]:
+        """Like :meth:`get_many`, but a record that is missing or fails its
+        checks reads as None: it was damaged on disk after its commit (see
+        :meth:`_recover`), and processing drops and counts it rather than
+        stop at it for ever."""
+        packets: list[Optional[bytes]] = []
         with self._lock:
             for packet_id in ids:
                 found = self._read_record(packet_id, check=True)
-                if found is None:
-                    raise IncomingLogError(f"incoming packet {packet_id} is missing or damaged")
-                packets.append(found[0])
+                packets.append(None if found is None else found[0])
             if self.read_only and ids:
                 # Segments below the oldest one read are consumed: let go.
                 oldest = self._locate(min(ids))[0]

@@ -205,6 +205,10 @@ class Processor:
             rejected = sum(n for k, n in batch["counts"].items() if k.startswith("Rejected:"))
             if rejected:
                 self.log.info("Processing rejected {n} packets", n=rejected)
+            damaged = batch["counts"].get("DroppedDamaged", 0)
+            if damaged:
+                self.log.error("{n} received packets were unreadable in the incoming log "
+                               "(damaged on disk) and were dropped", n=damaged)
             # Ids are consecutive: counting from the last mark also covers
             # a batch whose report died with a killed child.
             through = batch["through"]

@@ -118,44 +118,64 @@ class IncomingLogTests(unittest.TestCase):
         self.assertEqual(self.segments(), [])
         self.assertEqual(self.spares(), ["0.spare", "1.spare"])  # zeroed, kept for reuse
 
-    def assert_torn_at_4(self) -> None:
+    def assert_torn_at_6(self) -> None:
+        """Records 1-5 survive; the bad last record 6 is a torn tail."""
         log = self.open()
-        self.assertEqual((log.committed_through, log.ids()), (3, [1, 2, 3]))
-        self.assertEqual(log.get_many([1, 2, 3]), [pkt(1), pkt(2), pkt(3)])
-        self.assertEqual(self.segments(), [f"{0:012d}.seg"])
-        self.assertEqual(len(self.raw(0)), 3 * RECORD_LEN)
-        self.assertEqual(log.add_many([pkt(40)]), [4])
+        self.assertEqual((log.committed_through, log.ids()), (5, [1, 2, 3, 4, 5]))
+        self.assertEqual(log.get_many([1, 4, 5]), [pkt(1), pkt(4), pkt(5)])
+        self.assertEqual(self.segments(), [f"{0:012d}.seg", f"{1:012d}.seg"])
+        self.assertEqual(len(self.raw(1)), RECORD_LEN)
+        self.assertEqual(log.add_many([pkt(60)]), [6])
         log.close()
-        self.assertEqual(self.open().get_many([4]), [pkt(40)])
+        self.assertEqual(self.open().get_many([6]), [pkt(60)])
 
     # 5
     def test_torn_tail_bad_crc(self) -> None:
         self.filled(6).close()
-        with open(self.seg(0), "r+b") as f:
-            f.seek(3 * RECORD_LEN + RECORD_LEN - 100)
+        with open(self.seg(1), "r+b") as f:
+            f.seek(RECORD_LEN + RECORD_LEN - 100)
             f.write(b"\x00")
-        self.assert_torn_at_4()
+        self.assert_torn_at_6()
 
     def test_torn_tail_truncated(self) -> None:
         self.filled(6).close()
-        os.truncate(self.seg(0), 3 * RECORD_LEN + 1000)
-        self.assert_torn_at_4()
+        os.truncate(self.seg(1), RECORD_LEN + 1000)
+        self.assert_torn_at_6()
 
     def test_torn_tail_zeroed_before_truncation(self) -> None:
         """The dropped tail is overwritten, not only cut off."""
         self.filled(6).close()
-        os.truncate(self.seg(0), 3 * RECORD_LEN + 1000)
+        os.truncate(self.seg(1), RECORD_LEN + 1000)
         self.patch(os, "ftruncate", lambda fd, length: None)
-        self.assertEqual(self.open().committed_through, 3)
-        self.assertEqual(self.raw(0)[3 * RECORD_LEN:], bytes(1000))
+        self.assertEqual(self.open().committed_through, 5)
+        self.assertEqual(self.raw(1)[RECORD_LEN:], bytes(1000))
 
-    def test_wrong_id_in_slot_ends_log(self) -> None:
+    def test_wrong_id_in_last_slot_ends_log(self) -> None:
         self.filled(6).close()
         data = self.raw(0)
-        with open(self.seg(0), "r+b") as f:  # record 2 copied into slot 4
-            f.seek(3 * RECORD_LEN)
+        with open(self.seg(1), "r+b") as f:  # record 2 copied into slot 6
+            f.seek(RECORD_LEN)
             f.write(data[RECORD_LEN:2 * RECORD_LEN])
-        self.assert_torn_at_4()
+        self.assert_torn_at_6()
+
+    def test_damaged_record_inside_the_log_is_skipped(self) -> None:
+        """A bad record followed by good ones was acknowledged (its commit
+        finished before a later one started) and damaged afterwards:
+        recovery keeps the records after it, and readers see it as None."""
+        self.filled(6).close()
+        with open(self.seg(0), "r+b") as f:  # a flipped byte in record 3
+            f.seek(2 * RECORD_LEN + RECORD_LEN - 100)
+            f.write(b"\x00")
+        os.truncate(self.seg(0), 3 * RECORD_LEN + 1000)  # and record 4 cut short
+        log = self.open()
+        self.assertEqual((log.committed_through, log.ids()), (6, [1, 2, 3, 4, 5, 6]))
+        self.assertEqual(log.read_many([2, 3, 4, 5]), [pkt(2), None, None, pkt(5)])
+        self.assertRaises(IncomingLogError, log.get_many, [3])
+        reader = self.open(read_only=True)
+        self.assertEqual(reader.read_many([3, 6]), [None, pkt(6)])
+        self.assertEqual(log.add_many([pkt(7)]), [7])
+        log.remove_through(7)
+        self.assertEqual(self.segments(), [f"{1:012d}.seg"])
 
     # 6
     def test_ids_never_reused(self) -> None:

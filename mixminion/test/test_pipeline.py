@@ -202,6 +202,24 @@ class DrainingTests(TwoStoreTestCase):
         self.assertEqual(consumed_through(self.store), ids[4])
         self.assertEqual({added for _, _, added in self.store.items(MIX)}, {123.0})
 
+    def test_a_damaged_record_is_dropped_and_counted(self) -> None:
+        """A record damaged on disk after its commit cannot be processed;
+        it is counted and passed, not retried for ever (which would stop
+        processing and fill the queue)."""
+        ids = self.incoming.add_many([_packet() for _ in range(3)])
+        segment, offset = self.incoming._locate(ids[1])
+        with open(self.incoming._segment_path(segment), "r+b") as f:
+            f.seek(offset + 5000)
+            f.write(b"\xff\x00\xff")
+        with ThreadPoolExecutor(1) as opener:
+            done = list(drain(self.incoming, self.store, self.processor, 16, lambda: 123.0,
+                              opener, ids[-1]))
+        self.assertEqual([(b.through, b.count) for b in done], [(ids[2], 3)])
+        self.assertEqual((done[0].counts["ProcessedRelay"], done[0].counts["DroppedDamaged"]),
+                         (2, 1))
+        self.assertEqual(consumed_through(self.store), ids[2])
+        self.assertEqual(self.store.count(MIX), 2)
+
     def test_a_failed_batch_leaves_everything_in_place(self) -> None:
         """Replay entries, results and the consumed mark commit together,
         or not at all."""
