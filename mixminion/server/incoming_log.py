@@ -66,6 +66,7 @@ class IncomingLog:
         self._lock = threading.Lock()
         self._fds: dict[int, int] = {}
         self._spares: list[str] = []
+        self.unreadable_at_start = 0
         if not read_only:
             os.makedirs(directory, mode=0o700, exist_ok=True)
             os.chmod(directory, 0o700)
@@ -149,10 +150,12 @@ class IncomingLog:
         of); it stays in the log and readers skip it (:meth:`read_many`),
         where stopping at it would throw away the acknowledged records after
         it."""
-        last_good = consumed_through
+        last_good, good = consumed_through, 0
         for packet_id in self._slots_after(consumed_through):
             if self._read_record(packet_id, check=True) is not None:
-                last_good = packet_id
+                last_good, good = packet_id, good + 1
+        #: unreadable or missing records below the last good one (for the log)
+        self.unreadable_at_start = last_good - consumed_through - good
         self.committed_through = last_good
         self._zero_from(last_good + 1)
         self.removed_through = 0

@@ -140,6 +140,11 @@ class MixNode(service.MultiService):
             if stray:
                 self.log.info("Overwrote {n} packet bodies left by a crash", n=stray)
             self.incoming = open_incoming(self.processor.incoming_path, self.store)
+            if self.incoming.unreadable_at_start:
+                self.log.warn(
+                    "The incoming log holds {n} unreadable records before its last good one "
+                    "(torn by a crash in a commit never acknowledged, or damaged on disk); "
+                    "processing will drop them", n=self.incoming.unreadable_at_start)
         self.processor.committed_through = self.incoming.committed_through
         self.processor.consumed_through = self.incoming.removed_through
         self.sink = DurableSink(self.incoming, reactor, max_queued=settings.max_queued,

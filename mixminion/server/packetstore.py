@@ -120,15 +120,19 @@ class PacketStore:
             except BaseException:
                 self._tx_depth, self._tx_thread = 0, None
                 self._to_zero.clear()
-                self._zero_unwritten()
-                self._rollback()
+                try:
+                    self._zero_unwritten()
+                finally:
+                    self._rollback()
                 raise
             self._tx_depth, self._tx_thread = 0, None
             try:
                 self._db.execute("COMMIT")
             except sqlite3.Error as exc:
                 self._to_zero.clear()
-                self._zero_unwritten()
+                # A COMMIT that failed in its sync may still come back from
+                # the WAL: leave these bodies to the next start's sweep.
+                self._written.clear()
                 self._rollback()
                 raise PacketStoreError(f"cannot commit: {exc}") from exc
             self._written.clear()
@@ -285,12 +289,14 @@ class PacketStore:
 
     def _zero_unwritten(self) -> None:
         """Before a rollback: overwrite the bodies of the rows it undoes.
-        Their ids will be handed out again, so this happens while the
-        transaction still holds the write lock (no other writer, in this
-        process or another, can have been given those ids yet).  If it
+        Their ids will be handed out again, so only while the transaction
+        still holds the write lock (no other writer, in this process or
+        another, can have been given those ids yet); otherwise, or if it
         fails, the next start's sweep does it."""
         ids, self._written = self._written, []
-        if ids:
+        # SQLite rolls some failures (a full disk, I/O errors) back by
+        # itself and drops the lock: then another writer may hold these ids.
+        if ids and self._db.in_transaction:
             try:
                 self._bodies.zero(ids, self._rows_between, self._allocated_through())
             except (OSError, sqlite3.Error):

@@ -207,8 +207,9 @@ class Processor:
                 self.log.info("Processing rejected {n} packets", n=rejected)
             damaged = batch["counts"].get("DroppedDamaged", 0)
             if damaged:
-                self.log.error("{n} received packets were unreadable in the incoming log "
-                               "(damaged on disk) and were dropped", n=damaged)
+                self.log.warn("Dropped {n} unreadable records of the incoming log (torn by a "
+                              "crash in a commit never acknowledged, or damaged on disk)",
+                              n=damaged)
             # Ids are consecutive: counting from the last mark also covers
             # a batch whose report died with a killed child.
             through = batch["through"]

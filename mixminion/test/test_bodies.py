@@ -13,7 +13,7 @@ import stat
 from twisted.trial import unittest
 
 from mixminion.server.bodies import MAX_BODY, MAX_OPEN_FILES, SLOT_LEN, BodyFiles
-from mixminion.server.packetstore import PacketStore
+from mixminion.server.packetstore import PacketStore, PacketStoreError
 
 PER = 4
 ZERO_SLOT = bytes(SLOT_LEN)
@@ -161,6 +161,31 @@ class StoreBodiesTest(unittest.TestCase):
         self.assertEqual(self.store.get(3), again[0])
         self.assertZeroed(4, 5)
         self.assertEqual(self.store.sweep_bodies(), 0)
+
+    def test_no_zeroing_once_sqlite_rolled_back_by_itself(self) -> None:
+        """A full disk makes SQLite roll back and drop the write lock on
+        its own: the ids may already be another writer's, whose bodies
+        must survive (the start-up sweep handles ours)."""
+        other = self.open(self.base)  # a second writer on the same files
+        self.store.add_many("q", packets(1))
+        zero = self.store._zero_unwritten
+
+        def meanwhile() -> None:
+            self.assertFalse(self.store._db.in_transaction)
+            self.assertEqual(other.add_many("q", [b"theirs"]), [2])
+            zero()
+
+        self.store._zero_unwritten = meanwhile  # type: ignore[method-assign]
+
+        def fill_the_disk() -> None:
+            with self.store.transaction():
+                self.assertEqual(self.store.add_many("q", [b"ours"]), [2])
+                pages = self.store._db.execute("PRAGMA page_count").fetchone()[0]
+                self.store._db.execute(f"PRAGMA max_page_count={pages}")
+                self.store.set_value("big", b"v" * 100000)
+
+        self.assertRaises(PacketStoreError, fill_the_disk)
+        self.assertEqual(other.get(2), b"theirs")
 
     def test_remove_through(self) -> None:
         """Only the queue's rows up to the bound lose their bodies."""

@@ -122,6 +122,7 @@ class IncomingLogTests(unittest.TestCase):
         """Records 1-5 survive; the bad last record 6 is a torn tail."""
         log = self.open()
         self.assertEqual((log.committed_through, log.ids()), (5, [1, 2, 3, 4, 5]))
+        self.assertEqual(log.unreadable_at_start, 0)
         self.assertEqual(log.get_many([1, 4, 5]), [pkt(1), pkt(4), pkt(5)])
         self.assertEqual(self.segments(), [f"{0:012d}.seg", f"{1:012d}.seg"])
         self.assertEqual(len(self.raw(1)), RECORD_LEN)
@@ -169,6 +170,7 @@ class IncomingLogTests(unittest.TestCase):
         os.truncate(self.seg(0), 3 * RECORD_LEN + 1000)  # and record 4 cut short
         log = self.open()
         self.assertEqual((log.committed_through, log.ids()), (6, [1, 2, 3, 4, 5, 6]))
+        self.assertEqual(log.unreadable_at_start, 2)
         self.assertEqual(log.read_many([2, 3, 4, 5]), [pkt(2), None, None, pkt(5)])
         self.assertRaises(IncomingLogError, log.get_many, [3])
         reader = self.open(read_only=True)
