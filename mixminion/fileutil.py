@@ -9,17 +9,12 @@ from typing import Optional
 
 
 def fsync_dir(folder: str) -> None:
-    """Make a rename or creation in ``folder`` durable."""
+    """Make a rename or creation in ``folder`` durable, where the system
+    allows (some filesystems refuse to sync a directory)."""
     try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
+        sync_directory(folder)
     except OSError:
         pass
-    finally:
-        os.close(fd)
 
 
 def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:

@@ -74,6 +74,14 @@ class BodyFiles:
         if fd is not None:
             os.close(fd)
 
+    def _by_segment(self, rows: Iterable[tuple[int, Optional[bytes]]]
+                    ) -> list[tuple[int, list[tuple[int, Optional[bytes]]]]]:
+        """``(row id, body)`` pairs grouped by segment, segments ascending."""
+        groups: dict[int, list[tuple[int, Optional[bytes]]]] = {}
+        for row in rows:
+            groups.setdefault(self._locate(row[0])[0], []).append(row)
+        return sorted(groups.items())
+
     def segments(self) -> list[int]:
         return sorted(int(m.group(1)) for m in map(_SEGMENT_RE.match, os.listdir(self.directory))
                       if m)
@@ -85,13 +93,11 @@ class BodyFiles:
 
     def write(self, ids: Sequence[int], bodies: Sequence[bytes]) -> None:
         """Write and sync the bodies of new rows (before they commit)."""
-        runs: dict[int, list[tuple[int, bytes]]] = {}
-        for row_id, body in zip(ids, bodies):
+        for body in bodies:
             if len(body) > MAX_BODY:
                 raise ValueError(f"bodies are at most {MAX_BODY} bytes, not {len(body)}")
-            runs.setdefault(self._locate(row_id)[0], []).append((row_id, body))
         with self._lock:
-            for segment, rows in runs.items():
+            for segment, rows in self._by_segment(zip(ids, bodies)):
                 fd = self._fd(segment, create=True)
                 for start, chunk in _consecutive(rows, self._locate):
                     buffers: list[bytes] = []
@@ -122,12 +128,9 @@ class BodyFiles:
         """Overwrite the slots of deleted rows; sync and unlink each touched
         segment that is fully allocated and holds no row any more
         (``row_exists(first, last)`` asks the store)."""
-        by_segment: dict[int, list[tuple[int, None]]] = {}
-        for row_id in ids:
-            by_segment.setdefault(self._locate(row_id)[0], []).append((row_id, None))
         touched: list[int] = []
         with self._lock:
-            for segment, rows in sorted(by_segment.items()):
+            for segment, rows in self._by_segment((row_id, None) for row_id in ids):
                 fd = self._fd(segment, create=False)
                 if fd is None:
                     continue

@@ -152,7 +152,7 @@ class IncomingLog:
         it."""
         last_good, good = consumed_through, 0
         for packet_id in self._slots_after(consumed_through):
-            if self._read_record(packet_id, check=True) is not None:
+            if self._read_record(packet_id) is not None:
                 last_good, good = packet_id, good + 1
         #: unreadable or missing records below the last good one (for the log)
         self.unreadable_at_start = last_good - consumed_through - good
@@ -248,12 +248,11 @@ class IncomingLog:
             fd = self._fd(segment)
             if fd is None:
                 continue
-            if seg_last <= last_id or (every_segment and seg_first > self.committed_through):
-                if hi >= lo:
-                    write_zeros(fd, self._locate(lo)[1], (hi - lo + 1) * RECORD_LEN)
-                self._retire(segment, fd)
-            elif hi >= lo:
+            if hi >= lo:
                 write_zeros(fd, self._locate(lo)[1], (hi - lo + 1) * RECORD_LEN)
+            if seg_last <= last_id or (every_segment and seg_first > self.committed_through):
+                self._retire(segment, fd)  # syncs the zeros first
+            elif hi >= lo:
                 # Appends are synced by range (RWF_DSYNC), which leaves
                 # these zeros in the page cache: sync them now.
                 os.fdatasync(fd)
@@ -282,7 +281,9 @@ class IncomingLog:
 
     # --- reading -----------------------------------------------------------------
 
-    def _read_record(self, packet_id: int, check: bool) -> Optional[tuple[bytes, float]]:
+    def _read_record(self, packet_id: int) -> Optional[bytes]:
+        """The packet of record ``packet_id``, or None if the record is
+        missing, someone else's or fails its CRC."""
         segment, offset = self._locate(packet_id)
         fd = self._fd(segment)
         if fd is None:
@@ -290,11 +291,11 @@ class IncomingLog:
         raw = os.pread(fd, RECORD_LEN, offset)
         if len(raw) != RECORD_LEN:
             return None
-        magic, stored_id, added, crc = _HEADER.unpack_from(raw)
+        magic, stored_id, _, crc = _HEADER.unpack_from(raw)
         packet = raw[_HEADER.size:]
-        if magic != _MAGIC or stored_id != packet_id or (check and zlib.crc32(packet) != crc):
+        if magic != _MAGIC or stored_id != packet_id or zlib.crc32(packet) != crc:
             return None
-        return packet, added
+        return packet
 
     def get_many(self, ids: Sequence[int]) -> list[bytes]:
         """The packets with these committed ids, checked against their CRC."""
@@ -309,11 +310,8 @@ class IncomingLog:
         checks reads as None: it was damaged on disk after its commit (see
         :meth:`_recover`), and processing drops and counts it rather than
         stop at it for ever."""
-        packets: list[Optional[bytes]] = []
         with self._lock:
-            for packet_id in ids:
-                found = self._read_record(packet_id, check=True)
-                packets.append(None if found is None else found[0])
+            packets = [self._read_record(packet_id) for packet_id in ids]
             if self.read_only and ids:
                 # Segments below the oldest one read are consumed: let go.
                 oldest = self._locate(min(ids))[0]

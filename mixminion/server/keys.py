@@ -54,8 +54,7 @@ from mixminion.directory.descriptor import (
     parse_descriptor,
 )
 from mixminion.directory.textformat import SECONDS_PER_DAY, decode_time, format_date, format_time
-# one directory-fsync helper for the server (tolerates filesystems that refuse it)
-from mixminion.server.replay_log import _fsync_directory
+from mixminion.fileutil import fsync_dir
 
 __all__ = [
     "DescriptorTemplate",
@@ -259,7 +258,7 @@ def _write_file(path: str, data: bytes, mode: int) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    _fsync_directory(os.path.dirname(path) or ".")
+    fsync_dir(os.path.dirname(path) or ".")
 
 
 def secure_delete(path: str) -> None:
@@ -798,7 +797,7 @@ class KeyStore:
         _secure_delete_tree(os.path.join(self.key_dir, keyset_name(number)))
         for path in self._hashlog_files(number):
             secure_delete(path)
-        _fsync_directory(self.key_dir)
+        fsync_dir(self.key_dir)
 
     def _hashlog_files(self, number: Optional[int] = None) -> list[str]:
         """Replay-log files (``hash_NNNN`` and the companions SQLite or the

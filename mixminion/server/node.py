@@ -10,8 +10,9 @@ Received packets wait in an append-only log (``queues/incoming/``, see
 :mod:`mixminion.server.incoming_log`), which only the reception thread
 writes, so an acknowledgement waits for one short append and sync; every
 later queue is a table of the main SQLite store (``packets.db``, WAL, an
-fsync per commit).  Each hand-over between queues is one transaction (processing's across the two stores is made safe by a consumed
-mark: :mod:`mixminion.server.draining`), so a crash at any point loses no
+fsync per commit).  Each hand-over between queues is one transaction
+(processing's across the two stores is made safe by a consumed mark:
+:mod:`mixminion.server.draining`), so a crash at any point loses no
 acknowledged packet and relays none twice (a resent packet is refused by
 the next hop's replay log).  Decryption runs in a child process
 (:mod:`mixminion.server.processing`).

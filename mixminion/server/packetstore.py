@@ -298,8 +298,8 @@ class PacketStore:
         # itself and drops the lock: then another writer may hold these ids.
         if ids and self._db.in_transaction:
             try:
-                self._bodies.zero(ids, self._rows_between, self._allocated_through())
-            except (OSError, sqlite3.Error):
+                self._zero_bodies(ids)
+            except (PacketStoreError, sqlite3.Error):
                 pass
 
     def _zero_bodies(self, ids: list[int]) -> None:

@@ -18,6 +18,7 @@ from typing import Iterable, Optional, Union
 
 from mixminion.codec.replay import ENTRY_LEN, ReplayLog, check_entry
 from mixminion.codec.rsa import PublicKey
+from mixminion.fileutil import fsync_dir
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -209,17 +210,4 @@ def _create_private(path: str) -> None:
     except OSError as exc:
         raise ReplayLogError(f"cannot open replay log {path}: {exc}") from exc
     if created:
-        _fsync_directory(os.path.dirname(os.path.abspath(path)))
-
-
-def _fsync_directory(directory: str) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems refuse fsync on directories
-    finally:
-        os.close(fd)
+        fsync_dir(os.path.dirname(os.path.abspath(path)))
