@@ -10,23 +10,35 @@ the connection, so the caller keeps its copy until the peer has it.
 :class:`MMTPClient` queues packets on one connection per destination, at
 most ``max_packets_per_connection`` on each; the next connection opens
 while the full one still waits for its acknowledgements (at most
-``connections_per_destination`` at once).
+``connections_per_destination`` at once).  At most ``max_connections``
+connections are connecting or open in all (``[Outgoing/MMTP]
+MaxConnections``); a destination that needs one when none is free waits
+in line, first come first served, and gets the next one that closes.
+
+The client also enforces ``[Outgoing/MMTP] Allow``/``Deny`` when given an
+``allows(ip, port)`` callable: a next hop named by an IP literal is judged
+before connecting (nothing is sent to it, not even a SYN); one named by a
+hostname is judged by the address TCP actually connected to, before any
+MMTP byte (the TLS handshake may have begun).  Either way its packets fail
+with :class:`DestinationDenied`, which a caller must not retry.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from collections import deque
+from dataclasses import dataclass, field, fields
 from typing import Callable, Optional
 
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IHandshakeListener, IReactorTime
+from twisted.internet.interfaces import IHandshakeListener, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mixminion.mmtp.limits import normalize_address
 from mixminion.mmtp.machine import (
     NEED_DATA,
     Acknowledged,
@@ -43,7 +55,8 @@ PACKET_LEN = 32768
 
 
 class MMTPError(Exception):
-    """A packet did not reach the next hop; it may be retried."""
+    """A packet did not reach the next hop; it may be retried (except
+    after :class:`DestinationDenied`)."""
 
 
 class PacketRejected(MMTPError):
@@ -56,6 +69,24 @@ class ConnectionFailed(MMTPError):
 
 class PeerAuthenticationFailed(ConnectionFailed):
     """The peer's certificate chain did not prove the expected identity."""
+
+
+class DestinationDenied(MMTPError):
+    """Our ``[Outgoing/MMTP]`` Allow/Deny rules forbid relaying to the next
+    hop's address.  Unlike the other errors this is no reason to retry: a
+    denied hop stays denied until the operator changes the rules."""
+
+
+#: ``allows(ip, port)``: may we relay to this address?  (the node passes
+#: ``[Outgoing/MMTP]``'s rules; first matching rule wins, none matching allows)
+AddressPolicy = Callable[[str, int], bool]
+
+
+def literal_address(host: str) -> Optional[str]:
+    """``host`` in canonical form if it is an IP literal (so no name
+    lookup can change where it leads), else None."""
+    addr = normalize_address(host)
+    return str(addr) if addr is not None else None
 
 
 @dataclass(frozen=True)
@@ -87,6 +118,10 @@ class InitiatorSettings:
     #: open connections to one destination: one accepts new packets while
     #: the one before it waits for its last acknowledgements
     connections_per_destination: int = 2
+    #: connections connecting or open, to all destinations together
+    #: (``[Outgoing/MMTP] MaxConnections``); a change applies to the next
+    #: connection opened, open ones are never cut for it
+    max_connections: int = 16
     #: local address to connect from (None: the system's choice)
     bind_address: Optional[tuple[str, int]] = None
 
@@ -252,131 +287,253 @@ class _InitiatorFactory(Factory):
         return self._build()
 
 
+@dataclass(eq=False)
+class _Peer:
+    """What the client holds for one destination."""
+
+    destination: Destination
+    #: packets on no connection yet, oldest first
+    pending: deque[_Item] = field(default_factory=deque)
+    #: connections connecting or open (at most connections_per_destination)
+    live: int = 0
+    #: a connection is being opened; it takes ``pending`` once it is up
+    connecting: bool = False
+    #: the open connection new packets go to while it accepts them
+    active: Optional[MMTPInitiatorProtocol] = None
+    #: in the client's line of destinations waiting for a connection
+    in_line: bool = False
+
+
 class MMTPClient:
     """Sends packets to next hops, reusing connections per destination.
 
     ``connect`` may be replaced in tests: it takes a destination and a
     protocol factory and returns a Deferred firing with the connected
     protocol (by default TCP via ``HostnameEndpoint``, wrapped in TLS).
+
+    ``allows`` (``None``: every address) may be replaced at any time; it
+    applies to packets sent and connections made from then on.
+    ``wrap_endpoint``, if given, wraps each TCP endpoint under TLS (the
+    node's bandwidth limiter counts the bytes there).
     """
 
     log = Logger()
 
     def __init__(self, reactor, tls: Optional[InitiatorTLS] = None,
                  settings: Optional[InitiatorSettings] = None,
-                 stats: Optional[MMTPStats] = None) -> None:
+                 stats: Optional[MMTPStats] = None,
+                 allows: Optional[AddressPolicy] = None,
+                 wrap_endpoint: Optional[Callable[[IStreamClientEndpoint],
+                                                  IStreamClientEndpoint]] = None) -> None:
         self.reactor = reactor
+        self.wrap_endpoint = wrap_endpoint
         self.tls = tls or InitiatorTLS()
         self.settings = settings or InitiatorSettings()
         self.stats = stats or MMTPStats()
-        self._active: dict[Destination, MMTPInitiatorProtocol] = {}
-        self._connecting: dict[Destination, list[_Item]] = {}
-        self._waiting: dict[Destination, list[_Item]] = {}
-        #: connections per destination, connecting or open
-        self._live: dict[Destination, int] = {}
-        #: every open connection, including full ones no longer in _active
+        self.allows = allows
+        self._peers: dict[Destination, _Peer] = {}
+        #: destinations that need a connection and wait for one to be free
+        #: (MaxConnections), first come first served
+        self._line: deque[_Peer] = deque()
+        #: connections connecting or open, to every destination
+        self._connections = 0
+        #: every open connection, including full ones no longer a peer's active
         self._protocols: set[MMTPInitiatorProtocol] = set()
+        self._opening = False
+
+    @property
+    def connections(self) -> int:
+        """Connections connecting or open now."""
+        return self._connections
+
+    @property
+    def waiting_destinations(self) -> int:
+        """Destinations whose packets wait for a free connection."""
+        return sum(1 for peer in self._line if peer.pending)
+
+    def apply_settings(self, settings: InitiatorSettings) -> None:
+        """Take ``settings`` (after a SIGHUP): copied into the settings the
+        open connections share; a higher ``max_connections`` opens
+        connections for waiting destinations at once."""
+        if settings is not self.settings:
+            for f in fields(InitiatorSettings):
+                setattr(self.settings, f.name, getattr(settings, f.name))
+        self._open_waiting()
 
     def send_packet(self, destination: Destination, packet: bytes) -> defer.Deferred:
         """Deferred firing when ``destination`` acknowledges RECEIVED."""
         if len(packet) != PACKET_LEN:
             return defer.fail(ValueError("MMTP packets are 32768 bytes"))
-        self.stats.count("AttemptedRelay")
         return self._enqueue(destination, _Item(packet, False))
 
     def send_junk(self, destination: Destination) -> defer.Deferred:
         """Send one JUNK frame (link padding, or a liveness check)."""
         return self._enqueue(destination, _Item(os.urandom(PACKET_LEN), True))
 
+    # --- address rules ------------------------------------------------------------
+
+    def _allowed(self, ip: str, port: int) -> bool:
+        return self.allows is None or self.allows(ip, port)
+
+    def _denied_literal(self, destination: Destination) -> bool:
+        """A next hop given as an IP literal that the rules deny."""
+        if self.allows is None:
+            return False
+        ip = literal_address(destination.host)
+        return ip is not None and not self._allowed(ip, destination.port)
+
+    def _peer_address(self, proto: MMTPInitiatorProtocol) -> Optional[str]:
+        """The address TCP connected to (None if the transport cannot say)."""
+        peer = proto.transport.getPeer() if proto.transport is not None else None
+        addr = normalize_address(str(getattr(peer, "host", "")))
+        return str(addr) if addr is not None else None
+
+    # --- queueing -----------------------------------------------------------------
+
     def _enqueue(self, destination: Destination, item: _Item) -> defer.Deferred:
-        proto = self._active.get(destination)
-        if proto is not None and proto.accepting:
-            proto.queue(item)
-        elif destination in self._connecting:
-            self._connecting[destination].append(item)
-        elif self._live.get(destination, 0) < self.settings.connections_per_destination:
-            self._open(destination, [item])
-        else:
-            self._waiting.setdefault(destination, []).append(item)
+        if self._denied_literal(destination):
+            self.log.debug("Not relaying to {host}:{port}: denied by the outgoing address "
+                           "rules", host=destination.host, port=destination.port)
+            return defer.fail(DestinationDenied("the next hop's address is denied by our "
+                                                "[Outgoing/MMTP] rules"))
+        if not item.junk:
+            self.stats.count("AttemptedRelay")
+        peer = self._peers.get(destination)
+        if peer is None:
+            peer = self._peers[destination] = _Peer(destination)
+        peer.pending.append(item)
+        self._dispatch(peer)
+        if self._line:  # max_connections may have been raised by assignment
+            self._open_waiting()
         return item.deferred
 
-    def _open(self, destination: Destination, items: list[_Item]) -> None:
-        """Connect for ``items``; a full connection keeps draining its
-        acknowledgements while the next one does its handshake."""
-        self._connecting[destination] = items
-        self._live[destination] = self._live.get(destination, 0) + 1
+    def _dispatch(self, peer: _Peer) -> None:
+        """Put ``peer``'s pending packets on its open connection; ask for
+        another connection for those that do not fit."""
+        proto = peer.active
+        while peer.pending and proto is not None and proto.accepting:
+            proto.queue(peer.pending.popleft())
+        if (peer.pending and not peer.connecting
+                and peer.live < self.settings.connections_per_destination):
+            if not peer.in_line:
+                peer.in_line = True
+                self._line.append(peer)
+            self._open_waiting()
+        # else: the connection being opened takes them, or one of the
+        # destination's own connections must finish first (_finished)
+
+    def _open_waiting(self) -> None:
+        """Open connections for the destinations in line, in order, while
+        fewer than ``max_connections`` are connecting or open."""
+        if self._opening:  # called again from a connect that finished at once
+            return
+        self._opening = True
+        try:
+            while self._line and self._connections < max(1, self.settings.max_connections):
+                peer = self._line.popleft()
+                peer.in_line = False
+                if (peer.pending and not peer.connecting
+                        and peer.live < self.settings.connections_per_destination):
+                    self._open(peer)
+        finally:
+            self._opening = False
+
+    def _open(self, peer: _Peer) -> None:
+        """Connect for ``peer``'s pending packets; a full connection keeps
+        draining its acknowledgements while the next one does its handshake."""
+        peer.connecting = True
+        peer.live += 1
+        self._connections += 1
         self.stats.count("AttemptedConnect")
+        destination = peer.destination
 
         def build() -> MMTPInitiatorProtocol:
             return MMTPInitiatorProtocol(destination, self.tls, self.reactor, self.settings,
-                                         self.stats, self._finished)
+                                         self.stats, lambda proto: self._finished(proto, peer))
 
         d = self.connect(destination, _InitiatorFactory(build))
         d.addCallbacks(self._connected, self._connect_failed,
-                       callbackArgs=(destination,), errbackArgs=(destination,))
+                       callbackArgs=(peer,), errbackArgs=(peer,))
 
     def connect(self, destination: Destination, factory: Factory) -> defer.Deferred:
         endpoint = HostnameEndpoint(self.reactor, destination.host, destination.port,
                                     timeout=self.settings.connect_timeout,
                                     bindAddress=self.settings.bind_address)
+        if self.wrap_endpoint is not None:
+            endpoint = self.wrap_endpoint(endpoint)
         return wrapClientTLS(self.tls, endpoint).connect(factory)
 
-    def _connected(self, proto: MMTPInitiatorProtocol, destination: Destination) -> None:
-        items = self._connecting.pop(destination, [])
-        self._active[destination] = proto
+    def _connected(self, proto: MMTPInitiatorProtocol, peer: _Peer) -> None:
+        peer.connecting = False
         self._protocols.add(proto)
-        for i, item in enumerate(items):
-            if not proto.accepting:
-                self._overflow(destination, items[i:])
-                break
-            proto.queue(item)
+        if self.allows is not None:
+            address = self._peer_address(proto)
+            if address is None or not self._allowed(address, peer.destination.port):
+                self._refuse(proto, peer, address)
+                return
+        if not peer.pending:
+            # Its packets failed while it connected (close()): nothing to send.
+            proto._fail(ConnectionFailed("nothing left to send"))
+            return
+        peer.active = proto
+        self._dispatch(peer)
 
-    def _overflow(self, destination: Destination, items: list[_Item]) -> None:
-        if self._live.get(destination, 0) < self.settings.connections_per_destination:
-            self._open(destination, items)
-        else:
-            self._waiting.setdefault(destination, []).extend(items)
+    def _refuse(self, proto: MMTPInitiatorProtocol, peer: _Peer, address: Optional[str]) -> None:
+        """The next hop's name led to an address the rules deny: close
+        before any MMTP byte and fail its packets (they are not retried)."""
+        self.stats.count("DeniedConnect")
+        self.log.warn("Refused to relay to a next hop: its hostname leads to an address "
+                      "denied by our [Outgoing/MMTP] rules")
+        self.log.debug("Next hop {host}:{port} connected at {address}, which the outgoing "
+                       "address rules deny", host=peer.destination.host,
+                       port=peer.destination.port, address=address)
+        error = DestinationDenied("the next hop's address is denied by our "
+                                  "[Outgoing/MMTP] rules")
+        self._fail_pending(peer, Failure(error))  # first: the abort must not reopen for them
+        proto._fail(error)
 
-    def _connect_failed(self, failure: Failure, destination: Destination) -> None:
-        items = self._connecting.pop(destination, [])
-        self._live[destination] -= 1
-        self.stats.count("FailedConnect")
-        self.log.info("Could not connect to a next hop: {why}", why=failure.getErrorMessage())
-        error = Failure(ConnectionFailed(f"cannot connect: {failure.getErrorMessage()}"))
+    def _fail_pending(self, peer: _Peer, failure: Failure) -> None:
+        items = list(peer.pending)
+        peer.pending.clear()
+        self._forget_if_idle(peer)
         for item in items:
             if not item.junk:
                 self.stats.count("FailedRelay")
-            item.deferred.errback(error)
-        self._start_waiting(destination)
+            item.deferred.errback(failure)
 
-    def _finished(self, proto: MMTPInitiatorProtocol) -> None:
-        destination = proto.destination
+    def _connect_failed(self, failure: Failure, peer: _Peer) -> None:
+        peer.connecting = False
+        peer.live -= 1
+        self._connections -= 1
+        self.stats.count("FailedConnect")
+        self.log.info("Could not connect to a next hop: {why}", why=failure.getErrorMessage())
+        self._fail_pending(peer, Failure(ConnectionFailed(
+            f"cannot connect: {failure.getErrorMessage()}")))
+        self._open_waiting()
+
+    def _finished(self, proto: MMTPInitiatorProtocol, peer: _Peer) -> None:
         self._protocols.discard(proto)
-        self._live[destination] -= 1
-        if not self._live[destination]:
-            del self._live[destination]
-        if self._active.get(destination) is proto:
-            del self._active[destination]
-        self._start_waiting(destination)
+        peer.live -= 1
+        self._connections -= 1
+        if peer.active is proto:
+            peer.active = None
+        self._dispatch(peer)  # the destination's own limit may have held some
+        self._open_waiting()  # a connection is free for the next in line
+        self._forget_if_idle(peer)
 
-    def _start_waiting(self, destination: Destination) -> None:
-        waiting = self._waiting.pop(destination, [])
-        if not waiting:
-            return
-        proto = self._active.get(destination)
-        if proto is not None and proto.accepting:
-            for i, item in enumerate(waiting):
-                if not proto.accepting:
-                    self._overflow(destination, waiting[i:])
-                    return
-                proto.queue(item)
-        elif destination in self._connecting:
-            self._connecting[destination].extend(waiting)
-        else:
-            self._overflow(destination, waiting)
+    def _forget_if_idle(self, peer: _Peer) -> None:
+        if (not peer.live and not peer.pending
+                and self._peers.get(peer.destination) is peer):
+            del self._peers[peer.destination]
 
     def close(self) -> defer.Deferred:
-        """Abort every connection (their packets fail and stay queued)."""
+        """Abort every connection; packets in flight or waiting for a
+        connection fail (their callers keep them queued)."""
+        error = Failure(ConnectionFailed("client shutting down"))
+        self._line.clear()
+        for peer in list(self._peers.values()):
+            peer.in_line = False
+            self._fail_pending(peer, error)
         for proto in list(self._protocols):
             proto._fail(ConnectionFailed("client shutting down"))
         return defer.succeed(None)

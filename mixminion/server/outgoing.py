@@ -5,6 +5,15 @@ A packet leaves the queue only when the next hop answered RECEIVED; a
 failure keeps it and marks its address failed, so everything queued for
 that address waits for the address's next retry time and then goes out
 together.  Packets older than the whole retry schedule are dropped.
+
+``[Outgoing/MMTP] Allow``/``Deny`` (server.md §14.6) are enforced too: a
+packet whose next hop the rules deny is removed, not kept for a retry (a
+denied hop stays denied; keeping its packets would only fill the queue)
+and counted as ``RelayDenied``.  A next hop given as an IP literal is
+judged here, before MMTP sees it; one given as a hostname is judged by the
+MMTP client once TCP has connected (the address the name led to), and
+comes back as :class:`DestinationDenied`.  Which addresses were denied is
+logged at debug only (server.md §11: no routing data above debug).
 """
 
 from __future__ import annotations
@@ -18,7 +27,13 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mixminion.mmtp.initiator import Destination, MMTPClient
+from mixminion.mmtp.initiator import (
+    AddressPolicy,
+    Destination,
+    DestinationDenied,
+    MMTPClient,
+    literal_address,
+)
 from mixminion.server.items import RelayItem, decode_item
 from mixminion.server.mixing import OUT
 from mixminion.server.packetstore import PacketStore
@@ -41,7 +56,8 @@ class Outgoing:
 
     def __init__(self, store: PacketStore, client: MMTPClient, schedule: tuple[int, ...],
                  clock: IReactorTime, own_keyid: bytes, count: Callable[[str, int], None],
-                 relay_to_self: Callable[[list[bytes]], None], reactor=None) -> None:
+                 relay_to_self: Callable[[list[bytes]], None], reactor=None,
+                 allows: Optional[AddressPolicy] = None) -> None:
         self.store = store
         #: runs the store's deletions in a worker thread; defaults to ``clock``
         #: (the real reactor); tests pass a ``task.Clock`` as ``clock``
@@ -54,10 +70,16 @@ class Outgoing:
         #: stores packets whose next hop is this node in its incoming queue
         #: (durably, before returning): a path may name one node twice
         self.relay_to_self = relay_to_self
+        #: ``allows(ip, port)``: may we relay there?  (``[Outgoing/MMTP]``
+        #: Allow/Deny; None allows everything.)  Replaced on a SIGHUP; the
+        #: next flush applies it to everything queued.
+        self.allows = allows
         self.in_flight: set[int] = set()
         #: ready packets not yet handed to MMTP (see :attr:`max_in_flight`)
         self._ready: deque[tuple[int, Destination]] = deque()
         self.addresses: dict[Destination, AddressRetryState] = self._load_states()
+        #: packets that left the queue (acknowledged, or denied), removed
+        #: from the store in batches
         self._done: list[int] = []
         self._writing = False
         #: set by :meth:`stop`: sends aborted by our own shutdown are not the
@@ -95,7 +117,8 @@ class Outgoing:
         time, the rest as earlier ones leave); returns how many went now."""
         now = self.clock.seconds()
         lifetime = sum(self.schedule)
-        expired, local, ready = [], [], []
+        expired, local, denied, ready = [], [], [], []
+        verdicts: dict[tuple[str, int], bool] = {}
         for packet_id, meta, added in self.store.items(OUT):
             if packet_id in self.in_flight:
                 continue
@@ -107,6 +130,9 @@ class Outgoing:
             if item.keyid == self.own_keyid:
                 local.append(packet_id)
                 continue
+            if self._denied(item.host, item.port, verdicts):
+                denied.append(packet_id)
+                continue
             dest = Destination(item.host, item.port, item.keyid)
             if not self._state(dest).ready(now):
                 continue
@@ -117,6 +143,11 @@ class Outgoing:
             self.store.remove_many(expired)
             self.count("ExpiredRelay", len(expired))
             self.log.warn("Dropped {n} packets whose retry schedule ran out", n=len(expired))
+        if denied:
+            self.store.remove_many(denied)
+            self.count("RelayDenied", len(denied))
+            self.log.warn("Dropped {n} packets whose next hops our [Outgoing/MMTP] Allow/Deny "
+                          "rules deny", n=len(denied))
         if local:
             # Stored there before removed here: a crash in between leaves a
             # copy that the replay log refuses, never a lost packet.
@@ -124,6 +155,21 @@ class Outgoing:
             self.store.remove_many(local)
             self.count("RelayedToSelf", len(local))
         return sent
+
+    def _denied(self, host: str, port: int, verdicts: dict[tuple[str, int], bool]) -> bool:
+        """Whether the rules deny ``host:port``, judged here only for an IP
+        literal (a hostname is judged by the address MMTP connects to);
+        ``verdicts`` keeps the answers of one flush."""
+        if self.allows is None:
+            return False
+        key = (host, port)
+        if key not in verdicts:
+            ip = literal_address(host)
+            verdicts[key] = ip is not None and not self.allows(ip, port)
+            if verdicts[key]:
+                self.log.debug("Next hop {host}:{port} is denied by the outgoing address "
+                               "rules; dropping its packets", host=host, port=port)
+        return verdicts[key]
 
     def _send_ready(self, now: Optional[float] = None) -> int:
         """Send queued ready packets while fewer than :attr:`max_in_flight`
@@ -173,6 +219,14 @@ class Outgoing:
         self._remove_done()
 
     def _failed(self, failure: Failure, packet_id: int, dest: Destination, started: float) -> None:
+        if failure.check(DestinationDenied):
+            # The MMTP client refused the hop (for a hostname that led to a
+            # denied address it warned once for the connection): drop the
+            # packet, and do not hold it against the address's retry state.
+            self.count("RelayDenied", 1)
+            self._done.append(packet_id)
+            self._remove_done()
+            return
         self.in_flight.discard(packet_id)
         if self.stopping:
             return
