@@ -22,6 +22,13 @@ sys.path.insert(0, os.path.dirname(HERE))
 from mixminion.server.config import SCHEMA_SECTIONS  # noqa: E402
 
 MAN = os.path.join(HERE, "mixminiond.conf.5")
+#: how a change reaches the node (Option.effect)
+EFFECTS = {
+    "reload": "SIGHUP applies it",
+    "restart": "restart needed",
+    "refused": "refused at start unless left at its default",
+    "pending": "accepted with a warning; not used yet",
+}
 BEGIN = '.\\" BEGIN GENERATED OPTIONS (doc/gen_conf_man.py)\n'
 END = '.\\" END GENERATED OPTIONS\n'
 
@@ -54,10 +61,13 @@ def generated() -> str:
                 facts.append(f"default: {option.derived}")
             if option.many:
                 facts.append("may be repeated")
-            facts.append("SIGHUP applies it" if option.reload else "restart needed")
+            facts.append(EFFECTS[option.effect])
             if option.published:
                 facts.append("published in the descriptor")
             body = option.doc[0].upper() + option.doc[1:]
+            why = option.refused or option.pending
+            if why:
+                body += f" ({why})"
             out.append(escape(f"{body}. ({'; '.join(facts)}.)") + "\n")
     return "".join(out)
 

@@ -8,6 +8,7 @@ resulting :class:`Dispatcher` is what it hands delivery items to.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import sys
 import warnings
 from typing import Any, Iterable, Mapping, Optional
@@ -104,6 +105,32 @@ def find_exit_modules(strict: bool = False, log: Any = None) -> dict[str, ExitMo
                 raise
             log.error("Ignoring a broken plugin: {error}", error=str(exc))
             continue
+        found[factory.name] = factory
+    return found
+
+
+def extra_factories(module_path: Iterable[str], modules: Iterable[str]) -> dict[str, ExitModuleFactory]:
+    """``[Server] ModulePath`` and ``Module``: factories loaded by name
+    besides the installed plugins.
+
+    Each folder of ``module_path`` is put on Python's path (ahead of what
+    is there, so an operator's module wins over one of the same name), and
+    each ``package.module.Name`` is imported and checked as an
+    :class:`IExitModuleFactory`.  Raises :class:`MissingExitModule` for a
+    name that cannot be imported and :class:`BrokenExitPlugin` for one
+    that is not a factory.
+    """
+    for folder in reversed(list(module_path)):
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
+    found: dict[str, ExitModuleFactory] = {}
+    for dotted in modules:
+        module_name, _, attr = dotted.rpartition(".")
+        try:
+            obj = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise MissingExitModule(f"cannot load exit module {dotted}: {exc}") from None
+        factory = check_factory(obj)
         found[factory.name] = factory
     return found
 

@@ -33,7 +33,6 @@ import re
 import shlex
 import shutil
 import socket
-import stat
 from dataclasses import dataclass, field
 from fractions import Fraction
 from types import MappingProxyType
@@ -81,6 +80,8 @@ class ConfigError(Exception):
         self.section = section
         self.key = key
         self.reason = reason
+        #: every problem found in the same reading, this one first
+        self.problems: tuple[str, ...] = (str(self),)
 
 
 # --- file syntax (§14.1) ---------------------------------------------------------------
@@ -539,13 +540,24 @@ def _limited(max_length: int) -> ValueType:
 
 @dataclass(frozen=True)
 class Option:
-    """One option of one section.
+    """One option of one section, and how it reaches its effect.
 
     ``default`` is text in the option's own syntax (None: unset unless
-    ``derived`` says how it is computed).  ``reload``: a SIGHUP applies a
-    change; otherwise a restart is needed.  ``published``: the value shows
+    ``derived`` says how it is computed).  ``published``: the value shows
     in the server descriptor.  ``paths``: how a relative filename is
     resolved (``base`` = BaseDir, ``config`` = the config file's folder).
+
+    Exactly one of the last four says what the option does, so that a test
+    can check every option against the code (``module:qualname`` names):
+
+    * ``reload``: the function a SIGHUP calls to apply a change (it also
+      applies the value at start, or names the consumer that does);
+    * ``consumer``: what reads the value once, at start (a restart
+      applies a change);
+    * ``refused``: not supported; a value other than the default stops
+      start-up with this reason, which says what to use instead;
+    * ``pending``: kept parseable for a feature not built yet; a value
+      other than the default is accepted with a warning saying so.
     """
 
     key: str
@@ -554,17 +566,31 @@ class Option:
     default: Optional[str] = None
     required: bool = False
     many: bool = False
-    reload: bool = False
     published: bool = False
     derived: str = ""
     paths: str = "config"
     attr: str = ""
+    reload: str = ""
+    consumer: str = ""
+    refused: str = ""
+    pending: str = ""
 
     @property
     def name(self) -> str:
         """The accessor name on the section object (``MixInterval`` ->
         ``mix_interval``)."""
         return self.attr or snake_case(self.key)
+
+    @property
+    def effect(self) -> str:
+        """``reload``, ``restart``, ``refused`` or ``pending``."""
+        if self.reload:
+            return "reload"
+        if self.refused:
+            return "refused"
+        if self.pending:
+            return "pending"
+        return "restart"
 
 
 def snake_case(key: str) -> str:
@@ -584,218 +610,275 @@ class SectionSpec:
         return next((o for o in self.options if o.key == key), None)
 
 
-def _mail_options(retry_default: str = sched.DEFAULT_MODULE_RETRY) -> tuple[Option, ...]:
-    """Options shared by the modules that send e-mail (§14.9)."""
+# Who consumes what (``module:qualname``; see Option).  The appliers of a
+# SIGHUP live in mixminion.server.reload.
+_NODE = "mixminion.server.node:MixNode"
+_BUILD = "mixminion.server.tap:build_node"
+_DESCRIPTOR = "mixminion.server.tap:descriptor_template"
+_PARANOIA = "mixminion.server.paranoia:problems_for"
+_EXITS = "mixminion.server.reload:apply_exits"
+_MIXING = "mixminion.server.reload:apply_mixing"
+_INCOMING = "mixminion.server.reload:apply_incoming"
+_OUTGOING = "mixminion.server.reload:apply_outgoing"
+_TWISTD = "twistd owns the process: "
+
+
+def _mail_options(from_tag: bool = True) -> tuple[Option, ...]:
+    """Options shared by the modules that send e-mail (§14.9).  A SIGHUP
+    rebuilds the exit modules from the new values (and re-reads the files
+    they name); a published change regenerates the descriptor."""
     return (
-        Option("Enabled", BOOLEAN, "run this module", required=True, published=True),
+        Option("Enabled", BOOLEAN, "run this module", required=True, published=True,
+               consumer="mixminion.exits.registry:build_dispatcher"),
         Option("Advertise", BOOLEAN, "publish the capability in our descriptor",
-               default="yes", reload=True, published=True),
+               default="yes", published=True, reload=_EXITS),
         Option("Retry", INTERVAL_LIST, "per-message retry schedule (§6.3)",
-               default=retry_default, reload=True),
+               default=sched.DEFAULT_MODULE_RETRY, reload=_EXITS),
         Option("MaximumSize", SIZE, "largest message delivered, after decompression; "
                "raised to at least 32 KB and rounded up to whole KB",
-               default="100K", reload=True, published=True),
+               default="100K", published=True, reload=_EXITS),
         Option("AllowFromAddress", BOOLEAN, "honour a sender-chosen From name",
-               default="yes", reload=True, published=True),
+               default="yes", published=True, reload=_EXITS),
         Option("SubjectLine", STRING, "Subject when the message gives none",
-               default="Type III Anonymous Message", reload=True),
-        Option("X-Abuse", STRING, "adds an X-Abuse header", reload=True),
-        Option("Comments", STRING, "adds a Comments header", reload=True),
-        Option("Message", STRING, "disclaimer paragraph placed before the body", reload=True),
+               default="Type III Anonymous Message", reload=_EXITS),
+        Option("X-Abuse", STRING, "adds an X-Abuse header", reload=_EXITS),
+        Option("Comments", STRING, "adds a Comments header", reload=_EXITS),
+        Option("Message", STRING, "disclaimer paragraph placed before the body", reload=_EXITS),
         Option("FromTag", STRING, "prefix of the From display name",
-               default="[Anon]", reload=True),
+               default="[Anon]", reload=_EXITS) if from_tag else
+        Option("FromTag", STRING, "not supported: MBOX always signs its mail [Anon]",
+               default="[Anon]", refused="MBOX always signs its mail [Anon]; remove FromTag"),
         Option("ReturnAddress", STRING, "address in From and the envelope sender; "
-               "required when enabled", reload=True),
+               "required when enabled", reload=_EXITS),
     )
 
 
 def _mta_options() -> tuple[Option, ...]:
     return (
         Option("SMTPServer", STRING, "mail server to hand messages to",
-               derived="localhost unless SendmailCommand is set", reload=True),
+               derived="localhost unless SendmailCommand is set", reload=_EXITS),
         Option("SMTPPort", PORT, "its port (ours: lets tests use a high loopback port)",
-               default="25", reload=True),
+               default="25", reload=_EXITS),
         Option("SendmailCommand", COMMAND, "program fed each message on stdin, e.g. "
-               "'/usr/sbin/sendmail -i -t'; exclusive with SMTPServer", reload=True),
+               "'/usr/sbin/sendmail -i -t'; exclusive with SMTPServer", reload=_EXITS),
     )
 
 
-def _path(key: str, default: Optional[str], doc: str, derived: str = "") -> Option:
-    return Option(key, FILENAME, doc, default=default, paths="base", derived=derived)
+def _path(key: str, default: Optional[str], doc: str, derived: str = "", **effect: str) -> Option:
+    return Option(key, FILENAME, doc, default=default, paths="base", derived=derived, **effect)
+
+
+def _pinging(key: str, default: str, doc: str) -> Option:
+    return Option(key, INTERVAL, doc, default=default,
+                  pending="not used until the pinger is built")
 
 
 SCHEMA_SECTIONS: tuple[SectionSpec, ...] = (
     SectionSpec("Host", "this machine (§14.3)", (
-        Option("ShredCommand", COMMAND, "secure-delete program taking many file arguments",
-               derived="/usr/bin/shred -uz -n0 if present, else overwrite with zeros and unlink"),
-        Option("EntropySource", FILENAME, "character device of true randomness",
-               default="/dev/urandom"),
-        Option("TrustedUser", USER, "owners besides root allowed on parent directories",
-               many=True, attr="trusted_users"),
-        Option("FileParanoia", BOOLEAN, "check permissions of private files and their "
-               "folders", default="yes"),
+        Option("ShredCommand", COMMAND, "not supported: the node overwrites packet data in "
+               "place itself",
+               refused="the node overwrites queued packets in place and runs no external "
+               "delete program; remove ShredCommand"),
+        Option("EntropySource", FILENAME, "randomness device; only the kernel's pool "
+               "(/dev/urandom, read through getrandom) is supported", default="/dev/urandom",
+               refused="the node draws randomness from the kernel (getrandom, the pool behind "
+               "/dev/urandom); remove EntropySource or set it to /dev/urandom"),
+        Option("TrustedUser", USER, "owners besides root allowed on the folders above "
+               "BaseDir and KeyDir", many=True, attr="trusted_users", consumer=_PARANOIA),
+        Option("FileParanoia", BOOLEAN, "at start, refuse private keys that are not 0600 "
+               "and owned by the node's user, key folders that are not 0700, and stores "
+               "writable by others (MM_NO_FILE_PARANOIA in the environment also turns it "
+               "off)", default="yes", consumer=_PARANOIA),
     )),
     SectionSpec("Server", "the node itself (§14.4)", required=True, options=(
         _path("BaseDir", None, "root of every server file",
-              derived="Homedir, else /var/spool/minion (with a warning)"),
-        _path("Homedir", None, "obsolete name of BaseDir"),
-        _path("LogFile", "log", "log file"),
-        _path("StatsFile", "stats", "statistics history"),
-        _path("KeyDir", "keys", "identity key and keysets"),
-        _path("WorkDir", "work", "TLS, hash logs, directory cache"),
-        _path("QueueDir", None, "packet queues", derived="${WorkDir}/queues"),
-        _path("PidFile", "pid", "PID file, locked while running"),
+              derived="Homedir, else /var/spool/minion (with a warning)", consumer=_NODE),
+        _path("Homedir", None, "obsolete name of BaseDir",
+              consumer="mixminion.server.config:_Builder.derive_base_dir"),
+        _path("LogFile", None, "not supported: twistd writes the log",
+              refused=_TWISTD + "give it --logfile=PATH (or run it with -n to log to the "
+              "terminal); remove LogFile"),
+        _path("StatsFile", "stats", "traffic statistics: a summary of the node's counters "
+              "is appended every StatsInterval", consumer=_NODE),
+        _path("KeyDir", "keys", "identity key and keysets", consumer=_BUILD),
+        _path("WorkDir", "work", "TLS, hash logs, counters", consumer=_NODE),
+        _path("QueueDir", None, "packet queues", derived="${WorkDir}/queues", consumer=_NODE),
+        _path("PidFile", "pid", "the node's process id, locked while it runs so that a "
+              "second node cannot use the same BaseDir", consumer=_NODE),
         Option("LogLevel", SEVERITY, "least severe message logged; TRACE and DEBUG are "
-               "insecure", default="WARN", reload=True),
-        Option("EchoMessages", BOOLEAN, "also log to the console", default="no", reload=True),
-        Option("Daemon", BOOLEAN, "detach from the terminal", default="no"),
-        Option("LogStats", BOOLEAN, "keep traffic statistics", default="yes", reload=True),
-        Option("StatsInterval", INTERVAL, "statistics period; under 2 hours is insecure",
-               default="1 day", reload=True),
-        Option("EncryptIdentityKey", BOOLEAN, "not implemented", default="no"),
-        Option("IdentityKeyBits", INT, "identity key size, 2048-4096", default="2048"),
+               "insecure", default="WARN", reload="mixminion.server.reload:apply_log_level"),
+        Option("EchoMessages", BOOLEAN, "not supported: twistd decides where the log goes",
+               refused=_TWISTD + "run it with -n to log to the terminal; remove EchoMessages"),
+        Option("Daemon", BOOLEAN, "not supported: twistd decides whether to detach",
+               refused=_TWISTD + "it detaches unless run with -n (--nodaemon); remove Daemon"),
+        Option("LogStats", BOOLEAN, "append a traffic summary to StatsFile every "
+               "StatsInterval", default="yes", reload="mixminion.server.reload:apply_stats"),
+        Option("StatsInterval", INTERVAL, "period of the StatsFile summary; under 2 hours is "
+               "insecure", default="1 day", reload="mixminion.server.reload:apply_stats"),
+        Option("EncryptIdentityKey", BOOLEAN, "not supported: keys are stored unencrypted "
+               "(mode 0600)", default="no",
+               refused="encrypted keys are not implemented; keys are stored unencrypted with "
+               "mode 0600; set EncryptIdentityKey to no"),
+        Option("IdentityKeyBits", INT, "identity key size, 2048-4096", default="2048",
+               consumer=_BUILD),
         Option("PublicKeyLifetime", INTERVAL, "lifetime of each packet key, at least 1 day",
-               default="30 days"),
+               default="30 days", consumer=_BUILD),
         Option("PublicKeyOverlap", INTERVAL, "how long an expired packet key is still "
-               "accepted, 6-72 hours", default="24 hours"),
-        Option("EncryptPrivateKey", BOOLEAN, "not implemented", default="no"),
-        Option("Mode", MODE, "only relay is implemented", required=True),
-        Option("Nickname", NICKNAME, "published server name", required=True, published=True),
+               "accepted, 6-72 hours", default="24 hours", consumer=_BUILD),
+        Option("EncryptPrivateKey", BOOLEAN, "not supported: keys are stored unencrypted "
+               "(mode 0600)", default="no",
+               refused="encrypted keys are not implemented; keys are stored unencrypted with "
+               "mode 0600; set EncryptPrivateKey to no"),
+        Option("Mode", MODE, "only relay is implemented", required=True,
+               consumer="mixminion.server.config:_check_server"),
+        Option("Nickname", NICKNAME, "published server name", required=True, published=True,
+               consumer=_DESCRIPTOR),
         Option("Contact-Email", EMAIL, "administrator address, published as Contact",
-               required=True, published=True),
+               required=True, published=True, consumer=_DESCRIPTOR),
         Option("Contact-Fingerprint", _limited(MAX_CONTACT_FINGERPRINT),
-               "administrator's PGP fingerprint, published", published=True),
-        Option("Comments", _limited(MAX_COMMENTS), "published free text", published=True),
-        Option("ModulePath", PATH_LIST, "colon-separated folders searched for extension "
-               "modules", default=""),
-        Option("Module", CLASS_NAME, "extension delivery module, package.module.Class",
-               many=True, attr="modules"),
+               "administrator's PGP fingerprint, published", published=True,
+               consumer=_DESCRIPTOR),
+        Option("Comments", _limited(MAX_COMMENTS), "published free text", published=True,
+               consumer=_DESCRIPTOR),
+        Option("ModulePath", PATH_LIST, "colon-separated folders added to Python's path "
+               "before the Module lines are imported", default="",
+               consumer="mixminion.server.delivery:build_exits"),
+        Option("Module", CLASS_NAME, "an exit-module factory to load besides the installed "
+               "plugins, package.module.Name (an IExitModuleFactory provider)",
+               many=True, attr="modules", consumer="mixminion.server.delivery:build_exits"),
         Option("MixAlgorithm", MIX_ALGORITHM, "Timed, Cottrell or Binomial (§5); Timed is "
-               "insecure", default="Timed", reload=True),
-        Option("MixInterval", INTERVAL, "time between mixes", default="30 minutes", reload=True),
+               "insecure", default="Timed", reload=_MIXING),
+        Option("MixInterval", INTERVAL, "time between mixes", default="30 minutes",
+               reload=_MIXING),
         Option("MixPoolRate", FRACTION, "share of the pool sent per mix (Cottrell, Binomial)",
-               default="60%", reload=True),
+               default="60%", reload=_MIXING),
         Option("MixPoolMinSize", INT, "packets kept back in the pool (Cottrell, Binomial)",
-               default="5", reload=True),
-        Option("Timeout", INTERVAL, "MMTP idle timeout", default="5 minutes", reload=True),
-        Option("MaxBandwidth", SIZE, "bytes per second over all connections (unset: no "
-               "limit)", reload=True),
+               default="5", reload=_MIXING),
+        Option("Timeout", INTERVAL, "MMTP idle timeout, both directions",
+               default="5 minutes", reload=_INCOMING),
+        Option("MaxBandwidth", SIZE, "bytes per second of MMTP traffic, in and out together, "
+               "counted below TLS (unset: no limit)",
+               reload="mixminion.server.reload:apply_bandwidth"),
         Option("MaxBandwidthSpike", SIZE, "token-bucket capacity",
-               derived="5 x MaxBandwidth", reload=True),
+               derived="5 x MaxBandwidth", reload="mixminion.server.reload:apply_bandwidth"),
         Option("MaxQueuedPackets", INT, "ours: packets held before MMTP answers REJECTED",
-               default="50000", reload=True),
+               default="50000", reload="mixminion.server.reload:apply_queue_limits"),
         Option("MinFreeDisk", SIZE, "ours: free space kept on the queue disk; below it MMTP "
-               "answers REJECTED", default="100 MB", reload=True),
-        Option("MetricsPort", PORT, "ours: serve Prometheus metrics on this port (unset: off)"),
+               "answers REJECTED", default="100 MB",
+               reload="mixminion.server.reload:apply_queue_limits"),
+        Option("MetricsPort", PORT, "ours: serve Prometheus metrics on this port (unset: off)",
+               consumer=_NODE),
         Option("MetricsAddress", ANY_IP, "ours: address of the metrics listener; keep it on "
-               "loopback", default="127.0.0.1"),
+               "loopback", default="127.0.0.1", consumer=_NODE),
     )),
     SectionSpec("Incoming/MMTP", "accepting packets from other nodes (§14.5)", required=True,
                 options=(
         Option("Enabled", BOOLEAN, "accept MMTP connections (must be yes)", required=True,
-               published=True),
+               published=True, consumer="mixminion.server.config:_check_incoming"),
         Option("IP", IP, "published IPv4 address (0.0.0.0: guess); default listen address",
-               default="0.0.0.0", published=True),
+               default="0.0.0.0", published=True, consumer=_DESCRIPTOR),
         Option("Hostname", HOST, "published name other nodes connect to",
-               derived="this host's fully-qualified name (with a warning)", published=True),
-        Option("Port", PORT, "published port", default=str(DEFAULT_MMTP_PORT), published=True),
-        Option("ListenIP", IP, "IPv4 address to bind", derived="IP"),
-        Option("ListenPort", PORT, "port to bind", derived="Port"),
+               derived="this host's fully-qualified name (with a warning)", published=True,
+               consumer=_DESCRIPTOR),
+        Option("Port", PORT, "published port", default=str(DEFAULT_MMTP_PORT), published=True,
+               consumer=_DESCRIPTOR),
+        Option("ListenIP", IP, "IPv4 address to bind", derived="IP", consumer=_NODE),
+        Option("ListenPort", PORT, "port to bind", derived="Port", consumer=_NODE),
         Option("ListenIP6", IPV6, "ours, now implemented: also listen on this IPv6 address "
-               "(unset: IPv4 only)"),
+               "(unset: IPv4 only)", consumer=_NODE),
         Option("Allow", ALLOW_RULE, "addresses that may connect; enforced and published",
-               many=True, reload=True, published=True),
+               many=True, published=True, reload=_INCOMING),
         Option("Deny", DENY_RULE, "addresses refused; enforced and published",
-               many=True, reload=True, published=True),
+               many=True, published=True, reload=_INCOMING),
         Option("MaxConnections", INT, "ours: simultaneous inbound connections",
-               default="128", reload=True),
+               default="128", reload=_INCOMING),
         Option("MaxConnectionsPerAddress", INT, "ours: simultaneous inbound connections from "
-               "one address", default="8", reload=True),
+               "one address", default="8", reload=_INCOMING),
         Option("HandshakeTimeout", INTERVAL, "ours: time allowed for the TLS handshake",
-               default="60 seconds", reload=True),
+               default="60 seconds", reload=_INCOMING),
         Option("LineTimeout", INTERVAL, "ours: time allowed for the protocol line",
-               default="30 seconds", reload=True),
+               default="30 seconds", reload=_INCOMING),
         Option("FrameTimeout", INTERVAL, "ours: time allowed to finish a started frame",
-               default="60 seconds", reload=True),
+               default="60 seconds", reload=_INCOMING),
         Option("Legacy", BOOLEAN, "ours: also accept TLS 1.0 peers of the 0.0.8 era "
-               "(doc/mmtp-legacy.md)", default="no"),
+               "(doc/mmtp-legacy.md)", default="no", consumer=_NODE),
     )),
     SectionSpec("Outgoing/MMTP", "relaying packets to other nodes (§14.6)", (
-        Option("Enabled", BOOLEAN, "relay to other nodes", required=True, published=True),
+        Option("Enabled", BOOLEAN, "relay to other nodes; without it, packets for other "
+               "nodes are dropped and counted as RelayDenied", required=True, published=True,
+               consumer="mixminion.server.config:OutgoingSection.allows"),
         Option("Retry", INTERVAL_LIST, "per-address retry schedule (§6.4)",
-               default=sched.DEFAULT_OUTGOING_RETRY, reload=True),
+               default=sched.DEFAULT_OUTGOING_RETRY, reload=_OUTGOING),
         Option("MaxConnections", INT, "simultaneous outgoing connections", default="16",
-               reload=True),
+               reload=_OUTGOING),
         Option("MaxPacketsPerConnection", INT, "ours: packets sent on one connection before "
-               "a fresh one is opened", default="1000", reload=True),
-        Option("Allow", ALLOW_RULE, "destinations we relay to; enforced and published",
-               many=True, reload=True, published=True),
+               "a fresh one is opened", default="1000", reload=_OUTGOING),
+        Option("Allow", ALLOW_RULE, "destinations we relay to; enforced (a packet for a "
+               "refused next hop is dropped and counted as RelayDenied) and published",
+               many=True, published=True, reload=_OUTGOING),
         Option("Deny", DENY_RULE, "destinations we refuse; enforced and published",
-               many=True, reload=True, published=True),
+               many=True, published=True, reload=_OUTGOING),
         Option("Legacy", BOOLEAN, "ours: also speak TLS 1.0 to 0.0.8-era peers",
-               default="no"),
+               default="no", consumer=_NODE),
     )),
     SectionSpec("DirectoryServers", "publication and directories (§14.7)", (
         Option("Publish", BOOLEAN, "upload our descriptors to the authorities",
-               default="no", reload=True),
+               default="no", consumer="mixminion.server.publish:publisher_for"),
         Option("Authority", AUTHORITY, "ours: a directory authority, URL FINGERPRINT",
-               many=True, reload=True, attr="authorities"),
-        Option("ServerURL", STRING, "not used", many=True, reload=True),
-        Option("PublishURL", STRING, "not used (see Authority)", many=True, reload=True),
-        Option("MaxSkew", INTERVAL, "not used", default="10 minutes", reload=True),
+               many=True, attr="authorities", consumer="mixminion.server.publish:publisher_for"),
+        Option("ServerURL", STRING, "not supported (see Authority)", many=True,
+               refused="directories are fetched from the Authority lines; write "
+               "Authority: URL FINGERPRINT instead of ServerURL"),
+        Option("PublishURL", STRING, "not supported (see Authority)", many=True,
+               refused="descriptors are uploaded to the Authority lines; write "
+               "Authority: URL FINGERPRINT instead of PublishURL"),
+        Option("MaxSkew", INTERVAL, "not supported",
+               refused="the node does not compare clocks with the authorities; "
+               "remove MaxSkew"),
     )),
-    SectionSpec("Pinging", "measuring other nodes (§10, §14.8)", (
-        Option("Enabled", BOOLEAN, "run the pinger", default="yes"),
-        Option("RecomputeInterval", INTERVAL, "how often results are recomputed",
-               default="30 minutes"),
-        Option("ServerPingPeriod", INTERVAL, "one-hop ping interval", default="2 hours"),
-        Option("DullChainPingPeriod", INTERVAL, "two-hop interval, ordinary chains",
-               default="4 days"),
-        Option("ChainPingPeriod", INTERVAL, "two-hop interval, interesting chains",
-               default="1 day"),
-        Option("ServerProbePeriod", INTERVAL, "connection probe interval", default="1 hour"),
-        Option("RetainData", INTERVAL, "how long raw data is kept", default="30 days"),
-        Option("RetainResults", INTERVAL, "how long results are kept", default="1 year"),
+    SectionSpec("Pinging", "measuring other nodes (§10, §14.8); not built yet", (
+        Option("Enabled", BOOLEAN, "run the pinger (not built yet: yes only warns)",
+               default="no", pending="pinging is not implemented yet"),
+        _pinging("RecomputeInterval", "30 minutes", "how often results are recomputed"),
+        _pinging("ServerPingPeriod", "2 hours", "one-hop ping interval"),
+        _pinging("DullChainPingPeriod", "4 days", "two-hop interval, ordinary chains"),
+        _pinging("ChainPingPeriod", "1 day", "two-hop interval, interesting chains"),
+        _pinging("ServerProbePeriod", "1 hour", "connection probe interval"),
+        _pinging("RetainData", "30 days", "how long raw data is kept"),
+        _pinging("RetainResults", "1 year", "how long results are kept"),
     )),
     SectionSpec("Delivery/SMTP", "e-mail to any address (§9.3, §14.9)",
                 _mail_options() + _mta_options() + (
-        Option("BlacklistFile", FILENAME, "addresses never mailed (§9.5); must exist",
-               reload=True),
+        Option("BlacklistFile", FILENAME, "addresses never mailed (§9.5); must exist; "
+               "every SIGHUP re-reads it", reload=_EXITS),
     )),
     SectionSpec("Delivery/MBOX", "e-mail to local mailbox names (§9.4, §14.9)",
-                _mail_options() + _mta_options() + (
-        Option("AddressFile", FILENAME, "name: address lines; required when enabled",
-               reload=True),
+                _mail_options(from_tag=False) + _mta_options() + (
+        Option("AddressFile", FILENAME, "name: address lines; required when enabled; "
+               "every SIGHUP re-reads it", reload=_EXITS),
         Option("RemoveContact", STRING, "whom recipients ask to be removed; required when "
-               "enabled", reload=True),
+               "enabled", reload=_EXITS),
         Option("MboxFile", FILENAME, "ours: append the mail to this local mbox file instead "
                "of handing it to an MTA; exclusive with SMTPServer, SMTPPort and "
-               "SendmailCommand", reload=True),
-    )),
-    SectionSpec("Delivery/SMTP-Via-Mixmaster", "deprecated Type II bridge (§9.6)",
-                _mail_options() + (
-        Option("MixCommand", COMMAND, "the mixmaster program", required=True, reload=True),
-        Option("Server", STRING, "Type II remailer, or comma-separated chain",
-               required=True, reload=True),
+               "SendmailCommand", reload=_EXITS),
     )),
     SectionSpec("Delivery/Fragmented", "server-side reassembly (§9.7)", (
         Option("Enabled", BOOLEAN, "reassemble fragmented messages", required=True,
-               published=True),
+               published=True, consumer="mixminion.exits.registry:build_dispatcher"),
         Option("MaximumSize", SIZE, "largest compressed message reassembled",
-               required=True, reload=True, published=True),
+               required=True, published=True, reload=_EXITS),
         Option("MaximumInterval", INTERVAL, "how long fragments wait for the rest",
-               default="2 days", reload=True),
+               default="2 days", reload=_EXITS),
     )),
 )
 
 SCHEMA: Mapping[str, SectionSpec] = {s.name: s for s in SCHEMA_SECTIONS}
 
 #: Delivery sections with a class of their own; other ``Delivery/*`` are plugins.
-MAIL_MODULES = ("SMTP", "MBOX", "SMTP-Via-Mixmaster")
+MAIL_MODULES = ("SMTP", "MBOX")
 PLUGIN_PREFIX = "Delivery/"
 MIN_MAXIMUM_SIZE = 32 * 1024
 DEFAULT_BASE_DIR = "/var/spool/minion"
-DEFAULT_SHRED = ("/usr/bin/shred", "-uz", "-n0")
 
 SUMMARY_KEYS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Server", ("LogLevel", "LogStats", "StatsInterval", "PublicKeyOverlap", "Mode",
@@ -804,8 +887,6 @@ SUMMARY_KEYS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Outgoing/MMTP", ("Retry", "MaxConnections")),
     ("Delivery/SMTP", ("Enabled", "Retry", "SMTPServer", "ReturnAddress", "FromTag",
                        "SubjectLine", "MaximumSize")),
-    ("Delivery/SMTP-Via-Mixmaster", ("Enabled", "Retry", "Server", "FromTag", "SubjectLine",
-                                     "MaximumSize")),
     ("Delivery/Fragmented", ("Enabled", "MaximumSize", "MaximumInterval")),
 )
 
@@ -927,7 +1008,7 @@ class IncomingSection:
     def connection_rules(self) -> AddressRules:
         """Rules for the listener.  Ports are ignored: a peer's source port
         is ephemeral, so only its address can be judged."""
-        return AddressRules(r.link_rule() for r in self.address_rules)
+        return AddressRules(r.link_rule() for r in _ordered_rules(self.allow, self.deny))
 
     def published_rules(self) -> tuple[PublishedRule, ...]:
         return tuple(r.published() for r in self.address_rules)
@@ -954,7 +1035,9 @@ class OutgoingSection:
     def allows(self, ip: str, port: int) -> bool:
         """May we relay to ``ip:port``?  First matching rule wins; none
         matching allows."""
-        for rule in self.address_rules:
+        if not self.enabled:
+            return False
+        for rule in _ordered_rules(self.allow, self.deny):
             if rule.matches(ip, port):
                 return rule.allow
         return True
@@ -1025,19 +1108,13 @@ class MBOXDelivery(MailDelivery):
 
 
 @dataclass(frozen=True)
-class MixmasterDelivery(MailDelivery):
-    mix_command: tuple[str, ...]
-    server: str
-
-
-@dataclass(frozen=True)
 class FragmentedDelivery:
     enabled: bool
     maximum_size: int
     maximum_interval: int
 
 
-DeliverySection = Union[SMTPDelivery, MBOXDelivery, MixmasterDelivery, FragmentedDelivery, RawSection]
+DeliverySection = Union[SMTPDelivery, MBOXDelivery, FragmentedDelivery, RawSection]
 
 SECTION_CLASSES: Mapping[str, type] = {
     "Host": HostSection,
@@ -1048,7 +1125,6 @@ SECTION_CLASSES: Mapping[str, type] = {
     "Pinging": PingingSection,
     "Delivery/SMTP": SMTPDelivery,
     "Delivery/MBOX": MBOXDelivery,
-    "Delivery/SMTP-Via-Mixmaster": MixmasterDelivery,
     "Delivery/Fragmented": FragmentedDelivery,
 }
 
@@ -1169,8 +1245,10 @@ class _Builder:
     first error."""
 
     def __init__(self, sections: tuple[RawSection, ...], filename: str,
-                 config_dir: str, last_line: int) -> None:
+                 config_dir: str, last_line: int, plugin_sections: frozenset[str]) -> None:
         self.filename = filename
+        #: ``[Delivery/<Name>]`` sections claimed by installed exit plugins
+        self.plugin_sections = plugin_sections
         self.config_dir = config_dir
         self.last_line = last_line
         self.sections = {s.name: s for s in sections}
@@ -1209,43 +1287,64 @@ class _Builder:
             if SCHEMA[name].required and name not in self.sections:
                 raise ConfigError(self.filename, self.last_line, name, None,
                                   "required section is missing")
+        errors: list[ConfigError] = []
         for name in self.order:
             raw = self.sections[name]
             spec = SCHEMA.get(name)
             if spec is not None:
-                self.read_section(spec, raw)
+                errors.extend(self.read_section(spec, raw))
             else:
-                self.unknown_section(raw)
+                try:
+                    self.unknown_section(raw)
+                except ConfigError as exc:
+                    errors.append(exc)
+        if errors:
+            # Every entry was read, so the operator sees all such mistakes at once.
+            first = errors[0]
+            first.problems = tuple(str(e) for e in errors)
+            raise first
         for spec in SCHEMA_SECTIONS:
             if spec.name not in self.sections and not spec.name.startswith(PLUGIN_PREFIX):
                 self.apply_defaults(spec)
 
     def unknown_section(self, raw: RawSection) -> None:
-        if raw.name.startswith(PLUGIN_PREFIX) and len(raw.name) > len(PLUGIN_PREFIX):
-            near = [n for n in SCHEMA if n.lower() == raw.name.lower()]
-            if near:
-                self.warn(raw.name, None, f"not a section we know; did you mean [{near[0]}]? "
-                          "Kept for a delivery plugin", raw.line)
+        """A ``[Delivery/<Name>]`` section belongs to the installed exit
+        module that claims it (kept raw for it); any other is an error."""
+        if raw.name.startswith(PLUGIN_PREFIX) and raw.name in self.plugin_sections:
             return
+        if raw.name.startswith(PLUGIN_PREFIX) and len(raw.name) > len(PLUGIN_PREFIX):
+            known = sorted({*self.plugin_sections, *(n for n in SCHEMA if n.startswith(PLUGIN_PREFIX))})
+            hint = _suggest(raw.name, known, "[{}]")
+            raise ConfigError(self.filename, raw.line, raw.name, None,
+                              f"no installed exit module handles this section{hint} "
+                              f"(installed: {', '.join(known) or 'none'})")
         hint = _suggest(raw.name, SCHEMA, "[{}]")
-        self.warn(raw.name, None, f"unknown section, ignored{hint}", raw.line)
+        raise ConfigError(self.filename, raw.line, raw.name, None, f"unknown section{hint}")
 
-    def read_section(self, spec: SectionSpec, raw: RawSection) -> None:
+    def read_section(self, spec: SectionSpec, raw: RawSection) -> list[ConfigError]:
+        """Read every entry; returns the problems of those that could not be."""
         many: dict[str, list[Any]] = {}
+        errors: list[ConfigError] = []
         for entry in raw.entries:
             option = spec.option(entry.key)
             if option is None:
                 hint = _suggest(entry.key, [o.key for o in spec.options])
-                self.warn(spec.name, entry.key, f"unknown option, ignored{hint}", entry.line)
+                errors.append(ConfigError(self.filename, entry.line, spec.name, entry.key,
+                                          f"unknown option{hint}"))
                 continue
-            value = self.parse_value(spec.name, option, entry)
+            try:
+                value = self.parse_value(spec.name, option, entry)
+                self.check_supported(spec.name, option, entry, value)
+            except ConfigError as exc:
+                errors.append(exc)
+                continue
             if option.many:
                 self.entries.setdefault((spec.name, entry.key), entry)
                 many.setdefault(entry.key, []).append(value)
             elif (spec.name, entry.key) in self.entries:
                 first = self.entries[spec.name, entry.key].line
-                raise ConfigError(self.filename, entry.line, spec.name, entry.key,
-                                  f"given twice (first on line {first}); it takes one value")
+                errors.append(ConfigError(self.filename, entry.line, spec.name, entry.key,
+                                          f"given twice (first on line {first}); it takes one value"))
             else:
                 self.entries[spec.name, entry.key] = entry
                 self.values[spec.name, entry.key] = value
@@ -1253,8 +1352,22 @@ class _Builder:
             self.values[spec.name, key] = tuple(items)
         for option in spec.options:
             if option.required and not self.given(spec.name, option.key):
-                raise self.error(spec.name, option.key, "required option is missing")
+                errors.append(self.error(spec.name, option.key, "required option is missing"))
         self.apply_defaults(spec)
+        return errors
+
+    def check_supported(self, section: str, option: Option, entry: RawEntry, value: Any) -> None:
+        """A refused option stops start-up and a pending one warns, unless
+        the value is the default (which is what the node does anyway)."""
+        if not (option.refused or option.pending):
+            return
+        if option.default is not None and not option.many \
+                and value == option.type.parse(option.default):
+            return
+        if option.refused:
+            raise ConfigError(self.filename, entry.line, section, entry.key,
+                              f"not supported: {option.refused}")
+        self.warn(section, entry.key, f"{option.pending}; the value is not used", entry.line)
 
     def parse_value(self, section: str, option: Option, entry: RawEntry) -> Any:
         try:
@@ -1321,8 +1434,6 @@ class _Builder:
         bandwidth = self.get("Server", "MaxBandwidth")
         if self.get("Server", "MaxBandwidthSpike") is None and bandwidth is not None:
             self.values["Server", "MaxBandwidthSpike"] = 5 * bandwidth
-        if self.get("Host", "ShredCommand") is None and os.path.exists(DEFAULT_SHRED[0]):
-            self.values["Host", "ShredCommand"] = DEFAULT_SHRED
         for module in ("SMTP", "MBOX"):
             section = PLUGIN_PREFIX + module
             if section in self.sections and self.get(section, "SendmailCommand") is None \
@@ -1332,8 +1443,11 @@ class _Builder:
 
 
 def _suggest(word: str, choices: Iterable[str], template: str = "{}") -> str:
-    """A hint for a misspelt name, since unknown names are only warned about."""
-    close = difflib.get_close_matches(word, list(choices), n=1)
+    """A "did you mean" for a misspelt name (a name differing only in
+    case first)."""
+    choices = list(choices)
+    close = [c for c in choices if c.lower() == word.lower()] \
+        or difflib.get_close_matches(word, choices, n=1)
     return f"; did you mean {template.format(close[0])}?" if close else ""
 
 
@@ -1363,9 +1477,6 @@ def _check_server(b: _Builder) -> None:
         raise b.error(s, "Contact-Email", f"longer than the {MAX_CONTACT} characters a descriptor allows")
     if b.get(s, "Mode") == "local":
         raise b.error(s, "Mode", "local mode is not implemented; use relay")
-    for key in ("EncryptIdentityKey", "EncryptPrivateKey"):
-        if b.get(s, key):
-            b.warn(s, key, "not implemented; the key is stored unencrypted")
     _check_mixing(b)
     _check_bandwidth(b)
     address = ipaddress.ip_address(b.get(s, "MetricsAddress"))
@@ -1406,7 +1517,7 @@ def _check_bandwidth(b: _Builder) -> None:
 def _check_incoming(b: _Builder) -> None:
     s = "Incoming/MMTP"
     if not b.get(s, "Enabled"):
-        b.warn(s, "Enabled", "no is not supported: a node must accept packets")
+        raise b.error(s, "Enabled", "no is not supported: a node must accept packets")
     if b.get(s, "Hostname") is None:
         b.warn(s, "Hostname", "not set; the descriptor will publish this host's FQDN")
     _check_range(b, s, "MaxConnections", 1, None)
@@ -1437,23 +1548,8 @@ def _check_retry(b: _Builder, section: str) -> None:
 
 def _check_directory(b: _Builder) -> None:
     s = "DirectoryServers"
-    for key in ("ServerURL", "PublishURL", "MaxSkew"):
-        if b.given(s, key):
-            b.warn(s, key, "parsed but not used" + ("; use Authority" if "URL" in key else ""))
     if b.get(s, "Publish") and not b.get(s, "Authority"):
         b.warn(s, "Publish", "yes, but no Authority is configured: nothing will be uploaded")
-
-
-def _check_host(b: _Builder) -> None:
-    if b.get("Host", "ShredCommand") is not None:
-        _check_program(b, "Host", "ShredCommand")
-    source = b.get("Host", "EntropySource")
-    try:
-        is_device = stat.S_ISCHR(os.stat(source).st_mode)
-    except OSError as exc:
-        raise b.error("Host", "EntropySource", f"cannot use {source}: {exc.strerror}") from None
-    if not is_device:
-        b.warn("Host", "EntropySource", f"{source} is not a character device")
 
 
 def _check_program(b: _Builder, section: str, key: str) -> None:
@@ -1481,16 +1577,15 @@ def _check_file(b: _Builder, section: str, key: str) -> None:
 def _check_mail(b: _Builder, module: str) -> None:
     s = PLUGIN_PREFIX + module
     _round_maximum_size(b, s)
-    if module != "SMTP-Via-Mixmaster" and b.given(s, "SMTPServer") and b.given(s, "SendmailCommand"):
+    if b.given(s, "SMTPServer") and b.given(s, "SendmailCommand"):
         raise b.error(s, "SendmailCommand", "give SMTPServer or SendmailCommand, not both")
     if not b.get(s, "Enabled"):
         return
     _check_retry(b, s)
     _require(b, s, "ReturnAddress")
     _mailbox_warning(b, s, "ReturnAddress")
-    for key in ("SendmailCommand", "MixCommand"):
-        if b.get(s, key) is not None:
-            _check_program(b, s, key)
+    if b.get(s, "SendmailCommand") is not None:
+        _check_program(b, s, "SendmailCommand")
     if module == "SMTP" and b.get(s, "BlacklistFile") is not None:
         _check_file(b, s, "BlacklistFile")
     if module == "MBOX":
@@ -1501,10 +1596,6 @@ def _check_mail(b: _Builder, module: str) -> None:
         _check_file(b, s, "AddressFile")
         _require(b, s, "RemoveContact")
         _mailbox_warning(b, s, "RemoveContact")
-        if b.given(s, "FromTag"):
-            b.warn(s, "FromTag", "ignored by MBOX, which always uses [Anon]")
-    if module == "SMTP-Via-Mixmaster":
-        b.warn(s, None, "deprecated: the Type II network is nearly gone")
 
 
 def _require(b: _Builder, section: str, key: str) -> None:
@@ -1534,9 +1625,6 @@ def _check_deliveries(b: _Builder) -> None:
     for module in present:
         _check_mail(b, module)
     enabled = [m for m in present if b.get(PLUGIN_PREFIX + m, "Enabled")]
-    if "SMTP" in enabled and "SMTP-Via-Mixmaster" in enabled:
-        raise b.error("Delivery/SMTP-Via-Mixmaster", "Enabled",
-                      "cannot be enabled together with [Delivery/SMTP]: both handle SMTP exits")
     if "Delivery/Fragmented" in b.sections and b.get("Delivery/Fragmented", "Enabled"):
         _check_fragmented(b, enabled)
 
@@ -1545,7 +1633,7 @@ def _check_fragmented(b: _Builder, enabled: Sequence[str]) -> None:
     s = "Delivery/Fragmented"
     if not enabled:
         raise b.error(s, "Enabled", "needs an enabled delivery module for the reassembled "
-                      "messages (MBOX, SMTP or SMTP-Via-Mixmaster)")
+                      "messages (MBOX or SMTP)")
     size = b.get(s, "MaximumSize")
     for module in enabled:
         other = b.get(PLUGIN_PREFIX + module, "MaximumSize")
@@ -1558,7 +1646,6 @@ def _check_fragmented(b: _Builder, enabled: Sequence[str]) -> None:
 
 
 def _validate(b: _Builder) -> None:
-    _check_host(b)
     _check_server(b)
     _check_incoming(b)
     _check_outgoing(b)
@@ -1604,20 +1691,50 @@ def _assemble(b: _Builder) -> ServerConfig:
     )
 
 
+def exit_factories(server: Optional[RawSection]) -> dict[str, Any]:
+    """The exit-module factories a configuration can use: the installed
+    plugins and what ``[Server] ModulePath``/``Module`` load (read from
+    the raw section, since they decide which sections are valid)."""
+    from mixminion.exits.errors import ExitConfigError
+    from mixminion.exits.registry import extra_factories, find_exit_modules
+
+    factories = find_exit_modules()
+    if server is None or not server.get_all("Module"):
+        return factories
+    try:
+        extra = extra_factories(PATH_LIST.parse(server.get("ModulePath") or ""),
+                                server.get_all("Module"))
+    except ExitConfigError as exc:
+        raise server.error("Module", str(exc)) from None
+    return {**factories, **extra}
+
+
+def plugin_section_names(factories: Mapping[str, Any]) -> frozenset[str]:
+    """``[Delivery/<Name>]`` sections that exit-module plugins claim beyond
+    the ones this schema describes."""
+    return frozenset(f.section for f in factories.values()
+                     if f.section and f.section not in SCHEMA)
+
+
 def parse_config(text: Union[str, bytes], filename: str = "<string>",
-                 config_dir: Optional[str] = None) -> ServerConfig:
+                 config_dir: Optional[str] = None,
+                 plugin_sections: Optional[frozenset[str]] = None) -> ServerConfig:
     """Parse and validate a configuration.
 
     ``config_dir`` is where relative paths of operator-supplied files
     (``AddressFile``...) and a relative ``BaseDir`` are looked up; by
-    default the folder of ``filename``.
+    default the folder of ``filename``.  ``plugin_sections``: the
+    delivery sections installed plugins claim (by default, found now).
     """
     if config_dir is None:
         config_dir = os.path.dirname(os.path.abspath(filename))
     sections = parse_sections(text, filename)
+    if plugin_sections is None:
+        server = next((s for s in sections if s.name == "Server"), None)
+        plugin_sections = plugin_section_names(exit_factories(server))
     source = text.decode("latin-1") if isinstance(text, (bytes, bytearray)) else text
     last_line = max(1, textformat.normalise_newlines(source).rstrip("\n").count("\n") + 1)
-    builder = _Builder(sections, filename, config_dir, last_line)
+    builder = _Builder(sections, filename, config_dir, last_line, plugin_sections)
     builder.read()
     builder.derive()
     _validate(builder)
@@ -1658,6 +1775,13 @@ class ReloadPlan:
     def needs_restart(self) -> bool:
         return bool(self.restart)
 
+    @property
+    def appliers(self) -> tuple[str, ...]:
+        """The SIGHUP appliers (``Option.reload``) of the live changes,
+        each once, in schema order."""
+        names = [_applier(*key) for key in self.live]
+        return tuple(dict.fromkeys(names))
+
 
 def _comparable(config: ServerConfig) -> dict[Key, Any]:
     """Every value to compare: plugin sections' raw values included, and
@@ -1674,12 +1798,20 @@ def _comparable(config: ServerConfig) -> dict[Key, Any]:
     return values
 
 
-def _reloadable(section: str, key: str) -> bool:
+_PLUGIN_APPLIER = "mixminion.server.reload:apply_exits"
+
+
+def _applier(section: str, key: str) -> str:
+    """What applies a change of this option on SIGHUP ("" if nothing can)."""
     spec = SCHEMA.get(section)
     if spec is None:  # a plugin's section: its own options reload, enabling it does not
-        return key != "Enabled"
+        return _PLUGIN_APPLIER if key != "Enabled" else ""
     option = spec.option(key)
-    return option is not None and option.reload
+    return option.reload if option is not None else ""
+
+
+def _reloadable(section: str, key: str) -> bool:
+    return bool(_applier(section, key))
 
 
 def _published(section: str, key: str) -> bool:

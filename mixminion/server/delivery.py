@@ -9,17 +9,40 @@ the same round.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from mixminion.exits.context import ExitContext
 from mixminion.exits.items import DeliveryResult
-from mixminion.exits.registry import Dispatcher
+from mixminion.exits.registry import Dispatcher, build_dispatcher, extra_factories, find_exit_modules
+from mixminion.server.config import ServerConfig
 from mixminion.server.items import ExitItem, decode_item, encode_item
 from mixminion.server.mixing import delivery_queue
 from mixminion.server.packetstore import PacketStore
 from mixminion.server.schedule import MessageRetryState
+
+
+def exit_sections(config: ServerConfig) -> dict[str, dict[str, Any]]:
+    """``[Delivery/...]`` sections for the exit modules: built-in ones with
+    the values the configuration already parsed (paths made absolute,
+    sizes in bytes), plugin ones as raw strings for the plugin to parse."""
+    sections: dict[str, dict[str, Any]] = {}
+    for (section, key), value in config.values.items():
+        if section.startswith("Delivery/") and section in config.present and value is not None:
+            sections.setdefault(section, {})[key] = value
+    for name, raw in config.plugin_sections.items():
+        sections["Delivery/" + name] = {entry.key: entry.value for entry in raw.entries}
+    return sections
+
+
+def build_exits(config: ServerConfig, context: ExitContext) -> Dispatcher:
+    """The configured exit modules: installed plugins plus the factories
+    ``[Server] ModulePath``/``Module`` name."""
+    server = config.server
+    factories = {**find_exit_modules(), **extra_factories(server.module_path, server.modules)}
+    return build_dispatcher(exit_sections(config), context, factories)
 
 
 class Delivery:
@@ -106,6 +129,27 @@ class Delivery:
             return result is DeliveryResult.OK
         finally:
             self._busy.discard(packet_id)
+
+    def replace_dispatcher(self, dispatcher: Dispatcher) -> defer.Deferred:
+        """Deliver through ``dispatcher`` (modules rebuilt from a new
+        configuration) from the end of the running round on; the old
+        modules are stopped then.  Fires when they have stopped."""
+        old = self.dispatcher
+
+        def swap(_=None) -> defer.Deferred:
+            self.dispatcher = dispatcher
+            return old.stop()
+
+        if self._flushing is None:
+            return swap()
+        ended: defer.Deferred = defer.Deferred()
+
+        def round_ended(result):
+            ended.callback(None)
+            return result
+
+        self._flushing.addBoth(round_ended)
+        return ended.addCallback(swap)
 
     def stop(self) -> defer.Deferred:
         d = self._flushing if self._flushing is not None else defer.succeed(None)

@@ -255,8 +255,11 @@ def _write_file(path: str, data: bytes, mode: int) -> None:
         while view:
             view = view[os.write(fd, view):]
         os.fsync(fd)
-    finally:
+    except OSError as exc:  # a full disk: say which file could not be written
         os.close(fd)
+        os.unlink(tmp)
+        raise OSError(exc.errno, exc.strerror, path) from None
+    os.close(fd)
     os.replace(tmp, path)
     fsync_dir(os.path.dirname(path) or ".")
 

@@ -9,14 +9,18 @@ they never reach the log file.
 
 from __future__ import annotations
 
+from typing import Optional
+
 from twisted.logger import (
     FilteringLogObserver,
+    ILogFilterPredicate,
     LogLevel,
-    LogLevelFilterPredicate,
+    PredicateResult,
     globalLogBeginner,
 )
+from zope.interface import implementer
 
-#: server.md §14.2 severities to Twisted's levels
+#: server.md §14.2 severities to Twisted's levels (None: log nothing)
 SEVERITIES = {
     "TRACE": LogLevel.debug,
     "DEBUG": LogLevel.debug,
@@ -28,25 +32,46 @@ SEVERITIES = {
 }
 
 
-def level_filter(severity: str) -> LogLevelFilterPredicate:
-    level = SEVERITIES[severity.upper()]
-    predicate = LogLevelFilterPredicate(defaultLogLevel=level or LogLevel.critical)
-    if level is None:
-        predicate.setLogLevelForNamespace("", LogLevel.critical)
-    return predicate
+@implementer(ILogFilterPredicate)
+class SeverityFilter:
+    """Passes events at or above a severity that can change while the
+    node runs (``LogLevel`` on SIGHUP)."""
+
+    def __init__(self, severity: str = "WARN") -> None:
+        self.level: Optional[LogLevel] = None
+        self.set(severity)
+
+    def set(self, severity: str) -> None:
+        self.level = SEVERITIES[severity.upper()]
+
+    def __call__(self, event: dict) -> PredicateResult:
+        level = event.get("log_level")
+        if self.level is None or level is None or level < self.level:
+            return PredicateResult.no
+        return PredicateResult.maybe
 
 
-def apply_log_level(severity: str, beginner=globalLogBeginner) -> None:
+#: the filter twistd's observers go through once :func:`apply_log_level` ran
+LOG_FILTER = SeverityFilter()
+
+
+def apply_log_level(severity: str, beginner=globalLogBeginner,
+                    log_filter: SeverityFilter = LOG_FILTER) -> None:
     """Filter every observer twistd starts logging to by ``severity``.
 
     Twisted's own lines about starting up and shutting down are INFO; they
     obey the same level.
     """
-    predicate = level_filter(severity)
+    log_filter.set(severity)
     begin = beginner.beginLoggingTo
 
     def filtered(observers, *args, **kwargs):
-        wrapped = [FilteringLogObserver(observer, [predicate]) for observer in observers]
+        wrapped = [FilteringLogObserver(observer, [log_filter]) for observer in observers]
         return begin(wrapped, *args, **kwargs)
 
     beginner.beginLoggingTo = filtered
+
+
+def set_log_level(severity: str, log_filter: SeverityFilter = LOG_FILTER) -> None:
+    """Change the level of the running node's log (SIGHUP)."""
+    log_filter.set(severity)

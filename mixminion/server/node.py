@@ -21,18 +21,18 @@ the next hop's replay log).  Decryption runs in a child process
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from twisted.application import internet, service
 from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.web.server import Site
 
 from mixminion.exits.registry import Dispatcher
+from mixminion.mmtp.bandwidth import BandwidthLimiter
 from mixminion.mmtp.initiator import InitiatorSettings, MMTPClient
-from mixminion.mmtp.limits import AddressRules, ConnectionLimits
 from mixminion.mmtp.responder import responder_factory
 from mixminion.mmtp.tls import InitiatorTLS, ResponderTLS
 from mixminion.server.delivery import Delivery
@@ -40,54 +40,40 @@ from mixminion.server.draining import MIX, consumed_through, open_incoming
 from mixminion.server.durable import DurableSink
 from mixminion.server.metrics import metrics_root
 from mixminion.server.mixing import OUT, Mixer
+from mixminion.server.config import ServerConfig
 from mixminion.server.outgoing import Outgoing
 from mixminion.server.packetstore import PacketStore
-from mixminion.server.pool import make_pool
+from mixminion.server.pidfile import PidFile
+from mixminion.server.pool import MixPool, make_pool
 from mixminion.server.processing import Processor
 from mixminion.server.processing_child import processing_lock
-from mixminion.server.stats import NodeStats
+from mixminion.server.stats import NodeStats, StatsReport
 from mixminion.server.workers import run_in, worker_pool
 
-DEFAULT_OUTGOING_RETRY = (3600,) * 24 + (7 * 3600,) * 18
+#: how often the counters are saved (they are also saved at a clean stop),
+#: so a crash loses at most this much of the counts that /metrics and the
+#: StatsFile summaries report
+COUNTERS_SAVE_INTERVAL = 300.0
 
 
-@dataclass
-class NodeSettings:
-    """Everything the node needs, already parsed and validated (the
-    configuration file maps onto this; tests build it directly)."""
-
-    base_dir: str
-    nickname: str
-    listen_ip: str = "127.0.0.1"
-    listen_port: int = 48099
-    listen_ip6: Optional[str] = None
-    mix_algorithm: str = "Timed"
-    mix_interval: float = 1800.0
-    pool_min_size: int = 5
-    pool_rate: float = 0.6
-    outgoing_retry: tuple[int, ...] = DEFAULT_OUTGOING_RETRY
-    limits: ConnectionLimits = field(default_factory=ConnectionLimits)
-    rules: AddressRules = field(default_factory=AddressRules)
-    initiator: InitiatorSettings = field(default_factory=InitiatorSettings)
-    max_queued: Optional[int] = 50000
-    min_free_disk: int = 0
-    metrics_port: Optional[int] = None
-    metrics_address: str = "127.0.0.1"
-    legacy_in: bool = False
-    legacy_out: bool = False
-    stats_interval: float = 300.0
-
-    @property
-    def work_dir(self) -> str:
-        return os.path.join(self.base_dir, "work")
-
-    @property
-    def queue_dir(self) -> str:
-        return os.path.join(self.work_dir, "queues")
+def node_stats_path(config: ServerConfig) -> str:
+    """Where the counters are kept between runs."""
+    return os.path.join(config.server.work_dir, "stats.json")
 
 
-def node_stats_path(settings: NodeSettings) -> str:
-    return os.path.join(settings.work_dir, "stats.json")
+def initiator_settings(config: ServerConfig) -> InitiatorSettings:
+    """The outgoing MMTP settings of ``[Outgoing/MMTP]`` and ``Timeout``."""
+    return InitiatorSettings(
+        max_packets_per_connection=config.outgoing.max_packets_per_connection,
+        max_connections=config.outgoing.max_connections,
+        idle_timeout=float(config.server.timeout),
+    )
+
+
+def mix_algorithm(config: ServerConfig) -> MixPool:
+    """The mixing algorithm of ``[Server] MixAlgorithm`` and its parameters."""
+    server = config.server
+    return make_pool(server.mix_algorithm, server.mix_pool_min_size, server.mix_pool_rate)
 
 
 def _private_dir(path: str) -> None:
@@ -119,21 +105,26 @@ class MixNode(service.MultiService):
 
     log = Logger()
 
-    def __init__(self, settings: NodeSettings, reactor, identity, packet_keys: Callable[[], list],
-                 dispatcher: Dispatcher, *, stats: Optional[NodeStats] = None) -> None:
+    def __init__(self, config: ServerConfig, reactor, identity, packet_keys: Callable[[], list],
+                 dispatcher: Dispatcher, *, stats: Optional[NodeStats] = None,
+                 pid_file: Optional[PidFile] = None) -> None:
         super().__init__()
-        self.settings = settings
+        server, incoming, outgoing = config.server, config.incoming, config.outgoing
+        self.config = config
         self.reactor = reactor
         self.identity = identity
         self.packet_keys = packet_keys
-        for path in (settings.base_dir, settings.work_dir, settings.queue_dir):
+        queue_dir = server.queue_dir
+        for path in (server.base_dir, server.work_dir, queue_dir):
             _private_dir(path)
-        self.stats = stats if stats is not None else NodeStats(node_stats_path(settings))
-        self.store = PacketStore(os.path.join(settings.queue_dir, "packets.db"),
-                                 body_dir=os.path.join(settings.queue_dir, "bodies"))
-        self.processor = Processor(os.path.join(settings.queue_dir, "incoming"), self.store.path,
-                                   reactor, self.stats.count,
-                                   body_dir=os.path.join(settings.queue_dir, "bodies"))
+        self.pid_file = pid_file if pid_file is not None else PidFile(server.pid_file)
+        self.stats = stats if stats is not None else NodeStats(node_stats_path(config))
+        self.stats_report = StatsReport(self.stats, server.stats_file, reactor,
+                                        server.log_stats, server.stats_interval)
+        body_dir = os.path.join(queue_dir, "bodies")
+        self.store = PacketStore(os.path.join(queue_dir, "packets.db"), body_dir=body_dir)
+        self.processor = Processor(os.path.join(queue_dir, "incoming"), self.store.path,
+                                   reactor, self.stats.count, body_dir=body_dir)
         with processing_lock(self.processor.lock_path) as waited:
             if waited:
                 self.log.info("Waited for the processing child of the previous run to exit")
@@ -148,40 +139,54 @@ class MixNode(service.MultiService):
                     "processing will drop them", n=self.incoming.unreadable_at_start)
         self.processor.committed_through = self.incoming.committed_through
         self.processor.consumed_through = self.incoming.removed_through
-        self.sink = DurableSink(self.incoming, reactor, max_queued=settings.max_queued,
-                                min_free_bytes=settings.min_free_disk,
+        self.sink = DurableSink(self.incoming, reactor, max_queued=server.max_queued_packets,
+                                min_free_bytes=server.min_free_disk,
                                 on_stored=self.processor.stored)
         self.processor.on_consumed = self.sink.consumed
-        self.tls = ResponderTLS(identity, settings.nickname, clock=reactor,
-                                legacy=settings.legacy_in)
-        self.client = MMTPClient(reactor, InitiatorTLS(legacy=settings.legacy_out),
-                                 settings.initiator, self.stats)
+        self.tls = ResponderTLS(identity, server.nickname, clock=reactor, legacy=incoming.legacy)
+        self.limiter = BandwidthLimiter(reactor, server.max_bandwidth, server.max_bandwidth_spike)
+        self.client = MMTPClient(reactor, InitiatorTLS(legacy=outgoing.legacy),
+                                 initiator_settings(config), self.stats,
+                                 allows=config.outgoing.allows,
+                                 wrap_endpoint=self.limiter.wrap_endpoint)
         self.delivery = Delivery(self.store, dispatcher, reactor, self.stats.count)
-        self.outgoing = Outgoing(self.store, self.client, settings.outgoing_retry, reactor,
-                                 identity.public.keyid, self.stats.count, self._relay_to_self)
+        self.outgoing = Outgoing(self.store, self.client, tuple(outgoing.retry), reactor,
+                                 identity.public.keyid, self.stats.count, self._relay_to_self,
+                                 allows=config.outgoing.allows)
         self._mixing_pool = worker_pool("mixminion-mixing")
-        self.mixer = Mixer(self.store, make_pool(settings.mix_algorithm, settings.pool_min_size,
-                                                 settings.pool_rate),
-                           settings.mix_interval, reactor, self.delivery.module_for,
-                           self.stats.count, self._after_mix, run_write=self._mixing_write)
+        self.mixer = Mixer(self.store, mix_algorithm(config), server.mix_interval, reactor,
+                           self.delivery.module_for, self.stats.count, self._after_mix,
+                           run_write=self._mixing_write)
         PipelineService(self).setServiceParent(self)
-        factory = responder_factory(self.sink, self.tls, reactor, settings.limits,
-                                    settings.rules, self.stats)
+        self.limits = config.connection_limits()
+        self.responder = responder_factory(self.sink, self.tls, reactor, self.limits,
+                                           incoming.connection_rules(), self.stats)
+        factory = self.limiter.wrap_factory(self.responder)
         self.listeners = []
-        endpoint = TCP4ServerEndpoint(reactor, settings.listen_port, backlog=128,
-                                      interface=settings.listen_ip)
+        endpoint = TCP4ServerEndpoint(reactor, incoming.listen_port, backlog=128,
+                                      interface=incoming.listen_ip)
         self._listen(internet.StreamServerEndpointService(endpoint, factory))
-        if settings.listen_ip6:
-            endpoint6 = TCP6ServerEndpoint(reactor, settings.listen_port, backlog=128,
-                                           interface=settings.listen_ip6)
+        if incoming.listen_ip6:
+            endpoint6 = TCP6ServerEndpoint(reactor, incoming.listen_port, backlog=128,
+                                           interface=incoming.listen_ip6)
             self._listen(internet.StreamServerEndpointService(endpoint6, factory))
-        if settings.metrics_port is not None:
+        if server.metrics_port is not None:
             site = Site(metrics_root(self.metrics_text))
-            metrics = TCP4ServerEndpoint(reactor, settings.metrics_port,
-                                         interface=settings.metrics_address)
+            metrics = TCP4ServerEndpoint(reactor, server.metrics_port,
+                                         interface=server.metrics_address)
             self._listen(internet.StreamServerEndpointService(metrics, site))
         self._stats_call = None
         self._first_flush = None
+
+    def privilegedStartService(self) -> None:  # noqa: N802
+        """Listening happens here (as root, if twistd starts as root); a port
+        in use is the operator's to fix: one line, no traceback."""
+        try:
+            super().privilegedStartService()
+        except CannotListenError as exc:
+            why = getattr(exc.socketError, "strerror", None) or str(exc.socketError)
+            raise SystemExit(f"mixminion: cannot listen on {exc.interface or '*'}:{exc.port}: "
+                             f"{why}") from None
 
     def _listen(self, svc: internet.StreamServerEndpointService) -> None:
         svc._raiseSynchronously = True
@@ -196,39 +201,18 @@ class MixNode(service.MultiService):
         self.processor.stored(ids)
 
     def start_pipeline(self) -> None:
+        self.pid_file.write(os.getpid())
         self.processor.set_keys(self.packet_keys())
         self.mixer.start()
         self.processor.kick()
         self._first_flush = self.reactor.callLater(0, self.outgoing.flush)
         self._schedule_stats()
-        self.log.info("Mix node {nickname} started", nickname=self.settings.nickname)
+        self.stats_report.start()
+        self.log.info("Mix node {nickname} started", nickname=self.config.server.nickname)
 
     def refresh_keys(self) -> None:
         """After a key rotation: decrypt with the live keys only."""
         self.processor.set_keys(self.packet_keys())
-
-    def apply_settings(self, settings: NodeSettings) -> None:
-        """Apply what a SIGHUP may change without a restart: mixing,
-        retry schedules, connection limits and address rules."""
-        self.settings.mix_algorithm = settings.mix_algorithm
-        self.settings.pool_min_size = settings.pool_min_size
-        self.settings.pool_rate = settings.pool_rate
-        self.mixer.pool = make_pool(settings.mix_algorithm, settings.pool_min_size,
-                                    settings.pool_rate)
-        if settings.mix_interval != self.mixer.interval:
-            self.settings.mix_interval = settings.mix_interval
-            self.mixer.restart(settings.mix_interval)
-        self.outgoing.schedule = self.settings.outgoing_retry = settings.outgoing_retry
-        for state in self.outgoing.addresses.values():
-            state.schedule = settings.outgoing_retry
-        limits = self.settings.limits
-        for name in vars(settings.limits):
-            setattr(limits, name, getattr(settings.limits, name))
-        self.settings.rules = settings.rules
-        for listener in self.listeners:
-            factory = getattr(listener, "factory", None)
-            if hasattr(factory, "rules"):
-                factory.rules = settings.rules
 
     def _mixing_write(self, fn, *args) -> defer.Deferred:
         return run_in(self.reactor, self._mixing_pool, fn, *args)
@@ -238,7 +222,7 @@ class MixNode(service.MultiService):
         self.delivery.flush()
 
     def _schedule_stats(self) -> None:
-        self._stats_call = self.reactor.callLater(self.settings.stats_interval, self._save_stats)
+        self._stats_call = self.reactor.callLater(COUNTERS_SAVE_INTERVAL, self._save_stats)
 
     def _save_stats(self) -> None:
         try:
@@ -262,9 +246,11 @@ class MixNode(service.MultiService):
         await self.client.close()
         await outgoing_stopped
         await self.delivery.stop()
+        self.stats_report.stop()
         self.stats.save()
         self.store.close()
         self.incoming.close()
+        self.pid_file.release()
 
     def queue_sizes(self) -> dict[str, int]:
         return {"incoming": self.incoming.count(), "pool": self.store.count(MIX),

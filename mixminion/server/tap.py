@@ -8,8 +8,8 @@ configuration stops start-up with the file, line, option and reason.
 from __future__ import annotations
 
 import os
-import signal
 import socket
+import sqlite3
 import time
 from typing import Any, Mapping
 
@@ -20,18 +20,18 @@ from twisted.python import usage
 
 from mixminion.directory.descriptor import DescriptorFields, IncomingMMTP, OutgoingMMTP
 from mixminion.exits.context import ExitContext
-from mixminion.exits.registry import build_dispatcher
-from mixminion.mmtp.initiator import InitiatorSettings
-from mixminion.server.config import (
-    ConfigError,
-    ServerConfig,
-    load_config,
-    reloadable_differences,
-)
-from mixminion.server.keys import KeyStore
+from mixminion.exits.errors import ExitConfigError
+from mixminion.server.config import ConfigError, ServerConfig, load_config
+from mixminion.server.delivery import build_exits
+from mixminion.server.incoming_log import IncomingLogError
+from mixminion.server.keys import KeyStore, KeyStoreError
 from mixminion.server.logfilter import apply_log_level
-from mixminion.server.node import MixNode, NodeSettings, node_stats_path
+from mixminion.server.node import MixNode, node_stats_path
+from mixminion.server.packetstore import PacketStoreError
+from mixminion.server.paranoia import problems_for
+from mixminion.server.pidfile import NodeAlreadyRunning, PidFile
 from mixminion.server.publish import publisher_for
+from mixminion.server.reload import ReloadService
 from mixminion.server.stats import NodeStats
 
 log = Logger()
@@ -47,45 +47,6 @@ class Options(usage.Options):
     def postOptions(self) -> None:  # noqa: N802
         if not self["config"]:
             raise usage.UsageError("a configuration file is required: -c mixminiond.conf")
-
-
-def exit_sections(config: ServerConfig) -> dict[str, dict[str, Any]]:
-    """``[Delivery/...]`` sections for the exit modules: built-in ones with
-    the values the configuration already parsed (paths made absolute,
-    sizes in bytes), plugin ones as raw strings for the plugin to parse."""
-    sections: dict[str, dict[str, Any]] = {}
-    for (section, key), value in config.values.items():
-        if section.startswith("Delivery/") and section in config.present and value is not None:
-            sections.setdefault(section, {})[key] = value
-    for name, raw in config.plugin_sections.items():
-        sections[name] = {entry.key: entry.value for entry in raw.entries}
-    return sections
-
-
-def node_settings(config: ServerConfig) -> NodeSettings:
-    server, incoming, outgoing = config.server, config.incoming, config.outgoing
-    initiator = InitiatorSettings(max_packets_per_connection=outgoing.max_packets_per_connection)
-    return NodeSettings(
-        base_dir=server.base_dir,
-        nickname=server.nickname,
-        listen_ip=incoming.listen_ip,
-        listen_port=incoming.listen_port,
-        listen_ip6=incoming.listen_ip6,
-        mix_algorithm=server.mix_algorithm,
-        mix_interval=server.mix_interval,
-        pool_min_size=server.mix_pool_min_size,
-        pool_rate=server.mix_pool_rate,
-        outgoing_retry=tuple(outgoing.retry),
-        limits=config.connection_limits(),
-        rules=incoming.connection_rules(),
-        initiator=initiator,
-        max_queued=server.max_queued_packets,
-        min_free_disk=server.min_free_disk,
-        metrics_port=server.metrics_port,
-        metrics_address=server.metrics_address,
-        legacy_in=incoming.legacy,
-        legacy_out=outgoing.legacy,
-    )
 
 
 def descriptor_template(config: ServerConfig, dispatcher) -> DescriptorFields:
@@ -161,58 +122,23 @@ class KeyService(service.Service):
             self._schedule()
 
 
-class ReloadService(service.Service):
-    """SIGHUP: re-read the configuration file and apply what can change
-    while running; say which changes need a restart."""
-
-    def __init__(self, node: MixNode, config: ServerConfig, reactor) -> None:
-        self.node, self.config, self.reactor = node, config, reactor
-        self._previous = None
-        #: called on every SIGHUP, whatever the configuration says (the publisher)
-        self.listeners: list = []
-
-    def startService(self) -> None:  # noqa: N802
-        super().startService()
-        self._previous = signal.signal(
-            signal.SIGHUP, lambda signum, frame: self.reactor.callFromThread(self.reload))
-
-    def stopService(self):  # noqa: N802
-        super().stopService()
-        if self._previous is not None:
-            signal.signal(signal.SIGHUP, self._previous)
-
-    def reload(self) -> None:
-        for listener in self.listeners:
-            listener()
-        try:
-            new = load_config(self.config.filename)
-        except (ConfigError, OSError) as exc:
-            log.error("SIGHUP: configuration not reloaded: {why}", why=str(exc))
-            return
-        plan = reloadable_differences(self.config, new)
-        if not plan.changed:
-            log.info("SIGHUP: configuration unchanged")
-            return
-        self.node.apply_settings(node_settings(new))
-        for section, key in plan.restart:
-            log.warn("SIGHUP: [{section}] {key} changed; it takes effect after a restart",
-                     section=section, key=key)
-        log.info("SIGHUP: applied {n} changed options", n=len(plan.live))
-        self.config = new
-
-
 def build_node(config: ServerConfig, reactor) -> service.MultiService:
-    """The whole node from a parsed configuration."""
+    """The whole node from a parsed configuration.  Raises
+    :class:`StartupError` for what an operator can fix."""
     for warning in config.warnings:
         log.warn("Configuration: {problem}", problem=warning)
+    problems = problems_for(config)
+    if problems:
+        more = f" (and {len(problems) - 1} more; mixminiond check lists them)" if len(problems) > 1 else ""
+        raise StartupError(f"{problems[0]}{more}")
     server = config.server
     now = time.time()
-    settings = node_settings(config)
-    for path in (settings.base_dir, settings.work_dir):
+    for path in (server.base_dir, server.work_dir):
         os.makedirs(path, mode=0o700, exist_ok=True)
-    stats = NodeStats(node_stats_path(settings))
+    pid_file = PidFile(server.pid_file)  # first: keys and queues are this node's alone
+    stats = NodeStats(node_stats_path(config))
     context = ExitContext(base_dir=server.base_dir, clock=reactor, reactor=reactor, counters=stats)
-    dispatcher = build_dispatcher(exit_sections(config), context, required=server.modules)
+    dispatcher = build_exits(config, context)
     keys = KeyStore(server.key_dir, server.hashlog_dir, server.identity_key_bits,
                     server.public_key_lifetime, server.public_key_overlap)
     keys.load(now)
@@ -220,12 +146,17 @@ def build_node(config: ServerConfig, reactor) -> service.MultiService:
     keys.regenerate_descriptors(template, now)
     keys.ensure_keys(now, template)
     keys.rotate(now)
-    node = MixNode(settings, reactor, keys.identity,
+    node = MixNode(config, reactor, keys.identity,
                    lambda: [key for key, _path in keys.packet_keys(reactor.seconds())], dispatcher,
-                   stats=stats)
+                   stats=stats, pid_file=pid_file)
     key_service = KeyService(keys, node, template, reactor)
     key_service.setServiceParent(node)
-    reload_service = ReloadService(node, config, reactor)
+
+    def regenerate_descriptor(new: ServerConfig) -> None:
+        key_service.template = descriptor_template(new, node.delivery.dispatcher)
+        keys.regenerate_descriptors(key_service.template, reactor.seconds())
+
+    reload_service = ReloadService(node, config, reactor, regenerate_descriptor)
     reload_service.setServiceParent(node)
     publisher = publisher_for(config.directory, keys, reactor)
     if publisher is not None:
@@ -236,14 +167,32 @@ def build_node(config: ServerConfig, reactor) -> service.MultiService:
     return node
 
 
+class StartupError(Exception):
+    """Something an operator can fix stops the node; ``str()`` is the one
+    line to show."""
+
+
+#: what start-up can meet that the operator caused (a damaged key, a file
+#: where a folder should be, a full disk, a missing exit module...)
+_OPERATOR_ERRORS = (ConfigError, StartupError, KeyStoreError, ExitConfigError,
+                    NodeAlreadyRunning, PacketStoreError, IncomingLogError, OSError,
+                    sqlite3.Error)
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    if isinstance(exc, sqlite3.Error):
+        return f"the packet database cannot be used: {exc}"
+    return str(exc)
+
+
 def makeService(options: Mapping[str, Any]) -> service.IService:  # noqa: N802
     from twisted.internet import reactor
 
     try:
         config = load_config(os.path.abspath(options["config"]))
-    except ConfigError as exc:
-        raise SystemExit(f"mixminion: {exc}") from None
-    except OSError as exc:
-        raise SystemExit(f"mixminion: cannot read {options['config']}: {exc.strerror}") from None
-    apply_log_level(config.server.log_level)
-    return build_node(config, reactor)
+        apply_log_level(config.server.log_level)
+        return build_node(config, reactor)
+    except _OPERATOR_ERRORS as exc:
+        raise SystemExit(f"mixminion: {_one_line(exc)}") from None

@@ -479,7 +479,8 @@ class NodePublishesTests(unittest.TestCase):
         import socket
 
         from mixminion.server.config import load_config
-        from mixminion.server.tap import KeyService, ReloadService, build_node
+        from mixminion.server.reload import ReloadService
+        from mixminion.server.tap import KeyService, build_node
 
         site = server.Site(resource.Resource())
         port = reactor.listenTCP(0, site, interface="127.0.0.1")

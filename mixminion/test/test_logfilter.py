@@ -10,16 +10,19 @@ import warnings
 from twisted.logger import Logger, LogBeginner, LogPublisher
 from twisted.trial import unittest
 
-from mixminion.server.logfilter import apply_log_level
+from mixminion.server.logfilter import SeverityFilter, apply_log_level, set_log_level
 
 
 class LogLevelTests(unittest.TestCase):
-    def _emit(self, severity: str) -> list[str]:
+    def _emit(self, severity: str, then: str = "") -> list[str]:
         publisher = LogPublisher()
         beginner = LogBeginner(publisher, io.StringIO(), sys, warnings)
-        apply_log_level(severity, beginner)
+        log_filter = SeverityFilter()
+        apply_log_level(severity, beginner, log_filter)
         seen: list = []
         beginner.beginLoggingTo([seen.append], redirectStandardIO=False)
+        if then:
+            set_log_level(then, log_filter)
         log = Logger(observer=publisher)
         log.debug("to {who}", who="alice@example.com")
         log.info("info")
@@ -32,3 +35,8 @@ class LogLevelTests(unittest.TestCase):
         self.assertEqual(self._emit("debug"), ["to {who}", "info", "warn", "error"])
         self.assertEqual(self._emit("INFO"), ["info", "warn", "error"])
         self.assertEqual(self._emit("NEVER"), [])
+
+    def test_level_changes_while_logging(self) -> None:
+        """A SIGHUP's new LogLevel applies to observers already running."""
+        self.assertEqual(self._emit("WARN", then="INFO"), ["info", "warn", "error"])
+        self.assertEqual(self._emit("DEBUG", then="ERROR"), ["error"])

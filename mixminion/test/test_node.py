@@ -16,7 +16,8 @@ from mixminion.codec.routing import DROP_TYPE, IPv4Info
 from mixminion.directory.descriptor import parse_descriptor
 from mixminion.mmtp.initiator import Destination, MMTPClient
 from mixminion.server.config import load_config
-from mixminion.server.tap import ReloadService, build_node
+from mixminion.server.reload import ReloadService
+from mixminion.server.tap import build_node
 
 
 def _free_port() -> int:
@@ -53,7 +54,8 @@ class NodeFromConfigTests(unittest.TestCase):
         with open(path, "w") as f:
             f.write(CONFIG.format(**values))
 
-    def test_start_publish_reload_stop(self) -> None:
+    @defer.inlineCallbacks
+    def test_start_publish_reload_stop(self):
         base = os.path.abspath(self.mktemp())
         conf = base + ".conf"
         values = dict(base=base, algorithm="Timed", interval="1 hour", port=_free_port(),
@@ -77,13 +79,13 @@ class NodeFromConfigTests(unittest.TestCase):
         self._write(conf, **dict(values, algorithm="Binomial", interval="2 hours", maxconn=7,
                                  port=values["port"] + 1))
         [reload] = [s for s in node if isinstance(s, ReloadService)]
-        reload.reload()
+        yield reload.reload()
         self.assertEqual(node.mixer.interval, 7200)
         self.assertEqual(type(node.mixer.pool).__name__, "BinomialPool")
-        self.assertEqual(node.settings.limits.max_connections, 7)
+        self.assertEqual(node.limits.max_connections, 7)
         warnings = [e for e in events if "after a restart" in e.get("log_format", "")]
         self.assertEqual(sorted(e["key"] for e in warnings), ["ListenPort", "Port"])
-        return self._metrics(values["metrics"])
+        yield self._metrics(values["metrics"])
 
     def _metrics(self, port: int) -> defer.Deferred:
         from twisted.web.client import Agent, readBody

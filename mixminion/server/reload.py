@@ -1,0 +1,160 @@
+"""SIGHUP: re-read ``mixminiond.conf`` and apply what changed.
+
+Each option that a SIGHUP can change names its applier here in the schema
+(``Option.reload`` in :mod:`mixminion.server.config`); a test checks that
+every name resolves to a function of this module that reads the option.
+A reload calls the applier of every changed option once, so the log line
+"applied N changed options" is true by construction.  A configuration
+with any error is not applied at all: the node keeps running on the old
+one and says why at WARN.
+"""
+
+from __future__ import annotations
+
+import signal
+from typing import Any, Callable, Optional
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from mixminion.exits.errors import ExitConfigError
+from mixminion.server.config import ConfigError, ServerConfig, load_config, reloadable_differences
+from mixminion.server.delivery import build_exits
+from mixminion.server.logfilter import set_log_level
+from mixminion.server.node import MixNode, initiator_settings, mix_algorithm
+
+log = Logger()
+
+Applier = Callable[[MixNode, ServerConfig], Optional[defer.Deferred]]
+
+
+def apply_log_level(node: MixNode, config: ServerConfig) -> None:
+    set_log_level(config.server.log_level)
+
+
+def apply_mixing(node: MixNode, config: ServerConfig) -> None:
+    """A new algorithm or parameters from the next mix on; a new interval
+    restarts the timer."""
+    server = config.server
+    node.mixer.pool = mix_algorithm(config)
+    if server.mix_interval != node.mixer.interval:
+        node.mixer.restart(server.mix_interval)
+
+
+def apply_incoming(node: MixNode, config: ServerConfig) -> None:
+    """Limits and timeouts (``Timeout`` too, for both directions) for new
+    connections and for the deadlines open ones arm next; address rules
+    for the next connection accepted."""
+    limits = config.connection_limits()
+    for name in vars(limits):
+        setattr(node.limits, name, getattr(limits, name))
+    node.responder.rules = config.incoming.connection_rules()
+    node.client.settings.idle_timeout = float(config.server.timeout)
+
+
+def apply_outgoing(node: MixNode, config: ServerConfig) -> None:
+    """Retry schedule (also for addresses already failing), connection
+    limits and address rules, from the next packet sent."""
+    schedule = tuple(config.outgoing.retry)
+    node.outgoing.schedule = schedule
+    for state in node.outgoing.addresses.values():
+        state.schedule = schedule
+    node.client.apply_settings(initiator_settings(config))
+    node.outgoing.allows = node.client.allows = config.outgoing.allows
+
+
+def apply_queue_limits(node: MixNode, config: ServerConfig) -> None:
+    """The next packet offered is judged by the new limits."""
+    node.sink.max_queued = config.server.max_queued_packets
+    node.sink.min_free_bytes = config.server.min_free_disk
+
+
+def apply_bandwidth(node: MixNode, config: ServerConfig) -> None:
+    node.limiter.set_limits(config.server.max_bandwidth, config.server.max_bandwidth_spike)
+
+
+def apply_stats(node: MixNode, config: ServerConfig) -> None:
+    node.stats_report.configure(config.server.log_stats, config.server.stats_interval)
+
+
+def apply_exits(node: MixNode, config: ServerConfig) -> defer.Deferred:
+    """Rebuild the exit modules from the new ``[Delivery/...]`` sections
+    (which also re-reads the files they name: BlacklistFile, AddressFile)
+    and deliver through them from the end of the running round on.
+    Enabling or disabling a module needs a restart."""
+    dispatcher = build_exits(config, node.delivery.dispatcher.context)
+    before = sorted(m.name for m in node.delivery.dispatcher.modules)
+    after = sorted(m.name for m in dispatcher.modules)
+    if before != after:
+        dispatcher.stop()
+        raise ExitConfigError("the set of enabled exit modules changed; that needs a restart")
+    return node.delivery.replace_dispatcher(dispatcher)
+
+
+def applier(name: str) -> Applier:
+    """The function a schema entry names (``module:function``)."""
+    module, _, function = name.partition(":")
+    if module != __name__:
+        raise ValueError(f"{name}: SIGHUP appliers live in {__name__}")
+    return globals()[function]
+
+
+class ReloadService(service.Service):
+    """SIGHUP: re-read the configuration file and apply what can change
+    while running; say which changes need a restart."""
+
+    def __init__(self, node: MixNode, config: ServerConfig, reactor,
+                 regenerate_descriptor: Callable[[ServerConfig], None]) -> None:
+        self.node, self.config, self.reactor = node, config, reactor
+        self.regenerate_descriptor = regenerate_descriptor
+        self._previous: Any = None
+        #: called on every SIGHUP, whatever the configuration says (the publisher)
+        self.listeners: list = []
+
+    def startService(self) -> None:  # noqa: N802
+        super().startService()
+        self._previous = signal.signal(
+            signal.SIGHUP, lambda signum, frame: self.reactor.callFromThread(self.reload))
+
+    def stopService(self):  # noqa: N802
+        super().stopService()
+        if self._previous is not None:
+            signal.signal(signal.SIGHUP, self._previous)
+
+    def reload(self) -> defer.Deferred:
+        """Fires once the changes are applied (or refused)."""
+        return defer.ensureDeferred(self._reload())
+
+    async def _reload(self) -> None:
+        try:
+            new = load_config(self.config.filename)
+        except (ConfigError, OSError) as exc:
+            log.warn("SIGHUP: configuration not reloaded, still running on the old one: "
+                     "{why}", why=str(exc))
+            return
+        plan = reloadable_differences(self.config, new)
+        # The exit modules are rebuilt first, on every SIGHUP (they re-read
+        # their files): the one step that can still fail, before any other
+        # change is applied.
+        try:
+            await apply_exits(self.node, new)
+        except ExitConfigError as exc:
+            log.warn("SIGHUP: configuration not reloaded, still running on the old one: "
+                     "{why}", why=str(exc))
+            return
+        for name in plan.appliers:
+            if applier(name) is not apply_exits:
+                applier(name)(self.node, new)
+        if plan.descriptor_changed:
+            self.regenerate_descriptor(new)
+        for section, key in plan.restart:
+            log.warn("SIGHUP: [{section}] {key} changed; it takes effect after a restart",
+                     section=section, key=key)
+        if plan.changed:
+            log.info("SIGHUP: applied {n} changed options", n=len(plan.live))
+        else:
+            log.info("SIGHUP: configuration unchanged; exit modules re-read their files")
+        self.config = new
+        for listener in self.listeners:
+            listener()
