@@ -65,7 +65,7 @@ from mixminion.directory.descriptor import ServerDescriptor
 from mixminion.directory.textformat import SECONDS_PER_DAY, format_time, previous_midnight
 from mixminion.mmtp.initiator import Destination, InitiatorSettings, MMTPClient
 from mixminion.mmtp.tls import InitiatorTLS
-from mixminion.server.config import ConfigError
+from mixminion.config.syntax import ConfigError
 
 PROG = "mixminion-client"
 PASSPHRASE_ENV = "MIXMINION_PASSPHRASE"

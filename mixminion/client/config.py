@@ -17,7 +17,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-from mixminion.server.config import (
+from mixminion.config.syntax import ConfigError, parse_sections
+from mixminion.config.values import (
     AUTHORITY,
     BOOLEAN,
     COMMAND,
@@ -27,9 +28,7 @@ from mixminion.server.config import (
     STRING,
     USER,
     Authority,
-    ConfigError,
     ValueType,
-    parse_sections,
 )
 
 DEFAULT_PATH = "~5"

@@ -1,7 +1,7 @@
 """``authority.conf``: the directory authority's configuration.
 
 Same file syntax and value types as ``mixminiond.conf`` (server.md §14.1,
-§14.2; reused from :mod:`mixminion.server.config`), one section::
+§14.2; reused from :mod:`mixminion.config`), one section::
 
     [Authority]
     BaseDir: /var/lib/mixminion-authority     (required)
@@ -33,7 +33,8 @@ from typing import Any, Callable, Optional, Union
 from mixminion.directory.authority import ADMISSION_MODES, MAX_DESCRIPTOR_SIZE
 from mixminion.directory.service import AuthoritySettings, Peer
 from mixminion.directory.textformat import SECONDS_PER_DAY
-from mixminion.server.config import (
+from mixminion.config.syntax import ConfigError, RawSection, parse_sections
+from mixminion.config.values import (
     AUTHORITY,
     INT,
     INTERVAL,
@@ -42,9 +43,6 @@ from mixminion.server.config import (
     PORT,
     SIZE,
     STRING,
-    ConfigError,
-    RawSection,
-    parse_sections,
 )
 
 SECTION = "Authority"

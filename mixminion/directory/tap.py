@@ -22,7 +22,7 @@ from mixminion.directory.authconfig import load_authority_config
 from mixminion.directory.authority import atomic_write
 from mixminion.directory.http import HTTPClient
 from mixminion.directory.service import Authority, AuthorityService, AuthoritySettings
-from mixminion.server.config import ConfigError
+from mixminion.config.syntax import ConfigError
 
 log = Logger()
 IDENTITY_FILE = "identity.key"

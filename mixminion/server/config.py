@@ -1,22 +1,19 @@
-"""``mixminiond.conf``: syntax, value types, schema and validation (server.md §14).
+"""``mixminiond.conf``: the node's schema and validation (server.md §14).
 
-Three layers, each usable alone:
-
-* :func:`parse_sections` -- the file syntax of §14.1 (sections, ``Key: value``
-  entries, continuation lines), giving :class:`RawSection` objects;
-* the value types of §14.2 (``BOOLEAN``, ``INTERVAL``, ``SIZE``...), each a
-  :class:`ValueType` that parses text and prints the canonical form;
-* :data:`SCHEMA`, every section and option we understand, with its type,
-  default, meaning and whether a SIGHUP can apply a change -- the one place
-  an option is described; :func:`parse_config` applies it and the
-  cross-field rules and returns a :class:`ServerConfig`.
+The file syntax and the value types are :mod:`mixminion.config`'s, shared
+with the authority, the client and the exit modules.  :data:`SCHEMA` is
+every section and option the node understands, with its type, default,
+meaning and how it reaches its effect -- the one place an option is
+described; :func:`parse_config` applies it and the cross-field rules and
+returns a :class:`ServerConfig`.
 
 Deviations from the reference, on purpose: unknown sections and options
-are warned about rather than refused (an unknown option is never ignored
-silently); ``[Delivery/<Name>]`` sections we do not know are kept raw for
-exit-module plugins; sizes accept G/GB and refuse trailing garbage; several
-options the reference parsed and ignored are implemented (``ListenIP6``,
-``Allow``/``Deny``) and the MMTP limits of mmtp.md §14.2 are added.
+are errors (the reference warned; a typo must not leave an option at its
+default unnoticed); a ``[Delivery/<Name>]`` section must belong to an
+installed exit module; options the reference parsed and ignored are
+implemented or refused at start with what to use instead; sizes accept
+G/GB and refuse trailing garbage; the MMTP limits of mmtp.md §14.2 are
+added.
 
 No Twisted here: the node turns these values into listeners and queues.
 """
@@ -26,20 +23,46 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import ipaddress
-import math
 import os
-import pwd
-import re
-import shlex
-import shutil
 import socket
+import shutil
 from dataclasses import dataclass, field
-from fractions import Fraction
 from types import MappingProxyType
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
-from mixminion.codec.errors import ParseError
-from mixminion.codec.routing import check_smtp_address
+from mixminion.config import intervals as sched
+from mixminion.config.schema import Option, SectionSpec, snake_case
+from mixminion.config.syntax import ConfigError, RawEntry, RawSection, _where, parse_sections
+from mixminion.config.values import (
+    ANY_IP,
+    AUTHORITY,
+    BOOLEAN,
+    CLASS_NAME,
+    COMMAND,
+    EMAIL,
+    FILENAME,
+    FRACTION,
+    HOST,
+    INT,
+    INTERVAL,
+    INTERVAL_LIST,
+    IP,
+    IPV6,
+    NICKNAME,
+    PATH_LIST,
+    PORT,
+    SEVERITY,
+    SIZE,
+    STRING,
+    USER,
+    Authority,
+    ValueType,
+    _not_a,
+    _parse_email,
+    format_size,
+    limited,
+    parse_size,
+)
 from mixminion.directory import textformat
 from mixminion.directory.descriptor import (
     DEFAULT_MMTP_PORT,
@@ -50,7 +73,14 @@ from mixminion.directory.descriptor import (
 from mixminion.directory.descriptor import AddressRule as PublishedRule
 from mixminion.mmtp.limits import AddressRule as LinkRule
 from mixminion.mmtp.limits import AddressRules, ConnectionLimits
-from mixminion.server import schedule as sched
+from mixminion.server.schedule import schedule_warnings
+
+__all__ = ["ConfigError", "RawEntry", "RawSection", "parse_sections", "Option", "SectionSpec",
+           "snake_case", "ValueType", "BOOLEAN", "INT", "PORT", "INTERVAL", "INTERVAL_LIST",
+           "SIZE", "FRACTION", "SEVERITY", "FILENAME", "COMMAND", "USER", "EMAIL", "NICKNAME",
+           "HOST", "IP", "IPV6", "ANY_IP", "STRING", "CLASS_NAME", "PATH_LIST", "AUTHORITY",
+           "Authority", "parse_size", "format_size", "ServerConfig", "parse_config",
+           "load_config", "SCHEMA", "SCHEMA_SECTIONS"]
 
 Key = tuple[str, str]  # (section, option)
 
@@ -58,331 +88,7 @@ Key = tuple[str, str]  # (section, option)
 # --- errors ------------------------------------------------------------------------
 
 
-def _where(filename: str, line: int, section: Optional[str], key: Optional[str]) -> str:
-    """``file:line: [Section] Key:`` -- the prefix of every error and warning."""
-    text = f"{filename}:{line}:"
-    if section:
-        text += f" [{section}]"
-    if key:
-        text += f" {key}"
-    return text + ":" if section or key else text
-
-
-class ConfigError(Exception):
-    """The configuration cannot be used; ``str()`` names the file, the line,
-    the section/option and the reason."""
-
-    def __init__(self, filename: str, line: int, section: Optional[str],
-                 key: Optional[str], reason: str) -> None:
-        super().__init__(f"{_where(filename, line, section, key)} {reason}")
-        self.filename = filename
-        self.line = line
-        self.section = section
-        self.key = key
-        self.reason = reason
-        #: every problem found in the same reading, this one first
-        self.problems: tuple[str, ...] = (str(self),)
-
-
-# --- file syntax (§14.1) ---------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RawEntry:
-    """One ``Key: value`` entry, continuation lines already joined."""
-
-    key: str
-    value: str
-    line: int
-
-
-@dataclass(frozen=True)
-class RawSection:
-    """A section as written: entries in file order, nothing interpreted.
-
-    This is what a ``[Delivery/<Name>]`` plugin receives; :meth:`error`
-    and :meth:`warning` let it report problems in our format.
-    """
-
-    name: str
-    line: int
-    entries: tuple[RawEntry, ...]
-    filename: str = "<string>"
-
-    def get(self, key: str) -> Optional[str]:
-        """The value of a single-valued option, or None if absent."""
-        for entry in self.entries:
-            if entry.key == key:
-                return entry.value
-        return None
-
-    def get_all(self, key: str) -> tuple[str, ...]:
-        return tuple(e.value for e in self.entries if e.key == key)
-
-    def keys(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(e.key for e in self.entries))
-
-    def line_of(self, key: str) -> int:
-        return next((e.line for e in self.entries if e.key == key), self.line)
-
-    def error(self, key: Optional[str], reason: str) -> ConfigError:
-        return ConfigError(self.filename, self.line_of(key) if key else self.line, self.name, key, reason)
-
-    def warning(self, key: Optional[str], reason: str) -> str:
-        line = self.line_of(key) if key else self.line
-        return f"{_where(self.filename, line, self.name, key)} {reason}"
-
-    @property
-    def enabled(self) -> bool:
-        """``Enabled`` as a boolean (absent = no); a bad value is an error."""
-        text = self.get("Enabled")
-        if text is None:
-            return False
-        try:
-            return bool(BOOLEAN.parse(text))
-        except ValueError as exc:
-            raise self.error("Enabled", str(exc)) from None
-
-
-_BAD_CHAR = re.compile(r"[^\x20-\x7e\t\n\x0b\r]")
-_SECTION_LINE = re.compile(r"\[\s*([^\s\]]+)\s*\]\s*")
-_ENTRY_LINE = re.compile(r"([^:=\s]+)(?:\s*[:=]\s*|\s+)(.*)", re.DOTALL)
-
-
-def _check_characters(text: str, filename: str) -> None:
-    """Rule 1: printing ASCII plus TAB, LF, VT, CR."""
-    bad = _BAD_CHAR.search(text)
-    if bad is not None:
-        line = text.count("\n", 0, bad.start()) + 1
-        raise ConfigError(filename, line, None, None,
-                          f"character {ord(bad.group()):#04x} is not allowed "
-                          "(only printing ASCII, TAB, LF, VT and CR)")
-
-
-class _SyntaxReader:
-    """Rules 2-5 and 7 (repeated sections) of §14.1, line by line."""
-
-    def __init__(self, filename: str) -> None:
-        self.filename = filename
-        self.sections: list[tuple[str, int, list[RawEntry]]] = []
-        self.seen: dict[str, int] = {}
-
-    def error(self, line: int, reason: str) -> ConfigError:
-        section = self.sections[-1][0] if self.sections else None
-        return ConfigError(self.filename, line, section, None, reason)
-
-    def feed(self, number: int, line: str) -> None:
-        if not line.strip() or line.lstrip().startswith("#"):
-            return
-        if line[0] in " \t\x0b":
-            self._continue(number, line.strip())
-        elif line.startswith("["):
-            self._section(number, line)
-        else:
-            self._entry(number, line.rstrip())
-
-    def _section(self, number: int, line: str) -> None:
-        match = _SECTION_LINE.fullmatch(line)
-        if match is None:
-            raise self.error(number, f'"{line.strip()}" is not a section header (expected "[Name]")')
-        name = match.group(1)
-        if name in self.seen:
-            raise ConfigError(self.filename, number, name, None,
-                              f"section appears twice (first on line {self.seen[name]})")
-        self.seen[name] = number
-        self.sections.append((name, number, []))
-
-    def _entry(self, number: int, line: str) -> None:
-        match = _ENTRY_LINE.fullmatch(line)
-        if match is None:
-            raise self.error(number, f'"{line}" is not an entry (expected "Key: value")')
-        if not self.sections:
-            raise ConfigError(self.filename, number, None, match.group(1),
-                              "entry before the first [Section] header")
-        self.sections[-1][2].append(RawEntry(match.group(1), match.group(2).strip(), number))
-
-    def _continue(self, number: int, text: str) -> None:
-        if not self.sections or not self.sections[-1][2]:
-            raise self.error(number, "indented line does not continue an entry")
-        entries = self.sections[-1][2]
-        last = entries[-1]
-        entries[-1] = dataclasses.replace(last, value=f"{last.value} {text}".strip())
-
-
-def parse_sections(data: Union[str, bytes], filename: str = "<string>") -> tuple[RawSection, ...]:
-    """The sections of a file in the syntax of §14.1, values uninterpreted."""
-    text = data.decode("latin-1") if isinstance(data, (bytes, bytearray)) else data
-    text = textformat.normalise_newlines(text)
-    _check_characters(text, filename)
-    reader = _SyntaxReader(filename)
-    for number, line in enumerate(text.split("\n"), 1):
-        reader.feed(number, line)
-    return tuple(RawSection(name, line, tuple(entries), filename)
-                 for name, line, entries in reader.sections)
-
-
 # --- value types (§14.2) --------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ValueType:
-    """How one kind of value is read and written back.
-
-    ``parse`` raises ValueError whose message is the whole reason, e.g.
-    ``"ten minutes" is not an interval (expected NUMBER UNIT, ...)``.
-    """
-
-    name: str
-    parse: Callable[[str], Any]
-    format: Callable[[Any], str] = str
-
-
-def _not_a(text: str, what: str, hint: str) -> ValueError:
-    return ValueError(f'"{text}" is not {what} ({hint})')
-
-
-def _wrap(what: str, hint: str, check: Callable[[str], Any]) -> Callable[[str], Any]:
-    """A parser reusing a validator from elsewhere, with our wording."""
-    def parse(text: str) -> Any:
-        try:
-            return check(text)
-        except (ValueError, ParseError):
-            raise _not_a(text, what, hint) from None
-    return parse
-
-
-def _format_bool(value: bool) -> str:
-    return "yes" if value else "no"
-
-
-def _parse_int(text: str) -> int:
-    if not re.fullmatch(r"[+-]?[0-9]+", text):
-        raise _not_a(text, "an integer", "expected decimal digits, e.g. 16")
-    return int(text)
-
-
-def _parse_port(text: str) -> int:
-    number = _parse_int(text)
-    if not 1 <= number <= 65535:
-        raise ValueError(f'"{text}" is not a TCP port (expected 1-65535)')
-    return number
-
-
-_SIZE_UNITS: Mapping[str, int] = {
-    "": 1, "b": 1, "byte": 1, "octet": 1,
-    "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10,
-    "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20,
-    "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30,
-}
-_SIZE = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([A-Za-z]*)")
-
-
-def _size_unit(unit: str) -> Optional[int]:
-    unit = unit.lower()
-    if unit in _SIZE_UNITS:
-        return _SIZE_UNITS[unit]
-    if unit.endswith("s") and unit[:-1] in _SIZE_UNITS and unit != "s":
-        return _SIZE_UNITS[unit[:-1]]
-    return None
-
-
-def parse_size(text: str) -> int:
-    """``NUMBER [UNIT]`` in bytes; K/M/G are powers of 1024; the whole text
-    must be consumed (the reference read ``1 GB`` as 1 byte)."""
-    match = _SIZE.fullmatch(text.strip())
-    unit = _size_unit(match.group(2)) if match else None
-    if match is None or unit is None:
-        raise _not_a(text, "a size", 'expected NUMBER [b|KB|MB|GB], e.g. "100 KB"')
-    return math.floor(Fraction(match.group(1)) * unit)
-
-
-def format_size(value: int) -> str:
-    """Canonical size (§14.11): ``100 KB``, ``1 GB``, ``12 bytes``."""
-    for unit, size in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
-        if value and value % size == 0:
-            return f"{value // size} {unit}"
-    return f"{value} byte" if value == 1 else f"{value} bytes"
-
-
-def _parse_fraction(text: str) -> float:
-    match = re.fullmatch(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(%?)", text.strip())
-    if match is None:
-        raise _not_a(text, "a fraction", 'expected a percentage such as "60%" or a number such as 0.6')
-    value = Fraction(match.group(1)) / (100 if match.group(2) else 1)
-    if value > 1:
-        raise ValueError(f'"{text}" is not a fraction between 0 and 1 (0%-100%)')
-    return float(value)
-
-
-SEVERITIES = ("TRACE", "DEBUG", "INFO", "WARN", "ERROR", "FATAL", "NEVER")
-
-
-def _parse_severity(text: str) -> str:
-    if text.upper() not in SEVERITIES:
-        raise _not_a(text, "a log severity", "expected one of " + " ".join(SEVERITIES))
-    return text.upper()
-
-
-def _parse_filename(text: str) -> str:
-    """Quotes stripped, ``~`` expanded; made absolute later, when the base
-    directory is known."""
-    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
-        text = text[1:-1]
-    if not text:
-        raise ValueError('"" is not a filename (expected a path)')
-    return os.path.expanduser(text)
-
-
-def _parse_command(text: str) -> tuple[str, ...]:
-    """Split like a shell would (quotes allowed); that the program exists
-    is checked only for options in use."""
-    try:
-        argv = tuple(shlex.split(text))
-    except ValueError as exc:
-        raise _not_a(text, "a command", str(exc)) from None
-    if not argv:
-        raise _not_a(text, "a command", "expected PROGRAM [ARGUMENTS...]")
-    return argv
-
-
-def _parse_user(text: str) -> int:
-    """A user name or numeric UID, as a UID."""
-    if text.isdigit():
-        return int(text)
-    try:
-        return pwd.getpwnam(text).pw_uid
-    except KeyError:
-        raise ValueError(f'"{text}" is not a user on this system (expected a user name or UID)') from None
-
-
-def _parse_email(text: str) -> str:
-    try:
-        check_smtp_address(text.encode("ascii"))
-    except ParseError as exc:
-        raise _not_a(text, "an e-mail address", f"{exc}; expected local@domain") from None
-    return text
-
-
-def _parse_ipv6(text: str) -> str:
-    try:
-        return ipaddress.IPv6Address(text).compressed
-    except ValueError:
-        raise _not_a(text, "an IPv6 address", 'expected e.g. "::1" or "2001:db8::1"') from None
-
-
-def _parse_any_ip(text: str) -> str:
-    try:
-        return ipaddress.ip_address(text).compressed
-    except ValueError:
-        raise _not_a(text, "an IP address", 'expected e.g. "127.0.0.1" or "::1"') from None
-
-
-def _string(max_length: Optional[int] = None) -> Callable[[str], str]:
-    def parse(text: str) -> str:
-        if max_length is not None and len(text) > max_length:
-            raise ValueError(f"value is {len(text)} characters long; at most {max_length} allowed")
-        return text
-    return parse
 
 
 # Mix algorithms (§5): accepted names, case-insensitive -> canonical name.
@@ -404,19 +110,6 @@ def _parse_mode(text: str) -> str:
     if text.lower() not in ("relay", "local"):
         raise _not_a(text, "a server mode", "expected relay")
     return text.lower()
-
-
-_CLASS_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)+")
-
-
-def _parse_class_name(text: str) -> str:
-    if not _CLASS_NAME.fullmatch(text):
-        raise _not_a(text, "a module class", "expected package.module.Class")
-    return text
-
-
-def _parse_path_list(text: str) -> tuple[str, ...]:
-    return tuple(os.path.expanduser(p) for p in text.split(":") if p)
 
 
 @dataclass(frozen=True)
@@ -479,135 +172,13 @@ def _address_rule(allow: bool) -> Callable[[str], ConfigAddressRule]:
     return parse
 
 
-@dataclass(frozen=True)
-class Authority:
-    """A directory authority: where to fetch from/upload to, and the
-    fingerprint (hex SHA-1 of its identity key) its signatures must match."""
-
-    url: str
-    fingerprint: str
-
-    def __str__(self) -> str:
-        return f"{self.url} {self.fingerprint}"
-
-
-def _parse_authority(text: str) -> Authority:
-    url, _, rest = text.partition(" ")
-    fingerprint = "".join(rest.split()).upper()
-    if not re.fullmatch(r"https?://\S+", url) or not re.fullmatch(r"[0-9A-F]{40}", fingerprint):
-        raise _not_a(text, "a directory authority",
-                     "expected URL FINGERPRINT, the fingerprint being 40 hex digits")
-    return Authority(url, fingerprint)
-
-
-_HOST_HINT = "expected letters, digits, '.' and '-', e.g. mix.example.org"
-
-BOOLEAN = ValueType("boolean", _wrap("a boolean", "expected yes/no, true/false, on/off or 1/0",
-                                     textformat.decode_bool), _format_bool)
-INT = ValueType("int", _parse_int)
-PORT = ValueType("port", _parse_port)
-INTERVAL = ValueType("interval", sched.parse_interval, sched.format_interval)
-INTERVAL_LIST = ValueType("interval list", sched.parse_retry_schedule, sched.format_retry_schedule)
-SIZE = ValueType("size", parse_size, format_size)
-FRACTION = ValueType("fraction", _parse_fraction, lambda v: f"{v * 100:.2f}%")
-SEVERITY = ValueType("severity", _parse_severity)
-FILENAME = ValueType("filename", _parse_filename)
-COMMAND = ValueType("command", _parse_command, shlex.join)
-USER = ValueType("user", _parse_user)
-EMAIL = ValueType("email", _parse_email)
-NICKNAME = ValueType("nickname", _wrap("a nickname", "expected 1-24 characters of A-Z a-z 0-9 -, "
-                                                    "starting with a letter", textformat.decode_nickname))
-HOST = ValueType("host", _wrap("a hostname", _HOST_HINT, textformat.decode_host))
-IP = ValueType("IP", _wrap("an IPv4 address", "expected a dotted quad, e.g. 192.0.2.7", textformat.decode_ip))
-IPV6 = ValueType("IPv6", _parse_ipv6)
-ANY_IP = ValueType("IP or IPv6", _parse_any_ip)
 ALLOW_RULE = ValueType("address rule", _address_rule(True), lambda r: r.text)
 DENY_RULE = ValueType("address rule", _address_rule(False), lambda r: r.text)
-STRING = ValueType("string", _string())
 MIX_ALGORITHM = ValueType("mix algorithm", _parse_mix_algorithm)
 MODE = ValueType("mode", _parse_mode)
-CLASS_NAME = ValueType("class name", _parse_class_name)
-PATH_LIST = ValueType("path list", _parse_path_list, ":".join)
-AUTHORITY = ValueType("authority", _parse_authority)
-
-
-def _limited(max_length: int) -> ValueType:
-    return ValueType("string", _string(max_length))
 
 
 # --- the schema ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Option:
-    """One option of one section, and how it reaches its effect.
-
-    ``default`` is text in the option's own syntax (None: unset unless
-    ``derived`` says how it is computed).  ``published``: the value shows
-    in the server descriptor.  ``paths``: how a relative filename is
-    resolved (``base`` = BaseDir, ``config`` = the config file's folder).
-
-    Exactly one of the last four says what the option does, so that a test
-    can check every option against the code (``module:qualname`` names):
-
-    * ``reload``: the function a SIGHUP calls to apply a change (it also
-      applies the value at start, or names the consumer that does);
-    * ``consumer``: what reads the value once, at start (a restart
-      applies a change);
-    * ``refused``: not supported; a value other than the default stops
-      start-up with this reason, which says what to use instead;
-    * ``pending``: kept parseable for a feature not built yet; a value
-      other than the default is accepted with a warning saying so.
-    """
-
-    key: str
-    type: ValueType
-    doc: str
-    default: Optional[str] = None
-    required: bool = False
-    many: bool = False
-    published: bool = False
-    derived: str = ""
-    paths: str = "config"
-    attr: str = ""
-    reload: str = ""
-    consumer: str = ""
-    refused: str = ""
-    pending: str = ""
-
-    @property
-    def name(self) -> str:
-        """The accessor name on the section object (``MixInterval`` ->
-        ``mix_interval``)."""
-        return self.attr or snake_case(self.key)
-
-    @property
-    def effect(self) -> str:
-        """``reload``, ``restart``, ``refused`` or ``pending``."""
-        if self.reload:
-            return "reload"
-        if self.refused:
-            return "refused"
-        if self.pending:
-            return "pending"
-        return "restart"
-
-
-def snake_case(key: str) -> str:
-    """``ListenIP6`` -> ``listen_ip6``, ``Contact-Email`` -> ``contact_email``."""
-    spaced = re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", key)
-    return spaced.replace("-", "_").lower()
-
-
-@dataclass(frozen=True)
-class SectionSpec:
-    name: str
-    doc: str
-    options: tuple[Option, ...]
-    required: bool = False
-
-    def option(self, key: str) -> Optional[Option]:
-        return next((o for o in self.options if o.key == key), None)
 
 
 # Who consumes what (``module:qualname``; see Option).  The appliers of a
@@ -735,10 +306,10 @@ SCHEMA_SECTIONS: tuple[SectionSpec, ...] = (
                consumer=_DESCRIPTOR),
         Option("Contact-Email", EMAIL, "administrator address, published as Contact",
                required=True, published=True, consumer=_DESCRIPTOR),
-        Option("Contact-Fingerprint", _limited(MAX_CONTACT_FINGERPRINT),
+        Option("Contact-Fingerprint", limited(MAX_CONTACT_FINGERPRINT),
                "administrator's PGP fingerprint, published", published=True,
                consumer=_DESCRIPTOR),
-        Option("Comments", _limited(MAX_COMMENTS), "published free text", published=True,
+        Option("Comments", limited(MAX_COMMENTS), "published free text", published=True,
                consumer=_DESCRIPTOR),
         Option("ModulePath", PATH_LIST, "colon-separated folders added to Python's path "
                "before the Module lines are imported", default="",
@@ -1542,7 +1113,7 @@ def _check_outgoing(b: _Builder) -> None:
 
 
 def _check_retry(b: _Builder, section: str) -> None:
-    for warning in sched.schedule_warnings(b.get(section, "Retry"), b.get("Server", "MixInterval")):
+    for warning in schedule_warnings(b.get(section, "Retry"), b.get("Server", "MixInterval")):
         b.warn(section, "Retry", warning)
 
 

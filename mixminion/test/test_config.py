@@ -14,6 +14,7 @@ import mixminion
 from mixminion.directory.descriptor import AddressRule as PublishedRule
 from mixminion.mmtp.limits import ConnectionLimits
 from mixminion.server import config as cfg
+from mixminion.config.values import SEVERITIES
 from mixminion.server.config import (
     ConfigError,
     RawSection,
@@ -252,7 +253,7 @@ class ValueTypeTests(unittest.TestCase):
         self.assertEqual(cfg.FRACTION.format(0.6), "60.00%")
 
     def test_severity(self) -> None:
-        self.good(cfg.SEVERITY, {s.lower(): s for s in cfg.SEVERITIES})
+        self.good(cfg.SEVERITY, {s.lower(): s for s in SEVERITIES})
         self.good(cfg.SEVERITY, {"Warn": "WARN"})
         self.bad(cfg.SEVERITY, ["WARNING", "", "loud"], "is not a log severity")
 

@@ -5,20 +5,22 @@ from __future__ import annotations
 
 from twisted.trial import unittest
 
-from mixminion.server.schedule import (
+from mixminion.config.intervals import (
     DAY,
     DEFAULT_MODULE_RETRY,
     DEFAULT_OUTGOING_RETRY,
     HOUR,
-    AddressRetryState,
-    MessageRetryState,
     ScheduleError,
-    expired,
     format_interval,
     format_retry_schedule,
-    next_attempt,
     parse_interval,
     parse_retry_schedule,
+)
+from mixminion.server.schedule import (
+    AddressRetryState,
+    MessageRetryState,
+    expired,
+    next_attempt,
     schedule_total,
     schedule_warnings,
 )
