@@ -112,8 +112,10 @@ class ReloadService(service.Service):
         #: called on every SIGHUP, whatever the configuration says (the publisher)
         self.listeners: list = []
 
-    def startService(self) -> None:  # noqa: N802
-        super().startService()
+    def privilegedStartService(self) -> None:  # noqa: N802
+        """The handler goes in before any service starts: a SIGHUP sent as
+        soon as the pid file exists must reload, not kill, the node."""
+        super().privilegedStartService()
         self._previous = signal.signal(
             signal.SIGHUP, lambda signum, frame: self.reactor.callFromThread(self.reload))
 
@@ -121,6 +123,7 @@ class ReloadService(service.Service):
         super().stopService()
         if self._previous is not None:
             signal.signal(signal.SIGHUP, self._previous)
+            self._previous = None
 
     def reload(self) -> defer.Deferred:
         """Fires once the changes are applied (or refused)."""

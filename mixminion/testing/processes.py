@@ -10,9 +10,11 @@ fails at once, with the log's tail, if the process died.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -20,19 +22,29 @@ from twisted.internet import task
 
 from mixminion.testnet import free_ports, twistd
 
-__all__ = ["Daemon", "free_ports", "node_config", "run_twistd", "twistd"]
+__all__ = ["Daemon", "free_ports", "metric", "node_config", "run_twistd", "twistd"]
 
 
 def node_config(base: str, port: int, nickname: str = "node", server: str = "",
-                incoming: str = "", outgoing: str = "", extra: str = "") -> str:
+                incoming: str = "", outgoing: str = "", extra: str = "",
+                log_level: str = "INFO", relaying: bool = True) -> str:
     """A small working ``mixminiond.conf`` on loopback with fast (insecure)
     mixing; the strings are added to their sections as written."""
     return (f"[Server]\nBaseDir: {base}\nMode: relay\nNickname: {nickname}\n"
             f"Contact-Email: {nickname}@example.org\nMixAlgorithm: Timed\n"
-            f"MixInterval: 1 second\nLogLevel: INFO\n{server}\n"
+            f"MixInterval: 1 second\nLogLevel: {log_level}\n{server}\n"
             f"[Incoming/MMTP]\nEnabled: yes\nIP: 127.0.0.1\nHostname: localhost\n"
             f"Port: {port}\n{incoming}\n"
-            f"[Outgoing/MMTP]\nEnabled: yes\n{outgoing}\n{extra}")
+            f"[Outgoing/MMTP]\nEnabled: {'yes' if relaying else 'no'}\n{outgoing}\n{extra}")
+
+
+def metric(port: int, event: str) -> int:
+    """A node's ``mixminion_events_total{event=EVENT}`` from its metrics
+    port (0 if not counted yet)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as page:
+        text = page.read().decode()
+    found = re.search(rf'^mixminion_events_total{{event="{re.escape(event)}"}} (\d+)$', text, re.M)
+    return int(found.group(1)) if found else 0
 
 
 def run_twistd(args: Sequence[str], cwd: str, timeout: float = 60) -> subprocess.CompletedProcess:

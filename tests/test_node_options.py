@@ -1,0 +1,414 @@
+"""The ``[Server]`` file options, ``[Outgoing/MMTP]`` relaying rules,
+``[Pinging]`` and SIGHUP, each shown on a real ``twistd -n mixminion -c
+FILE`` process (the manual is a contract: every option has a test through
+the real entry point that shows its effect).
+
+Every node runs through :mod:`mixminion.testing.processes`; packets are
+built with the codec from the node's own descriptor and sent over MMTP.
+A SIGHUP is only sent once the node has acknowledged a packet: twistd
+runs the reactor only after every service has started, so an
+acknowledgement proves the SIGHUP handler is installed (a SIGHUP before
+that would kill the process, SIGHUP's default action).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any, Optional
+
+from twisted.internet import defer, protocol, threads
+from twisted.internet import reactor as _reactor
+from twisted.python.failure import Failure
+from twisted.trial import unittest
+
+from mixminion.codec.build import build_forward_packet, build_message_packets
+from mixminion.codec.header import Hop
+from mixminion.codec.packet import PAYLOAD_LEN
+from mixminion.codec.routing import DROP_TYPE, SMTP_TYPE, HostInfo, IPv4Info
+from mixminion.directory.descriptor import ServerDescriptor, parse_descriptor
+from mixminion.mmtp.initiator import Destination, MMTPClient, PacketRejected
+from mixminion.server.pidfile import read_pid
+from mixminion.smtpsink import tac_text
+from mixminion.testing.processes import Daemon, free_ports, metric, node_config, run_twistd
+
+#: the global reactor (untyped: its interfaces are spread over many zope ones)
+reactor: Any = _reactor
+
+RELOADED_ONE = "SIGHUP: applied 1 changed options"
+NOT_RELOADED = "SIGHUP: configuration not reloaded, still running on the old one: "
+
+
+def read_text(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
+
+
+#: seconds between two reads of /metrics (each read is a line in the node's log)
+METRICS_POLL = 0.5
+
+
+def log_lines(daemon: Daemon, text: str) -> list[str]:
+    return [line for line in daemon.text().splitlines() if text in line]
+
+
+class Node:
+    """One node of a test: folder, configuration file, twistd process."""
+
+    def __init__(self, test: unittest.TestCase, name: str = "node") -> None:
+        self.name = name
+        self.dir = os.path.join(test.dir, name)
+        os.makedirs(self.dir)
+        self.base = os.path.join(self.dir, "base")
+        self.conf = os.path.join(self.dir, "node.conf")
+        self.port, self.metrics_port = free_ports(2)
+        self.daemon = Daemon(self.dir, ["mixminion", "-c", self.conf], name=name)
+        test.addCleanup(self.daemon.kill)
+
+    def config(self, **sections: Any) -> str:
+        return node_config(self.base, self.port, nickname=self.name, **sections)
+
+    def write(self, text: str) -> None:
+        with open(self.conf, "w") as f:
+            f.write(text)
+
+    async def start(self, text: str) -> None:
+        """Write the configuration, start twistd, wait for the start line."""
+        self.write(text)
+        self.daemon.start()
+        await self.daemon.wait_for_line(reactor, f"Mix node {self.name} started")
+
+    def descriptor(self) -> ServerDescriptor:
+        with open(os.path.join(self.base, "keys", "key_0001", "ServerDesc")) as f:
+            return parse_descriptor(f.read(), time.time())
+
+    def destination(self) -> Destination:
+        return Destination("127.0.0.1", self.port, self.descriptor().identity_digest)
+
+    def hop(self) -> Hop:
+        desc = self.descriptor()
+        return Hop(desc.packet_key, HostInfo.parse(desc.routing_info))
+
+    def drop_packets(self, count: int) -> list[bytes]:
+        """Valid packets through this node on both legs, ending in DROP."""
+        me = self.hop()
+        return [build_forward_packet(os.urandom(PAYLOAD_LEN), [me], [me], DROP_TYPE, b"",
+                                     os.urandom).packet for _ in range(count)]
+
+
+async def send_all(test: unittest.TestCase, node: Node, packets: list[bytes],
+                   client: Optional[MMTPClient] = None) -> list[Optional[Failure]]:
+    """Send every packet at once (pipelined on one client); the failure of
+    each, None for a packet acknowledged RECEIVED."""
+    if client is None:
+        client = MMTPClient(reactor)
+        test.addCleanup(client.close)
+    destination = node.destination()
+    results = await defer.DeferredList([client.send_packet(destination, p) for p in packets],
+                                       consumeErrors=True)
+    return [None if ok else value for ok, value in results]
+
+
+class NodeTestCase(unittest.TestCase):
+    """Each test in a folder of its own (``self.dir``)."""
+
+    def setUp(self) -> None:
+        self.dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.dir)
+
+
+class ServerPathTests(NodeTestCase):
+    """``QueueDir``, ``WorkDir``, ``PidFile``."""
+
+    def test_queue_dir_and_work_dir_are_honoured(self) -> defer.Deferred:
+        return defer.ensureDeferred(self._queue_and_work_dirs())
+
+    async def _queue_and_work_dirs(self) -> None:
+        node = Node(self)
+        queues, work = os.path.join(self.dir, "fastq"), os.path.join(self.dir, "w")
+        await node.start(node.config(server=f"QueueDir: {queues}\nWorkDir: {work}"))
+        self.assertTrue(os.path.isfile(os.path.join(queues, "packets.db")), os.listdir(queues))
+        self.assertTrue(os.path.isdir(os.path.join(queues, "incoming")), os.listdir(queues))
+        self.assertFalse(os.path.exists(os.path.join(node.base, "work", "queues")))
+        self.assertFalse(os.path.exists(os.path.join(node.base, "work")), os.listdir(node.base))
+        # Received packets go to the incoming log under QueueDir.
+        self.assertEqual(await send_all(self, node, node.drop_packets(1)), [None])
+        self.assertTrue(os.listdir(os.path.join(queues, "incoming")))
+        # The counters are saved at a clean stop, under WorkDir.
+        self.assertEqual(await node.daemon.stop(reactor), -signal.SIGTERM)
+        self.assertTrue(os.path.isfile(os.path.join(work, "stats.json")), os.listdir(work))
+        self.assertFalse(os.path.exists(os.path.join(node.base, "work")), os.listdir(node.base))
+
+    def test_pid_file_default(self) -> defer.Deferred:
+        """``BaseDir/pid`` holds twistd's pid while the node runs; a second
+        node on the same configuration stops with one line naming the file;
+        SIGTERM removes it.  twistd re-raises SIGTERM once it has stopped
+        cleanly, so the exit status is "killed by SIGTERM" (Popen: -15;
+        a shell's $?: 143)."""
+        return defer.ensureDeferred(self._pid_file(None))
+
+    def test_pid_file_configured(self) -> defer.Deferred:
+        return defer.ensureDeferred(self._pid_file(os.path.join(self.dir, "run", "mix.pid")))
+
+    async def _pid_file(self, configured: Optional[str]) -> None:
+        node = Node(self)
+        path = configured or os.path.join(node.base, "pid")
+        await node.start(node.config(server=f"PidFile: {configured}" if configured else ""))
+        pid = node.daemon.pid
+        self.assertEqual(read_pid(path), pid)
+        second = await threads.deferToThread(run_twistd, ["mixminion", "-c", node.conf],
+                                             cwd=node.dir)
+        self.assertNotEqual(second.returncode, 0, second.stdout)
+        self.assertNotIn("Traceback", second.stdout)
+        naming = [line for line in second.stdout.splitlines() if path in line]
+        self.assertEqual(len(naming), 1, second.stdout)
+        self.assertTrue(naming[0].startswith("mixminion: "), naming[0])
+        self.assertIn(f"process {pid} ", naming[0])
+        self.assertTrue(node.daemon.alive())
+        self.assertEqual(read_pid(path), pid)
+        self.assertEqual(await node.daemon.stop(reactor), -signal.SIGTERM)
+        self.assertFalse(os.path.exists(path))
+
+
+class StatsTests(NodeTestCase):
+    """``StatsFile``, ``StatsInterval``, ``LogStats``."""
+
+    def test_stats_interval_and_log_stats(self) -> defer.Deferred:
+        return defer.ensureDeferred(self._stats())
+
+    async def _stats(self) -> None:
+        """A summary in StatsFile every StatsInterval; none with LogStats: no."""
+        # The quiet node starts first, so when the loud one has written two
+        # summaries the quiet one has run for more than two intervals too.
+        quiet, loud = Node(self, "quiet"), Node(self, "loud")
+        await quiet.start(quiet.config(server="LogStats: no\nStatsInterval: 2 seconds"))
+        await loud.start(loud.config(server="StatsInterval: 2 seconds"))
+        loud_file = os.path.join(loud.base, "stats")
+        await loud.daemon.wait_for(reactor, "two summaries in the StatsFile",
+                                   lambda: read_text(loud_file).count("Statistics from ") >= 2)
+        self.assertRegex(read_text(loud_file), r"^Statistics from \d{4}-\d\d-\d\d \d\d:\d\d:\d\d "
+                                               r"to \d{4}-\d\d-\d\d \d\d:\d\d:\d\d \(UTC\):\n")
+        self.assertTrue(quiet.daemon.alive(), quiet.daemon.tail())
+        self.assertFalse(os.path.exists(os.path.join(quiet.base, "stats")))
+
+    def test_stats_file_option_names_the_file(self) -> defer.Deferred:
+        return defer.ensureDeferred(self._stats_file())
+
+    async def _stats_file(self) -> None:
+        node = Node(self)
+        path = os.path.join(self.dir, "elsewhere", "traffic.txt")
+        await node.start(node.config(server=f"StatsFile: {path}\nStatsInterval: 1 second"))
+        await node.daemon.wait_for(reactor, "a summary in the configured StatsFile",
+                                   lambda: "Statistics from " in read_text(path))
+        self.assertFalse(os.path.exists(os.path.join(node.base, "stats")))
+
+
+class ReloadTests(NodeTestCase):
+    """SIGHUP applies ``MaxQueuedPackets`` and ``LogLevel`` without a
+    restart, and a broken file changes nothing."""
+
+    def assertSameProcess(self, node: Node, pid: int) -> None:
+        self.assertTrue(node.daemon.alive(), node.daemon.tail())
+        self.assertEqual(node.daemon.pid, pid)
+        self.assertEqual(read_pid(os.path.join(node.base, "pid")), pid)
+
+    def test_sighup_lowers_max_queued_packets(self) -> defer.Deferred:
+        return defer.ensureDeferred(self._max_queued())
+
+    async def _max_queued(self) -> None:
+        node = Node(self)
+        await node.start(node.config())
+        pid = node.daemon.pid
+        client = MMTPClient(reactor)
+        self.addCleanup(client.close)
+        self.assertEqual(await send_all(self, node, node.drop_packets(30), client), [None] * 30)
+        node.write(node.config(server="MaxQueuedPackets: 1"))
+        node.daemon.signal(signal.SIGHUP)
+        await node.daemon.wait_for_line(reactor, RELOADED_ONE)
+        outcomes = await send_all(self, node, node.drop_packets(200), client)
+        failures = [f for f in outcomes if f is not None]
+        self.assertTrue(failures, "no packet of the burst was answered REJECTED")
+        for failure in failures:
+            self.assertTrue(failure.check(PacketRejected), failure)
+        self.assertSameProcess(node, pid)
+
+    def test_sighup_as_soon_as_the_pid_file_exists(self) -> defer.Deferred:
+        """The pid file is written once the services start; the SIGHUP
+        handler is in place before that, so an operator's (or mixminiond's)
+        SIGHUP can never hit the default action and kill the node."""
+        return defer.ensureDeferred(self._early_sighup())
+
+    async def _early_sighup(self) -> None:
+        node = Node(self)
+        node.write(node.config())
+        node.daemon.start()
+        pid = node.daemon.pid
+        pid_file = os.path.join(node.base, "pid")
+        await node.daemon.wait_for(reactor, "the pid file", lambda: read_pid(pid_file) == pid,
+                                   interval=0.01)
+        node.daemon.signal(signal.SIGHUP)
+        await node.daemon.wait_for_line(reactor, "SIGHUP: configuration unchanged")
+        self.assertSameProcess(node, pid)
+
+    def test_sighup_changes_log_level(self) -> defer.Deferred:
+        return defer.ensureDeferred(self._log_level())
+
+    async def _log_level(self) -> None:
+        node = Node(self)
+        node.write(node.config(log_level="WARN"))
+        node.daemon.start()
+        pid = node.daemon.pid
+        pid_file = os.path.join(node.base, "pid")
+        await node.daemon.wait_for(reactor, "the pid file", lambda: read_pid(pid_file) == pid)
+        self.assertEqual(await send_all(self, node, node.drop_packets(1)), [None])
+        self.assertEqual(log_lines(node.daemon, "started"), [])
+        node.write(node.config())
+        node.daemon.signal(signal.SIGHUP)
+        await node.daemon.wait_for_line(reactor, RELOADED_ONE)
+        [line] = log_lines(node.daemon, RELOADED_ONE)
+        self.assertIn("#info]", line)
+        self.assertSameProcess(node, pid)
+
+    def test_sighup_with_an_error_keeps_the_running_configuration(self) -> defer.Deferred:
+        return defer.ensureDeferred(self._broken_reload())
+
+    async def _broken_reload(self) -> None:
+        node = Node(self)
+        await node.start(node.config())
+        pid = node.daemon.pid
+        self.assertEqual(await send_all(self, node, node.drop_packets(1)), [None])
+        # A valid change beside the mistake: applied, it would refuse most of a burst.
+        broken = node.config(server="MaxQueuedPackets: 1\nMaxQueuedPacketz: 1")
+        node.write(broken)
+        line_number = broken.splitlines().index("MaxQueuedPacketz: 1") + 1
+        node.daemon.signal(signal.SIGHUP)
+        await node.daemon.wait_for_line(reactor, NOT_RELOADED)
+        [line] = log_lines(node.daemon, NOT_RELOADED)
+        self.assertIn("#warn]", line)
+        self.assertIn(f"{NOT_RELOADED}{node.conf}:{line_number}: [Server] MaxQueuedPacketz: "
+                      "unknown option; did you mean MaxQueuedPackets?", line)
+        self.assertEqual(log_lines(node.daemon, "SIGHUP: applied"), [])
+        self.assertEqual(await send_all(self, node, node.drop_packets(200)), [None] * 200)
+        self.assertSameProcess(node, pid)
+
+
+class CountingFactory(protocol.Factory):
+    """A next hop that only counts the connections it accepts."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+
+    def buildProtocol(self, addr: Any) -> protocol.Protocol:  # noqa: N802
+        self.connections += 1
+        return protocol.Protocol()
+
+
+class RelayRuleTests(NodeTestCase):
+    """``[Outgoing/MMTP] Deny`` and ``Enabled: no``: a packet for a refused
+    next hop is dropped, counted as RelayDenied, and never sent."""
+
+    def test_deny_rule_drops_relayed_packets(self) -> defer.Deferred:
+        return defer.ensureDeferred(self._relay_denied(outgoing="Deny: 127.0.0.0/255.0.0.0"))
+
+    def test_outgoing_disabled_drops_relayed_packets(self) -> defer.Deferred:
+        return defer.ensureDeferred(self._relay_denied(enabled=False))
+
+    async def _relay_denied(self, outgoing: str = "", enabled: bool = True) -> None:
+        hop = CountingFactory()
+        listening = reactor.listenTCP(0, hop, interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        node = Node(self)
+        text = node.config(server=f"MetricsPort: {node.metrics_port}", outgoing=outgoing,
+                           relaying=enabled)
+        await node.start(text)
+        desc = node.descriptor()
+        elsewhere = Hop(desc.packet_key, IPv4Info("127.0.0.1", listening.getHost().port,
+                                                  os.urandom(20)))
+        packet = build_forward_packet(os.urandom(PAYLOAD_LEN), [node.hop(), elsewhere],
+                                      [elsewhere], DROP_TYPE, b"", os.urandom).packet
+        self.assertEqual(await send_all(self, node, [packet]), [None])
+        await node.daemon.wait_for(reactor, "RelayDenied on /metrics",
+                                   lambda: metric(node.metrics_port, "RelayDenied") >= 1,
+                                   interval=METRICS_POLL)
+        self.assertEqual(metric(node.metrics_port, "RelayDenied"), 1)
+        self.assertEqual(metric(node.metrics_port, "Relayed"), 0)
+        self.assertEqual(hop.connections, 0)
+
+
+class PingingTests(NodeTestCase):
+    def test_pinging_enabled_warns_once(self) -> defer.Deferred:
+        return defer.ensureDeferred(self._pinging())
+
+    async def _pinging(self) -> None:
+        node = Node(self)
+        await node.start(node.config(extra="[Pinging]\nEnabled: yes\n"))
+        lines = log_lines(node.daemon, "not implemented")
+        self.assertEqual(len(lines), 1, node.daemon.tail())
+        self.assertIn("#warn]", lines[0])
+        self.assertIn("[Pinging] Enabled: pinging is not implemented yet", lines[0])
+
+
+class BlacklistReloadTests(NodeTestCase):
+    """``[Delivery/SMTP] BlacklistFile`` is re-read on SIGHUP: a newly
+    listed address gets no more mail."""
+
+    def test_reloaded_blacklist_blocks_a_new_address(self) -> defer.Deferred:
+        return defer.ensureDeferred(self._blacklist())
+
+    async def _blacklist(self) -> None:
+        sink_dir = os.path.join(self.dir, "sink")
+        mail = os.path.join(sink_dir, "mail")
+        os.makedirs(sink_dir)
+        [sink_port] = free_ports(1)
+        tac = os.path.join(sink_dir, "smtpsink.tac")
+        with open(tac, "w") as f:
+            f.write(tac_text(sink_port, mail))
+        sink = Daemon(sink_dir, ["-y", tac], name="sink")
+        self.addCleanup(sink.kill)
+        sink.start()
+
+        blacklist = os.path.join(self.dir, "blacklist")
+        with open(blacklist, "w") as f:
+            f.write("# addresses never mailed\n")
+        node = Node(self)
+        await sink.wait_for_line(reactor, f"starting on {sink_port}")
+        await node.start(node.config(
+            server=f"MetricsPort: {node.metrics_port}",
+            extra=f"[Delivery/SMTP]\nEnabled: yes\nReturnAddress: exit@example.org\n"
+                  f"SMTPServer: 127.0.0.1\nSMTPPort: {sink_port}\nBlacklistFile: {blacklist}\n"))
+
+        def messages() -> list[str]:
+            names = sorted(n for n in os.listdir(mail) if not n.startswith("."))
+            return [read_text(os.path.join(mail, n)) for n in names]
+
+        async def send_to_bob(body: bytes) -> None:
+            hop = node.hop()
+            packets = [b.packet for b in build_message_packets(
+                body, SMTP_TYPE, b"bob@example.com", lambda i: ([hop], [hop]), os.urandom)]
+            self.assertEqual(await send_all(self, node, packets), [None] * len(packets))
+
+        def counted(event: str) -> bool:
+            return metric(node.metrics_port, event) >= 1
+
+        await send_to_bob(b"first message\n")
+        await node.daemon.wait_for(reactor, "ExitDelivered:SMTP on /metrics",
+                                   lambda: counted("ExitDelivered:SMTP"), interval=METRICS_POLL)
+        [first] = messages()
+        self.assertIn("X-Envelope-To: bob@example.com", first)
+        self.assertIn("first message", first)
+
+        with open(blacklist, "a") as f:
+            f.write("deny address bob@example.com\n")
+        node.daemon.signal(signal.SIGHUP)
+        await node.daemon.wait_for_line(
+            reactor, "SIGHUP: configuration unchanged; exit modules re-read their files")
+        await send_to_bob(b"second message\n")
+        await node.daemon.wait_for(reactor, "ExitBlacklisted on /metrics",
+                                   lambda: counted("ExitBlacklisted"), interval=METRICS_POLL)
+        self.assertEqual(metric(node.metrics_port, "ExitDelivered:SMTP"), 1)
+        self.assertEqual(metric(node.metrics_port, "ExitFailed:SMTP"), 1)
+        self.assertEqual(messages(), [first])
