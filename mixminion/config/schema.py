@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 from mixminion.config.values import ValueType
 
@@ -85,3 +85,51 @@ class SectionSpec:
 
     def option(self, key: str) -> Optional[Option]:
         return next((o for o in self.options if o.key == key), None)
+
+    def default(self, key: str) -> Any:
+        """The parsed default of ``key`` (None if it has none)."""
+        option = self.option(key)
+        if option is None:
+            raise KeyError(key)
+        return option.type.parse(option.default) if option.default is not None else None
+
+
+def read_values(spec: SectionSpec, given: Mapping[str, Any]) -> dict[str, Any]:
+    """A section's values by key, as its schema types them.
+
+    ``given`` maps keys to the text of the file (a list of texts for a
+    repeatable option) or to values already parsed by the same types (what
+    the node passes after reading its file), which are kept as they are.
+    Defaults are filled in (None where there is none).  Raises ValueError
+    ``[Section] Key: reason`` for an unknown key, a value that does not
+    parse, or a required option that is missing.
+    """
+    values: dict[str, Any] = {}
+    for key, value in given.items():
+        option = spec.option(key)
+        if option is None:
+            known = ", ".join(o.key for o in spec.options)
+            raise ValueError(f"[{spec.name}] {key}: unknown option (known: {known})")
+        try:
+            values[key] = _typed(option, value)
+        except ValueError as exc:
+            raise ValueError(f"[{spec.name}] {key}: {exc}") from None
+    for option in spec.options:
+        if option.key in values:
+            continue
+        if option.required:
+            raise ValueError(f"[{spec.name}] {option.key}: required option is missing")
+        if option.many:
+            values[option.key] = ()
+        elif option.default is not None:
+            values[option.key] = option.type.parse(option.default)
+        else:
+            values[option.key] = None
+    return values
+
+
+def _typed(option: Option, value: Any) -> Any:
+    if option.many:
+        items = value if isinstance(value, (list, tuple)) else (value,)
+        return tuple(option.type.parse(v) if isinstance(v, str) else v for v in items)
+    return option.type.parse(value) if isinstance(value, str) else value

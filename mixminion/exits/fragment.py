@@ -35,11 +35,10 @@ from mixminion.exits.errors import ExitConfigError
 from mixminion.exits.fragment_store import FragmentStore, OutboxEntry
 from mixminion.exits.interfaces import IExitModule
 from mixminion.exits.items import DeliveryItem, DeliveryResult, make_reassembled_item
-from mixminion.exits.options import SectionReader, parse_interval, parse_size
+from mixminion.exits.options import FRAGMENTED, section_values
 from mixminion.exits.retry import DEFAULT_SCHEDULE, is_ready
 
 DAY = 86400
-DEFAULT_MAX_INTERVAL = 2 * DAY
 STATE_FILE = "fragments.sqlite3"
 #: room for the server-side prefix in front of the compressed message
 PREFIX_ALLOWANCE = SSF_PREFIX_LEN + 0xFFFF
@@ -64,20 +63,18 @@ class FragmentModule:
         self.context: Optional[ExitContext] = None
         self.store: Optional[FragmentStore] = None
         self.max_size = 0
-        self.max_interval = DEFAULT_MAX_INTERVAL
+        self.max_interval: int = FRAGMENTED.default("MaximumInterval")
         self.log: Any = None
         self._in_flight: set[int] = set()
 
     # -- configuration ---------------------------------------------------------------
 
     def configure(self, section: Mapping[str, Any], context: ExitContext) -> None:
-        reader = SectionReader(self.section_name, section, {"Enabled", "MaximumSize", "MaximumInterval"})
-        self.max_size = reader.require("MaximumSize", parse_size)
+        values = section_values(FRAGMENTED, section)
+        self.max_size = values["MaximumSize"]
         if self.max_size < 1:
             raise ExitConfigError("[Delivery/Fragmented] MaximumSize must be positive")
-        self.max_interval = reader.get("MaximumInterval", parse_interval, DEFAULT_MAX_INTERVAL) or 0
-        if self.max_interval < 0:
-            raise ExitConfigError("[Delivery/Fragmented] MaximumInterval must not be negative")
+        self.max_interval = values["MaximumInterval"]
         self.context = context
         self.log = context.logger(self)
         path = os.path.join(context.module_dir(self.name), STATE_FILE)

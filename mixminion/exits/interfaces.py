@@ -35,9 +35,12 @@ class IExitModule(Interface):
     def configure(section, context):
         """Read the module's configuration section and prepare to deliver.
 
-        ``section`` maps option names to values, either the raw strings of
-        the configuration file or values already parsed by the node (bool,
-        int, list...).  ``context`` is an :class:`~mixminion.exits.context.ExitContext`.
+        ``section`` maps option names to values: typed by the factory's
+        ``options`` schema when it has one (the node read the file with
+        it; a module given text, as in tests, types it with the same
+        schema through :func:`mixminion.exits.options.section_values`), or
+        the text of the file otherwise.  ``context`` is an
+        :class:`~mixminion.exits.context.ExitContext`.
         Raises :class:`~mixminion.exits.errors.ExitConfigError`.
         """
 
@@ -62,7 +65,15 @@ class IExitModule(Interface):
 
 
 class IExitModuleFactory(Interface):
-    """What an exit-module plugin file provides (with ``IPlugin``)."""
+    """What an exit-module plugin file provides (with ``IPlugin``).
+
+    A factory may also have ``options``: the schema of its section (a
+    :class:`mixminion.config.schema.SectionSpec` named like ``section``).
+    With it the node checks the section when it reads its configuration
+    (unknown keys, types, required options) and ``configure`` receives typed
+    values; without it, ``configure`` receives the text of the file and must
+    check it itself.
+    """
 
     name = Attribute("Module name, unique among the installed plugins, e.g. 'SMTP'.")
     section = Attribute(

@@ -10,7 +10,9 @@ nothing downstream re-parses or re-folds it.
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import textwrap
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
@@ -39,31 +41,14 @@ from mixminion.codec.payload import PAYLOAD_LEN
 from mixminion.exits.context import Advertisement, ExitContext, mail_advertisement
 from mixminion.exits.errors import ExitConfigError
 from mixminion.exits.items import DeliveryItem, DeliveryResult
-from mixminion.exits.options import (
-    SectionReader,
-    parse_bool,
-    parse_command,
-    parse_int,
-    parse_schedule,
-    parse_size,
-    parse_text,
-)
-from mixminion.exits.retry import DEFAULT_SCHEDULE
+from mixminion.config.schema import SectionSpec
+from mixminion.exits.options import DEFAULT_FROM_TAG, SMTP, section_values
 
-DEFAULT_SUBJECT = "Type III Anonymous Message"
-DEFAULT_FROM_TAG = "[Anon]"
-DEFAULT_MAX_SIZE = 100 * 1024
+#: the schema's defaults, for messages formatted without a configuration
+DEFAULT_SUBJECT: str = SMTP.default("SubjectLine")
+DEFAULT_MAX_SIZE: int = SMTP.default("MaximumSize")
 MIN_MAX_SIZE = 32 * 1024
 WRAP = 70
-
-#: options every mail module reads (server.md §14.9)
-COMMON_MAIL_KEYS = frozenset({
-    "MaximumSize", "AllowFromAddress", "SubjectLine", "X-Abuse", "Comments", "Message",
-    "FromTag", "ReturnAddress",
-})
-#: options of a module that talks to an MTA
-TRANSPORT_KEYS = frozenset({"SMTPServer", "SMTPPort", "SendmailCommand"})
-MODULE_KEYS = frozenset({"Enabled", "Advertise", "Retry"})
 
 EXPLANATIONS = {
     ENCRYPTED: (
@@ -257,41 +242,50 @@ class Drop(Exception):
         self.counter = counter
 
 
-def read_max_size(reader: SectionReader, log) -> int:
-    """``MaximumSize``: at least 32 KiB, rounded up to whole KiB."""
-    size = reader.get("MaximumSize", parse_size, DEFAULT_MAX_SIZE)
-    assert size is not None
+def read_max_size(section: Mapping[str, Any], name: str, log) -> int:
+    """``MaximumSize``: at least 32 KiB, rounded up to whole KiB (the node's
+    reading of the file has already done so, with a warning)."""
+    size = section["MaximumSize"]
     if size < MIN_MAX_SIZE:
-        log.warn("[{section}] MaximumSize raised to 32K", section=reader.name)
+        log.warn("[{section}] MaximumSize raised to 32K", section=name)
         size = MIN_MAX_SIZE
     if size % 1024:
         size = -(-size // 1024) * 1024
-        log.warn("[{section}] MaximumSize rounded up to {kib}K", section=reader.name, kib=size // 1024)
+        log.warn("[{section}] MaximumSize rounded up to {kib}K", section=name, kib=size // 1024)
     return size
 
 
-def read_mail_options(reader: SectionReader, log, from_tag: Optional[str] = None) -> MailOptions:
-    return_address = reader.require("ReturnAddress", parse_text)
+def read_mail_options(section: Mapping[str, Any], name: str, log) -> MailOptions:
+    """The common options of a typed mail section."""
+    return_address = section["ReturnAddress"]
     if not return_address or one_line(return_address) != return_address or " " in return_address:
-        raise ExitConfigError(f"[{reader.name}] ReturnAddress must be one address without spaces")
+        raise ExitConfigError(f"[{name}] ReturnAddress must be one address without spaces")
     return MailOptions(
         return_address=return_address,
-        max_size=read_max_size(reader, log),
-        allow_from=bool(reader.get("AllowFromAddress", parse_bool, True)),
-        subject_line=reader.get("SubjectLine", parse_text, DEFAULT_SUBJECT) or DEFAULT_SUBJECT,
-        x_abuse=reader.get("X-Abuse", parse_text),
-        comments=reader.get("Comments", parse_text),
-        disclaimer=reader.get("Message", parse_text),
-        from_tag=from_tag if from_tag is not None else (reader.get("FromTag", parse_text) or DEFAULT_FROM_TAG),
+        max_size=read_max_size(section, name, log),
+        allow_from=section["AllowFromAddress"],
+        subject_line=section["SubjectLine"] or DEFAULT_SUBJECT,
+        x_abuse=section["X-Abuse"],
+        comments=section["Comments"],
+        disclaimer=section["Message"],
+        from_tag=section["FromTag"] or DEFAULT_FROM_TAG,
     )
+
+
+def _program(argv: tuple[str, ...], name: str) -> list[str]:
+    """``SendmailCommand``'s program, absolute and executable."""
+    program = argv[0] if os.path.isabs(argv[0]) else shutil.which(argv[0])
+    if program is None or not os.access(program, os.X_OK) or not os.path.isfile(program):
+        raise ExitConfigError(f"[{name}] SendmailCommand: {argv[0]} is not an executable program")
+    return [program, *argv[1:]]
 
 
 class MailModule:
     """What the SMTP and MBOX modules share: options, checks in the order
     of server.md §9.3, formatting, and the transport to the MTA.
 
-    Subclasses set ``name``, ``exit_types``, ``section_name``,
-    ``extra_keys`` and implement :meth:`_configure_more` and
+    Subclasses set ``name``, ``exit_types``, ``section_name``, ``spec``
+    (the section's schema) and implement :meth:`_configure_more` and
     :meth:`recipient`.
     """
 
@@ -300,12 +294,10 @@ class MailModule:
     exit_types: frozenset[int] = frozenset()
     priority = 0
     uses_tag = True
-    extra_keys: frozenset[str] = frozenset()
-    #: the MBOX module always uses the default tag
-    fixed_from_tag: Optional[str] = None
+    spec: SectionSpec = SMTP
 
     def __init__(self) -> None:
-        self.retry_schedule: list[int] = list(DEFAULT_SCHEDULE)
+        self.retry_schedule: list[int] = list(self.spec.default("Retry"))
         self.options: Optional[MailOptions] = None
         self.transport: Any = None
         self.advertised = True
@@ -315,36 +307,33 @@ class MailModule:
     # -- configuration ---------------------------------------------------------------
 
     def configure(self, section: Mapping[str, Any], context: ExitContext) -> None:
+        """``section``: the values of the file (text, or as the node parsed
+        them), typed here by :attr:`spec`."""
         self.context = context
         self.log = context.logger(self)
-        reader = SectionReader(self.section_name, section,
-                               MODULE_KEYS | COMMON_MAIL_KEYS | TRANSPORT_KEYS | self.extra_keys)
-        self.advertised = bool(reader.get("Advertise", parse_bool, True))
-        self.retry_schedule = reader.get("Retry", parse_schedule, list(DEFAULT_SCHEDULE)) or []
-        self.options = read_mail_options(reader, self.log, self.fixed_from_tag)
-        self._configure_more(reader, context)
+        values = section_values(self.spec, section)
+        self.advertised = values["Advertise"]
+        self.retry_schedule = list(values["Retry"])
+        self.options = read_mail_options(values, self.section_name, self.log)
+        self._configure_more(values, context)
         if self.transport is None:
-            self.transport = self._make_mta_transport(reader, context)
+            self.transport = self._make_mta_transport(values, context)
 
-    def _configure_more(self, reader: SectionReader, context: ExitContext) -> None:
+    def _configure_more(self, values: Mapping[str, Any], context: ExitContext) -> None:
         """Module-specific options; may set ``self.transport``."""
 
-    def _make_mta_transport(self, reader: SectionReader, context: ExitContext) -> Any:
+    def _make_mta_transport(self, values: Mapping[str, Any], context: ExitContext) -> Any:
         from mixminion.exits import mta
 
-        if reader.has("SendmailCommand"):
-            # SMTPPort alone is ignored: a parsed configuration fills in its default.
-            if reader.has("SMTPServer"):
-                raise ExitConfigError(f"[{reader.name}] SendmailCommand and SMTPServer are exclusive")
-            argv = reader.get("SendmailCommand", parse_command)
-            assert argv is not None
+        if values["SendmailCommand"] is not None:
+            # SMTPPort alone is ignored: it always has a value (its default).
+            if values["SMTPServer"] is not None:
+                raise ExitConfigError(f"[{self.section_name}] SendmailCommand and SMTPServer "
+                                      "are exclusive")
+            argv = _program(values["SendmailCommand"], self.section_name)
             return mta.SendmailCommand(argv, context.reactor, context.logger())
-        host = reader.get("SMTPServer", parse_text, "localhost") or "localhost"
-        port = reader.get("SMTPPort", parse_int, 25)
-        assert port is not None
-        if not 1 <= port <= 65535:
-            raise ExitConfigError(f"[{reader.name}] SMTPPort out of range")
-        return mta.SMTPRelay(host, port, context.reactor, context.logger())
+        host = values["SMTPServer"] or "localhost"
+        return mta.SMTPRelay(host, values["SMTPPort"], context.reactor, context.logger())
 
     # -- delivery --------------------------------------------------------------------
 

@@ -8,8 +8,9 @@ option (ours, for local tests), is appended to an mbox file.
 
 from __future__ import annotations
 
+import os
 import re
-from typing import Mapping
+from typing import Any, Mapping
 
 from zope.interface import implementer
 
@@ -18,9 +19,9 @@ from mixminion.exits.context import ExitContext
 from mixminion.exits.errors import ExitConfigError
 from mixminion.exits.interfaces import IExitModule
 from mixminion.exits.items import DeliveryItem
-from mixminion.exits.mail import DEFAULT_FROM_TAG, Drop, MailModule
+from mixminion.exits.mail import Drop, MailModule
 from mixminion.exits.mta import MboxFile
-from mixminion.exits.options import SectionReader, parse_filename, parse_text
+from mixminion.exits.options import MBOX
 
 _ALIAS = re.compile(r"([^\s:=]+)\s*[:=]\s*(\S+)\Z")
 _MAILBOXISH = re.compile(r"[^@\s]+@[^@\s]+\Z")
@@ -53,36 +54,36 @@ class MBOXModule(MailModule):
     section_name = "Delivery/MBOX"
     exit_types = frozenset({MBOX_TYPE})
     uses_tag = True
-    extra_keys = frozenset({"AddressFile", "RemoveContact", "MboxFile"})
-    fixed_from_tag = DEFAULT_FROM_TAG
+    spec = MBOX
 
     def __init__(self) -> None:
         super().__init__()
         self.aliases: Mapping[str, str] = {}
         self.remove_contact = ""
 
-    def _configure_more(self, reader: SectionReader, context: ExitContext) -> None:
-        # The node passes every option with its default filled in, so only
-        # a FromTag other than the default one is worth a warning.
-        if reader.get("FromTag", parse_text) not in (None, DEFAULT_FROM_TAG):
-            self.log.warn("[Delivery/MBOX] FromTag is ignored: MBOX mail always uses [Anon]")
-        path = reader.require("AddressFile", lambda v: parse_filename(v, context.base_dir))
+    def _configure_more(self, values: Mapping[str, Any], context: ExitContext) -> None:
+        if values["FromTag"] != self.spec.default("FromTag"):
+            raise ExitConfigError("[Delivery/MBOX] FromTag: MBOX always signs its mail [Anon]")
+        if values["AddressFile"] is None:
+            raise ExitConfigError("[Delivery/MBOX] AddressFile is required")
+        path = os.path.join(context.base_dir, values["AddressFile"])
         try:
             with open(path, encoding="ascii") as f:
                 self.aliases = parse_address_file(f.read())
         except (OSError, UnicodeDecodeError) as exc:
             raise ExitConfigError(f"[Delivery/MBOX] cannot read AddressFile {path}: {exc}") from None
-        self.remove_contact = reader.require("RemoveContact", parse_text)
+        if not values["RemoveContact"]:
+            raise ExitConfigError("[Delivery/MBOX] RemoveContact is required")
+        self.remove_contact = values["RemoveContact"]
         assert self.options is not None
         for key, value in (("ReturnAddress", self.options.return_address),
                            ("RemoveContact", self.remove_contact)):
             if not _MAILBOXISH.match(value):
                 self.log.warn("[Delivery/MBOX] {key} does not look like an e-mail address", key=key)
-        if reader.has("MboxFile"):
-            if reader.has("SMTPServer") or reader.has("SendmailCommand"):
+        if values["MboxFile"] is not None:
+            if values["SMTPServer"] is not None or values["SendmailCommand"] is not None:
                 raise ExitConfigError("[Delivery/MBOX] MboxFile excludes SMTPServer and SendmailCommand")
-            mbox_path = reader.get("MboxFile", lambda v: parse_filename(v, context.base_dir))
-            assert mbox_path is not None
+            mbox_path = os.path.join(context.base_dir, values["MboxFile"])
             self.transport = MboxFile(mbox_path, context.clock, context.logger())
         self.log.info("Loaded {n} mailbox aliases", n=len(self.aliases))
 

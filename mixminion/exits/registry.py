@@ -24,7 +24,7 @@ from mixminion.exits.context import Advertisement, ExitContext
 from mixminion.exits.errors import BrokenExitPlugin, ExitConfigError, MissingExitModule, UndeliverableItem
 from mixminion.exits.interfaces import IExitModule, IExitModuleFactory
 from mixminion.exits.items import DeliveryItem, DeliveryResult, make_delivery_item
-from mixminion.exits.options import parse_bool
+from mixminion.config.values import BOOLEAN
 
 #: providers of the interfaces (zope interfaces are not types to mypy)
 ExitModule = Any
@@ -32,7 +32,7 @@ ExitModuleFactory = Any
 
 #: sections owned by exit modules
 DELIVERY_PREFIX = "Delivery/"
-_MAIL_SECTIONS = ("Delivery/SMTP", "Delivery/MBOX", "Delivery/SMTP-Via-Mixmaster")
+_MAIL_SECTIONS = ("Delivery/SMTP", "Delivery/MBOX")
 _RESULT_EVENTS = {
     DeliveryResult.OK: "ExitDelivered",
     DeliveryResult.RETRY: "ExitRetry",
@@ -315,7 +315,8 @@ def build_dispatcher(
             if "Enabled" not in section:
                 raise ExitConfigError(f"[{factory.section}] Enabled is required")
             try:
-                if not parse_bool(section["Enabled"]):
+                enabled = section["Enabled"]
+                if not (BOOLEAN.parse(enabled) if isinstance(enabled, str) else enabled):
                     continue
             except ValueError as exc:
                 raise ExitConfigError(f"[{factory.section}] Enabled: {exc}") from None

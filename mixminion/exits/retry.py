@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+from mixminion.config.intervals import DEFAULT_MODULE_RETRY, parse_retry_schedule
 from mixminion.server.schedule import next_attempt
 
-#: the module default "7 hours for 6 days"
-DEFAULT_SCHEDULE = [7 * 3600] * 21
+#: the schema's default retry schedule of a module ("7 hours for 6 days")
+DEFAULT_SCHEDULE = list(parse_retry_schedule(DEFAULT_MODULE_RETRY))
 
 
 def is_ready(last: Optional[float], first: float, schedule: Sequence[int], now: float) -> Optional[bool]:

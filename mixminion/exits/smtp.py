@@ -3,7 +3,8 @@ the routing info (spec: server.md §9.3, §9.5, §14.9 ``[Delivery/SMTP]``)."""
 
 from __future__ import annotations
 
-from typing import Optional
+import os
+from typing import Any, Mapping, Optional
 
 from zope.interface import implementer
 
@@ -14,7 +15,7 @@ from mixminion.exits.context import ExitContext
 from mixminion.exits.interfaces import IExitModule
 from mixminion.exits.items import DeliveryItem
 from mixminion.exits.mail import MAX_ADDRESS, Drop, MailModule
-from mixminion.exits.options import SectionReader, parse_filename
+from mixminion.exits.options import SMTP
 
 
 @implementer(IExitModule)
@@ -26,16 +27,15 @@ class SMTPModule(MailModule):
     section_name = "Delivery/SMTP"
     exit_types = frozenset({SMTP_TYPE})
     uses_tag = True
-    extra_keys = frozenset({"BlacklistFile"})
+    spec = SMTP
 
     def __init__(self) -> None:
         super().__init__()
         self.blacklist: Optional[Blacklist] = None
 
-    def _configure_more(self, reader: SectionReader, context: ExitContext) -> None:
-        if reader.has("BlacklistFile"):
-            path = reader.get("BlacklistFile", lambda v: parse_filename(v, context.base_dir))
-            assert path is not None
+    def _configure_more(self, values: Mapping[str, Any], context: ExitContext) -> None:
+        if values["BlacklistFile"] is not None:
+            path = os.path.join(context.base_dir, values["BlacklistFile"])
             self.blacklist = Blacklist.from_file(path)
             self.log.info("Loaded {n} blacklist rules", n=len(self.blacklist))
 

@@ -1,11 +1,13 @@
 """The exit modules that come with mixminion (loaded only when used)."""
 
+from mixminion.exits import options
 from mixminion.exits.plugin import ExitModulePlugin
 
 smtp = ExitModulePlugin("SMTP", "Delivery/SMTP", "mixminion.exits.smtp.SMTPModule",
-                        "Mail to any address through an MTA")
+                        "Mail to any address through an MTA", options=options.SMTP)
 mbox = ExitModulePlugin("MBOX", "Delivery/MBOX", "mixminion.exits.mbox.MBOXModule",
-                        "Mail to local aliases listed in an address file")
+                        "Mail to local aliases listed in an address file", options=options.MBOX)
 fragment = ExitModulePlugin("FRAGMENT", "Delivery/Fragmented", "mixminion.exits.fragment.FragmentModule",
-                            "Reassembly of fragmented messages for the other modules")
+                            "Reassembly of fragmented messages for the other modules",
+                            options=options.FRAGMENTED)
 drop = ExitModulePlugin("DROP", None, "mixminion.exits.drop.DropModule", "Counts and discards")

@@ -71,6 +71,7 @@ from mixminion.directory.descriptor import (
     MAX_CONTACT_FINGERPRINT,
 )
 from mixminion.directory.descriptor import AddressRule as PublishedRule
+from mixminion.exits import options as exit_options
 from mixminion.mmtp.limits import AddressRule as LinkRule
 from mixminion.mmtp.limits import AddressRules, ConnectionLimits
 from mixminion.server.schedule import schedule_warnings
@@ -188,51 +189,11 @@ _BUILD = "mixminion.server.tap:build_node"
 _DESCRIPTOR = "mixminion.server.tap:descriptor_template"
 _PARANOIA = "mixminion.server.paranoia:problems_for"
 _EXITS = "mixminion.server.reload:apply_exits"
+_BUILD_EXITS = "mixminion.exits.registry:build_dispatcher"
 _MIXING = "mixminion.server.reload:apply_mixing"
 _INCOMING = "mixminion.server.reload:apply_incoming"
 _OUTGOING = "mixminion.server.reload:apply_outgoing"
 _TWISTD = "twistd owns the process: "
-
-
-def _mail_options(from_tag: bool = True) -> tuple[Option, ...]:
-    """Options shared by the modules that send e-mail (§14.9).  A SIGHUP
-    rebuilds the exit modules from the new values (and re-reads the files
-    they name); a published change regenerates the descriptor."""
-    return (
-        Option("Enabled", BOOLEAN, "run this module", required=True, published=True,
-               consumer="mixminion.exits.registry:build_dispatcher"),
-        Option("Advertise", BOOLEAN, "publish the capability in our descriptor",
-               default="yes", published=True, reload=_EXITS),
-        Option("Retry", INTERVAL_LIST, "per-message retry schedule (§6.3)",
-               default=sched.DEFAULT_MODULE_RETRY, reload=_EXITS),
-        Option("MaximumSize", SIZE, "largest message delivered, after decompression; "
-               "raised to at least 32 KB and rounded up to whole KB",
-               default="100K", published=True, reload=_EXITS),
-        Option("AllowFromAddress", BOOLEAN, "honour a sender-chosen From name",
-               default="yes", published=True, reload=_EXITS),
-        Option("SubjectLine", STRING, "Subject when the message gives none",
-               default="Type III Anonymous Message", reload=_EXITS),
-        Option("X-Abuse", STRING, "adds an X-Abuse header", reload=_EXITS),
-        Option("Comments", STRING, "adds a Comments header", reload=_EXITS),
-        Option("Message", STRING, "disclaimer paragraph placed before the body", reload=_EXITS),
-        Option("FromTag", STRING, "prefix of the From display name",
-               default="[Anon]", reload=_EXITS) if from_tag else
-        Option("FromTag", STRING, "not supported: MBOX always signs its mail [Anon]",
-               default="[Anon]", refused="MBOX always signs its mail [Anon]; remove FromTag"),
-        Option("ReturnAddress", STRING, "address in From and the envelope sender; "
-               "required when enabled", reload=_EXITS),
-    )
-
-
-def _mta_options() -> tuple[Option, ...]:
-    return (
-        Option("SMTPServer", STRING, "mail server to hand messages to",
-               derived="localhost unless SendmailCommand is set", reload=_EXITS),
-        Option("SMTPPort", PORT, "its port (ours: lets tests use a high loopback port)",
-               default="25", reload=_EXITS),
-        Option("SendmailCommand", COMMAND, "program fed each message on stdin, e.g. "
-               "'/usr/sbin/sendmail -i -t'; exclusive with SMTPServer", reload=_EXITS),
-    )
 
 
 def _path(key: str, default: Optional[str], doc: str, derived: str = "", **effect: str) -> Option:
@@ -244,7 +205,7 @@ def _pinging(key: str, default: str, doc: str) -> Option:
                   pending="not used until the pinger is built")
 
 
-SCHEMA_SECTIONS: tuple[SectionSpec, ...] = (
+NODE_SECTIONS: tuple[SectionSpec, ...] = (
     SectionSpec("Host", "this machine (§14.3)", (
         Option("ShredCommand", COMMAND, "not supported: the node overwrites packet data in "
                "place itself",
@@ -418,31 +379,26 @@ SCHEMA_SECTIONS: tuple[SectionSpec, ...] = (
         _pinging("RetainData", "30 days", "how long raw data is kept"),
         _pinging("RetainResults", "1 year", "how long results are kept"),
     )),
-    SectionSpec("Delivery/SMTP", "e-mail to any address (§9.3, §14.9)",
-                _mail_options() + _mta_options() + (
-        Option("BlacklistFile", FILENAME, "addresses never mailed (§9.5); must exist; "
-               "every SIGHUP re-reads it", reload=_EXITS),
-    )),
-    SectionSpec("Delivery/MBOX", "e-mail to local mailbox names (§9.4, §14.9)",
-                _mail_options(from_tag=False) + _mta_options() + (
-        Option("AddressFile", FILENAME, "name: address lines; required when enabled; "
-               "every SIGHUP re-reads it", reload=_EXITS),
-        Option("RemoveContact", STRING, "whom recipients ask to be removed; required when "
-               "enabled", reload=_EXITS),
-        Option("MboxFile", FILENAME, "ours: append the mail to this local mbox file instead "
-               "of handing it to an MTA; exclusive with SMTPServer, SMTPPort and "
-               "SendmailCommand", reload=_EXITS),
-    )),
-    SectionSpec("Delivery/Fragmented", "server-side reassembly (§9.7)", (
-        Option("Enabled", BOOLEAN, "reassemble fragmented messages", required=True,
-               published=True, consumer="mixminion.exits.registry:build_dispatcher"),
-        Option("MaximumSize", SIZE, "largest compressed message reassembled",
-               required=True, published=True, reload=_EXITS),
-        Option("MaximumInterval", INTERVAL, "how long fragments wait for the rest",
-               default="2 days", reload=_EXITS),
-    )),
 )
 
+
+def exit_section(spec: SectionSpec) -> SectionSpec:
+    """An exit module's ``[Delivery/<Name>]`` schema as a section of the
+    node's: ``Enabled`` is read when the modules are built (a restart
+    applies it); every other option is applied by rebuilding the modules on
+    SIGHUP; refused options stay refused."""
+    def effect(option: Option) -> Option:
+        if option.refused or option.pending:
+            return option
+        if option.key == "Enabled":
+            return dataclasses.replace(option, consumer=_BUILD_EXITS, reload="")
+        return dataclasses.replace(option, reload=_EXITS, consumer="")
+    return dataclasses.replace(spec, options=tuple(effect(o) for o in spec.options))
+
+
+#: the node's own sections, then those of the exit modules that come with it
+SCHEMA_SECTIONS: tuple[SectionSpec, ...] = NODE_SECTIONS + tuple(
+    exit_section(spec) for spec in (exit_options.SMTP, exit_options.MBOX, exit_options.FRAGMENTED))
 SCHEMA: Mapping[str, SectionSpec] = {s.name: s for s in SCHEMA_SECTIONS}
 
 #: Delivery sections with a class of their own; other ``Delivery/*`` are plugins.
@@ -721,11 +677,12 @@ class ServerConfig:
     directory: DirectorySection
     pinging: PingingSection
     deliveries: Mapping[str, DeliverySection]
-    unknown_sections: Mapping[str, RawSection]
     warnings: tuple[str, ...]
     values: Mapping[Key, Any] = field(repr=False)
     entries: Mapping[Key, RawEntry] = field(repr=False)
     present: frozenset[str] = field(repr=False)
+    #: the schema the file was read with: the node's and installed plugins'
+    schema: Mapping[str, SectionSpec] = field(repr=False, default_factory=lambda: SCHEMA)
 
     def __getitem__(self, key: Key) -> Any:
         return self.values[key]
@@ -752,8 +709,10 @@ class ServerConfig:
 
     @property
     def plugin_sections(self) -> Mapping[str, RawSection]:
-        """``[Delivery/<Name>]`` sections for plugins, by ``<Name>``."""
-        return {n: s for n, s in self.deliveries.items() if isinstance(s, RawSection)}
+        """``[Delivery/<Name>]`` sections of plugins that read their own
+        text (they declare no schema), by ``<Name>``."""
+        return {n: s for n, s in self.deliveries.items()
+                if isinstance(s, RawSection) and PLUGIN_PREFIX + n not in self.schema}
 
     def connection_limits(self) -> ConnectionLimits:
         """Inbound MMTP limits (mmtp.md §14.2); idle timeout = ``Timeout``."""
@@ -816,10 +775,17 @@ class _Builder:
     first error."""
 
     def __init__(self, sections: tuple[RawSection, ...], filename: str,
-                 config_dir: str, last_line: int, plugin_sections: frozenset[str]) -> None:
+                 config_dir: str, last_line: int,
+                 plugin_sections: Mapping[str, Optional[SectionSpec]]) -> None:
         self.filename = filename
-        #: ``[Delivery/<Name>]`` sections claimed by installed exit plugins
+        #: ``[Delivery/<Name>]`` sections claimed by installed exit plugins,
+        #: with their schemas (None: the plugin reads the text itself)
         self.plugin_sections = plugin_sections
+        #: the schema this file is read with: the node's and the plugins'
+        self.schema: dict[str, SectionSpec] = dict(SCHEMA)
+        for name, spec in plugin_sections.items():
+            if spec is not None and name not in self.schema:
+                self.schema[name] = exit_section(spec)
         self.config_dir = config_dir
         self.last_line = last_line
         self.sections = {s.name: s for s in sections}
@@ -861,7 +827,7 @@ class _Builder:
         errors: list[ConfigError] = []
         for name in self.order:
             raw = self.sections[name]
-            spec = SCHEMA.get(name)
+            spec = self.schema.get(name)
             if spec is not None:
                 errors.extend(self.read_section(spec, raw))
             else:
@@ -884,7 +850,7 @@ class _Builder:
         if raw.name.startswith(PLUGIN_PREFIX) and raw.name in self.plugin_sections:
             return
         if raw.name.startswith(PLUGIN_PREFIX) and len(raw.name) > len(PLUGIN_PREFIX):
-            known = sorted({*self.plugin_sections, *(n for n in SCHEMA if n.startswith(PLUGIN_PREFIX))})
+            known = sorted({*self.plugin_sections, *(n for n in self.schema if n.startswith(PLUGIN_PREFIX))})
             hint = _suggest(raw.name, known, "[{}]")
             raise ConfigError(self.filename, raw.line, raw.name, None,
                               f"no installed exit module handles this section{hint} "
@@ -987,7 +953,7 @@ class _Builder:
         supplies are found next to the configuration file."""
         base_dir = self.values["Server", "BaseDir"]
         for (section, key), value in list(self.values.items()):
-            option = SCHEMA[section].option(key)
+            option = self.schema[section].option(key)
             if value is None or option is None or option.type is not FILENAME \
                     or key in ("BaseDir", "Homedir"):
                 continue
@@ -1238,13 +1204,11 @@ def _deliveries(b: _Builder) -> dict[str, DeliverySection]:
         if not name.startswith(PLUGIN_PREFIX) or len(name) == len(PLUGIN_PREFIX):
             continue
         short = name[len(PLUGIN_PREFIX):]
-        deliveries[short] = _section_object(b, name) if name in SCHEMA else b.sections[name]
+        deliveries[short] = _section_object(b, name) if name in SECTION_CLASSES else b.sections[name]
     return deliveries
 
 
 def _assemble(b: _Builder) -> ServerConfig:
-    unknown = {n: s for n, s in b.sections.items()
-               if n not in SCHEMA and not n.startswith(PLUGIN_PREFIX)}
     return ServerConfig(
         filename=b.filename,
         host=_section_object(b, "Host"),
@@ -1254,11 +1218,11 @@ def _assemble(b: _Builder) -> ServerConfig:
         directory=_section_object(b, "DirectoryServers"),
         pinging=_section_object(b, "Pinging"),
         deliveries=_deliveries(b),
-        unknown_sections=unknown,
         warnings=tuple(b.warnings),
         values=MappingProxyType(dict(b.values)),
         entries=MappingProxyType(dict(b.entries)),
         present=frozenset(b.sections),
+        schema=MappingProxyType(b.schema),
     )
 
 
@@ -1280,16 +1244,17 @@ def exit_factories(server: Optional[RawSection]) -> dict[str, Any]:
     return {**factories, **extra}
 
 
-def plugin_section_names(factories: Mapping[str, Any]) -> frozenset[str]:
+def plugin_schemas(factories: Mapping[str, Any]) -> dict[str, Optional[SectionSpec]]:
     """``[Delivery/<Name>]`` sections that exit-module plugins claim beyond
-    the ones this schema describes."""
-    return frozenset(f.section for f in factories.values()
-                     if f.section and f.section not in SCHEMA)
+    the node's, with the schema each plugin declares (None: the plugin
+    reads the text itself)."""
+    return {f.section: getattr(f, "options", None) for f in factories.values()
+            if f.section and f.section not in SCHEMA}
 
 
 def parse_config(text: Union[str, bytes], filename: str = "<string>",
                  config_dir: Optional[str] = None,
-                 plugin_sections: Optional[frozenset[str]] = None) -> ServerConfig:
+                 plugin_sections: Optional[Mapping[str, Optional[SectionSpec]]] = None) -> ServerConfig:
     """Parse and validate a configuration.
 
     ``config_dir`` is where relative paths of operator-supplied files
@@ -1302,7 +1267,7 @@ def parse_config(text: Union[str, bytes], filename: str = "<string>",
     sections = parse_sections(text, filename)
     if plugin_sections is None:
         server = next((s for s in sections if s.name == "Server"), None)
-        plugin_sections = plugin_section_names(exit_factories(server))
+        plugin_sections = plugin_schemas(exit_factories(server))
     source = text.decode("latin-1") if isinstance(text, (bytes, bytearray)) else text
     last_line = max(1, textformat.normalise_newlines(source).rstrip("\n").count("\n") + 1)
     builder = _Builder(sections, filename, config_dir, last_line, plugin_sections)
@@ -1337,6 +1302,8 @@ class ReloadPlan:
     live: tuple[Key, ...]
     restart: tuple[Key, ...]
     descriptor_changed: bool
+    #: the SIGHUP appliers (``Option.reload``) of the live changes, each once
+    appliers: tuple[str, ...] = ()
 
     @property
     def changed(self) -> bool:
@@ -1345,13 +1312,6 @@ class ReloadPlan:
     @property
     def needs_restart(self) -> bool:
         return bool(self.restart)
-
-    @property
-    def appliers(self) -> tuple[str, ...]:
-        """The SIGHUP appliers (``Option.reload``) of the live changes,
-        each once, in schema order."""
-        names = [_applier(*key) for key in self.live]
-        return tuple(dict.fromkeys(names))
 
 
 def _comparable(config: ServerConfig) -> dict[Key, Any]:
@@ -1372,21 +1332,17 @@ def _comparable(config: ServerConfig) -> dict[Key, Any]:
 _PLUGIN_APPLIER = "mixminion.server.reload:apply_exits"
 
 
-def _applier(section: str, key: str) -> str:
+def _applier(section: str, key: str, schema: Mapping[str, SectionSpec] = SCHEMA) -> str:
     """What applies a change of this option on SIGHUP ("" if nothing can)."""
-    spec = SCHEMA.get(section)
-    if spec is None:  # a plugin's section: its own options reload, enabling it does not
+    spec = schema.get(section)
+    if spec is None:  # a plugin reading its own text: options reload, enabling does not
         return _PLUGIN_APPLIER if key != "Enabled" else ""
     option = spec.option(key)
     return option.reload if option is not None else ""
 
 
-def _reloadable(section: str, key: str) -> bool:
-    return bool(_applier(section, key))
-
-
-def _published(section: str, key: str) -> bool:
-    spec = SCHEMA.get(section)
+def _published(section: str, key: str, schema: Mapping[str, SectionSpec]) -> bool:
+    spec = schema.get(section)
     option = spec.option(key) if spec is not None else None
     return option is not None and option.published
 
@@ -1395,11 +1351,13 @@ def reloadable_differences(old: ServerConfig, new: ServerConfig) -> ReloadPlan:
     """Sort every changed option into applied-on-SIGHUP and needs-restart."""
     before, after = _comparable(old), _comparable(new)
     changed = [k for k in dict.fromkeys([*before, *after]) if before.get(k) != after.get(k)]
-    live = tuple(k for k in changed if _reloadable(*k))
-    restart = tuple(k for k in changed if not _reloadable(*k))
+    appliers = {k: _applier(*k, new.schema) for k in changed}
+    live = tuple(k for k in changed if appliers[k])
+    restart = tuple(k for k in changed if not appliers[k])
     descriptor_changed = (
-        any(_published(*k) for k in changed)
+        any(_published(*k, new.schema) for k in changed)
         or old.configuration_summary() != new.configuration_summary()
         or old.insecurities() != new.insecurities()
     )
-    return ReloadPlan(live, restart, descriptor_changed)
+    return ReloadPlan(live, restart, descriptor_changed,
+                      tuple(dict.fromkeys(appliers[k] for k in live)))

@@ -25,9 +25,10 @@ from mixminion.server.schedule import MessageRetryState
 
 
 def exit_sections(config: ServerConfig) -> dict[str, dict[str, Any]]:
-    """``[Delivery/...]`` sections for the exit modules: built-in ones with
-    the values the configuration already parsed (paths made absolute,
-    sizes in bytes), plugin ones as raw strings for the plugin to parse."""
+    """``[Delivery/...]`` sections for the exit modules: the values the
+    configuration parsed with each module's schema (paths made absolute,
+    sizes in bytes), or the text of the file for a plugin that declares no
+    schema and parses it itself."""
     sections: dict[str, dict[str, Any]] = {}
     for (section, key), value in config.values.items():
         if section.startswith("Delivery/") and section in config.present and value is not None:

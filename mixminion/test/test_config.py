@@ -55,7 +55,7 @@ class ConfigTestCase(unittest.TestCase):
         os.makedirs(self.dir)
 
     #: sections claimed by exit plugins "installed" for these tests
-    plugins = frozenset({"Delivery/News", "Delivery/A", "Delivery/B"})
+    plugins = {"Delivery/News": None, "Delivery/A": None, "Delivery/B": None}
 
     def parse(self, text: str) -> ServerConfig:
         return parse_config(text, "mixminiond.conf", config_dir=self.dir,
@@ -781,6 +781,33 @@ class PluginSectionTests(ConfigTestCase):
         exc = news.error("Server", "cannot resolve")
         self.assertEqual(str(exc), "mixminiond.conf:14: [Delivery/News] Server: cannot resolve")
         self.assertEqual(news.warning(None, "odd"), "mixminiond.conf:12: [Delivery/News]: odd")
+
+    def test_a_plugin_schema_checks_its_section(self) -> None:
+        """A plugin that declares its options has them read like the
+        node's: typos refused with a suggestion, values typed, and a SIGHUP
+        applies a change by rebuilding the modules."""
+        news = cfg.SectionSpec("Delivery/News", "news", (
+            cfg.Option("Enabled", cfg.BOOLEAN, "run it", required=True),
+            cfg.Option("Server", cfg.HOST, "news server"),
+            cfg.Option("Timeout", cfg.INTERVAL, "how long to wait", default="1 minute"),
+        ))
+        self.plugins = {"Delivery/News": news}
+        text = BASE + "[Delivery/News]\nEnabled: yes\nServer: news.example.org\n"
+        config = self.parse(text)
+        self.assertEqual(config["Delivery/News", "Timeout"], 60)
+        self.assertIs(config["Delivery/News", "Enabled"], True)
+        self.assertEqual(config.plugin_sections, {})
+        self.assertError(text + "Servr: x\n", "[Delivery/News] Servr: unknown option; "
+                                               "did you mean Server?")
+        self.assertError(text + "Timeout: soon\n", "[Delivery/News] Timeout:", "not an interval")
+        self.assertError(BASE + "[Delivery/News]\nServer: a\n",
+                         "[Delivery/News] Enabled: required option is missing")
+        plan = reloadable_differences(config, self.parse(text.replace("Server: news", "Server: nntp")))
+        self.assertEqual((plan.live, plan.appliers), ((("Delivery/News", "Server"),),
+                                                      ("mixminion.server.reload:apply_exits",)))
+        disabled = text.replace("[Delivery/News]\nEnabled: yes", "[Delivery/News]\nEnabled: no")
+        plan = reloadable_differences(config, self.parse(disabled))
+        self.assertEqual(plan.restart, (("Delivery/News", "Enabled"),))
 
     def test_plugin_enabled_flag(self) -> None:
         config = self.parse(BASE + "[Delivery/A]\nK: v\n[Delivery/B]\nEnabled: sometimes\n")

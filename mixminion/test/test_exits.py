@@ -59,7 +59,8 @@ from mixminion.exits.fragment import DAY
 from mixminion.exits.mail import MailOptions, format_mail, one_line
 from mixminion.exits.mbox import MBOXModule, parse_address_file
 from mixminion.exits.mta import mbox_quote, smtp_data
-from mixminion.exits.options import parse_schedule, parse_size
+from mixminion.config.intervals import parse_retry_schedule as parse_schedule
+from mixminion.config.values import parse_size
 from mixminion.exits.registry import Dispatcher, build_dispatcher, find_exit_modules
 from mixminion.exits.retry import next_attempt
 from mixminion.exits.smtp import SMTPModule
@@ -397,10 +398,10 @@ class Options(unittest.TestCase):
             self.assertRaises(ValueError, parse_size, bad)
 
     def test_schedules(self):
-        self.assertEqual(parse_schedule("7 hours for 6 days"), [25200] * 21)
+        self.assertEqual(parse_schedule("7 hours for 6 days"), (25200,) * 21)
         self.assertEqual(parse_schedule("every 1 hour for 1 day, 7 hours for 5 days"),
-                         [3600] * 24 + [25200] * 18)
-        self.assertEqual(parse_schedule("10 min, .5 hour"), [600, 1800])
+                         (3600,) * 24 + (25200,) * 18)
+        self.assertEqual(parse_schedule("10 min, .5 hour"), (600, 1800))
         self.assertRaises(ValueError, parse_schedule, "every 1 hour")
 
     def test_next_attempt(self):
@@ -865,7 +866,8 @@ class MBOXDelivery(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_mbox_file(self):
-        module = self.module(MboxFile="inbox.mbox", FromTag="[Ignored]")
+        self.assertRaises(ExitConfigError, self.module, MboxFile="inbox.mbox", FromTag="[Mine]")
+        module = self.module(MboxFile="inbox.mbox", FromTag="[Anon]")
         body = b"Dear Alice,\nFrom here on\n>From there\n"
         results = []
         for name, headers in ((b"alice", {"FROM": "Bob", "SUBJECT": "Hi"}), (b"bob", {})):

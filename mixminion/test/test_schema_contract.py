@@ -157,7 +157,7 @@ class RefusedAndPendingOptions(unittest.TestCase):
         return self.BASE + f"[{section}]\n{enabled}{line}\n"
 
     def _parse(self, text: str) -> cfg.ServerConfig:
-        return cfg.parse_config(text, "node.conf", config_dir="/tmp", plugin_sections=frozenset())
+        return cfg.parse_config(text, "node.conf", config_dir="/tmp", plugin_sections={})
 
     def test_refused_options_stop_start_up(self) -> None:
         refused = [(s, o) for s, o in ALL if o.refused]
