@@ -167,6 +167,24 @@ class CheckCommandTests(unittest.TestCase):
                                    "MaxConections: unknown option; did you mean MaxConnections?")
         self.assertNotIn("Traceback", done.stderr)
 
+    def test_exit_modules_check_their_files(self) -> None:
+        """What only an exit module knows (the rules of a BlacklistFile) is
+        checked too, as the node would at start."""
+        folder = os.path.abspath(self.mktemp())
+        os.makedirs(folder)
+        conf = os.path.join(folder, "node.conf")
+        with open(os.path.join(folder, "blacklist"), "w") as f:
+            f.write("deny bogus rule here\n")
+        with open(conf, "w") as f:
+            f.write(node_config(os.path.join(folder, "base"), 48099,
+                                extra="[Delivery/SMTP]\nEnabled: yes\nReturnAddress: r@example.org\n"
+                                      "BlacklistFile: blacklist\n"))
+        done = mixminiond("check", "-c", conf)
+        self.assertEqual(done.returncode, 1, done.stdout)
+        [line] = done.stdout.splitlines()
+        self.assertIn("blacklist", line.lower())
+        self.assertFalse(os.path.exists(os.path.join(folder, "base")))
+
     def test_usage(self) -> None:
         done = mixminiond("check")
         self.assertEqual(done.returncode, 2)

@@ -61,7 +61,8 @@ class FragmentModule:
 
     def __init__(self) -> None:
         self.context: Optional[ExitContext] = None
-        self.store: Optional[FragmentStore] = None
+        self._store: Optional[FragmentStore] = None
+        self._reassembler: Any = None
         self.max_size = 0
         self.max_interval: int = FRAGMENTED.default("MaximumInterval")
         self.log: Any = None
@@ -77,11 +78,30 @@ class FragmentModule:
         self.max_interval = values["MaximumInterval"]
         self.context = context
         self.log = context.logger(self)
-        path = os.path.join(context.module_dir(self.name), STATE_FILE)
-        self.store = FragmentStore(path)
-        self.reassembler = self.store.load(self.max_size + PREFIX_ALLOWANCE)
-        self.log.info("{pending} partial messages and {waiting} reassembled messages restored",
-                      pending=len(self.reassembler.pending), waiting=len(self.store.outbox()))
+
+    # The store is opened at first use, not in configure: a SIGHUP builds the
+    # new modules while the old ones still deliver, and two live copies of
+    # the same store would each hold a stale picture of the other's work.
+
+    @property
+    def store(self) -> FragmentStore:
+        if self._store is None:
+            assert self.context is not None, "configure() first"
+            path = os.path.join(self.context.module_dir(self.name), STATE_FILE)
+            self._store = FragmentStore(path)
+            self._reassembler = self._store.load(self.max_size + PREFIX_ALLOWANCE)
+            self.log.info("{pending} partial messages and {waiting} reassembled messages restored",
+                          pending=len(self._reassembler.pending), waiting=len(self._store.outbox()))
+        return self._store
+
+    @property
+    def reassembler(self) -> Any:
+        self.store  # noqa: B018 - opens the store, which loads the reassembler
+        return self._reassembler
+
+    @reassembler.setter
+    def reassembler(self, value: Any) -> None:
+        self._reassembler = value
 
     # -- fragments -----------------------------------------------------------------
 
@@ -239,7 +259,7 @@ class FragmentModule:
         return Advertisement(self.section_name, (("Version", "0.1"), ("Maximum-Fragments", str(n))), n)
 
     def stop(self) -> defer.Deferred:
-        if self.store is not None:
-            self.store.close()
-            self.store = None
+        if self._store is not None:
+            self._store.close()
+            self._store = None
         return defer.succeed(None)

@@ -306,6 +306,18 @@ def build_dispatcher(
                 f"section [{section_name}] is configured but no installed exit module handles it "
                 f"(installed: {installed})")
     dispatcher = Dispatcher(context)
+    try:
+        _configure_modules(dispatcher, config, context, factories, required)
+        _check_combination(dispatcher, config)
+    except BaseException:
+        dispatcher.stop()  # what was configured before the failure holds resources
+        raise
+    return dispatcher
+
+
+def _configure_modules(dispatcher: Dispatcher, config: Mapping[str, Mapping[str, Any]],
+                       context: ExitContext, factories: Mapping[str, ExitModuleFactory],
+                       required: Iterable[str]) -> None:
     for name in sorted(factories):
         factory = factories[name]
         if factory.section is None:
@@ -328,8 +340,6 @@ def build_dispatcher(
         module_context = dataclasses.replace(context.for_module(name), dispatcher=dispatcher)
         module.configure(section, module_context)
         dispatcher.add_module(module)
-    _check_combination(dispatcher, config)
-    return dispatcher
 
 
 def _check_combination(dispatcher: Dispatcher, config: Mapping[str, Mapping[str, Any]]) -> None:

@@ -506,7 +506,9 @@ class MMTPClient:
         peer.live -= 1
         self._connections -= 1
         self.stats.count("FailedConnect")
-        self.log.info("Could not connect to a next hop: {why}", why=failure.getErrorMessage())
+        # The reason may name the next hop (a DNS error does): debug only.
+        self.log.info("Could not connect to a next hop: {kind}", kind=failure.type.__name__)
+        self.log.debug("Could not connect to a next hop: {why}", why=failure.getErrorMessage())
         self._fail_pending(peer, Failure(ConnectionFailed(
             f"cannot connect: {failure.getErrorMessage()}")))
         self._open_waiting()

@@ -716,13 +716,13 @@ class ServerConfig:
 
     def connection_limits(self) -> ConnectionLimits:
         """Inbound MMTP limits (mmtp.md §14.2); idle timeout = ``Timeout``."""
-        inc = self.incoming
+        incoming = self.incoming
         return ConnectionLimits(
-            max_connections=inc.max_connections,
-            max_per_source=inc.max_connections_per_address,
-            handshake_timeout=float(inc.handshake_timeout),
-            line_timeout=float(inc.line_timeout),
-            frame_timeout=float(inc.frame_timeout),
+            max_connections=incoming.max_connections,
+            max_per_source=incoming.max_connections_per_address,
+            handshake_timeout=float(incoming.handshake_timeout),
+            line_timeout=float(incoming.line_timeout),
+            frame_timeout=float(incoming.frame_timeout),
             idle_timeout=float(self.server.timeout),
         )
 
@@ -1345,6 +1345,49 @@ def _published(section: str, key: str, schema: Mapping[str, SectionSpec]) -> boo
     spec = schema.get(section)
     option = spec.option(key) if spec is not None else None
     return option is not None and option.published
+
+
+_SECTION_ATTRS = {"Host": "host", "Server": "server", "Incoming/MMTP": "incoming",
+                  "Outgoing/MMTP": "outgoing", "DirectoryServers": "directory",
+                  "Pinging": "pinging"}
+
+
+def running_config(old: ServerConfig, new: ServerConfig, plan: ReloadPlan) -> ServerConfig:
+    """What the node runs on after a SIGHUP: ``new``, except that every
+    option needing a restart keeps its old value (so neither the appliers
+    nor the published descriptor use a value the node does not).  A
+    delivery section whose ``Enabled`` changed is kept whole as it was: the
+    set of exit modules changes only at a restart."""
+    values = dict(new.values)
+    entries = dict(new.entries)
+    present = set(new.present)
+    deliveries = dict(new.deliveries)
+    kept = {(s, k) for s, k in plan.restart}
+    for section, key in plan.restart:
+        if section.startswith(PLUGIN_PREFIX) and key == "Enabled":
+            kept |= {k for k in (*old.values, *new.values) if k[0] == section}
+            short = section[len(PLUGIN_PREFIX):]
+            if short in old.deliveries:
+                deliveries[short] = old.deliveries[short]
+            else:
+                deliveries.pop(short, None)
+            present = present - {section} | ({section} & old.present)
+    for key in kept:
+        for mine, theirs in ((values, old.values), (entries, old.entries)):
+            if key in theirs:
+                mine[key] = theirs[key]
+            else:
+                mine.pop(key, None)
+    changes: dict[str, Any] = {}
+    for name, attr in _SECTION_ATTRS.items():
+        spec = SCHEMA[name]
+        fields = {spec.option(k).name: values.get((name, k))  # type: ignore[union-attr]
+                  for s, k in kept if s == name and spec.option(k) is not None}
+        if fields:
+            changes[attr] = dataclasses.replace(getattr(new, attr), **fields)
+    return dataclasses.replace(new, values=MappingProxyType(values),
+                               entries=MappingProxyType(entries), present=frozenset(present),
+                               deliveries=deliveries, **changes)
 
 
 def reloadable_differences(old: ServerConfig, new: ServerConfig) -> ReloadPlan:

@@ -135,10 +135,8 @@ class Delivery:
         """Deliver through ``dispatcher`` (modules rebuilt from a new
         configuration) from the end of the running round on; the old
         modules are stopped then.  Fires when they have stopped."""
-        old = self.dispatcher
-
         def swap(_=None) -> defer.Deferred:
-            self.dispatcher = dispatcher
+            old, self.dispatcher = self.dispatcher, dispatcher
             return old.stop()
 
         if self._flushing is None:

@@ -14,7 +14,12 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from twisted.internet import task
+
+from mixminion.exits.context import ExitContext
+from mixminion.exits.errors import ExitConfigError
 from mixminion.server.config import ConfigError, ServerConfig, load_config
+from mixminion.server.delivery import build_exits
 from mixminion.server.paranoia import problems_for
 
 
@@ -25,7 +30,16 @@ def check(path: str) -> tuple[Optional[ServerConfig], list[str]]:
         config = load_config(os.path.abspath(path))
     except ConfigError as exc:
         return None, list(exc.problems)
-    return config, [str(p) for p in problems_for(config)]
+    problems = [str(p) for p in problems_for(config)]
+    # The exit modules check what only they know (the rules in a
+    # BlacklistFile, the aliases of an AddressFile, a ReturnAddress they can
+    # use); building them opens nothing, and they are stopped at once.
+    context = ExitContext(base_dir=config.server.base_dir, clock=task.Clock(), reactor=task.Clock())
+    try:
+        build_exits(config, context).stop()
+    except ExitConfigError as exc:
+        problems.append(f"{config.filename}: {exc}")
+    return config, problems
 
 
 def _check(args: argparse.Namespace) -> int:

@@ -235,22 +235,28 @@ class MixNode(service.MultiService):
         for call in (self._stats_call, self._first_flush):
             if call is not None and call.active():
                 call.cancel()
-        await self.mixer.stop()
-        if self._mixing_pool.started:
-            self._mixing_pool.stop()
-        await self.sink.stop()
-        await self.processor.stop()
-        # What processing consumed is overwritten now, not at the next start.
-        self.incoming.remove_through(consumed_through(self.store))
-        outgoing_stopped = self.outgoing.stop()  # before the close aborts its sends
-        await self.client.close()
-        await outgoing_stopped
-        await self.delivery.stop()
         self.stats_report.stop()
-        self.stats.save()
-        self.store.close()
-        self.incoming.close()
-        self.pid_file.release()
+        try:
+            await self.mixer.stop()
+            if self._mixing_pool.started:
+                self._mixing_pool.stop()
+            await self.sink.stop()
+            await self.processor.stop()
+            # What processing consumed is overwritten now, not at the next start.
+            self.incoming.remove_through(consumed_through(self.store))
+            outgoing_stopped = self.outgoing.stop()  # before the close aborts its sends
+            await self.client.close()
+            await outgoing_stopped
+            await self.delivery.stop()
+        finally:
+            # Whatever failed above, the counters, the stores and the pid
+            # file are closed: the next start must not find them held.
+            try:
+                self.stats.save()
+            finally:
+                self.store.close()
+                self.incoming.close()
+                self.pid_file.release()
 
     def queue_sizes(self) -> dict[str, int]:
         return {"incoming": self.incoming.count(), "pool": self.store.count(MIX),

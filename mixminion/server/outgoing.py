@@ -233,7 +233,9 @@ class Outgoing:
         self._state(dest).failed(started)
         self._save_states()
         self.count("RelayFailed", 1)
-        self.log.info("Relay failed, will retry: {why}", why=failure.getErrorMessage())
+        # The reason may name the next hop (a DNS error does): debug only.
+        self.log.info("Relay failed, will retry: {kind}", kind=failure.type.__name__)
+        self.log.debug("Relay failed, will retry: {why}", why=failure.getErrorMessage())
         self._send_ready()
 
     def _remove_done(self) -> None:

@@ -12,21 +12,28 @@ one and says why at WARN.
 from __future__ import annotations
 
 import signal
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
 from mixminion.exits.errors import ExitConfigError
-from mixminion.server.config import ConfigError, ServerConfig, load_config, reloadable_differences
+from mixminion.exits.registry import Dispatcher
+from mixminion.server.config import (
+    ConfigError,
+    ServerConfig,
+    load_config,
+    reloadable_differences,
+    running_config,
+)
 from mixminion.server.delivery import build_exits
 from mixminion.server.logfilter import set_log_level
 from mixminion.server.node import MixNode, initiator_settings, mix_algorithm
 
 log = Logger()
 
-Applier = Callable[[MixNode, ServerConfig], Optional[defer.Deferred]]
+Applier = Callable[[MixNode, ServerConfig], Any]
 
 
 def apply_log_level(node: MixNode, config: ServerConfig) -> None:
@@ -78,18 +85,13 @@ def apply_stats(node: MixNode, config: ServerConfig) -> None:
     node.stats_report.configure(config.server.log_stats, config.server.stats_interval)
 
 
-def apply_exits(node: MixNode, config: ServerConfig) -> defer.Deferred:
-    """Rebuild the exit modules from the new ``[Delivery/...]`` sections
-    (which also re-reads the files they name: BlacklistFile, AddressFile)
-    and deliver through them from the end of the running round on.
-    Enabling or disabling a module needs a restart."""
-    dispatcher = build_exits(config, node.delivery.dispatcher.context)
-    before = sorted(m.name for m in node.delivery.dispatcher.modules)
-    after = sorted(m.name for m in dispatcher.modules)
-    if before != after:
-        dispatcher.stop()
-        raise ExitConfigError("the set of enabled exit modules changed; that needs a restart")
-    return node.delivery.replace_dispatcher(dispatcher)
+def apply_exits(node: MixNode, config: ServerConfig) -> Dispatcher:
+    """The exit modules rebuilt from the new ``[Delivery/...]`` sections
+    (which also re-reads the files they name: BlacklistFile, AddressFile);
+    the reload hands them to delivery once everything else is applied.  A
+    bad section raises here, before anything changed.  (The set of enabled
+    modules is the running one: :func:`running_config` keeps it.)"""
+    return build_exits(config, node.delivery.dispatcher.context)
 
 
 def applier(name: str) -> Applier:
@@ -102,14 +104,16 @@ def applier(name: str) -> Applier:
 
 class ReloadService(service.Service):
     """SIGHUP: re-read the configuration file and apply what can change
-    while running; say which changes need a restart."""
+    while running; say which changes need a restart.  One reload at a time:
+    a SIGHUP during one waits for it."""
 
     def __init__(self, node: MixNode, config: ServerConfig, reactor,
-                 regenerate_descriptor: Callable[[ServerConfig], None]) -> None:
+                 regenerate_descriptor: Callable[[ServerConfig, Any], None]) -> None:
         self.node, self.config, self.reactor = node, config, reactor
         self.regenerate_descriptor = regenerate_descriptor
         self._previous: Any = None
-        #: called on every SIGHUP, whatever the configuration says (the publisher)
+        self._lock = defer.DeferredLock()
+        #: called after every SIGHUP that was applied (the publisher)
         self.listeners: list = []
 
     def privilegedStartService(self) -> None:  # noqa: N802
@@ -126,38 +130,47 @@ class ReloadService(service.Service):
             self._previous = None
 
     def reload(self) -> defer.Deferred:
-        """Fires once the changes are applied (or refused)."""
-        return defer.ensureDeferred(self._reload())
+        """Fires once the changes are applied (or refused) and the exit
+        modules swapped."""
+        return self._lock.run(lambda: defer.ensureDeferred(self._reload()))
 
     async def _reload(self) -> None:
         try:
             new = load_config(self.config.filename)
-        except (ConfigError, OSError) as exc:
+            plan = reloadable_differences(self.config, new)
+            running = running_config(self.config, new, plan)
+            waiting = reloadable_differences(running, new)
+            applied = reloadable_differences(self.config, running)
+            # The exit modules are built first, on every SIGHUP (they re-read
+            # their files): the one step that can still fail, before any
+            # other change is applied.
+            dispatcher = apply_exits(self.node, running)
+        except (ConfigError, ExitConfigError) as exc:
             log.warn("SIGHUP: configuration not reloaded, still running on the old one: "
                      "{why}", why=str(exc))
             return
-        plan = reloadable_differences(self.config, new)
-        # The exit modules are rebuilt first, on every SIGHUP (they re-read
-        # their files): the one step that can still fail, before any other
-        # change is applied.
-        try:
-            await apply_exits(self.node, new)
-        except ExitConfigError as exc:
+        except Exception as exc:  # a module that cannot open what it needs, a bad import...
             log.warn("SIGHUP: configuration not reloaded, still running on the old one: "
-                     "{why}", why=str(exc))
+                     "{why}", why=f"{type(exc).__name__}: {exc}")
             return
-        for name in plan.appliers:
+        for name in applied.appliers:
             if applier(name) is not apply_exits:
-                applier(name)(self.node, new)
-        if plan.descriptor_changed:
-            self.regenerate_descriptor(new)
-        for section, key in plan.restart:
+                applier(name)(self.node, running)
+        for section, key in waiting.live + waiting.restart:
             log.warn("SIGHUP: [{section}] {key} changed; it takes effect after a restart",
                      section=section, key=key)
-        if plan.changed:
-            log.info("SIGHUP: applied {n} changed options", n=len(plan.live))
+        if applied.changed:
+            log.info("SIGHUP: applied {n} changed options", n=len(applied.live))
         else:
             log.info("SIGHUP: configuration unchanged; exit modules re-read their files")
-        self.config = new
-        for listener in self.listeners:
-            listener()
+        self.config = running
+        if applied.descriptor_changed:
+            self.regenerate_descriptor(running, dispatcher)
+        else:
+            for listener in self.listeners:
+                listener()
+        try:
+            await self.node.delivery.replace_dispatcher(dispatcher)
+        except Exception as exc:
+            log.error("SIGHUP: the previous exit modules did not stop cleanly: {why}",
+                      why=str(exc))

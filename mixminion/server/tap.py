@@ -72,12 +72,16 @@ def descriptor_template(config: ServerConfig, dispatcher) -> DescriptorFields:
 
 
 class KeyService(service.Service):
-    """Generates keysets ahead of need and rotates packet keys on time."""
+    """Generates keysets ahead of need, rotates packet keys on time, and
+    rewrites the descriptors when a SIGHUP changed what they publish: the
+    only writer of the key store, one job at a time in a worker thread."""
 
     def __init__(self, keys: KeyStore, node: MixNode, template, reactor) -> None:
         self.keys, self.node, self.template, self.reactor = keys, node, template, reactor
         self._call = None
         self._busy = False
+        #: a new template waiting for the job under way to end
+        self._new_template = None
         #: called after each generation/rotation run (the publisher)
         self.listeners: list = []
 
@@ -91,6 +95,8 @@ class KeyService(service.Service):
             self._call.cancel()
 
     def _schedule(self) -> None:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
         now = self.reactor.seconds()
         delay = max(1.0, self.keys.next_event(now) - now)
         self._call = self.reactor.callLater(delay, self._tick)
@@ -102,6 +108,21 @@ class KeyService(service.Service):
         d = deferToThread(self._work, self.reactor.seconds())
         d.addCallback(self._rotated)
         d.addErrback(lambda f: log.failure("Key rotation failed; will retry", f))
+        d.addBoth(self._done)
+
+    def republish(self, template) -> None:
+        """Rewrite the descriptors from ``template`` (after the job under
+        way, if any), then tell the listeners (the publisher)."""
+        self._new_template = template
+        if self._busy:
+            return
+        self._busy = True
+        template, self._new_template = self._new_template, None
+        self.template = template
+        d = deferToThread(self.keys.regenerate_descriptors, template, self.reactor.seconds())
+        d.addCallback(lambda _: [listener() for listener in self.listeners])
+        d.addErrback(lambda f: log.error("Could not rewrite the descriptors: {why}",
+                                         why=f.getErrorMessage()))
         d.addBoth(self._done)
 
     def _work(self, now: float):
@@ -118,7 +139,9 @@ class KeyService(service.Service):
 
     def _done(self, _):
         self._busy = False
-        if self.running:
+        if self._new_template is not None:
+            self.republish(self._new_template)
+        elif self.running:
             self._schedule()
 
 
@@ -152,9 +175,8 @@ def build_node(config: ServerConfig, reactor) -> service.MultiService:
     key_service = KeyService(keys, node, template, reactor)
     key_service.setServiceParent(node)
 
-    def regenerate_descriptor(new: ServerConfig) -> None:
-        key_service.template = descriptor_template(new, node.delivery.dispatcher)
-        keys.regenerate_descriptors(key_service.template, reactor.seconds())
+    def regenerate_descriptor(new: ServerConfig, dispatcher) -> None:
+        key_service.republish(descriptor_template(new, dispatcher))
 
     reload_service = ReloadService(node, config, reactor, regenerate_descriptor)
     reload_service.setServiceParent(node)

@@ -916,6 +916,42 @@ class ReloadTests(ConfigTestCase):
         self.assertEqual((plan.live, plan.restart, plan.descriptor_changed),
                          ((), (("Server", "IdentityKeyBits"),), False))
 
+    def test_running_config_keeps_what_needs_a_restart(self) -> None:
+        """After a SIGHUP the node runs on the new values it can apply and
+        the old values of the rest: nothing published or applied that the
+        node does not do yet."""
+        old = self.parse(BASE)
+        new = self.parse(BASE.replace("Hostname: mix.example.org",
+                                      "Hostname: mix.example.org\nPort: 4000\nMaxConnections: 9"))
+        plan = reloadable_differences(old, new)
+        running = cfg.running_config(old, new, plan)
+        self.assertEqual((running.incoming.port, running.incoming.listen_port), (48099, 48099))
+        self.assertEqual(running.incoming.max_connections, 9)
+        self.assertEqual(running["Incoming/MMTP", "Port"], 48099)
+        applied = reloadable_differences(old, running)
+        self.assertEqual(applied.live, (("Incoming/MMTP", "MaxConnections"),))
+        self.assertEqual(applied.restart, ())
+        self.assertFalse(applied.descriptor_changed)
+        waiting = reloadable_differences(running, new)
+        self.assertEqual(set(waiting.restart), {("Incoming/MMTP", "Port"),
+                                                ("Incoming/MMTP", "ListenPort")})
+
+    def test_running_config_keeps_the_set_of_exit_modules(self) -> None:
+        smtp = BASE + "[Delivery/SMTP]\nEnabled: no\nReturnAddress: n@example.org\n"
+        old = self.parse(smtp)
+        new = self.parse(smtp.replace("Enabled: no", "Enabled: yes") + "SubjectLine: x\n")
+        running = cfg.running_config(old, new, reloadable_differences(old, new))
+        self.assertFalse(running.delivery("SMTP").enabled)
+        self.assertEqual(running["Delivery/SMTP", "SubjectLine"], "Type III Anonymous Message")
+        self.assertFalse(reloadable_differences(old, running).changed)
+        waiting = reloadable_differences(running, new)
+        self.assertEqual(set(waiting.live + waiting.restart),
+                         {("Delivery/SMTP", "Enabled"), ("Delivery/SMTP", "SubjectLine")})
+        added = cfg.running_config(self.parse(BASE), new,
+                                   reloadable_differences(self.parse(BASE), new))
+        self.assertNotIn("Delivery/SMTP", added.present)
+        self.assertIsNone(added.delivery("SMTP"))
+
     def test_delivery_modules(self) -> None:
         self.write("bl", "deny user root\n")
         smtp = BASE + "[Delivery/SMTP]\nEnabled: yes\nReturnAddress: n@example.org\n"

@@ -87,6 +87,49 @@ class NodeFromConfigTests(unittest.TestCase):
         self.assertEqual(sorted(e["key"] for e in warnings), ["ListenPort", "Port"])
         yield self._metrics(values["metrics"])
 
+    @defer.inlineCallbacks
+    def test_sighups_in_a_row_swap_modules_once_each(self):
+        """Two reloads while a delivery round runs: each waits for the one
+        before it, every replaced set of exit modules is stopped exactly
+        once, and the node ends on the last one built."""
+        base = os.path.abspath(self.mktemp())
+        conf = base + ".conf"
+        self._write(conf, base=base, algorithm="Timed", interval="1 hour", port=_free_port(),
+                    maxconn=128, metrics=_free_port())
+        node = build_node(load_config(conf), reactor)
+        node.startService()
+        self.addCleanup(node.stopService)
+        from mixminion.exits.registry import Dispatcher
+
+        stopped: list = []
+        real_stop = Dispatcher.stop
+
+        def stop(dispatcher):
+            stopped.append(dispatcher)
+            return real_stop(dispatcher)
+
+        self.patch(Dispatcher, "stop", stop)
+        first = node.delivery.dispatcher
+        round_running = defer.Deferred()
+        node.delivery._flushing = round_running  # a round under way
+        [service] = [s for s in node if isinstance(s, ReloadService)]
+        done: list = []
+        one = service.reload().addCallback(lambda _: done.append("one"))
+        two = service.reload().addCallback(lambda _: done.append("two"))
+        self.assertEqual((done, stopped), ([], []))  # both wait for the round
+        self.assertIs(node.delivery.dispatcher, first)
+        node.delivery._flushing = None
+        round_running.callback(None)
+        yield defer.gatherResults([one, two])
+        self.assertEqual(sorted(done), ["one", "two"])
+        # Three sets of modules: the first and the one the first reload put
+        # in are stopped once each, in that order; the last one runs.
+        last = node.delivery.dispatcher
+        self.assertEqual(len(stopped), 2)
+        self.assertIs(stopped[0], first)
+        self.assertNotIn(last, stopped)
+        self.assertEqual(len({id(d) for d in (*stopped, last)}), 3)
+
     def _metrics(self, port: int) -> defer.Deferred:
         from twisted.web.client import Agent, readBody
 

@@ -52,18 +52,39 @@ def _definitions() -> dict[str, list[str]]:
                 continue
             with open(os.path.join(folder, name)) as f:
                 source = f.read()
-            for node in ast.walk(ast.parse(source)):
+            tree = ast.parse(source)
+            owners = {id(f): c.name for c in ast.walk(tree) if isinstance(c, ast.ClassDef)
+                      for f in c.body}
+            for node in ast.walk(tree):
                 if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                    segment = ast.get_source_segment(source, node, padded=True) or ""
-                    found.setdefault(node.name, []).append(textwrap.dedent(segment))
+                    segment = textwrap.dedent(ast.get_source_segment(source, node, padded=True) or "")
+                    owner = _SECTION_CLASSES.get(owners.get(id(node), ""))
+                    if owner:  # a section's own method reads it as self.x
+                        segment = re.sub(r"\bself\.", f"{owner}.", segment)
+                    found.setdefault(node.name, []).append(segment)
     return found
 
 
-def _reads(obj: Any, option: cfg.Option, depth: int = 1) -> bool:
+#: the classes of the typed sections, and the name ServerConfig gives each
+_SECTION_CLASSES = {"HostSection": "host", "ServerSection": "server",
+                    "IncomingSection": "incoming", "OutgoingSection": "outgoing",
+                    "DirectorySection": "directory", "PingingSection": "pinging"}
+
+
+#: the typed section objects of ServerConfig, by section name
+_ATTRS = {"Host": "host", "Server": "server", "Incoming/MMTP": "incoming",
+          "Outgoing/MMTP": "outgoing", "DirectoryServers": "directory", "Pinging": "pinging"}
+
+
+def _reads(obj: Any, option: cfg.Option, depth: int = 1, section: str = "") -> bool:
     """True if ``obj``'s source, or that of a function or class it names
     (up to ``depth`` levels down), reads the option by its accessor
     (``.mix_interval``) or its key (``"MixInterval"``)."""
     needle = re.compile(rf"\.{option.name}\b|\"{re.escape(option.key)}\"")
+    if section in _ATTRS:
+        # The node's sections are typed: the accessor must be read from the
+        # right one (``outgoing.legacy``, not ``incoming.legacy``).
+        needle = re.compile(rf"\b{_ATTRS[section]}\.{option.name}\b|\"{re.escape(option.key)}\"")
     sources = [textwrap.dedent(inspect.getsource(obj))]
     seen: set[str] = set()
     for _ in range(depth + 1):
@@ -114,12 +135,12 @@ class EveryOptionHasAnEffect(unittest.TestCase):
 
     def test_consumers_exist_and_read_the_option(self) -> None:
         unread = [f"[{section}] {option.key}: {option.consumer}" for section, option in ALL
-                  if option.consumer and not _reads(_resolve(option.consumer), option)]
+                  if option.consumer and not _reads(_resolve(option.consumer), option, section=section)]
         self.assertEqual(unread, [])
 
     def test_appliers_exist_and_read_the_option(self) -> None:
         unread = [f"[{section}] {option.key}: {option.reload}" for section, option in ALL
-                  if option.reload and not _reads(reload.applier(option.reload), option)
+                  if option.reload and not _reads(reload.applier(option.reload), option, section=section)
                   and not section.startswith("Delivery/")]
         self.assertEqual(unread, [])
 
@@ -140,6 +161,12 @@ class EveryOptionHasAnEffect(unittest.TestCase):
         """An option nobody reads is caught."""
         ghost = cfg.Option("Ghost", cfg.INT, "never read", consumer=cfg._NODE)
         self.assertFalse(_reads(_resolve(ghost.consumer), ghost))
+        # read from another section only: [Outgoing/MMTP] Legacy is not incoming.legacy
+        legacy = cfg.SCHEMA["Outgoing/MMTP"].option("Legacy")
+        self.assertTrue(_reads(_resolve(cfg._NODE), legacy, section="Outgoing/MMTP"))
+        self.assertFalse(_reads(_resolve("mixminion.server.config:ServerConfig.connection_limits"),
+                                cfg.SCHEMA["Incoming/MMTP"].option("MaxConnections"),
+                                section="Outgoing/MMTP"))
 
 
 class RefusedAndPendingOptions(unittest.TestCase):
