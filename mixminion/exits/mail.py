@@ -331,9 +331,16 @@ class MailModule:
                 raise ExitConfigError(f"[{self.section_name}] SendmailCommand and SMTPServer "
                                       "are exclusive")
             argv = _program(values["SendmailCommand"], self.section_name)
-            return mta.SendmailCommand(argv, context.reactor, context.logger())
+            return mta.SendmailCommand(argv, context.reactor, context.logger(),
+                                       max_sessions=self._max_sessions(values))
         host = values["SMTPServer"] or "localhost"
-        return mta.SMTPRelay(host, values["SMTPPort"], context.reactor, context.logger())
+        return mta.SMTPRelay(host, values["SMTPPort"], context.reactor, context.logger(),
+                             max_sessions=self._max_sessions(values))
+
+    def _max_sessions(self, values: Mapping[str, Any]) -> int:
+        if values["MaxSMTPConnections"] < 1:
+            raise ExitConfigError(f"[{self.section_name}] MaxSMTPConnections must be at least 1")
+        return values["MaxSMTPConnections"]
 
     # -- delivery --------------------------------------------------------------------
 

@@ -21,9 +21,12 @@ from twisted.mail import smtp
 from twisted.python.failure import Failure
 
 from mixminion.exits.items import DeliveryResult
+from mixminion.exits.options import SMTP
 
 #: seconds to wait for each response of the MTA, or for a command to finish
 DEFAULT_TIMEOUT = 300
+#: the schema's MaxSMTPConnections, for transports built without a configuration
+DEFAULT_MAX_SESSIONS: int = SMTP.default("MaxSMTPConnections")
 
 
 def smtp_data(text: bytes) -> bytes:
@@ -90,17 +93,26 @@ def classify_smtp_failure(failure: Failure) -> DeliveryResult:
 class SMTPRelay:
     """Delivers through an MTA over SMTP, one session per message
     (``ESMTPSenderFactory`` without authentication or STARTTLS: a local MTA
-    wants neither)."""
+    wants neither), at most ``max_sessions`` at once: with a thousand
+    messages queued, opening a thousand sessions overflowed the MTA's
+    backlog and left them hanging until the timeout."""
 
-    def __init__(self, host: str, port: int, reactor, log, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(self, host: str, port: int, reactor, log, timeout: float = DEFAULT_TIMEOUT,
+                 max_sessions: int = DEFAULT_MAX_SESSIONS) -> None:
         self.host = host
         self.port = port
         self.reactor = reactor
         self.log = log
         self.timeout = timeout
+        self.slots = defer.DeferredSemaphore(max_sessions)
         self._sessions: set[_SenderFactory] = set()
 
     def send(self, sender: str, recipient: str, text: bytes) -> defer.Deferred:
+        """Fires with a :class:`DeliveryResult` once a session had its turn
+        and ended (the timeout counts from the session's start)."""
+        return self.slots.run(self._send, sender, recipient, text)
+
+    def _send(self, sender: str, recipient: str, text: bytes) -> defer.Deferred:
         done: defer.Deferred = defer.Deferred()
         factory = _SenderFactory(
             None, None, sender.encode("ascii"), [recipient.encode("ascii")], BytesIO(smtp_data(text)), done,
@@ -155,17 +167,23 @@ class _CommandProtocol(protocol.ProcessProtocol):
 
 class SendmailCommand:
     """Delivers by running a command such as ``sendmail -i -t``: the
-    message on its standard input, recipients taken from its headers.
-    The argument vector comes from the configuration alone; it is spawned
-    directly, never through a shell."""
+    message on its standard input, recipients taken from its headers, at
+    most ``max_sessions`` processes at once.  The argument vector comes
+    from the configuration alone; it is spawned directly, never through a
+    shell."""
 
-    def __init__(self, argv: Sequence[str], reactor, log, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(self, argv: Sequence[str], reactor, log, timeout: float = DEFAULT_TIMEOUT,
+                 max_sessions: int = DEFAULT_MAX_SESSIONS) -> None:
         self.argv = list(argv)
         self.reactor = reactor
         self.log = log
         self.timeout = timeout
+        self.slots = defer.DeferredSemaphore(max_sessions)
 
     def send(self, sender: str, recipient: str, text: bytes) -> defer.Deferred:
+        return self.slots.run(self._send, sender, recipient, text)
+
+    def _send(self, sender: str, recipient: str, text: bytes) -> defer.Deferred:
         done: defer.Deferred = defer.Deferred()
         proto = _CommandProtocol(text, done)
         try:

@@ -14,7 +14,17 @@ from typing import Any, Mapping
 
 from mixminion.config.intervals import DEFAULT_MODULE_RETRY
 from mixminion.config.schema import Option, SectionSpec, read_values
-from mixminion.config.values import BOOLEAN, COMMAND, FILENAME, INTERVAL, INTERVAL_LIST, PORT, SIZE, STRING
+from mixminion.config.values import (
+    BOOLEAN,
+    COMMAND,
+    FILENAME,
+    INT,
+    INTERVAL,
+    INTERVAL_LIST,
+    PORT,
+    SIZE,
+    STRING,
+)
 from mixminion.exits.errors import ExitConfigError
 
 #: the From name prefix of every MBOX message and the SMTP default
@@ -57,6 +67,9 @@ def _mta_options() -> tuple[Option, ...]:
                default="25"),
         Option("SendmailCommand", COMMAND, "program fed each message on stdin, e.g. "
                "'/usr/sbin/sendmail -i -t'; exclusive with SMTPServer"),
+        Option("MaxSMTPConnections", INT, "ours: messages handed to the mail server at once "
+               "(SMTP sessions, or SendmailCommand processes); the others wait their turn, "
+               "so a slow or overloaded MTA is not flooded", default="4"),
     )
 
 

@@ -594,54 +594,31 @@ class PingingSection:
     retain_results: int
 
 
-@dataclass(frozen=True)
-class MailDelivery:
-    """Options common to the e-mail modules."""
+class DeliverySettings:
+    """A ``[Delivery/<Name>]`` section read with its exit module's schema:
+    each option by its accessor name (``SMTPPort`` -> ``smtp_port``), as
+    typed and defaulted by the schema.  The modules declare their options
+    (:mod:`mixminion.exits.options`), so there is no class per section."""
 
-    enabled: bool
-    advertise: bool
-    retry: sched.Schedule
-    maximum_size: int
-    allow_from_address: bool
-    subject_line: str
-    x_abuse: Optional[str]
-    comments: Optional[str]
-    message: Optional[str]
-    from_tag: str
-    return_address: Optional[str]
+    def __init__(self, spec: SectionSpec, values: Mapping[Key, Any]) -> None:
+        self._values = {o.name: values.get((spec.name, o.key)) for o in spec.options}
+        self.section = spec.name
 
-    @property
-    def maximum_size_kib(self) -> int:
-        """As published in the descriptor's ``Maximum-Size``."""
-        return self.maximum_size // 1024
+    def __getattr__(self, attr: str) -> Any:
+        try:
+            return self.__dict__["_values"][attr]
+        except KeyError:
+            raise AttributeError(attr) from None
 
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, DeliverySettings) and (self.section, self._values) == (
+            other.section, other._values)
 
-@dataclass(frozen=True)
-class SMTPDelivery(MailDelivery):
-    smtp_server: Optional[str]
-    smtp_port: int
-    sendmail_command: Optional[tuple[str, ...]]
-    blacklist_file: Optional[str]
+    def __repr__(self) -> str:
+        return f"<DeliverySettings [{self.section}] {self._values!r}>"
 
 
-@dataclass(frozen=True)
-class MBOXDelivery(MailDelivery):
-    smtp_server: Optional[str]
-    smtp_port: int
-    sendmail_command: Optional[tuple[str, ...]]
-    address_file: Optional[str]
-    remove_contact: Optional[str]
-    mbox_file: Optional[str]
-
-
-@dataclass(frozen=True)
-class FragmentedDelivery:
-    enabled: bool
-    maximum_size: int
-    maximum_interval: int
-
-
-DeliverySection = Union[SMTPDelivery, MBOXDelivery, FragmentedDelivery, RawSection]
+DeliverySection = Union[DeliverySettings, RawSection]
 
 SECTION_CLASSES: Mapping[str, type] = {
     "Host": HostSection,
@@ -650,9 +627,6 @@ SECTION_CLASSES: Mapping[str, type] = {
     "Outgoing/MMTP": OutgoingSection,
     "DirectoryServers": DirectorySection,
     "Pinging": PingingSection,
-    "Delivery/SMTP": SMTPDelivery,
-    "Delivery/MBOX": MBOXDelivery,
-    "Delivery/Fragmented": FragmentedDelivery,
 }
 
 
@@ -1204,7 +1178,8 @@ def _deliveries(b: _Builder) -> dict[str, DeliverySection]:
         if not name.startswith(PLUGIN_PREFIX) or len(name) == len(PLUGIN_PREFIX):
             continue
         short = name[len(PLUGIN_PREFIX):]
-        deliveries[short] = _section_object(b, name) if name in SECTION_CLASSES else b.sections[name]
+        spec = b.schema.get(name)
+        deliveries[short] = DeliverySettings(spec, b.values) if spec is not None else b.sections[name]
     return deliveries
 
 

@@ -46,8 +46,21 @@ def build_exits(config: ServerConfig, context: ExitContext) -> Dispatcher:
     return build_dispatcher(exit_sections(config), context, factories)
 
 
+#: where an item goes that can no longer be delivered as it is (its body is
+#: unreadable, its record damaged): out of its module's way, kept for the
+#: operator to look at, counted and logged once
+QUARANTINE = "quarantine/deliver"
+
+
 class Delivery:
-    """Hands queued payloads to their exit modules."""
+    """Hands queued payloads to their exit modules.
+
+    Each module works on its own: its periodic work and its ready items
+    run beside the other modules', so a slow MTA delays only its module.
+    A round does not wait for the attempts an earlier round started (their
+    items are skipped while they run), so a hung session never holds back
+    the items behind it.
+    """
 
     log = Logger()
 
@@ -58,7 +71,10 @@ class Delivery:
         self.clock = clock
         self.count = count
         self._busy: set[int] = set()
-        self._flushing: Optional[defer.Deferred] = None
+        #: rounds under way (their attempts included)
+        self._rounds: set[defer.Deferred] = set()
+        #: modules whose periodic work is under way
+        self._flushing_modules: set[str] = set()
 
     def module_for(self, exit_type: int) -> Optional[str]:
         """The queue an exit payload of this type waits in (its module's)."""
@@ -66,26 +82,43 @@ class Delivery:
         return None if module is None else module.name
 
     def flush(self) -> defer.Deferred:
-        """One delivery round; a round already running is not doubled."""
-        if self._flushing is not None:
-            return self._flushing
-        self._flushing = defer.ensureDeferred(self._round())
+        """One delivery round; fires with the number delivered once the
+        attempts this round started have ended."""
+        d = defer.ensureDeferred(self._round())
+        self._rounds.add(d)
 
         def done(result):
-            self._flushing = None
+            self._rounds.discard(d)
             return result
 
-        return self._flushing.addBoth(done)
+        return d.addBoth(done)
+
+    def idle(self) -> defer.Deferred:
+        """Fires when every round under way has ended."""
+        return defer.DeferredList(list(self._rounds), consumeErrors=True)
 
     async def _round(self) -> int:
-        delivered = 0
+        modules = list(self.dispatcher.modules)  # ascending priority: FRAGMENT first
+        results = await defer.gatherResults(
+            [defer.ensureDeferred(self._module_round(m)) for m in modules], consumeErrors=True)
+        return sum(results)
+
+    async def _module_round(self, module) -> int:
+        if module.name not in self._flushing_modules:
+            self._flushing_modules.add(module.name)
+            try:
+                await defer.maybeDeferred(module.flush)
+            except Exception as exc:
+                self.log.error("{module}: its periodic work failed: {error}",
+                               module=module.name, error=f"{type(exc).__name__}: {exc}")
+            finally:
+                self._flushing_modules.discard(module.name)
         try:
-            await self.dispatcher.flush()
-        except Exception:
-            self.log.failure("Exit modules failed their periodic work")
-        for module in self.dispatcher.modules:  # ascending priority: FRAGMENT first
-            delivered += await self._deliver_queue(module.name, module)
-        return delivered
+            return await self._deliver_queue(module.name, module)
+        except Exception as exc:  # the queue itself cannot be read: say so, try next round
+            self.log.error("{module}: cannot read its delivery queue: {error}",
+                           module=module.name, error=f"{type(exc).__name__}: {exc}")
+            return 0
 
     async def _deliver_queue(self, name: str, module) -> int:
         now = self.clock.seconds()
@@ -94,8 +127,13 @@ class Delivery:
         for packet_id, meta, added in self.store.items(delivery_queue(name)):
             if packet_id in self._busy:
                 continue
-            item, extra = decode_item(meta)
-            assert isinstance(item, ExitItem)
+            try:
+                item, extra = decode_item(meta)
+                if not isinstance(item, ExitItem):
+                    raise ValueError(f"a {type(item).__name__} in a delivery queue")
+            except (ValueError, KeyError, TypeError) as exc:
+                self._quarantine(name, packet_id, f"its record is damaged ({exc})")
+                continue
             retry = MessageRetryState(schedule, extra.get("queued", added), extra.get("last"))
             ready = retry.next_attempt(now)
             if ready is None:
@@ -113,7 +151,11 @@ class Delivery:
                        retry: MessageRetryState, started: float) -> bool:
         self._busy.add(packet_id)
         try:
-            payload = self.store.get(packet_id)
+            try:
+                payload = self.store.get(packet_id)
+            except KeyError:
+                self._quarantine(name, packet_id, "its body cannot be read")
+                return False
             # The dispatcher drops corrupt payloads and unknown types, and
             # turns a module's crash into NORETRY; it counts each outcome.
             result = await self.dispatcher.deliver_payload(
@@ -128,30 +170,30 @@ class Delivery:
                 return False
             self.store.remove_many([packet_id])
             return result is DeliveryResult.OK
+        except Exception as exc:  # the store failed us: the item stays and is tried again
+            self.log.error("{module}: an item could not be settled after its attempt: {error}",
+                           module=name, error=f"{type(exc).__name__}: {exc}")
+            return False
         finally:
             self._busy.discard(packet_id)
 
+    def _quarantine(self, name: str, packet_id: int, why: str) -> None:
+        self.store.move_many([packet_id], QUARANTINE)
+        self.count(f"Quarantined:{name}", 1)
+        self.log.error("{module}: an item was moved aside because {why}; the other items "
+                       "go on (queue {queue})", module=name, why=why, queue=QUARANTINE)
+
     def replace_dispatcher(self, dispatcher: Dispatcher) -> defer.Deferred:
         """Deliver through ``dispatcher`` (modules rebuilt from a new
-        configuration) from the end of the running round on; the old
+        configuration) once the rounds under way have ended; the old
         modules are stopped then.  Fires when they have stopped."""
         def swap(_=None) -> defer.Deferred:
             old, self.dispatcher = self.dispatcher, dispatcher
             return old.stop()
 
-        if self._flushing is None:
+        if not self._rounds:
             return swap()
-        ended: defer.Deferred = defer.Deferred()
-
-        def round_ended(result):
-            ended.callback(None)
-            return result
-
-        self._flushing.addBoth(round_ended)
-        return ended.addCallback(swap)
+        return self.idle().addCallback(swap)
 
     def stop(self) -> defer.Deferred:
-        d = self._flushing if self._flushing is not None else defer.succeed(None)
-        return d.addBoth(lambda _: self.dispatcher.stop())
-
-
+        return self.idle().addCallback(lambda _: self.dispatcher.stop())

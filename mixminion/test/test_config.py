@@ -653,7 +653,7 @@ class CrossFieldTests(ConfigTestCase):
                          "[Delivery/MBOX] FromTag: not supported: MBOX always signs its mail [Anon]")
         config = self.parse(BASE + MBOX + "AddressFile: a\n")
         mbox = config.delivery("MBOX")
-        self.assertIsInstance(mbox, cfg.MBOXDelivery)
+        self.assertIsInstance(mbox, cfg.DeliverySettings)
         self.assertEqual((mbox.smtp_server, mbox.smtp_port, mbox.remove_contact),
                          ("localhost", 25, "admin@example.org"))
         self.assertEqual(config.enabled_deliveries(), ("MBOX",))
@@ -682,7 +682,7 @@ class CrossFieldTests(ConfigTestCase):
                 self.assertIn(f"[Delivery/SMTP] MaximumSize: {warning}", warnings)
             else:
                 self.assertNotIn("MaximumSize", warnings)
-        self.assertEqual(self.parse(BASE + smtp).delivery("SMTP").maximum_size_kib, 100)
+        self.assertEqual(self.parse(BASE + smtp).delivery("SMTP").maximum_size, 100 * 1024)
 
     def test_section_of_a_module_not_installed(self) -> None:
         """The reference's Type II bridge has no module here: its section
@@ -697,8 +697,9 @@ class CrossFieldTests(ConfigTestCase):
         self.assertError(BASE + frag, "[Delivery/Fragmented] Enabled:", "needs an enabled delivery module")
         smtp = "[Delivery/SMTP]\nEnabled: yes\nReturnAddress: n@example.org\nMaximumSize: 100K\n"
         config = self.parse(BASE + smtp + frag)
-        self.assertEqual(config.delivery("Fragmented"),
-                         cfg.FragmentedDelivery(enabled=True, maximum_size=1 << 20, maximum_interval=2 * 86400))
+        fragmented = config.delivery("Fragmented")
+        self.assertEqual((fragmented.enabled, fragmented.maximum_size, fragmented.maximum_interval),
+                         (True, 1 << 20, 2 * 86400))
         self.assertIn("some reassembled messages cannot be delivered", "\n".join(config.warnings))
         config = self.parse(BASE + smtp.replace("100K", "20M") + frag)
         self.assertIn("more than ten times larger", "\n".join(config.warnings))
@@ -977,7 +978,7 @@ class ReloadTests(ConfigTestCase):
 
 class SchemaTests(unittest.TestCase):
     def test_every_option_has_an_accessor(self) -> None:
-        for spec in cfg.SCHEMA_SECTIONS:
+        for spec in cfg.NODE_SECTIONS:
             names = {f.name for f in dataclasses.fields(cfg.SECTION_CLASSES[spec.name])}
             self.assertEqual(names, {o.name for o in spec.options}, spec.name)
 

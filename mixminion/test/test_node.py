@@ -111,14 +111,14 @@ class NodeFromConfigTests(unittest.TestCase):
         self.patch(Dispatcher, "stop", stop)
         first = node.delivery.dispatcher
         round_running = defer.Deferred()
-        node.delivery._flushing = round_running  # a round under way
+        node.delivery._rounds.add(round_running)  # a round under way
         [service] = [s for s in node if isinstance(s, ReloadService)]
         done: list = []
         one = service.reload().addCallback(lambda _: done.append("one"))
         two = service.reload().addCallback(lambda _: done.append("two"))
         self.assertEqual((done, stopped), ([], []))  # both wait for the round
         self.assertIs(node.delivery.dispatcher, first)
-        node.delivery._flushing = None
+        node.delivery._rounds.discard(round_running)
         round_running.callback(None)
         yield defer.gatherResults([one, two])
         self.assertEqual(sorted(done), ["one", "two"])
