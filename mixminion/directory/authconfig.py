@@ -20,6 +20,22 @@ Same file syntax and value types as ``mixminiond.conf`` (server.md §14.1,
     MaxDescriptorSize: 32K
     ClientVersions: 0.1.0, 0.1.1              (optional)
     ServerVersions: 0.1.0                     (optional)
+    MaxConnections: 256                       (simultaneous HTTP connections)
+    MaxConnectionsPerAddress: 16              (from one client address)
+    RequestTimeout: 30 seconds                (for a whole HTTP request)
+    LogLevel: INFO                            (TRACE DEBUG INFO WARN ERROR FATAL NEVER)
+
+The HTTP limits: a connection beyond ``MaxConnections`` open in all, or
+beyond ``MaxConnectionsPerAddress`` from one address (a NAT or a test
+network on 127.0.0.1 counts as one), is closed at once.  A request --
+line, headers and body -- must arrive within ``RequestTimeout`` of the
+connection opening or of the previous answer (so an idle keep-alive
+connection is closed after it too), or the connection is closed.  A body
+larger than ``MaxDescriptorSize`` times 4 (form encoding) is refused with
+413 while it is read, never written to disk.  Client addresses are logged
+only at ``LogLevel: DEBUG``: who downloads the directory is who uses the
+network.  The process needs about ``MaxConnections`` + 64 file
+descriptors; it raises its soft limit if it can, and warns if it cannot.
 
 Unlike ``mixminiond.conf``, unknown options are errors: an authority is
 run by few people and a typo in ``Peer`` or ``Threshold`` must not pass.
@@ -41,8 +57,14 @@ from mixminion.config.values import (
     IP,
     NICKNAME,
     PORT,
+    SEVERITY,
     SIZE,
     STRING,
+)
+from mixminion.directory.httpserver import (
+    MAX_CONNECTIONS,
+    MAX_CONNECTIONS_PER_ADDRESS,
+    REQUEST_TIMEOUT,
 )
 
 SECTION = "Authority"
@@ -64,6 +86,10 @@ _OPTIONS: dict[str, tuple[Callable[[str], Any], bool, bool, Optional[str]]] = {
     "MaxDescriptorSize": (SIZE.parse, False, False, str(MAX_DESCRIPTOR_SIZE)),
     "ClientVersions": (STRING.parse, False, False, None),
     "ServerVersions": (STRING.parse, False, False, None),
+    "MaxConnections": (INT.parse, False, False, str(MAX_CONNECTIONS)),
+    "MaxConnectionsPerAddress": (INT.parse, False, False, str(MAX_CONNECTIONS_PER_ADDRESS)),
+    "RequestTimeout": (INTERVAL.parse, False, False, f"{REQUEST_TIMEOUT:g} seconds"),
+    "LogLevel": (SEVERITY.parse, False, False, "INFO"),
 }
 
 
@@ -128,6 +154,12 @@ def parse_authority_config(text: Union[str, bytes], filename: str = "<string>",
     vote_file = v["VoteFile"]
     if vote_file is not None:
         vote_file = os.path.normpath(os.path.join(base_dir, os.path.expanduser(vote_file)))
+    if v["MaxConnections"] < 1:
+        raise section.error("MaxConnections", "must be at least 1")
+    if not 1 <= v["MaxConnectionsPerAddress"] <= v["MaxConnections"]:
+        raise section.error("MaxConnectionsPerAddress", "must be between 1 and MaxConnections")
+    if v["RequestTimeout"] < 1:
+        raise section.error("RequestTimeout", "must be at least 1 second")
     public_url = v["PublicURL"]
     if public_url is not None and not public_url.startswith(("http://", "https://")):
         raise section.error("PublicURL", "must be an http:// or https:// URL")
@@ -147,6 +179,10 @@ def parse_authority_config(text: Union[str, bytes], filename: str = "<string>",
         max_descriptor_size=v["MaxDescriptorSize"],
         client_versions=_versions(v["ClientVersions"]),
         server_versions=_versions(v["ServerVersions"]),
+        max_connections=v["MaxConnections"],
+        max_connections_per_address=v["MaxConnectionsPerAddress"],
+        request_timeout=float(v["RequestTimeout"]),
+        log_level=v["LogLevel"],
     )
 
 

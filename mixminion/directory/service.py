@@ -26,6 +26,11 @@ HTTP (``twisted.web``; paths under the authority's URL):
 * ``GET|POST /consensus-signature?digest=HEX`` -> our ``[Signed-Directory]``
   block, if our consensus has that digest
 * ``GET /descriptors`` -> every descriptor we vote for, concatenated
+
+The listener is an :class:`~mixminion.directory.httpserver.AuthoritySite`:
+connection limits, a deadline per request, bodies capped in memory (413
+beyond ``MaxDescriptorSize`` times the form overhead) and no client
+addresses in the log above DEBUG.
 """
 
 from __future__ import annotations
@@ -42,13 +47,21 @@ from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
-from twisted.web import resource, server
+from twisted.web import resource
 
 from mixminion.codec.crypto import RandomSource
 from mixminion.codec.rsa import PrivateKey
 from mixminion.directory import directory as dirformat
 from mixminion.directory.authority import MAX_DESCRIPTOR_SIZE, AuthorityStore, atomic_write
 from mixminion.directory.http import HTTPClient, join_url
+from mixminion.directory.httpserver import (
+    LISTEN_BACKLOG,
+    MAX_CONNECTIONS,
+    MAX_CONNECTIONS_PER_ADDRESS,
+    REQUEST_TIMEOUT,
+    AuthoritySite,
+    HTTPLimits,
+)
 from mixminion.directory.textformat import SECONDS_PER_DAY
 
 log = Logger()
@@ -89,10 +102,24 @@ class AuthoritySettings:
     max_descriptor_size: int = MAX_DESCRIPTOR_SIZE
     client_versions: tuple[str, ...] = ()
     server_versions: tuple[str, ...] = ()
+    #: simultaneous HTTP connections, in all and from one client address
+    max_connections: int = MAX_CONNECTIONS
+    max_connections_per_address: int = MAX_CONNECTIONS_PER_ADDRESS
+    #: seconds for a whole HTTP request; also how long a keep-alive connection may idle
+    request_timeout: float = REQUEST_TIMEOUT
+    #: least severe message logged (client addresses appear only at DEBUG)
+    log_level: str = "INFO"
 
     @property
     def own_url(self) -> str:
         return self.public_url or f"http://{self.listen_ip}:{self.port}/"
+
+    @property
+    def http_limits(self) -> HTTPLimits:
+        return HTTPLimits(max_connections=self.max_connections,
+                          max_connections_per_address=self.max_connections_per_address,
+                          request_timeout=self.request_timeout,
+                          max_body=self.max_descriptor_size * _FORM_OVERHEAD)
 
 
 @dataclass
@@ -371,8 +398,8 @@ class PublishResource(resource.Resource):
             else:
                 accepted, message = store.accept_upload(values[0], self.authority.clock.seconds())
         peer = request.getClientAddress()
-        log.info("Publish from {peer}: status {status}: {message}",
-                 peer=getattr(peer, "host", "?"), status=int(accepted), message=message)
+        log.debug("Publish from {peer}", peer=getattr(peer, "host", "?"))
+        log.info("Publish: status {status}: {answer}", status=int(accepted), answer=message)
         return _plain(request, publish_answer(accepted, message))
 
 
@@ -470,12 +497,14 @@ class AuthorityService(service.MultiService):
                  listen: bool = True) -> None:
         super().__init__()
         self.authority = authority
-        self.site = server.Site(authority_root(authority))
+        self.site = AuthoritySite(authority_root(authority), authority.settings.http_limits,
+                                  reactor=clock or reactor)
         self.rounds = RoundScheduler(authority, authority.settings.vote_interval, clock or reactor)
         self.rounds.setServiceParent(self)
         if listen:
             settings = authority.settings
-            endpoint = TCP4ServerEndpoint(reactor, settings.port, interface=settings.listen_ip)
+            endpoint = TCP4ServerEndpoint(reactor, settings.port, backlog=LISTEN_BACKLOG,
+                                          interface=settings.listen_ip)
             listener = internet.StreamServerEndpointService(endpoint, self.site)
             listener._raiseSynchronously = True
             listener.setServiceParent(self)

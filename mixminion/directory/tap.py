@@ -4,12 +4,19 @@ Reads the configuration, loads (or on first start creates) the identity
 key under ``BaseDir``, and returns the authority's service.  The first
 start logs the fingerprint: it goes into every authority's ``Peer`` list
 and every server's ``[DirectoryServers] Authority`` line.
+
+``LogLevel`` (default INFO) filters what twistd writes, as the node's does:
+client addresses are logged only at DEBUG.  The soft limit on open files
+is raised to ``MaxConnections`` + ``SPARE_DESCRIPTORS`` when the hard limit
+allows: a full HTTP listener must not be what makes a vote's own fetches
+or the consensus file fail with EMFILE.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+import resource
+from typing import Any, Callable, Mapping
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -23,9 +30,12 @@ from mixminion.directory.authority import atomic_write
 from mixminion.directory.http import HTTPClient
 from mixminion.directory.service import Authority, AuthorityService, AuthoritySettings
 from mixminion.config.syntax import ConfigError
+from mixminion.server.logfilter import apply_log_level
 
 log = Logger()
 IDENTITY_FILE = "identity.key"
+#: file descriptors beyond the HTTP connections: log, key, store, peer fetches
+SPARE_DESCRIPTORS = 64
 
 
 class Options(usage.Options):
@@ -55,8 +65,29 @@ def load_identity(path: str, bits: int) -> PrivateKey:
     return PrivateKey(loaded)
 
 
+def ensure_descriptors(needed: int, getrlimit: Callable = resource.getrlimit,
+                       setrlimit: Callable = resource.setrlimit) -> int:
+    """Raise the soft ``RLIMIT_NOFILE`` to ``needed`` if below it (up to the
+    hard limit); the soft limit in force afterwards."""
+    soft, hard = getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return soft
+    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    if target > soft:
+        try:
+            setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    if soft < needed:
+        log.warn("Only {soft} open files allowed; MaxConnections needs about {needed}: "
+                 "lower MaxConnections or raise the limit (ulimit -n)", soft=soft, needed=needed)
+    return soft
+
+
 def build_authority(settings: AuthoritySettings, reactor) -> AuthorityService:
     os.makedirs(settings.base_dir, mode=0o700, exist_ok=True)
+    ensure_descriptors(settings.max_connections + SPARE_DESCRIPTORS)
     identity = load_identity(os.path.join(settings.base_dir, IDENTITY_FILE), settings.identity_key_bits)
     timeout = max(1.0, min(30.0, settings.vote_interval / 3 * 0.8))
     authority = Authority(settings, identity, reactor, HTTPClient(reactor, timeout=timeout))
@@ -72,4 +103,5 @@ def makeService(options: Mapping[str, Any]) -> service.IService:  # noqa: N802
         settings = load_authority_config(os.path.abspath(options["config"]))
     except ConfigError as exc:
         raise SystemExit(f"mixminion-directory: {exc}") from None
+    apply_log_level(settings.log_level)
     return build_authority(settings, reactor)
