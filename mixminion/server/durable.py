@@ -12,7 +12,7 @@ The same commits delete the packets processing has consumed
 from __future__ import annotations
 
 import shutil
-from typing import Optional
+from typing import Callable, Optional
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -66,7 +66,8 @@ class DurableSink:
 
     def __init__(self, store, reactor, queue: str = "incoming",
                  max_batch: int = 256, max_queued: Optional[int] = None,
-                 min_free_bytes: int = 0, on_stored=None) -> None:
+                 min_free_bytes: int = 0, on_stored=None,
+                 unable: Callable[[], Optional[str]] = lambda: None) -> None:
         #: where packets go: a PacketStore (its ``queue``) or anything with
         #: ``write``, ``count`` and ``path`` like an IncomingLog
         self.target = StoreQueue(store, queue) if isinstance(store, PacketStore) else store
@@ -75,6 +76,9 @@ class DurableSink:
         self.max_queued = max_queued
         self.min_free_bytes = min_free_bytes
         self.on_stored = on_stored
+        #: why what is stored could not be processed now (None: it can be);
+        #: while it says so, packets are refused rather than acknowledged
+        self.unable = unable
         self.refused = 0
         self.stored = 0
         self._waiting: list[tuple[bytes, defer.Deferred]] = []
@@ -108,6 +112,9 @@ class DurableSink:
             return "the store is shutting down"
         if self.max_queued is not None and self._queued >= self.max_queued:
             return "incoming queue is full"
+        unable = self.unable()
+        if unable:
+            return f"processing is not running: {unable}"
         if self.min_free_bytes:
             try:
                 free = self._free_bytes()

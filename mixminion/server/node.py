@@ -67,6 +67,9 @@ def initiator_settings(config: ServerConfig) -> InitiatorSettings:
         max_packets_per_connection=config.outgoing.max_packets_per_connection,
         max_connections=config.outgoing.max_connections,
         idle_timeout=float(config.server.timeout),
+        # The queue hands over at most max_in_flight_per_destination per
+        # next hop; this bounds the client's memory even if it did not.
+        max_queued_per_destination=2 * Outgoing.max_in_flight_per_destination,
     )
 
 
@@ -141,7 +144,8 @@ class MixNode(service.MultiService):
         self.processor.consumed_through = self.incoming.removed_through
         self.sink = DurableSink(self.incoming, reactor, max_queued=server.max_queued_packets,
                                 min_free_bytes=server.min_free_disk,
-                                on_stored=self.processor.stored)
+                                on_stored=self.processor.stored,
+                                unable=lambda: self.processor.failing)
         self.processor.on_consumed = self.sink.consumed
         self.tls = ResponderTLS(identity, server.nickname, clock=reactor, legacy=incoming.legacy)
         self.limiter = BandwidthLimiter(reactor, server.max_bandwidth, server.max_bandwidth_spike)
@@ -264,4 +268,5 @@ class MixNode(service.MultiService):
 
     def metrics_text(self) -> str:
         gauges = {f"queue_{k}_packets": v for k, v in self.queue_sizes().items()}
+        gauges["processing_running"] = 0 if self.processor.failing else 1
         return self.stats.prometheus_text(gauges)

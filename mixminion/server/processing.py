@@ -36,6 +36,14 @@ MAX_LINE = 1 << 20
 #: runs each: pipeline_ratio 0.55-0.61 (mean 0.59) at 5 against 0.51-0.55
 #: at 0; at 10 the queue grew and results varied more (0.55-0.62).
 CHILD_NICENESS = 5
+#: failures in a row (the child dying, or reporting an error, with no batch
+#: done in between) after which processing counts as not running: the node
+#: then refuses packets rather than acknowledge what it cannot process
+FAILURES_BEFORE_FAILING = 3
+#: the longest wait between two restarts of a failing child; the wait
+#: doubles from ``restart_delay`` so a child that cannot run (a damaged
+#: store) is not restarted in a tight loop
+MAX_RESTART_DELAY = 60.0
 
 
 class _ChildProtocol(protocol.ProcessProtocol):
@@ -75,6 +83,10 @@ class Processor:
 
     ``on_consumed(through, count)`` is told after each committed batch that
     incoming packets up to id ``through`` (``count`` of them) are done.
+
+    :attr:`failing` says why processing cannot run (None while it can):
+    after :data:`FAILURES_BEFORE_FAILING` failures in a row, logged once at
+    ERROR; the first batch or idle report clears it, logged at WARN.
     """
 
     log = Logger()
@@ -108,6 +120,9 @@ class Processor:
         self._stopped: Optional[defer.Deferred] = None
         #: children started so far (a restart after a crash adds one)
         self.starts = 0
+        #: why processing cannot run, or None (see the class docstring)
+        self.failing: Optional[str] = None
+        self._failures = 0
 
     # --- what the node calls ---------------------------------------------------
 
@@ -181,7 +196,7 @@ class Processor:
         except OSError as exc:  # e.g. out of file descriptors
             self.log.error("Cannot start the processing child ({why}); trying again",
                            why=str(exc))
-            self._retry = self.reactor.callLater(self.restart_delay, self.kick)
+            self._failed(f"cannot start the processing child: {exc}")
             return
         self._child = child
 
@@ -199,6 +214,7 @@ class Processor:
             self._draining = True
             self._send_drain()
         elif "batch" in message:
+            self._working()
             batch = message["batch"]
             for name, n in batch["counts"].items():
                 self.count(name, n)
@@ -218,6 +234,7 @@ class Processor:
             if self.on_consumed is not None:
                 self.on_consumed(through, consumed)
         elif message.get("idle"):
+            self._working()
             self._draining = False
             if self._again:
                 self.kick()
@@ -228,7 +245,7 @@ class Processor:
         elif "error" in message:
             self._draining = False
             self.log.error("Packet processing failed; will retry: {why}", why=message["error"])
-            self._retry = self.reactor.callLater(self.restart_delay, self.kick)
+            self._failed(f"processing failed: {message['error']}")
 
     def _ended(self, child: _ChildProtocol, reason: Failure) -> None:
         if child is not self._child:
@@ -242,7 +259,27 @@ class Processor:
             return
         self.log.error("Processing child exited ({why}); restarting it",
                        why=reason.getErrorMessage())
-        self._retry = self.reactor.callLater(self.restart_delay, self.kick)
+        self._failed(f"the processing child exits at once ({reason.getErrorMessage()})")
+
+    def _failed(self, why: str) -> None:
+        """One more failure in a row: try again later, later each time;
+        after a few, say that processing is not running."""
+        self._failures += 1
+        if self._failures >= FAILURES_BEFORE_FAILING and self.failing is None:
+            self.failing = why
+            self.count("ProcessingFailing", 1)
+            self.log.error("Processing is not running ({why}; {n} failures in a row): the "
+                           "node refuses packets until it recovers; check the queue folder "
+                           "and the log above", why=why, n=self._failures)
+        delay = min(MAX_RESTART_DELAY, self.restart_delay * 2 ** (self._failures - 1))
+        self._retry = self.reactor.callLater(delay, self.kick)
+
+    def _working(self) -> None:
+        """The child did work: whatever failed before has passed."""
+        self._failures = 0
+        if self.failing is not None:
+            self.failing = None
+            self.log.warn("Processing runs again; the node accepts packets again")
 
     def _kill(self, child: _ChildProtocol) -> None:
         self.log.warn("Processing child did not stop in time; killing it")
