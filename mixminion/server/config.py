@@ -326,10 +326,21 @@ NODE_SECTIONS: tuple[SectionSpec, ...] = (
                default="128", reload=_INCOMING),
         Option("MaxConnectionsPerAddress", INT, "ours: simultaneous inbound connections from "
                "one address", default="8", reload=_INCOMING),
+        Option("MaxConnectionsPerNetwork", INT, "ours: simultaneous inbound connections from "
+               "one network (NetworkPrefix, NetworkPrefix6; a loopback address counts alone); "
+               "when all MaxConnections are taken, a newcomer within its caps closes the "
+               "connection that has made the least progress instead of being refused",
+               default="16", reload=_INCOMING),
+        Option("NetworkPrefix", INT, "ours: prefix length (bits) of an IPv4 network for "
+               "MaxConnectionsPerNetwork", default="24", reload=_INCOMING),
+        Option("NetworkPrefix6", INT, "ours: prefix length (bits) of an IPv6 network for "
+               "MaxConnectionsPerNetwork", default="48", reload=_INCOMING),
         Option("HandshakeTimeout", INTERVAL, "ours: time allowed for the TLS handshake",
                default="60 seconds", reload=_INCOMING),
         Option("LineTimeout", INTERVAL, "ours: time allowed for the protocol line",
                default="30 seconds", reload=_INCOMING),
+        Option("FirstFrameTimeout", INTERVAL, "ours: time allowed from the protocol line to "
+               "the first complete frame", default="30 seconds", reload=_INCOMING),
         Option("FrameTimeout", INTERVAL, "ours: time allowed to finish a started frame",
                default="60 seconds", reload=_INCOMING),
         Option("Legacy", BOOLEAN, "ours: also accept TLS 1.0 peers of the 0.0.8 era "
@@ -523,8 +534,12 @@ class IncomingSection:
     deny: tuple[ConfigAddressRule, ...]
     max_connections: int
     max_connections_per_address: int
+    max_connections_per_network: int
+    network_prefix: int
+    network_prefix6: int
     handshake_timeout: int
     line_timeout: int
+    first_frame_timeout: int
     frame_timeout: int
     legacy: bool
 
@@ -694,8 +709,12 @@ class ServerConfig:
         return ConnectionLimits(
             max_connections=incoming.max_connections,
             max_per_source=incoming.max_connections_per_address,
+            max_per_network=incoming.max_connections_per_network,
+            ipv4_prefix=incoming.network_prefix,
+            ipv6_prefix=incoming.network_prefix6,
             handshake_timeout=float(incoming.handshake_timeout),
             line_timeout=float(incoming.line_timeout),
+            first_frame_timeout=float(incoming.first_frame_timeout),
             frame_timeout=float(incoming.frame_timeout),
             idle_timeout=float(self.server.timeout),
         )
@@ -1033,6 +1052,9 @@ def _check_incoming(b: _Builder) -> None:
         b.warn(s, "Hostname", "not set; the descriptor will publish this host's FQDN")
     _check_range(b, s, "MaxConnections", 1, None)
     _check_range(b, s, "MaxConnectionsPerAddress", 1, None)
+    _check_range(b, s, "MaxConnectionsPerNetwork", 1, None)
+    _check_range(b, s, "NetworkPrefix", 0, 32)
+    _check_range(b, s, "NetworkPrefix6", 0, 128)
     if b.get(s, "MaxConnectionsPerAddress") > b.get(s, "MaxConnections"):
         b.warn(s, "MaxConnectionsPerAddress", "larger than MaxConnections, so it never applies")
     if b.get(s, "Legacy"):
