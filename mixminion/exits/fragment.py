@@ -1,14 +1,29 @@
 """The FRAGMENT exit module: server-side reassembly (spec: server.md §9.7,
 fragments.md §5.3).
 
-Fragments are fed to a :class:`~mixminion.codec.fragments.Reassembler`
-whose state lives in an SQLite file under ``BaseDir/deliver/FRAGMENT``
-(:mod:`mixminion.exits.fragment_store`).  A completed message is parsed
+Fragments are stored in an SQLite file under ``BaseDir/deliver/FRAGMENT``
+(:mod:`mixminion.exits.fragment_store`); memory holds only the metadata
+the reassembly rules need (a :class:`~mixminion.exits.fragment_store.DiskReassembler`),
+and fragment bodies are read back from the file when a chunk can be
+decoded or a message completes.  A completed message is parsed
 (``RT | RL | RI | compressed``), checked against ``MaximumSize``, put in the
 durable outbox in the same transaction that marks it COMPLETED, and then
 handed to the dispatcher as an item for its real exit type.  If that module
 answers RETRY the message stays in the outbox and is tried again at later
 flushes, on the target module's retry schedule (server.md §6.3).
+
+Pending messages are bounded (``MaximumPendingMessages``, default 10,000,
+which bounds memory to a few MB of metadata; ``MaximumPendingBytes``,
+default 256 MB of fragment data on disk, about 9,000 fragments): when a
+new fragment takes the exit over either bound, the *oldest* pending
+messages (by arrival of their first fragment) are evicted first, each
+counted as ``FragmentEvicted``, and one WARN line per flush says how many
+(no message ids).  Oldest first, because an honest message's fragments
+arrive within a few mix intervals of each other, so the message that has
+waited longest is the least likely to complete; evicting the largest would
+favour a flood of one-fragment messages over honest ones that have more.
+An evicted message is forgotten, not rejected: its later fragments may
+still complete it.
 """
 
 from __future__ import annotations
@@ -22,17 +37,17 @@ from zope.interface import implementer
 from mixminion.codec.errors import ParseError
 from mixminion.codec.exit import FragmentPiece
 from mixminion.codec.fragments import (
-    COMPLETED,
-    REJECTED,
     SSF_PREFIX_LEN,
     FragmentParams,
     Outcome,
     parse_server_side_message,
 )
+from mixminion.codec.payload import OVERHEADS
 from mixminion.codec.routing import FRAGMENT_TYPE
+from mixminion.config.values import format_size
 from mixminion.exits.context import Advertisement, ExitContext
 from mixminion.exits.errors import ExitConfigError
-from mixminion.exits.fragment_store import FragmentStore, OutboxEntry
+from mixminion.exits.fragment_store import DiskReassembler, FragmentStore, OutboxEntry
 from mixminion.exits.interfaces import IExitModule
 from mixminion.exits.items import DeliveryItem, DeliveryResult, make_reassembled_item
 from mixminion.exits.options import FRAGMENTED, section_values
@@ -62,11 +77,15 @@ class FragmentModule:
     def __init__(self) -> None:
         self.context: Optional[ExitContext] = None
         self._store: Optional[FragmentStore] = None
-        self._reassembler: Any = None
+        self._reassembler: Optional[DiskReassembler] = None
         self.max_size = 0
         self.max_interval: int = FRAGMENTED.default("MaximumInterval")
+        self.max_pending_messages: int = FRAGMENTED.default("MaximumPendingMessages")
+        self.max_pending_bytes: int = FRAGMENTED.default("MaximumPendingBytes")
         self.log: Any = None
         self._in_flight: set[int] = set()
+        #: evictions not yet reported (one WARN line per flush)
+        self._evicted = 0
 
     # -- configuration ---------------------------------------------------------------
 
@@ -76,8 +95,28 @@ class FragmentModule:
         if self.max_size < 1:
             raise ExitConfigError("[Delivery/Fragmented] MaximumSize must be positive")
         self.max_interval = values["MaximumInterval"]
+        self.max_pending_messages = values["MaximumPendingMessages"]
+        if self.max_pending_messages < 1:
+            raise ExitConfigError("[Delivery/Fragmented] MaximumPendingMessages must be at least 1")
+        self.max_pending_bytes = values["MaximumPendingBytes"]
+        need = self.largest_pending()
+        if self.max_pending_bytes < need:
+            raise ExitConfigError(
+                f"[Delivery/Fragmented] MaximumPendingBytes ({format_size(self.max_pending_bytes)}) "
+                f"cannot hold one message of MaximumSize: raise it to at least "
+                f"{format_size(-(-need // 1024) * 1024)}, or lower MaximumSize")
         self.context = context
         self.log = context.logger(self)
+
+    @property
+    def max_length(self) -> int:
+        """Largest ``MSGLEN`` stored: ``MaximumSize`` and room for the prefix."""
+        return self.max_size + PREFIX_ALLOWANCE
+
+    def largest_pending(self) -> int:
+        """Bytes on disk of the largest message the exit stores (its padded
+        length: decoded chunks, or fragments up to ``k`` per chunk)."""
+        return max(FragmentParams.for_message(self.max_length, o).padded_length for o in OVERHEADS)
 
     # The store is opened at first use, not in configure: a SIGHUP builds the
     # new modules while the old ones still deliver, and two live copies of
@@ -89,19 +128,34 @@ class FragmentModule:
             assert self.context is not None, "configure() first"
             path = os.path.join(self.context.module_dir(self.name), STATE_FILE)
             self._store = FragmentStore(path)
-            self._reassembler = self._store.load(self.max_size + PREFIX_ALLOWANCE)
-            self.log.info("{pending} partial messages and {waiting} reassembled messages restored",
-                          pending=len(self._reassembler.pending), waiting=len(self._store.outbox()))
+            self._reassembler = DiskReassembler.load(self._store, self.max_length)
+            self.log.info("{pending} partial messages ({size}) and {waiting} reassembled messages restored",
+                          pending=len(self._reassembler.pending),
+                          size=f"{self._reassembler.pending_bytes / (1 << 20):.1f} MB",
+                          waiting=len(self._store.outbox_waiting()))
+            # The bounds may have been lowered since the last run.
+            with self._store.transaction():
+                self._evict()
         return self._store
 
     @property
-    def reassembler(self) -> Any:
+    def reassembler(self) -> DiskReassembler:
         self.store  # noqa: B018 - opens the store, which loads the reassembler
+        assert self._reassembler is not None
         return self._reassembler
 
-    @reassembler.setter
-    def reassembler(self, value: Any) -> None:
-        self._reassembler = value
+    def _reload(self) -> None:
+        """Memory ran ahead of the file (a failed transaction): read back
+        what was committed."""
+        self._reassembler = DiskReassembler.load(self.store, self.max_length)
+
+    def _evict(self, keep: Optional[bytes] = None) -> None:
+        """Inside a transaction: back under the bounds, oldest first."""
+        assert self._reassembler is not None and self.context is not None
+        n = self._reassembler.evict(self.max_pending_messages, self.max_pending_bytes, keep)
+        if n:
+            self.context.count("FragmentEvicted", n)
+            self._evicted += n
 
     # -- fragments -----------------------------------------------------------------
 
@@ -109,7 +163,7 @@ class FragmentModule:
         return defer.ensureDeferred(self._deliver(item))
 
     async def _deliver(self, item: DeliveryItem) -> DeliveryResult:
-        assert self.context is not None and self.store is not None
+        assert self.context is not None
         piece = item.classification
         if item.address or not isinstance(piece, FragmentPiece) or item.reassembled:
             self.context.count("FragmentRefused")
@@ -117,15 +171,17 @@ class FragmentModule:
                           "routing info are reassembled", kind=item.kind)
             return DeliveryResult.NORETRY
         today = midnight(self.context.now())
-        fragment = piece.fragment
-        result = self.reassembler.add(fragment, today)
-        mid = result.message_id
         entry: Optional[OutboxEntry] = None
         try:
-            entry = self._persist(mid, result, fragment, today)
+            with self.store.transaction():
+                result = self.reassembler.add(piece.fragment, today)
+                if result.outcome is Outcome.STORED:
+                    self._evict(keep=result.message_id)
+                elif result.outcome is Outcome.COMPLETED:
+                    assert result.message is not None
+                    entry = self._completed(result.message_id, result.message, today)
         except BaseException:
-            # Memory ran ahead of the file: go back to what was committed.
-            self.reassembler = self.store.load(self.max_size + PREFIX_ALLOWANCE)
+            self._reload()
             raise
         self.context.count(f"Fragment{result.outcome.name.title()}")
         if result.outcome is Outcome.REJECTED:
@@ -135,31 +191,10 @@ class FragmentModule:
             await self._hand_off(entry)
         return DeliveryResult.OK
 
-    def _persist(self, mid: bytes, result, fragment, today: int) -> Optional[OutboxEntry]:
-        """Commit what :meth:`Reassembler.add` just did."""
-        assert self.store is not None
-        entry: Optional[OutboxEntry] = None
-        with self.store.transaction():
-            if result.outcome is Outcome.STORED:
-                state = self.reassembler.pending[mid]
-                chunk, pos = state.params.locate(fragment.index)
-                self.store.save_message(mid, state)
-                if chunk in state.chunks:
-                    self.store.save_chunk(mid, chunk, state.chunks[chunk])
-                else:
-                    self.store.save_fragment(mid, chunk, pos, fragment.data)
-            elif result.outcome is Outcome.REJECTED:
-                self.store.delete_message(mid)
-                self.store.set_status(mid, REJECTED, today)
-            elif result.outcome is Outcome.COMPLETED:
-                assert result.message is not None
-                entry = self._completed(mid, result.message, today)
-        return entry
-
     def _completed(self, mid: bytes, message: bytes, today: int) -> Optional[OutboxEntry]:
-        """Inside the transaction: the message is whole; queue or reject it."""
-        assert self.store is not None and self.context is not None
-        self.store.delete_message(mid)
+        """Inside the transaction: the message is whole (its fragments are
+        gone and it is marked COMPLETED); queue or reject it."""
+        assert self.context is not None
         try:
             exit_type, address, compressed = parse_server_side_message(message)
         except ParseError:
@@ -169,11 +204,9 @@ class FragmentModule:
             reason = "too large" if len(compressed) > self.max_size else ""
         if reason:
             self.reassembler.reject(mid, today)
-            self.store.set_status(mid, REJECTED, today)
             self.context.count("FragmentMessageRejected")
             self.log.warn("Dropping a reassembled message: {reason}", reason=reason)
             return None
-        self.store.set_status(mid, COMPLETED, today)
         now = self.context.now()
         entry_id = self.store.add_outbox(exit_type, address, compressed, now)
         self.log.info("Reassembled a message of {size} compressed bytes", size=len(compressed))
@@ -220,32 +253,46 @@ class FragmentModule:
         return defer.ensureDeferred(self._flush())
 
     async def _flush(self) -> None:
-        assert self.store is not None and self.context is not None
+        assert self.context is not None
         now = self.context.now()
         self.expire(now)
-        for entry in self.store.outbox():
-            if is_ready(entry.last_attempt, entry.queued_at, self._schedule_for(entry.exit_type), now):
-                await self._hand_off(entry)
+        if self._evicted:
+            self.log.warn("Evicted {n} pending fragmented messages, oldest first, to stay within "
+                          "MaximumPendingMessages ({messages}) and MaximumPendingBytes ({size})",
+                          n=self._evicted, messages=self.max_pending_messages,
+                          size=format_size(self.max_pending_bytes))
+            self._evicted = 0
+        # One reassembled message in memory at a time: the list is metadata.
+        for entry_id, exit_type, queued_at, last_attempt in self.store.outbox_waiting():
+            if entry_id in self._in_flight:
+                continue
+            if is_ready(last_attempt, queued_at, self._schedule_for(exit_type), now):
+                entry = self.store.outbox_entry(entry_id)
+                if entry is not None:
+                    await self._hand_off(entry)
 
-    def expire(self, now: float) -> list[bytes]:
+    def expire(self, now: float) -> int:
         """Reject messages whose first fragment came before UTC midnight of
         today minus ``MaximumInterval``; forget the marks of messages older
-        than twice that (their fragments would be stale by then)."""
-        assert self.store is not None and self.context is not None
+        than twice that (their fragments would be stale by then).  Returns
+        how many messages expired."""
+        assert self.context is not None
         today = midnight(now)
         cutoff = today - self.max_interval
-        expired = self.reassembler.expire(cutoff, today)
-        forgotten = self.reassembler.forget_status(cutoff - self.max_interval - DAY)
-        if expired or forgotten:
+        reassembler = self.reassembler
+        forget_before = cutoff - self.max_interval - DAY
+        if not (reassembler.has_older(cutoff) or self.store.has_status_before(forget_before)):
+            return 0
+        try:
             with self.store.transaction():
-                for mid in expired:
-                    self.store.delete_message(mid)
-                    self.store.set_status(mid, REJECTED, today)
-                for mid in forgotten:
-                    self.store.delete_status(mid)
+                expired = reassembler.expire(cutoff, today)
+                reassembler.forget_status(forget_before)
+        except BaseException:
+            self._reload()
+            raise
         if expired:
-            self.context.count("FragmentExpired", len(expired))
-            self.log.info("Expired {n} incomplete fragmented messages", n=len(expired))
+            self.context.count("FragmentExpired", expired)
+            self.log.info("Expired {n} incomplete fragmented messages", n=expired)
         return expired
 
     # -- descriptor and shutdown ------------------------------------------------------

@@ -97,6 +97,14 @@ FRAGMENTED = SectionSpec("Delivery/Fragmented", "server-side reassembly (§9.7)"
            required=True, published=True),
     Option("MaximumInterval", INTERVAL, "how long fragments wait for the rest",
            default="2 days"),
+    Option("MaximumPendingMessages", INT, "most messages waiting for more fragments; over it "
+           "the oldest are evicted (counted as FragmentEvicted). Bounds the memory they take: "
+           "a few hundred bytes each, their fragments wait on disk",
+           default="10000"),
+    Option("MaximumPendingBytes", SIZE, "most fragment data kept on disk for messages waiting "
+           "for more fragments (a fragment is 28 KB); over it the oldest messages are evicted. "
+           "Must hold one message of MaximumSize",
+           default="256 MB"),
 ))
 
 
