@@ -13,7 +13,31 @@ while the full one still waits for its acknowledgements (at most
 ``connections_per_destination`` at once).  At most ``max_connections``
 connections are connecting or open in all (``[Outgoing/MMTP]
 MaxConnections``); a destination that needs one when none is free waits
-in line, first come first served, and gets the next one that closes.
+in line for the next one that closes.
+
+A next hop that never answers must not stall the others (issue 12: 6,000
+packets each for a different address that accepted TCP and said nothing
+held every slot, and an honest packet waited behind them for hours):
+
+* Deadlines bound what a black hole costs: ``connect_timeout`` for TCP,
+  ``handshake_timeout`` for TLS, and ``ack_timeout`` from the TCP
+  connection to the first acknowledgement and from each acknowledgement
+  to the next while any is awaited (30 s each).  A connection that runs
+  out of one is aborted, the destination's waiting packets fail with it
+  (its caller retries them on its own schedule, not at once here), and
+  the slot goes to the next in line.
+* Next hops that have acknowledged a packet (*proven*, remembered for the
+  last :data:`PROVEN_MEMORY` of them until one fails) wait in a line of
+  their own, and a quarter of ``max_connections`` is theirs alone: new or
+  failing next hops, which anyone can name by the thousand in the packets
+  they send us, never hold every slot.  Between the two lines, whichever
+  destination waited longer goes first.
+* ``max_queued_per_destination`` bounds the packets held in memory for one
+  destination; one more fails at once with :class:`DestinationBusy`.
+* A destination whose connection ran out of a deadline is *stuck*: the
+  first is logged at WARN within :data:`STUCK_GRACE` (with those stuck
+  meanwhile), later ones in one WARN per ``stuck_report_interval``, with
+  counts of next hops and packets; addresses only at debug.
 
 The client also enforces ``[Outgoing/MMTP] Allow``/``Deny`` when given an
 ``allows(ip, port)`` callable: a next hop named by an IP literal is judged
@@ -26,13 +50,18 @@ with :class:`DestinationDenied`, which a caller must not retry.
 from __future__ import annotations
 
 import os
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field, fields
 from typing import Callable, Optional
 
-from twisted.internet import defer
+from twisted.internet import defer, error
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IHandshakeListener, IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHandshakeListener,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -53,6 +82,14 @@ from mixminion.mmtp.tls import InitiatorTLS, KeyIdMismatch, TLSVerificationError
 
 PACKET_LEN = 32768
 
+#: proven next hops remembered (the most recently proven); one forgotten
+#: waits in the common line again until it acknowledges a packet
+PROVEN_MEMORY = 4096
+#: stuck next hops remembered, so that each is counted once
+STUCK_MEMORY = 16384
+#: seconds from the first stuck next hop of a series to its report
+STUCK_GRACE = 5.0
+
 
 class MMTPError(Exception):
     """A packet did not reach the next hop; it may be retried (except
@@ -69,6 +106,12 @@ class ConnectionFailed(MMTPError):
 
 class PeerAuthenticationFailed(ConnectionFailed):
     """The peer's certificate chain did not prove the expected identity."""
+
+
+class DestinationBusy(MMTPError):
+    """We hold ``max_queued_per_destination`` packets for this next hop
+    already; this is our own limit, not the next hop's failure (send it
+    again once some of the others are answered)."""
 
 
 class DestinationDenied(MMTPError):
@@ -109,8 +152,15 @@ class _Item:
 class InitiatorSettings:
     writeahead: int = 6
     max_packets_per_connection: int = 1000
-    connect_timeout: float = 60.0
-    handshake_timeout: float = 60.0
+    #: TCP connect
+    connect_timeout: float = 30.0
+    #: TLS handshake, from the TCP connection
+    handshake_timeout: float = 30.0
+    #: from the TCP connection to the first acknowledgement, then from one
+    #: to the next while any is awaited: a peer that accepted TCP and never
+    #: completes TLS, never answers our version or never acknowledges frees
+    #: its slot after this long
+    ack_timeout: float = 30.0
     idle_timeout: float = 300.0
     #: how long to wait for the peer's TLS close_notify after ours; a peer
     #: that never answers would otherwise hold the destination forever
@@ -122,6 +172,12 @@ class InitiatorSettings:
     #: (``[Outgoing/MMTP] MaxConnections``); a change applies to the next
     #: connection opened, open ones are never cut for it
     max_connections: int = 16
+    #: packets held in memory for one destination (waiting for a connection
+    #: or sent and not acknowledged); 0: no limit
+    max_queued_per_destination: int = 0
+    #: stuck next hops after the first are reported at WARN at most once
+    #: per this many seconds, with counts
+    stuck_report_interval: float = 600.0
     #: local address to connect from (None: the system's choice)
     bind_address: Optional[tuple[str, int]] = None
 
@@ -132,19 +188,28 @@ class MMTPInitiatorProtocol(Protocol):
 
     def __init__(self, destination: Destination, tls: InitiatorTLS, clock: IReactorTime,
                  settings: InitiatorSettings, stats: MMTPStats,
-                 on_done: Callable[["MMTPInitiatorProtocol"], None]) -> None:
+                 on_done: Callable[["MMTPInitiatorProtocol"], None],
+                 on_ack: Optional[Callable[[Destination], None]] = None) -> None:
         self.destination = destination
         self.tls = tls
         self.clock = clock
         self.settings = settings
         self.stats = stats
         self.on_done = on_done
+        self.on_ack = on_ack
         self.machine: InitiatorMachine[_Item] = InitiatorMachine(writeahead=settings.writeahead)
         self.timers = Timers(clock)
         self.queued = 0
         self.acked = 0
         self.closing = False
         self.authenticated = False
+        #: one of our deadlines (handshake, ack, idle) closed it
+        self.timed_out = False
+        #: closed by the client for reasons of its own (shutdown, address
+        #: rules, nothing left to send), not by any fault of the peer's
+        self.closed_by_us = False
+        #: items that failed when the connection was lost
+        self.lost = 0
         self._failure: Optional[Failure] = None
 
     # --- used by the client ------------------------------------------------
@@ -166,10 +231,19 @@ class MMTPInitiatorProtocol(Protocol):
 
     # --- connection lifecycle ------------------------------------------------
 
+    @property
+    def failure(self) -> Optional[Failure]:
+        """Why it failed (None if it closed cleanly or is still open)."""
+        return self._failure
+
     def connectionMade(self) -> None:  # noqa: N802
         set_no_delay(self.transport)
         self.timers.start("handshake", self.settings.handshake_timeout,
-                          lambda: self._fail(ConnectionFailed("TLS handshake timed out")))
+                          lambda: self._deadline("TLS handshake timed out"))
+        # Runs until the connection closes: restarted by each acknowledgement
+        # (the connection closes once nothing more is awaited).
+        self.timers.start("ack", self.settings.ack_timeout,
+                          lambda: self._deadline("no acknowledgement in time"))
 
     def handshakeCompleted(self) -> None:  # noqa: N802
         self.timers.cancel("handshake")
@@ -212,6 +286,10 @@ class MMTPInitiatorProtocol(Protocol):
 
     def _acknowledged(self, item: _Item, accepted: bool) -> None:
         self.acked += 1
+        self.timers.restart("ack", self.settings.ack_timeout,
+                            lambda: self._deadline("no acknowledgement in time"))
+        if self.on_ack is not None:
+            self.on_ack(self.destination)
         if accepted:
             if not item.junk:
                 self.stats.count("SuccessfulRelay")
@@ -250,11 +328,17 @@ class MMTPInitiatorProtocol(Protocol):
 
     def _touch(self) -> None:
         self.timers.restart("idle", self.settings.idle_timeout,
-                            lambda: self._fail(ConnectionFailed("connection timed out")))
+                            lambda: self._deadline("connection timed out"))
 
-    def _fail(self, error: Exception) -> None:
+    def _deadline(self, why: str) -> None:
+        self.timed_out = True
+        self.stats.count("TimedOut")
+        self._fail(ConnectionFailed(why))
+
+    def _fail(self, error: Exception, by_us: bool = False) -> None:
         if self._failure is None:
             self._failure = Failure(error)
+            self.closed_by_us = by_us
         self.closing = True
         self.timers.cancel_all()
         self.transport.abortConnection()
@@ -265,6 +349,7 @@ class MMTPInitiatorProtocol(Protocol):
         failure = self._failure or Failure(ConnectionFailed(
             f"connection lost: {reason.getErrorMessage() if reason else 'unknown'}"))
         outstanding = [i for i in self.machine.outstanding() if not i.deferred.called]
+        self.lost = len(outstanding)
         if outstanding:
             self.log.info("MMTP connection to a next hop lost with {count} packets "
                           "unacknowledged: {why}", count=len(outstanding),
@@ -287,6 +372,13 @@ class _InitiatorFactory(Factory):
         return self._build()
 
 
+def unproven_share(max_connections: int) -> int:
+    """Connections that next hops not proven may hold: all but a quarter
+    of ``max_connections`` (all of them below 4), kept for proven ones."""
+    limit = max(1, max_connections)
+    return max(1, limit - limit // 4)
+
+
 @dataclass(eq=False)
 class _Peer:
     """What the client holds for one destination."""
@@ -300,8 +392,23 @@ class _Peer:
     connecting: bool = False
     #: the open connection new packets go to while it accepts them
     active: Optional[MMTPInitiatorProtocol] = None
-    #: in the client's line of destinations waiting for a connection
+    #: in one of the client's lines of destinations waiting for a connection
     in_line: bool = False
+    #: packets held for it: pending, or on its connections unacknowledged
+    held: int = 0
+    #: when it joined its line (the client's count of arrivals)
+    since: int = 0
+
+
+@dataclass(eq=False)
+class _Slot:
+    """One connection, counted against ``max_connections`` from the
+    connect until it is lost."""
+
+    #: to a next hop not proven when it opened: counted in the unproven share
+    unproven: bool
+    #: our connect deadline cancelled the connect
+    timed_out: bool = False
 
 
 class MMTPClient:
@@ -333,13 +440,30 @@ class MMTPClient:
         self.allows = allows
         self._peers: dict[Destination, _Peer] = {}
         #: destinations that need a connection and wait for one to be free
-        #: (MaxConnections), first come first served
+        #: (MaxConnections): those not proven ...
         self._line: deque[_Peer] = deque()
+        #: ... and those proven, which have a share of the slots of their own
+        self._proven_line: deque[_Peer] = deque()
+        #: numbers the destinations as they join a line
+        self._arrivals = 0
+        #: next hops that acknowledged a packet and have not failed since
+        #: (the most recent last)
+        self._proven: OrderedDict[Destination, None] = OrderedDict()
         #: connections connecting or open, to every destination
         self._connections = 0
+        #: ... of them to next hops not proven when they opened
+        self._unproven_connections = 0
         #: every open connection, including full ones no longer a peer's active
         self._protocols: set[MMTPInitiatorProtocol] = set()
         self._opening = False
+        #: next hops whose last connection ran out of a deadline
+        self._stuck: OrderedDict[Destination, None] = OrderedDict()
+        #: stuck next hops and their packets since the last report
+        self._stuck_new = 0
+        self._stuck_packets = 0
+        #: the next report (None: no series is running; the next stuck next
+        #: hop starts one, reported after STUCK_GRACE)
+        self._stuck_report: Optional[IDelayedCall] = None
 
     @property
     def connections(self) -> int:
@@ -347,9 +471,30 @@ class MMTPClient:
         return self._connections
 
     @property
+    def unproven_connections(self) -> int:
+        """Connections connecting or open now to next hops not proven."""
+        return self._unproven_connections
+
+    @property
     def waiting_destinations(self) -> int:
         """Destinations whose packets wait for a free connection."""
-        return sum(1 for peer in self._line if peer.pending)
+        return (sum(1 for peer in self._line if peer.pending)
+                + sum(1 for peer in self._proven_line if peer.pending))
+
+    @property
+    def stuck_destinations(self) -> int:
+        """Next hops whose last connection ran out of a deadline."""
+        return len(self._stuck)
+
+    def proven(self, destination: Destination) -> bool:
+        """Whether ``destination`` acknowledged a packet and has not failed
+        since (as far as the client remembers)."""
+        return destination in self._proven
+
+    def held(self, destination: Destination) -> int:
+        """Packets held in memory for ``destination``."""
+        peer = self._peers.get(destination)
+        return peer.held if peer is not None else 0
 
     def apply_settings(self, settings: InitiatorSettings) -> None:
         """Take ``settings`` (after a SIGHUP): copied into the settings the
@@ -396,16 +541,28 @@ class MMTPClient:
                            "rules", host=destination.host, port=destination.port)
             return defer.fail(DestinationDenied("the next hop's address is denied by our "
                                                 "[Outgoing/MMTP] rules"))
-        if not item.junk:
-            self.stats.count("AttemptedRelay")
         peer = self._peers.get(destination)
         if peer is None:
             peer = self._peers[destination] = _Peer(destination)
+        cap = self.settings.max_queued_per_destination
+        if cap > 0 and peer.held >= cap:
+            self._forget_if_idle(peer)
+            return defer.fail(DestinationBusy(f"{cap} packets are held for this next hop "
+                                              "already"))
+        if not item.junk:
+            self.stats.count("AttemptedRelay")
+        peer.held += 1
+        item.deferred.addBoth(self._released, peer)
         peer.pending.append(item)
         self._dispatch(peer)
-        if self._line:  # max_connections may have been raised by assignment
+        if self._line or self._proven_line:  # max_connections may have been raised
             self._open_waiting()
         return item.deferred
+
+    @staticmethod
+    def _released(result, peer: _Peer):
+        peer.held -= 1
+        return result
 
     def _dispatch(self, peer: _Peer) -> None:
         """Put ``peer``'s pending packets on its open connection; ask for
@@ -417,20 +574,28 @@ class MMTPClient:
                 and peer.live < self.settings.connections_per_destination):
             if not peer.in_line:
                 peer.in_line = True
-                self._line.append(peer)
+                self._arrivals += 1
+                peer.since = self._arrivals
+                if peer.destination in self._proven:
+                    self._proven_line.append(peer)
+                else:
+                    self._line.append(peer)
             self._open_waiting()
         # else: the connection being opened takes them, or one of the
         # destination's own connections must finish first (_finished)
 
     def _open_waiting(self) -> None:
-        """Open connections for the destinations in line, in order, while
-        fewer than ``max_connections`` are connecting or open."""
+        """Open connections for the destinations in line while fewer than
+        ``max_connections`` are connecting or open; those not proven only
+        while they hold fewer than their share (:func:`unproven_share`)."""
         if self._opening:  # called again from a connect that finished at once
             return
         self._opening = True
         try:
-            while self._line and self._connections < max(1, self.settings.max_connections):
-                peer = self._line.popleft()
+            while self._connections < max(1, self.settings.max_connections):
+                peer = self._next_in_line()
+                if peer is None:
+                    break
                 peer.in_line = False
                 if (peer.pending and not peer.connecting
                         and peer.live < self.settings.connections_per_destination):
@@ -438,22 +603,54 @@ class MMTPClient:
         finally:
             self._opening = False
 
+    def _next_in_line(self) -> Optional[_Peer]:
+        """The next destination to connect to, first come first served:
+        whichever waited longer, but the common one only while it holds
+        less than its share."""
+        proven = self._proven_line
+        common = self._line if self._unproven_connections < unproven_share(
+            self.settings.max_connections) else None
+        if proven and common:
+            line = proven if proven[0].since < common[0].since else common
+        else:
+            line = proven or common
+        return line.popleft() if line else None
+
     def _open(self, peer: _Peer) -> None:
         """Connect for ``peer``'s pending packets; a full connection keeps
         draining its acknowledgements while the next one does its handshake."""
+        slot = _Slot(unproven=peer.destination not in self._proven)
         peer.connecting = True
         peer.live += 1
         self._connections += 1
+        if slot.unproven:
+            self._unproven_connections += 1
         self.stats.count("AttemptedConnect")
         destination = peer.destination
 
         def build() -> MMTPInitiatorProtocol:
             return MMTPInitiatorProtocol(destination, self.tls, self.reactor, self.settings,
-                                         self.stats, lambda proto: self._finished(proto, peer))
+                                         self.stats, lambda proto: self._finished(proto, peer, slot),
+                                         self._acknowledged)
 
         d = self.connect(destination, _InitiatorFactory(build))
+        if not d.called and self.settings.connect_timeout > 0:
+            # Our own deadline too: it covers a name lookup, and a connect
+            # replaced in tests.
+            def expire() -> None:
+                slot.timed_out = True
+                d.cancel()
+
+            deadline = self.reactor.callLater(self.settings.connect_timeout, expire)
+
+            def settled(result):
+                if deadline.active():
+                    deadline.cancel()
+                return result
+
+            d.addBoth(settled)
         d.addCallbacks(self._connected, self._connect_failed,
-                       callbackArgs=(peer,), errbackArgs=(peer,))
+                       callbackArgs=(peer,), errbackArgs=(peer, slot))
 
     def connect(self, destination: Destination, factory: Factory) -> defer.Deferred:
         endpoint = HostnameEndpoint(self.reactor, destination.host, destination.port,
@@ -473,7 +670,7 @@ class MMTPClient:
                 return
         if not peer.pending:
             # Its packets failed while it connected (close()): nothing to send.
-            proto._fail(ConnectionFailed("nothing left to send"))
+            proto._fail(ConnectionFailed("nothing left to send"), by_us=True)
             return
         peer.active = proto
         self._dispatch(peer)
@@ -490,9 +687,10 @@ class MMTPClient:
         error = DestinationDenied("the next hop's address is denied by our "
                                   "[Outgoing/MMTP] rules")
         self._fail_pending(peer, Failure(error))  # first: the abort must not reopen for them
-        proto._fail(error)
+        proto._fail(error, by_us=True)
 
-    def _fail_pending(self, peer: _Peer, failure: Failure) -> None:
+    def _fail_pending(self, peer: _Peer, failure: Failure) -> int:
+        """Fail the packets waiting for a connection; how many there were."""
         items = list(peer.pending)
         peer.pending.clear()
         self._forget_if_idle(peer)
@@ -500,25 +698,49 @@ class MMTPClient:
             if not item.junk:
                 self.stats.count("FailedRelay")
             item.deferred.errback(failure)
+        return len(items)
 
-    def _connect_failed(self, failure: Failure, peer: _Peer) -> None:
-        peer.connecting = False
+    def _release(self, peer: _Peer, slot: _Slot) -> None:
         peer.live -= 1
         self._connections -= 1
+        if slot.unproven:
+            self._unproven_connections -= 1
+
+    def _connect_failed(self, failure: Failure, peer: _Peer, slot: _Slot) -> None:
+        peer.connecting = False
+        self._release(peer, slot)
         self.stats.count("FailedConnect")
+        timed_out = slot.timed_out or failure.check(error.TimeoutError) is not None
+        if timed_out:
+            self.stats.count("TimedOut")
         # The reason may name the next hop (a DNS error does): debug only.
-        self.log.info("Could not connect to a next hop: {kind}", kind=failure.type.__name__)
+        self.log.info("Could not connect to a next hop: {kind}",
+                      kind="timed out" if timed_out else failure.type.__name__)
         self.log.debug("Could not connect to a next hop: {why}", why=failure.getErrorMessage())
-        self._fail_pending(peer, Failure(ConnectionFailed(
-            f"cannot connect: {failure.getErrorMessage()}")))
+        self._proven.pop(peer.destination, None)
+        why = "timed out" if slot.timed_out else failure.getErrorMessage()
+        failed = self._fail_pending(peer, Failure(ConnectionFailed(f"cannot connect: {why}")))
+        if timed_out:
+            self._stuck_next_hop(peer.destination, failed)
         self._open_waiting()
 
-    def _finished(self, proto: MMTPInitiatorProtocol, peer: _Peer) -> None:
+    def _finished(self, proto: MMTPInitiatorProtocol, peer: _Peer, slot: _Slot) -> None:
         self._protocols.discard(proto)
-        peer.live -= 1
-        self._connections -= 1
+        self._release(peer, slot)
         if peer.active is proto:
             peer.active = None
+        if not proto.closed_by_us and (proto.timed_out or (
+                not proto.acked and (proto.failure or proto.lost))):
+            # The next hop stopped answering, or took nothing: it is no
+            # longer proven, and what waits for it fails too (its caller
+            # retries it on its own schedule) instead of holding the next
+            # free connection.
+            self._proven.pop(peer.destination, None)
+            failure = proto.failure or Failure(ConnectionFailed(
+                "connection lost before any acknowledgement"))
+            failed = proto.lost + self._fail_pending(peer, failure)
+            if proto.timed_out:
+                self._stuck_next_hop(peer.destination, failed)
         self._dispatch(peer)  # the destination's own limit may have held some
         self._open_waiting()  # a connection is free for the next in line
         self._forget_if_idle(peer)
@@ -528,14 +750,74 @@ class MMTPClient:
                 and self._peers.get(peer.destination) is peer):
             del self._peers[peer.destination]
 
+    # --- proven and stuck next hops ----------------------------------------------
+
+    def _acknowledged(self, destination: Destination) -> None:
+        """``destination`` acknowledged a frame: proven (again)."""
+        if destination in self._proven:
+            self._proven.move_to_end(destination)
+        else:
+            self._proven[destination] = None
+            if len(self._proven) > PROVEN_MEMORY:
+                self._proven.popitem(last=False)
+        if destination in self._stuck:
+            del self._stuck[destination]
+            self.log.debug("Next hop {host}:{port} answers again",
+                           host=destination.host, port=destination.port)
+
+    def _stuck_next_hop(self, destination: Destination, packets: int) -> None:
+        """A connection to ``destination`` ran out of a deadline, failing
+        ``packets`` packets: count it, and report it (see
+        :meth:`_report_stuck`)."""
+        self.log.debug("Next hop {host}:{port} is stuck: no acknowledgement within the "
+                       "deadline", host=destination.host, port=destination.port)
+        if destination in self._stuck:
+            self._stuck.move_to_end(destination)
+        else:
+            self._stuck[destination] = None
+            if len(self._stuck) > STUCK_MEMORY:
+                self._stuck.popitem(last=False)
+            self._stuck_new += 1
+            self.stats.count("StuckNextHop")
+        self._stuck_packets += packets
+        if self._stuck_report is None:
+            # Reported shortly, with those that time out with it (the
+            # connections of an attack tend to run out together).
+            self._stuck_report = self.reactor.callLater(
+                min(STUCK_GRACE, max(0.0, self.settings.stuck_report_interval)),
+                self._report_stuck)
+
+    def _report_stuck(self) -> None:
+        """One WARN for the stuck next hops since the last one, then none
+        for ``stuck_report_interval``; a quiet interval ends the series (the
+        next stuck next hop is reported after :data:`STUCK_GRACE`)."""
+        self._stuck_report = None
+        if not self._stuck_new:
+            return
+        interval = self.settings.stuck_report_interval
+        self.log.warn("Next hops stuck: {new} newly, {stuck} in all ({packets} packets "
+                      "failed, each kept for a retry on its next hop's schedule). A stuck "
+                      "next hop acknowledged nothing within its connect, handshake or "
+                      "acknowledgement deadline; addresses are logged at debug level only. "
+                      "Next report in {interval:.0f} s at the earliest",
+                      new=self._stuck_new, packets=self._stuck_packets,
+                      stuck=len(self._stuck), interval=interval)
+        self._stuck_new = self._stuck_packets = 0
+        if interval > 0:
+            self._stuck_report = self.reactor.callLater(interval, self._report_stuck)
+
     def close(self) -> defer.Deferred:
         """Abort every connection; packets in flight or waiting for a
         connection fail (their callers keep them queued)."""
         error = Failure(ConnectionFailed("client shutting down"))
+        if self._stuck_report is not None and self._stuck_report.active():
+            self._stuck_report.cancel()
+        self._stuck_report = None
         self._line.clear()
+        self._proven_line.clear()
         for peer in list(self._peers.values()):
             peer.in_line = False
             self._fail_pending(peer, error)
         for proto in list(self._protocols):
-            proto._fail(ConnectionFailed("client shutting down"))
+            proto._fail(ConnectionFailed("client shutting down"), by_us=True)
         return defer.succeed(None)

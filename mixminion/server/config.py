@@ -352,8 +352,10 @@ NODE_SECTIONS: tuple[SectionSpec, ...] = (
                consumer="mixminion.server.config:OutgoingSection.allows"),
         Option("Retry", INTERVAL_LIST, "per-address retry schedule (§6.4)",
                default=sched.DEFAULT_OUTGOING_RETRY, reload=_OUTGOING),
-        Option("MaxConnections", INT, "simultaneous outgoing connections", default="16",
-               reload=_OUTGOING),
+        Option("MaxConnections", INT, "simultaneous outgoing connections; a quarter of them "
+               "is kept for next hops that have acknowledged packets before, so new or "
+               "silent ones (anyone can name thousands) never hold them all",
+               default="16", reload=_OUTGOING),
         Option("MaxPacketsPerConnection", INT, "ours: packets sent on one connection before "
                "a fresh one is opened", default="1000", reload=_OUTGOING),
         Option("Allow", ALLOW_RULE, "destinations we relay to; enforced (a packet for a "

@@ -14,12 +14,32 @@ judged here, before MMTP sees it; one given as a hostname is judged by the
 MMTP client once TCP has connected (the address the name led to), and
 comes back as :class:`DestinationDenied`.  Which addresses were denied is
 logged at debug only (server.md §11: no routing data above debug).
+
+Fair scheduling (issue 12).  Anyone can make us relay to next hops of
+their choosing, by the thousand, that accept TCP and never answer; before
+this, the first 512 ready packets in queue order were handed to MMTP and
+the rest waited for them, so one honest packet queued behind 6,000 such
+hops waited for hours.  Now:
+
+* ready packets wait here per destination, and destinations take turns:
+  each turn hands one packet of one destination to MMTP;
+* at most :attr:`Outgoing.max_in_flight_per_destination` packets of one
+  destination are with MMTP at once (the rest stay on disk, not in
+  memory);
+* destinations that have not answered yet, or whose last attempt failed
+  (*on probation*), together have at most
+  :attr:`Outgoing.max_in_flight_on_probation` packets in flight, so the
+  rest of the window is always there for next hops that answer, and those
+  take their turns first.
+
+The MMTP client applies the same distinction to its connection slots
+and bounds what a silent next hop costs with its deadlines.
 """
 
 from __future__ import annotations
 
 import json
-from collections import deque
+from collections import Counter, deque
 from typing import Callable, Optional
 
 from twisted.internet import defer
@@ -30,6 +50,7 @@ from twisted.python.failure import Failure
 from mixminion.mmtp.initiator import (
     AddressPolicy,
     Destination,
+    DestinationBusy,
     DestinationDenied,
     MMTPClient,
     literal_address,
@@ -51,6 +72,12 @@ class Outgoing:
     #: until its next hop answers, so a mix that empties a pool of 50,000
     #: packets into the queue must not load them all at once
     max_in_flight = 512
+    #: packets of one destination handed to MMTP and not answered yet: far
+    #: more than a connection's pipeline (six frames) needs to stay full
+    max_in_flight_per_destination = 64
+    #: packets in flight to destinations on probation (not answered yet, or
+    #: failing), all together: the rest of the window is for those that answer
+    max_in_flight_on_probation = 256
     #: packets read from the store in one query when sending
     read_batch = 32
 
@@ -75,8 +102,19 @@ class Outgoing:
         #: next flush applies it to everything queued.
         self.allows = allows
         self.in_flight: set[int] = set()
-        #: ready packets not yet handed to MMTP (see :attr:`max_in_flight`)
-        self._ready: deque[tuple[int, Destination]] = deque()
+        #: ready packets not yet handed to MMTP, per destination, oldest first
+        self._ready: dict[Destination, deque[int]] = {}
+        #: destinations whose turn comes, healthy ones and those on probation;
+        #: each is in at most one of them (``_in_turn``)
+        self._turns: dict[bool, deque[Destination]] = {True: deque(), False: deque()}
+        self._in_turn: set[Destination] = set()
+        #: packets handed to MMTP and not answered yet, per destination ...
+        self._out: Counter[Destination] = Counter()
+        #: ... and to destinations on probation, all together
+        self._probation_out = 0
+        #: _send_ready is running (a send failing at once calls it again)
+        self._picking = False
+        self._pick_again = False
         self.addresses: dict[Destination, AddressRetryState] = self._load_states()
         #: packets that left the queue (acknowledged, or denied), removed
         #: from the store in batches
@@ -114,7 +152,8 @@ class Outgoing:
 
     def flush(self) -> int:
         """Hand every ready packet to MMTP (up to :attr:`max_in_flight` at a
-        time, the rest as earlier ones leave); returns how many went now."""
+        time, destinations taking turns, the rest as earlier ones leave);
+        returns how many went now."""
         now = self.clock.seconds()
         lifetime = sum(self.schedule)
         expired, local, denied, ready = [], [], [], []
@@ -137,7 +176,14 @@ class Outgoing:
             if not self._state(dest).ready(now):
                 continue
             ready.append((packet_id, dest))
-        self._ready = deque(ready)
+        self._ready = {}
+        for packet_id, dest in ready:
+            self._ready.setdefault(dest, deque()).append(packet_id)
+        for turn in self._turns.values():
+            turn.clear()
+        self._in_turn.clear()
+        for dest in self._ready:  # in the order of their oldest packets
+            self._take_turn(dest)
         sent = self._send_ready(now)
         if expired:
             self.store.remove_many(expired)
@@ -171,22 +217,95 @@ class Outgoing:
                                "rules; dropping its packets", host=host, port=port)
         return verdicts[key]
 
+    def healthy(self, dest: Destination) -> bool:
+        """``dest`` answered before and has not failed since (otherwise it
+        is on probation)."""
+        state = self.addresses.get(dest)
+        return (state is not None and state.last_success is not None
+                and state.first_failure is None)
+
+    def _take_turn(self, dest: Destination) -> None:
+        """Give ``dest`` a turn if it has ready packets, is not waiting for
+        a turn already and has room for more in flight."""
+        if (dest not in self._in_turn and dest in self._ready
+                and self._out[dest] < self.max_in_flight_per_destination):
+            self._in_turn.add(dest)
+            self._turns[self.healthy(dest)].append(dest)
+
+    def _pick(self, now: float, count: int) -> list[tuple[int, Destination, bool]]:
+        """Up to ``count`` ready packets (id, destination, on probation),
+        one per destination's turn, healthy destinations first; counted as
+        in flight at once."""
+        picks: list[tuple[int, Destination, bool]] = []
+        for healthy in (True, False):
+            turn = self._turns[healthy]
+            while turn and len(picks) < count and len(self.in_flight) < self.max_in_flight:
+                if not healthy and self._probation_out >= self.max_in_flight_on_probation:
+                    break
+                dest = turn.popleft()
+                self._in_turn.discard(dest)
+                ids = self._ready.get(dest)
+                while ids and ids[0] in self.in_flight:
+                    ids.popleft()
+                if not ids:
+                    self._ready.pop(dest, None)
+                    continue
+                if self._out[dest] >= self.max_in_flight_per_destination:
+                    continue  # its turn comes back when one is answered
+                if not self._state(dest).ready(now):
+                    continue  # failed meanwhile: waits for the next flush
+                packet_id = ids.popleft()
+                self.in_flight.add(packet_id)
+                self._out[dest] += 1
+                if not healthy:
+                    self._probation_out += 1
+                picks.append((packet_id, dest, not healthy))
+                if ids:
+                    self._in_turn.add(dest)
+                    turn.append(dest)
+                else:
+                    del self._ready[dest]
+        return picks
+
+    def _answered(self, dest: Destination, probation: bool) -> None:
+        """A packet handed to MMTP came back (acknowledged or failed)."""
+        self._out[dest] -= 1
+        if self._out[dest] <= 0:
+            del self._out[dest]
+        if probation:
+            self._probation_out -= 1
+        if self._out[dest] <= self.max_in_flight_per_destination // 2:
+            # (half empty: its next packets are read in one query)
+            self._take_turn(dest)
+
     def _send_ready(self, now: Optional[float] = None) -> int:
-        """Send queued ready packets while fewer than :attr:`max_in_flight`
-        are out; one whose address failed meanwhile waits for the next flush."""
+        """Send ready packets while the limits allow (see the module's
+        docstring); one whose address failed meanwhile waits for the next
+        flush."""
+        if self._picking:  # a send failed at once, inside the loop below
+            self._pick_again = True
+            return 0
         now = self.clock.seconds() if now is None else now
         sent = 0
-        while self._ready and len(self.in_flight) < self.max_in_flight:
-            batch: list[tuple[int, Destination]] = []
-            while (self._ready and len(batch) < self.read_batch
-                   and len(self.in_flight) + len(batch) < self.max_in_flight):
-                packet_id, dest = self._ready.popleft()
-                if packet_id not in self.in_flight and self._state(dest).ready(now):
-                    batch.append((packet_id, dest))
-            for (packet_id, dest), packet in zip(batch, self._read([i for i, _ in batch])):
-                if packet is not None:
-                    self._send(packet_id, dest, packet, now)
-                    sent += 1
+        self._picking = True
+        try:
+            self._pick_again = True
+            while self._pick_again:
+                self._pick_again = False
+                while True:
+                    batch = self._pick(now, self.read_batch)
+                    if not batch:
+                        break
+                    packets = self._read([packet_id for packet_id, _, _ in batch])
+                    for (packet_id, dest, probation), packet in zip(batch, packets):
+                        if packet is None:  # gone from the store meanwhile
+                            self.in_flight.discard(packet_id)
+                            self._answered(dest, probation)
+                        else:
+                            self._send(packet_id, dest, packet, now, probation)
+                            sent += 1
+        finally:
+            self._picking = False
         return sent
 
     def _read(self, ids: list[int]) -> list[Optional[bytes]]:
@@ -202,13 +321,13 @@ class Outgoing:
                     packets.append(None)
             return packets
 
-    def _send(self, packet_id: int, dest: Destination, packet: bytes, started: float) -> None:
-        self.in_flight.add(packet_id)
+    def _send(self, packet_id: int, dest: Destination, packet: bytes, started: float,
+              probation: bool) -> None:
         d = self.client.send_packet(dest, packet)
-        d.addCallbacks(self._sent, self._failed, callbackArgs=(packet_id, dest),
-                       errbackArgs=(packet_id, dest, started))
+        d.addCallbacks(self._sent, self._failed, callbackArgs=(packet_id, dest, probation),
+                       errbackArgs=(packet_id, dest, started, probation))
 
-    def _sent(self, _result, packet_id: int, dest: Destination) -> None:
+    def _sent(self, _result, packet_id: int, dest: Destination, probation: bool) -> None:
         state = self._state(dest)
         was_failing = state.first_failure is not None
         state.succeeded(self.clock.seconds())
@@ -216,9 +335,14 @@ class Outgoing:
             self._save_states()
         self.count("Relayed", 1)
         self._done.append(packet_id)
+        self._answered(dest, probation)
         self._remove_done()
+        if not self.stopping:
+            self._send_ready()  # the destination's own turn, or the probation share
 
-    def _failed(self, failure: Failure, packet_id: int, dest: Destination, started: float) -> None:
+    def _failed(self, failure: Failure, packet_id: int, dest: Destination, started: float,
+                probation: bool) -> None:
+        self._answered(dest, probation)
         if failure.check(DestinationDenied):
             # The MMTP client refused the hop (for a hostname that led to a
             # denied address it warned once for the connection): drop the
@@ -230,11 +354,21 @@ class Outgoing:
         self.in_flight.discard(packet_id)
         if self.stopping:
             return
-        self._state(dest).failed(started)
+        if failure.check(DestinationBusy):
+            # The client's own memory bound, not the next hop's failure: the
+            # packet goes again at the next flush.
+            self.log.debug("Relay deferred: {why}", why=failure.getErrorMessage())
+            return
+        state = self._state(dest)
+        was_failing = state.first_failure is not None
+        state.failed(started)
         self._save_states()
         self.count("RelayFailed", 1)
-        # The reason may name the next hop (a DNS error does): debug only.
-        self.log.info("Relay failed, will retry: {kind}", kind=failure.type.__name__)
+        # Once per failing next hop, not per packet; the reason may name the
+        # next hop (a DNS error does): debug only.
+        if not was_failing:
+            self.log.info("Relay to a next hop failed, its packets wait for its next retry: "
+                          "{kind}", kind=failure.type.__name__)
         self.log.debug("Relay failed, will retry: {why}", why=failure.getErrorMessage())
         self._send_ready()
 
