@@ -12,41 +12,15 @@ from __future__ import annotations
 
 import os
 
-from twisted.internet import defer, protocol
+from twisted.internet import defer
 from twisted.internet import reactor as _reactor
 
 from mixminion.codec.build import build_message_packets
 from mixminion.codec.routing import MBOX_TYPE, SMTP_TYPE
+from mixminion.testing.processes import BlackHole
 from tests.test_node_options import Node, NodeTestCase, read_text, send_all
 
 reactor: object = _reactor
-
-
-class BlackHoleSMTP(protocol.Factory):
-    """Accepts TCP and never says a word (no SMTP greeting); counts the
-    connections open at once."""
-
-    def __init__(self) -> None:
-        self.open = 0
-        self.most = 0
-        self.total = 0
-        self.protocols: list[protocol.Protocol] = []
-
-    def buildProtocol(self, addr) -> protocol.Protocol:  # noqa: N802
-        factory = self
-
-        class Silent(protocol.Protocol):
-            def connectionMade(self) -> None:  # noqa: N802
-                factory.open += 1
-                factory.total += 1
-                factory.most = max(factory.most, factory.open)
-
-            def connectionLost(self, reason=None) -> None:  # noqa: N802
-                factory.open -= 1
-
-        proto = Silent()
-        self.protocols.append(proto)
-        return proto
 
 
 class HungMTATests(NodeTestCase):
@@ -54,11 +28,10 @@ class HungMTATests(NodeTestCase):
         return defer.ensureDeferred(self._hung_mta())
 
     async def _hung_mta(self) -> None:
-        hole = BlackHoleSMTP()
+        hole = BlackHole()
         listening = _reactor.listenTCP(0, hole, interface="127.0.0.1")
         self.addCleanup(listening.stopListening)
-        self.addCleanup(lambda: [p.transport.abortConnection() for p in hole.protocols
-                                 if p.transport is not None])
+        self.addCleanup(hole.close_all)
         aliases = os.path.join(self.dir, "aliases")
         with open(aliases, "w") as f:
             f.write("alice: alice@example.org\n")

@@ -57,8 +57,7 @@ from mixminion.codec.payload import encode_fragment, fragment_capacity
 from mixminion.codec.routing import FRAGMENT_TYPE, MBOX_TYPE, HostInfo
 from mixminion.directory.descriptor import parse_descriptor
 from mixminion.mmtp.initiator import Destination, MMTPClient
-from mixminion.procinfo import child_pids
-from mixminion.testing.processes import Daemon, free_ports, metric, node_config
+from mixminion.testing.processes import Daemon, family_rss_mb, free_ports, metric, node_config
 
 reactor: Any = _reactor
 
@@ -74,24 +73,6 @@ SLOPE_LIMIT_KB = 4.0
 MESSAGE_LENGTH = 40000
 #: 60 KB of text in short lines (delivered as text, not base64): three fragments
 HONEST_BODY = b"".join(os.urandom(32).hex().encode() + b"\n" for _ in range(930))
-
-
-def rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        found = re.search(r"^VmRSS:\s+(\d+) kB", f.read(), re.M)
-    assert found is not None
-    return int(found.group(1))
-
-
-def family_rss_mb(pid: int) -> float:
-    """VmRSS of the node and its processing child, in MiB."""
-    total = 0
-    for p in [pid, *child_pids(pid)]:
-        try:
-            total += rss_kb(p)
-        except (OSError, AssertionError):
-            pass  # a child that just exited
-    return total / 1024
 
 
 def attack_packets(hop: Hop, count: int) -> list[bytes]:

@@ -38,12 +38,10 @@ build and send); the default of 1,200 keeps the test near a minute.
 from __future__ import annotations
 
 import os
-import re
 import time
-import urllib.request
 from typing import Any
 
-from twisted.internet import defer, protocol, threads
+from twisted.internet import defer, threads
 from twisted.internet import reactor as _reactor
 from twisted.trial import unittest
 
@@ -53,8 +51,15 @@ from mixminion.codec.packet import PAYLOAD_LEN
 from mixminion.codec.routing import DROP_TYPE, HostInfo, IPv4Info
 from mixminion.directory.descriptor import parse_descriptor
 from mixminion.mmtp.initiator import Destination, MMTPClient
-from mixminion.procinfo import child_pids
-from mixminion.testing.processes import Daemon, free_ports, metric, node_config
+from mixminion.testing.processes import (
+    BlackHole,
+    Daemon,
+    family_rss_mb,
+    free_ports,
+    gauge,
+    metric,
+    node_config,
+)
 
 reactor: Any = _reactor
 
@@ -66,68 +71,10 @@ HONEST_DEADLINE = 60.0
 RSS_LIMIT_MB = 150
 
 
-def rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        found = re.search(r"^VmRSS:\s+(\d+) kB", f.read(), re.M)
-    assert found is not None
-    return int(found.group(1))
-
-
-def family_rss_mb(pid: int) -> float:
-    """VmRSS of the node and its processing child, in MiB."""
-    total = 0
-    for p in [pid, *child_pids(pid)]:
-        try:
-            total += rss_kb(p)
-        except (OSError, AssertionError):
-            pass  # a child that just exited
-    return total / 1024
-
-
-def gauge(port: int, name: str) -> float:
-    """A node's ``mixminion_NAME`` gauge from its metrics port."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as page:
-        text = page.read().decode()
-    found = re.search(rf"^mixminion_{re.escape(name)} (\S+)$", text, re.M)
-    return float(found.group(1)) if found else 0.0
-
-
 def attack_address(n: int) -> str:
     """The ``n``-th black-hole next hop: a different 127.x.y.z each."""
     n += 1
     return f"127.{(n >> 16) % 254 + 1}.{(n >> 8) & 255}.{n & 255 or 1}"
-
-
-class BlackHole(protocol.Factory):
-    """Accepts TCP and never says a word; counts connections open at once."""
-
-    def __init__(self) -> None:
-        self.open = 0
-        self.most = 0
-        self.total = 0
-        self.addresses: set[str] = set()
-        self.protocols: set[protocol.Protocol] = set()
-
-    def buildProtocol(self, addr: Any) -> protocol.Protocol:  # noqa: N802
-        factory = self
-
-        class Silent(protocol.Protocol):
-            def connectionMade(self) -> None:  # noqa: N802
-                factory.open += 1
-                factory.total += 1
-                factory.most = max(factory.most, factory.open)
-                factory.addresses.add(self.transport.getHost().host)
-                factory.protocols.add(self)
-
-            def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
-                factory.open -= 1
-                factory.protocols.discard(self)
-
-        return Silent()
-
-    def close_all(self) -> None:
-        for proto in list(self.protocols):
-            proto.transport.abortConnection()
 
 
 class TestNode:

@@ -18,11 +18,14 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
-from twisted.internet import task
+from twisted.internet import protocol, task
+
+from mixminion.procinfo import child_pids
 
 from mixminion.testnet import free_ports, twistd
 
-__all__ = ["Daemon", "free_ports", "metric", "node_config", "run_twistd", "twistd"]
+__all__ = ["BlackHole", "Daemon", "family_rss_mb", "free_ports", "gauge", "metric", "node_config",
+           "rss_kb", "run_twistd", "twistd"]
 
 
 def node_config(base: str, port: int, nickname: str = "node", server: str = "",
@@ -36,6 +39,66 @@ def node_config(base: str, port: int, nickname: str = "node", server: str = "",
             f"[Incoming/MMTP]\nEnabled: yes\nIP: 127.0.0.1\nHostname: localhost\n"
             f"Port: {port}\n{incoming}\n"
             f"[Outgoing/MMTP]\nEnabled: {'yes' if relaying else 'no'}\n{outgoing}\n{extra}")
+
+
+def gauge(port: int, name: str) -> float:
+    """A node's ``mixminion_NAME`` gauge from its metrics port (0 if absent)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as page:
+        text = page.read().decode()
+    found = re.search(rf"^mixminion_{re.escape(name)} (\S+)$", text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def rss_kb(pid: int) -> int:
+    """A process's resident memory (VmRSS), in KiB."""
+    with open(f"/proc/{pid}/status") as f:
+        found = re.search(r"^VmRSS:\s+(\d+) kB", f.read(), re.M)
+    assert found is not None
+    return int(found.group(1))
+
+
+def family_rss_mb(pid: int) -> float:
+    """VmRSS of a node and its children (the processing child), in MiB."""
+    total = 0
+    for p in [pid, *child_pids(pid)]:
+        try:
+            total += rss_kb(p)
+        except (OSError, AssertionError):
+            pass  # a child that just exited
+    return total / 1024
+
+
+class BlackHole(protocol.Factory):
+    """A TCP listener that accepts and never says a word (a next hop or an
+    MTA that hangs); counts the connections open at once."""
+
+    def __init__(self) -> None:
+        self.open = 0
+        self.most = 0
+        self.total = 0
+        self.addresses: set[str] = set()
+        self.protocols: set[protocol.Protocol] = set()
+
+    def buildProtocol(self, addr: Any) -> protocol.Protocol:  # noqa: N802
+        factory = self
+
+        class Silent(protocol.Protocol):
+            def connectionMade(self) -> None:  # noqa: N802
+                factory.open += 1
+                factory.total += 1
+                factory.most = max(factory.most, factory.open)
+                factory.addresses.add(self.transport.getHost().host)
+                factory.protocols.add(self)
+
+            def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
+                factory.open -= 1
+                factory.protocols.discard(self)
+
+        return Silent()
+
+    def close_all(self) -> None:
+        for proto in list(self.protocols):
+            proto.transport.abortConnection()
 
 
 def metric(port: int, event: str) -> int:
