@@ -12,7 +12,10 @@ class MMTPStats:
     ``RejectedPacket``, ``AttemptedConnect``, ``SuccessfulConnect``,
     ``FailedConnect``, ``KeyIdMismatch``, ``AttemptedRelay``,
     ``SuccessfulRelay``, ``FailedRelay``, ``TimedOut``, ``ProtocolError``,
-    ``DeniedConnection``, ``RefusedConnection``."""
+    ``DeniedConnection``, ``RefusedConnection``, ``EvictedConnection``
+    (a full table made room), ``DeniedConnect`` (a next hop's address
+    refused by the outgoing rules after connecting), ``StuckNextHop`` (a
+    next hop whose connection brought no acknowledgement in time)."""
 
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()

@@ -286,7 +286,8 @@ NODE_SECTIONS: tuple[SectionSpec, ...] = (
                default="60%", reload=_MIXING),
         Option("MixPoolMinSize", INT, "packets kept back in the pool (Cottrell, Binomial)",
                default="5", reload=_MIXING),
-        Option("Timeout", INTERVAL, "MMTP idle timeout, both directions",
+        Option("Timeout", INTERVAL, "MMTP idle timeout, both directions; an incoming "
+               "connection must deliver a packet in that time (JUNK frames do not count)",
                default="5 minutes", reload=_INCOMING),
         Option("MaxBandwidth", SIZE, "bytes per second of MMTP traffic, in and out together, "
                "counted below TLS (unset: no limit)",
