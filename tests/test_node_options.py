@@ -26,7 +26,7 @@ from twisted.trial import unittest
 from mixminion.codec.build import build_forward_packet, build_message_packets
 from mixminion.codec.header import Hop
 from mixminion.codec.packet import PAYLOAD_LEN
-from mixminion.codec.routing import DROP_TYPE, SMTP_TYPE, HostInfo, IPv4Info
+from mixminion.codec.routing import DROP_TYPE, MBOX_TYPE, SMTP_TYPE, HostInfo, IPv4Info
 from mixminion.directory.descriptor import ServerDescriptor, parse_descriptor
 from mixminion.mmtp.initiator import Destination, MMTPClient, PacketRejected
 from mixminion.server.pidfile import read_pid
@@ -172,6 +172,42 @@ class ServerPathTests(NodeTestCase):
         self.assertEqual(read_pid(path), pid)
         self.assertEqual(await node.daemon.stop(reactor), -signal.SIGTERM)
         self.assertFalse(os.path.exists(path))
+
+
+class PrivateFilesTests(NodeTestCase):
+    """Nothing the node writes is readable by others: the fragment store
+    and twistd's log were 0644 (issue 12 point 10)."""
+
+    def test_files_are_private(self) -> defer.Deferred:
+        return defer.ensureDeferred(self._private())
+
+    async def _private(self) -> None:
+        node = Node(self)
+        aliases = os.path.join(self.dir, "aliases")
+        with open(aliases, "w") as f:
+            f.write("alice: alice@example.org\n")
+        os.chmod(aliases, 0o644)
+        await node.start(node.config(extra=(
+            "[Delivery/MBOX]\nEnabled: yes\nReturnAddress: exit@example.org\n"
+            f"RemoveContact: exit@example.org\nAddressFile: {aliases}\n"
+            f"MboxFile: {os.path.join(self.dir, 'mail.mbox')}\n"
+            "[Delivery/Fragmented]\nEnabled: yes\nMaximumSize: 64K\n")))
+        hop = node.hop()
+        packets = [b.packet for b in build_message_packets(
+            b"x" * 50000, MBOX_TYPE, b"alice", lambda i: ([hop], [hop]), os.urandom)]
+        self.assertEqual(await send_all(self, node, packets), [None] * len(packets))
+        mbox = os.path.join(self.dir, "mail.mbox")
+        await node.daemon.wait_for(reactor, "the reassembled message",
+                                   lambda: os.path.exists(mbox) and os.path.getsize(mbox) > 0)
+        written = [node.daemon.log, mbox]
+        for folder, _dirs, files in os.walk(node.base):
+            written += [os.path.join(folder, name) for name in files]
+        self.assertTrue(any("fragments.sqlite3" in path for path in written), written)
+        public = ("ServerDesc", "published")  # the descriptor is published anyway
+        loose = [f"{path} {oct(os.stat(path).st_mode & 0o777)}" for path in written
+                 if os.path.exists(path) and os.stat(path).st_mode & 0o077
+                 and os.path.basename(path) not in public]
+        self.assertEqual(loose, [])
 
 
 class StatsTests(NodeTestCase):

@@ -212,6 +212,9 @@ def _one_line(exc: BaseException) -> str:
 def makeService(options: Mapping[str, Any]) -> service.IService:  # noqa: N802
     from twisted.internet import reactor
 
+    # Everything the node writes is private: queues, keys, the fragment
+    # store, statistics, and twistd's own log, which it opens after this.
+    os.umask(0o077)
     try:
         config = load_config(os.path.abspath(options["config"]))
         apply_log_level(config.server.log_level)
