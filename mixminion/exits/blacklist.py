@@ -79,6 +79,23 @@ def parse_rule(line: str, number: int) -> Optional[Rule]:
     return Rule(kind, arg, number)
 
 
+def routed_addresses(address: str) -> list[str]:
+    """``address`` and each address its local part routes it on to: the
+    "percent hack" (``a%b@relay`` -> ``a@b``, repeatedly) and UUCP bang
+    paths (``b!a@relay`` -> ``a@b``)."""
+    found = [address]
+    local, _, _domain = address.rpartition("@")
+    while "%" in local or "!" in local:
+        if "!" in local:
+            host, _, local = local.partition("!")
+        else:
+            local, _, host = local.rpartition("%")
+        if not host or not local:
+            break
+        found.append(f"{local}@{host}")
+    return found
+
+
 class Blacklist:
     """The parsed rules; :meth:`match` says which one denies an address."""
 
@@ -100,12 +117,18 @@ class Blacklist:
         return cls.from_text(text)
 
     def match(self, address: str) -> Optional[Rule]:
-        """The first rule denying ``address`` (``local@domain``), or None."""
-        lowered = address.lower()
-        local, _, domain = lowered.rpartition("@")
-        for rule in self.rules:
-            if rule.matches(local, domain, lowered):
-                return rule
+        """The first rule denying ``address`` (``local@domain``), or None.
+
+        Every address the mail may be passed on to by routing in its local
+        part counts too: ``victim%example.gov@relay.org`` and
+        ``example.gov!victim@relay.org`` are refused by a rule against
+        ``example.gov`` (the relay would hand them on to victim@example.gov).
+        """
+        for candidate in routed_addresses(address.lower()):
+            local, _, domain = candidate.rpartition("@")
+            for rule in self.rules:
+                if rule.matches(local, domain, candidate):
+                    return rule
         return None
 
     def __contains__(self, address: str) -> bool:

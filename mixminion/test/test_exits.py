@@ -631,6 +631,23 @@ class Blacklists(unittest.TestCase):
             self.assertNotIn(address, self.bl)
         self.assertEqual(len(self.bl), 5)
 
+    def test_routing_in_the_local_part_does_not_slip_past(self):
+        """The relay would pass these on to a denied address (issue 12
+        point 10: victim%example.gov@relay.org passed a rule on example.gov)."""
+        for address, kind in {
+            "victim%example.com@relay.org": "address",
+            "a%b.foo.gov@relay.org": "allhosts",
+            "x%a%spam.example@relay.org": "onehost",
+            "foo.gov!a@relay.org": "allhosts",
+            "postmaster%ok.example@relay.org": "user",
+        }.items():
+            rule = self.bl.match(address)
+            self.assertIsNotNone(rule, address)
+            self.assertEqual(rule.kind, kind, address)
+        for address in ("victim%example.net@relay.org", "a!b@relay.org", "%@relay.org",
+                        "a%@relay.org"):
+            self.assertNotIn(address, self.bl, address)
+
     def test_bad_lines(self):
         for line in ("allow address a@b.example", "deny address", "deny nobody x", "deny address not-an-address",
                      "deny onehost 1.2.3.4", "deny user a@b", "deny pattern ^x$", "deny pattern /(/"):
