@@ -898,6 +898,10 @@ def open_keyring(ctx: Context, create: bool) -> tuple[Optional[keyring_mod.Keyri
             return None, ""
         ctx.info(f"Creating a new keyring in {keyring_mod.keyring_path(user_dir)}.")
         passphrase = read_passphrase(ctx, "New passphrase for your keyring: ", confirm=True)
+        if not passphrase:
+            ctx.warn(f"The new keyring has an empty passphrase: anyone who can read "
+                     f"{keyring_mod.keyring_path(user_dir)} can decode replies to your reply "
+                     "blocks.")
         return keyring_mod.Keyring(dirty=True), passphrase
     path = keyring_mod.keyring_path(user_dir)
     try:

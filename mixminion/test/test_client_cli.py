@@ -482,6 +482,21 @@ class ReplyTests(unittest.TestCase):
         self.assertIn("passphrase", err)
 
     @inline
+    async def test_empty_passphrase_is_warned_about(self) -> None:
+        """A keyring created with an empty passphrase works, but the user is
+        told once that it protects nothing (issue 12 point 10)."""
+        env = Env(self)
+        empty = dict(env.environ, **{PASSPHRASE_VAR: ""})
+        status, _, err = await env.run("generate-surb", "-t", "me@example.org", "-P", "Alpha",
+                                       "-D", "no", environ=empty)
+        self.assertEqual(status, 0, err)
+        self.assertIn("empty passphrase", err)
+        status, _, err = await env.run("generate-surb", "-t", "me@example.org", "-P", "Alpha",
+                                       "-D", "no", environ=empty)
+        self.assertEqual(status, 0, err)
+        self.assertNotIn("empty passphrase", err)  # said when it is created only
+
+    @inline
     async def test_passphrase_fd(self) -> None:
         env = Env(self)
         environ = {k: v for k, v in env.environ.items() if k != PASSPHRASE_VAR}
