@@ -41,6 +41,7 @@ from mixminion.server.mixing import OUT
 from mixminion.server.outgoing import Outgoing
 from mixminion.server.packetstore import PacketStore
 from mixminion.server.stats import NodeStats
+from mixminion.testing.fakes import HeldClient
 from mixminion.test.test_mmtp_client_limit import Hops
 from mixminion.test.test_mmtp_protocol import (
     HeldSink,
@@ -300,21 +301,6 @@ class ClientFairnessTests(LogMixin):
                 self.assertNotIn("198.51.100.", text, "an address above debug")
         self.assertEqual(len(self.logged("is stuck", LogLevel.debug)), 40)
         self.assertIn("198.51.100.", formatEvent(self.logged("is stuck", LogLevel.debug)[0]))
-
-
-class HeldClient:
-    """An MMTP client whose sends stay pending until the test answers them."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[Destination, defer.Deferred[Any]]] = []
-
-    def send_packet(self, dest: Destination, packet: bytes) -> defer.Deferred[Any]:
-        d: defer.Deferred[Any] = defer.Deferred()
-        self.sent.append((dest, d))
-        return d
-
-    def to(self, dest: Destination) -> list[defer.Deferred[Any]]:
-        return [d for where, d in self.sent if where == dest]
 
 
 class QueueFairnessTests(LogMixin):

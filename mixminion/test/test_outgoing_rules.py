@@ -31,6 +31,7 @@ from mixminion.server.items import RelayItem, encode_item
 from mixminion.server.mixing import OUT
 from mixminion.server.outgoing import Outgoing
 from mixminion.test.test_pipeline import StoreTestCase
+from mixminion.testing.fakes import HeldClient
 
 KEYID = b"\x01" * 20
 PACKET = bytes(32768)
@@ -52,22 +53,6 @@ Enabled: yes
 def no_loopback(ip: str, port: int) -> bool:
     """``Deny: 127.0.0.0/255.0.0.0`` and nothing else."""
     return not ip.startswith("127.")
-
-
-class HeldClient:
-    """An MMTP client whose sends stay pending until the test answers them."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[Destination, defer.Deferred[Any]]] = []
-
-    def send_packet(self, dest: Destination, packet: bytes) -> defer.Deferred[Any]:
-        d: defer.Deferred[Any] = defer.Deferred()
-        self.sent.append((dest, d))
-        return d
-
-    @property
-    def hosts(self) -> list[tuple[str, int]]:
-        return [(dest.host, dest.port) for dest, _ in self.sent]
 
 
 class TrustingTLS:

@@ -16,24 +16,13 @@ import os
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
-from mixminion.mmtp.initiator import ConnectionFailed, Destination
+from mixminion.mmtp.initiator import ConnectionFailed
 from mixminion.server.items import RelayItem, encode_item
 from mixminion.server.mixing import OUT
 from mixminion.server.outgoing import Outgoing
 from mixminion.server.packetstore import PacketStore
 from mixminion.server.stats import NodeStats
-
-
-class HeldClient:
-    """An MMTP client whose sends stay pending until the test answers them."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[Destination, defer.Deferred]] = []
-
-    def send_packet(self, dest: Destination, packet: bytes) -> defer.Deferred:
-        d: defer.Deferred = defer.Deferred()
-        self.sent.append((dest, d))
-        return d
+from mixminion.testing.fakes import HeldClient
 
 
 def settle() -> defer.Deferred:

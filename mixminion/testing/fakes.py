@@ -1,0 +1,29 @@
+"""Small stand-ins for unit tests of logic (never the only test of a part)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import defer
+
+from mixminion.mmtp.initiator import Destination
+
+
+class HeldClient:
+    """An MMTP client whose sends stay pending until the test answers them."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[Destination, defer.Deferred[Any]]] = []
+
+    def send_packet(self, dest: Destination, packet: bytes) -> defer.Deferred[Any]:
+        d: defer.Deferred[Any] = defer.Deferred()
+        self.sent.append((dest, d))
+        return d
+
+    def to(self, dest: Destination) -> list[defer.Deferred[Any]]:
+        """The pending sends to ``dest``."""
+        return [d for where, d in self.sent if where == dest]
+
+    @property
+    def hosts(self) -> list[tuple[str, int]]:
+        return [(dest.host, dest.port) for dest, _ in self.sent]
