@@ -17,7 +17,6 @@ never send a byte (so TLS never completes), peers that never accept
 
 from __future__ import annotations
 
-import os
 from typing import Any, Optional
 
 from twisted.internet import defer, reactor, task
@@ -39,9 +38,8 @@ from mixminion.mmtp.stats import MMTPStats
 from mixminion.server.items import RelayItem, encode_item
 from mixminion.server.mixing import OUT
 from mixminion.server.outgoing import Outgoing
-from mixminion.server.packetstore import PacketStore
 from mixminion.server.stats import NodeStats
-from mixminion.testing.fakes import HeldClient
+from mixminion.testing.fakes import HeldClient, scratch_store
 from mixminion.test.test_mmtp_client_limit import Hops
 from mixminion.test.test_mmtp_protocol import (
     HeldSink,
@@ -308,10 +306,7 @@ class QueueFairnessTests(LogMixin):
 
     def setUp(self) -> None:
         super().setUp()
-        path = self.mktemp()
-        os.makedirs(path)
-        self.store = PacketStore(os.path.join(path, "packets.db"))
-        self.addCleanup(self.store.close)
+        self.store = scratch_store(self)
         self.stats = NodeStats()
         self.clock = task.Clock()
         self.clock.advance(1000)
@@ -413,10 +408,7 @@ class EndToEndTests(LogMixin):
 
     def setUp(self) -> None:
         super().setUp()
-        path = self.mktemp()
-        os.makedirs(path)
-        self.store = PacketStore(os.path.join(path, "packets.db"))
-        self.addCleanup(self.store.close)
+        self.store = scratch_store(self)
         self.stats = NodeStats()
 
     def test_healthy_next_hop_during_the_attack(self) -> None:

@@ -11,7 +11,6 @@ the node benchmark (issue 4).
 
 from __future__ import annotations
 
-import os
 
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
@@ -20,9 +19,8 @@ from mixminion.mmtp.initiator import ConnectionFailed
 from mixminion.server.items import RelayItem, encode_item
 from mixminion.server.mixing import OUT
 from mixminion.server.outgoing import Outgoing
-from mixminion.server.packetstore import PacketStore
 from mixminion.server.stats import NodeStats
-from mixminion.testing.fakes import HeldClient
+from mixminion.testing.fakes import HeldClient, scratch_store
 
 
 def settle() -> defer.Deferred:
@@ -32,10 +30,7 @@ def settle() -> defer.Deferred:
 
 class OutgoingWindowTests(unittest.TestCase):
     def setUp(self) -> None:
-        path = self.mktemp()
-        os.makedirs(path)
-        self.store = PacketStore(os.path.join(path, "packets.db"))
-        self.addCleanup(self.store.close)
+        self.store = scratch_store(self)
         self.stats = NodeStats()
         self.clock = task.Clock()
         self.clock.advance(1000)

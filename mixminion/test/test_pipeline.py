@@ -38,6 +38,7 @@ from mixminion.server.incoming_log import IncomingLog
 from mixminion.server.processing import Processor
 from mixminion.server.store_replay import StoreReplayLog
 from mixminion.server.stats import NodeStats
+from mixminion.testing.fakes import scratch_store
 
 
 @functools.lru_cache(maxsize=None)
@@ -57,10 +58,7 @@ def _packet(exit_type: int = SMTP_TYPE, address: bytes = b"a@example.com") -> by
 
 class StoreTestCase(unittest.TestCase):
     def setUp(self) -> None:
-        path = self.mktemp()
-        os.makedirs(path)
-        self.store = PacketStore(os.path.join(path, "packets.db"))
-        self.addCleanup(self.store.close)
+        self.store = scratch_store(self)
         self.stats = NodeStats()
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from twisted.internet import defer
 
 from mixminion.mmtp.initiator import Destination
+from mixminion.server.packetstore import PacketStore
 
 
 class HeldClient:
@@ -27,3 +29,13 @@ class HeldClient:
     @property
     def hosts(self) -> list[tuple[str, int]]:
         return [(dest.host, dest.port) for dest, _ in self.sent]
+
+
+def scratch_store(test: Any, body_dir: bool = False) -> PacketStore:
+    """A packet store in a fresh folder of ``test``'s, closed at its end."""
+    path = os.path.abspath(test.mktemp())
+    os.makedirs(path)
+    store = PacketStore(os.path.join(path, "packets.db"),
+                        body_dir=os.path.join(path, "bodies") if body_dir else None)
+    test.addCleanup(store.close)
+    return store
