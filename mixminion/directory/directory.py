@@ -994,6 +994,10 @@ def compute_consensus(
 ) -> tuple[DirectoryInfo, list[ServerDescriptor]]:
     """Merge accepted votes into the consensus contents (§7.2 steps 1-4).
 
+    Deliberate deviation from step 2: Recommended-Servers names only servers
+    whose descriptors the consensus carries (see :func:`_recommended` and
+    doc/decisions-directory.md).
+
     Independent of the order of ``votes``: feed the result to
     :func:`build_directory` and every authority gets the same bytes.
     """
@@ -1001,17 +1005,32 @@ def compute_consensus(
     day = previous_midnight(int(valid_after))
     threshold = consensus_threshold(len(table))
     _check_votes(votes, table, day, threshold)
-    recommended = _by_threshold([{n.lower() for n in v.recommended_nicknames} for v in votes], threshold)
+    descriptors = _consensus_descriptors(votes, threshold, day)
     info = DirectoryInfo(
         status=STATUS_CONSENSUS,
         valid_after=day,
         valid_until=day + SECONDS_PER_DAY,
-        recommended_nicknames=tuple(sorted(recommended)),
+        recommended_nicknames=_recommended(votes, threshold, descriptors),
         voting_servers=tuple(sorted(VotingServer(fp, url) for fp, (_, url) in table.items())),
         client_versions=sort_versions(_by_threshold([set(v.client_versions) for v in votes], threshold)),
         server_versions=sort_versions(_by_threshold([set(v.server_versions) for v in votes], threshold)),
     )
-    return info, _consensus_descriptors(votes, threshold, day)
+    return info, descriptors
+
+
+def _recommended(
+    votes: Sequence[SignedDirectory], threshold: int, descriptors: Sequence[ServerDescriptor]
+) -> Tuple[str, ...]:
+    """Nicknames recommended by ``threshold`` votes (§7.2 step 2) *and* carried.
+
+    The spec keeps a nickname even when steps 3-4 left out every descriptor
+    of it (identity in too few votes, nicknames disagreeing, all expired or
+    too far ahead): the directory would then recommend a server it cannot
+    describe, one the authorities did not agree on.  Such names are dropped.
+    """
+    carried = {d.nickname.lower() for d in descriptors}
+    voted = _by_threshold([{n.lower() for n in v.recommended_nicknames} for v in votes], threshold)
+    return tuple(sorted(voted & carried))
 
 
 def _check_votes(

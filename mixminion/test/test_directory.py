@@ -601,10 +601,13 @@ class ConsensusTests(unittest.TestCase):
         self.assertEqual([consensus_threshold(n) for n in (1, 2, 3, 4, 5, 6, 7)], [1, 1, 2, 2, 3, 3, 4])
 
     def test_items_by_threshold(self) -> None:
+        # Every vote carries all three servers, so only step 2's count decides
+        # the recommendations (damson: 1 vote of 3, below the threshold of 2).
+        carried = [descriptor("alder"), descriptor("Birch"), descriptor("damson")]
         votes = [
-            accepted("auth-a", [], recommended_nicknames=("Alder", "birch", "damson"), client_versions=("0.0.8", "0.0.9"), server_versions=("0.0.9",)),
-            accepted("auth-b", [], recommended_nicknames=("alder", "Birch"), client_versions=("0.0.8",), server_versions=()),
-            accepted("auth-c", [], recommended_nicknames=("alder",), client_versions=("0.0.8", "0.0.9", "1.0"), server_versions=("0.0.9", "1.0")),
+            accepted("auth-a", carried, recommended_nicknames=("Alder", "birch", "damson"), client_versions=("0.0.8", "0.0.9"), server_versions=("0.0.9",)),
+            accepted("auth-b", carried, recommended_nicknames=("alder", "Birch"), client_versions=("0.0.8",), server_versions=()),
+            accepted("auth-c", carried, recommended_nicknames=("alder",), client_versions=("0.0.8", "0.0.9", "1.0"), server_versions=("0.0.9", "1.0")),
         ]
         info_, descs = compute_consensus(votes, voters(), DAY)
         self.assertEqual(info_.status, "consensus")
@@ -613,7 +616,30 @@ class ConsensusTests(unittest.TestCase):
         self.assertEqual(info_.client_versions, ("0.0.8", "0.0.9"))
         self.assertEqual(info_.server_versions, ("0.0.9",))
         self.assertEqual(info_.voting_servers, tuple(sorted(voting_servers())))
-        self.assertEqual(descs, [])
+        self.assertEqual(descs, carried)
+
+    def test_recommends_only_carried_servers(self) -> None:
+        """Deviation from §7.2 step 2 (doc/decisions-directory.md): a nickname
+        every vote recommends is still left out of Recommended-Servers when
+        the consensus carries no descriptor for it."""
+        alder = descriptor("alder")
+        damson = descriptor("Damson")  # in one vote only: identity below the threshold
+        cedar, rogue = descriptor("Cedar"), descriptor("Rogue", "srv-cedar")  # one identity, two nicknames
+        elm = descriptor("Elm", valid_after=DAY - 40 * ONE_DAY, valid_until=DAY - ONE_DAY)  # expired
+        names = ("alder", "cedar", "damson", "elm", "ghost")  # ghost: no descriptor anywhere
+        votes = [
+            accepted("auth-a", [alder, cedar, damson, elm], recommended_nicknames=names),
+            accepted("auth-b", [alder, cedar, elm], recommended_nicknames=names),
+            accepted("auth-c", [alder, elm, rogue], recommended_nicknames=names),
+        ]
+        info_, descs = compute_consensus(votes, voters(), DAY)
+        self.assertEqual(descs, [alder])
+        self.assertEqual(info_.recommended_nicknames, ("alder",))
+        directory = parse(sign_by(build_directory(info_, descs), ("auth-a", "auth-b")))
+        self.assertIn("Recommended-Servers: alder\n", directory.text)
+        self.assertEqual(directory.recommended_servers(), [alder])
+        for name in ("cedar", "damson", "elm", "ghost"):
+            self.assertFalse(directory.is_recommended(name), name)
 
     def test_doctored_vote_outvoted(self) -> None:
         alder, birch, cedar, damson = (descriptor(n) for n in ("alder", "Birch", "Cedar", "Damson"))
