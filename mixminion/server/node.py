@@ -35,6 +35,7 @@ from mixminion.mmtp.bandwidth import BandwidthLimiter
 from mixminion.mmtp.initiator import InitiatorSettings, MMTPClient
 from mixminion.mmtp.responder import responder_factory
 from mixminion.mmtp.tls import InitiatorTLS, ResponderTLS
+from mixminion.server.clock import WALL
 from mixminion.server.delivery import Delivery
 from mixminion.server.draining import MIX, consumed_through, open_incoming
 from mixminion.server.durable import DurableSink
@@ -123,7 +124,7 @@ class MixNode(service.MultiService):
         self.pid_file = pid_file if pid_file is not None else PidFile(server.pid_file)
         self.stats = stats if stats is not None else NodeStats(node_stats_path(config))
         self.stats_report = StatsReport(self.stats, server.stats_file, reactor,
-                                        server.log_stats, server.stats_interval)
+                                        server.log_stats, server.stats_interval, wall=WALL)
         body_dir = os.path.join(queue_dir, "bodies")
         self.store = PacketStore(os.path.join(queue_dir, "packets.db"), body_dir=body_dir)
         self.processor = Processor(os.path.join(queue_dir, "incoming"), self.store.path,
@@ -147,7 +148,7 @@ class MixNode(service.MultiService):
                                 on_stored=self.processor.stored,
                                 unable=lambda: self.processor.failing)
         self.processor.on_consumed = self.sink.consumed
-        self.tls = ResponderTLS(identity, server.nickname, clock=reactor, legacy=incoming.legacy)
+        self.tls = ResponderTLS(identity, server.nickname, clock=WALL, legacy=incoming.legacy)
         self.limiter = BandwidthLimiter(reactor, server.max_bandwidth, server.max_bandwidth_spike)
         self.client = MMTPClient(reactor, InitiatorTLS(legacy=outgoing.legacy),
                                  initiator_settings(config), self.stats,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from typing import Callable, Optional, Sequence
 
 from twisted.internet import defer, protocol
@@ -204,7 +205,11 @@ class Processor:
         self._child.transport.write(json.dumps(message).encode() + b"\n")
 
     def _send_drain(self) -> None:
-        self._send({"drain": True, "through": self.committed_through})
+        # The child stamps what it queues on our clock, which counts elapsed
+        # time (mixminion.server.clock): it adds the monotonic clock, which
+        # the two processes share, to this offset.
+        offset = self.reactor.seconds() - time.monotonic()
+        self._send({"drain": True, "through": self.committed_through, "clock": offset})
 
     def _message(self, message: dict) -> None:
         if message.get("ready"):

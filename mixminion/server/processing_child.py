@@ -31,7 +31,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import BinaryIO, Iterator, Optional
+from typing import BinaryIO, Callable, Iterator, Optional
 
 from mixminion.codec.process import PacketProcessor
 from mixminion.codec.rsa import PrivateKey
@@ -62,6 +62,14 @@ def processing_lock(path: str) -> Iterator[bool]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def node_clock(offset: Optional[float]) -> Callable[[], float]:
+    """The node's elapsed clock (its monotonic clock plus ``offset``), or
+    the wall clock from a node that sends no offset."""
+    if offset is None:
+        return time.time
+    return lambda: time.monotonic() + offset
+
+
 class Child:
     """What the child does with each request from the node."""
 
@@ -89,7 +97,8 @@ class Child:
                 return
             try:
                 for done in drain(self.incoming, self.store, self.processor, self.batch_size,
-                                  time.time, self.opener, message["through"]):
+                                  node_clock(message.get("clock")), self.opener,
+                                  message["through"]):
                     self.send({"batch": {"through": done.through, "counts": dict(done.counts)}})
             except (PacketStoreError, IncomingLogError, OSError) as exc:
                 self.send({"error": f"processing failed: {exc}"})

@@ -79,14 +79,19 @@ def backoff_delay(failures: int, rng: Callable[[], float], initial: float = INIT
 
 
 class Publisher(service.Service):
-    """Publishes unpublished keysets to ``authorities`` (``(url, fingerprint)``)."""
+    """Publishes unpublished keysets to ``authorities`` (``(url, fingerprint)``).
+
+    ``clock`` times the retries; ``wall`` (by default the same) dates
+    publications, which are compared with descriptors' validity dates."""
 
     def __init__(self, keys: KeyStore, authorities: Sequence[tuple[str, str]], clock: IReactorTime,
                  uploader: Uploader, rng: Callable[[], float] = random.SystemRandom().random,
-                 close: Optional[Callable[[], object]] = None) -> None:
+                 close: Optional[Callable[[], object]] = None,
+                 wall: Optional[IReactorTime] = None) -> None:
         self.keys = keys
         self.authorities = [(url, fp) for url, fp in authorities]
         self.clock = clock
+        self.wall = wall if wall is not None else clock
         self.upload = uploader
         self.rng = rng
         #: releases the uploader's connections when the service stops
@@ -142,7 +147,7 @@ class Publisher(service.Service):
             self._start("queued request")
 
     async def _round(self, reason: str) -> None:
-        now = self.clock.seconds()
+        now = self.wall.seconds()
         pending = [k for k in self.keys.unpublished() if k.valid_until >= now]
         if not pending:
             log.debug("Publication ({reason}): nothing to publish", reason=reason)
@@ -190,7 +195,7 @@ class Publisher(service.Service):
             return False
         self.accepted.pop(keyset.number, None)
         self._accepted_digest.pop(keyset.number, None)
-        if not self.keys.mark_published(keyset, self.clock.seconds()):
+        if not self.keys.mark_published(keyset, self.wall.seconds()):
             log.info("Descriptor of {keyset} changed during upload; publishing the new one",
                      keyset=keyset.name)
             return False
@@ -199,10 +204,11 @@ class Publisher(service.Service):
         return True
 
 
-def publisher_for(directory, keys: KeyStore, reactor) -> Optional[Publisher]:
+def publisher_for(directory, keys: KeyStore, reactor, wall=None) -> Optional[Publisher]:
     """The node's publisher from ``[DirectoryServers]``, or None if it does not publish."""
     if not directory.publish or not directory.authorities:
         return None
     authorities = [(a.url, a.fingerprint) for a in directory.authorities]
     client = HTTPClient(reactor, timeout=60.0)
-    return Publisher(keys, authorities, reactor, http_uploader(client), close=client.close)
+    return Publisher(keys, authorities, reactor, http_uploader(client), close=client.close,
+                     wall=wall)

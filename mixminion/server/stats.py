@@ -74,8 +74,11 @@ class StatsReport:
     log = Logger()
 
     def __init__(self, stats: "NodeStats", path: str, clock: IReactorTime,
-                 enabled: bool, interval: float) -> None:
+                 enabled: bool, interval: float, wall: Optional[IReactorTime] = None) -> None:
         self.stats, self.path, self.clock = stats, path, clock
+        #: dates the summary: ``clock`` counts elapsed time, which a
+        #: wall-clock step leaves apart from the calendar
+        self.wall = wall if wall is not None else clock
         self.enabled, self.interval = enabled, interval
         self._call: Optional[IDelayedCall] = None
         self._since = 0.0
@@ -104,7 +107,9 @@ class StatsReport:
 
     def summary(self, now: float) -> str:
         """The period's counts, one ``Event: N`` line each (none: a line saying so)."""
-        start, end = (time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t)) for t in (self._since, now))
+        to_wall = self.wall.seconds() - self.clock.seconds()
+        start, end = (time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t + to_wall))
+                      for t in (self._since, now))
         lines = [f"Statistics from {start} to {end} (UTC):"]
         for name in sorted(self.stats.counts):
             delta = self.stats.counts[name] - self._base.get(name, 0)

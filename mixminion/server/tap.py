@@ -10,8 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import sqlite3
-import time
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 from twisted.application import service
 from twisted.internet.threads import deferToThread
@@ -21,6 +20,7 @@ from twisted.python import usage
 from mixminion.directory.descriptor import DescriptorFields, IncomingMMTP, OutgoingMMTP
 from mixminion.exits.context import ExitContext
 from mixminion.exits.errors import ExitConfigError
+from mixminion.server.clock import WALL, ClockWatch, ElapsedClock, install, load_skew, skew_path
 from mixminion.server.config import ConfigError, ServerConfig, load_config
 from mixminion.server.delivery import build_exits
 from mixminion.server.incoming_log import IncomingLogError
@@ -74,10 +74,12 @@ def descriptor_template(config: ServerConfig, dispatcher) -> DescriptorFields:
 class KeyService(service.Service):
     """Generates keysets ahead of need, rotates packet keys on time, and
     rewrites the descriptors when a SIGHUP changed what they publish: the
-    only writer of the key store, one job at a time in a worker thread."""
+    only writer of the key store, one job at a time in a worker thread.
+    Key lifetimes are dates: they are read on the wall clock."""
 
-    def __init__(self, keys: KeyStore, node: MixNode, template, reactor) -> None:
+    def __init__(self, keys: KeyStore, node: MixNode, template, reactor, wall=WALL) -> None:
         self.keys, self.node, self.template, self.reactor = keys, node, template, reactor
+        self.wall = wall
         self._call = None
         self._busy = False
         #: a new template waiting for the job under way to end
@@ -97,7 +99,7 @@ class KeyService(service.Service):
     def _schedule(self) -> None:
         if self._call is not None and self._call.active():
             self._call.cancel()
-        now = self.reactor.seconds()
+        now = self.wall.seconds()
         delay = max(1.0, self.keys.next_event(now) - now)
         self._call = self.reactor.callLater(delay, self._tick)
 
@@ -105,7 +107,7 @@ class KeyService(service.Service):
         if self._busy:
             return
         self._busy = True
-        d = deferToThread(self._work, self.reactor.seconds())
+        d = deferToThread(self._work, self.wall.seconds())
         d.addCallback(self._rotated)
         d.addErrback(lambda f: log.failure("Key rotation failed; will retry", f))
         d.addBoth(self._done)
@@ -119,7 +121,7 @@ class KeyService(service.Service):
         self._busy = True
         template, self._new_template = self._new_template, None
         self.template = template
-        d = deferToThread(self.keys.regenerate_descriptors, template, self.reactor.seconds())
+        d = deferToThread(self.keys.regenerate_descriptors, template, self.wall.seconds())
         d.addCallback(lambda _: [listener() for listener in self.listeners])
         d.addErrback(lambda f: log.error("Could not rewrite the descriptors: {why}",
                                          why=f.getErrorMessage()))
@@ -145,9 +147,17 @@ class KeyService(service.Service):
             self._schedule()
 
 
-def build_node(config: ServerConfig, reactor) -> service.MultiService:
+def elapsed_clock(config: ServerConfig) -> ElapsedClock:
+    """The node's clock for schedules, continuing the skew of earlier runs."""
+    return ElapsedClock(skew=load_skew(skew_path(config.server.work_dir)))
+
+
+def build_node(config: ServerConfig, reactor,
+               clock: Optional[ElapsedClock] = None) -> service.MultiService:
     """The whole node from a parsed configuration.  Raises
-    :class:`StartupError` for what an operator can fix."""
+    :class:`StartupError` for what an operator can fix.  ``clock`` is the
+    elapsed clock the reactor counts on (:func:`makeService` installs it),
+    watched for wall-clock steps."""
     for warning in config.warnings:
         log.warn("Configuration: {problem}", problem=warning)
     problems = problems_for(config)
@@ -155,7 +165,7 @@ def build_node(config: ServerConfig, reactor) -> service.MultiService:
         more = f" (and {len(problems) - 1} more; mixminiond check lists them)" if len(problems) > 1 else ""
         raise StartupError(f"{problems[0]}{more}")
     server = config.server
-    now = time.time()
+    now = WALL.seconds()
     for path in (server.base_dir, server.work_dir):
         os.makedirs(path, mode=0o700, exist_ok=True)
     pid_file = PidFile(server.pid_file)  # first: keys and queues are this node's alone
@@ -170,17 +180,19 @@ def build_node(config: ServerConfig, reactor) -> service.MultiService:
     keys.ensure_keys(now, template)
     keys.rotate(now)
     node = MixNode(config, reactor, keys.identity,
-                   lambda: [key for key, _path in keys.packet_keys(reactor.seconds())], dispatcher,
+                   lambda: [key for key, _path in keys.packet_keys(WALL.seconds())], dispatcher,
                    stats=stats, pid_file=pid_file)
     key_service = KeyService(keys, node, template, reactor)
     key_service.setServiceParent(node)
+    ClockWatch(clock if clock is not None else elapsed_clock(config),
+               skew_path(server.work_dir), reactor).setServiceParent(node)
 
     def regenerate_descriptor(new: ServerConfig, dispatcher) -> None:
         key_service.republish(descriptor_template(new, dispatcher))
 
     reload_service = ReloadService(node, config, reactor, regenerate_descriptor)
     reload_service.setServiceParent(node)
-    publisher = publisher_for(config.directory, keys, reactor)
+    publisher = publisher_for(config.directory, keys, reactor, WALL)
     if publisher is not None:
         publisher.setServiceParent(node)
         key_service.listeners.append(lambda: publisher.kick("new keys"))
@@ -218,6 +230,8 @@ def makeService(options: Mapping[str, Any]) -> service.IService:  # noqa: N802
     try:
         config = load_config(os.path.abspath(options["config"]))
         apply_log_level(config.server.log_level)
-        return build_node(config, reactor)
+        clock = elapsed_clock(config)
+        install(reactor, clock)
+        return build_node(config, reactor, clock)
     except _OPERATOR_ERRORS as exc:
         raise SystemExit(f"mixminion: {_one_line(exc)}") from None

@@ -127,6 +127,8 @@ class Daemon:
     args: Sequence[str]
     name: str = "node"
     process: Optional[subprocess.Popen] = field(default=None, repr=False)
+    #: variables added to the test's environment (e.g. libfaketime's)
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def log(self) -> str:
@@ -142,7 +144,8 @@ class Daemon:
             self.process = subprocess.Popen(
                 twistd() + ["-n", "--pidfile=", f"--logfile={self.log}", *self.args],
                 cwd=self.directory, stdin=subprocess.DEVNULL, stdout=out,
-                stderr=subprocess.STDOUT, start_new_session=True)
+                stderr=subprocess.STDOUT, start_new_session=True,
+                env={**os.environ, **self.env} if self.env else None)
 
     @property
     def pid(self) -> int:
