@@ -3,6 +3,6 @@
 # tests with real processes (tests/).  Used by the README and by CI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export TYPE3_VECTORS="${TYPE3_VECTORS:-$(cd .. && pwd)/shared/vectors}"
+# Vector tests read $TYPE3_VECTORS when set, else tests/vectors (our copy).
 if [ "$#" -eq 0 ]; then set -- mixminion tests; fi
 exec python3 -m twisted.trial --temp-directory="${TMPDIR:-/tmp}/mixminion-trial-$$" "$@"

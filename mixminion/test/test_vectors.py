@@ -1,4 +1,4 @@
-"""Run every known-answer vector in ``$TYPE3_VECTORS`` (default ../shared/vectors).
+"""Run every known-answer vector in ``$TYPE3_VECTORS`` (default: our copy, tests/vectors).
 
 One test method per vector file, made when this module is imported, so a new
 file dropped into the folder is run without code changes.  Every array of

@@ -19,18 +19,16 @@ from typing import Any, Callable, Dict, FrozenSet, Mapping, Tuple
 Entry = Mapping[str, Any]
 Checker = Callable[[Entry], None]
 
-DEFAULT_VECTORS = Path(__file__).resolve().parents[2] / ".." / "shared" / "vectors"
+#: the project's own copy of ../shared/vectors, so a clone alone passes
+PROJECT_VECTORS = Path(__file__).resolve().parents[2] / "tests" / "vectors"
 
 
 def vectors_dir() -> Path:
-    """The folder named by ``TYPE3_VECTORS``, defaulting to ``../shared/vectors``."""
+    """The folder named by ``TYPE3_VECTORS``, else the project's copy."""
     env = os.environ.get("TYPE3_VECTORS")
     if env:
         return Path(env).resolve()
-    cwd_default = Path("../shared/vectors")
-    if cwd_default.is_dir():
-        return cwd_default.resolve()
-    return DEFAULT_VECTORS.resolve()
+    return PROJECT_VECTORS
 
 
 @dataclass(frozen=True)
