@@ -48,7 +48,7 @@ from mixminion.config.values import format_size
 from mixminion.exits.context import Advertisement, ExitContext
 from mixminion.exits.errors import ExitConfigError
 from mixminion.exits.fragment_store import DiskReassembler, FragmentStore, OutboxEntry
-from mixminion.exits.interfaces import IExitModule
+from mixminion.exits.interfaces import IExitModule, local_paths
 from mixminion.exits.items import DeliveryItem, DeliveryResult, make_reassembled_item
 from mixminion.exits.options import FRAGMENTED, section_values
 from mixminion.exits.retry import DEFAULT_SCHEDULE, is_ready
@@ -86,6 +86,8 @@ class FragmentModule:
         self._in_flight: set[int] = set()
         #: evictions not yet reported (one WARN line per flush)
         self._evicted = 0
+        #: the module's folder, once created
+        self._dir: Optional[str] = None
 
     # -- configuration ---------------------------------------------------------------
 
@@ -246,6 +248,20 @@ class FragmentModule:
         module = dispatcher.module_for(exit_type) if dispatcher is not None else None
         schedule = getattr(module, "retry_schedule", None)
         return list(schedule) if schedule else list(DEFAULT_SCHEDULE)
+
+    def local_paths(self) -> list[str]:
+        """Its store's folder, and the folders of the modules it hands
+        reassembled messages to (an MBOX ``MboxFile``): while one of them
+        is short of space, completing a message must wait too."""
+        assert self.context is not None
+        if self._dir is None:
+            self._dir = self.context.module_dir(self.name)
+        paths = [self._dir]
+        dispatcher = self.context.dispatcher
+        for module in dispatcher.modules if dispatcher is not None else ():
+            if module is not self:
+                paths += [p for p in local_paths(module) if p not in paths]
+        return paths
 
     # -- each round ----------------------------------------------------------------
 

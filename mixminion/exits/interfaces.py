@@ -9,6 +9,8 @@ the same way (see :mod:`mixminion.exits.registry`).
 
 from __future__ import annotations
 
+from typing import Any
+
 from zope.interface import Attribute, Interface
 
 
@@ -18,6 +20,12 @@ class IExitModule(Interface):
     Life cycle: built by its factory, :meth:`configure` once, then
     :meth:`flush` once per delivery round and :meth:`deliver` for each item,
     :meth:`stop` at shutdown.
+
+    A module that writes local files when it delivers (FRAGMENT's store,
+    MBOX's ``MboxFile``) also has ``local_paths()``: the folders it writes
+    to.  The node skips its rounds while one of them has less free space
+    than the later stages keep (half of ``MinFreeDisk``); its items wait in
+    their queue, their retry schedule untouched (see :func:`local_paths`).
     """
 
     name = Attribute("Module name as used in logs and counters, e.g. 'SMTP'.")
@@ -62,6 +70,13 @@ class IExitModule(Interface):
 
     def stop():
         """Release resources at shutdown.  Returns a Deferred."""
+
+
+def local_paths(provider: Any) -> list[str]:
+    """The folders a module (or an MTA transport) writes to when it
+    delivers: what its optional ``local_paths()`` says, none without one."""
+    paths = getattr(provider, "local_paths", None)
+    return list(paths()) if callable(paths) else []
 
 
 class IExitModuleFactory(Interface):

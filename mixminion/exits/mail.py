@@ -40,6 +40,7 @@ from mixminion.codec.exit_headers import MAX_HEADER_LEN
 from mixminion.codec.payload import PAYLOAD_LEN
 from mixminion.exits.context import Advertisement, ExitContext, mail_advertisement
 from mixminion.exits.errors import ExitConfigError
+from mixminion.exits.interfaces import local_paths
 from mixminion.exits.items import DeliveryItem, DeliveryResult
 from mixminion.config.schema import SectionSpec
 from mixminion.exits.options import DEFAULT_FROM_TAG, SMTP, section_values
@@ -372,6 +373,11 @@ class MailModule:
 
     def flush(self) -> defer.Deferred:
         return defer.succeed(None)
+
+    def local_paths(self) -> list[str]:
+        """Where the transport writes (an ``MboxFile``'s folder; an MTA:
+        nowhere of ours)."""
+        return local_paths(self.transport)
 
     def advertise(self) -> Optional[Advertisement]:
         if not self.advertised or self.options is None:

@@ -229,6 +229,11 @@ class MboxFile:
         self.clock = clock
         self.log = log
 
+    def local_paths(self) -> list[str]:
+        """The mbox file's folder: its disk's free space is checked before
+        a delivery round (see :func:`mixminion.exits.interfaces.local_paths`)."""
+        return [os.path.dirname(os.path.abspath(self.path))]
+
     def send(self, sender: str, recipient: str, text: bytes) -> defer.Deferred:
         stamp = time.asctime(time.gmtime(self.clock.seconds()))
         envelope = (sender.split()[0] if sender.split() else "MAILER-DAEMON")

@@ -296,8 +296,10 @@ NODE_SECTIONS: tuple[SectionSpec, ...] = (
                derived="5 x MaxBandwidth", reload="mixminion.server.reload:apply_bandwidth"),
         Option("MaxQueuedPackets", INT, "ours: packets held before MMTP answers REJECTED",
                default="50000", reload="mixminion.server.reload:apply_queue_limits"),
-        Option("MinFreeDisk", SIZE, "ours: free space kept on the queue disk; below it MMTP "
-               "answers REJECTED", default="100 MB",
+        Option("MinFreeDisk", SIZE, "ours: free space kept on the node's disks; below it MMTP "
+               "answers REJECTED, and below half of it processing and the exits that write "
+               "local files (FRAGMENT, MBOX's MboxFile) wait, keeping what they hold, until "
+               "space is back (0: no floor)", default="100 MB",
                reload="mixminion.server.reload:apply_queue_limits"),
         Option("MetricsPort", PORT, "ours: serve Prometheus metrics on this port (unset: off)",
                consumer=_NODE),

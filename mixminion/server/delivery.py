@@ -5,19 +5,30 @@ NORETRY, or its per-message retry schedule runs out (server.md §6.3), so
 an MTA that is down only delays mail.  Modules are flushed in ascending
 priority: FRAGMENT first, so the messages it completes are delivered in
 the same round.
+
+A module that writes local files (FRAGMENT, MBOX with ``MboxFile``) is
+skipped while one of its folders has less free space than the later
+stages keep (half of ``MinFreeDisk``: :mod:`mixminion.server.diskspace`),
+checked before its round and before each of its items; its items wait in
+its queue, their retry state untouched, and go at the first round after
+space is back.
 """
 
 from __future__ import annotations
 
+import shutil
 from typing import Any, Callable, Optional
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from mixminion.codec.packet import PACKET_LEN
 from mixminion.exits.context import ExitContext
+from mixminion.exits.interfaces import local_paths
 from mixminion.exits.items import DeliveryResult
 from mixminion.exits.registry import Dispatcher, build_dispatcher, extra_factories, find_exit_modules
 from mixminion.server.config import ServerConfig
+from mixminion.server.diskspace import DiskPause, FreeSpace, Usage, later_floor, shortage
 from mixminion.server.items import ExitItem, decode_item, encode_item
 from mixminion.server.mixing import delivery_queue
 from mixminion.server.packetstore import PacketStore
@@ -50,6 +61,9 @@ def build_exits(config: ServerConfig, context: ExitContext) -> Dispatcher:
 #: unreadable, its record damaged): out of its module's way, kept for the
 #: operator to look at, counted and logged once
 QUARANTINE = "quarantine/deliver"
+#: bytes an item is counted to write to a module's folders (a fragment, or
+#: mail of about a packet's size), so the free-space estimate errs low
+ITEM_BYTES = PACKET_LEN
 
 
 class Delivery:
@@ -65,11 +79,18 @@ class Delivery:
     log = Logger()
 
     def __init__(self, store: PacketStore, dispatcher: Dispatcher, clock,
-                 count: Callable[[str, int], None]) -> None:
+                 count: Callable[[str, int], None], usage: Usage = shutil.disk_usage) -> None:
         self.store = store
         self.dispatcher = dispatcher
         self.clock = clock
         self.count = count
+        #: ``[Server] MinFreeDisk`` as the node has it now (bytes; 0: none)
+        self.min_free_disk: Callable[[], int] = lambda: 0
+        #: how a folder's free space is read (tests pass their own)
+        self.usage = usage
+        self._free: dict[str, FreeSpace] = {}
+        #: per module name: whether its deliveries wait for disk space
+        self.disk: dict[str, DiskPause] = {}
         self._busy: set[int] = set()
         #: rounds under way (their attempts included)
         self._rounds: set[defer.Deferred] = set()
@@ -103,7 +124,30 @@ class Delivery:
             [defer.ensureDeferred(self._module_round(m)) for m in modules], consumeErrors=True)
         return sum(results)
 
+    @property
+    def paused_modules(self) -> list[str]:
+        """The modules whose deliveries wait for disk space."""
+        return sorted(name for name, pause in self.disk.items() if pause.paused)
+
+    def _short_of_disk(self, module, writing: int = 0) -> bool:
+        """Is one of the folders ``module`` writes to under the later
+        stages' floor?  If not, ``writing`` bytes are counted spent there.
+        A change is logged once (WARN when it starts, INFO when it ends)."""
+        paths = local_paths(module)
+        if not paths and module.name not in self.disk:
+            return False
+        spaces = [self._free.setdefault(p, FreeSpace(p, self.clock.seconds, usage=self.usage))
+                  for p in paths]
+        short = shortage(spaces, later_floor(self.min_free_disk()), writing)
+        if module.name not in self.disk:
+            self.disk[module.name] = DiskPause(self.log, f"Delivery by {module.name}",
+                                               "its messages wait in its queue")
+        self.disk[module.name].update(short)
+        return short is not None
+
     async def _module_round(self, module) -> int:
+        if self._short_of_disk(module):
+            return 0
         if module.name not in self._flushing_modules:
             self._flushing_modules.add(module.name)
             try:
@@ -142,6 +186,8 @@ class Delivery:
                 continue
             if ready > now:
                 continue
+            if self._short_of_disk(module, ITEM_BYTES):
+                break  # this item and the rest wait for the next round
             attempts.append(defer.ensureDeferred(
                 self._attempt(name, module, packet_id, item, retry, now)))
         results = await defer.gatherResults(attempts, consumeErrors=True) if attempts else []

@@ -11,7 +11,6 @@ The same commits delete the packets processing has consumed
 
 from __future__ import annotations
 
-import shutil
 from typing import Callable, Optional
 
 from twisted.internet import defer
@@ -20,6 +19,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mixminion.mmtp.interfaces import IPacketSink
+from mixminion.server.diskspace import CHECK_INTERVAL, FreeSpace
 from mixminion.server.packetstore import PacketStore
 from mixminion.server.workers import run_in, stop_when_idle, worker_pool
 
@@ -55,14 +55,15 @@ class StoreQueue:
 class DurableSink:
     """Stores received packets in an incoming log or a :class:`PacketStore` queue.
 
-    ``max_queued`` bounds the queue's length and ``min_free_bytes`` the
-    free disk space below which packets are refused (the responder then
-    answers REJECTED and the sender retries later: mmtp.md §11).
+    ``max_queued`` bounds the queue's length and ``min_free_bytes``
+    (``MinFreeDisk``) the free disk space below which packets are refused
+    (the responder then answers REJECTED and the sender retries later:
+    mmtp.md §11).  The later stages keep half of it
+    (:mod:`mixminion.server.diskspace`), so what was accepted can still
+    be processed.
     """
 
     log = Logger()
-    #: seconds a free-space reading is trusted (see :meth:`_free_bytes`)
-    free_check_interval = 0.25
 
     def __init__(self, store, reactor, queue: str = "incoming",
                  max_batch: int = 256, max_queued: Optional[int] = None,
@@ -89,9 +90,9 @@ class DurableSink:
         self._forgotten = 0
         self._pool = worker_pool("mixminion-store")
         self._stopped = False
-        self._free_seen = 0
-        self._free_checked = float("-inf")
-        self._taken_since_check = 0
+        #: the queue disk's free space, asked of the kernel at most every
+        #: CHECK_INTERVAL seconds and counted down by the packets taken
+        self.free_space = FreeSpace(self.target.path, reactor.seconds, CHECK_INTERVAL)
 
     def receivePacket(self, packet: bytes, peer: str) -> defer.Deferred:  # noqa: N802
         if len(packet) != PACKET_LEN:
@@ -117,28 +118,13 @@ class DurableSink:
             return f"processing is not running: {unable}"
         if self.min_free_bytes:
             try:
-                free = self._free_bytes()
+                free = self.free_space.free(self.min_free_bytes)
             except OSError as exc:
                 return f"cannot check free disk space: {exc}"
+            self.free_space.spend(PACKET_LEN)
             if free < self.min_free_bytes:
                 return "free disk space is below the configured minimum"
         return None
-
-    def _free_bytes(self) -> int:
-        """Free space on the queue's disk, asked of the kernel at most every
-        :attr:`free_check_interval` seconds (a statvfs per packet was a
-        visible share of the reactor's time) and counted down by the
-        packets taken meanwhile, so the estimate errs low; an estimate
-        under the minimum is checked again at once."""
-        now = self.reactor.seconds()
-        estimate = self._free_seen - self._taken_since_check * PACKET_LEN
-        if now - self._free_checked >= self.free_check_interval or \
-                estimate < self.min_free_bytes:
-            self._free_seen = shutil.disk_usage(self.target.path).free
-            self._free_checked, self._taken_since_check = now, 0
-            estimate = self._free_seen
-        self._taken_since_check += 1
-        return estimate
 
     def _write_next(self) -> None:
         if self._writing or not (self._waiting or self._forget_through > self._forgotten):

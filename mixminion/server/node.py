@@ -155,6 +155,7 @@ class MixNode(service.MultiService):
                                  allows=config.outgoing.allows,
                                  wrap_endpoint=self.limiter.wrap_endpoint)
         self.delivery = Delivery(self.store, dispatcher, reactor, self.stats.count)
+        self.processor.min_free_disk = self.delivery.min_free_disk = lambda: self.sink.min_free_bytes
         self.outgoing = Outgoing(self.store, self.client, tuple(outgoing.retry), reactor,
                                  identity.public.keyid, self.stats.count, self._relay_to_self,
                                  allows=config.outgoing.allows)
@@ -270,4 +271,6 @@ class MixNode(service.MultiService):
     def metrics_text(self) -> str:
         gauges = {f"queue_{k}_packets": v for k, v in self.queue_sizes().items()}
         gauges["processing_running"] = 0 if self.processor.failing else 1
+        gauges["processing_paused_disk"] = 1 if self.processor.disk.paused else 0
+        gauges["delivery_paused_disk"] = len(self.delivery.paused_modules)
         return self.stats.prometheus_text(gauges)

@@ -26,6 +26,7 @@ from twisted.python.failure import Failure
 
 import mixminion
 from mixminion.codec.rsa import PrivateKey
+from mixminion.server.diskspace import DiskPause, Shortage, later_floor
 
 #: longest line the child may send (a batch report is a few hundred bytes)
 MAX_LINE = 1 << 20
@@ -45,6 +46,8 @@ FAILURES_BEFORE_FAILING = 3
 #: doubles from ``restart_delay`` so a child that cannot run (a damaged
 #: store) is not restarted in a tight loop
 MAX_RESTART_DELAY = 60.0
+#: seconds between two looks at the disk while processing waits for space
+DISK_RECHECK_INTERVAL = 2.0
 
 
 class _ChildProtocol(protocol.ProcessProtocol):
@@ -88,6 +91,14 @@ class Processor:
     :attr:`failing` says why processing cannot run (None while it can):
     after :data:`FAILURES_BEFORE_FAILING` failures in a row, logged once at
     ERROR; the first batch or idle report clears it, logged at WARN.
+
+    :attr:`disk` says whether processing waits for disk space: the child
+    takes no batch while a disk of the store has less than half of
+    :attr:`min_free_disk` free (see :mod:`mixminion.server.diskspace`);
+    the packets wait in the incoming log, and a drain is asked for again
+    every :data:`DISK_RECHECK_INTERVAL` seconds until it goes on.  Not a
+    failure: the node keeps accepting packets while the incoming log's
+    own disk has room (``MinFreeDisk`` there).
     """
 
     log = Logger()
@@ -124,6 +135,11 @@ class Processor:
         #: why processing cannot run, or None (see the class docstring)
         self.failing: Optional[str] = None
         self._failures = 0
+        #: ``[Server] MinFreeDisk`` as the node has it now (bytes; 0: none)
+        self.min_free_disk: Callable[[], int] = lambda: 0
+        #: whether processing waits for disk space (see the class docstring)
+        self.disk = DiskPause(self.log, "Processing",
+                              "received packets wait in the incoming queue")
 
     # --- what the node calls ---------------------------------------------------
 
@@ -146,11 +162,16 @@ class Processor:
             return
         if self._child is None:
             self._start()
-        elif not self._ready or self._draining:
+        elif not self._ready or self._draining or self._waiting_for_disk():
             self._again = True
         else:
             self._draining, self._again = True, False
             self._send_drain()
+
+    def _waiting_for_disk(self) -> bool:
+        """Paused for disk space with the next look already planned: new
+        packets wait for it rather than ask the child each time."""
+        return self.disk.paused and self._retry is not None and self._retry.active()
 
     def wait_idle(self) -> defer.Deferred:
         """Fires once the child has drained the queue and nothing is pending."""
@@ -209,7 +230,8 @@ class Processor:
         # time (mixminion.server.clock): it adds the monotonic clock, which
         # the two processes share, to this offset.
         offset = self.reactor.seconds() - time.monotonic()
-        self._send({"drain": True, "through": self.committed_through, "clock": offset})
+        self._send({"drain": True, "through": self.committed_through, "clock": offset,
+                    "floor": later_floor(self.min_free_disk())})
 
     def _message(self, message: dict) -> None:
         if message.get("ready"):
@@ -220,6 +242,7 @@ class Processor:
             self._send_drain()
         elif "batch" in message:
             self._working()
+            self.disk.update(None)
             batch = message["batch"]
             for name, n in batch["counts"].items():
                 self.count(name, n)
@@ -240,6 +263,7 @@ class Processor:
                 self.on_consumed(through, consumed)
         elif message.get("idle"):
             self._working()
+            self.disk.update(None)
             self._draining = False
             if self._again:
                 self.kick()
@@ -247,6 +271,13 @@ class Processor:
                 waiters, self._idle_waiters = self._idle_waiters, []
                 for d in waiters:
                     d.callback(None)
+        elif "paused" in message:
+            self._draining = False
+            short = message["paused"]
+            self.disk.update(Shortage(str(short["path"]), int(short["free"]),
+                                      int(short["floor"])))
+            if self._retry is None or not self._retry.active():
+                self._retry = self.reactor.callLater(DISK_RECHECK_INTERVAL, self.kick)
         elif "error" in message:
             self._draining = False
             self.log.error("Packet processing failed; will retry: {why}", why=message["error"])

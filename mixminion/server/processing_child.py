@@ -7,12 +7,17 @@ the reactor for the GIL.  It talks JSON lines over its stdin and stdout
 (see :class:`mixminion.server.processing.Processor` for the other end)::
 
     node  -> child   {"keys": [hex DER, ...]}   packet keys, newest first
-                     {"drain": true, "through": ID}
+                     {"drain": true, "through": ID, "floor": BYTES}
                                                 process what is queued, up to
-                                                the last id the node committed
+                                                the last id the node committed,
+                                                while the store's disks keep
+                                                BYTES free
     child -> node    {"ready": true}            stores open, lock held
                      {"batch": {"through": ID, "counts": {...}}}
                      {"idle": true}             the queue is empty
+                     {"paused": {"path": P, "free": N, "floor": BYTES}}
+                                                P's disk is under the floor:
+                                                the rest waits; ask again
                      {"error": "why"}           a drain failed; ask again
 
 It exits when its stdin closes (the node stopped or died).  An exclusive
@@ -31,10 +36,12 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import BinaryIO, Callable, Iterator, Optional
+from typing import BinaryIO, Callable, Iterator, Optional, Sequence
 
+from mixminion.codec.packet import PACKET_LEN
 from mixminion.codec.process import PacketProcessor
 from mixminion.codec.rsa import PrivateKey
+from mixminion.server.diskspace import FreeSpace, Shortage, shortage
 from mixminion.server.draining import drain
 from mixminion.server.incoming_log import IncomingLog, IncomingLogError
 from mixminion.server.packetstore import PacketStore, PacketStoreError
@@ -62,6 +69,11 @@ def processing_lock(path: str) -> Iterator[bool]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def paused_report(short: Shortage) -> dict:
+    """The ``paused`` message's body."""
+    return {"path": short.path, "free": short.free, "floor": short.floor}
+
+
 def node_clock(offset: Optional[float]) -> Callable[[], float]:
     """The node's elapsed clock (its monotonic clock plus ``offset``), or
     the wall clock from a node that sends no offset."""
@@ -74,13 +86,16 @@ class Child:
     """What the child does with each request from the node."""
 
     def __init__(self, incoming: IncomingLog, store: PacketStore, batch_size: int,
-                 out: BinaryIO) -> None:
+                 out: BinaryIO, disks: Sequence[str] = ()) -> None:
         self.incoming = incoming
         self.store = store
         self.batch_size = batch_size
         self.out = out
         self.processor: Optional[PacketProcessor] = None
         self.opener = ThreadPoolExecutor(1, thread_name_prefix="mixminion-opening")
+        #: where a batch writes (the store's folder, its bodies' folder):
+        #: checked against the drain's floor before each batch
+        self.free_space = [FreeSpace(path, time.monotonic) for path in disks]
 
     def send(self, message: dict) -> None:
         self.out.write(json.dumps(message).encode() + b"\n")
@@ -95,15 +110,27 @@ class Child:
             if self.processor is None:
                 self.send({"error": "no packet keys yet"})
                 return
+            floor = int(message.get("floor", 0))
+            # A batch of n packets adds up to n bodies to the store.
+            batch_bytes = self.batch_size * PACKET_LEN
+            short = shortage(self.free_space, floor, batch_bytes)
             try:
-                for done in drain(self.incoming, self.store, self.processor, self.batch_size,
-                                  node_clock(message.get("clock")), self.opener,
-                                  message["through"]):
-                    self.send({"batch": {"through": done.through, "counts": dict(done.counts)}})
+                if short is None:
+                    for done in drain(self.incoming, self.store, self.processor,
+                                      self.batch_size, node_clock(message.get("clock")),
+                                      self.opener, message["through"]):
+                        self.send({"batch": {"through": done.through,
+                                             "counts": dict(done.counts)}})
+                        short = shortage(self.free_space, floor, batch_bytes)
+                        if short is not None:
+                            break  # the rest stays in the incoming log
             except (PacketStoreError, IncomingLogError, OSError) as exc:
                 self.send({"error": f"processing failed: {exc}"})
                 return
-            self.send({"idle": True})
+            if short is not None:
+                self.send({"paused": paused_report(short)})
+            else:
+                self.send({"idle": True})
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -123,7 +150,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     with processing_lock(args.lock):
         incoming = IncomingLog(args.incoming, read_only=True)
         store = PacketStore(args.store, body_dir=args.bodies)
-        child = Child(incoming, store, args.batch, sys.stdout.buffer)
+        child = Child(incoming, store, args.batch, sys.stdout.buffer,
+                      [os.path.dirname(os.path.abspath(args.store)), *filter(None, [args.bodies])])
         try:
             child.send({"ready": True})
             for line in sys.stdin.buffer:

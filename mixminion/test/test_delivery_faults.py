@@ -68,6 +68,14 @@ class Recorder:
         return defer.succeed(None)
 
 
+def queue_messages(store: PacketStore, module: str, exit_type: int, count: int) -> list[int]:
+    """``count`` one-packet messages in ``module``'s delivery queue, queued at 5000."""
+    payloads = [encode_message_payloads(f"message {i}\n".encode(), os.urandom)[0]
+                for i in range(count)]
+    meta = [encode_item(ExitItem(exit_type, b"T" * 20 + b"nym", bytes(16)))] * count
+    return store.add_many(delivery_queue(module), payloads, now=5000, meta=meta)
+
+
 class DeliveryFaultTests(unittest.TestCase):
     def setUp(self) -> None:
         folder = os.path.abspath(self.mktemp())
@@ -87,10 +95,7 @@ class DeliveryFaultTests(unittest.TestCase):
         self.delivery = Delivery(self.store, dispatcher, self.clock, self.stats.count)
 
     def queue(self, module: str, exit_type: int, count: int) -> list[int]:
-        payloads = [encode_message_payloads(f"message {i}\n".encode(), os.urandom)[0]
-                    for i in range(count)]
-        meta = [encode_item(ExitItem(exit_type, b"T" * 20 + b"nym", bytes(16)))] * count
-        return self.store.add_many(delivery_queue(module), payloads, now=5000, meta=meta)
+        return queue_messages(self.store, module, exit_type, count)
 
     def test_an_unreadable_body_is_moved_aside_once(self) -> None:
         async def go() -> None:

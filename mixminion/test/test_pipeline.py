@@ -497,8 +497,8 @@ class SinkDiskTests(StoreTestCase):
             reads.append(clock.seconds())
             return usage(0, 0, 20 * 32768)
 
-        self.patch(durable.shutil, "disk_usage", disk_usage)
         sink = durable.DurableSink(self.store, clock, INCOMING, min_free_bytes=10 * 32768)
+        sink.free_space.usage = disk_usage
         self.assertEqual([sink._refusal() for _ in range(11)], [None] * 11)
         self.assertEqual(len(reads), 1)  # the estimate counts the 11 taken down
         self.assertIsNone(sink._refusal())  # estimate under the minimum: read again
@@ -511,7 +511,7 @@ class SinkDiskTests(StoreTestCase):
             reads.append(clock.seconds())
             return usage(0, 0, 32768)
 
-        self.patch(durable.shutil, "disk_usage", full)
+        sink.free_space.usage = full
         clock.advance(0.25)
         self.assertIn("below the configured minimum", sink._refusal())
 
