@@ -25,8 +25,10 @@ class ExitContext:
     """Shared services for exit modules.
 
     ``base_dir`` is the server's BaseDir; a module keeps its files in
-    :meth:`module_dir`.  ``clock`` gives the time (a ``task.Clock`` in
-    tests); ``reactor`` makes connections and processes.  ``dispatch``
+    :meth:`module_dir`.  ``clock`` gives the time schedules count (a
+    ``task.Clock`` in tests; the node's clock ignores wall-clock steps),
+    ``wall`` (by default ``clock``) the date written on a message;
+    ``reactor`` makes connections and processes.  ``dispatch``
     delivers an item through the dispatcher (set by the dispatcher; the
     FRAGMENT module uses it for the messages it completes).
     """
@@ -37,12 +39,15 @@ class ExitContext:
     log_namespace: str = "mixminion.exits"
     counters: Counters = dataclasses.field(default_factory=MMTPStats)
     dispatcher: Any = None
+    wall: Any = None
 
     def __post_init__(self) -> None:
         if self.reactor is None:
             from twisted.internet import reactor
 
             object.__setattr__(self, "reactor", reactor)
+        if self.wall is None:
+            object.__setattr__(self, "wall", self.clock)
 
     def for_module(self, name: str) -> "ExitContext":
         """This context with a log namespace of the module's own."""

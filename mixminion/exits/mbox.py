@@ -84,7 +84,7 @@ class MBOXModule(MailModule):
             if values["SMTPServer"] is not None or values["SendmailCommand"] is not None:
                 raise ExitConfigError("[Delivery/MBOX] MboxFile excludes SMTPServer and SendmailCommand")
             mbox_path = os.path.join(context.base_dir, values["MboxFile"])
-            self.transport = MboxFile(mbox_path, context.clock, context.logger())
+            self.transport = MboxFile(mbox_path, context.wall, context.logger())
         self.log.info("Loaded {n} mailbox aliases", n=len(self.aliases))
 
     def recipient(self, item: DeliveryItem) -> str:

@@ -226,6 +226,7 @@ class MboxFile:
 
     def __init__(self, path: str, clock, log) -> None:
         self.path = path
+        #: dates each message's ``From`` line: a wall clock
         self.clock = clock
         self.log = log
 

@@ -92,6 +92,8 @@ class Delivery:
         #: per module name: whether its deliveries wait for disk space
         self.disk: dict[str, DiskPause] = {}
         self._busy: set[int] = set()
+        #: messages of a module dropped this round, said in one line at its end
+        self._expired_counts: dict[str, int] = {}
         #: rounds under way (their attempts included)
         self._rounds: set[defer.Deferred] = set()
         #: modules whose periodic work is under way
@@ -182,7 +184,7 @@ class Delivery:
             ready = retry.next_attempt(now)
             if ready is None:
                 self.store.remove_many([packet_id])
-                self.count(f"Expired:{name}", 1)
+                self._expired(name)
                 continue
             if ready > now:
                 continue
@@ -191,6 +193,10 @@ class Delivery:
             attempts.append(defer.ensureDeferred(
                 self._attempt(name, module, packet_id, item, retry, now)))
         results = await defer.gatherResults(attempts, consumeErrors=True) if attempts else []
+        expired = self._expired_counts.pop(name, 0)
+        if expired:
+            self.log.warn("{module}: dropped {n} undelivered message(s) whose retry schedule "
+                          "ran out", module=name, n=expired)
         return sum(1 for r in results if r)
 
     async def _attempt(self, name, module, packet_id: int, item: ExitItem,
@@ -212,7 +218,7 @@ class Delivery:
                         item, queued=retry.queued, last=retry.last_attempt))
                 else:
                     self.store.remove_many([packet_id])
-                    self.count(f"Expired:{name}", 1)
+                    self._expired(name)
                 return False
             self.store.remove_many([packet_id])
             return result is DeliveryResult.OK
@@ -222,6 +228,12 @@ class Delivery:
             return False
         finally:
             self._busy.discard(packet_id)
+
+    def _expired(self, name: str) -> None:
+        """A message whose retry schedule ran out is dropped: counted, and
+        said once per round (a message the node acknowledged is gone)."""
+        self.count(f"Expired:{name}", 1)
+        self._expired_counts[name] = self._expired_counts.get(name, 0) + 1
 
     def _quarantine(self, name: str, packet_id: int, why: str) -> None:
         self.store.move_many([packet_id], QUARANTINE)

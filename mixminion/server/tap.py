@@ -170,7 +170,8 @@ def build_node(config: ServerConfig, reactor,
         os.makedirs(path, mode=0o700, exist_ok=True)
     pid_file = PidFile(server.pid_file)  # first: keys and queues are this node's alone
     stats = NodeStats(node_stats_path(config))
-    context = ExitContext(base_dir=server.base_dir, clock=reactor, reactor=reactor, counters=stats)
+    context = ExitContext(base_dir=server.base_dir, clock=reactor, reactor=reactor, counters=stats,
+                          wall=WALL)
     dispatcher = build_exits(config, context)
     keys = KeyStore(server.key_dir, server.hashlog_dir, server.identity_key_bits,
                     server.public_key_lifetime, server.public_key_overlap)

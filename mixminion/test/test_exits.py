@@ -5,6 +5,7 @@ DROP, FRAGMENT reassembly across restarts, and plugin discovery."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import email
 import email.policy
 import importlib
@@ -880,6 +881,19 @@ class MBOXDelivery(unittest.TestCase):
                                                         "Carol": "carol@example.org"})
         for bad in ("alice", "alice: two words", "a b: c", ": x", "al\x01ce: x"):
             self.assertRaises(ExitConfigError, parse_address_file, bad)
+
+    @defer.inlineCallbacks
+    def test_mbox_dates_come_from_the_wall_clock(self):
+        """The node's schedule clock ignores wall-clock steps; the date on a
+        delivered message is the calendar's."""
+        wall = task.Clock()
+        wall.advance(86400 * 366 * 2)
+        self.h.context = dataclasses.replace(self.h.context, wall=wall)
+        module = self.module(MboxFile="dated.mbox")
+        item = make_delivery_item(MBOX_TYPE, TAG + b"alice", singleton(b"hello\n", {}))
+        self.assertEqual((yield module.deliver(item)), DeliveryResult.OK)
+        with open(self.h.path("dated.mbox"), "rb") as f:
+            self.assertTrue(f.read().startswith(b"From noreply@mix.example Mon Jan  3 00:00:00 1972\n"))
 
     @defer.inlineCallbacks
     def test_mbox_file(self):

@@ -426,11 +426,20 @@ class DeliveryTests(StoreTestCase):
         return defer.ensureDeferred(go())
 
     def test_retries_run_out(self) -> None:
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+
         async def go():
             module = await self._deliver_scripted([DeliveryResult.RETRY] * 3, [0, 100, 100, 100])
             self.assertEqual(len(module.items), 3)
             self.assertEqual(self.store.count(), 0)
             self.assertEqual(self.stats["Expired:MBOX"], 1)
+            said = [formatEvent(e) for e in events if "retry schedule" in formatEvent(e)]
+            self.assertEqual(said, ["MBOX: dropped 1 undelivered message(s) whose retry schedule "
+                                    "ran out"])
 
         return defer.ensureDeferred(go())
 
