@@ -704,7 +704,7 @@ async def show_status(reactor: Any, net: Network) -> int:
         if p.kind == "authority" and pid:
             d = await authority_directory(reactor, net, p)
             if d is not None:
-                from mixminion.directory.textformat import format_time
+                from mixminion.codec.textformat import format_time
                 line += (f"; consensus valid after {format_time(int(d.valid_after))}, "
                          f"{len(d.descriptors)} servers, signed by {len(d.signers)}")
             else:

@@ -62,7 +62,7 @@ from mixminion.codec.payload import FragmentPayload, parse_payload
 from mixminion.codec.routing import DROP_TYPE, FRAGMENT_TYPE
 from mixminion.codec.surb import ReplyBlock, build_reply_block, parse_reply_blocks
 from mixminion.directory.descriptor import ServerDescriptor
-from mixminion.directory.textformat import SECONDS_PER_DAY, format_time, previous_midnight
+from mixminion.codec.textformat import SECONDS_PER_DAY, format_time, previous_midnight
 from mixminion.mmtp.initiator import Destination, InitiatorSettings, MMTPClient
 from mixminion.mmtp.tls import InitiatorTLS
 from mixminion.config.syntax import ConfigError

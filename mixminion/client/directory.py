@@ -60,7 +60,7 @@ from mixminion.directory.descriptor import (
     ServerDescriptor,
     parse_descriptor,
 )
-from mixminion.directory.textformat import (
+from mixminion.codec.textformat import (
     format_date,
     format_time,
     previous_midnight,

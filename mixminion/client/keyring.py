@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from mixminion.codec.armor import armor, dearmor
 from mixminion.codec.errors import ParseError
-from mixminion.directory.textformat import SECONDS_PER_DAY, previous_midnight
+from mixminion.codec.textformat import SECONDS_PER_DAY, previous_midnight
 
 ARMOR_NAME = "TYPE III KEYRING"
 MAGIC = b"KEYRING3"

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 from mixminion.config.values import BOOLEAN
-from mixminion.directory import textformat
+from mixminion.codec import textformat
 
 
 def _where(filename: str, line: int, section: Optional[str], key: Optional[str]) -> str:

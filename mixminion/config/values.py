@@ -26,7 +26,7 @@ from mixminion.config.intervals import (
     parse_interval,
     parse_retry_schedule,
 )
-from mixminion.directory import textformat
+from mixminion.codec import textformat
 
 
 @dataclass(frozen=True)

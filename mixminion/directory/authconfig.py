@@ -48,7 +48,7 @@ from typing import Any, Callable, Optional, Union
 
 from mixminion.directory.authority import ADMISSION_MODES, MAX_DESCRIPTOR_SIZE
 from mixminion.directory.service import AuthoritySettings, Peer
-from mixminion.directory.textformat import SECONDS_PER_DAY
+from mixminion.codec.textformat import SECONDS_PER_DAY
 from mixminion.config.syntax import ConfigError, RawSection, parse_sections
 from mixminion.config.values import (
     AUTHORITY,

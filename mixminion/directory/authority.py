@@ -40,7 +40,7 @@ from typing import Callable, Optional
 
 from mixminion.directory.descriptor import DescriptorError, ServerDescriptor, parse_descriptor
 from mixminion.directory.directory import MAX_FUTURE, is_superseded
-from mixminion.directory.textformat import SECONDS_PER_DAY, TextFormatError, format_date, format_time
+from mixminion.codec.textformat import SECONDS_PER_DAY, TextFormatError, format_date, format_time
 from mixminion import fileutil
 
 __all__ = [

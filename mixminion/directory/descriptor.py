@@ -19,7 +19,7 @@ from mixminion import __version__
 from mixminion.codec.crypto import RandomSource
 from mixminion.codec.errors import BuildError, ParseError
 from mixminion.codec.rsa import PACKET_KEY_BYTES, PrivateKey, PublicKey
-from mixminion.directory.textformat import (
+from mixminion.codec.textformat import (
     Fields,
     Line,
     Schema,

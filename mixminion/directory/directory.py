@@ -44,7 +44,7 @@ from mixminion.directory.descriptor import (
     ServerDescriptor,
     parse_descriptor,
 )
-from mixminion.directory.textformat import (
+from mixminion.codec.textformat import (
     SECONDS_PER_DAY,
     Fields,
     Line,

@@ -62,7 +62,7 @@ from mixminion.directory.httpserver import (
     AuthoritySite,
     HTTPLimits,
 )
-from mixminion.directory.textformat import SECONDS_PER_DAY
+from mixminion.codec.textformat import SECONDS_PER_DAY
 
 log = Logger()
 

@@ -63,7 +63,7 @@ from mixminion.config.values import (
     limited,
     parse_size,
 )
-from mixminion.directory import textformat
+from mixminion.codec import textformat
 from mixminion.directory.descriptor import (
     DEFAULT_MMTP_PORT,
     MAX_COMMENTS,

@@ -53,7 +53,7 @@ from mixminion.directory.descriptor import (
     build_descriptor,
     parse_descriptor,
 )
-from mixminion.directory.textformat import SECONDS_PER_DAY, decode_time, format_date, format_time
+from mixminion.codec.textformat import SECONDS_PER_DAY, decode_time, format_date, format_time
 from mixminion.fileutil import fsync_dir
 
 __all__ = [

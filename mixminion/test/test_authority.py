@@ -16,7 +16,7 @@ from twisted.web import resource, server
 from twisted.web.test.requesthelper import DummyRequest
 
 from mixminion.codec.rsa import PrivateKey
-from mixminion.directory import textformat as tf
+from mixminion.codec import textformat as tf
 from mixminion.directory.authconfig import parse_authority_config
 from mixminion.directory.authority import AuthorityStore, digest_name
 from mixminion.directory.descriptor import (

@@ -48,7 +48,7 @@ from mixminion.directory.descriptor import (
     parse_descriptor,
 )
 from mixminion.directory.directory import DirectoryInfo, VotingServer, build_directory, sign_directory
-from mixminion.directory.textformat import previous_midnight
+from mixminion.codec.textformat import previous_midnight
 
 reactor: Any = _reactor
 DAY = 86400

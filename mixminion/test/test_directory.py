@@ -12,7 +12,7 @@ from twisted.trial import unittest
 
 from mixminion.codec.errors import BuildError, ParseError
 from mixminion.codec.rsa import PrivateKey
-from mixminion.directory import textformat as tf
+from mixminion.codec import textformat as tf
 from mixminion.directory.descriptor import (
     DescriptorFields,
     IncomingMMTP,

@@ -95,7 +95,7 @@ from mixminion.codec.routing import (
 )
 from mixminion.codec.rsa import PrivateKey
 from mixminion.codec.surb import ReplyBlock, build_reply_block, find_seed, parse_reply_blocks
-from mixminion.directory import textformat
+from mixminion.codec import textformat
 from mixminion.directory.descriptor import (
     DeliveryInfo,
     DescriptorFields,

@@ -11,7 +11,7 @@ from mixminion.directory.descriptor import (
     ServerDescriptor,
     parse_descriptor,
 )
-from mixminion.directory.textformat import document_digest
+from mixminion.codec.textformat import document_digest
 from mixminion.test.vectorkit import Entry, register
 
 F = "descriptors"
