@@ -30,7 +30,7 @@ from mixminion.directory.authority import atomic_write
 from mixminion.directory.http import HTTPClient
 from mixminion.directory.service import Authority, AuthorityService, AuthoritySettings
 from mixminion.config.syntax import ConfigError
-from mixminion.server.logfilter import apply_log_level
+from mixminion.logfilter import apply_log_level
 
 log = Logger()
 IDENTITY_FILE = "identity.key"

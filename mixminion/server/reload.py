@@ -28,7 +28,7 @@ from mixminion.server.config import (
     running_config,
 )
 from mixminion.server.delivery import build_exits
-from mixminion.server.logfilter import set_log_level
+from mixminion.logfilter import set_log_level
 from mixminion.server.node import MixNode, initiator_settings, mix_algorithm
 
 log = Logger()

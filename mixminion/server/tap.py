@@ -25,7 +25,7 @@ from mixminion.server.config import ConfigError, ServerConfig, load_config
 from mixminion.server.delivery import build_exits
 from mixminion.server.incoming_log import IncomingLogError
 from mixminion.server.keys import KeyStore, KeyStoreError
-from mixminion.server.logfilter import apply_log_level
+from mixminion.logfilter import apply_log_level
 from mixminion.server.node import MixNode, node_stats_path
 from mixminion.server.packetstore import PacketStoreError
 from mixminion.server.paranoia import problems_for

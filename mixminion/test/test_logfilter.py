@@ -10,7 +10,7 @@ import warnings
 from twisted.logger import Logger, LogBeginner, LogPublisher
 from twisted.trial import unittest
 
-from mixminion.server.logfilter import SeverityFilter, apply_log_level, set_log_level
+from mixminion.logfilter import SeverityFilter, apply_log_level, set_log_level
 
 
 class LogLevelTests(unittest.TestCase):

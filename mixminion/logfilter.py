@@ -1,4 +1,4 @@
-"""Apply ``[Server] LogLevel`` to what twistd writes.
+"""Apply the configured ``LogLevel`` (a node's or an authority's) to what twistd writes.
 
 A plugin's ``makeService`` runs before twistd starts logging and cannot
 choose twistd's observer, so the level is applied by wrapping the
