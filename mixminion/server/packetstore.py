@@ -188,11 +188,15 @@ class PacketStore:
             raise KeyError(packet_id)
         return None if row[0] is None else bytes(row[0])
 
-    def items(self, queue: str) -> list[tuple[int, Optional[bytes], float]]:
-        """(id, meta, added) of every packet in ``queue``, oldest first,
-        without the packets themselves (a pool may hold 50,000)."""
+    def items(self, queue: str, limit: int = -1,
+              after: int = 0) -> list[tuple[int, Optional[bytes], float]]:
+        """(id, meta, added) of the packets in ``queue`` above ``after``,
+        oldest first, without the packets themselves (a pool may hold
+        50,000); at most ``limit`` of them (all if negative), so a long
+        queue can be read in slices."""
         return [(r[0], None if r[1] is None else bytes(r[1]), r[2]) for r in self._query(
-            "SELECT id, meta, added FROM packets WHERE queue = ? ORDER BY id", (queue,))]
+            "SELECT id, meta, added FROM packets WHERE queue = ? AND id > ? ORDER BY id LIMIT ?",
+            (queue, after, limit))]
 
     def set_value(self, name: str, value: bytes) -> None:
         self._write_many("INSERT OR REPLACE INTO kv (name, value) VALUES (?, ?)", [(name, value)])
