@@ -50,7 +50,7 @@ import threading
 import time
 from typing import Any, Optional
 
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.internet import reactor as _reactor
 from twisted.trial import unittest
 
@@ -59,8 +59,14 @@ from mixminion.codec.header import Hop
 from mixminion.codec.packet import PAYLOAD_LEN
 from mixminion.codec.routing import DROP_TYPE, HostInfo
 from mixminion.directory.descriptor import parse_descriptor
-from mixminion.mmtp.initiator import Destination, MMTPClient, MMTPError
-from mixminion.testing.processes import Daemon, free_ports, metric, node_config
+from mixminion.mmtp.initiator import Destination, MMTPClient
+from mixminion.testing.processes import (
+    Daemon,
+    free_ports,
+    metric,
+    node_config,
+    send_until_acknowledged,
+)
 
 reactor: Any = _reactor
 
@@ -194,32 +200,19 @@ class IncomingSlotAttack(unittest.TestCase):
         self.addCleanup(client.close)
         started = time.monotonic()
         latencies: list[float] = []
-        retries = 0
         reasons: dict[str, int] = {}
         failure: Optional[str] = None
         for n, packet in enumerate(packets):
             first = time.monotonic()
-            while True:
-                left = min(PACKET_DEADLINE - (time.monotonic() - first),
-                           TOTAL_DEADLINE - (time.monotonic() - started))
-                if left <= 0:
-                    failure = (f"packet {n} not acknowledged within {PACKET_DEADLINE:.0f} s "
-                               f"(or all within {TOTAL_DEADLINE:.0f} s)")
-                    break
-                try:
-                    await client.send_packet(destination, packet).addTimeout(left, reactor)
-                except defer.TimeoutError:
-                    continue
-                except MMTPError as exc:
-                    retries += 1
-                    reasons[str(exc)] = reasons.get(str(exc), 0) + 1
-                    await task.deferLater(reactor, 0.5, lambda: None)
-                    continue
-                latencies.append(time.monotonic() - first)
+            if not await send_until_acknowledged(
+                    reactor, client, destination, packet,
+                    min(first + PACKET_DEADLINE, started + TOTAL_DEADLINE), reasons):
+                failure = (f"packet {n} not acknowledged within {PACKET_DEADLINE:.0f} s "
+                           f"(or all within {TOTAL_DEADLINE:.0f} s)")
                 break
-            if failure:
-                break
+            latencies.append(time.monotonic() - first)
         elapsed = time.monotonic() - started
+        retries = sum(reasons.values())
         flood.stop()
         figures = {
             "acknowledged": f"{len(latencies)} of {HONEST_PACKETS}",

@@ -48,18 +48,8 @@ from twisted.trial import unittest
 from mixminion.codec.build import build_forward_packet
 from mixminion.codec.header import Hop
 from mixminion.codec.packet import PAYLOAD_LEN
-from mixminion.codec.routing import DROP_TYPE, HostInfo, IPv4Info
-from mixminion.directory.descriptor import parse_descriptor
-from mixminion.mmtp.initiator import Destination, MMTPClient
-from mixminion.testing.processes import (
-    BlackHole,
-    Daemon,
-    family_rss_mb,
-    free_ports,
-    gauge,
-    metric,
-    node_config,
-)
+from mixminion.codec.routing import DROP_TYPE, IPv4Info
+from mixminion.testing.processes import MixNode, forward_packets, gauge, relay_and_next_hop
 
 reactor: Any = _reactor
 
@@ -77,51 +67,7 @@ def attack_address(n: int) -> str:
     return f"127.{(n >> 16) % 254 + 1}.{(n >> 8) & 255}.{n & 255 or 1}"
 
 
-class TestNode:
-    """One ``twistd mixminion`` node of this test."""
-
-    def __init__(self, test: "OutgoingBlackHole", name: str, outgoing: str = "") -> None:
-        self.name = name
-        self.dir = os.path.join(test.dir, name)
-        os.makedirs(self.dir)
-        self.base = os.path.join(self.dir, "base")
-        self.port, self.metrics_port = free_ports(2)
-        self.conf = os.path.join(self.dir, "node.conf")
-        with open(self.conf, "w") as f:
-            f.write(node_config(self.base, self.port, nickname=name,
-                                server=f"MetricsPort: {self.metrics_port}", outgoing=outgoing))
-        self.daemon = Daemon(self.dir, ["mixminion", "-c", self.conf], name=name)
-        test.addCleanup(self.daemon.kill)
-
-    async def start(self) -> None:
-        self.daemon.start()
-        await self.daemon.wait_for_line(reactor, f"Mix node {self.name} started", timeout=60)
-        with open(os.path.join(self.base, "keys", "key_0001", "ServerDesc")) as f:
-            desc = parse_descriptor(f.read(), time.time())
-        self.identity = desc.identity_digest
-        self.packet_key = desc.packet_key
-        self.hop = Hop(desc.packet_key, HostInfo.parse(desc.routing_info))
-
-    async def send(self, packets: list[bytes]) -> None:
-        """Send ``packets`` to this node; all must be acknowledged."""
-        client = MMTPClient(reactor)
-        try:
-            destination = Destination("127.0.0.1", self.port, self.identity)
-            results = await defer.DeferredList(
-                [client.send_packet(destination, p) for p in packets], consumeErrors=True)
-        finally:
-            await client.close()
-        failed = [value for ok, value in results if not ok]
-        assert not failed, f"{len(failed)} packets refused: {failed[:1]}"
-
-    def counted(self, event: str) -> int:
-        return metric(self.metrics_port, event)
-
-    def rss_mb(self) -> float:
-        return family_rss_mb(self.daemon.pid)
-
-
-def attack_packets(a: TestNode, port: int, count: int) -> list[bytes]:
+def attack_packets(a: MixNode, port: int, count: int) -> list[bytes]:
     """``count`` packets through A, each to a different black-hole next hop."""
     packets = []
     for n in range(count):
@@ -129,11 +75,6 @@ def attack_packets(a: TestNode, port: int, count: int) -> list[bytes]:
         packets.append(build_forward_packet(os.urandom(PAYLOAD_LEN), [a.hop], [hole],
                                             DROP_TYPE, b"", os.urandom).packet)
     return packets
-
-
-def honest_packets(a: TestNode, g: TestNode, count: int) -> list[bytes]:
-    return [build_forward_packet(os.urandom(PAYLOAD_LEN), [a.hop], [g.hop], DROP_TYPE, b"",
-                                 os.urandom).packet for _ in range(count)]
 
 
 class OutgoingBlackHole(unittest.TestCase):
@@ -150,27 +91,14 @@ class OutgoingBlackHole(unittest.TestCase):
         return defer.ensureDeferred(self._attack())
 
     async def _attack(self) -> None:
-        hole = BlackHole()
-        listening = reactor.listenTCP(0, hole, interface="0.0.0.0", backlog=1024)
-        self.addCleanup(hole.close_all)
-        self.addCleanup(listening.stopListening)
-        hole_port = listening.getHost().port
-
-        g = TestNode(self, "honest")
-        a = TestNode(self, "relay", outgoing=f"MaxConnections: {MAX_CONNECTIONS}")
-        await defer.gatherResults([defer.ensureDeferred(g.start()),
-                                   defer.ensureDeferred(a.start())])
-
         # G is a next hop A has relayed to: one packet A -> G first.
-        await a.send(await threads.deferToThread(honest_packets, a, g, 1))
-        await g.daemon.wait_for(reactor, "the warm-up packet at G",
-                                lambda: g.counted("ReceivedPacket") >= 1, timeout=60,
-                                interval=0.5)
+        hole, hole_port, a, g = await relay_and_next_hop(
+            self, outgoing=f"MaxConnections: {MAX_CONNECTIONS}")
         baseline = a.rss_mb()
 
         started = time.monotonic()
         attack = await threads.deferToThread(attack_packets, a, hole_port, ATTACK)
-        honest = await threads.deferToThread(honest_packets, a, g, HONEST)
+        honest = await threads.deferToThread(forward_packets, a, g, HONEST)
         self.note(f"built {ATTACK} attack and {HONEST} honest packets in "
                   f"{time.monotonic() - started:.1f} s; A at {baseline:.1f} MB")
 

@@ -4,7 +4,9 @@ A :class:`Daemon` is one node (or authority) started the way an operator
 starts it -- ``twistd -n mixminion -c FILE`` as a child process with its
 own log file -- and watched from a test: wait for a log line, send a
 signal, stop it and read its exit status.  Every wait polls the log and
-fails at once, with the log's tail, if the process died.
+fails at once, with the log's tail, if the process died.  A
+:class:`MixNode` is a relay node of a test around its :class:`Daemon`
+(its descriptor's hop, its metrics, packets sent to it over MMTP).
 """
 
 from __future__ import annotations
@@ -18,14 +20,21 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
-from twisted.internet import protocol, task
+from twisted.internet import defer, protocol, task, threads
 
+from mixminion.codec.build import build_forward_packet
+from mixminion.codec.header import Hop
+from mixminion.codec.packet import PAYLOAD_LEN
+from mixminion.codec.routing import DROP_TYPE, HostInfo
+from mixminion.directory.descriptor import parse_descriptor
+from mixminion.mmtp.initiator import Destination, MMTPClient, MMTPError
 from mixminion.procinfo import child_pids
 
 from mixminion.testnet import free_ports, twistd
 
-__all__ = ["BlackHole", "Daemon", "family_rss_mb", "free_ports", "gauge", "metric", "node_config",
-           "rss_kb", "run_twistd", "twistd"]
+__all__ = ["BlackHole", "Daemon", "MixNode", "family_rss_mb", "forward_packets", "free_ports",
+           "gauge", "metric", "node_config", "relay_and_next_hop", "rss_kb", "run_twistd",
+           "send_until_acknowledged", "twistd"]
 
 
 def node_config(base: str, port: int, nickname: str = "node", server: str = "",
@@ -108,6 +117,30 @@ def metric(port: int, event: str) -> int:
         text = page.read().decode()
     found = re.search(rf'^mixminion_events_total{{event="{re.escape(event)}"}} (\d+)$', text, re.M)
     return int(found.group(1)) if found else 0
+
+
+async def send_until_acknowledged(reactor: Any, client: MMTPClient, destination: Destination,
+                                  packet: bytes, deadline: float, reasons: dict[str, int],
+                                  retry_after: float = 0.5) -> bool:
+    """Send ``packet`` until ``destination`` acknowledges it, as a persistent
+    sender would: a connection refused or closed under it is tried again
+    after ``retry_after`` seconds (a real node waits for its retry
+    schedule, an hour by default).  False if ``deadline`` (a
+    ``time.monotonic()`` value) passes first; each failed attempt is
+    counted in ``reasons`` under its message."""
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        try:
+            await client.send_packet(destination, packet).addTimeout(left, reactor)
+        except defer.TimeoutError:
+            continue
+        except MMTPError as exc:
+            reasons[str(exc)] = reasons.get(str(exc), 0) + 1
+            await task.deferLater(reactor, retry_after, lambda: None)
+            continue
+        return True
 
 
 def run_twistd(args: Sequence[str], cwd: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -212,3 +245,86 @@ class Daemon:
             assert self.process is not None
             self.process.kill()
             self.process.wait()
+
+
+def _global_reactor() -> Any:
+    """The global reactor, imported only when a node is used (importing
+    this module installs none)."""
+    from twisted.internet import reactor
+    return reactor
+
+
+class MixNode:
+    """One ``twistd mixminion`` node of a test, in a folder of its own
+    under ``test.dir``, with a metrics port; ``outgoing`` is added to its
+    ``[Outgoing/MMTP]`` section."""
+
+    def __init__(self, test: Any, name: str, outgoing: str = "") -> None:
+        self.name = name
+        self.dir = os.path.join(test.dir, name)
+        os.makedirs(self.dir)
+        self.base = os.path.join(self.dir, "base")
+        self.port, self.metrics_port = free_ports(2)
+        self.conf = os.path.join(self.dir, "node.conf")
+        with open(self.conf, "w") as f:
+            f.write(node_config(self.base, self.port, nickname=name,
+                                server=f"MetricsPort: {self.metrics_port}", outgoing=outgoing))
+        self.daemon = Daemon(self.dir, ["mixminion", "-c", self.conf], name=name)
+        test.addCleanup(self.daemon.kill)
+
+    async def start(self) -> None:
+        self.daemon.start()
+        await self.daemon.wait_for_line(_global_reactor(), f"Mix node {self.name} started",
+                                        timeout=60)
+        with open(os.path.join(self.base, "keys", "key_0001", "ServerDesc")) as f:
+            desc = parse_descriptor(f.read(), time.time())
+        self.identity = desc.identity_digest
+        self.packet_key = desc.packet_key
+        self.hop = Hop(desc.packet_key, HostInfo.parse(desc.routing_info))
+
+    async def send(self, packets: list[bytes]) -> None:
+        """Send ``packets`` to this node; all must be acknowledged."""
+        client = MMTPClient(_global_reactor())
+        try:
+            destination = Destination("127.0.0.1", self.port, self.identity)
+            results = await defer.DeferredList(
+                [client.send_packet(destination, p) for p in packets], consumeErrors=True)
+        finally:
+            await client.close()
+        failed = [value for ok, value in results if not ok]
+        assert not failed, f"{len(failed)} packets refused: {failed[:1]}"
+
+    def counted(self, event: str) -> int:
+        return metric(self.metrics_port, event)
+
+    def rss_mb(self) -> float:
+        return family_rss_mb(self.daemon.pid)
+
+
+def forward_packets(a: MixNode, g: MixNode, count: int) -> list[bytes]:
+    """``count`` packets through ``a`` to ``g``, dropped there."""
+    return [build_forward_packet(os.urandom(PAYLOAD_LEN), [a.hop], [g.hop], DROP_TYPE, b"",
+                                 os.urandom).packet for _ in range(count)]
+
+
+async def relay_and_next_hop(test: Any,
+                             outgoing: str = "") -> tuple[BlackHole, int, MixNode, MixNode]:
+    """For the outgoing black-hole attack: a :class:`BlackHole` on every
+    127.0.0.0/8 address (and its port), and two nodes started, a relay A
+    (``outgoing`` added to its ``[Outgoing/MMTP]``) and a next hop G that
+    A has relayed one packet to (a next hop that has answered); all closed
+    at the end of ``test``.  Returns ``(hole, port, a, g)``."""
+    reactor = _global_reactor()
+    hole = BlackHole()
+    listening = reactor.listenTCP(0, hole, interface="0.0.0.0", backlog=1024)
+    test.addCleanup(hole.close_all)
+    test.addCleanup(listening.stopListening)
+
+    g = MixNode(test, "honest")
+    a = MixNode(test, "relay", outgoing=outgoing)
+    await defer.gatherResults([defer.ensureDeferred(g.start()),
+                               defer.ensureDeferred(a.start())])
+    await a.send(await threads.deferToThread(forward_packets, a, g, 1))
+    await g.daemon.wait_for(reactor, "the warm-up packet at G",
+                            lambda: g.counted("ReceivedPacket") >= 1, timeout=60, interval=0.5)
+    return hole, listening.getHost().port, a, g
