@@ -20,6 +20,7 @@ import shutil
 from typing import Any, Callable, Optional
 
 from twisted.internet import defer
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from mixminion.codec.packet import PACKET_LEN
@@ -30,7 +31,7 @@ from mixminion.exits.registry import Dispatcher, build_dispatcher, extra_factori
 from mixminion.server.config import ServerConfig
 from mixminion.server.diskspace import DiskPause, FreeSpace, Usage, later_floor, shortage
 from mixminion.server.items import ExitItem, decode_item, encode_item
-from mixminion.server.mixing import delivery_queue
+from mixminion.server.mixing import READ_SLICE, delivery_queue, queue_slices
 from mixminion.server.packetstore import PacketStore
 from mixminion.server.schedule import MessageRetryState
 
@@ -73,10 +74,17 @@ class Delivery:
     run beside the other modules', so a slow MTA delays only its module.
     A round does not wait for the attempts an earlier round started (their
     items are skipped while they run), so a hung session never holds back
-    the items behind it.
+    the items behind it.  A module's queue is read a slice at a time and
+    at most :attr:`max_attempts` of its attempts run at once (each holds
+    its payload), so releasing a pool of tens of thousands of exit
+    payloads neither blocks the reactor nor fills memory.
     """
 
     log = Logger()
+    #: attempts of one module under way at once (each holds its payload)
+    max_attempts = 64
+    #: rows of a delivery queue read in one reactor call
+    read_slice = READ_SLICE
 
     def __init__(self, store: PacketStore, dispatcher: Dispatcher, clock,
                  count: Callable[[str, int], None], usage: Usage = shutil.disk_usage) -> None:
@@ -94,6 +102,11 @@ class Delivery:
         self._busy: set[int] = set()
         #: messages of a module dropped this round, said in one line at its end
         self._expired_counts: dict[str, int] = {}
+        #: modules whose queue is being scanned, and each module's attempt slots
+        self._scanning: set[str] = set()
+        self._slots: dict[str, defer.DeferredSemaphore] = {}
+        #: set by :meth:`stop`: a scan under way starts no more attempts
+        self._stopping = False
         #: rounds under way (their attempts included)
         self._rounds: set[defer.Deferred] = set()
         #: modules whose periodic work is under way
@@ -167,37 +180,79 @@ class Delivery:
             return 0
 
     async def _deliver_queue(self, name: str, module) -> int:
-        now = self.clock.seconds()
+        """Start the attempts of ``module``'s ready items, at most
+        :attr:`max_attempts` at once, reading its queue :attr:`read_slice`
+        rows at a time; fires with how many were delivered once they end.
+        One scan per module at a time: a round that finds one under way
+        leaves the queue to it."""
+        if name in self._scanning:
+            return 0
+        self._scanning.add(name)
         schedule = tuple(getattr(module, "retry_schedule", ()) or ())
-        attempts = []
-        for packet_id, meta, added in self.store.items(delivery_queue(name)):
-            if packet_id in self._busy:
-                continue
-            try:
-                item, extra = decode_item(meta)
-                if not isinstance(item, ExitItem):
-                    raise ValueError(f"a {type(item).__name__} in a delivery queue")
-            except (ValueError, KeyError, TypeError) as exc:
-                self._quarantine(name, packet_id, f"its record is damaged ({exc})")
-                continue
-            retry = MessageRetryState(schedule, extra.get("queued", added), extra.get("last"))
-            ready = retry.next_attempt(now)
-            if ready is None:
-                self.store.remove_many([packet_id])
-                self._expired(name)
-                continue
-            if ready > now:
-                continue
-            if self._short_of_disk(module, ITEM_BYTES):
-                break  # this item and the rest wait for the next round
-            attempts.append(defer.ensureDeferred(
-                self._attempt(name, module, packet_id, item, retry, now)))
-        results = await defer.gatherResults(attempts, consumeErrors=True) if attempts else []
+        slots = self._slots.setdefault(name, defer.DeferredSemaphore(self.max_attempts))
+        pending: set[defer.Deferred] = set()
+        delivered = 0
+
+        def ended(ok: bool, d: defer.Deferred) -> None:
+            nonlocal delivered
+            slots.release()
+            pending.discard(d)
+            delivered += bool(ok)
+
+        try:
+            for rows in queue_slices(self.store, delivery_queue(name), self.read_slice):
+                for packet_id, meta, added in rows:
+                    if self._stopping:
+                        break
+                    if packet_id in self._busy:
+                        continue
+                    try:
+                        item, extra = decode_item(meta)
+                        if not isinstance(item, ExitItem):
+                            raise ValueError(f"a {type(item).__name__} in a delivery queue")
+                    except (ValueError, KeyError, TypeError) as exc:
+                        self._quarantine(name, packet_id, f"its record is damaged ({exc})")
+                        continue
+                    now = self.clock.seconds()
+                    retry = MessageRetryState(schedule, extra.get("queued", added),
+                                              extra.get("last"))
+                    ready = retry.next_attempt(now)
+                    if ready is None:
+                        self.store.remove_many([packet_id])
+                        self._expired(name)
+                        continue
+                    if ready > now:
+                        continue
+                    if self._short_of_disk(module, ITEM_BYTES):
+                        return await self._settle(name, pending, lambda: delivered)
+                    # Each attempt holds its payload in memory: a queue of
+                    # 60,000 must not start 60,000 of them.
+                    await slots.acquire()
+                    if self._stopping:
+                        slots.release()
+                        break
+                    d = defer.ensureDeferred(self._attempt(name, module, packet_id, item, retry,
+                                                           now))
+                    pending.add(d)
+                    d.addCallbacks(ended, lambda f: ended(False, d), callbackArgs=(d,))
+                if self._stopping:
+                    break
+                if len(rows) >= self.read_slice:  # let the reactor serve others between slices
+                    await deferLater(self.clock, 0, lambda: None)
+        finally:
+            self._scanning.discard(name)
+        return await self._settle(name, pending, lambda: delivered)
+
+    async def _settle(self, name: str, pending: set[defer.Deferred],
+                      delivered: Callable[[], int]) -> int:
+        """Wait for a scan's attempts still running; say what expired."""
+        if pending:
+            await defer.DeferredList(list(pending), consumeErrors=True)
         expired = self._expired_counts.pop(name, 0)
         if expired:
             self.log.warn("{module}: dropped {n} undelivered message(s) whose retry schedule "
                           "ran out", module=name, n=expired)
-        return sum(1 for r in results if r)
+        return delivered()
 
     async def _attempt(self, name, module, packet_id: int, item: ExitItem,
                        retry: MessageRetryState, started: float) -> bool:
@@ -254,4 +309,7 @@ class Delivery:
         return self.idle().addCallback(swap)
 
     def stop(self) -> defer.Deferred:
+        """Start no more attempts; fires once those under way have ended
+        and the modules have stopped."""
+        self._stopping = True
         return self.idle().addCallback(lambda _: self.dispatcher.stop())

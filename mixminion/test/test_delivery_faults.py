@@ -151,6 +151,55 @@ class DeliveryFaultTests(unittest.TestCase):
         return defer.ensureDeferred(go())
 
 
+class AttemptBoundTests(unittest.TestCase):
+    """Issue 12 point 9: a pool released into a delivery queue does not
+    start an attempt (and hold a payload in memory) per queued item."""
+
+    setUp = DeliveryFaultTests.setUp
+    queue = DeliveryFaultTests.queue
+
+    def test_attempts_under_way_are_bounded(self) -> None:
+        async def go() -> None:
+            self.delivery.max_attempts = 8
+            self.delivery.read_slice = 16
+            self.mbox.hold_deliveries = True
+            self.queue("MBOX", MBOX_TYPE, 50)
+            self.queue("SMTP", SMTP_TYPE, 3)
+            round_ = self.delivery.flush()
+            self.assertEqual(len(self.mbox.held), 8)
+            self.assertEqual(len(self.smtp.delivered), 3)  # the other module goes on
+            # A second round leaves the queue to the scan under way.
+            self.assertEqual(await self.delivery.flush(), 0)
+            self.assertEqual(len(self.mbox.held), 8)
+            released = 0
+            while released < len(self.mbox.held):
+                self.mbox.held[released].callback(None)
+                released += 1
+                self.clock.advance(0)  # between slices the scan lets the reactor in
+                self.assertLessEqual(len(self.mbox.held) - released, 8)
+            self.assertEqual(await round_, 53)
+            self.assertEqual((len(self.mbox.held), self.store.count(delivery_queue("MBOX"))),
+                             (50, 0))
+
+        return defer.ensureDeferred(go())
+
+    def test_stop_starts_no_more_attempts(self) -> None:
+        async def go() -> None:
+            self.delivery.max_attempts = 4
+            self.mbox.hold_deliveries = True
+            self.queue("MBOX", MBOX_TYPE, 20)
+            round_ = self.delivery.flush()
+            stopped = self.delivery.stop()
+            for d in list(self.mbox.held):
+                d.callback(None)
+            await stopped
+            await round_
+            self.assertEqual(len(self.mbox.held), 4)
+            self.assertEqual(self.store.count(delivery_queue("MBOX")), 16)
+
+        return defer.ensureDeferred(go())
+
+
 class SMTPSessionBoundTests(unittest.TestCase):
     def test_at_most_max_sessions_at_once(self) -> None:
         """Twenty messages do not open twenty SMTP sessions: at most
