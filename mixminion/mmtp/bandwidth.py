@@ -223,6 +223,9 @@ class LimitedProtocol(ProtocolWrapper):
 
 class _LimitedFactory(WrappingFactory):
     protocol = LimitedProtocol
+    #: one per outgoing connection: Twisted's "Starting factory" lines would
+    #: be four INFO lines per next hop tried
+    noisy = False
 
     def __init__(self, limiter: "BandwidthLimiter", wrapped: IProtocolFactory) -> None:
         super().__init__(wrapped)

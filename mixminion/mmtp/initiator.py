@@ -365,6 +365,9 @@ class MMTPInitiatorProtocol(Protocol):
 
 
 class _InitiatorFactory(Factory):
+    #: one per outgoing connection: no "Starting factory" line for each
+    noisy = False
+
     def __init__(self, build: Callable[[], MMTPInitiatorProtocol]) -> None:
         self._build = build
 

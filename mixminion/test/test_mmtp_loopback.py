@@ -384,6 +384,10 @@ class DeliveryTests(LoopbackCase):
         self.assertEqual(len(closes), client.stats["SuccessfulConnect"])
         self.assertEqual(sum(e["stored"] for e in closes), 1000)
         self.assertEqual(self.logs.initiator_closes(), len(closes))
+        # One outgoing connection is not four lines of Twisted's factory log.
+        self.assertEqual([e["log_namespace"] for e in self.logs.matching("Starting factory",
+                                                                         LogLevel.info)],
+                         ["mixminion.mmtp.responder.MMTPResponderFactory"])
 
     @inline
     async def test_ipv6_listener(self) -> None:
