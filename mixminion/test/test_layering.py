@@ -1,0 +1,59 @@
+"""No package imports from a layer above it (doc/server.md, "Layers").
+
+Each package is imported whole -- every module in it -- in a fresh
+interpreter, and the packages of ours it pulled in are compared with what
+its layer may use.  A fresh interpreter, because in this one the test
+runner has imported everything already.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from twisted.trial import unittest
+
+#: what each package may import of ours; ``mixminion.fileutil`` and the
+#: other top-level utility modules count as their own "packages"
+ALLOWED: dict[str, set[str]] = {
+    "codec": set(),
+    "mmtp": {"codec"},
+    "config": {"codec"},
+    "directory": {"codec", "config", "mmtp", "fileutil", "logfilter"},
+    "client": {"codec", "config", "mmtp", "directory", "fileutil"},
+    "exits": {"codec", "config", "mmtp", "directory", "plugins", "fileutil"},
+    "server": {"codec", "config", "mmtp", "directory", "exits", "plugins", "fileutil",
+               "logfilter", "procinfo"},
+}
+
+_PROBE = """
+import importlib, json, pkgutil, sys
+name = sys.argv[1]
+package = importlib.import_module("mixminion." + name)
+for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+    importlib.import_module(info.name)
+print(json.dumps(sorted({m.split(".")[1] for m in sys.modules
+                         if m.startswith("mixminion.") and m.count(".") >= 1})))
+"""
+
+
+def imported_by(package: str) -> set[str]:
+    """Our packages that importing every module of ``package`` loads."""
+    out = subprocess.run([sys.executable, "-c", _PROBE, package], capture_output=True,
+                         text=True, check=True).stdout
+    return set(json.loads(out)) - {package}
+
+
+class LayeringTests(unittest.TestCase):
+    def test_no_package_imports_from_above(self) -> None:
+        wrong = {}
+        for package, allowed in ALLOWED.items():
+            extra = imported_by(package) - allowed
+            if extra:
+                wrong[package] = sorted(extra)
+        self.assertEqual(wrong, {}, "packages importing from a layer above them")
+
+    def test_the_probe_sees_imports(self) -> None:
+        """Not vacuous: the server pulls in the layers below it."""
+        self.assertLessEqual({"codec", "mmtp", "config", "exits"}, imported_by("server"))
