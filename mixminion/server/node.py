@@ -21,7 +21,7 @@ the next hop's replay log).  Decryption runs in a child process
 from __future__ import annotations
 
 import os
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 from twisted.application import internet, service
 from twisted.internet import defer
@@ -216,9 +216,12 @@ class MixNode(service.MultiService):
         self.stats_report.start()
         self.log.info("Mix node {nickname} started", nickname=self.config.server.nickname)
 
-    def refresh_keys(self) -> None:
-        """After a key rotation: decrypt with the live keys only."""
+    def keys_rotated(self, retired: Sequence[bytes]) -> None:
+        """After a key rotation: decrypt with the live keys only, and
+        forget the replay entries of the retired keys (ids ``retired``)."""
         self.processor.set_keys(self.packet_keys())
+        for keyid in retired:
+            self.store.forget_replay_log(keyid)
 
     def _mixing_write(self, fn, *args) -> defer.Deferred:
         return run_in(self.reactor, self._mixing_pool, fn, *args)

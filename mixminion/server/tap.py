@@ -13,7 +13,6 @@ import sqlite3
 from typing import Any, Mapping, Optional
 
 from twisted.application import service
-from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -25,6 +24,7 @@ from mixminion.server.config import ConfigError, ServerConfig, load_config
 from mixminion.server.delivery import build_exits
 from mixminion.server.incoming_log import IncomingLogError
 from mixminion.server.keys import KeyStore, KeyStoreError
+from mixminion.server.keyservice import KeyService
 from mixminion.logfilter import apply_log_level
 from mixminion.server.node import MixNode, node_stats_path
 from mixminion.server.packetstore import PacketStoreError
@@ -71,82 +71,6 @@ def descriptor_template(config: ServerConfig, dispatcher) -> DescriptorFields:
     )
 
 
-class KeyService(service.Service):
-    """Generates keysets ahead of need, rotates packet keys on time, and
-    rewrites the descriptors when a SIGHUP changed what they publish: the
-    only writer of the key store, one job at a time in a worker thread.
-    Key lifetimes are dates: they are read on the wall clock."""
-
-    def __init__(self, keys: KeyStore, node: MixNode, template, reactor, wall=WALL) -> None:
-        self.keys, self.node, self.template, self.reactor = keys, node, template, reactor
-        self.wall = wall
-        self._call = None
-        self._busy = False
-        #: a new template waiting for the job under way to end
-        self._new_template = None
-        #: called after each generation/rotation run (the publisher)
-        self.listeners: list = []
-
-    def startService(self) -> None:  # noqa: N802
-        super().startService()
-        self._schedule()
-
-    def stopService(self):  # noqa: N802
-        super().stopService()
-        if self._call is not None and self._call.active():
-            self._call.cancel()
-
-    def _schedule(self) -> None:
-        if self._call is not None and self._call.active():
-            self._call.cancel()
-        now = self.wall.seconds()
-        delay = max(1.0, self.keys.next_event(now) - now)
-        self._call = self.reactor.callLater(delay, self._tick)
-
-    def _tick(self) -> None:
-        if self._busy:
-            return
-        self._busy = True
-        d = deferToThread(self._work, self.wall.seconds())
-        d.addCallback(self._rotated)
-        d.addErrback(lambda f: log.failure("Key rotation failed; will retry", f))
-        d.addBoth(self._done)
-
-    def republish(self, template) -> None:
-        """Rewrite the descriptors from ``template`` (after the job under
-        way, if any), then tell the listeners (the publisher)."""
-        self._new_template = template
-        if self._busy:
-            return
-        self._busy = True
-        template, self._new_template = self._new_template, None
-        self.template = template
-        d = deferToThread(self.keys.regenerate_descriptors, template, self.wall.seconds())
-        d.addCallback(lambda _: [listener() for listener in self.listeners])
-        d.addErrback(lambda f: log.error("Could not rewrite the descriptors: {why}",
-                                         why=f.getErrorMessage()))
-        d.addBoth(self._done)
-
-    def _work(self, now: float):
-        self.keys.ensure_keys(now, self.template)
-        return self.keys.rotate(now)
-
-    def _rotated(self, result) -> None:
-        self.node.refresh_keys()
-        for keyset in getattr(result, "removed", ()):
-            self.node.store.forget_replay_log(keyset.packet_key.public.keyid)
-        log.info("Packet keys rotated")
-        for listener in self.listeners:
-            listener()
-
-    def _done(self, _):
-        self._busy = False
-        if self._new_template is not None:
-            self.republish(self._new_template)
-        elif self.running:
-            self._schedule()
-
-
 def elapsed_clock(config: ServerConfig) -> ElapsedClock:
     """The node's clock for schedules, continuing the skew of earlier runs."""
     return ElapsedClock(skew=load_skew(skew_path(config.server.work_dir)))
@@ -183,7 +107,7 @@ def build_node(config: ServerConfig, reactor,
     node = MixNode(config, reactor, keys.identity,
                    lambda: [key for key, _path in keys.packet_keys(WALL.seconds())], dispatcher,
                    stats=stats, pid_file=pid_file)
-    key_service = KeyService(keys, node, template, reactor)
+    key_service = KeyService(keys, node.keys_rotated, template, reactor)
     key_service.setServiceParent(node)
     ClockWatch(clock if clock is not None else elapsed_clock(config),
                skew_path(server.work_dir), reactor).setServiceParent(node)

@@ -480,7 +480,8 @@ class NodePublishesTests(unittest.TestCase):
 
         from mixminion.server.config import load_config
         from mixminion.server.reload import ReloadService
-        from mixminion.server.tap import KeyService, build_node
+        from mixminion.server.keyservice import KeyService
+        from mixminion.server.tap import build_node
 
         site = server.Site(resource.Resource())
         port = reactor.listenTCP(0, site, interface="127.0.0.1")
