@@ -237,7 +237,9 @@ def twistd() -> list[str]:
     beside = os.path.join(os.path.dirname(sys.executable), "twistd")
     if os.access(beside, os.X_OK):
         return [beside]
-    return [sys.executable, "-m", "twisted"]
+    # (``python -m twisted`` is ``twist``, which has no -n, --pidfile...)
+    return [sys.executable, "-c", "import sys; from twisted.scripts.twistd import run; "
+            "sys.argv[0] = 'twistd'; run()"]
 
 
 def client_command() -> list[str]:
