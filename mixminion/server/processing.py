@@ -14,7 +14,6 @@ reception side delete what it consumed (see
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -26,6 +25,18 @@ from twisted.python.failure import Failure
 
 import mixminion
 from mixminion.codec.rsa import PrivateKey
+from mixminion.server.childmessages import (
+    Batch,
+    Drain,
+    Failed,
+    Idle,
+    Keys,
+    Message,
+    Paused,
+    Ready,
+    decode,
+    encode,
+)
 from mixminion.server.diskspace import DiskPause, Shortage, later_floor
 
 #: longest line the child may send (a batch report is a few hundred bytes)
@@ -67,9 +78,10 @@ class _ChildProtocol(protocol.ProcessProtocol):
             return
         for line in lines:
             try:
-                message = json.loads(line)
-            except ValueError:
-                self.owner.log.error("Processing child sent a line that is not JSON")
+                message = decode(line)
+            except ValueError as exc:
+                self.owner.log.error("Processing child sent a line we cannot read: {why}",
+                                     why=str(exc))
                 continue
             self.owner._message(message)
 
@@ -147,7 +159,7 @@ class Processor:
         """Use these packet keys (newest first) from now on."""
         self._keys = list(keys)
         if self._ready:
-            self._send({"keys": [key.der.hex() for key in self._keys]})
+            self._send(Keys(tuple(key.der for key in self._keys)))
         self.kick()
 
     def stored(self, ids: Sequence[int]) -> None:
@@ -222,46 +234,44 @@ class Processor:
             return
         self._child = child
 
-    def _send(self, message: dict) -> None:
-        self._child.transport.write(json.dumps(message).encode() + b"\n")
+    def _send(self, message: Message) -> None:
+        self._child.transport.write(encode(message))
 
     def _send_drain(self) -> None:
         # The child stamps what it queues on our clock, which counts elapsed
         # time (mixminion.server.clock): it adds the monotonic clock, which
         # the two processes share, to this offset.
         offset = self.reactor.seconds() - time.monotonic()
-        self._send({"drain": True, "through": self.committed_through, "clock": offset,
-                    "floor": later_floor(self.min_free_disk())})
+        self._send(Drain(self.committed_through, offset, later_floor(self.min_free_disk())))
 
-    def _message(self, message: dict) -> None:
-        if message.get("ready"):
+    def _message(self, message: Message) -> None:
+        if isinstance(message, Ready):
             self._ready = True
-            self._send({"keys": [key.der.hex() for key in self._keys]})
+            self._send(Keys(tuple(key.der for key in self._keys)))
             self._again = False
             self._draining = True
             self._send_drain()
-        elif "batch" in message:
+        elif isinstance(message, Batch):
             self._working()
             self.disk.update(None)
-            batch = message["batch"]
-            for name, n in batch["counts"].items():
+            for name, n in message.counts.items():
                 self.count(name, n)
-            rejected = sum(n for k, n in batch["counts"].items() if k.startswith("Rejected:"))
+            rejected = sum(n for k, n in message.counts.items() if k.startswith("Rejected:"))
             if rejected:
                 self.log.info("Processing rejected {n} packets", n=rejected)
-            damaged = batch["counts"].get("DroppedDamaged", 0)
+            damaged = message.counts.get("DroppedDamaged", 0)
             if damaged:
                 self.log.warn("Dropped {n} unreadable records of the incoming log (torn by a "
                               "crash in a commit never acknowledged, or damaged on disk)",
                               n=damaged)
             # Ids are consecutive: counting from the last mark also covers
             # a batch whose report died with a killed child.
-            through = batch["through"]
+            through = message.through
             consumed = max(0, through - self.consumed_through)
             self.consumed_through = max(self.consumed_through, through)
             if self.on_consumed is not None:
                 self.on_consumed(through, consumed)
-        elif message.get("idle"):
+        elif isinstance(message, Idle):
             self._working()
             self.disk.update(None)
             self._draining = False
@@ -271,17 +281,15 @@ class Processor:
                 waiters, self._idle_waiters = self._idle_waiters, []
                 for d in waiters:
                     d.callback(None)
-        elif "paused" in message:
+        elif isinstance(message, Paused):
             self._draining = False
-            short = message["paused"]
-            self.disk.update(Shortage(str(short["path"]), int(short["free"]),
-                                      int(short["floor"])))
+            self.disk.update(Shortage(message.path, message.free, message.floor))
             if self._retry is None or not self._retry.active():
                 self._retry = self.reactor.callLater(DISK_RECHECK_INTERVAL, self.kick)
-        elif "error" in message:
+        elif isinstance(message, Failed):
             self._draining = False
-            self.log.error("Packet processing failed; will retry: {why}", why=message["error"])
-            self._failed(f"processing failed: {message['error']}")
+            self.log.error("Packet processing failed; will retry: {why}", why=message.why)
+            self._failed(f"processing failed: {message.why}")
 
     def _ended(self, child: _ChildProtocol, reason: Failure) -> None:
         if child is not self._child:

@@ -3,22 +3,12 @@
 The node's process runs MMTP both ways, its queues and its timers; this
 one runs the codec, so the RSA and LIONESS work (about 0.3 ms a packet)
 and its store writes use a core of their own instead of competing with
-the reactor for the GIL.  It talks JSON lines over its stdin and stdout
-(see :class:`mixminion.server.processing.Processor` for the other end)::
-
-    node  -> child   {"keys": [hex DER, ...]}   packet keys, newest first
-                     {"drain": true, "through": ID, "floor": BYTES}
-                                                process what is queued, up to
-                                                the last id the node committed,
-                                                while the store's disks keep
-                                                BYTES free
-    child -> node    {"ready": true}            stores open, lock held
-                     {"batch": {"through": ID, "counts": {...}}}
-                     {"idle": true}             the queue is empty
-                     {"paused": {"path": P, "free": N, "floor": BYTES}}
-                                                P's disk is under the floor:
-                                                the rest waits; ask again
-                     {"error": "why"}           a drain failed; ask again
+the reactor for the GIL.  It talks to the node in the messages of
+:mod:`mixminion.server.childmessages`, one JSON line each, over its stdin
+and stdout (see :class:`mixminion.server.processing.Processor` for the
+other end): the node sends the packet keys and asks it to drain; it says
+when it is ready, reports each committed batch, and ends each drain idle,
+paused for disk space, or failed.
 
 It exits when its stdin closes (the node stopped or died).  An exclusive
 lock on a file beside the stores keeps a child of a killed node from
@@ -29,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import json
 import os
 import signal
 import sys
@@ -41,7 +30,19 @@ from typing import BinaryIO, Callable, Iterator, Optional, Sequence
 from mixminion.codec.packet import PACKET_LEN
 from mixminion.codec.process import PacketProcessor
 from mixminion.codec.rsa import PrivateKey
-from mixminion.server.diskspace import FreeSpace, Shortage, shortage
+from mixminion.server.diskspace import FreeSpace, shortage
+from mixminion.server.childmessages import (
+    Batch,
+    Drain,
+    Failed,
+    Idle,
+    Keys,
+    Message,
+    Paused,
+    Ready,
+    decode,
+    encode,
+)
 from mixminion.server.draining import drain
 from mixminion.server.incoming_log import IncomingLog, IncomingLogError
 from mixminion.server.packetstore import PacketStore, PacketStoreError
@@ -69,11 +70,6 @@ def processing_lock(path: str) -> Iterator[bool]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def paused_report(short: Shortage) -> dict:
-    """The ``paused`` message's body."""
-    return {"path": short.path, "free": short.free, "floor": short.floor}
-
-
 def node_clock(offset: Optional[float]) -> Callable[[], float]:
     """The node's elapsed clock (its monotonic clock plus ``offset``), or
     the wall clock from a node that sends no offset."""
@@ -97,40 +93,39 @@ class Child:
         #: checked against the drain's floor before each batch
         self.free_space = [FreeSpace(path, time.monotonic) for path in disks]
 
-    def send(self, message: dict) -> None:
-        self.out.write(json.dumps(message).encode() + b"\n")
+    def send(self, message: Message) -> None:
+        self.out.write(encode(message))
         self.out.flush()
 
-    def handle(self, message: dict) -> None:
-        if "keys" in message:
-            keys = [PrivateKey.from_der(bytes.fromhex(k)) for k in message["keys"]]
+    def handle(self, message: Message) -> None:
+        if isinstance(message, Keys):
+            keys = [PrivateKey.from_der(der) for der in message.keys]
             self.processor = PacketProcessor(
                 [(key, StoreReplayLog(self.store, key.public.keyid)) for key in keys])
-        elif message.get("drain"):
+        elif isinstance(message, Drain):
             if self.processor is None:
-                self.send({"error": "no packet keys yet"})
+                self.send(Failed("no packet keys yet"))
                 return
-            floor = int(message.get("floor", 0))
+            floor = message.floor
             # A batch of n packets adds up to n bodies to the store.
             batch_bytes = self.batch_size * PACKET_LEN
             short = shortage(self.free_space, floor, batch_bytes)
             try:
                 if short is None:
                     for done in drain(self.incoming, self.store, self.processor,
-                                      self.batch_size, node_clock(message.get("clock")),
-                                      self.opener, message["through"]):
-                        self.send({"batch": {"through": done.through,
-                                             "counts": dict(done.counts)}})
+                                      self.batch_size, node_clock(message.clock),
+                                      self.opener, message.through):
+                        self.send(Batch(done.through, dict(done.counts)))
                         short = shortage(self.free_space, floor, batch_bytes)
                         if short is not None:
                             break  # the rest stays in the incoming log
             except (PacketStoreError, IncomingLogError, OSError) as exc:
-                self.send({"error": f"processing failed: {exc}"})
+                self.send(Failed(f"processing failed: {exc}"))
                 return
             if short is not None:
-                self.send({"paused": paused_report(short)})
+                self.send(Paused(short.path, short.free, short.floor))
             else:
-                self.send({"idle": True})
+                self.send(Idle())
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -153,9 +148,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         child = Child(incoming, store, args.batch, sys.stdout.buffer,
                       [os.path.dirname(os.path.abspath(args.store)), *filter(None, [args.bodies])])
         try:
-            child.send({"ready": True})
+            child.send(Ready())
             for line in sys.stdin.buffer:
-                child.handle(json.loads(line))
+                child.handle(decode(line))
         except BrokenPipeError:
             pass  # the node is gone; what was committed stays committed
         finally:

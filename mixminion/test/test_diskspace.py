@@ -13,7 +13,6 @@ test, on a real small disk, is ``tests/test_disk_floor.py``.
 from __future__ import annotations
 
 import io
-import json
 import os
 from collections import namedtuple
 from typing import Any, Callable
@@ -29,6 +28,7 @@ from mixminion.exits.context import ExitContext
 from mixminion.exits.interfaces import IExitModule
 from mixminion.exits.registry import Dispatcher, build_dispatcher, find_exit_modules
 from mixminion.server.delivery import ITEM_BYTES, Delivery
+from mixminion.server.childmessages import Batch, Drain, Idle, Message, Paused, Ready, decode
 from mixminion.server.diskspace import DiskPause, FreeSpace, Shortage, later_floor, shortage
 from mixminion.server.draining import MIX, consumed_through
 from mixminion.server.items import ExitItem, encode_item
@@ -134,28 +134,28 @@ class ChildDiskTests(TwoStoreTestCase):
         self.addCleanup(child.opener.shutdown, True)
         return child, out
 
-    def messages(self, out: io.BytesIO) -> list[dict]:
+    def messages(self, out: io.BytesIO) -> list[Message]:
         lines = out.getvalue().splitlines()
         out.seek(0)
         out.truncate()
-        return [json.loads(line) for line in lines]
+        return [decode(line) for line in lines]
 
     def test_under_the_floor_nothing_is_taken_and_it_resumes_when_space_is_back(self) -> None:
         ids = self.incoming.add_many([_packet() for _ in range(5)])
         free = [10 * MB]
         child, out = self.child(lambda: free[0])
-        drain = {"drain": True, "through": ids[-1], "floor": 50 * MB}
+        drain = Drain(ids[-1], floor=50 * MB)
         child.handle(drain)
         [paused] = self.messages(out)
-        self.assertEqual(paused["paused"]["floor"], 50 * MB)
-        self.assertEqual(paused["paused"]["free"], 10 * MB)
+        assert isinstance(paused, Paused)
+        self.assertEqual((paused.floor, paused.free), (50 * MB, 10 * MB))
         self.assertEqual(self.store.count(MIX), 0)
         self.assertEqual(consumed_through(self.store), 0)
         self.assertEqual(len(self.incoming.ids(after=0)), 5)
         free[0] = 100 * MB
         child.handle(drain)
         said = self.messages(out)
-        self.assertEqual([m.get("idle") for m in said][-1], True)
+        self.assertEqual(said[-1], Idle())
         self.assertEqual(self.store.count(MIX), 5)
         self.assertEqual(consumed_through(self.store), ids[-1])
 
@@ -163,17 +163,17 @@ class ChildDiskTests(TwoStoreTestCase):
         ids = self.incoming.add_many([_packet() for _ in range(5)])
         reads = iter([100 * MB, 100 * MB, 10 * MB, 10 * MB])
         child, out = self.child(lambda: next(reads))
-        child.handle({"drain": True, "through": ids[-1], "floor": 50 * MB})
+        child.handle(Drain(ids[-1], floor=50 * MB))
         said = self.messages(out)
-        self.assertEqual([next(iter(m)) for m in said], ["batch", "batch", "paused"])
+        self.assertEqual([type(m) for m in said], [Batch, Batch, Paused])
         self.assertEqual(self.store.count(MIX), 4)  # batches of two
         self.assertEqual(consumed_through(self.store), ids[3])
 
     def test_a_node_that_sends_no_floor_has_none(self) -> None:
         ids = self.incoming.add_many([_packet()])
         child, out = self.child(lambda: 0)
-        child.handle({"drain": True, "through": ids[-1]})
-        self.assertEqual(self.messages(out)[-1], {"idle": True})
+        child.handle(Drain(ids[-1]))
+        self.assertEqual(self.messages(out)[-1], Idle())
 
 
 class _Reactor:
@@ -188,10 +188,10 @@ class _Reactor:
 
 class _Pipe:
     def __init__(self) -> None:
-        self.sent: list[dict] = []
+        self.sent: list[Message] = []
 
     def write(self, data: bytes) -> None:
-        self.sent.extend(json.loads(line) for line in data.splitlines())
+        self.sent.extend(decode(line) for line in data.splitlines())
 
 
 class ProcessorDiskTests(TwoStoreTestCase):
@@ -207,11 +207,11 @@ class ProcessorDiskTests(TwoStoreTestCase):
         processor.disk.log = log
         processor.set_keys([_key(0)])
         pipe = processor._child.transport
-        processor._message({"ready": True})
-        drains = [m for m in pipe.sent if m.get("drain")]
-        self.assertEqual(drains[-1]["floor"], 50 * MB)
-        short = {"path": "/q", "free": MB, "floor": 50 * MB}
-        processor._message({"paused": short})
+        processor._message(Ready())
+        drains = [m for m in pipe.sent if isinstance(m, Drain)]
+        self.assertEqual(drains[-1].floor, 50 * MB)
+        short = Paused("/q", MB, 50 * MB)
+        processor._message(short)
         self.assertTrue(processor.disk.paused)
         self.assertEqual(log.levels(), ["warn"])
         self.assertIsNone(processor.failing)
@@ -219,13 +219,13 @@ class ProcessorDiskTests(TwoStoreTestCase):
         processor.stored([7, 8])  # packets keep arriving: no drain each
         self.assertEqual(len(pipe.sent), sent)
         clock.advance(DISK_RECHECK_INTERVAL)
-        self.assertEqual(pipe.sent[-1]["drain"], True)
-        self.assertEqual(pipe.sent[-1]["through"], 8)
-        processor._message({"paused": short})  # still short: no second line
+        self.assertIsInstance(pipe.sent[-1], Drain)
+        self.assertEqual(pipe.sent[-1].through, 8)
+        processor._message(short)  # still short: no second line
         self.assertEqual(log.levels(), ["warn"])
         clock.advance(DISK_RECHECK_INTERVAL)
-        processor._message({"batch": {"through": 8, "counts": {}}})
-        processor._message({"idle": True})
+        processor._message(Batch(8, {}))
+        processor._message(Idle())
         self.assertFalse(processor.disk.paused)
         self.assertEqual(log.levels(), ["warn", "info"])
         self.assertEqual([c for c in clock.getDelayedCalls() if c.active()], [])

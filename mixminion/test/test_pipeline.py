@@ -27,6 +27,7 @@ from mixminion.exits.interfaces import IExitModule
 from mixminion.exits.items import DeliveryResult
 from mixminion.exits.registry import Dispatcher
 from mixminion.mmtp.initiator import ConnectionFailed, Destination
+from mixminion.server.childmessages import Batch
 from mixminion.server.delivery import Delivery
 from mixminion.server.items import ExitItem, RelayItem, decode_item, encode_item
 from mixminion.server.mixing import OUT, Mixer, delivery_queue
@@ -567,7 +568,7 @@ class FailureHandlingTests(TwoStoreTestCase):
                               on_consumed=lambda *a: consumed.append(a))
         processor.consumed_through = 10
         # The report for ids 11-14 died with a killed child; this one is 15-16.
-        processor._message({"batch": {"through": 16, "counts": {}}})
+        processor._message(Batch(16, {}))
         self.assertEqual(consumed, [(16, 6)])
 
     def test_failing_to_overwrite_consumed_records_does_not_stop_reception(self) -> None:

@@ -13,6 +13,7 @@ from twisted.internet import defer, reactor, task
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import LogLevel, globalLogPublisher
 
+from mixminion.server.childmessages import Batch, Ready
 from mixminion.server.durable import DurableSink, SinkRefused
 from mixminion.server.processing import FAILURES_BEFORE_FAILING, MAX_RESTART_DELAY, Processor
 from mixminion.test.test_pipeline import TwoStoreTestCase, _key, _packet
@@ -79,8 +80,8 @@ class ProcessingFailureTests(TwoStoreTestCase):
         self.assertTrue(processor.failing)
         self.assertEqual(MAX_RESTART_DELAY, 60.0)
         processor._child.transport = _Pipe()
-        processor._message({"ready": True})
-        processor._message({"batch": {"counts": {}, "through": 0}})
+        processor._message(Ready())
+        processor._message(Batch(0, {}))
         self.assertIsNone(processor.failing)
         processor._ended(processor._child, _Exited())
         [retry] = [c for c in clock.getDelayedCalls() if c.active()]
