@@ -52,6 +52,8 @@ from twisted.web import resource
 from mixminion.codec.crypto import RandomSource
 from mixminion.codec.rsa import PrivateKey
 from mixminion.directory import directory as dirformat
+from mixminion.directory.directory import ConsensusError
+from mixminion.directory.voting import accept_vote, compute_consensus
 from mixminion.directory.authority import MAX_DESCRIPTOR_SIZE, AuthorityStore, atomic_write
 from mixminion.directory.http import HTTPClient, join_url
 from mixminion.directory.httpserver import (
@@ -234,7 +236,7 @@ class Authority:
         votes = [v for v in votes if v is not None]
         try:
             info, descriptors = self.consensus_contents(votes, valid_after)
-        except dirformat.ConsensusError as exc:
+        except ConsensusError as exc:
             log.warn("No consensus in round {round}: {why}", round=round_start, why=str(exc))
             self.consensus = None
             return None
@@ -248,11 +250,11 @@ class Authority:
 
     def consensus_contents(self, votes: Sequence[dirformat.SignedDirectory], valid_after: int):
         """The §7.2 merge; a method so tests can make a misbehaving authority."""
-        return dirformat.compute_consensus(votes, self.voter_table, valid_after)
+        return compute_consensus(votes, self.voter_table, valid_after)
 
     def _accept_vote(self, fp: str, text: str, valid_after: int, now: float):
         try:
-            vote = dirformat.accept_vote(text, self.voter_table, valid_after, now)
+            vote = accept_vote(text, self.voter_table, valid_after, now)
         except dirformat.DirectoryError as exc:
             log.warn("Vote from {fp} refused: {why}", fp=fp, why=str(exc))
             return None

@@ -41,11 +41,8 @@ from mixminion.directory.directory import (
     UnsupportedDirectoryVersion,
     VoteRejected,
     VotingServer,
-    accept_vote,
     add_signature_blocks,
     build_directory,
-    compute_consensus,
-    consensus_threshold,
     is_superseded,
     parse_any_directory,
     parse_directory,
@@ -55,6 +52,7 @@ from mixminion.directory.directory import (
     sort_versions,
     version_key,
 )
+from mixminion.directory.voting import accept_vote, compute_consensus, consensus_threshold
 from mixminion.test.vectorkit import vectors_dir
 
 DAY = 1706745600  # 2024-02-01, also the descriptor vectors' validate_at
