@@ -12,6 +12,7 @@ from typing import Any, Mapping, Optional
 from twisted.internet import defer
 from zope.interface import implementer
 
+from mixminion.events import Event
 from mixminion.codec.routing import DROP_TYPE
 from mixminion.exits.context import Advertisement, ExitContext
 from mixminion.exits.errors import ExitConfigError
@@ -40,7 +41,7 @@ class DropModule:
     def deliver(self, item: DeliveryItem) -> defer.Deferred:
         self.dropped += 1
         if self.context is not None:
-            self.context.count("ExitDropModule")
+            self.context.count(Event.EXIT_DROP_MODULE)
         return defer.succeed(DeliveryResult.OK)
 
     def flush(self) -> defer.Deferred:

@@ -34,6 +34,7 @@ from typing import Any, Mapping, Optional
 from twisted.internet import defer
 from zope.interface import implementer
 
+from mixminion.events import Event
 from mixminion.codec.errors import ParseError
 from mixminion.codec.exit import FragmentPiece
 from mixminion.codec.fragments import (
@@ -57,6 +58,16 @@ DAY = 86400
 STATE_FILE = "fragments.sqlite3"
 #: room for the server-side prefix in front of the compressed message
 PREFIX_ALLOWANCE = SSF_PREFIX_LEN + 0xFFFF
+
+
+#: the event counted for each reassembly outcome
+FRAGMENT_OUTCOME = {
+    Outcome.STORED: Event.FRAGMENT_STORED,
+    Outcome.UNNEEDED: Event.FRAGMENT_UNNEEDED,
+    Outcome.DROPPED: Event.FRAGMENT_DROPPED,
+    Outcome.REJECTED: Event.FRAGMENT_REJECTED,
+    Outcome.COMPLETED: Event.FRAGMENT_COMPLETED,
+}
 
 
 def midnight(t: float) -> int:
@@ -156,7 +167,7 @@ class FragmentModule:
         assert self._reassembler is not None and self.context is not None
         n = self._reassembler.evict(self.max_pending_messages, self.max_pending_bytes, keep)
         if n:
-            self.context.count("FragmentEvicted", n)
+            self.context.count(Event.FRAGMENT_EVICTED, n)
             self._evicted += n
 
     # -- fragments -----------------------------------------------------------------
@@ -168,7 +179,7 @@ class FragmentModule:
         assert self.context is not None
         piece = item.classification
         if item.address or not isinstance(piece, FragmentPiece) or item.reassembled:
-            self.context.count("FragmentRefused")
+            self.context.count(Event.FRAGMENT_REFUSED)
             self.log.warn("Dropping a {kind} FRAGMENT item: only plaintext fragments with empty "
                           "routing info are reassembled", kind=item.kind)
             return DeliveryResult.NORETRY
@@ -185,7 +196,7 @@ class FragmentModule:
         except BaseException:
             self._reload()
             raise
-        self.context.count(f"Fragment{result.outcome.name.title()}")
+        self.context.count(FRAGMENT_OUTCOME[result.outcome])
         if result.outcome is Outcome.REJECTED:
             self.log.warn("Rejected a fragmented message: inconsistent or too large fragments")
             return DeliveryResult.NORETRY
@@ -206,7 +217,7 @@ class FragmentModule:
             reason = "too large" if len(compressed) > self.max_size else ""
         if reason:
             self.reassembler.reject(mid, today)
-            self.context.count("FragmentMessageRejected")
+            self.context.count(Event.FRAGMENT_MESSAGE_REJECTED)
             self.log.warn("Dropping a reassembled message: {reason}", reason=reason)
             return None
         now = self.context.now()
@@ -234,7 +245,7 @@ class FragmentModule:
                     schedule = self._schedule_for(entry.exit_type)
                     if is_ready(started, entry.queued_at, schedule, started) is None:
                         self.store.delete_outbox(entry.id)
-                        self.context.count("FragmentGaveUp")
+                        self.context.count(Event.FRAGMENT_GAVE_UP)
                         self.log.warn("Giving up on a reassembled message after its last retry")
                     else:
                         self.store.mark_attempt(entry.id, started)
@@ -307,7 +318,7 @@ class FragmentModule:
             self._reload()
             raise
         if expired:
-            self.context.count("FragmentExpired", expired)
+            self.context.count(Event.FRAGMENT_EXPIRED, expired)
             self.log.info("Expired {n} incomplete fragmented messages", n=expired)
         return expired
 

@@ -19,6 +19,7 @@ from typing import Any, Mapping, Optional
 
 from twisted.internet import defer
 
+from mixminion.events import Event
 from mixminion.codec.errors import BuildError
 from mixminion.codec.exit import (
     BINARY,
@@ -353,10 +354,10 @@ class MailModule:
         assert self.options is not None and self.context is not None
         try:
             if item.is_corrupt:
-                raise Drop("the payload is corrupt", "ExitCorrupt")
+                raise Drop("the payload is corrupt", Event.EXIT_CORRUPT)
             recipient = self.recipient(item)
             if contents_size(item.classification) > self.options.max_size:
-                raise Drop("the message is larger than MaximumSize", "ExitOversize")
+                raise Drop("the message is larger than MaximumSize", Event.EXIT_OVERSIZE)
             text = format_mail(item, recipient, self.options)
         except Drop as drop:
             self.context.count(drop.counter)

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 
 from zope.interface import implementer
 
+from mixminion.events import Event
 from mixminion.codec.routing import MBOX_TYPE
 from mixminion.exits.context import ExitContext
 from mixminion.exits.errors import ExitConfigError
@@ -93,5 +94,5 @@ class MBOXModule(MailModule):
         except UnicodeDecodeError:
             name = ""
         if not name or name not in self.aliases:
-            raise Drop("no such mailbox", "ExitUnknownMailbox")
+            raise Drop("no such mailbox", Event.EXIT_UNKNOWN_MAILBOX)
         return self.aliases[name]

@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 from zope.interface.exceptions import Invalid
 from zope.interface.verify import verifyObject
 
+from mixminion.events import Event
 import mixminion.plugins
 from mixminion.exits.context import Advertisement, ExitContext
 from mixminion.exits.errors import BrokenExitPlugin, ExitConfigError, MissingExitModule, UndeliverableItem
@@ -34,9 +35,9 @@ ExitModuleFactory = Any
 DELIVERY_PREFIX = "Delivery/"
 _MAIL_SECTIONS = ("Delivery/SMTP", "Delivery/MBOX")
 _RESULT_EVENTS = {
-    DeliveryResult.OK: "ExitDelivered",
-    DeliveryResult.RETRY: "ExitRetry",
-    DeliveryResult.NORETRY: "ExitFailed",
+    DeliveryResult.OK: Event.EXIT_DELIVERED,
+    DeliveryResult.RETRY: Event.EXIT_RETRY,
+    DeliveryResult.NORETRY: Event.EXIT_FAILED,
 }
 
 
@@ -203,7 +204,7 @@ class Dispatcher:
         try:
             item = self.make_item(exit_type, routing_info, payload, application_key, queued_at)
         except UndeliverableItem as exc:
-            self.context.count("ExitUndeliverable")
+            self.context.count(Event.EXIT_UNDELIVERABLE)
             self.log.error("Dropping an exit payload: {reason}", reason=str(exc))
             return defer.succeed(DeliveryResult.NORETRY)
         return self.deliver(item)
@@ -212,12 +213,12 @@ class Dispatcher:
         """Hand ``item`` to its module; fires with a :class:`DeliveryResult`."""
         module = self._by_type.get(item.exit_type)
         if module is None:
-            self.context.count("ExitUnknownType")
+            self.context.count(Event.EXIT_UNKNOWN_TYPE)
             self.log.error("Dropping a payload for exit type 0x{exit_type:04x}: no module handles it",
                            exit_type=item.exit_type)
             return defer.succeed(DeliveryResult.NORETRY)
         if item.is_corrupt:
-            self.context.count("ExitCorrupt")
+            self.context.count(Event.EXIT_CORRUPT)
             self.log.warn("Dropping a corrupt payload for {module}: {reason}", module=module.name,
                           reason=item.classification.reason)  # type: ignore[union-attr]
             return defer.succeed(DeliveryResult.NORETRY)
@@ -233,14 +234,14 @@ class Dispatcher:
         return result
 
     def _crashed(self, failure: Failure, module: ExitModule) -> DeliveryResult:
-        self.context.count(f"ExitModuleError:{module.name}")
+        self.context.count(Event.EXIT_MODULE_ERROR.of(module.name))
         self.log.error("Exit module {module} failed on an item: {error}", module=module.name,
                        error=failure.getErrorMessage())
         self.log.debug("Exit module failure:\n{traceback}", traceback=failure.getTraceback())
         return DeliveryResult.NORETRY
 
     def _counted(self, result: DeliveryResult, module: ExitModule) -> DeliveryResult:
-        self.context.count(f"{_RESULT_EVENTS[result]}:{module.name}")
+        self.context.count(_RESULT_EVENTS[result].of(module.name))
         if result is DeliveryResult.NORETRY:
             self.log.error("{module} could not deliver a message; it is dropped", module=module.name)
         return result

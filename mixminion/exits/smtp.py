@@ -8,6 +8,7 @@ from typing import Any, Mapping, Optional
 
 from zope.interface import implementer
 
+from mixminion.events import Event
 from mixminion.codec.errors import ParseError
 from mixminion.codec.routing import SMTP_TYPE, check_smtp_address
 from mixminion.exits.blacklist import Blacklist
@@ -45,8 +46,8 @@ class SMTPModule(MailModule):
                 raise ParseError("address too long")
             check_smtp_address(item.address)
         except ParseError:
-            raise Drop("the address is not a valid mailbox", "ExitInvalidAddress") from None
+            raise Drop("the address is not a valid mailbox", Event.EXIT_INVALID_ADDRESS) from None
         address = item.address.decode("ascii")
         if self.blacklist is not None and self.blacklist.match(address) is not None:
-            raise Drop("the address is blacklisted", "ExitBlacklisted")
+            raise Drop("the address is blacklisted", Event.EXIT_BLACKLISTED)
         return address

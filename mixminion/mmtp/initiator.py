@@ -67,6 +67,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mixminion.events import Event
 from mixminion.mmtp.limits import normalize_address
 from mixminion.mmtp.machine import (
     NEED_DATA,
@@ -250,18 +251,18 @@ class MMTPInitiatorProtocol(Protocol):
         try:
             self.tls.authenticate(self.transport, self.destination.keyid, self.clock.seconds())
         except KeyIdMismatch as exc:
-            self.stats.count("KeyIdMismatch")
+            self.stats.count(Event.KEY_ID_MISMATCH)
             self.log.warn("Next hop's identity key does not match its routing info: {why}",
                           why=str(exc))
             self._fail(PeerAuthenticationFailed(str(exc)))
             return
         except TLSVerificationError as exc:
-            self.stats.count("FailedConnect")
+            self.stats.count(Event.FAILED_CONNECT)
             self.log.warn("Next hop failed certificate verification: {why}", why=str(exc))
             self._fail(PeerAuthenticationFailed(str(exc)))
             return
         self.authenticated = True
-        self.stats.count("SuccessfulConnect")
+        self.stats.count(Event.SUCCESSFUL_CONNECT)
         self.transport.write(self.machine.start())
         self._touch()
 
@@ -278,7 +279,7 @@ class MMTPInitiatorProtocol(Protocol):
                 elif isinstance(event, VersionAgreed):
                     pass
         except ProtocolError as exc:
-            self.stats.count("ProtocolError")
+            self.stats.count(Event.PROTOCOL_ERROR)
             self.log.info("Next hop broke the MMTP protocol ({code})", code=exc.code)
             self._fail(ConnectionFailed(f"protocol error: {exc.code}"))
             return
@@ -292,11 +293,11 @@ class MMTPInitiatorProtocol(Protocol):
             self.on_ack(self.destination)
         if accepted:
             if not item.junk:
-                self.stats.count("SuccessfulRelay")
+                self.stats.count(Event.SUCCESSFUL_RELAY)
             item.deferred.callback(None)
         else:
             if not item.junk:
-                self.stats.count("FailedRelay")
+                self.stats.count(Event.FAILED_RELAY)
             item.deferred.errback(PacketRejected("the next hop answered REJECTED"))
 
     def _flush(self) -> None:
@@ -322,7 +323,7 @@ class MMTPInitiatorProtocol(Protocol):
             self.transport.loseConnection()
 
     def _close_timed_out(self) -> None:
-        self.stats.count("TimedOut")
+        self.stats.count(Event.TIMED_OUT)
         self.log.info("Next hop did not finish closing the MMTP connection; aborting it")
         self.transport.abortConnection()
 
@@ -332,7 +333,7 @@ class MMTPInitiatorProtocol(Protocol):
 
     def _deadline(self, why: str) -> None:
         self.timed_out = True
-        self.stats.count("TimedOut")
+        self.stats.count(Event.TIMED_OUT)
         self._fail(ConnectionFailed(why))
 
     def _fail(self, error: Exception, by_us: bool = False) -> None:
@@ -359,7 +360,7 @@ class MMTPInitiatorProtocol(Protocol):
                            "acknowledgements", acked=self.acked)
         for item in outstanding:
             if not item.junk:
-                self.stats.count("FailedRelay")
+                self.stats.count(Event.FAILED_RELAY)
             item.deferred.errback(failure)
         self.on_done(self)
 
@@ -553,7 +554,7 @@ class MMTPClient:
             return defer.fail(DestinationBusy(f"{cap} packets are held for this next hop "
                                               "already"))
         if not item.junk:
-            self.stats.count("AttemptedRelay")
+            self.stats.count(Event.ATTEMPTED_RELAY)
         peer.held += 1
         item.deferred.addBoth(self._released, peer)
         peer.pending.append(item)
@@ -628,7 +629,7 @@ class MMTPClient:
         self._connections += 1
         if slot.unproven:
             self._unproven_connections += 1
-        self.stats.count("AttemptedConnect")
+        self.stats.count(Event.ATTEMPTED_CONNECT)
         destination = peer.destination
 
         def build() -> MMTPInitiatorProtocol:
@@ -681,7 +682,7 @@ class MMTPClient:
     def _refuse(self, proto: MMTPInitiatorProtocol, peer: _Peer, address: Optional[str]) -> None:
         """The next hop's name led to an address the rules deny: close
         before any MMTP byte and fail its packets (they are not retried)."""
-        self.stats.count("DeniedConnect")
+        self.stats.count(Event.DENIED_CONNECT)
         self.log.warn("Refused to relay to a next hop: its hostname leads to an address "
                       "denied by our [Outgoing/MMTP] rules")
         self.log.debug("Next hop {host}:{port} connected at {address}, which the outgoing "
@@ -699,7 +700,7 @@ class MMTPClient:
         self._forget_if_idle(peer)
         for item in items:
             if not item.junk:
-                self.stats.count("FailedRelay")
+                self.stats.count(Event.FAILED_RELAY)
             item.deferred.errback(failure)
         return len(items)
 
@@ -712,10 +713,10 @@ class MMTPClient:
     def _connect_failed(self, failure: Failure, peer: _Peer, slot: _Slot) -> None:
         peer.connecting = False
         self._release(peer, slot)
-        self.stats.count("FailedConnect")
+        self.stats.count(Event.FAILED_CONNECT)
         timed_out = slot.timed_out or failure.check(error.TimeoutError) is not None
         if timed_out:
-            self.stats.count("TimedOut")
+            self.stats.count(Event.TIMED_OUT)
         # The reason may name the next hop (a DNS error does): debug only.
         self.log.info("Could not connect to a next hop: {kind}",
                       kind="timed out" if timed_out else failure.type.__name__)
@@ -781,7 +782,7 @@ class MMTPClient:
             if len(self._stuck) > STUCK_MEMORY:
                 self._stuck.popitem(last=False)
             self._stuck_new += 1
-            self.stats.count("StuckNextHop")
+            self.stats.count(Event.STUCK_NEXT_HOP)
         self._stuck_packets += packets
         if self._stuck_report is None:
             # Reported shortly, with those that time out with it (the

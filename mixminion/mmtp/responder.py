@@ -44,6 +44,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mixminion.events import Event
 from mixminion.mmtp.interfaces import IPacketSink
 from mixminion.mmtp.limits import (
     AddressRules,
@@ -92,7 +93,7 @@ class MMTPResponderProtocol(Protocol):
     def connectionMade(self) -> None:  # noqa: N802
         peer = self.transport.getPeer()
         self.peer = getattr(peer, "host", str(peer))
-        self.factory.stats.count("ReceivedConnection")
+        self.factory.stats.count(Event.RECEIVED_CONNECTION)
         self._tcp = tcp_transport(self.transport)
         set_no_delay(self.transport)
         self.progressed_at = self.factory.clock.seconds()
@@ -186,12 +187,12 @@ class MMTPResponderProtocol(Protocol):
                        errbackArgs=(seq,))
 
     def _stored(self, _result, seq: int) -> None:
-        self.factory.stats.count("ReceivedPacket")
+        self.factory.stats.count(Event.RECEIVED_PACKET)
         self.stored += 1
         self._acknowledge(seq, True)
 
     def _not_stored(self, failure: Failure, seq: int) -> None:
-        self.factory.stats.count("RejectedPacket")
+        self.factory.stats.count(Event.REJECTED_PACKET)
         self.rejected += 1
         self.log.warn("Packet refused by storage; answering REJECTED: {why}",
                       why=failure.getErrorMessage())
@@ -275,7 +276,7 @@ class MMTPResponderProtocol(Protocol):
 
     def evict(self) -> None:
         """Close to make room for a newcomer (the table is full)."""
-        self.factory.stats.count("EvictedConnection")
+        self.factory.stats.count(Event.EVICTED_CONNECTION)
         self.log.debug("MMTP connection closed to make room: {stage}, last progress "
                        "{ago:.1f}s ago", stage=self.stage.name.lower(),
                        ago=self.factory.clock.seconds() - self.progressed_at)
@@ -284,7 +285,7 @@ class MMTPResponderProtocol(Protocol):
         self._abort()
 
     def _timed_out(self, what: str) -> None:
-        self.factory.stats.count("TimedOut")
+        self.factory.stats.count(Event.TIMED_OUT)
         self.log.info("MMTP connection closed: {what} timed out", what=what)
         self._abort()
 
@@ -293,7 +294,7 @@ class MMTPResponderProtocol(Protocol):
         self._abort()
 
     def _count_protocol_error(self, exc: ProtocolError) -> None:
-        self.factory.stats.count("ProtocolError")
+        self.factory.stats.count(Event.PROTOCOL_ERROR)
         self.log.info("MMTP peer broke the protocol ({code}): {message}",
                       code=exc.code, message=exc.message)
 
@@ -393,14 +394,14 @@ class GuardedTLSFactory(TLSMemoryBIOFactory):
     def buildProtocol(self, addr):  # noqa: N802
         host = getattr(addr, "host", "")
         if not self.rules.allows(host):
-            self.stats.count("DeniedConnection")
+            self.stats.count(Event.DENIED_CONNECTION)
             self.log.info("MMTP connection refused by address rules")
             return None
         why = self.counter.source_refusal(host)
         if why is None and self.counter.full and not self._make_room():
             why = "too many connections"
         if why is not None:
-            self.stats.count("RefusedConnection")
+            self.stats.count(Event.REFUSED_CONNECTION)
             self.log.info("MMTP connection refused: {why}", why=why)
             return None
         protocol = super().buildProtocol(addr)

@@ -8,14 +8,9 @@ from typing import Mapping
 
 
 class MMTPStats:
-    """Named event counters: ``ReceivedConnection``, ``ReceivedPacket``,
-    ``RejectedPacket``, ``AttemptedConnect``, ``SuccessfulConnect``,
-    ``FailedConnect``, ``KeyIdMismatch``, ``AttemptedRelay``,
-    ``SuccessfulRelay``, ``FailedRelay``, ``TimedOut``, ``ProtocolError``,
-    ``DeniedConnection``, ``RefusedConnection``, ``EvictedConnection``
-    (a full table made room), ``DeniedConnect`` (a next hop's address
-    refused by the outgoing rules after connecting), ``StuckNextHop`` (a
-    next hop whose connection brought no acknowledgement in time)."""
+    """Event counters (:class:`mixminion.events.Event`: the MMTP ones are
+    ``ReceivedConnection`` ... ``StuckNextHop``, mmtp.md §12); the node's
+    statistics add the pipeline's and the exit modules'."""
 
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()

@@ -23,6 +23,7 @@ from twisted.internet import defer
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
+from mixminion.events import Event
 from mixminion.codec.packet import PACKET_LEN
 from mixminion.exits.context import ExitContext
 from mixminion.exits.interfaces import local_paths
@@ -287,12 +288,12 @@ class Delivery:
     def _expired(self, name: str) -> None:
         """A message whose retry schedule ran out is dropped: counted, and
         said once per round (a message the node acknowledged is gone)."""
-        self.count(f"Expired:{name}", 1)
+        self.count(Event.EXPIRED.of(name), 1)
         self._expired_counts[name] = self._expired_counts.get(name, 0) + 1
 
     def _quarantine(self, name: str, packet_id: int, why: str) -> None:
         self.store.move_many([packet_id], QUARANTINE)
-        self.count(f"Quarantined:{name}", 1)
+        self.count(Event.QUARANTINED.of(name), 1)
         self.log.error("{module}: an item was moved aside because {why}; the other items "
                        "go on (queue {queue})", module=name, why=why, queue=QUARANTINE)
 

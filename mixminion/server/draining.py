@@ -22,6 +22,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
 
+from mixminion.events import Event
 from mixminion.codec.process import Drop, Exit, OpenedPacket, PacketProcessor, Reject, Relay
 from mixminion.codec.routing import PING_TYPE
 from mixminion.server.incoming_log import IncomingLog
@@ -99,7 +100,7 @@ def commit_batch(store: PacketStore, processor: PacketProcessor, through: int,
     dropped)."""
     counts: Counter = Counter()
     if damaged:
-        counts["DroppedDamaged"] = damaged
+        counts[Event.DROPPED_DAMAGED] = damaged
     with store.transaction():
         results = processor.finish_batch(opened)
         rows = [row for row in (pool_row(result, counts) for result in results) if row]
@@ -112,17 +113,17 @@ def commit_batch(store: PacketStore, processor: PacketProcessor, through: int,
 def pool_row(result, counts: Counter) -> Optional[tuple[bytes, bytes]]:
     """(data, meta) to put in the pool for ``result``; None to drop it."""
     if isinstance(result, Relay):
-        counts["ProcessedRelay"] += 1
+        counts[Event.PROCESSED_RELAY] += 1
         return result.packet, encode_item(RelayItem.from_next_hop(result.next_hop))
     if isinstance(result, Exit):
         if result.exit_type == PING_TYPE:
-            counts["DroppedPing"] += 1
+            counts[Event.DROPPED_PING] += 1
             return None
-        counts["ProcessedExit"] += 1
+        counts[Event.PROCESSED_EXIT] += 1
         item = ExitItem(result.exit_type, result.routing_info, result.application_key)
         return result.payload, encode_item(item)
     if isinstance(result, Drop):
-        counts["DroppedDummy"] += 1
+        counts[Event.DROPPED_DUMMY] += 1
     elif isinstance(result, Reject):
-        counts[f"Rejected:{result.reason.value}"] += 1
+        counts[Event.REJECTED.of(result.reason.value)] += 1
     return None

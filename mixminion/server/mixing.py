@@ -24,6 +24,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from mixminion.events import Event
 from mixminion.server.items import ExitItem, Item, RelayItem, decode_item
 from mixminion.server.packetstore import PacketStore
 from mixminion.server.draining import MIX
@@ -178,10 +179,10 @@ class Mixer:
 
         def moved(_) -> int:
             if dropped:
-                self.count("DroppedUnknownExitType", len(dropped))
+                self.count(Event.DROPPED_UNKNOWN_EXIT_TYPE, len(dropped))
                 self.log.warn("Dropped {n} payloads for exit types with no module",
                               n=len(dropped))
-            self.count("Mixed", sent)
+            self.count(Event.MIXED, sent)
             self.log.debug("Mix: {sent} of {pool} items sent on", sent=sent, pool=pool_size)
             if not self._stopping:
                 try:

@@ -49,6 +49,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mixminion.events import Event
 from mixminion.mmtp.initiator import (
     AddressPolicy,
     Destination,
@@ -256,12 +257,12 @@ class Outgoing:
             yield from self._settle(expired, local, denied, totals)
             if len(rows) == self.scan_slice:
                 yield  # more rows may follow: the reactor's turn first
-        if totals["ExpiredRelay"]:
+        if totals[Event.EXPIRED_RELAY]:
             self.log.warn("Dropped {n} packets whose retry schedule ran out",
-                          n=totals["ExpiredRelay"])
-        if totals["RelayDenied"]:
+                          n=totals[Event.EXPIRED_RELAY])
+        if totals[Event.RELAY_DENIED]:
             self.log.warn("Dropped {n} packets whose next hops our [Outgoing/MMTP] Allow/Deny "
-                          "rules deny", n=totals["RelayDenied"])
+                          "rules deny", n=totals[Event.RELAY_DENIED])
         if totals["damaged"]:
             self.log.error("{n} packets in the outgoing queue have damaged records; they are "
                            "left where they are", n=totals["damaged"])
@@ -278,7 +279,7 @@ class Outgoing:
         here: a crash in between leaves a copy that the replay log refuses,
         never a lost packet); per step, :attr:`settle_batch` removed and
         :attr:`read_batch` handed over, in one transaction."""
-        gone = [("ExpiredRelay", i) for i in expired] + [("RelayDenied", i) for i in denied]
+        gone = [(Event.EXPIRED_RELAY, i) for i in expired] + [(Event.RELAY_DENIED, i) for i in denied]
         batch, size = self.settle_batch, self.read_batch
         for step in range(max(math.ceil(len(gone) / batch), math.ceil(len(local) / size))):
             if step:
@@ -290,7 +291,7 @@ class Outgoing:
             self.store.remove_many(mine + [packet_id for _, packet_id in leaving])
             events = Counter(event for event, _ in leaving)
             if mine:
-                events["RelayedToSelf"] = len(mine)
+                events[Event.RELAYED_TO_SELF] = len(mine)
             for event, n in events.items():
                 self.count(event, n)
             totals.update(events)
@@ -426,7 +427,7 @@ class Outgoing:
         state.succeeded(self.clock.seconds())
         if was_failing:
             self._save_states()
-        self.count("Relayed", 1)
+        self.count(Event.RELAYED, 1)
         self._done.append(packet_id)
         self._answered(dest, probation)
         self._remove_done()
@@ -440,7 +441,7 @@ class Outgoing:
             # The MMTP client refused the hop (for a hostname that led to a
             # denied address it warned once for the connection): drop the
             # packet, and do not hold it against the address's retry state.
-            self.count("RelayDenied", 1)
+            self.count(Event.RELAY_DENIED, 1)
             self._done.append(packet_id)
             self._remove_done()
             return
@@ -456,7 +457,7 @@ class Outgoing:
         was_failing = state.first_failure is not None
         state.failed(started)
         self._save_states()
-        self.count("RelayFailed", 1)
+        self.count(Event.RELAY_FAILED, 1)
         # Once per failing next hop, not per packet; the reason may name the
         # next hop (a DNS error does): debug only.
         if not was_failing:

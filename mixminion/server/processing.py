@@ -23,6 +23,7 @@ from twisted.internet import defer, protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mixminion.events import Event
 import mixminion
 from mixminion.codec.rsa import PrivateKey
 from mixminion.server.childmessages import (
@@ -256,10 +257,10 @@ class Processor:
             self.disk.update(None)
             for name, n in message.counts.items():
                 self.count(name, n)
-            rejected = sum(n for k, n in message.counts.items() if k.startswith("Rejected:"))
+            rejected = sum(n for k, n in message.counts.items() if k.startswith(Event.REJECTED.of("")))
             if rejected:
                 self.log.info("Processing rejected {n} packets", n=rejected)
-            damaged = message.counts.get("DroppedDamaged", 0)
+            damaged = message.counts.get(Event.DROPPED_DAMAGED, 0)
             if damaged:
                 self.log.warn("Dropped {n} unreadable records of the incoming log (torn by a "
                               "crash in a commit never acknowledged, or damaged on disk)",
@@ -311,7 +312,7 @@ class Processor:
         self._failures += 1
         if self._failures >= FAILURES_BEFORE_FAILING and self.failing is None:
             self.failing = why
-            self.count("ProcessingFailing", 1)
+            self.count(Event.PROCESSING_FAILING, 1)
             self.log.error("Processing is not running ({why}; {n} failures in a row): the "
                            "node refuses packets until it recovers; check the queue folder "
                            "and the log above", why=why, n=self._failures)
