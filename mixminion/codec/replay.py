@@ -5,7 +5,7 @@ A replay log belongs to one packet key.  Its entries are the 20-byte
 ``Key(s, "REPLAY PREVENTION", 20)`` values of the subheaders that key has
 opened; a second packet with the same secret is a replay (or a reused reply
 block) and is refused.  This module is pure: the in-memory log here serves
-tests and tools, the durable one lives in :mod:`mixminion.server.replay_log`.
+tests and tools, the node's durable one is :mod:`mixminion.server.store_replay`.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""Interfaces between MMTP and the rest of the node."""
+"""The interface between MMTP and the rest of the node: where received packets go."""
 
 from __future__ import annotations
 
-from zope.interface import Attribute, Interface
+from zope.interface import Interface
 
 
 class IPacketSink(Interface):
@@ -20,9 +20,3 @@ class IPacketSink(Interface):
         the responder answer REJECTED.  ``peer`` is the remote address, for
         per-source accounting only; it must not be logged above debug.
         """
-
-
-class IPacketSource(Interface):
-    """What an initiator reports back for each packet it was given."""
-
-    sent = Attribute("Deferred that fires on RECEIVED, fails on REJECTED or loss")

@@ -4,18 +4,15 @@ rounds between three in-process authorities, and the node's publisher."""
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import types
 from typing import Any, Optional
 
-from cryptography.hazmat.primitives.asymmetric import rsa
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 from twisted.web import resource, server
 from twisted.web.test.requesthelper import DummyRequest
 
-from mixminion.codec.rsa import PrivateKey
 from mixminion.codec import textformat as tf
 from mixminion.directory.authconfig import parse_authority_config
 from mixminion.directory.authority import AuthorityStore, digest_name
@@ -46,6 +43,7 @@ from mixminion.server.publish import (
     http_uploader,
     parse_answer,
 )
+from mixminion.testing.keys import key
 
 DAY = 86400
 NOW = 1705321800 + 3600  # 2024-01-15 13:30:00
@@ -54,12 +52,6 @@ MIDNIGHT = NOW - NOW % DAY
 
 def rng(n: int) -> bytes:
     return b"\x5a" * n
-
-
-@functools.cache
-def key(name: str) -> PrivateKey:
-    """RSA keys are slow to make: one per name for the whole run."""
-    return PrivateKey(rsa.generate_private_key(public_exponent=65537, key_size=2048))
 
 
 def fields(nickname: str = "Quince", **changes: Any) -> DescriptorFields:

@@ -25,13 +25,13 @@ from twisted.test import iosim
 from twisted.trial import unittest
 from zope.interface import implementer
 
-from mixminion.codec.rsa import PrivateKey
 from mixminion.mmtp.bandwidth import HIGH_WATER, SLICE, BandwidthLimiter
 from mixminion.mmtp.initiator import Destination, InitiatorSettings, MMTPClient
 from mixminion.mmtp.interfaces import IPacketSink
 from mixminion.mmtp.responder import responder_factory
 from mixminion.mmtp.stats import MMTPStats
 from mixminion.mmtp.tls import InitiatorTLS, ResponderTLS
+from mixminion.testing.keys import key
 
 PEER = IPv4Address("TCP", "198.51.100.7", 40000)
 NOW = 1767225600.0  # 2026-01-01 00:00:00 UTC, for the certificates
@@ -466,9 +466,8 @@ class OverTLSTests(unittest.TestCase):
         server_side = BandwidthLimiter(clock, rate, spike)
         client_side = BandwidthLimiter(clock, None)  # only counts
         sink = ListSink()
-        key = PrivateKey.generate(2048)
         listening = server_side.wrap_factory(
-            responder_factory(sink, ResponderTLS(key, "Lisbon", clock=clock), clock))
+            responder_factory(sink, ResponderTLS(key("responder"), "Lisbon", clock=clock), clock))
         client = MMTPClient(clock, InitiatorTLS(), InitiatorSettings(), MMTPStats())
         pumps: list[iosim.IOPump] = []
         server_tcp: list[PausableTransport] = []
@@ -491,7 +490,7 @@ class OverTLSTests(unittest.TestCase):
             return d.addCallback(lambda proto: proto.wrappedProtocol)
 
         client.connect = connect  # type: ignore[method-assign]
-        destination = Destination("192.0.2.1", 48099, key.public.keyid)
+        destination = Destination("192.0.2.1", 48099, key("responder").public.keyid)
         packets = [data(32768, seed) for seed in range(20)]
         acked: list[Any] = []
         for p in packets:

@@ -16,7 +16,6 @@ import os
 import socket
 from typing import Any, Optional, Sequence
 
-from cryptography.hazmat.primitives.asymmetric import rsa
 from twisted.internet import defer, task
 from twisted.internet import reactor as _reactor
 from twisted.protocols.policies import WrappingFactory
@@ -35,7 +34,6 @@ from mixminion.client.directory import (
     proxy_for,
     version_advice,
 )
-from mixminion.codec.rsa import PrivateKey
 from mixminion.directory.descriptor import (
     DescriptorFields,
     IncomingMMTP,
@@ -45,6 +43,7 @@ from mixminion.directory.descriptor import (
     parse_descriptor,
 )
 from mixminion.directory.directory import DirectoryInfo, VotingServer, build_directory, sign_directory
+from mixminion.testing.keys import key
 
 reactor: Any = _reactor
 
@@ -52,12 +51,6 @@ DAY = 86400
 TODAY = 1705276800  # 2024-01-15 00:00:00 GMT
 NOW = TODAY + 12 * 3600  # noon
 AUTHS = ("auth1", "auth2", "auth3")
-
-
-@functools.cache
-def key(name: str) -> PrivateKey:
-    """Keys are slow to make: one per name for the whole module."""
-    return PrivateKey(rsa.generate_private_key(public_exponent=65537, key_size=2048))
 
 
 def fingerprint(name: str) -> str:

@@ -37,7 +37,6 @@ from mixminion.codec.header import (
 from mixminion.codec.header import Hop
 from mixminion.codec.packet import PAYLOAD_LEN
 from mixminion.codec.payload import ENC_FWD_OVERHEAD
-from mixminion.codec.rsa import PrivateKey
 from mixminion.codec.process import Drop, Exit, Reject, RejectReason, Relay
 from mixminion.codec.routing import (
     DROP_TYPE,
@@ -461,8 +460,7 @@ class TagRulesTests(unittest.TestCase):
     """A packet's exit routing info must match what its exit type expects."""
 
     def _paths(self):
-        key = PrivateKey.generate(2048).public
-        hop = Hop(key, HostInfo("mix.example.net", 48099, bytes(20)))
+        hop = Hop(server_keys()[0].public, HostInfo("mix.example.net", 48099, bytes(20)))
         return [hop], [hop]
 
     def test_tag_presence_follows_the_exit_type(self) -> None:

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import functools
 import json
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric import rsa
 from twisted.trial import unittest
 
 from mixminion.codec.errors import BuildError, ParseError
@@ -34,6 +32,7 @@ from mixminion.directory.descriptor import (
     parse_descriptor,
 )
 from mixminion.test.vectorkit import vectors_dir
+from mixminion.testing.keys import key
 
 PUBLISHED = 1705321800  # 2024-01-15 12:30:00
 VALID_AFTER = 1705276800  # 2024-01-15
@@ -43,13 +42,6 @@ NOW = VALID_AFTER + 86400
 
 def fixed_rng(n: int) -> bytes:
     return b"\x5a" * n
-
-
-@functools.cache
-def key(name: str, bits: int = 2048, exponent: int = 65537) -> PrivateKey:
-    """Keys are slow to make: one per name for the whole run (trial has no
-    setUpClass)."""
-    return PrivateKey(rsa.generate_private_key(public_exponent=exponent, key_size=bits))
 
 
 def identity() -> PrivateKey:

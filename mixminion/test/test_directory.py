@@ -11,7 +11,6 @@ from typing import Any, Iterable, Sequence
 from twisted.trial import unittest
 
 from mixminion.codec.errors import BuildError, ParseError
-from mixminion.codec.rsa import PrivateKey
 from mixminion.codec import textformat as tf
 from mixminion.directory.descriptor import (
     DescriptorFields,
@@ -54,6 +53,7 @@ from mixminion.directory.directory import (
 )
 from mixminion.directory.voting import accept_vote, compute_consensus, consensus_threshold
 from mixminion.test.vectorkit import vectors_dir
+from mixminion.testing.keys import key
 
 DAY = 1706745600  # 2024-02-01, also the descriptor vectors' validate_at
 ONE_DAY = 86400
@@ -70,12 +70,6 @@ def rng(n: int) -> bytes:
 
 def other_rng(n: int) -> bytes:
     return b"\x17" * n
-
-
-@functools.cache
-def key(name: str) -> PrivateKey:
-    """2048-bit keys are slow: one per name for the whole module."""
-    return PrivateKey.generate(2048)
 
 
 def fp(name: str) -> str:

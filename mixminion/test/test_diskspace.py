@@ -39,7 +39,8 @@ from mixminion.server.stats import NodeStats
 from mixminion.server.store_replay import StoreReplayLog
 from mixminion.test.test_delivery_faults import Recorder, queue_messages
 from mixminion.test.test_fragment_bounds import lone_fragment
-from mixminion.test.test_pipeline import TwoStoreTestCase, _key, _packet
+from mixminion.test.test_pipeline import TwoStoreTestCase, _packet
+from mixminion.testing.keys import key
 
 MB = 1 << 20
 DiskUsage = namedtuple("DiskUsage", "total used free")
@@ -129,8 +130,8 @@ class ChildDiskTests(TwoStoreTestCase):
         child = Child(self.incoming, self.store, 2, out, [os.path.dirname(self.store.path)])
         for space in child.free_space:
             space.usage, space.interval = usage_of(free), 0
-        child.processor = PacketProcessor([(_key(0), StoreReplayLog(self.store,
-                                                                    _key(0).public.keyid))])
+        child.processor = PacketProcessor([(key("mix0"), StoreReplayLog(self.store,
+                                                                    key("mix0").public.keyid))])
         self.addCleanup(child.opener.shutdown, True)
         return child, out
 
@@ -205,7 +206,7 @@ class ProcessorDiskTests(TwoStoreTestCase):
         processor.min_free_disk = lambda: 100 * MB
         log = Log()
         processor.disk.log = log
-        processor.set_keys([_key(0)])
+        processor.set_keys([key("mix0")])
         pipe = processor._child.transport
         processor._message(Ready())
         drains = [m for m in pipe.sent if isinstance(m, Drain)]

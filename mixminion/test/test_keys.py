@@ -1,9 +1,10 @@
 """The server key store (server.md §8, §2, §7, §17.5), driven by a fake time.
 
 RSA key generation is slow (~0.1 s for 2048 bits), so the store gets its
-keys from :class:`KeyFactory`, which hands out a small pool of keys made
-once per test run.  Keys repeat every ``POOL_SIZE`` keysets; at most three
-keysets are ever live together, so live keys are still distinct.
+keys from :class:`KeyFactory`, which hands out a small pool of test keys
+(:func:`mixminion.testing.keys.key`: made once per test run).  Keys repeat
+every ``POOL_SIZE`` keysets; at most three keysets are ever live together,
+so live keys are still distinct.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from mixminion.server.keys import (
     schedule_problems,
     secure_delete,
 )
-from mixminion.server.replay_log import SQLiteReplayLog
+from mixminion.testing.keys import key
 
 DAY = 86400
 HOUR = 3600
@@ -50,13 +51,10 @@ M0 = calendar.timegm((2024, 3, 10, 0, 0, 0, 0, 0, 0))
 HORIZON = PUBLICATION_LATENCY + PREPUBLICATION_INTERVAL
 POOL_SIZE = 8
 
-_KEY_POOL: list[PrivateKey] = []
 
 
 def pooled_key(index: int) -> PrivateKey:
-    while len(_KEY_POOL) <= index:
-        _KEY_POOL.append(PrivateKey.generate(2048))
-    return _KEY_POOL[index]
+    return key(f"keyset {index}")
 
 
 class KeyFactory:
@@ -68,9 +66,9 @@ class KeyFactory:
 
     def __call__(self, bits: int) -> PrivateKey:
         assert bits == 2048, bits
-        key = pooled_key((self.offset + len(self.requests)) % POOL_SIZE)
+        packet_key = pooled_key((self.offset + len(self.requests)) % POOL_SIZE)
         self.requests.append(bits)
-        return key
+        return packet_key
 
 
 def make_template(**changes: object) -> DescriptorFields:
@@ -136,13 +134,10 @@ class StoreTestCase(unittest.TestCase):
     def hashlog_files(self) -> set[str]:
         return set(os.listdir(self.hashlog_dir))
 
-    def open_replay_log(self, keyset: Keyset) -> None:
-        """Give a keyset a real replay log with an entry, plus the companion
-        files a crash can leave (SQLite's, the reference's journal)."""
-        log = SQLiteReplayLog.for_key(keyset.hashlog_path, keyset.packet_key.public)
-        log.seen_or_add(b"\x01" * 20)
-        log.close()
-        for suffix in ("-wal", "-journal", "_jrnl"):
+    def write_replay_log(self, keyset: Keyset) -> None:
+        """Give a keyset a replay log file, plus the companion files a crash
+        can leave (SQLite's, the reference's journal)."""
+        for suffix in ("", "-wal", "-journal", "_jrnl"):
             with open(keyset.hashlog_path + suffix, "wb") as f:
                 f.write(b"tag" * 10)
 
@@ -239,7 +234,7 @@ def run_node(test: StoreTestCase, days: int) -> None:
         result = store.rotate(now)
         deleted += result.deleted
         for keyset in result.added:
-            test.open_replay_log(keyset)
+            test.write_replay_log(keyset)
             logs_opened.add(keyset.number)
         test.assertEqual({k.number for k in result.removed}, {k.number for k in result.deleted})
         upcoming = store.next_event(now)
@@ -484,7 +479,7 @@ class RotationTests(StoreTestCase):
         self.assertFalse(store.rotate(T0).changed)
 
         old, new = store.keysets[0], store.keysets[1]
-        self.open_replay_log(old)
+        self.write_replay_log(old)
         activation = store.rotate(new.valid_after)
         self.assertEqual([k.number for k in activation.added], [new.number])
         self.assertEqual(activation.removed, ())
@@ -513,7 +508,7 @@ class RotationTests(StoreTestCase):
     def test_deleted_replay_log_only_its_own(self) -> None:
         store = self.started_store()
         old = store.keysets[0]
-        self.open_replay_log(old)
+        self.write_replay_log(old)
         for name in ("hash_00010", "hash_0002", "unrelated"):
             with open(os.path.join(self.hashlog_dir, name), "wb") as f:
                 f.write(b"x")
@@ -531,21 +526,19 @@ class RotationTests(StoreTestCase):
                          [second.descriptor_path, first.descriptor_path])
 
     def test_number_reuse_wipes_stale_replay_log(self) -> None:
-        """A reused number must not inherit a replay log of another key
-        (opening it would fail with a key mismatch)."""
+        """A reused number must not inherit the replay log of another key."""
         store = self.started_store()
         first = store.keysets[0]
-        self.open_replay_log(first)
+        self.write_replay_log(first)
         store.rotate(first.valid_until + self.overlap + 1)
         # a stale log under number 1 that deletion did not remove (a crash)
-        stale = SQLiteReplayLog.for_key(first.hashlog_path, pooled_key(POOL_SIZE - 1).public)
-        stale.close()
+        with open(first.hashlog_path, "wb") as f:
+            f.write(b"tag" * 10)
         later = max(store.generation_due_time(T0), first.valid_until + self.overlap + 1)
         new = store.ensure_keys(later, self.template)
         self.assertEqual([k.number for k in new], [1])
-        log = SQLiteReplayLog.for_key(new[0].hashlog_path, new[0].packet_key.public)
-        self.assertFalse(log.seen_or_add(b"\x01" * 20))
-        log.close()
+        self.assertEqual(new[0].hashlog_path, first.hashlog_path)
+        self.assertFalse(os.path.exists(new[0].hashlog_path))
 
 
 # --- publication and regeneration ------------------------------------------------------------
@@ -667,7 +660,7 @@ class LoadTests(StoreTestCase):
     def test_reload_deletes_dead(self) -> None:
         store = self.started_store()
         first = store.keysets[0]
-        self.open_replay_log(first)
+        self.write_replay_log(first)
         result = self.make_store().load(first.valid_until + self.overlap + 1)
         self.assertEqual([k.number for k in result.dead], [first.number])
         self.assertFalse(os.path.exists(first.directory))
@@ -676,7 +669,7 @@ class LoadTests(StoreTestCase):
     def corrupt_and_reload(self, corrupt: Callable[[Keyset, KeyStore], None]) -> tuple[KeyStore, Keyset]:
         store = self.started_store()
         victim = store.keysets[3]
-        self.open_replay_log(victim)
+        self.write_replay_log(victim)
         corrupt(victim, store)
         again = self.make_store()
         result = again.load(T0)
@@ -750,7 +743,7 @@ class LoadTests(StoreTestCase):
     def test_orphan_replay_logs_deleted(self) -> None:
         store = self.started_store()
         kept = store.keysets[0]
-        self.open_replay_log(kept)
+        self.write_replay_log(kept)
         orphans = ["hash_0042", "hash_0042-wal", "hash_0042_jrnl", "hash_12345"]
         for name in orphans + ["notes", "hash_x"]:
             with open(os.path.join(self.hashlog_dir, name), "wb") as f:

@@ -34,7 +34,6 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 from zope.interface import implementer
 
-from mixminion.codec.rsa import PrivateKey
 from mixminion.mmtp.initiator import (
     ConnectionFailed,
     Destination,
@@ -50,6 +49,7 @@ from mixminion.mmtp.stats import MMTPStats
 from mixminion.mmtp.tls import InitiatorTLS, ResponderTLS
 from mixminion.server.durable import DurableSink
 from mixminion.server.packetstore import PacketStore, PacketStoreError
+from mixminion.testing.keys import key
 
 PACKET_LEN = 32768
 VERSION_LINE = b"MMTP 0.3\r\n"
@@ -58,12 +58,6 @@ T = TypeVar("T")
 
 
 # ------------------------------------------------------------------ helpers
-
-
-@functools.lru_cache(maxsize=None)
-def identity(name: str) -> PrivateKey:
-    """RSA generation dominates run time: one key per name per module."""
-    return PrivateKey.generate(2048)
 
 
 def make_packet(n: int) -> bytes:
@@ -221,7 +215,7 @@ class Node:
         self.store = store_class(self.path)
         self.sink = RecordingSink(DurableSink(self.store, reactor))
         self.stats = MMTPStats()
-        self.tls = ResponderTLS(identity("responder"), "Lisbon", clock=reactor)
+        self.tls = ResponderTLS(key("responder"), "Lisbon", clock=reactor)
         self.factory: GuardedTLSFactory = responder_factory(
             self.sink, self.tls, reactor, limits, rules, self.stats)
         self.host = host
@@ -232,7 +226,7 @@ class Node:
         test.addCleanup(lambda: defer.ensureDeferred(self.stop()))
 
     def destination(self, expect: str = "responder") -> Destination:
-        return Destination(self.host, self.port_number, identity(expect).public.keyid)
+        return Destination(self.host, self.port_number, key(expect).public.keyid)
 
     def open_connections(self) -> int:
         return self.factory.counter.total + len(self.factory.protocols)

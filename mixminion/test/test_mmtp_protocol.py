@@ -15,7 +15,6 @@ stored for a rejected or broken frame.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import random
 from typing import Any, Callable, Optional
@@ -32,7 +31,6 @@ from twisted.test.iosim import IOPump, connectedServerAndClient
 from twisted.trial import unittest
 from zope.interface import implementer
 
-from mixminion.codec.rsa import PrivateKey
 from mixminion.mmtp.initiator import (
     ConnectionFailed,
     Destination,
@@ -57,6 +55,7 @@ from mixminion.mmtp.responder import (
 )
 from mixminion.mmtp.stats import MMTPStats
 from mixminion.mmtp.tls import InitiatorTLS, ResponderTLS
+from mixminion.testing.keys import key
 
 NOW = 1767225600.0  # 2026-01-01 00:00:00 UTC; certificates are made for it
 PACKET_LEN = 32768
@@ -65,12 +64,6 @@ PEER = IPv4Address("TCP", "198.51.100.7", 40000)
 
 
 # ------------------------------------------------------------------ helpers
-
-
-@functools.lru_cache(maxsize=None)
-def identity(name: str) -> PrivateKey:
-    """RSA generation dominates run time: one key per name per module."""
-    return PrivateKey.generate(2048)
 
 
 def make_packet(n: int) -> bytes:
@@ -381,7 +374,7 @@ class ResponderTests(LogMixin):
         clock = Clock()
         clock.advance(NOW)
         stats = MMTPStats()
-        tls = ResponderTLS(identity("responder"), "Lisbon", clock=clock)
+        tls = ResponderTLS(key("responder"), "Lisbon", clock=clock)
         factory = responder_factory(HeldSink(), tls, clock,
                                     ConnectionLimits(handshake_timeout=20), None, stats)
         proto = factory.buildProtocol(PEER)
@@ -519,13 +512,13 @@ class Network:
         self.clock.advance(NOW)
         self.sink = sink
         self.server_stats = MMTPStats()
-        self.responder_tls = ResponderTLS(identity("responder"), "Lisbon", clock=self.clock)
+        self.responder_tls = ResponderTLS(key("responder"), "Lisbon", clock=self.clock)
         self.server = responder_factory(sink, self.responder_tls, self.clock, limits, None,
                                         self.server_stats)
         self.client = MMTPClient(self.clock, InitiatorTLS(), settings or InitiatorSettings(),
                                  MMTPStats())
         self.client.connect = self.connect  # type: ignore[method-assign]
-        self.destination = Destination("192.0.2.1", 48099, identity(expect).public.keyid)
+        self.destination = Destination("192.0.2.1", 48099, key(expect).public.keyid)
         self.links: list[tuple[Any, Any, IOPump]] = []
         self.initiators: list[Any] = []  # MMTPInitiatorProtocol, one per link
 
@@ -803,7 +796,7 @@ class LimitsTests(LogMixin):
     def guarded(self, rules: AddressRules, **limits: Any) -> GuardedTLSFactory:
         clock = Clock()
         clock.advance(NOW)
-        tls = ResponderTLS(identity("responder"), "Lisbon", clock=clock)
+        tls = ResponderTLS(key("responder"), "Lisbon", clock=clock)
         return responder_factory(MemorySink(), tls, clock, ConnectionLimits(**limits), rules,
                                  MMTPStats())
 

@@ -37,6 +37,7 @@ from mixminion.mmtp.responder import responder_factory
 from mixminion.mmtp.stats import MMTPStats
 from mixminion.mmtp.tls import ResponderTLS
 from mixminion.test import test_mmtp_protocol as base
+from mixminion.testing.keys import key
 
 NOW = base.NOW
 VERSION_LINE = base.VERSION_LINE
@@ -98,7 +99,7 @@ class Table:
         self.clock.advance(NOW)
         self.stats = MMTPStats()
         self.sink = sink if sink is not None else base.MemorySink()
-        tls = ResponderTLS(base.identity("responder"), "Lisbon", clock=self.clock)
+        tls = ResponderTLS(key("responder"), "Lisbon", clock=self.clock)
         self.factory = responder_factory(self.sink, tls, self.clock, ConnectionLimits(**limits),
                                          None, self.stats)
         self._port = 1000

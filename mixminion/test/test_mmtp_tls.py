@@ -51,6 +51,7 @@ from mixminion.mmtp.tls import (
     peer_chain,
     verify_responder,
 )
+from mixminion.testing.keys import key
 
 E = TypeVar("E", bound=TLSVerificationError)
 
@@ -59,17 +60,14 @@ NICK = "Lisbon"
 
 
 # ------------------------------------------------------------ key material
-# RSA key generation dominates the run time: each key is made once per module
-# (trial does not call setUpClass).
-
-
-@functools.lru_cache(maxsize=None)
-def rsa_key(name: str, bits: int = 2048, e: int = 65537) -> rsa.RSAPrivateKey:
-    return rsa.generate_private_key(public_exponent=e, key_size=bits)
 
 
 def identity(name: str = "A", bits: int = 2048, e: int = 65537) -> PrivateKey:
-    return PrivateKey(rsa_key("identity " + name, bits, e))
+    return key("identity " + name, bits, e)
+
+
+def link_key(name: str, bits: int = 2048) -> rsa.RSAPrivateKey:
+    return key("link " + name, bits).key
 
 
 def keyid(name: str = "A") -> bytes:
@@ -79,7 +77,7 @@ def keyid(name: str = "A") -> bytes:
 @functools.lru_cache(maxsize=None)
 def creds(ident: str = "A", link: str = "1", link_bits: int = 2048, now: float = NOW) -> LinkCredentials:
     return make_link_credentials(
-        identity(ident), NICK, now, link_bits, link_key=rsa_key("link " + link, link_bits)
+        identity(ident), NICK, now, link_bits, link_key=link_key(link, link_bits)
     )
 
 
@@ -125,8 +123,8 @@ def reference_like_creds() -> LinkCredentials:
 
 
 def ec_leaf(signer: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> x509.Certificate:
-    key = ec.generate_private_key(ec.SECP256R1())
-    return make_certificate(key.public_key(), signer, NICK + "<MMTP>", NICK, NOW)  # type: ignore[arg-type]
+    leaf_key = ec.generate_private_key(ec.SECP256R1())
+    return make_certificate(leaf_key.public_key(), signer, NICK + "<MMTP>", NICK, NOW)  # type: ignore[arg-type]
 
 
 def rfc7919_ffdhe2048() -> int:
@@ -214,11 +212,11 @@ class CertificateTests(unittest.TestCase):
     def test_bad_nickname(self) -> None:
         for nick in ("", "x" * 59):
             self.assertRaises(ValueError, make_link_credentials, identity(), nick, NOW,
-                              link_key=rsa_key("link 1"))
+                              link_key=link_key("1"))
 
     def test_clock_before_2003(self) -> None:
         self.assertRaises(ValueError, make_link_credentials, identity(), NICK, 1e9,
-                          link_key=rsa_key("link 1"))
+                          link_key=link_key("1"))
 
 
 # ---------------------------------------------------------- verification
@@ -303,7 +301,7 @@ class VerifyResponderTests(unittest.TestCase):
 
     def test_leaf_not_signed_by_identity(self) -> None:
         # link cert signed by B, sent with A's identity certificate
-        forged = make_certificate(rsa_key("link 1").public_key(), identity("B").key,
+        forged = make_certificate(link_key("1").public_key(), identity("B").key,
                                   NICK + "<MMTP>", NICK, NOW)
         self.refused(BadCertificateChain, [der(forged), self.chain[1]])
         self.assertEqual(self.cache, {})
@@ -323,13 +321,13 @@ class VerifyResponderTests(unittest.TestCase):
 
     def test_non_rsa_identity_key(self) -> None:
         ec_ident = ec.generate_private_key(ec.SECP256R1())
-        leaf = make_certificate(rsa_key("link 1").public_key(), ec_ident, "x<MMTP>", "x", NOW)  # type: ignore[arg-type]
+        leaf = make_certificate(link_key("1").public_key(), ec_ident, "x<MMTP>", "x", NOW)  # type: ignore[arg-type]
         root = make_certificate(ec_ident.public_key(), ec_ident, "x", "x", NOW)  # type: ignore[arg-type]
         self.refused(BadCertificateChain, [der(leaf), der(root)])
 
     def test_identity_key_policy(self) -> None:
         for weak in (identity("small", 1024), identity("e3", 2048, 3)):
-            c = make_link_credentials(weak, NICK, NOW, link_key=rsa_key("link 1"))
+            c = make_link_credentials(weak, NICK, NOW, link_key=link_key("1"))
             for legacy in (False, True):
                 self.refused(BadCertificateChain, c.chain_der, expected=weak.public.keyid,
                              legacy=legacy)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor
 from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
@@ -167,8 +167,8 @@ class NodeFromConfigTests(unittest.TestCase):
             dest = Destination("127.0.0.1", port, node.identity.public.keyid)
             await defer.gatherResults([client.send_packet(dest, p) for p in packets])
             await client.close()
-            while node.queue_sizes()["pool"] < 3:
-                await task.deferLater(reactor, 0.02, lambda: None)
+            await node.processor.wait_idle()  # the three are stored: they are processed
+            self.assertEqual(node.queue_sizes()["pool"], 3)
             await node.stopService()
             stopped.append(True)
             log_dir = os.path.join(base, "work", "queues", "incoming")

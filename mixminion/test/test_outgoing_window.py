@@ -11,8 +11,6 @@ the node benchmark (issue 4).
 
 from __future__ import annotations
 
-
-from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from mixminion.mmtp.initiator import ConnectionFailed
@@ -21,37 +19,39 @@ from mixminion.server.mixing import OUT
 from mixminion.server.outgoing import Outgoing
 from mixminion.server.stats import NodeStats
 from mixminion.testing.fakes import HeldClient, scratch_store
-
-
-def settle() -> defer.Deferred:
-    """Let the removal thread write and call back."""
-    return task.deferLater(reactor, 0.3, lambda: None)
+from mixminion.testing.threads import InPlaceReactor, in_place
 
 
 class OutgoingWindowTests(unittest.TestCase):
     def setUp(self) -> None:
         self.store = scratch_store(self)
         self.stats = NodeStats()
-        self.clock = task.Clock()
+        #: the clock, and the reactor the store's removals (run in place)
+        #: report to: ``settle`` delivers their results
+        self.clock = InPlaceReactor()
         self.clock.advance(1000)
         self.client = HeldClient()
         self.meta = encode_item(RelayItem("127.0.0.1", 5000, b"\x01" * 20))
 
     def outgoing(self, window: int) -> Outgoing:
-        out = Outgoing(self.store, self.client, (60, 60), self.clock, b"\x07" * 20,
-                       self.stats.count, lambda packets: None, reactor=reactor)
+        out = in_place(Outgoing(self.store, self.client, (60, 60), self.clock, b"\x07" * 20,
+                                self.stats.count, lambda packets: None))
         out.max_in_flight = window
         self.addCleanup(out.stop)
         return out
 
-    async def test_at_most_a_window_of_packets_is_handed_to_mmtp(self) -> None:
+    def settle(self) -> None:
+        """Let the removals written report back, as the reactor's next turn would."""
+        self.clock.advance(0)
+
+    def test_at_most_a_window_of_packets_is_handed_to_mmtp(self) -> None:
         self.store.add_many(OUT, [bytes(32768)] * 25, now=1000, meta=[self.meta] * 25)
         out = self.outgoing(10)
         self.assertEqual(out.flush(), 10)
         self.assertEqual(len(self.client.sent), 10)
         for _, d in self.client.sent[:4]:
             d.callback(None)
-        await settle()  # removed: four more go out without waiting for a mix
+        self.settle()  # removed: four more go out without waiting for a mix
         self.assertEqual(len(self.client.sent), 14)
         self.assertEqual(out.flush(), 0)  # a new flush does not double anything
         answered = 4
@@ -60,12 +60,12 @@ class OutgoingWindowTests(unittest.TestCase):
             for _, d in self.client.sent[answered:]:
                 d.callback(None)
             answered = len(self.client.sent)
-            await settle()
+            self.settle()
         self.assertEqual(len(self.client.sent), 25)
         self.assertEqual(self.store.count(OUT), 0)
         self.assertEqual(self.stats["Relayed"], 25)
 
-    async def test_a_failure_does_not_send_the_rest_of_its_address(self) -> None:
+    def test_a_failure_does_not_send_the_rest_of_its_address(self) -> None:
         self.store.add_many(OUT, [bytes(32768)] * 5, now=1000, meta=[self.meta] * 5)
         out = self.outgoing(2)
         self.assertEqual(out.flush(), 2)
@@ -85,7 +85,7 @@ class OutgoingWindowTests(unittest.TestCase):
             d.errback(ConnectionFailed("client shutting down"))
         await stopped
         self.assertEqual(self.stats["RelayFailed"], 0)
-        again = Outgoing(self.store, HeldClient(), (60, 60), self.clock, b"\x07" * 20,
-                         self.stats.count, lambda packets: None, reactor=reactor)
+        again = in_place(Outgoing(self.store, HeldClient(), (60, 60), self.clock, b"\x07" * 20,
+                                  self.stats.count, lambda packets: None))
         self.addCleanup(again.stop)
         self.assertEqual(again.flush(), 3)  # right away after the restart

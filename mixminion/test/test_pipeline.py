@@ -1,13 +1,14 @@
 """The node's pipeline stages, one at a time, on a real packet store.
 
 Processing, mixing, the outgoing queue and delivery each get their input
-put straight into the store; time is a ``task.Clock`` wherever a stage
-only reads the clock.
+put straight into the store.  Nothing waits on the real clock: time is a
+``task.Clock``, the stores' worker threads run in place
+(:mod:`mixminion.testing.threads`), and the tests of the real processing
+child and of the sink's real worker thread await the Deferreds those fire.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +20,6 @@ from mixminion.codec.build import build_forward_packet, encode_message_payloads
 from mixminion.codec.process import PacketProcessor
 from mixminion.codec.header import Hop
 from mixminion.codec.routing import MBOX_TYPE, SMTP_TYPE, HostInfo
-from mixminion.codec.rsa import PrivateKey
 from zope.interface import implementer
 
 from mixminion.exits.context import ExitContext
@@ -40,15 +40,12 @@ from mixminion.server.processing import Processor
 from mixminion.server.store_replay import StoreReplayLog
 from mixminion.server.stats import NodeStats
 from mixminion.testing.fakes import scratch_store
-
-
-@functools.lru_cache(maxsize=None)
-def _key(n: int) -> PrivateKey:
-    return PrivateKey.generate(2048)
+from mixminion.testing.keys import key
+from mixminion.testing.threads import InPlaceReactor, in_place
 
 
 def _hop(n: int) -> Hop:
-    return Hop(_key(n).public, HostInfo(f"mix{n}.example.net", 48000 + n, bytes([n]) * 20))
+    return Hop(key(f"mix{n}").public, HostInfo(f"mix{n}.example.net", 48000 + n, bytes([n]) * 20))
 
 
 def _packet(exit_type: int = SMTP_TYPE, address: bytes = b"a@example.com") -> bytes:
@@ -89,7 +86,7 @@ class ProcessorTests(TwoStoreTestCase):
 
     async def _drain(self, processor: Processor) -> None:
         processor.committed_through = self.incoming.committed_through
-        processor.set_keys([_key(0)])
+        processor.set_keys([key("mix0")])
         await processor.wait_idle()
 
     def test_relay_packets_reach_the_pool_with_their_next_hop(self) -> None:
@@ -125,11 +122,9 @@ class ProcessorTests(TwoStoreTestCase):
 
         async def go():
             await self._drain(processor)  # the child is up and idle
-            first = processor._child
-            first.transport.signalProcess("KILL")
+            processor._child.transport.signalProcess("KILL")
             processor.committed_through = self.incoming.add_many([_packet() for _ in range(4)])[-1]
-            while processor._child is first or processor._child is None:
-                await task.deferLater(reactor, 0.05, lambda: None)
+            # fires once a child has drained the four: the killed one cannot
             await processor.wait_idle()
             self.assertEqual(processor.starts, 2)
             self.assertEqual(self.store.count(MIX), 4)
@@ -153,28 +148,39 @@ class ProcessorTests(TwoStoreTestCase):
     def test_the_node_waits_for_a_child_of_a_killed_node(self) -> None:
         """A processing child outliving its node holds the lock; the next
         node's start-up recovery waits for it."""
+        import fcntl
         import subprocess
         import sys
-        import time
 
+        from mixminion.server import processing_child
         from mixminion.server.processing_child import processing_lock
 
         lock = os.path.join(os.path.dirname(self.store.path), "processing.lock")
         holder = subprocess.Popen(
-            [sys.executable, "-c", "import sys, time\n"
+            [sys.executable, "-c", "import sys\n"
              "from mixminion.server.processing_child import processing_lock\n"
              f"with processing_lock({lock!r}):\n"
-             "    print('held', flush=True); time.sleep(0.5)"],
-            stdout=subprocess.PIPE)
+             "    print('held', flush=True); sys.stdin.read()"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         self.addCleanup(holder.wait)
+        self.addCleanup(holder.stdout.close)
+        self.addCleanup(holder.stdin.close)  # lets it go if the test fails first
         self.assertEqual(holder.stdout.readline(), b"held\n")
-        start = time.monotonic()
+        blocking: list[int] = []
+        real_flock = fcntl.flock
+
+        def flock(f, operation: int) -> None:
+            if operation == fcntl.LOCK_EX:  # about to wait: let the holder go
+                blocking.append(operation)
+                holder.stdin.close()
+            real_flock(f, operation)
+
+        self.patch(processing_child.fcntl, "flock", flock)
         with processing_lock(lock) as waited:
             self.assertTrue(waited)
-            self.assertGreater(time.monotonic() - start, 0.2)
+        self.assertEqual(blocking, [fcntl.LOCK_EX])
         with processing_lock(lock) as waited:
             self.assertFalse(waited)
-        holder.stdout.close()
         self.assertEqual(os.stat(lock).st_mode & 0o777, 0o600)
 
 
@@ -184,7 +190,7 @@ class DrainingTests(TwoStoreTestCase):
     def setUp(self) -> None:
         super().setUp()
         self.processor = PacketProcessor(
-            [(_key(0), StoreReplayLog(self.store, _key(0).public.keyid))])
+            [(key("mix0"), StoreReplayLog(self.store, key("mix0").public.keyid))])
 
     def _drain(self, batch_size: int = 16) -> list:
         return list(drain(self.incoming, self.store, self.processor, batch_size,
@@ -313,15 +319,16 @@ class FakeClient:
 
 
 class OutgoingTests(StoreTestCase):
-    def _outgoing(self, clock, client, schedule=(60, 60)) -> Outgoing:
+    def _outgoing(self, clock: InPlaceReactor, client, schedule=(60, 60)) -> Outgoing:
+        """An Outgoing whose removals from the store run in place."""
         self.relayed_to_self: list[bytes] = []
-        out = Outgoing(self.store, client, schedule, clock, b"\x07" * 20, self.stats.count,
-                       self.relayed_to_self.extend, reactor=reactor)
+        out = in_place(Outgoing(self.store, client, schedule, clock, b"\x07" * 20,
+                                self.stats.count, self.relayed_to_self.extend))
         self.addCleanup(out.stop)
         return out
 
     def test_success_removes_failure_waits_for_the_address_retry(self) -> None:
-        clock = task.Clock()
+        clock = InPlaceReactor()
         clock.advance(1000)
         client = FakeClient()
         meta = encode_item(RelayItem("127.0.0.1", 5000, b"\x01" * 20))
@@ -333,19 +340,15 @@ class OutgoingTests(StoreTestCase):
         client.sent[1][2].errback(ConnectionFailed("down"))
         self.assertEqual(self.stats["Relayed"], 1)
         self.assertEqual(self.stats["RelayFailed"], 1)
-        d: defer.Deferred = task.deferLater(reactor, 0.2, lambda: None)
-
-        def after(_):
-            self.assertEqual(self.store.ids(OUT), [ids[1]])
-            clock.advance(30)
-            self.assertEqual(out.flush(), 0)  # the address waits for its retry
-            clock.advance(31)
-            self.assertEqual(out.flush(), 1)
-
-        return d.addCallback(after)
+        clock.advance(0)  # the removal's result comes back
+        self.assertEqual(self.store.ids(OUT), [ids[1]])
+        clock.advance(30)
+        self.assertEqual(out.flush(), 0)  # the address waits for its retry
+        clock.advance(31)
+        self.assertEqual(out.flush(), 1)
 
     def test_packets_for_ourselves_go_back_to_incoming_and_old_ones_expire(self) -> None:
-        clock = task.Clock()
+        clock = InPlaceReactor()
         clock.advance(10_000)
         mine = encode_item(RelayItem("127.0.0.1", 5000, b"\x07" * 20))
         other = encode_item(RelayItem("127.0.0.1", 5001, b"\x02" * 20))
@@ -445,11 +448,15 @@ class DeliveryTests(StoreTestCase):
         return defer.ensureDeferred(go())
 
 
-class SinkBoundTests(StoreTestCase):
+class SinkBoundTests(TwoStoreTestCase):
+    """The sink in front of the incoming log, as the node has it."""
+
     def test_a_full_incoming_queue_refuses_until_processing_drains_it(self) -> None:
+        """With the sink's real worker thread: each packet's Deferred fires
+        once the thread has committed it."""
         from mixminion.server.durable import DurableSink, SinkRefused
 
-        sink = DurableSink(self.store, reactor, INCOMING, max_queued=2)
+        sink = DurableSink(self.incoming, reactor, max_queued=2)
         self.addCleanup(sink.stop)
 
         async def go():
@@ -460,7 +467,7 @@ class SinkBoundTests(StoreTestCase):
             self.assertEqual(sink.refused, 1)
             sink.removed(1)
             await sink.receivePacket(b"d" * 32768, "peer")
-            self.assertEqual(self.store.count(INCOMING), 3)
+            self.assertEqual(self.incoming.count(), 3)
 
         return defer.ensureDeferred(go())
 
@@ -468,32 +475,35 @@ class SinkBoundTests(StoreTestCase):
     def test_consumed_packets_are_deleted_by_the_next_commit(self) -> None:
         from mixminion.server.durable import DurableSink
 
-        sink = DurableSink(self.store, reactor, INCOMING, max_queued=3)
+        clock = InPlaceReactor()
+        sink = in_place(DurableSink(self.incoming, clock, max_queued=3))
         self.addCleanup(sink.stop)
 
-        async def go():
-            ids = [await sink.receivePacket(bytes([i]) * 32768, "peer") for i in range(3)]
-            sink.consumed(ids[1], 2)  # processing committed the first two
-            await sink.receivePacket(b"d" * 32768, "peer")  # room again, same commit
-            self.assertEqual(self.store.get_many(self.store.ids(INCOMING)),
-                             [bytes([2]) * 32768, b"d" * 32768])
-            sink.consumed(ids[2], 1)  # with nothing arriving, a commit of its own
-            while self.store.count(INCOMING) != 1:
-                await task.deferLater(reactor, 0.01, lambda: None)
+        def receive(packet: bytes) -> int:
+            d = sink.receivePacket(packet, "peer")
+            clock.advance(0)  # the commit's result comes back
+            return self.successResultOf(d)
 
-        return defer.ensureDeferred(go())
+        ids = [receive(bytes([i]) * 32768) for i in range(3)]
+        sink.consumed(ids[1], 2)  # processing committed the first two
+        receive(b"d" * 32768)  # room again
+        self.assertEqual(self.incoming.get_many(self.incoming.ids()),
+                         [bytes([2]) * 32768, b"d" * 32768])
+        sink.consumed(ids[2], 1)  # with nothing arriving, a commit of its own
+        self.assertEqual(self.incoming.count(), 1)
+        clock.advance(0)  # its result comes back: nothing left to wait for
+        self.successResultOf(sink.stop())
 
 
-class SinkDiskTests(StoreTestCase):
+class SinkDiskTests(TwoStoreTestCase):
     def test_too_little_free_disk_answers_refused(self) -> None:
         """A full disk makes MMTP answer REJECTED instead of crashing."""
         from mixminion.server.durable import DurableSink, SinkRefused
 
-        sink = DurableSink(self.store, reactor, INCOMING, min_free_bytes=1 << 62)
+        sink = in_place(DurableSink(self.incoming, InPlaceReactor(), min_free_bytes=1 << 62))
         self.addCleanup(sink.stop)
-        d = sink.receivePacket(b"a" * 32768, "peer")
-        self.assertFailure(d, SinkRefused)
-        return d.addCallback(lambda _: self.assertEqual(self.store.count(INCOMING), 0))
+        self.failureResultOf(sink.receivePacket(b"a" * 32768, "peer"), SinkRefused)
+        self.assertEqual(self.incoming.count(), 0)
 
     def test_free_space_is_read_at_most_every_quarter_second_and_errs_low(self) -> None:
         from collections import namedtuple
@@ -507,7 +517,7 @@ class SinkDiskTests(StoreTestCase):
             reads.append(clock.seconds())
             return usage(0, 0, 20 * 32768)
 
-        sink = durable.DurableSink(self.store, clock, INCOMING, min_free_bytes=10 * 32768)
+        sink = durable.DurableSink(self.incoming, clock, min_free_bytes=10 * 32768)
         sink.free_space.usage = disk_usage
         self.assertEqual([sink._refusal() for _ in range(11)], [None] * 11)
         self.assertEqual(len(reads), 1)  # the estimate counts the 11 taken down
@@ -555,7 +565,7 @@ class FailureHandlingTests(TwoStoreTestCase):
 
         processor = Processor(self.incoming.path, self.store.path, Reactor(), self.stats.count,
                               restart_delay=1.0)
-        processor.set_keys([_key(0)])
+        processor.set_keys([key("mix0")])
         self.assertEqual(len(attempts), 1)
         self.assertIsNone(processor._child)
         clock.advance(1.0)

@@ -11,8 +11,8 @@ one read in a single pass sends (the fairness of the outgoing queue is
 unchanged).
 
 Everything runs on a ``task.Clock``; worker threads are stood in for by
-:class:`InPlacePool`, whose results reach the clock's next turn as a
-real thread's reach the reactor.
+:class:`~mixminion.testing.threads.InPlacePool`, whose results reach the
+clock's next turn as a real thread's reach the reactor.
 """
 
 from __future__ import annotations
@@ -20,9 +20,8 @@ from __future__ import annotations
 import random
 from typing import Any, Callable, Optional
 
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.logger import LogLevel
-from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from mixminion.codec.routing import MBOX_TYPE
@@ -38,23 +37,20 @@ from mixminion.server.stats import NodeStats
 from mixminion.server.workers import run_in
 from mixminion.test.test_mmtp_protocol import LogMixin
 from mixminion.testing.fakes import HeldClient, scratch_store
+from mixminion.testing.threads import InPlacePool, InPlaceReactor, in_place
 
 OWN_KEYID = b"own key id".ljust(20, b"\0")
 
 
-class ThreadClock(task.Clock):
-    """A ``task.Clock`` that also takes calls from worker threads (run by
-    the next ``advance``), as the reactor does, and numbers the calls it
-    runs: ``current`` is the number of the one running (None outside), so
-    a test can tell what one reactor call did."""
+class ThreadClock(InPlaceReactor):
+    """An :class:`InPlaceReactor` that numbers the calls it runs:
+    ``current`` is the number of the one running (None outside), so a test
+    can tell what one reactor call did."""
 
     def __init__(self) -> None:
         super().__init__()
         self.ran = 0
         self.current: Optional[int] = None
-
-    def callFromThread(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> None:  # noqa: N802
-        self.callLater(0, f, *args, **kwargs)
 
     def callLater(self, delay: float, f: Callable[..., Any], *args: Any,  # noqa: N802
                   **kwargs: Any) -> Any:
@@ -67,32 +63,6 @@ class ThreadClock(task.Clock):
                 self.current = outer
 
         return super().callLater(delay, numbered, *args, **kwargs)
-
-
-class InPlacePool:
-    """Stands in for a worker thread pool: runs each call at once, in the
-    test's thread; ``running`` is true meanwhile."""
-
-    started = True
-    running = False
-
-    def start(self) -> None:
-        pass
-
-    def stop(self) -> None:
-        pass
-
-    def callInThreadWithCallback(self, on_result: Callable[[bool, Any], None],  # noqa: N802
-                                 f: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        self.running = True
-        try:
-            result = f(*args, **kwargs)
-        except BaseException:
-            on_result(False, Failure())
-        else:
-            on_result(True, result)
-        finally:
-            self.running = False
 
 
 def dest(n: int) -> Destination:
@@ -322,7 +292,7 @@ class SlicedOutgoing:
         self.to_self: list[bytes] = []
         self.out = Outgoing(store, self.client, (60, 60), clock, OWN_KEYID,  # type: ignore[arg-type]
                             self.stats.count, self.to_self.extend, reactor=clock, allows=allows)
-        self.out._pool = InPlacePool()  # type: ignore[assignment]
+        in_place(self.out)
         self.out.scan_slice = scan_slice
         test.addCleanup(self.out.stop)
 

@@ -11,7 +11,7 @@
   :class:`CodecError` subclasses, and make ``PacketProcessor.process`` raise
   nothing at all.
 
-Keys are made once per run (:func:`server_keys`); Hypothesis runs without a
+Keys are made once per run (:mod:`mixminion.testing.keys`); Hypothesis runs without a
 database.  ``MIXMINION_PROPERTY_SCALE=N`` multiplies every example count, for
 a deeper run than the default one sized to keep this file near a minute.
 """
@@ -104,6 +104,7 @@ from mixminion.directory.descriptor import (
     build_descriptor,
     parse_descriptor,
 )
+from mixminion.testing.keys import key
 
 T = TypeVar("T")
 
@@ -138,18 +139,15 @@ def props(n: int) -> settings:
 # --- the servers -------------------------------------------------------------
 
 
-@functools.cache
 def server_keys() -> tuple[PrivateKey, ...]:
-    """The pool's 2048-bit packet keys, made once per run (slow; trial has
-    no setUpClass)."""
-    return tuple(PrivateKey.generate(2048) for _ in range(SERVER_COUNT))
+    """The pool's 2048-bit packet keys."""
+    return tuple(key(f"server {i}") for i in range(SERVER_COUNT))
 
 
-@functools.cache
 def recipient_keys() -> tuple[PrivateKey, ...]:
     """End-to-end recipient keys of two sizes (the overhead must not depend
     on the modulus, packet.md §16)."""
-    return (PrivateKey.generate(1024), PrivateKey.generate(2048))
+    return (key("recipient", 1024), key("recipient"))
 
 
 def identity_digest(index: int) -> bytes:
@@ -178,9 +176,9 @@ class Network:
         keys = server_keys()
         assert len(addresses) == len(keys)
         self.addresses = list(addresses)
-        self.hops = [Hop(key.public, address) for key, address in zip(keys, addresses)]
+        self.hops = [Hop(k.public, address) for k, address in zip(keys, addresses)]
         self.logs = [MemoryReplayLog() for _ in keys]
-        self.processors = [PacketProcessor([(key, log)]) for key, log in zip(keys, self.logs)]
+        self.processors = [PacketProcessor([(k, log)]) for k, log in zip(keys, self.logs)]
         self._by_keyinfo = {address.keyinfo: i for i, address in enumerate(addresses)}
 
     def path(self, indices: Sequence[int]) -> list[Hop]:
@@ -1048,12 +1046,12 @@ class FuzzTests(unittest.TestCase):
     def test_process_any_routing(self, body: bytes, rtype: int, rlen: int) -> None:
         """A subheader that decrypts, with the right version and digest, and
         any routing type, length and info."""
-        key = server_keys()[0]
+        server_key = server_keys()[0]
         packet = sample_packets()[0]
-        plain = bytearray(key.decrypt(packet[:256]))
+        plain = bytearray(server_key.decrypt(packet[:256]))
         plain[38:42] = struct.pack(">HH", rlen, rtype)
         plain[42:] = body
-        forged = key.public.encrypt(bytes(plain), seeded_rng(rlen)) + packet[256:]
+        forged = server_key.public.encrypt(bytes(plain), seeded_rng(rlen)) + packet[256:]
         result = fresh_processor(0).process(forged)
         self.assertIsInstance(result, (Relay, Exit, Drop, Reject))
         if isinstance(result, Reject):
