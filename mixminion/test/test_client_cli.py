@@ -10,6 +10,7 @@ real MMTP (TLS on loopback) to a responder storing into a DurableSink.
 
 from __future__ import annotations
 
+import argparse
 import functools
 import io
 import os
@@ -24,7 +25,8 @@ from twisted.internet import reactor as _reactor
 from twisted.trial import unittest
 
 from mixminion.client import cli, keyring
-from mixminion.client.config import ConfigError, parse_client_config
+from mixminion.client.commands import common
+from mixminion.client.config import ConfigError, load_client_config, parse_client_config
 from mixminion.client.paths import (
     ExitNeeds,
     PathError,
@@ -37,7 +39,6 @@ from mixminion.codec.exit import classify_payload, text_for_delivery
 from mixminion.codec.process import Exit, PacketProcessor, Relay
 from mixminion.codec.replay import MemoryReplayLog
 from mixminion.codec.routing import FRAGMENT_TYPE, SMTP_TYPE
-from mixminion.codec.rsa import PrivateKey
 from mixminion.directory.descriptor import (
     DeliveryInfo,
     DescriptorFields,
@@ -49,6 +50,7 @@ from mixminion.directory.descriptor import (
 )
 from mixminion.directory.directory import DirectoryInfo, VotingServer, build_directory, sign_directory
 from mixminion.codec.textformat import previous_midnight
+from mixminion.testing.keys import key
 
 reactor: Any = _reactor
 DAY = 86400
@@ -56,12 +58,6 @@ TODAY = previous_midnight(int(time.time()))
 AUTHORITY = "auth"
 PASSPHRASE = "correct horse battery staple"
 DOC = os.path.join(os.path.dirname(__file__), "..", "..", "doc")
-
-
-@functools.cache
-def key(name: str) -> PrivateKey:
-    """RSA generation dominates: one key per name for the whole module."""
-    return PrivateKey.generate(2048)
 
 
 def free_port() -> int:
@@ -180,7 +176,7 @@ class Env:
         return list(ClientQueue(self.user_dir).packets())
 
 
-PASSPHRASE_VAR = cli.PASSPHRASE_ENV
+PASSPHRASE_VAR = common.PASSPHRASE_ENV
 
 
 def inline(fn: Any) -> Any:
@@ -309,15 +305,15 @@ class PathSyntaxTests(unittest.TestCase):
 class PathSelectionTests(unittest.TestCase):
 
     def selector(self, env: Env, **blocks: Any) -> PathSelector:
-        args = cli.argparse.Namespace(quiet=True, verbose=False)
-        ctx = cli.Context(io.BytesIO(), io.BytesIO(), io.StringIO(), env.environ, reactor, args)
-        ctx.config = cli.load_client_config(env.rc, env.environ)
+        args = argparse.Namespace(quiet=True, verbose=False)
+        ctx = common.Context(io.BytesIO(), io.BytesIO(), io.StringIO(), env.environ, reactor, args)
+        ctx.config = load_client_config(env.rc, env.environ)
         for k, v in blocks.items():
             setattr(ctx.config, k, frozenset(v))
-        directory = cli._default_directory(ctx)
+        directory = common.default_directory(ctx)
         directory.load()
         now = time.time()
-        return cli.make_selector(ctx, directory, now, previous_midnight(int(now + DAY)))
+        return common.make_selector(ctx, directory, now, previous_midnight(int(now + DAY)))
 
     def test_rules_hold_over_many_draws(self) -> None:
         expired = descriptor("Old", valid_after=TODAY - 40 * DAY, valid_until=TODAY - 10 * DAY)

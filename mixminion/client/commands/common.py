@@ -1,0 +1,335 @@
+"""What the ``mixminion-client`` command groups share.
+
+The run :class:`Context` (streams, configuration, reactor, hooks), the two
+errors that decide the exit status (:class:`UsageError` 2,
+:class:`UserError` 1), the :class:`Command` table row, options used by
+more than one command, and the shared steps: loading the directory,
+choosing paths, reading input and passphrases, opening the keyring.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, BinaryIO, Callable, Optional, Sequence, TextIO
+
+from mixminion.client import keyring as keyring_mod
+from mixminion.client.config import ClientConfig
+from mixminion.client.paths import ExitNeeds, Legs, PathSelector, PathSpec, hop_for
+from mixminion.directory.descriptor import ServerDescriptor
+from mixminion.mmtp.initiator import MMTPClient
+
+PROG = "mixminion-client"
+PASSPHRASE_ENV = "MIXMINION_PASSPHRASE"
+#: show a progress bar from this many packets on (and only on a terminal)
+PROGRESS_MIN = 8
+#: reply blocks with less life left than this are not used (client.md §5.2)
+SURB_MIN_REMAINING = 3 * 3600
+NO_AUTHORITY = "0" * 40
+
+
+class UsageError(Exception):
+    """Bad command line: exit 2 with this one line."""
+
+
+class UserError(Exception):
+    """A failure the user can act on: exit 1 with this message."""
+
+
+def _no_options(p: argparse.ArgumentParser) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class Command:
+    """One row of the command table: ``mixminion-client NAME``."""
+
+    name: str
+    #: one line, for ``--help``
+    summary: str
+    #: runs the command; returns the exit status
+    run: Callable[["Context"], Awaitable[int]]
+    #: adds the command's own options (the general ones are added after)
+    options: Callable[[argparse.ArgumentParser], None] = _no_options
+    #: touches the queue, the directory cache or the SURB log: take the client lock
+    locked: bool = False
+
+
+def _yes_no_force(text: str) -> Optional[bool]:
+    value = text.strip().lower()
+    if value in ("yes", "y", "1", "true", "t", "force"):
+        return True
+    if value in ("no", "n", "0", "false", "f"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected yes or no, not {text!r}")
+
+
+def positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def _fd(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a file descriptor number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("file descriptors are not negative")
+    return value
+
+
+def directory_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-D", "--download-directory", metavar="yes|no", type=_yes_no_force,
+                   dest="download", default=None,
+                   help="yes: download a fresh directory first; no: never download "
+                        "(default: download when the cached one is from before midnight GMT)")
+
+
+def passphrase_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--passphrase-fd", metavar="N", type=_fd,
+                   help=f"read the keyring passphrase from file descriptor N (else ${PASSPHRASE_ENV}, "
+                        "else ask on the terminal)")
+
+
+@dataclass
+class Context:
+    """One command's run: its streams, arguments, configuration and the
+    hooks tests use to replace the directory and the MMTP client."""
+
+    stdin: BinaryIO
+    stdout: BinaryIO
+    stderr: TextIO
+    environ: dict[str, str]
+    reactor: Any
+    args: argparse.Namespace
+    config: ClientConfig = field(default_factory=ClientConfig)
+    rng: Callable[[int], bytes] = os.urandom
+    random: random.Random = field(default_factory=random.SystemRandom)
+    directory_factory: Optional[Callable[["Context"], Any]] = None
+    mmtp_client: Optional[Callable[["Context"], MMTPClient]] = None
+
+    @property
+    def quiet(self) -> bool:
+        return bool(getattr(self.args, "quiet", False))
+
+    @property
+    def verbose(self) -> bool:
+        return bool(getattr(self.args, "verbose", False))
+
+    def now(self) -> float:
+        return float(self.reactor.seconds())
+
+    def log(self, level: str, message: str) -> None:
+        if self.quiet and level != "ERROR":
+            return
+        if level == "DEBUG" and not self.verbose:
+            return
+        stamp = time.strftime("%b %d %H:%M:%S", time.localtime())
+        self.stderr.write(f"{stamp} [{level}] {message}\n")
+        self.stderr.flush()
+
+    def info(self, message: str) -> None:
+        self.log("INFO", message)
+
+    def warn(self, message: str) -> None:
+        self.log("WARN", message)
+
+    def write(self, data: bytes) -> None:
+        self.stdout.write(data)
+        self.stdout.flush()
+
+    def say(self, text: str) -> None:
+        self.write((text + "\n").encode("utf-8"))
+
+
+class Progress:
+    """``Building packets: 12/40`` on stderr, redrawn in place; only when
+    there are many packets and stderr is a terminal (it is noise in logs)."""
+
+    def __init__(self, ctx: Context, what: str, total: int) -> None:
+        isatty = getattr(ctx.stderr, "isatty", lambda: False)
+        self.on = total >= PROGRESS_MIN and not ctx.quiet and isatty()
+        self.ctx, self.what, self.total, self.done = ctx, what, total, 0
+
+    def step(self, n: int = 1) -> None:
+        self.done += n
+        if self.on:
+            width = 30
+            filled = width * self.done // max(self.total, 1)
+            self.ctx.stderr.write(f"\r{self.what}: [{'#' * filled}{'.' * (width - filled)}] "
+                                  f"{self.done}/{self.total}")
+            if self.done >= self.total:
+                self.ctx.stderr.write("\n")
+            self.ctx.stderr.flush()
+
+
+def default_directory(ctx: Context) -> Any:
+    """A :class:`ClientDirectory` for the configured authorities (not yet loaded)."""
+    from mixminion.client.directory import ClientDirectory
+
+    config = ctx.config
+    authorities = [(a.url, a.fingerprint) for a in config.authorities]
+    trusted: Optional[dict[str, Any]] = None
+    if not authorities:
+        # No anchors: no downloaded directory can verify; imports still work.
+        trusted = {NO_AUTHORITY: None}  # type: ignore[dict-item]
+    if trusted is None and config.threshold > len(authorities):
+        raise UserError(f"{config.filename}: Threshold {config.threshold} is more than the "
+                        f"{len(authorities)} Authority lines; lower it or add authorities.")
+    return ClientDirectory(config.user_dir, authorities, trusted, config.threshold,
+                           ctx.reactor, reactor=ctx.reactor, timeout=config.directory_timeout,
+                           environ=ctx.environ)
+
+
+def local_directory(ctx: Context) -> Any:
+    """The client directory as stored (cached directory and imports)."""
+    directory = (ctx.directory_factory or default_directory)(ctx)
+    directory.load()
+    return directory
+
+
+async def load_directory(ctx: Context, download: Optional[bool]) -> Any:
+    """The client directory, refreshed per ``-D`` and the daily rule."""
+    from mixminion.client.directory import ClientDirectoryError
+
+    directory = local_directory(ctx)
+    if download is False:
+        return directory
+    if not ctx.config.authorities:
+        if download:
+            raise UserError("No directory authorities are configured, so no directory can be "
+                            "downloaded. Add '[DirectoryServers] Authority: URL FINGERPRINT' "
+                            f"lines to {ctx.config.filename}.")
+        return directory
+    try:
+        result = await directory.update(force=bool(download))
+    except ClientDirectoryError as exc:
+        if directory.directory is None and not directory.imported:
+            raise UserError(str(exc)) from None
+        ctx.warn(f"{exc}\nContinuing with the servers already known.")
+        return directory
+    for warning in result.warnings:
+        ctx.warn(warning)
+    if result.downloaded:
+        ctx.info(f"Directory updated from {result.url}.")
+    advice = directory.version_advice()
+    if advice:
+        ctx.warn(advice)
+    return directory
+
+
+def make_selector(ctx: Context, directory: Any, start: float, end: float) -> PathSelector:
+    def lookup(name: str) -> ServerDescriptor:
+        return directory.lookup(name, start, end - start)
+
+    return PathSelector(directory.recommended(start), lookup, start, end,
+                        ctx.config.block_servers, ctx.config.block_entries,
+                        ctx.config.block_exits, rng=ctx.random, warn=ctx.warn)
+
+
+def path_text(ctx: Context, args: argparse.Namespace, default: str) -> str:
+    if args.path and args.hops:
+        raise UsageError(f"{PROG} {args.command}: give -P or -H, not both")
+    if args.hops:
+        return f"*{args.hops}"
+    return args.path or default
+
+
+def read_input(ctx: Context, name: str, prompt: bool = False) -> bytes:
+    if name == "-":
+        if prompt and getattr(ctx.stdin, "isatty", lambda: False)():
+            ctx.stderr.write("Enter your message. Type Ctrl-D when you are done.\n")
+        return ctx.stdin.read()
+    try:
+        with open(name, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise UserError(f"Cannot read {name}: {exc.strerror}.") from None
+
+
+def hops_of(descriptors: Sequence[ServerDescriptor]) -> list:
+    return [hop_for(d) for d in descriptors]
+
+
+def choose_legs(ctx: Context, selector: PathSelector, spec: PathSpec, kind: str,
+            needs: Optional[ExitNeeds], fixed_exit: Optional[ServerDescriptor] = None) -> Legs:
+    legs = selector.choose(spec, kind, needs, fixed_exit, swap_at=getattr(ctx.args, "swap_at", None))
+    ctx.log("DEBUG", f"Selected path is {legs}")
+    return legs
+
+
+def read_passphrase(ctx: Context, prompt: str, confirm: bool = False) -> str:
+    fd = getattr(ctx.args, "passphrase_fd", None)
+    if fd is not None:
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError as exc:
+                raise UserError(f"Cannot read the passphrase from file descriptor {fd}: "
+                                f"{exc.strerror}.") from None
+            if not chunk:
+                break
+            chunks.append(chunk)
+        text = b"".join(chunks).decode("utf-8", "replace")
+        return text[:-1] if text.endswith("\n") else text
+    if PASSPHRASE_ENV in ctx.environ:
+        return ctx.environ[PASSPHRASE_ENV]
+    try:
+        tty = open("/dev/tty", "r+")
+    except OSError:
+        raise UserError("The keyring needs a passphrase but there is no terminal to ask on: "
+                        f"use --passphrase-fd N or set {PASSPHRASE_ENV}.") from None
+    with tty:
+        first = getpass.getpass(prompt, stream=tty)
+        if confirm and getpass.getpass("Again, to confirm: ", stream=tty) != first:
+            raise UserError("The two passphrases differ; nothing was changed.")
+    return first
+
+
+def open_keyring(ctx: Context, create: bool) -> tuple[Optional[keyring_mod.Keyring], str]:
+    """The keyring and its passphrase; a new one when there is none and
+    ``create`` (else ``(None, "")``)."""
+    user_dir = ctx.config.user_dir
+    text = keyring_mod.read_keyring_text(user_dir)
+    if text is None:
+        if not create:
+            return None, ""
+        ctx.info(f"Creating a new keyring in {keyring_mod.keyring_path(user_dir)}.")
+        passphrase = read_passphrase(ctx, "New passphrase for your keyring: ", confirm=True)
+        if not passphrase:
+            ctx.warn(f"The new keyring has an empty passphrase: anyone who can read "
+                     f"{keyring_mod.keyring_path(user_dir)} can decode replies to your reply "
+                     "blocks.")
+        return keyring_mod.Keyring(dirty=True), passphrase
+    path = keyring_mod.keyring_path(user_dir)
+    try:
+        return keyring_mod.decrypt_keyring(text, "", path), ""
+    except keyring_mod.WrongPassphrase:
+        pass
+    except keyring_mod.KeyringError as exc:
+        raise UserError(str(exc)) from None
+    passphrase = read_passphrase(ctx, "Passphrase for your keyring: ")
+    try:
+        return keyring_mod.decrypt_keyring(text, passphrase, path), passphrase
+    except keyring_mod.KeyringError as exc:
+        raise UserError(f"{exc} Check the passphrase and try again.") from None
+
+
+def write_file(name: str, data: bytes) -> None:
+    try:
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+    except OSError as exc:
+        raise UserError(f"Cannot write {name}: {exc.strerror}.") from None

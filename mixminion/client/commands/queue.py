@@ -1,0 +1,184 @@
+"""The client-side queue (client.md §4): ``flush``, ``inspect-queue``, and
+handing built packets to their first hops (queue, send, or both).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+from mixminion.client.commands.common import (
+    PROG,
+    Command,
+    Context,
+    Progress,
+    UserError,
+    local_directory,
+    positive,
+)
+from mixminion.client.store import ClientQueue, QueuedPacket
+from mixminion.codec.textformat import SECONDS_PER_DAY
+from mixminion.mmtp.initiator import Destination, InitiatorSettings, MMTPClient
+from mixminion.mmtp.tls import InitiatorTLS
+
+
+@dataclass
+class FirstHopPacket:
+    """A built packet and the first hop it goes to; ``handle`` names its
+    file in the :class:`ClientQueue` once it is queued."""
+
+    destination: Destination
+    nickname: str
+    packet: bytes
+    handle: Optional[str] = None
+
+
+def _mmtp_client(ctx: Context) -> MMTPClient:
+    if ctx.mmtp_client is not None:
+        return ctx.mmtp_client(ctx)
+    t = float(ctx.config.timeout)
+    return MMTPClient(ctx.reactor, InitiatorTLS(),
+                      InitiatorSettings(connect_timeout=t, handshake_timeout=t, idle_timeout=t,
+                                        close_timeout=min(t, 10.0)))
+
+
+async def transmit(ctx: Context, items: Sequence[FirstHopPacket], queue: Optional[ClientQueue]
+                   ) -> int:
+    """Send ``items`` grouped by first hop, groups and packets shuffled.
+
+    Acknowledged packets leave ``queue`` (if they were in it).  Warns once
+    per first hop that failed, saying why; returns the number delivered.
+    """
+    groups: dict[Destination, list[FirstHopPacket]] = {}
+    for item in items:
+        groups.setdefault(item.destination, []).append(item)
+    order = list(groups)
+    ctx.random.shuffle(order)
+    client = _mmtp_client(ctx)
+    progress = Progress(ctx, "Sending packets", len(items))
+    failures: dict[str, str] = {}
+    delivered = 0
+    try:
+        pending = []
+        for dest in order:
+            group = groups[dest]
+            ctx.random.shuffle(group)
+            for item in group:
+                d = client.send_packet(dest, item.packet)
+                pending.append((item, d))
+        for item, d in pending:
+            try:
+                await d
+            except Exception as exc:  # noqa: BLE001 - any failure leaves it queued
+                failures.setdefault(item.nickname, str(exc))
+            else:
+                delivered += 1
+                if queue is not None and item.handle is not None:
+                    queue.remove(item.handle)
+            progress.step()
+    finally:
+        await client.close()
+    for nickname, why in failures.items():
+        ctx.warn(f"Could not deliver to {nickname}: {why}")
+    return delivered
+
+
+async def deliver(ctx: Context, items: list[FirstHopPacket], mode: str) -> int:
+    """``mode``: ``queue`` (only queue), ``send`` (queue, then send) or
+    ``no-queue`` (send, losing failures)."""
+    queue = ClientQueue(ctx.config.user_dir)
+    if mode in ("queue", "send"):
+        for item in items:
+            item.handle = queue.add(item.destination, item.nickname, item.packet, ctx.now())
+    if mode == "queue":
+        ctx.say(f"Queued {len(items)} packet(s); run '{PROG} flush' to send them.")
+        return 0
+    delivered = await transmit(ctx, items, queue if mode == "send" else None)
+    failed = len(items) - delivered
+    if not failed:
+        ctx.say(f"Sent {delivered} packet(s).")
+        return 0
+    if mode == "send":
+        ctx.say(f"Sent {delivered} packet(s); {failed} could not be sent now and were queued. "
+                f"Run '{PROG} flush' later to send them.")
+        return 0
+    raise UserError(f"{failed} of {len(items)} packet(s) could not be sent and were lost "
+                    "(--no-queue). Send the message again when the first hop is up.")
+
+
+def _matches(item: QueuedPacket, name: str, directory: Optional[Any], now: float) -> bool:
+    lowered = name.lower()
+    if lowered in (item.nickname.lower(), item.destination.host.lower(),
+                   item.destination.keyid.hex().lower()):
+        return True
+    if directory is not None:
+        try:
+            d = directory.lookup(name, now)
+        except Exception:  # noqa: BLE001 - unknown names simply do not match
+            return False
+        return d.identity_digest == item.destination.keyid
+    return False
+
+
+async def cmd_flush(ctx: Context) -> int:
+    args = ctx.args
+    queue = ClientQueue(ctx.config.user_dir)
+    queued = list(queue.packets(ctx.warn))
+    if args.servers:
+        directory = None
+        try:
+            directory = local_directory(ctx)
+        except Exception:  # noqa: BLE001 - names can still match host or KeyID
+            directory = None
+        selected: list[QueuedPacket] = []
+        for name in args.servers:
+            mine = [q for q in queued if _matches(q, name, directory, ctx.now())]
+            if not mine:
+                ctx.warn(f"No queued packets for {name}.")
+            selected.extend(q for q in mine if q not in selected)
+        queued = selected
+    if args.count and args.count < len(queued):
+        queued = ctx.random.sample(queued, args.count)
+    if not queued:
+        ctx.say("No packets to flush.")
+        return 0
+    items = [FirstHopPacket(q.destination, q.nickname, q.packet, q.handle) for q in queued]
+    delivered = await transmit(ctx, items, queue)
+    if delivered == len(items):
+        ctx.say(f"Queue flushed: {delivered} packet(s) sent.")
+        return 0
+    if delivered:
+        ctx.say(f"Queue partially flushed: {delivered} sent, {len(items) - delivered} still queued.")
+        return 0
+    raise UserError(f"No packets delivered; {len(items)} remain queued. Try again later.")
+
+
+async def cmd_inspect_queue(ctx: Context) -> int:
+    queued = list(ClientQueue(ctx.config.user_dir).packets(ctx.warn))
+    if not queued:
+        ctx.say("(No packets in queue)")
+        return 0
+    by_server: dict[str, list[QueuedPacket]] = {}
+    for q in queued:
+        by_server.setdefault(q.nickname, []).append(q)
+    now = ctx.now()
+    for name in sorted(by_server, key=str.lower):
+        oldest = min(q.inserted for q in by_server[name])
+        days = int((now - oldest) // SECONDS_PER_DAY)
+        ctx.say(f"{len(by_server[name]):2d} packets for {name} (oldest is "
+                f"{days if days >= 1 else '<1'} days old)")
+    return 0
+
+
+def _flush_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("servers", nargs="*", metavar="SERVER",
+                   help="only packets for these first hops (nickname, host name or address)")
+    p.add_argument("-n", "--count", metavar="N", type=positive,
+                   help="send only N randomly chosen packets")
+
+
+COMMANDS = (
+    Command("flush", "try again to send queued packets", cmd_flush, _flush_options, locked=True),
+    Command("inspect-queue", "summarise the packets waiting in the queue", cmd_inspect_queue),
+)
