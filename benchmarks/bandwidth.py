@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,10 +42,9 @@ from twisted.internet import defer, task
 from mixminion.mmtp.bandwidth import BandwidthLimiter
 from mixminion.mmtp.initiator import PACKET_LEN, InitiatorSettings, MMTPClient
 from mixminion.server.config import parse_size
-from mixminion.testnet import free_ports, twistd
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from node import CONFIG, Node  # noqa: E402  (benchmarks/node.py)
+from node import Node  # noqa: E402  (benchmarks/node.py)
 
 LIMIT = "1 MB"
 #: frames queued per client beyond what its connection has in flight
@@ -58,28 +56,12 @@ class LimitedNode(Node):
     """benchmarks/node.py's node with ``MaxBandwidth`` set."""
 
     def __init__(self, workdir: str, bandwidth: str) -> None:  # noqa: D107
-        self.dir = os.path.join(workdir, "limited")
-        os.makedirs(self.dir)
-        self.base = os.path.join(self.dir, "base")
-        self.port, self.metrics = free_ports(2)
-        conf = os.path.join(self.dir, "node.conf")
-        text = CONFIG.format(base=self.base, interval="1 second", port=self.port,
-                             metrics=self.metrics)
-        with open(conf, "w") as f:
-            # LogLevel INFO: the node says which limit it applied.
-            f.write(text.replace("[Server]\n", f"[Server]\nMaxBandwidth: {bandwidth}\n"
-                                 "LogLevel: INFO\n", 1))
-        self.log = os.path.join(self.dir, "node.log")
-        self.proc = subprocess.Popen(
-            twistd() + ["-n", "--pidfile=", f"--logfile={self.log}", "mixminion", "-c", conf],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=self.dir)
+        # LogLevel INFO: the node says which limit it applied.
+        super().__init__(workdir, "limited", "1 second", server=f"MaxBandwidth: {bandwidth}",
+                         log_level="INFO")
 
     def logged(self, text: str) -> bool:
-        try:
-            with open(self.log, encoding="utf-8", errors="replace") as f:
-                return text in f.read()
-        except OSError:
-            return False
+        return text in self.daemon.text()
 
 
 def rate_between(samples: list[tuple[float, int]], since: float) -> tuple[float, float, int]:
@@ -117,7 +99,7 @@ async def run(reactor, args) -> dict:
                 if running[0]:
                     failures.append(failure.getErrorMessage())
 
-            print(f"bandwidth: {args.seconds} s of JUNK to node pid {node.proc.pid} "
+            print(f"bandwidth: {args.seconds} s of JUNK to node pid {node.daemon.pid} "
                   f"(MaxBandwidth: {LIMIT})", file=sys.stderr, flush=True)
             start = time.monotonic()
             samples: list[tuple[float, int]] = [(0.0, 0)]
@@ -140,7 +122,7 @@ async def run(reactor, args) -> dict:
                 await client.close()
             if failures:
                 raise RuntimeError(f"{len(failures)} frames failed, e.g. {failures[0]}; "
-                                   f"see {node.log}")
+                                   f"see {node.daemon.log}")
             seconds, wire, first = rate_between(samples, args.warmup)
             frames = acks[-1] - acks[first]
             one = next(b for t, b in samples if t >= 1.0)
@@ -159,7 +141,7 @@ async def run(reactor, args) -> dict:
                     "limiter_active": node.logged("MMTP bandwidth limited to"),
                     "python": sys.version.split()[0]}
         finally:
-            node.stop()
+            await node.stop(reactor)
 
 
 def main() -> None:

@@ -43,13 +43,9 @@ import argparse
 import json
 import os
 import re
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from typing import Optional
 
 from twisted.internet import defer, protocol, task, threads
@@ -68,27 +64,8 @@ from mixminion.mmtp.responder import responder_factory
 from mixminion.mmtp.tls import ResponderTLS
 from mixminion.procinfo import child_pids
 from mixminion.server.keys import read_pem_key
-from mixminion.testnet import free_ports
+from mixminion.testing.processes import MixNode, family_rss_mb, metrics_text
 
-CONFIG = """\
-[Server]
-BaseDir: {base}
-Mode: relay
-Nickname: bench
-Contact-Email: bench@localhost.localdomain
-MixAlgorithm: Timed
-MixInterval: {interval}
-MetricsPort: {metrics}
-
-[Incoming/MMTP]
-Enabled: yes
-IP: 127.0.0.1
-Hostname: localhost
-Port: {port}
-
-[Outgoing/MMTP]
-Enabled: yes
-"""
 MIX_INTERVAL = 1  # seconds, for the relay run
 WINDOW = 2000  # packets outstanding at once while filling the pool
 
@@ -103,21 +80,6 @@ def cpu_seconds(pid: int) -> float:
 def family_cpu_seconds(pid: int) -> float:
     """:func:`cpu_seconds` of ``pid`` plus its child processes alive now."""
     return cpu_seconds(pid) + sum(cpu_seconds(c) for c in child_pids(pid))
-
-
-def family_rss_mb(pid: int) -> tuple[float, float]:
-    """(VmRSS, VmHWM) of ``pid`` and its child processes, summed, in MiB."""
-    pairs = [rss_mb(p) for p in [pid, *child_pids(pid)]]
-    return sum(r for r, _ in pairs), sum(h for _, h in pairs)
-
-
-def rss_mb(pid: int) -> tuple[float, float]:
-    """(VmRSS, VmHWM) of ``pid`` in MiB."""
-    with open(f"/proc/{pid}/status") as f:
-        text = f.read()
-    rss = int(re.search(r"VmRSS:\s+(\d+) kB", text).group(1))
-    hwm = int(re.search(r"VmHWM:\s+(\d+) kB", text).group(1))
-    return rss / 1024, hwm / 1024
 
 
 @implementer(IPacketSink)
@@ -243,62 +205,36 @@ def steady_rate(times: list[float]) -> float:
     return (hi - lo) / (times[hi] - times[lo])
 
 
-class Node:
-    """A ``twistd -n mixminion`` child process on a fresh BaseDir."""
+class Node(MixNode):
+    """A ``twistd -n mixminion`` child process on a fresh BaseDir (by
+    default at the default LogLevel, WARN), whose keys this process reads."""
 
-    def __init__(self, workdir: str, name: str, interval: str,
-                 profile: Optional[str] = None) -> None:
-        self.dir = os.path.join(workdir, name)
-        os.makedirs(self.dir)
-        self.base = os.path.join(self.dir, "base")
-        self.port, self.metrics = free_ports(2)
-        conf = os.path.join(self.dir, "node.conf")
-        with open(conf, "w") as f:
-            f.write(CONFIG.format(base=self.base, interval=interval, port=self.port,
-                                  metrics=self.metrics))
-        extra = [f"--profile={profile}", "--profiler=cprofile", "--savestats"] if profile else []
-        self.log = os.path.join(self.dir, "node.log")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",
-             "--pidfile=", f"--logfile={self.log}", *extra, "mixminion", "-c", conf],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=self.dir)
+    def __init__(self, workdir: str, name: str, interval: str, profile: Optional[str] = None,
+                 server: str = "", log_level: str = "WARN") -> None:
+        super().__init__(workdir, name, twistd_options=[
+            f"--profile={profile}", "--profiler=cprofile", "--savestats"] if profile else [])
+        self.write(self.config(metrics=True, server=server, mix_interval=interval,
+                               log_level=log_level, contact="bench@localhost.localdomain"))
 
     async def started(self, reactor) -> None:
-        """Wait until the node listens, then read its keys."""
-        deadline = time.monotonic() + 60
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"node exited at start; see {self.log}")
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"node did not start; see {self.log}")
-            await task.deferLater(reactor, 0.1, lambda: None)
+        """Start it, wait until it listens, then read its keys."""
+        await self.start(listening=True)
         keys = os.path.join(self.base, "keys")
         keyset = sorted(d for d in os.listdir(keys) if d.startswith("key_"))[0]
-        self.identity = read_pem_key(os.path.join(keys, "identity.key")).public
-        self.packet_key = read_pem_key(os.path.join(keys, keyset, "mix.key"))
-        self.dest = Destination("127.0.0.1", self.port, self.identity.keyid)
-        self.hop = Hop(self.packet_key.public, IPv4Info("127.0.0.1", self.port,
-                                                        self.identity.keyid))
+        self.identity_key = read_pem_key(os.path.join(keys, "identity.key")).public
+        self.private_packet_key = read_pem_key(os.path.join(keys, keyset, "mix.key"))
+        self.dest = Destination("127.0.0.1", self.port, self.identity_key.keyid)
+        self.relay_hop = Hop(self.private_packet_key.public,
+                             IPv4Info("127.0.0.1", self.port, self.identity_key.keyid))
 
     async def queues(self, reactor) -> dict[str, int]:
         """Queue lengths from the node's metrics page."""
-        url = f"http://127.0.0.1:{self.metrics}/metrics"
-        body = await threads.deferToThread(
-            lambda: urllib.request.urlopen(url, timeout=30).read().decode())
+        body = await threads.deferToThread(metrics_text, self.metrics_port, 30)
         return {m.group(1): int(float(m.group(2)))
                 for m in re.finditer(r"^mixminion_queue_(\w+)_packets (\S+)$", body, re.M)}
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+    async def stop(self, reactor) -> None:
+        await self.daemon.stop(reactor, 60, strict=False)
 
 
 async def relay_run(reactor, workdir: str, sink_hop: Hop, sink: SinkProcess, packets: int,
@@ -307,12 +243,12 @@ async def relay_run(reactor, workdir: str, sink_hop: Hop, sink: SinkProcess, pac
     try:
         await node.started(reactor)
         dummy = Hop(PrivateKey.generate(2048).public, IPv4Info("127.0.0.1", 1, bytes(20)))
-        batch = [build_forward_packet(os.urandom(PAYLOAD_LEN), [node.hop, sink_hop], [dummy],
+        batch = [build_forward_packet(os.urandom(PAYLOAD_LEN), [node.relay_hop, sink_hop], [dummy],
                                       DROP_TYPE, b"", os.urandom).packet
                  for _ in range(packets)]
         codec = 0.0
         for _ in range(2):
-            processor = PacketProcessor([(node.packet_key, MemoryReplayLog())])
+            processor = PacketProcessor([(node.private_packet_key, MemoryReplayLog())])
             start = time.perf_counter()
             for packet in batch:
                 result = processor.process(packet)
@@ -321,11 +257,11 @@ async def relay_run(reactor, workdir: str, sink_hop: Hop, sink: SinkProcess, pac
         # Several clients stand for several peers (each has its own MMTP
         # window of unacknowledged packets); the default is one.
         clients = [MMTPClient(reactor) for _ in range(n_clients)]
-        print(f"relay: sending {packets} packets to node pid {node.proc.pid}", file=sys.stderr,
+        print(f"relay: sending {packets} packets to node pid {node.daemon.pid}", file=sys.stderr,
               flush=True)
         _, sink_cpu_start = await sink.times_and_cpu()
         start = time.monotonic()
-        cpu_start, own_start = family_cpu_seconds(node.proc.pid), time.process_time()
+        cpu_start, own_start = family_cpu_seconds(node.daemon.pid), time.process_time()
         sends = [clients[i % len(clients)].send_packet(node.dest, p) for i, p in enumerate(batch)]
         del batch
         await defer.gatherResults(sends)
@@ -335,10 +271,11 @@ async def relay_run(reactor, workdir: str, sink_hop: Hop, sink: SinkProcess, pac
         while sink.count < packets and time.monotonic() < deadline:
             await task.deferLater(reactor, 0.01, lambda: None)
         if sink.count < packets:
-            raise RuntimeError(f"only {sink.count} of {packets} packets relayed; see {node.log}")
+            raise RuntimeError(f"only {sink.count} of {packets} packets relayed; "
+                               f"see {node.daemon.log}")
         times, sink_cpu = await sink.times_and_cpu()
         elapsed = times[-1] - start
-        node_cpu = family_cpu_seconds(node.proc.pid) - cpu_start
+        node_cpu = family_cpu_seconds(node.daemon.pid) - cpu_start
         own_cpu = time.process_time() - own_start + sink_cpu - sink_cpu_start
         for client in clients:
             await client.close()
@@ -354,7 +291,7 @@ async def relay_run(reactor, workdir: str, sink_hop: Hop, sink: SinkProcess, pac
                 "node_cpu_share": round(node_cpu / elapsed, 2),
                 "bench_cpu_share": round(own_cpu / elapsed, 2)}
     finally:
-        node.stop()
+        await node.stop(reactor)
 
 
 async def pool_run(reactor, workdir: str, sink_hop: Hop, total: int) -> dict:
@@ -362,8 +299,9 @@ async def pool_run(reactor, workdir: str, sink_hop: Hop, total: int) -> dict:
     node = Node(workdir, "pool", "1 day")
     try:
         await node.started(reactor)
-        idle_rss, _ = family_rss_mb(node.proc.pid)
-        routing = [HopRouting(node.packet_key.public, FWD_IPV4_TYPE, sink_hop.address.pack())]
+        idle_rss = family_rss_mb(node.daemon.pid)
+        routing = [HopRouting(node.private_packet_key.public, FWD_IPV4_TYPE,
+                              sink_hop.address.pack())]
         rest = os.urandom(32768 - 2048)  # header 2 and payload: the node never checks them
 
         def make() -> bytes:
@@ -406,18 +344,18 @@ async def pool_run(reactor, workdir: str, sink_hop: Hop, total: int) -> dict:
             if sizes.get("pool", 0) >= total and not sizes.get("incoming", 0):
                 break
             if time.monotonic() > deadline:
-                raise RuntimeError(f"pool did not fill: {sizes}; see {node.log}")
+                raise RuntimeError(f"pool did not fill: {sizes}; see {node.daemon.log}")
             await task.deferLater(reactor, 0.5, lambda: None)
         pooled = time.perf_counter() - start
         await task.deferLater(reactor, 2, lambda: None)  # let the last batch settle
-        rss, peak = family_rss_mb(node.proc.pid)
+        rss, peak = family_rss_mb(node.daemon.pid), family_rss_mb(node.daemon.pid, "VmHWM")
         await client.close()
         return {"rss_mb_50k" if total == 50000 else f"rss_mb_{total}": round(rss, 1),
                 "rss_peak_mb": round(peak, 1), "rss_idle_mb": round(idle_rss, 1),
                 "pool_fill_s": round(pooled, 1), "pool_push_per_s": round(total / pushed, 1),
                 "pool_rejected_sends": state["retries"]}
     finally:
-        node.stop()
+        await node.stop(reactor)
 
 
 async def run(reactor, args) -> None:

@@ -46,18 +46,28 @@ import re
 import shlex
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any, Awaitable, Callable, Optional, Sequence, TypeVar
 
 from twisted.internet import defer, task, utils
 
+from mixminion.testing.daemon import (
+    Daemon,
+    authority_config,
+    free_ports,
+    node_config,
+    pid_alive,
+    port_free,
+    port_open,
+    sleep,
+    wait_until,
+)
+
 T = TypeVar("T")
 
 #: processes started by this run, by configuration file, so their end is noticed (and reaped)
-_children: dict[str, subprocess.Popen] = {}
+_children: dict[str, Daemon] = {}
 
 PROG = "mixminion-testnet"
 STATE_FILE = "testnet.json"
@@ -74,8 +84,6 @@ CONSENSUS_TIMEOUT = 90.0
 DELIVERY_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0
 RETRY = "every 2 seconds for 30 seconds, every 1 hour for 1 day"
-#: log lines not worth showing in a tail (one a second per node)
-QUIET_LINES = ("Mix: 0 of 0 items",)
 
 
 class TestnetError(Exception):
@@ -119,22 +127,22 @@ class Proc:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/"
 
-    def argv(self) -> list[str]:
-        # -n: a node must not be daemonized by twistd (its worker threads start
-        # while the service is built, before twistd would fork); the process is
-        # detached from us and the terminal by start() instead.
-        base = twistd() + ["-n", f"--pidfile={self.pidfile}", f"--logfile={self.log}"]
-        if self.kind == "authority":
-            return base + ["mixminion-directory", "-c", self.conf]
-        if self.kind == "node":
-            return base + ["mixminion", "-c", self.conf]
-        return base + ["-y", self.conf]
+    def daemon(self) -> Daemon:
+        """Its process, ``twistd -n`` (a node must not be daemonized by twistd:
+        its worker threads start while the service is built, before twistd
+        would fork); :meth:`Daemon.start` detaches it from us and the
+        terminal instead (a session of its own)."""
+        service = {"authority": ["mixminion-directory", "-c", self.conf],
+                   "node": ["mixminion", "-c", self.conf]}.get(self.kind, ["-y", self.conf])
+        return _children.get(self.conf) or Daemon(
+            self.directory, service, name=self.name, logfile=self.log, outfile=self.output,
+            pidfile=self.pidfile)
 
     def pid(self) -> Optional[int]:
         """The pid of the running process, or None (no pid file, dead, or not ours)."""
         child = _children.get(self.conf)
         if child is not None:  # started by this run: ask it (and reap it)
-            return child.pid if child.poll() is None else None
+            return child.pid if child.alive() else None
         try:
             with open(self.pidfile, encoding="ascii") as f:
                 pid = int(f.read().strip())
@@ -154,18 +162,8 @@ class Proc:
             pass  # no /proc: trust the pid file
         return pid
 
-    def tail(self, lines: int = 20) -> str:
-        out = ""
-        for path in (self.output, self.log):
-            try:
-                with open(path, encoding="utf-8", errors="replace") as f:
-                    kept = [ln for ln in f if not any(q in ln for q in QUIET_LINES)]
-            except OSError as exc:
-                out += f"    ({path}: {exc.strerror})\n"
-                continue
-            if kept or path == self.log:
-                out += f"  {path}:\n" + "".join("    " + ln for ln in kept[-lines:])
-        return out
+    def alive(self) -> bool:
+        return self.pid() is not None
 
 
 @dataclass
@@ -232,49 +230,9 @@ class Network:
 # --- small helpers ------------------------------------------------------------------------
 
 
-def twistd() -> list[str]:
-    """The twistd of this Python (a different one on $PATH may lack our plugins)."""
-    beside = os.path.join(os.path.dirname(sys.executable), "twistd")
-    if os.access(beside, os.X_OK):
-        return [beside]
-    # (``python -m twisted`` is ``twist``, which has no -n, --pidfile...)
-    return [sys.executable, "-c", "import sys; from twisted.scripts.twistd import run; "
-            "sys.argv[0] = 'twistd'; run()"]
-
-
 def client_command() -> list[str]:
     """How to run ``mixminion-client`` with this Python."""
     return [sys.executable, "-m", "mixminion.client.cli"]
-
-
-def free_ports(count: int) -> list[int]:
-    """Distinct free loopback ports (all bound at once, then released)."""
-    sockets = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def port_free(port: int) -> bool:
-    s = socket.socket()
-    try:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(("127.0.0.1", port))
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
-
-
-def sleep(reactor: Any, seconds: float) -> defer.Deferred:
-    return task.deferLater(reactor, seconds, lambda: None)
 
 
 def write_file(path: str, text: str, mode: int = 0o600) -> None:
@@ -337,48 +295,25 @@ def create_network(directory: str, nodes: int, mta: Optional[str],
         net.procs.append(Proc("smtpsink", "sink", ports[-1], folder, os.path.join(folder, "smtpsink.tac")))
     smtp_host, smtp_port = (mta.rsplit(":", 1) if mta else ("127.0.0.1", str(ports[-1])))
 
-    peers = "".join(f"Peer: {a.url} {a.fingerprint}\n" for a in net.authorities)
+    peers = [(a.url, a.fingerprint) for a in net.authorities]
     for a in net.authorities:
-        write_file(a.conf, f"""\
-# {a.name} of the mixminion-testnet network in {directory}
-[Authority]
-BaseDir: {os.path.join(a.directory, "base")}
-Nickname: {a.name.capitalize()}
-ListenIP: 127.0.0.1
-Port: {a.port}
-{peers}Threshold: {THRESHOLD}
-VoteInterval: {VOTE_INTERVAL} seconds
-""")
+        write_file(a.conf, authority_config(
+            os.path.join(a.directory, "base"), a.name.capitalize(), a.port, peers, THRESHOLD,
+            VOTE_INTERVAL, comment=f"{a.name} of the mixminion-testnet network in {directory}"))
     authority_lines = "".join(f"Authority: {a.url} {a.fingerprint}\n" for a in net.authorities)
     for n in net.nodes:
         os.makedirs(n.directory, mode=0o700, exist_ok=True)
         addresses = os.path.join(n.directory, "mbox-addresses")
         write_file(addresses, f"{MBOX_NYM}: {MBOX_ADDRESS}\n")
-        text = f"""\
-# {n.name} of the mixminion-testnet network in {directory}: fast and insecure
-# (1-second Timed mixing, short retries), for trying things out on one machine.
-[Server]
-BaseDir: {os.path.join(n.directory, "base")}
-Mode: relay
-Nickname: {n.name}
-Contact-Email: {n.name}@localhost.localdomain
-MixAlgorithm: Timed
-MixInterval: 1 second
-MinFreeDisk: 1 MB
-LogLevel: INFO
-MetricsPort: {n.metrics_port}
-MetricsAddress: 127.0.0.1
-
-[Incoming/MMTP]
-Enabled: yes
-IP: 127.0.0.1
-Hostname: localhost
-Port: {n.port}
-
-[Outgoing/MMTP]
-Enabled: yes
-Retry: {RETRY}
-
+        text = node_config(
+            os.path.join(n.directory, "base"), n.port, nickname=n.name,
+            contact=f"{n.name}@localhost.localdomain",
+            comment=f"{n.name} of the mixminion-testnet network in {directory}: fast and "
+                    "insecure\n(1-second Timed mixing, short retries), for trying things out on "
+                    "one machine.",
+            server=f"MinFreeDisk: 1 MB\nMetricsPort: {n.metrics_port}\nMetricsAddress: 127.0.0.1\n",
+            outgoing=f"Retry: {RETRY}\n")
+        text += f"""\
 [DirectoryServers]
 Publish: yes
 {authority_lines}
@@ -434,7 +369,7 @@ Timeout: 20 seconds
 
 
 def report(net: Network, procs: Optional[Sequence[Proc]] = None) -> str:
-    return "\n".join(f"--- {p.name}: last lines of {p.log}\n{p.tail()}" for p in (procs or net.procs))
+    return "\n".join(p.daemon().report(20) for p in (procs or net.procs))
 
 
 def start(proc: Proc) -> None:
@@ -442,24 +377,10 @@ def start(proc: Proc) -> None:
     outlives this command and a closed terminal; ``down`` stops it."""
     if os.path.exists(proc.pidfile) and proc.pid() is None:
         os.unlink(proc.pidfile)  # stale: twistd would refuse to start
-    with open(proc.output, "ab") as out:
-        child = subprocess.Popen(proc.argv(), stdin=subprocess.DEVNULL, stdout=out,
-                                 stderr=subprocess.STDOUT, cwd=proc.directory,
-                                 start_new_session=True, close_fds=True)
+    _children.pop(proc.conf, None)
+    child = proc.daemon()
+    child.start()
     _children[proc.conf] = child
-
-
-async def port_open(reactor: Any, port: int) -> bool:
-    from twisted.internet import error, protocol
-    from twisted.internet.endpoints import TCP4ClientEndpoint
-
-    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=2)
-    try:
-        proto = await endpoint.connect(protocol.Factory.forProtocol(protocol.Protocol))
-    except error.ConnectError:
-        return False
-    proto.transport.loseConnection()
-    return True
 
 
 async def started(reactor: Any, net: Network, procs: Sequence[Proc]) -> None:
@@ -486,18 +407,9 @@ async def wait_for(reactor: Any, net: Network, what: str, check: Callable[[], Aw
                    timeout: float, interval: float = 0.5, watch: Optional[Sequence[Proc]] = None) -> T:
     """Poll ``check`` until it gives something true; fail at once if a process
     died, or after ``timeout``, with the tail of the logs."""
-    deadline = reactor.seconds() + timeout
-    while True:
-        result = await check()
-        if result:
-            return result
-        dead = [p for p in (net.procs if watch is None else watch) if p.pid() is None]
-        if dead:
-            raise TestnetError(f"{', '.join(p.name for p in dead)} died while waiting for {what}\n"
-                               + report(net, dead))
-        if reactor.seconds() > deadline:
-            raise TestnetError(f"timed out after {timeout:.0f} s waiting for {what}\n" + report(net))
-        await sleep(reactor, interval)
+    return await wait_until(reactor, what, check, timeout, interval,
+                            watch=net.procs if watch is None else watch,
+                            report=lambda procs: report(net, procs), error=TestnetError)
 
 
 def listed(net: Network, body: bytes, now: float) -> Optional[Any]:
@@ -634,18 +546,11 @@ async def stop_all(reactor: Any, net: Network, quiet: bool = False) -> list[str]
         except ProcessLookupError:
             pass
     deadline = reactor.seconds() + STOP_TIMEOUT
-
-    def alive(pid: int) -> bool:
-        try:
-            os.kill(pid, 0)
-            return True
-        except ProcessLookupError:
-            return False
-    while any(alive(pid) for _, pid in running.values()) and reactor.seconds() < deadline:
+    while any(pid_alive(pid) for _, pid in running.values()) and reactor.seconds() < deadline:
         await sleep(reactor, 0.1)
     killed = []
     for name, (p, pid) in running.items():
-        if alive(pid):
+        if pid_alive(pid):
             killed.append(name)
             try:
                 os.kill(pid, signal.SIGKILL)

@@ -17,8 +17,8 @@ from twisted.internet import reactor as _reactor
 
 from mixminion.codec.build import build_message_packets
 from mixminion.codec.routing import MBOX_TYPE, SMTP_TYPE
-from mixminion.testing.processes import BlackHole
-from tests.test_node_options import Node, NodeTestCase, read_text, send_all
+from mixminion.testing.processes import BlackHole, MixNode, read_text
+from tests.test_node_options import NodeTestCase
 
 reactor: object = _reactor
 
@@ -36,7 +36,7 @@ class HungMTATests(NodeTestCase):
         with open(aliases, "w") as f:
             f.write("alice: alice@example.org\n")
         mbox = os.path.join(self.dir, "alice.mbox")
-        node = Node(self)
+        node = MixNode(self)
         await node.start(node.config(extra=(
             f"[Delivery/SMTP]\nEnabled: yes\nReturnAddress: exit@example.org\n"
             f"SMTPServer: 127.0.0.1\nSMTPPort: {listening.getHost().port}\n"
@@ -51,11 +51,11 @@ class HungMTATests(NodeTestCase):
 
         smtp = [p for i in range(30)
                 for p in packets(SMTP_TYPE, f"user{i}@example.com".encode(), b"to smtp\n")]
-        self.assertEqual(await send_all(self, node, smtp), [None] * len(smtp))
+        self.assertEqual(await node.send_all(smtp), [None] * len(smtp))
         await node.daemon.wait_for(reactor, "the first sessions to the hung MTA",
                                    lambda: hole.total >= 3)
         mail = [p for i in range(5) for p in packets(MBOX_TYPE, b"alice", f"note {i}\n".encode())]
-        self.assertEqual(await send_all(self, node, mail), [None] * len(mail))
+        self.assertEqual(await node.send_all(mail), [None] * len(mail))
         await node.daemon.wait_for(
             reactor, "the five MBOX messages",
             lambda: all(f"note {i}" in read_text(mbox) for i in range(5)), timeout=60)

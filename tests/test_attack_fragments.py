@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import os
 import re
-import time
 from typing import Any
 
 from twisted.internet import defer, threads
@@ -58,10 +57,8 @@ from twisted.trial import unittest
 from mixminion.codec.build import build_forward_packet
 from mixminion.codec.header import Hop
 from mixminion.codec.payload import encode_fragment, fragment_capacity
-from mixminion.codec.routing import FRAGMENT_TYPE, HostInfo
-from mixminion.directory.descriptor import parse_descriptor
-from mixminion.mmtp.initiator import Destination, MMTPClient
-from mixminion.testing.processes import Daemon, family_rss_mb, free_ports, metric, node_config
+from mixminion.codec.routing import FRAGMENT_TYPE
+from mixminion.testing.processes import MixNode
 
 reactor: Any = _reactor
 
@@ -77,14 +74,14 @@ def attack_packets(hop: Hop, count: int) -> list[bytes]:
             for _ in range(count)]
 
 
-class ExitNode:
-    def __init__(self, test: "FragmentFlood", name: str, fragmented: str = "") -> None:
-        self.test = test
-        self.dir = os.path.join(test.dir, name)
-        os.makedirs(self.dir)
-        self.base = os.path.join(self.dir, "base")
+class ExitNode(MixNode):
+    """A node of ``test`` that reassembles fragmented messages
+    (``fragmented`` added to its ``[Delivery/Fragmented]``) and delivers
+    them to its own mbox file for ``alice``."""
+
+    def __init__(self, test: unittest.TestCase, name: str, fragmented: str = "") -> None:
+        super().__init__(test, name)
         self.mbox = os.path.join(self.dir, "delivered.mbox")
-        self.port, self.metrics_port = free_ports(2)
         addresses = os.path.join(self.dir, "addresses")
         with open(addresses, "w") as f:
             f.write("alice: alice@localhost.localdomain\n")
@@ -92,46 +89,7 @@ class ExitNode:
                  f"RemoveContact: remove@localhost.localdomain\nReturnAddress: exit@localhost.localdomain\n"
                  f"MboxFile: {self.mbox}\n\n"
                  f"[Delivery/Fragmented]\nEnabled: yes\nMaximumSize: 100 KB\n{fragmented}\n")
-        self.conf = os.path.join(self.dir, "node.conf")
-        with open(self.conf, "w") as f:
-            f.write(node_config(self.base, self.port, nickname=name,
-                                server=f"MetricsPort: {self.metrics_port}", extra=extra))
-        self.daemon = Daemon(self.dir, ["mixminion", "-c", self.conf], name=name)
-        self.name = name
-        test.addCleanup(self.daemon.kill)
-
-    async def start(self, starts: int = 1) -> None:
-        self.daemon.start()
-        await self.daemon.wait_for_line(reactor, f"Mix node {self.name} started", count=starts,
-                                        timeout=60)
-
-    def hop(self) -> Hop:
-        with open(os.path.join(self.base, "keys", "key_0001", "ServerDesc")) as f:
-            desc = parse_descriptor(f.read(), time.time())
-        self.identity = desc.identity_digest
-        return Hop(desc.packet_key, HostInfo.parse(desc.routing_info))
-
-    async def send(self, packets: list[bytes]) -> None:
-        client = MMTPClient(reactor)
-        try:
-            destination = Destination("127.0.0.1", self.port, self.identity)
-            results = await defer.DeferredList([client.send_packet(destination, p) for p in packets],
-                                               consumeErrors=True)
-        finally:
-            await client.close()
-        failed = [value for ok, value in results if not ok]
-        self.test.assertEqual(failed, [], f"{len(failed)} packets refused")
-
-    def counted(self, event: str) -> int:
-        return metric(self.metrics_port, event)
-
-    async def wait_counted(self, event: str, at_least: int, timeout: float) -> None:
-        await self.daemon.wait_for(reactor, f"{event} >= {at_least}",
-                                   lambda: self.counted(event) >= at_least, timeout=timeout,
-                                   interval=0.5)
-
-    def rss_mb(self) -> float:
-        return family_rss_mb(self.daemon.pid)
+        self.write(self.config(metrics=True, extra=extra))
 
 
 class FragmentFlood(unittest.TestCase):

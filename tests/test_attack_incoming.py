@@ -54,19 +54,8 @@ from twisted.internet import defer
 from twisted.internet import reactor as _reactor
 from twisted.trial import unittest
 
-from mixminion.codec.build import build_forward_packet
-from mixminion.codec.header import Hop
-from mixminion.codec.packet import PAYLOAD_LEN
-from mixminion.codec.routing import DROP_TYPE, HostInfo
-from mixminion.directory.descriptor import parse_descriptor
-from mixminion.mmtp.initiator import Destination, MMTPClient
-from mixminion.testing.processes import (
-    Daemon,
-    free_ports,
-    metric,
-    node_config,
-    send_until_acknowledged,
-)
+from mixminion.mmtp.initiator import MMTPClient
+from mixminion.testing.processes import MixNode, metric, send_until_acknowledged
 
 reactor: Any = _reactor
 
@@ -167,25 +156,13 @@ class IncomingSlotAttack(unittest.TestCase):
         return defer.ensureDeferred(self._attack())
 
     async def _attack(self) -> None:
-        base = os.path.join(self.dir, "base")
-        conf = os.path.join(self.dir, "node.conf")
-        port, metrics = free_ports(2)
-        with open(conf, "w") as f:
-            f.write(node_config(
-                base, port, nickname="target", server=f"MetricsPort: {metrics}",
-                incoming=f"MaxConnections: {MAX_CONNECTIONS}\n"
-                         f"MaxConnectionsPerAddress: {PER_ADDRESS}"))
-        daemon = Daemon(self.dir, ["mixminion", "-c", conf], name="target")
-        self.addCleanup(daemon.kill)
-        daemon.start()
-        await daemon.wait_for_line(reactor, "Mix node target started", timeout=60)
-
-        with open(os.path.join(base, "keys", "key_0001", "ServerDesc")) as f:
-            desc = parse_descriptor(f.read(), time.time())
-        me = Hop(desc.packet_key, HostInfo.parse(desc.routing_info))
-        packets = [build_forward_packet(os.urandom(PAYLOAD_LEN), [me], [me], DROP_TYPE, b"",
-                                        os.urandom).packet for _ in range(HONEST_PACKETS)]
-        destination = Destination("127.0.0.1", port, desc.identity_digest)
+        node = MixNode(self, "target")
+        await node.start(node.config(
+            metrics=True, incoming=f"MaxConnections: {MAX_CONNECTIONS}\n"
+                                   f"MaxConnectionsPerAddress: {PER_ADDRESS}"))
+        daemon, port, metrics = node.daemon, node.port, node.metrics_port
+        packets = node.drop_packets(HONEST_PACKETS)
+        destination = node.destination()
 
         flood = IdleFlood(port, FLOOD_SOURCES, PER_ADDRESS)
         flood.start()

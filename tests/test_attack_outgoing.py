@@ -70,9 +70,10 @@ def attack_address(n: int) -> str:
 def attack_packets(a: MixNode, port: int, count: int) -> list[bytes]:
     """``count`` packets through A, each to a different black-hole next hop."""
     packets = []
+    first = a.hop()
     for n in range(count):
         hole = Hop(a.packet_key, IPv4Info(attack_address(n), port, os.urandom(20)))
-        packets.append(build_forward_packet(os.urandom(PAYLOAD_LEN), [a.hop], [hole],
+        packets.append(build_forward_packet(os.urandom(PAYLOAD_LEN), [first], [hole],
                                             DROP_TYPE, b"", os.urandom).packet)
     return packets
 

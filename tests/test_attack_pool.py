@@ -58,14 +58,7 @@ from twisted.trial import unittest
 from mixminion.server.draining import MIX
 from mixminion.server.items import RelayItem, encode_item
 from mixminion.server.packetstore import PacketStore
-from mixminion.testing.processes import (
-    BlackHole,
-    Daemon,
-    family_rss_mb,
-    free_ports,
-    gauge,
-    node_config,
-)
+from mixminion.testing.processes import BlackHole, MixNode, family_rss_mb, gauge
 
 reactor: Any = _reactor
 
@@ -149,18 +142,13 @@ class PoolRelease(unittest.TestCase):
         self.addCleanup(hole.close_all)
         self.addCleanup(listening.stopListening)
 
-        base = os.path.join(self.dir, "base")
-        queue_dir = os.path.join(base, "work", "queues")  # QueueDir's default
-        self.addCleanup(shutil.rmtree, queue_dir, True)  # 2 GB of packets
-        port, metrics_port = free_ports(2)
-        conf = os.path.join(self.dir, "node.conf")
-        with open(conf, "w") as f:
-            f.write(node_config(base, port, nickname="pool", server=f"MetricsPort: {metrics_port}")
-                    .replace("MixInterval: 1 second", f"MixInterval: {MIX_INTERVAL} seconds"))
-        node = Daemon(self.dir, ["mixminion", "-c", conf], name="pool")
-        self.addCleanup(node.kill)
-        node.start()  # once, for its keys and store
-        await node.wait_for_line(reactor, "Mix node pool started", timeout=60)
+        queue_dir = os.path.join(self.dir, "pool", "base", "work", "queues")  # QueueDir's default
+        self.addCleanup(shutil.rmtree, queue_dir, True)  # 2 GB of packets (after the node's end)
+        pool_node = MixNode(self, "pool")
+        node, metrics_port = pool_node.daemon, pool_node.metrics_port
+        # once, for its keys and store
+        await pool_node.start(pool_node.config(metrics=True,
+                                               mix_interval=f"{MIX_INTERVAL} seconds"))
         # An answer from the reactor: SIGTERM is handled from then on.
         await node.wait_for(reactor, "the metrics page", lambda: answers(metrics_port),
                             timeout=60)
@@ -171,8 +159,7 @@ class PoolRelease(unittest.TestCase):
                                     listening.getHost().port)
         self.note(f"{PACKETS} packets in the pool in {time.monotonic() - started:.1f} s")
 
-        node.start()
-        await node.wait_for_line(reactor, "Mix node pool started", timeout=120, count=2)
+        await pool_node.start(timeout=120)
         poller = Poller(metrics_port)
         poller.start()
         self.addCleanup(poller.done.set)

@@ -278,7 +278,7 @@ class AttacksTogether(NodeTestCase):
 
         # A restart reads back what is pending: the metadata only.
         self.assertEqual(await node.daemon.stop(reactor), -signal.SIGTERM)
-        await node.start(starts=2)
+        await node.start()
         await node.daemon.wait_for_line(reactor, f"{FRAGMENTS} partial messages", timeout=60)
         restarted = node.rss_mb()
         self.note(f"after a restart with {FRAGMENTS} pending: {restarted:.1f} MB")

@@ -39,7 +39,7 @@ from twisted.internet import defer
 from twisted.internet import reactor as _reactor
 from twisted.trial import unittest
 
-from mixminion.testing.processes import Daemon, free_ports
+from mixminion.testing.processes import Daemon, free_ports, rss_kb
 
 reactor: Any = _reactor
 
@@ -69,14 +69,6 @@ def held_sockets(pid: int) -> int:
 
 def regular_files(pid: int) -> set[str]:
     return {t for t in open_files(pid) if t.startswith("/")}
-
-
-def rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 def tree_size(path: str) -> int:

@@ -26,8 +26,8 @@ from twisted.internet import reactor as _reactor
 from mixminion.codec.build import build_message_packets
 from mixminion.codec.routing import SMTP_TYPE
 from mixminion.smtpsink import make_service
-from mixminion.testing.processes import free_ports, metric
-from tests.test_node_options import Node, NodeTestCase, send_all
+from mixminion.testing.processes import MixNode, free_ports, metric
+from tests.test_node_options import NodeTestCase
 
 reactor: object = _reactor
 
@@ -54,7 +54,7 @@ class ClockStepTests(NodeTestCase):
 
     async def _steps(self) -> None:
         (mta_port,) = free_ports(1)  # nobody listens there yet: the MTA is down
-        node = Node(self)
+        node = MixNode(self)
         node.daemon.env = {
             "LD_PRELOAD": LIBFAKETIME, "FAKETIME_TIMESTAMP_FILE": self.offset_file,
             "FAKETIME_NO_CACHE": "1", "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
@@ -83,7 +83,7 @@ class ClockStepTests(NodeTestCase):
             self.assertEqual(counted("Expired:SMTP"), 0, f"messages expired waiting for {event}")
 
         sent = messages(0, FIRST)
-        self.assertEqual(await send_all(self, node, sent), [None] * len(sent))
+        self.assertEqual(await node.send_all(sent), [None] * len(sent))
         await wait_counted("ExitRetry:SMTP", FIRST)
 
         # 1. Two hours forward: past the whole one-hour schedule.
@@ -96,7 +96,7 @@ class ClockStepTests(NodeTestCase):
         await node.daemon.wait_for_line(reactor, "The system clock jumped back by 4 h")
         mixed = counted("Mixed")
         later = messages(FIRST, LATER)
-        self.assertEqual(await send_all(self, node, later), [None] * len(later))
+        self.assertEqual(await node.send_all(later), [None] * len(later))
         await wait_counted("Mixed", mixed + LATER, timeout=30)
         retried = counted("ExitRetry:SMTP")
         await wait_counted("ExitRetry:SMTP", retried + 2 * (FIRST + LATER))

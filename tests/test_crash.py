@@ -38,16 +38,12 @@ import os
 import signal
 import random
 import sqlite3
-import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from twisted.internet import defer, reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import ProcessProtocol, Protocol
-from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 from zope.interface import implementer
@@ -65,7 +61,14 @@ from mixminion.mmtp.responder import responder_factory
 from mixminion.mmtp.tls import ResponderTLS
 from mixminion.procinfo import child_pids
 from mixminion.server.keys import read_pem_key
-from mixminion.testnet import free_ports
+from mixminion.testing.processes import (
+    Daemon,
+    free_ports,
+    node_config,
+    port_open,
+    sleep,
+    wait_until,
+)
 
 N_PACKETS = int(os.environ.get("MIXMINION_CRASH_PACKETS", "2000"))
 SEED = int(os.environ.get("MIXMINION_CRASH_SEED", "4"))
@@ -76,30 +79,6 @@ RETRY_DELAY = 0.25  # before a failed packet is offered again
 STALL_LIMIT = 30.0  # seconds without progress: the node is stuck or lost packets
 FINAL_WAIT = 60.0  # after the last restart, for every packet to reach the next hop
 START_LIMIT = 30.0  # for a node to listen after it was started
-
-CONFIG = """\
-[Server]
-BaseDir: {base}
-Mode: relay
-Nickname: crashtest
-Contact-Email: crash@localhost.localdomain
-MixAlgorithm: Timed
-MixInterval: {interval} seconds
-LogLevel: INFO
-
-[Incoming/MMTP]
-Enabled: yes
-IP: 127.0.0.1
-Hostname: localhost
-Port: {port}
-
-[Outgoing/MMTP]
-Enabled: yes
-"""
-
-
-def sleep(seconds: float) -> defer.Deferred:
-    return deferLater(reactor, seconds, lambda: None)
 
 
 def sha1(data: bytes) -> bytes:
@@ -168,35 +147,6 @@ class NextHopSink:
         return len(self.accepted)
 
 
-# -------------------------------------------------------------- the node process
-
-
-class NodeProcess(ProcessProtocol):
-    """One run of ``twistd -n mixminion``; ``ended`` fires with how it
-    ended (ProcessDone or ProcessTerminated)."""
-
-    def __init__(self, life: int) -> None:
-        self.life = life
-        self.ended: defer.Deferred = defer.Deferred()
-        self.output: list[bytes] = []
-
-    def outReceived(self, data: bytes) -> None:  # noqa: N802
-        self.output.append(data)
-
-    errReceived = outReceived
-
-    def processEnded(self, reason: Failure) -> None:  # noqa: N802
-        self.ended.callback(reason.value)
-
-    @property
-    def alive(self) -> bool:
-        return not self.ended.called
-
-    def signal(self, sig: str) -> None:
-        if self.alive:
-            self.transport.signalProcess(sig)
-
-
 # -------------------------------------------------------------- the client side
 
 
@@ -261,11 +211,14 @@ class CrashTest(unittest.TestCase):
         [self.port] = free_ports(1)
         self.conf = os.path.join(self.dir, "node.conf")
         with open(self.conf, "w") as f:
-            f.write(CONFIG.format(base=self.base, interval=MIX_INTERVAL, port=self.port))
+            f.write(node_config(self.base, self.port, nickname="crashtest",
+                                contact="crash@localhost.localdomain",
+                                mix_interval=f"{MIX_INTERVAL} seconds"))
         self.rng = random.Random(SEED)
         self.lines: list[str] = []
         self.t0 = time.monotonic()
-        self.node: Optional[NodeProcess] = None
+        #: the node's current run (``node-N.log`` and ``node-N.out`` for run N)
+        self.node: Optional[Daemon] = None
         self.lives = 0
         self.addCleanup(self._kill_leftover)
 
@@ -278,65 +231,43 @@ class CrashTest(unittest.TestCase):
             f.write(line + "\n")
 
     def diagnosis(self) -> str:
-        tail = []
-        if self.node is not None:
-            path = os.path.join(self.dir, f"node-{self.node.life}.log")
-            try:
-                with open(path) as f:
-                    tail = f.read().splitlines()[-30:]
-            except OSError:
-                pass
-        output = b"".join(self.node.output)[-2000:] if self.node is not None else b""
-        return ("\n".join(self.lines[-60:]) + f"\n--- {self.dir}/node-N.log (last run):\n"
-                + "\n".join(tail) + "\n--- its stdout/stderr:\n" + output.decode("replace"))
+        last = self.node.report(30) if self.node is not None else ""
+        return "\n".join(self.lines[-60:]) + f"\n(last run of the node)\n{last}"
 
-    def _kill_leftover(self) -> defer.Deferred:
-        if self.node is not None and self.node.alive:
-            self.node.signal("KILL")
-            return self.node.ended.addErrback(lambda _: None)
-        return defer.succeed(None)
+    def _kill_leftover(self) -> None:
+        if self.node is not None:
+            self.node.kill()
 
     # --- the node's lives --------------------------------------------------------
 
-    def spawn(self) -> NodeProcess:
-        node = NodeProcess(self.lives)
-        log = os.path.join(self.dir, f"node-{self.lives}.log")
-        args = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-                "-n", "--pidfile=", f"--logfile={log}", "mixminion", "-c", self.conf]
-        reactor.spawnProcess(node, sys.executable, args, env=dict(os.environ), path=self.dir)
+    def spawn(self) -> Daemon:
+        """Start the node's next run."""
+        node = Daemon(self.dir, ["mixminion", "-c", self.conf], name=f"node-{self.lives}")
+        node.start()
         self.node = node
         self.lives += 1
-        self.note(f"start #{node.life} (pid {node.transport.pid})")
+        self.note(f"start #{self.lives - 1} (pid {node.pid})")
         return node
 
-    async def wait_listening(self, node: NodeProcess) -> None:
-        deadline = time.monotonic() + START_LIMIT
-        while True:
-            if not node.alive:
-                self.fail(f"node run #{node.life} exited while starting\n{self.diagnosis()}")
-            try:
-                proto = await connectProtocol(
-                    TCP4ClientEndpoint(reactor, "127.0.0.1", self.port, timeout=1), Protocol())
-                proto.transport.abortConnection()
-                return
-            except Exception:
-                if time.monotonic() > deadline:
-                    self.fail(f"node did not listen within {START_LIMIT} s\n{self.diagnosis()}")
-                await sleep(0.05)
+    async def wait_listening(self, node: Daemon) -> None:
+        await wait_until(reactor, f"{node.name} to listen",
+                         lambda: port_open(reactor, self.port, 1), START_LIMIT, 0.05,
+                         watch=[node], report=lambda _: self.diagnosis(),
+                         error=self.failureException)
 
     async def kill(self, why: str) -> None:
         node = self.node
         assert node is not None
-        if not node.alive:
-            self.fail(f"node run #{node.life} died by itself\n{self.diagnosis()}")
+        if not node.alive():
+            self.fail(f"{node.name} died by itself\n{self.diagnosis()}")
         hop = self.hop
-        self.note(f"SIGKILL #{node.life} ({why}): acked {len(self.sender.acked)}, "
+        self.note(f"SIGKILL {node.name} ({why}): acked {len(self.sender.acked)}, "
                   f"in flight {len(self.sender.outstanding)}, next hop {len(hop.arrivals)} "
                   f"arrivals / {hop.distinct()} distinct")
         # Every other time the processing child dies too, as in a power
         # cut; otherwise it outlives the node by a batch at most.
-        children = child_pids(node.transport.pid) if node.life % 2 else []
-        node.signal("KILL")
+        children = child_pids(node.pid) if (self.lives - 1) % 2 else []
+        node.kill()
         for pid in children:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -344,24 +275,17 @@ class CrashTest(unittest.TestCase):
                 pass
         if children:
             self.note(f"  and its processing child {children}")
-        await node.ended
 
     async def stop_cleanly(self, why: str) -> None:
         """SIGTERM, and the node must be gone within 30 s."""
         node = self.node
         assert node is not None
-        self.note(f"SIGTERM #{node.life} ({why}): acked {len(self.sender.acked)}, "
+        self.note(f"SIGTERM {node.name} ({why}): acked {len(self.sender.acked)}, "
                   f"in flight {len(self.sender.outstanding)}, next hop "
                   f"{len(self.hop.arrivals)} arrivals / {self.hop.distinct()} distinct")
-        node.signal("TERM")
-        deadline = time.monotonic() + 30
-        while node.alive and time.monotonic() < deadline:
-            await sleep(0.1)
-        clean = not node.alive
-        if not clean:
-            node.signal("KILL")
-        how = await node.ended
-        self.note(f"node #{node.life} stopped: {how.__class__.__name__}")
+        status = await node.stop(reactor, 30, strict=False)
+        clean = status != -signal.SIGKILL
+        self.note(f"{node.name} stopped: exit status {status}")
         self.assertTrue(clean, f"node did not stop within 30 s of SIGTERM\n{self.diagnosis()}")
 
     # --- the run -------------------------------------------------------------------
@@ -378,9 +302,9 @@ class CrashTest(unittest.TestCase):
                 self.fail(f"no progress for {STALL_LIMIT} s ({trigger} {seen}); "
                           f"{len(lost)} acknowledged packets not relayed (first: {lost[:10]})"
                           f"\n{self.diagnosis()}")
-            if not self.node.alive:
-                self.fail(f"node run #{self.node.life} died by itself\n{self.diagnosis()}")
-            await sleep(0.02)
+            if not self.node.alive():
+                self.fail(f"{self.node.name} died by itself\n{self.diagnosis()}")
+            await sleep(reactor, 0.02)
             if self.progress(trigger) != seen:
                 seen, since = self.progress(trigger), time.monotonic()
 
@@ -447,7 +371,7 @@ class CrashTest(unittest.TestCase):
         client = MMTPClient(reactor)
         self.sender = Sender(client, Destination("127.0.0.1", self.port, identity.public.keyid),
                              packets)
-        self.addCleanup(lambda: sleep(0.5))  # connection attempts being torn down
+        self.addCleanup(lambda: sleep(reactor, 0.5))  # connection attempts being torn down
         self.addCleanup(client.close)
         self.addCleanup(self.sender.stop)
         self.sender.start()
@@ -458,12 +382,12 @@ class CrashTest(unittest.TestCase):
             else:
                 await self._wait_progress(trigger, point)
                 why = f"{trigger} >= {point}, + {delay:.2f} s"
-            await sleep(delay)
+            await sleep(reactor, delay)
             if sig == "KILL":
                 await self.kill(why)
             else:
                 await self.stop_cleanly(why)
-            await sleep(self.rng.uniform(0.05, 0.5))
+            await sleep(reactor, self.rng.uniform(0.05, 0.5))
             node = self.spawn()
             if n + 1 < len(plan) and plan[n + 1][1] == "start":
                 continue  # the next kill lands while this run starts up
@@ -473,12 +397,12 @@ class CrashTest(unittest.TestCase):
         self.note(f"all {N_PACKETS} acknowledged after {self.sender.failures} failed sends")
         deadline = time.monotonic() + FINAL_WAIT
         while self.hop.distinct() < N_PACKETS and time.monotonic() < deadline:
-            if not self.node.alive:
-                self.fail(f"node run #{self.node.life} died by itself\n{self.diagnosis()}")
-            await sleep(0.1)
+            if not self.node.alive():
+                self.fail(f"{self.node.name} died by itself\n{self.diagnosis()}")
+            await sleep(reactor, 0.1)
         # A quiet period: anything still to come (a duplicate, a stray
         # packet) has time to arrive before the queues are read.
-        await sleep(3 * MIX_INTERVAL + 1)
+        await sleep(reactor, 3 * MIX_INTERVAL + 1)
         self.note(f"next hop: {len(self.hop.arrivals)} arrivals, {self.hop.distinct()} distinct")
 
         await self.stop_cleanly("end of the run")

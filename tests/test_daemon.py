@@ -10,67 +10,34 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-import subprocess
 import time
+from typing import Any, Callable
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from mixminion.codec.build import build_message_packets
 from mixminion.codec.header import Hop
-from mixminion.codec.routing import MBOX_TYPE
+from mixminion.codec.routing import MBOX_TYPE, HostInfo
 from mixminion.directory.descriptor import parse_descriptor
 from mixminion.mmtp.initiator import Destination, MMTPClient
-
-CONFIG = """\
-[Server]
-BaseDir: {base}
-Mode: relay
-Nickname: daemon
-Contact-Email: daemon@localhost.localdomain
-MixAlgorithm: Timed
-MixInterval: 1 second
-LogLevel: INFO
-
-[Incoming/MMTP]
-Enabled: yes
-IP: 127.0.0.1
-Hostname: localhost
-Port: {port}
-
-[Outgoing/MMTP]
-Enabled: yes
-
-[Delivery/MBOX]
-Enabled: yes
-AddressFile: {addresses}
-RemoveContact: daemon@localhost.localdomain
-ReturnAddress: nobody@localhost.localdomain
-MboxFile: {mbox}
-"""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from mixminion.testing.processes import (
+    free_ports,
+    node_config,
+    pid_alive,
+    read_text,
+    run_twistd,
+    wait_until,
+)
 
 
 class DaemonTests(unittest.TestCase):
-    async def _wait_for(self, what: str, check, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not check():
-            if time.monotonic() > deadline:
-                self.fail(f"timed out waiting for {what}; log:\n{self._log_tail()}")
-            await task.deferLater(reactor, 0.1, lambda: None)
+    async def _wait_for(self, what: str, check: Callable[[], Any], timeout: float = 30.0) -> None:
+        await wait_until(reactor, what, check, timeout,
+                         report=lambda _: f"log:\n{self._log_tail()}", error=self.failureException)
 
     def _log_tail(self) -> str:
-        try:
-            with open(self.logfile) as f:
-                return "".join(f.readlines()[-30:])
-        except OSError:
-            return "(no log)"
+        return "".join(read_text(self.logfile).splitlines(keepends=True)[-30:]) or "(no log)"
 
     def test_daemon_delivers_and_stops(self) -> defer.Deferred:
         return defer.ensureDeferred(self._daemon_round_trip())
@@ -82,24 +49,27 @@ class DaemonTests(unittest.TestCase):
         with open(addresses, "w") as f:
             f.write("me: me@localhost.localdomain\n")
         mbox = os.path.join(base, "mail.mbox")
-        port = _free_port()
+        [port] = free_ports(1)
         conf = os.path.join(base, "node.conf")
         with open(conf, "w") as f:
-            f.write(CONFIG.format(base=os.path.join(base, "node"), port=port,
-                                  addresses=addresses, mbox=mbox))
+            f.write(node_config(
+                os.path.join(base, "node"), port, nickname="daemon",
+                contact="daemon@localhost.localdomain",
+                extra=(f"[Delivery/MBOX]\nEnabled: yes\nAddressFile: {addresses}\n"
+                       "RemoveContact: daemon@localhost.localdomain\n"
+                       f"ReturnAddress: nobody@localhost.localdomain\nMboxFile: {mbox}\n")))
         pidfile = os.path.join(base, "twistd.pid")
         self.logfile = os.path.join(base, "twistd.log")
-        done = subprocess.run(["twistd", "--pidfile", pidfile, "--logfile", self.logfile,
-                               "mixminion", "-c", conf], capture_output=True, text=True,
-                              timeout=60)
-        self.assertEqual(done.returncode, 0, done.stderr)
+        done = run_twistd(["--pidfile", pidfile, "--logfile", self.logfile, "mixminion", "-c", conf],
+                          cwd=base, foreground=False)
+        self.assertEqual(done.returncode, 0, done.stdout)
         self.addCleanup(self._kill, pidfile)
         desc_path = os.path.join(base, "node", "keys", "key_0001", "ServerDesc")
         await self._wait_for("the daemon's descriptor and start-up line",
-                         lambda: os.path.exists(desc_path) and "started" in self._log_tail())
+                             lambda: os.path.exists(desc_path) and "started" in self._log_tail())
         with open(desc_path) as f:
             desc = parse_descriptor(f.read(), time.time())
-        hop = Hop(desc.packet_key, _host_info(desc))
+        hop = Hop(desc.packet_key, HostInfo.parse(desc.routing_info))
         [built] = build_message_packets(b"daemon mail\n", MBOX_TYPE, b"me",
                                         lambda i: ([hop], [hop]), os.urandom)
         client = MMTPClient(reactor)
@@ -113,7 +83,7 @@ class DaemonTests(unittest.TestCase):
         with open(pidfile) as f:
             pid = int(f.read())
         os.kill(pid, signal.SIGTERM)
-        await self._wait_for("the daemon to exit", lambda: not _alive(pid))
+        await self._wait_for("the daemon to exit", lambda: not pid_alive(pid))
         self.assertIn("Server Shut Down", self._log_tail())
 
     def _kill(self, pidfile: str) -> None:
@@ -122,17 +92,3 @@ class DaemonTests(unittest.TestCase):
                 os.kill(int(f.read()), signal.SIGKILL)
         except (OSError, ValueError):
             pass
-
-
-def _host_info(desc):
-    from mixminion.codec.routing import HostInfo
-
-    return HostInfo.parse(desc.routing_info)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True

@@ -41,13 +41,11 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import sys
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Optional, TypeVar
 
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from twisted.internet import defer, error, protocol, task
+from twisted.internet import defer
 from twisted.internet import reactor as _reactor
 from twisted.python.failure import Failure
 from twisted.trial import unittest
@@ -58,7 +56,8 @@ from mixminion.client.directory import ClientDirectory, DirectoryUpdateError
 from mixminion.codec.rsa import PrivateKey
 from mixminion.directory import directory as dirformat
 from mixminion.directory.descriptor import parse_descriptor
-from mixminion.testnet import free_ports
+from mixminion.testing.keys import key
+from mixminion.testing.processes import Daemon, MixNode, authority_config, free_ports, wait_until
 
 T = TypeVar("T")
 reactor: Any = _reactor
@@ -71,79 +70,6 @@ ROUND_TIMEOUT = 30.0
 STOP_TIMEOUT = 5.0
 
 
-# --- processes -------------------------------------------------------------------------
-
-
-
-
-def tail(path: str, lines: int = 25) -> str:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return "".join(f.readlines()[-lines:])
-    except OSError as exc:
-        return f"({path}: {exc.strerror})\n"
-
-
-def twistd() -> list[str]:
-    beside = os.path.join(os.path.dirname(sys.executable), "twistd")
-    if os.access(beside, os.X_OK):
-        return [beside]
-    found = shutil.which("twistd")
-    return [found] if found else [sys.executable, "-m", "twisted"]
-
-
-class Child(protocol.ProcessProtocol):
-    """One spawned twistd: its output and a Deferred for its end."""
-
-    def __init__(self, name: str, log: str) -> None:
-        self.name, self.log = name, log
-        self.output = bytearray()
-        self.ended: defer.Deferred = defer.Deferred()
-        self.done = False
-
-    def outReceived(self, data: bytes) -> None:  # noqa: N802
-        self.output += data
-
-    errReceived = outReceived  # noqa: N815
-
-    def processEnded(self, reason: Failure) -> None:  # noqa: N802
-        self.done = True
-        self.ended.callback(None)
-
-    def signal(self, name: str) -> None:
-        if not self.done:
-            try:
-                self.transport.signalProcess(name)  # type: ignore[union-attr,call-arg,misc]
-            except error.ProcessExitedAlready:
-                pass
-
-    async def stop(self) -> None:
-        """SIGTERM, SIGKILL after ``STOP_TIMEOUT``."""
-        if self.done:
-            return
-        self.signal("TERM")
-        timer = reactor.callLater(STOP_TIMEOUT, self.signal, "KILL")
-        await self.ended
-        if timer.active():
-            timer.cancel()
-
-    def report(self) -> str:
-        text = f"--- {self.name}: last lines of {self.log}:\n{tail(self.log)}"
-        if self.output:
-            text += f"--- {self.name} output:\n{bytes(self.output[-2000:]).decode('utf-8', 'replace')}\n"
-        return text
-
-
-def spawn(name: str, argv: list[str], cwd: str, log: str) -> Child:
-    child = Child(name, log)
-    reactor.spawnProcess(child, argv[0], argv, env=dict(os.environ), path=cwd)
-    return child
-
-
-def sleep(seconds: float) -> defer.Deferred:
-    return task.deferLater(reactor, seconds, lambda: None)
-
-
 # --- the network -------------------------------------------------------------------------
 
 
@@ -151,9 +77,8 @@ def sleep(seconds: float) -> defer.Deferred:
 class AuthorityProc:
     number: int
     port: int
-    directory: str
+    daemon: Daemon
     key: PrivateKey
-    process: Optional[Child] = None
     #: stopped on purpose: not a death to report
     stopped: bool = False
 
@@ -166,33 +91,27 @@ class AuthorityProc:
         return self.key.public.fingerprint
 
     @property
+    def directory(self) -> str:
+        return self.daemon.directory
+
+    @property
     def conf(self) -> str:
         return os.path.join(self.directory, "authority.conf")
 
     @property
     def log(self) -> str:
-        return os.path.join(self.directory, "authority.log")
+        return self.daemon.log
 
 
-@dataclass
-class NodeProc:
-    name: str
-    port: int
-    directory: str
-    process: Optional[Child] = None
-    stopped: bool = False
+class NodeProc(MixNode):
+    """A node that publishes to the authorities."""
 
-    @property
-    def conf(self) -> str:
-        return os.path.join(self.directory, "mixminiond.conf")
-
-    @property
-    def log(self) -> str:
-        return os.path.join(self.directory, "node.log")
+    #: stopped on purpose: not a death to report
+    stopped = False
 
     @property
     def key_dir(self) -> str:
-        return os.path.join(self.directory, "base", "keys")
+        return os.path.join(self.base, "keys")
 
     def descriptors(self) -> list[Any]:
         """The node's current keysets' descriptors, from its own files."""
@@ -201,10 +120,6 @@ class NodeProc:
             with open(path, "rb") as f:
                 found.append(parse_descriptor(f.read(), reactor.seconds(), check_validity=False))
         return found
-
-
-def authority_key() -> PrivateKey:
-    return PrivateKey(rsa.generate_private_key(public_exponent=65537, key_size=2048))
 
 
 def write_identity(path: str, key: PrivateKey) -> None:
@@ -268,19 +183,21 @@ class DirectoryNetworkTests(unittest.TestCase):
     def setUp(self) -> None:
         self.dir = os.path.abspath(self.mktemp())
         os.makedirs(self.dir)
-        ports = free_ports(3 + len(NODES))
+        ports = free_ports(3)
         self.authorities = [
-            AuthorityProc(n + 1, ports[n], os.path.join(self.dir, f"auth{n + 1}"), authority_key())
+            AuthorityProc(n + 1, ports[n], Daemon(os.path.join(self.dir, f"auth{n + 1}"), [],
+                                                  name=f"auth{n + 1}"), key(f"authority {n + 1}"))
             for n in range(3)]
-        self.nodes = [NodeProc(name, ports[3 + i], os.path.join(self.dir, name))
-                      for i, name in enumerate(NODES)]
+        self.nodes = [NodeProc(self, name) for name in NODES]
         self.pool = web_client.HTTPConnectionPool(reactor, persistent=False)
         self.agent = web_client.Agent(reactor, connectTimeout=5, pool=self.pool)
         self.addCleanup(self.stop_everything)
 
     async def stop_everything(self) -> None:
-        children = [p.process for p in self.processes if p.process is not None]
-        await defer.gatherResults([defer.ensureDeferred(c.stop()) for c in children])
+        """SIGTERM every process, SIGKILL after ``STOP_TIMEOUT``."""
+        await defer.gatherResults([defer.ensureDeferred(p.daemon.stop(reactor, STOP_TIMEOUT,
+                                                                      strict=False))
+                                   for p in self.processes])
         await self.pool.closeCachedConnections()
 
     # -- configuration and start-up ---------------------------------------------------
@@ -291,67 +208,37 @@ class DirectoryNetworkTests(unittest.TestCase):
 
     def write_authority(self, auth: AuthorityProc) -> None:
         os.makedirs(auth.directory, exist_ok=True)
-        peers = "".join(f"Peer: {a.url} {a.fingerprint}\n" for a in self.authorities)
-        with open(auth.conf, "w", encoding="ascii") as f:
-            f.write(f"""\
-[Authority]
-BaseDir: {os.path.join(auth.directory, "base")}
-Nickname: Auth{auth.number}
-ListenIP: 127.0.0.1
-Port: {auth.port}
-{peers}Threshold: {THRESHOLD}
-VoteInterval: {VOTE_INTERVAL} seconds
-""")
         base = os.path.join(auth.directory, "base")
+        with open(auth.conf, "w", encoding="ascii") as f:
+            f.write(authority_config(base, f"Auth{auth.number}", auth.port,
+                                     [(a.url, a.fingerprint) for a in self.authorities],
+                                     THRESHOLD, VOTE_INTERVAL))
         os.makedirs(base, mode=0o700, exist_ok=True)
         write_identity(os.path.join(base, "identity.key"), auth.key)
 
     def start_authority(self, auth: AuthorityProc, tac: Optional[str] = None) -> None:
-        service = ["-y", tac] if tac else ["mixminion-directory", "-c", auth.conf]
-        argv = twistd() + ["-n", "--pidfile=", f"--logfile={auth.log}"] + service
-        auth.process = spawn(f"authority {auth.number}", argv, auth.directory, auth.log)
+        auth.daemon.args = ["-y", tac] if tac else ["mixminion-directory", "-c", auth.conf]
+        auth.daemon.start()
 
     def write_node(self, node: NodeProc) -> None:
-        os.makedirs(node.directory, exist_ok=True)
         authorities = "".join(f"Authority: {a.url} {a.fingerprint}\n" for a in self.authorities)
-        with open(node.conf, "w", encoding="ascii") as f:
-            f.write(f"""\
-[Server]
-BaseDir: {os.path.join(node.directory, "base")}
-Mode: relay
-Nickname: {node.name}
-Contact-Email: {node.name}@localhost.localdomain
-MixAlgorithm: Timed
-MixInterval: 1 second
-MinFreeDisk: 1 MB
-
-[Incoming/MMTP]
-Enabled: yes
-IP: 127.0.0.1
-Hostname: localhost
-Port: {node.port}
-
-[Outgoing/MMTP]
-Enabled: yes
-
-[DirectoryServers]
-Publish: yes
-{authorities}""")
+        node.write(node.config(server="MinFreeDisk: 1 MB", log_level="WARN",
+                               contact=f"{node.name}@localhost.localdomain",
+                               extra=f"[DirectoryServers]\nPublish: yes\n{authorities}"))
 
     def start_node(self, node: NodeProc) -> None:
-        argv = twistd() + ["-n", "--pidfile=", f"--logfile={node.log}", "mixminion", "-c", node.conf]
-        node.process = spawn(node.name, argv, node.directory, node.log)
+        node.daemon.start()
 
     # -- observing -------------------------------------------------------------------------
 
     @property
     def processes(self) -> list[Any]:
-        """Every authority and node (they share ``process`` and ``stopped``)."""
+        """Every authority and node (they share ``daemon`` and ``stopped``)."""
         return [*self.authorities, *self.nodes]
 
     def report(self) -> str:
-        return "\n".join(p.process.report() for p in self.processes
-                         if p.process is not None)
+        return "\n".join(p.daemon.report() for p in self.processes
+                         if p.daemon.process is not None)
 
     async def get(self, url: str) -> tuple[int, bytes]:
         d = self.agent.request(b"GET", url.encode("ascii"))
@@ -377,20 +264,11 @@ Publish: yes
                        interval: float = 0.5) -> T:
         """Poll ``check`` until it returns something true; fail with the logs after
         ``timeout``, or at once if a process that should run has died."""
-        deadline = reactor.seconds() + timeout
-        while True:
-            result = await check()
-            if result:
-                return result
-            dead = [p.process.name for p in self.processes
-                    if p.process is not None and p.process.done and not p.stopped]
-            if dead:
-                raise self.failureException(f"{', '.join(dead)} died while waiting for {what}\n"
-                                            + self.report())
-            if reactor.seconds() > deadline:
-                raise self.failureException(f"timed out after {timeout:.0f} s waiting for {what}\n"
-                                            + self.report())
-            await sleep(interval)
+        return await wait_until(
+            reactor, what, check, timeout, interval,
+            watch=[p.daemon for p in self.processes
+                   if p.daemon.process is not None and not p.stopped],
+            report=lambda _: self.report(), error=self.failureException)
 
     def client(self, root: str, authorities: list[tuple[str, str]]) -> ClientDirectory:
         trusted = {a.fingerprint: a.key.public for a in self.authorities}
@@ -440,8 +318,7 @@ Publish: yes
         node4 = self.nodes[3]
         [old] = node4.descriptors()
         node4.stopped = True
-        assert node4.process is not None
-        await node4.process.stop()
+        await node4.daemon.stop(reactor, STOP_TIMEOUT, strict=False)
         for keyset in glob.glob(os.path.join(node4.key_dir, "key_*")):
             shutil.rmtree(keyset)
         self.assertTrue(os.path.exists(os.path.join(node4.key_dir, "identity.key")))
@@ -470,8 +347,7 @@ Publish: yes
         # 3. authority 3 down: 1 and 2 go on; a client trying 3 first still succeeds
         auth1, auth2, auth3 = self.authorities
         auth3.stopped = True
-        assert auth3.process is not None
-        await auth3.process.stop()
+        await auth3.daemon.stop(reactor, STOP_TIMEOUT, strict=False)
 
         async def two_signers() -> Optional[dirformat.SignedDirectory]:
             d = await self.directory_of(auth1)

@@ -27,9 +27,8 @@ from twisted.trial import unittest
 
 from mixminion.codec.build import build_message_packets
 from mixminion.codec.routing import MBOX_TYPE
-from mixminion.testing.processes import gauge, metric
-from tests.test_node_options import (RELOADED_ONE, Node, NodeTestCase, log_lines, read_text,
-                                     reactor, send_all)
+from mixminion.testing.processes import MixNode, gauge, metric, read_text
+from tests.test_node_options import RELOADED_ONE, NodeTestCase, reactor
 
 MB = 1 << 20
 #: the node's MinFreeDisk: later stages keep 4 MB
@@ -38,7 +37,7 @@ MIN_FREE = "8 MB"
 LEFT_FREE = 2 * MB
 
 
-def small_disk(test: unittest.TestCase, path: str, node: Node, size_mb: int = 16) -> None:
+def small_disk(test: unittest.TestCase, path: str, node: MixNode, size_mb: int = 16) -> None:
     """Mount a tmpfs of ``size_mb`` at ``path``; unmounted after the node
     is stopped."""
     if os.geteuid() != 0:
@@ -79,13 +78,13 @@ class DiskFloorTests(NodeTestCase):
         return defer.ensureDeferred(self._processing())
 
     async def _processing(self) -> None:
-        node = Node(self)
+        node = MixNode(self)
         bodies = os.path.join(node.base, "work", "queues", "bodies")
         small_disk(self, bodies, node)
         filler = fill(bodies, LEFT_FREE)
         await node.start(node.config(
             server=f"MinFreeDisk: {MIN_FREE}\nMetricsPort: {node.metrics_port}"))
-        self.assertEqual(await send_all(self, node, node.drop_packets(10)), [None] * 10)
+        self.assertEqual(await node.send_all(node.drop_packets(10)), [None] * 10)
         # Two looks at the disk later, the packets still wait where they were
         # acknowledged, and the small disk holds nothing new.
         await task.deferLater(reactor, 5, lambda: None)
@@ -93,7 +92,7 @@ class DiskFloorTests(NodeTestCase):
         self.assertEqual(metric(node.metrics_port, "ProcessedRelay"), 0)
         self.assertEqual(gauge(node.metrics_port, "queue_incoming_packets"), 10)
         self.assertEqual(gauge(node.metrics_port, "processing_paused_disk"), 1)
-        [warned] = log_lines(node.daemon, "Processing paused")
+        [warned] = node.daemon.lines("Processing paused")
         self.assertIn("#warn]", warned)
         self.assertIn(f"MB free on the disk of {bodies}, under its floor of 4.0 MB", warned)
         os.remove(filler)
@@ -102,8 +101,8 @@ class DiskFloorTests(NodeTestCase):
             reactor, "the ten packets through both legs",
             lambda: metric(node.metrics_port, "DroppedDummy") == 10, timeout=30)
         self.assertEqual(gauge(node.metrics_port, "processing_paused_disk"), 0)
-        self.assertEqual(len(log_lines(node.daemon, "Processing paused")), 1)
-        self.assertEqual(len(log_lines(node.daemon, "Processing resumed")), 1)
+        self.assertEqual(len(node.daemon.lines("Processing paused")), 1)
+        self.assertEqual(len(node.daemon.lines("Processing resumed")), 1)
         self.assertNotIn("Traceback", node.daemon.text())
         self.assertEqual(await node.daemon.stop(reactor), -signal.SIGTERM)
 
@@ -111,7 +110,7 @@ class DiskFloorTests(NodeTestCase):
         return defer.ensureDeferred(self._mbox())
 
     async def _mbox(self) -> None:
-        node = Node(self)
+        node = MixNode(self)
         mail = os.path.join(self.dir, "mail")
         small_disk(self, mail, node)
         fill(mail, LEFT_FREE)
@@ -131,7 +130,7 @@ class DiskFloorTests(NodeTestCase):
         hop = node.hop()
         packets = [b.packet for i in range(3) for b in build_message_packets(
             f"note {i}\n".encode(), MBOX_TYPE, b"alice", lambda i: ([hop], [hop]), os.urandom)]
-        self.assertEqual(await send_all(self, node, packets), [None] * 3)
+        self.assertEqual(await node.send_all(packets), [None] * 3)
         # Processed and mixed, the mail waits in MBOX's queue, untried.
         await node.daemon.wait_for(
             reactor, "the mail processed",
@@ -140,7 +139,7 @@ class DiskFloorTests(NodeTestCase):
         self.assertFalse(os.path.exists(mbox))
         self.assertEqual(metric(node.metrics_port, "ExitRetry:MBOX"), 0)
         self.assertEqual(gauge(node.metrics_port, "delivery_paused_disk"), 1)
-        [warned] = log_lines(node.daemon, "Delivery by MBOX paused")
+        [warned] = node.daemon.lines("Delivery by MBOX paused")
         self.assertIn("#warn]", warned)
         # A lower MinFreeDisk (SIGHUP) puts the floor under what is free.
         node.write(config("2 MB"))
@@ -151,7 +150,7 @@ class DiskFloorTests(NodeTestCase):
             reactor, "the three notes in the mbox",
             lambda: all(f"note {i}" in read_text(mbox) for i in range(3)), timeout=30)
         self.assertEqual(gauge(node.metrics_port, "delivery_paused_disk"), 0)
-        self.assertEqual(len(log_lines(node.daemon, "Delivery by MBOX paused")), 1)
+        self.assertEqual(len(node.daemon.lines("Delivery by MBOX paused")), 1)
         self.assertEqual(metric(node.metrics_port, "ExitDelivered:MBOX"), 3)
         self.assertNotIn("Traceback", node.daemon.text())
         self.assertEqual(await node.daemon.stop(reactor), -signal.SIGTERM)

@@ -3,7 +3,7 @@
 A testnet of 3 directory authorities and 5 mix nodes, started with
 ``mixminion-testnet up --nodes 5 --mta 127.0.0.1:PORT --blacklist FILE DIR``
 against a real opensmtpd of the test's own (every recipient lands in one
-maildir; see ``tests/test_three_nodes.py`` for how smtpd must be run), and
+maildir; see :mod:`mixminion.testing.mta` for how smtpd must be run), and
 ``mixminion-client`` run as a subprocess with the testnet's client
 configuration:
 
@@ -43,7 +43,8 @@ from twisted.internet import reactor as _reactor
 from twisted.trial import unittest
 
 from mixminion.codec.exit import PLAINTEXT, parse_text_message
-from tests.test_three_nodes import MTA, alive, sleep, start_opensmtpd
+from mixminion.testing.mta import MTA, start_opensmtpd
+from mixminion.testing.processes import pid_alive, sleep, wait_until
 
 reactor: Any = _reactor
 
@@ -119,7 +120,7 @@ class EndToEndTests(unittest.TestCase):
             self.pids.update(self.read_pids())
             await self.run_testnet("down", self.dir)
         for pid in self.pids.values():
-            if alive(pid):
+            if pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
 
     async def start_mta(self) -> MTA:
@@ -159,29 +160,17 @@ class EndToEndTests(unittest.TestCase):
         return total
 
     def logs(self) -> str:
-        out = []
-        for proc in self.state()["procs"]:
-            path = os.path.join(proc["directory"], "twistd.log")
-            try:
-                with open(path, encoding="utf-8", errors="replace") as f:
-                    lines = [ln for ln in f if "Mix: 0 of 0 items" not in ln]
-            except OSError:
-                continue
-            out.append(f"--- {path}\n" + "".join(lines[-15:]))
+        from mixminion.testnet import Proc
+
+        out = [Proc(**proc).daemon().report(15) for proc in self.state()["procs"]]
         if self.mta is not None:
-            out.append(f"--- smtpd\n{self.mta.process.text(2000)}")
+            out.append(self.mta.process.report())
         return "\n".join(out)
 
     async def wait_until(self, what: str, check: Callable[[], Awaitable[Any]],
                          timeout: float = DELIVERY_TIMEOUT) -> Any:
-        deadline = reactor.seconds() + timeout
-        while True:
-            result = await check()
-            if result:
-                return result
-            if reactor.seconds() > deadline:
-                self.fail(f"timed out after {timeout} s waiting for {what}\n{self.logs()}")
-            await sleep(0.3)
+        return await wait_until(reactor, what, check, timeout, 0.3,
+                                report=lambda _: self.logs(), error=self.failureException)
 
     # -- the test --------------------------------------------------------------------
 
@@ -283,7 +272,7 @@ class EndToEndTests(unittest.TestCase):
         self.assertEqual(after["ExitFailed:SMTP"] - before["ExitFailed:SMTP"], 1, after)
         self.assertEqual(after["DroppedDummy"] - before["DroppedDummy"], DROPS, after)
         self.assertEqual(after["ExitDelivered:SMTP"] - before["ExitDelivered:SMTP"], 2, after)
-        await sleep(2)  # anything late would show now
+        await sleep(reactor, 2)  # anything late would show now
         self.assertEqual(self.mails_with(blocked_token), [])
         self.assertEqual(len(self.mails()), 2, [m["To"] for m in self.mails()])
         self.assertEqual(self.mbox_text().count(b"\nFrom ") + self.mbox_text().startswith(b"From "), 1)
@@ -295,7 +284,7 @@ class EndToEndTests(unittest.TestCase):
         os.kill(pid, signal.SIGTERM)
 
         async def stopped() -> bool:
-            return not alive(pid)
+            return not pid_alive(pid)
         await self.wait_until(f"{first} to stop", stopped, 15)
         queued_token = b"queued-" + run_id
         queued = write("queued.txt", b"Sent while the first hop was down (" + queued_token + b").\n")
@@ -323,7 +312,7 @@ class EndToEndTests(unittest.TestCase):
 
         code, text = await self.run_testnet("down", self.dir)
         self.assertEqual(code, 0, text)
-        left = [name for name, p in self.pids.items() if alive(p)]
+        left = [name for name, p in self.pids.items() if pid_alive(p)]
         self.assertEqual(left, [], f"still running after down: {left}")
 
 

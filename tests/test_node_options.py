@@ -15,23 +15,20 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from typing import Any, Optional
 
 from twisted.internet import defer, protocol, threads
 from twisted.internet import reactor as _reactor
-from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from mixminion.codec.build import build_forward_packet, build_message_packets
 from mixminion.codec.header import Hop
 from mixminion.codec.packet import PAYLOAD_LEN
-from mixminion.codec.routing import DROP_TYPE, MBOX_TYPE, SMTP_TYPE, HostInfo, IPv4Info
-from mixminion.directory.descriptor import ServerDescriptor, parse_descriptor
-from mixminion.mmtp.initiator import Destination, MMTPClient, PacketRejected
+from mixminion.codec.routing import DROP_TYPE, MBOX_TYPE, SMTP_TYPE, IPv4Info
+from mixminion.mmtp.initiator import MMTPClient, PacketRejected
 from mixminion.server.pidfile import read_pid
 from mixminion.smtpsink import tac_text
-from mixminion.testing.processes import Daemon, free_ports, metric, node_config, run_twistd
+from mixminion.testing.processes import Daemon, MixNode, free_ports, metric, read_text, run_twistd
 
 #: the global reactor (untyped: its interfaces are spread over many zope ones)
 reactor: Any = _reactor
@@ -39,78 +36,8 @@ reactor: Any = _reactor
 RELOADED_ONE = "SIGHUP: applied 1 changed options"
 NOT_RELOADED = "SIGHUP: configuration not reloaded, still running on the old one: "
 
-
-def read_text(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return f.read()
-    except FileNotFoundError:
-        return ""
-
-
 #: seconds between two reads of /metrics (each read is a line in the node's log)
 METRICS_POLL = 0.5
-
-
-def log_lines(daemon: Daemon, text: str) -> list[str]:
-    return [line for line in daemon.text().splitlines() if text in line]
-
-
-class Node:
-    """One node of a test: folder, configuration file, twistd process."""
-
-    def __init__(self, test: unittest.TestCase, name: str = "node") -> None:
-        self.name = name
-        self.dir = os.path.join(test.dir, name)
-        os.makedirs(self.dir)
-        self.base = os.path.join(self.dir, "base")
-        self.conf = os.path.join(self.dir, "node.conf")
-        self.port, self.metrics_port = free_ports(2)
-        self.daemon = Daemon(self.dir, ["mixminion", "-c", self.conf], name=name)
-        test.addCleanup(self.daemon.kill)
-
-    def config(self, **sections: Any) -> str:
-        return node_config(self.base, self.port, nickname=self.name, **sections)
-
-    def write(self, text: str) -> None:
-        with open(self.conf, "w") as f:
-            f.write(text)
-
-    async def start(self, text: str) -> None:
-        """Write the configuration, start twistd, wait for the start line."""
-        self.write(text)
-        self.daemon.start()
-        await self.daemon.wait_for_line(reactor, f"Mix node {self.name} started")
-
-    def descriptor(self) -> ServerDescriptor:
-        with open(os.path.join(self.base, "keys", "key_0001", "ServerDesc")) as f:
-            return parse_descriptor(f.read(), time.time())
-
-    def destination(self) -> Destination:
-        return Destination("127.0.0.1", self.port, self.descriptor().identity_digest)
-
-    def hop(self) -> Hop:
-        desc = self.descriptor()
-        return Hop(desc.packet_key, HostInfo.parse(desc.routing_info))
-
-    def drop_packets(self, count: int) -> list[bytes]:
-        """Valid packets through this node on both legs, ending in DROP."""
-        me = self.hop()
-        return [build_forward_packet(os.urandom(PAYLOAD_LEN), [me], [me], DROP_TYPE, b"",
-                                     os.urandom).packet for _ in range(count)]
-
-
-async def send_all(test: unittest.TestCase, node: Node, packets: list[bytes],
-                   client: Optional[MMTPClient] = None) -> list[Optional[Failure]]:
-    """Send every packet at once (pipelined on one client); the failure of
-    each, None for a packet acknowledged RECEIVED."""
-    if client is None:
-        client = MMTPClient(reactor)
-        test.addCleanup(client.close)
-    destination = node.destination()
-    results = await defer.DeferredList([client.send_packet(destination, p) for p in packets],
-                                       consumeErrors=True)
-    return [None if ok else value for ok, value in results]
 
 
 class NodeTestCase(unittest.TestCase):
@@ -128,7 +55,7 @@ class ServerPathTests(NodeTestCase):
         return defer.ensureDeferred(self._queue_and_work_dirs())
 
     async def _queue_and_work_dirs(self) -> None:
-        node = Node(self)
+        node = MixNode(self)
         queues, work = os.path.join(self.dir, "fastq"), os.path.join(self.dir, "w")
         await node.start(node.config(server=f"QueueDir: {queues}\nWorkDir: {work}"))
         self.assertTrue(os.path.isfile(os.path.join(queues, "packets.db")), os.listdir(queues))
@@ -136,7 +63,7 @@ class ServerPathTests(NodeTestCase):
         self.assertFalse(os.path.exists(os.path.join(node.base, "work", "queues")))
         self.assertFalse(os.path.exists(os.path.join(node.base, "work")), os.listdir(node.base))
         # Received packets go to the incoming log under QueueDir.
-        self.assertEqual(await send_all(self, node, node.drop_packets(1)), [None])
+        self.assertEqual(await node.send_all(node.drop_packets(1)), [None])
         self.assertTrue(os.listdir(os.path.join(queues, "incoming")))
         # The counters are saved at a clean stop, under WorkDir.
         self.assertEqual(await node.daemon.stop(reactor), -signal.SIGTERM)
@@ -155,7 +82,7 @@ class ServerPathTests(NodeTestCase):
         return defer.ensureDeferred(self._pid_file(os.path.join(self.dir, "run", "mix.pid")))
 
     async def _pid_file(self, configured: Optional[str]) -> None:
-        node = Node(self)
+        node = MixNode(self)
         path = configured or os.path.join(node.base, "pid")
         await node.start(node.config(server=f"PidFile: {configured}" if configured else ""))
         pid = node.daemon.pid
@@ -182,7 +109,7 @@ class PrivateFilesTests(NodeTestCase):
         return defer.ensureDeferred(self._private())
 
     async def _private(self) -> None:
-        node = Node(self)
+        node = MixNode(self)
         aliases = os.path.join(self.dir, "aliases")
         with open(aliases, "w") as f:
             f.write("alice: alice@example.org\n")
@@ -195,7 +122,7 @@ class PrivateFilesTests(NodeTestCase):
         hop = node.hop()
         packets = [b.packet for b in build_message_packets(
             b"x" * 50000, MBOX_TYPE, b"alice", lambda i: ([hop], [hop]), os.urandom)]
-        self.assertEqual(await send_all(self, node, packets), [None] * len(packets))
+        self.assertEqual(await node.send_all(packets), [None] * len(packets))
         mbox = os.path.join(self.dir, "mail.mbox")
         await node.daemon.wait_for(reactor, "the reassembled message",
                                    lambda: os.path.exists(mbox) and os.path.getsize(mbox) > 0)
@@ -220,7 +147,7 @@ class StatsTests(NodeTestCase):
         """A summary in StatsFile every StatsInterval; none with LogStats: no."""
         # The quiet node starts first, so when the loud one has written two
         # summaries the quiet one has run for more than two intervals too.
-        quiet, loud = Node(self, "quiet"), Node(self, "loud")
+        quiet, loud = MixNode(self, "quiet"), MixNode(self, "loud")
         await quiet.start(quiet.config(server="LogStats: no\nStatsInterval: 2 seconds"))
         await loud.start(loud.config(server="StatsInterval: 2 seconds"))
         loud_file = os.path.join(loud.base, "stats")
@@ -235,7 +162,7 @@ class StatsTests(NodeTestCase):
         return defer.ensureDeferred(self._stats_file())
 
     async def _stats_file(self) -> None:
-        node = Node(self)
+        node = MixNode(self)
         path = os.path.join(self.dir, "elsewhere", "traffic.txt")
         await node.start(node.config(server=f"StatsFile: {path}\nStatsInterval: 1 second"))
         await node.daemon.wait_for(reactor, "a summary in the configured StatsFile",
@@ -247,7 +174,7 @@ class ReloadTests(NodeTestCase):
     """SIGHUP applies ``MaxQueuedPackets`` and ``LogLevel`` without a
     restart, and a broken file changes nothing."""
 
-    def assertSameProcess(self, node: Node, pid: int) -> None:
+    def assertSameProcess(self, node: MixNode, pid: int) -> None:
         self.assertTrue(node.daemon.alive(), node.daemon.tail())
         self.assertEqual(node.daemon.pid, pid)
         self.assertEqual(read_pid(os.path.join(node.base, "pid")), pid)
@@ -256,16 +183,16 @@ class ReloadTests(NodeTestCase):
         return defer.ensureDeferred(self._max_queued())
 
     async def _max_queued(self) -> None:
-        node = Node(self)
+        node = MixNode(self)
         await node.start(node.config())
         pid = node.daemon.pid
         client = MMTPClient(reactor)
         self.addCleanup(client.close)
-        self.assertEqual(await send_all(self, node, node.drop_packets(30), client), [None] * 30)
+        self.assertEqual(await node.send_all(node.drop_packets(30), client), [None] * 30)
         node.write(node.config(server="MaxQueuedPackets: 1"))
         node.daemon.signal(signal.SIGHUP)
         await node.daemon.wait_for_line(reactor, RELOADED_ONE)
-        outcomes = await send_all(self, node, node.drop_packets(200), client)
+        outcomes = await node.send_all(node.drop_packets(200), client)
         failures = [f for f in outcomes if f is not None]
         self.assertTrue(failures, "no packet of the burst was answered REJECTED")
         for failure in failures:
@@ -279,7 +206,7 @@ class ReloadTests(NodeTestCase):
         return defer.ensureDeferred(self._early_sighup())
 
     async def _early_sighup(self) -> None:
-        node = Node(self)
+        node = MixNode(self)
         node.write(node.config())
         node.daemon.start()
         pid = node.daemon.pid
@@ -294,18 +221,18 @@ class ReloadTests(NodeTestCase):
         return defer.ensureDeferred(self._log_level())
 
     async def _log_level(self) -> None:
-        node = Node(self)
+        node = MixNode(self)
         node.write(node.config(log_level="WARN"))
         node.daemon.start()
         pid = node.daemon.pid
         pid_file = os.path.join(node.base, "pid")
         await node.daemon.wait_for(reactor, "the pid file", lambda: read_pid(pid_file) == pid)
-        self.assertEqual(await send_all(self, node, node.drop_packets(1)), [None])
-        self.assertEqual(log_lines(node.daemon, "started"), [])
+        self.assertEqual(await node.send_all(node.drop_packets(1)), [None])
+        self.assertEqual(node.daemon.lines("started"), [])
         node.write(node.config())
         node.daemon.signal(signal.SIGHUP)
         await node.daemon.wait_for_line(reactor, RELOADED_ONE)
-        [line] = log_lines(node.daemon, RELOADED_ONE)
+        [line] = node.daemon.lines(RELOADED_ONE)
         self.assertIn("#info]", line)
         self.assertSameProcess(node, pid)
 
@@ -313,22 +240,22 @@ class ReloadTests(NodeTestCase):
         return defer.ensureDeferred(self._broken_reload())
 
     async def _broken_reload(self) -> None:
-        node = Node(self)
+        node = MixNode(self)
         await node.start(node.config())
         pid = node.daemon.pid
-        self.assertEqual(await send_all(self, node, node.drop_packets(1)), [None])
+        self.assertEqual(await node.send_all(node.drop_packets(1)), [None])
         # A valid change beside the mistake: applied, it would refuse most of a burst.
         broken = node.config(server="MaxQueuedPackets: 1\nMaxQueuedPacketz: 1")
         node.write(broken)
         line_number = broken.splitlines().index("MaxQueuedPacketz: 1") + 1
         node.daemon.signal(signal.SIGHUP)
         await node.daemon.wait_for_line(reactor, NOT_RELOADED)
-        [line] = log_lines(node.daemon, NOT_RELOADED)
+        [line] = node.daemon.lines(NOT_RELOADED)
         self.assertIn("#warn]", line)
         self.assertIn(f"{NOT_RELOADED}{node.conf}:{line_number}: [Server] MaxQueuedPacketz: "
                       "unknown option; did you mean MaxQueuedPackets?", line)
-        self.assertEqual(log_lines(node.daemon, "SIGHUP: applied"), [])
-        self.assertEqual(await send_all(self, node, node.drop_packets(200)), [None] * 200)
+        self.assertEqual(node.daemon.lines("SIGHUP: applied"), [])
+        self.assertEqual(await node.send_all(node.drop_packets(200)), [None] * 200)
         self.assertSameProcess(node, pid)
 
 
@@ -357,7 +284,7 @@ class RelayRuleTests(NodeTestCase):
         hop = CountingFactory()
         listening = reactor.listenTCP(0, hop, interface="127.0.0.1")
         self.addCleanup(listening.stopListening)
-        node = Node(self)
+        node = MixNode(self)
         text = node.config(server=f"MetricsPort: {node.metrics_port}", outgoing=outgoing,
                            relaying=enabled)
         await node.start(text)
@@ -366,7 +293,7 @@ class RelayRuleTests(NodeTestCase):
                                                   os.urandom(20)))
         packet = build_forward_packet(os.urandom(PAYLOAD_LEN), [node.hop(), elsewhere],
                                       [elsewhere], DROP_TYPE, b"", os.urandom).packet
-        self.assertEqual(await send_all(self, node, [packet]), [None])
+        self.assertEqual(await node.send_all([packet]), [None])
         await node.daemon.wait_for(reactor, "RelayDenied on /metrics",
                                    lambda: metric(node.metrics_port, "RelayDenied") >= 1,
                                    interval=METRICS_POLL)
@@ -380,9 +307,9 @@ class PingingTests(NodeTestCase):
         return defer.ensureDeferred(self._pinging())
 
     async def _pinging(self) -> None:
-        node = Node(self)
+        node = MixNode(self)
         await node.start(node.config(extra="[Pinging]\nEnabled: yes\n"))
-        lines = log_lines(node.daemon, "not implemented")
+        lines = node.daemon.lines("not implemented")
         self.assertEqual(len(lines), 1, node.daemon.tail())
         self.assertIn("#warn]", lines[0])
         self.assertIn("[Pinging] Enabled: pinging is not implemented yet", lines[0])
@@ -410,7 +337,7 @@ class BlacklistReloadTests(NodeTestCase):
         blacklist = os.path.join(self.dir, "blacklist")
         with open(blacklist, "w") as f:
             f.write("# addresses never mailed\n")
-        node = Node(self)
+        node = MixNode(self)
         await sink.wait_for_line(reactor, f"starting on {sink_port}")
         await node.start(node.config(
             server=f"MetricsPort: {node.metrics_port}",
@@ -425,7 +352,7 @@ class BlacklistReloadTests(NodeTestCase):
             hop = node.hop()
             packets = [b.packet for b in build_message_packets(
                 body, SMTP_TYPE, b"bob@example.com", lambda i: ([hop], [hop]), os.urandom)]
-            self.assertEqual(await send_all(self, node, packets), [None] * len(packets))
+            self.assertEqual(await node.send_all(packets), [None] * len(packets))
 
         def counted(event: str) -> bool:
             return metric(node.metrics_port, event) >= 1

@@ -18,7 +18,7 @@ from twisted.internet import defer, utils
 from twisted.internet import reactor as _reactor
 from twisted.trial import unittest
 
-from tests.test_three_nodes import alive
+from mixminion.testing.processes import pid_alive
 
 reactor: Any = _reactor
 
@@ -57,7 +57,7 @@ class TestnetTests(unittest.TestCase):
         if os.path.exists(os.path.join(self.dir, "testnet.json")):
             await self.command("down", self.dir)
         for name, pid in self.pids.items():
-            if alive(pid):
+            if pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
 
     def test_up_status_demo_down(self) -> defer.Deferred:
@@ -96,7 +96,7 @@ class TestnetTests(unittest.TestCase):
         code, text = await self.command("down", self.dir)
         self.assertEqual(code, 0, text)
         self.assertNotIn("killed", text)
-        left = [name for name, pid in self.pids.items() if alive(pid)]
+        left = [name for name, pid in self.pids.items() if pid_alive(pid)]
         self.assertEqual(left, [], f"still running after down: {left}")
         leftover_pidfiles = [n for n in self.pids
                              if os.path.exists(os.path.join(self.dir, n, "twistd.pid"))]

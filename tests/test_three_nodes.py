@@ -9,21 +9,8 @@ with the codec from the nodes' own descriptors and given to node 1 over
 MMTP; the test then reads what the mbox file and the MTA's maildir
 received, stops the nodes with SIGTERM and reads their logs.
 
-The MTA (opensmtpd 6.8, Debian package ``opensmtpd``).  What works here:
-
-* ``smtpd`` must be started as root (it drops to its ``opensmtpd`` and
-  ``opensmtpq`` users itself) and runs in the foreground with
-  ``smtpd -d -f CONF``; CI runs as root.
-* Only one smtpd can run on a machine: the control socket
-  (``/var/run/smtpd.sock``) and the queue (``/var/spool/smtpd``) are
-  compiled in.  A system-wide smtpd must therefore be stopped first
-  (``.ci/run`` stops one the package install may have started).
-* A recipient such as ``alice@example.com`` is not a local user, so plain
-  ``maildir`` answers "550 Invalid recipient".  ``virtual { "@" = nobody }``
-  maps every recipient to the user ``nobody`` (smtpd refuses to deliver as
-  root), which delivers into a maildir that ``nobody`` owns, outside the
-  nodes' private (0700) folders.
-
+The MTA is opensmtpd (Debian package ``opensmtpd``), run as root by
+:mod:`mixminion.testing.mta`, whose docstring says how it must be run.
 Without smtpd the test fails, naming the command that installs it.  Set
 ``MIXMINION_SKIP_MTA=1`` to run without the MTA: node 3 then has no SMTP
 exit and the fragmented message goes to the mbox instead.
@@ -34,38 +21,28 @@ from __future__ import annotations
 import base64
 import email
 import fcntl
-import inspect
-import mailbox
 import os
-import pwd
 import re
-import shutil
 import signal
-import sys
-import tempfile
 from dataclasses import dataclass, field
 from email.message import Message
 from typing import Any, Callable, Optional
 
-from twisted.internet import defer, error, protocol, task
+from twisted.internet import defer
 from twisted.internet import reactor as _reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from mixminion.codec.build import BuiltPacket, build_message_packets
 from mixminion.codec.exit import PLAINTEXT, parse_text_message
-from mixminion.codec.header import Hop
-from mixminion.codec.routing import MBOX_TYPE, SMTP_TYPE, HostInfo
-from mixminion.directory.descriptor import ServerDescriptor, parse_descriptor
-from mixminion.mmtp.initiator import Destination, MMTPClient
-from mixminion.testnet import free_ports
+from mixminion.codec.routing import MBOX_TYPE, SMTP_TYPE
+from mixminion.mmtp.initiator import MMTPClient
+from mixminion.testing.mta import MTA, start_opensmtpd
+from mixminion.testing.processes import MixNode, read_text, sleep, wait_until
 
 #: the global reactor (untyped: its interfaces are spread over many zope ones)
 reactor: Any = _reactor
 
-INSTALL_MTA = ("DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "
-               "opensmtpd")
 SKIP_MTA = os.environ.get("MIXMINION_SKIP_MTA") == "1"
 
 #: bounds of each wait; the whole test takes about 4 s here, and at most
@@ -90,282 +67,15 @@ SMTP_COUNT = 4
 BIG_SIZE = 60 * 1024
 
 
-# --- small helpers ---------------------------------------------------------------------
-
-
-def tail(path: str, lines: int = 30) -> str:
-    """The last lines of a log, without the empty mix rounds (one a second)."""
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            kept = [ln for ln in f if "Mix: 0 of 0 items" not in ln]
-        return "".join(kept[-lines:])
-    except OSError as exc:
-        return f"({path}: {exc.strerror})"
-
-
-def read_text(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return f.read()
-    except FileNotFoundError:
-        return ""
-
-
-async def port_open(port: int) -> bool:
-    """Whether something accepts TCP connections on loopback ``port``."""
-    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=2)
-    try:
-        proto = await endpoint.connect(protocol.Factory.forProtocol(protocol.Protocol))
-    except error.ConnectError:
-        return False
-    proto.transport.loseConnection()
-    return True
-
-
-def sleep(seconds: float) -> defer.Deferred:
-    return task.deferLater(reactor, seconds, lambda: None)
-
-
-class ChildProcess(protocol.ProcessProtocol):
-    """A spawned process: its output and a Deferred for its end."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.output = bytearray()
-        self.ended: defer.Deferred = defer.Deferred()
-        self.reason: Optional[Failure] = None
-
-    @property
-    def running(self) -> bool:
-        return self.reason is None and self.transport is not None
-
-    def outReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted naming
-        self.output += data
-
-    errReceived = outReceived
-
-    def processEnded(self, reason: Failure) -> None:  # noqa: N802
-        self.reason = reason
-        self.ended.callback(reason.value)
-
-    def signal(self, name: str) -> None:
-        if self.running:
-            try:
-                self.transport.signalProcess(name)
-            except error.ProcessExitedAlready:
-                pass
-
-    def text(self, limit: int = 4000) -> str:
-        return bytes(self.output[-limit:]).decode("utf-8", "replace")
-
-
-def spawn(name: str, argv: list[str], cwd: str) -> ChildProcess:
-    proc = ChildProcess(name)
-    reactor.spawnProcess(proc, argv[0], argv, env=dict(os.environ), path=cwd)
-    return proc
-
-
-async def stop_process(proc: ChildProcess, timeout: float) -> Optional[BaseException]:
-    """SIGTERM, then SIGKILL after ``timeout``; how the process ended."""
-    if not proc.running:
-        return proc.reason.value if proc.reason is not None else None
-    proc.signal("TERM")
-    timer = reactor.callLater(timeout, proc.signal, "KILL")
-    try:
-        return await proc.ended
-    finally:
-        if timer.active():
-            timer.cancel()
-
-
-def twistd_command() -> list[str]:
-    """The twistd of the Python running the tests (a PATH shim may not be)."""
-    beside = os.path.join(os.path.dirname(sys.executable), "twistd")
-    if os.access(beside, os.X_OK):
-        return [beside]
-    found = shutil.which("twistd")
-    if found:
-        return [found]
-    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
-
-
-def find_smtpd() -> Optional[str]:
-    return shutil.which("smtpd") or next(
-        (p for p in ("/usr/sbin/smtpd", "/usr/local/sbin/smtpd") if os.access(p, os.X_OK)), None)
-
-
-# --- the MTA -----------------------------------------------------------------------------
-
-
-@dataclass
-class MTA:
-    """Our own opensmtpd: every recipient lands in one maildir."""
-
-    port: int
-    maildir: str
-    conf: str
-    process: ChildProcess
-
-    def messages(self) -> list[Message]:
-        if not os.path.isdir(os.path.join(self.maildir, "new")):
-            return []
-        box = mailbox.Maildir(self.maildir, factory=None, create=False)
-        return [box[key] for key in box.keys()]
-
-
-SMTPD_CONF = """\
-# Written by tests/test_three_nodes.py.  Every recipient, in any domain, is
-# mapped to the user nobody (smtpd refuses to deliver as root) and lands in
-# one maildir that nobody owns.
-listen on 127.0.0.1 port {port}
-action "deliver" maildir "{maildir}" virtual {{ "@" = nobody }}
-match from any for any action "deliver"
-"""
-
-
-def alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie does not, for our purposes)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except OSError:
-        return True
-
-
-def running_smtpd() -> list[int]:
-    """Pids of smtpd processes already on this machine."""
-    found = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/comm", encoding="ascii", errors="replace") as f:
-                    if f.read().strip() == "smtpd":
-                        found.append(int(name))
-            except OSError:
-                pass
-    return found
-
-
-async def start_opensmtpd(case: unittest.TestCase, workdir: str, skip_hint: str = "") -> MTA:
-    """A real opensmtpd on a free loopback port, delivering to a Maildir
-    as 'nobody' (stopped when ``case`` ends); fails ``case`` with what to
-    do when the machine cannot run one.  ``skip_hint`` ends those
-    messages (how to run the test without the MTA, where it can)."""
-    smtpd = find_smtpd()
-    if smtpd is None:
-        case.fail(f"this test needs opensmtpd, which is not installed: run '{INSTALL_MTA}' as "
-                  f"root (CI does){skip_hint}")
-    if os.geteuid() != 0:
-        case.fail("opensmtpd only runs as root (it drops to its own users): run this test as "
-                  f"root, as CI does{skip_hint}")
-    others = running_smtpd()
-    if others:
-        case.fail(f"an smtpd is already running (pid {', '.join(map(str, others))}); opensmtpd "
-                  "allows one per machine: stop it (e.g. 'service opensmtpd stop') and run "
-                  "this test again")
-    try:
-        nobody = pwd.getpwnam("nobody")
-    except KeyError:
-        case.fail("smtpd delivers as the user 'nobody', which this machine does not have")
-    # Outside the trial folder, whose parents nobody may not be able to enter.
-    top = tempfile.mkdtemp(prefix="mixminion-mta-")
-    case.addCleanup(shutil.rmtree, top, True)
-    os.chmod(top, 0o755)
-    maildir = os.path.join(top, "Maildir")
-    os.mkdir(maildir, 0o700)
-    os.chown(maildir, nobody.pw_uid, nobody.pw_gid)
-    [port] = free_ports(1)
-    conf = os.path.join(workdir, "smtpd.conf")
-    with open(conf, "w", encoding="ascii") as f:
-        f.write(SMTPD_CONF.format(port=port, maildir=maildir))
-    os.chmod(conf, 0o644)
-    proc = spawn("smtpd", [smtpd, "-d", "-f", conf], workdir)
-    case.addCleanup(stop_process, proc, 5)
-    for _ in range(100):
-        if not proc.running or await port_open(port):
-            break
-        await sleep(0.1)
-    if not proc.running or not await port_open(port):
-        hint = ""
-        if "already" in proc.text():
-            hint = ("\nAnother smtpd is running (opensmtpd allows one per machine): stop it, "
-                    "e.g. 'systemctl stop opensmtpd' or 'service opensmtpd stop'.")
-        why = proc.reason.value if proc.reason is not None else "not listening after 10 s"
-        case.fail(f"smtpd -d -f {conf} did not start ({why}):\n{proc.text()}{hint}")
-    return MTA(port, maildir, conf, proc)
-
-
 # --- the nodes ---------------------------------------------------------------------------
 
 
-@dataclass
-class Node:
-    number: int
-    port: int
-    directory: str
-    process: Optional[ChildProcess] = None
-    descriptor: Optional[ServerDescriptor] = None
-    extra: str = ""
-
-    @property
-    def name(self) -> str:
-        return f"node{self.number}"
-
-    @property
-    def base_dir(self) -> str:
-        return os.path.join(self.directory, "base")
-
-    @property
-    def conf(self) -> str:
-        return os.path.join(self.directory, "mixminiond.conf")
-
-    @property
-    def log(self) -> str:
-        return os.path.join(self.directory, "node.log")
-
-    @property
-    def descriptor_path(self) -> str:
-        return os.path.join(self.base_dir, "keys", "key_0001", "ServerDesc")
-
-    def config_text(self) -> str:
-        return f"""\
-# {self.name}, written by tests/test_three_nodes.py
-[Server]
-BaseDir: {self.base_dir}
-Mode: relay
-Nickname: {self.name}
-Contact-Email: {self.name}@localhost.localdomain
-MixAlgorithm: Timed
-MixInterval: 1 second
-MinFreeDisk: 1 MB
-# INFO: the test waits for the node's "started" line; debug stays out, so
-# the check that no message text reaches the log still means something
-LogLevel: INFO
-
-[Incoming/MMTP]
-Enabled: yes
-IP: 127.0.0.1
-Hostname: localhost
-Port: {self.port}
-
-[Outgoing/MMTP]
-Enabled: yes
-{self.extra}"""
-
-    def hop(self) -> Hop:
-        d = self.descriptor
-        assert d is not None and d.hostname is not None and d.port is not None
-        return Hop(d.packet_key, HostInfo(d.hostname, d.port, d.identity_digest))
-
-    def report(self) -> str:
-        out = f"--- {self.name} (port {self.port}), end of {self.log}:\n{tail(self.log)}"
-        if self.process is not None and self.process.output:
-            out += f"--- {self.name} stdout/stderr:\n{self.process.text()}\n"
-        return out
+def node_text(node: MixNode, extra: str = "") -> str:
+    """A node's configuration: LogLevel INFO (node_config's), for the test
+    waits for the node's "started" line; debug stays out, so the check that
+    no message text reaches the log still means something."""
+    return node.config(server="MinFreeDisk: 1 MB", contact=f"{node.name}@localhost.localdomain",
+                       extra=extra, comment=f"{node.name}, written by tests/test_three_nodes.py")
 
 
 def exit_sections(directory: str, mta: Optional[MTA]) -> str:
@@ -457,15 +167,15 @@ class ThreeNodesTests(unittest.TestCase):
         self.run_id = base64.b32encode(os.urandom(5)).decode("ascii").lower()
         self.dir = os.path.abspath(self.mktemp())
         os.makedirs(self.dir)
-        self.nodes: list[Node] = []
+        self.nodes: list[MixNode] = []
         self.mta: Optional[MTA] = None
 
     # -- reporting ------------------------------------------------------------------
 
     def report(self) -> str:
-        parts = [node.report() for node in self.nodes]
+        parts = [node.daemon.report(30) for node in self.nodes]
         if self.mta is not None:
-            parts.append(f"--- smtpd output:\n{self.mta.process.text()}")
+            parts.append(self.mta.process.report())
         return "\n".join(parts)
 
     async def wait_until(self, what: str, check: Callable[[], Any], timeout: float,
@@ -474,21 +184,10 @@ class ThreeNodesTests(unittest.TestCase):
         """Poll ``check`` until it gives something true, or fail after
         ``timeout`` with the tail of every log.  A node that died fails
         at once."""
-        deadline = reactor.seconds() + timeout
-        while True:
-            result = check()
-            if inspect.isawaitable(result):
-                result = await result
-            if result:
-                return result
-            dead = [n for n in self.nodes if n.process is not None and not n.process.running]
-            if dead:
-                self.fail(f"{dead[0].name} exited ({dead[0].process.reason.value}) while waiting "
-                          f"for {what}\n{self.report()}")
-            if reactor.seconds() > deadline:
-                self.fail(f"timed out after {timeout:.0f} s waiting for {what} "
-                          f"{explain()}\n{self.report()}")
-            await sleep(interval)
+        return await wait_until(
+            reactor, what, check, timeout, interval,
+            watch=[n.daemon for n in self.nodes if n.daemon.process is not None],
+            report=lambda _: self.report(), explain=explain, error=self.failureException)
 
     # -- the MTA --------------------------------------------------------------------
 
@@ -500,25 +199,14 @@ class ThreeNodesTests(unittest.TestCase):
 
     # -- the nodes ------------------------------------------------------------------
 
-    def start_node(self, node: Node) -> None:
-        os.makedirs(node.directory, exist_ok=True)
-        with open(node.conf, "w", encoding="ascii") as f:
-            f.write(node.config_text())
-        argv = twistd_command() + ["-n", "--pidfile=", f"--logfile={node.log}",
-                                   "mixminion", "-c", node.conf]
-        node.process = spawn(node.name, argv, node.directory)
-        self.addCleanup(stop_process, node.process, 5)
-
-    def node_ready(self, node: Node) -> bool:
-        log = read_text(node.log)
-        return (os.path.exists(node.descriptor_path)
+    def node_ready(self, node: MixNode) -> bool:
+        log = read_text(node.daemon.log)
+        return (os.path.exists(os.path.join(node.base, "keys", "key_0001", "ServerDesc"))
                 and f"Mix node {node.name} started" in log
                 and f"starting on {node.port}" in log)
 
-    def load_descriptor(self, node: Node) -> None:
-        with open(node.descriptor_path, encoding="ascii") as f:
-            text = f.read()
-        node.descriptor = d = parse_descriptor(text, reactor.seconds())
+    def check_descriptor(self, node: MixNode) -> None:
+        d = node.descriptor()
         self.assertEqual((d.nickname, d.hostname, d.port), (node.name, "localhost", node.port))
         self.assertIsNotNone(d.outgoing, f"{node.name} does not advertise relaying")
 
@@ -558,9 +246,7 @@ class ThreeNodesTests(unittest.TestCase):
     async def send(self, packets: list[BuiltPacket]) -> None:
         """Give every packet to node1 over MMTP, expecting node1's identity
         key, and wait for its acknowledgements."""
-        first = self.nodes[0]
-        assert first.descriptor is not None
-        destination = Destination("127.0.0.1", first.port, first.descriptor.identity_digest)
+        destination = self.nodes[0].destination()
         client = MMTPClient(reactor)
         outcomes: list[Optional[Failure]] = []
         for p in packets:
@@ -579,7 +265,7 @@ class ThreeNodesTests(unittest.TestCase):
             for _ in range(50):  # aborted connections go at the next turns
                 if not client._protocols:
                     break
-                await sleep(0.1)
+                await sleep(reactor, 0.1)
         failures = [f for f in outcomes if f is not None]
         if failures:
             self.fail(f"node1 did not take {len(failures)} of {len(packets)} packets: "
@@ -591,7 +277,7 @@ class ThreeNodesTests(unittest.TestCase):
         """The exit's mbox, read under the lock its writer takes, so that a
         message being appended is never seen half-written."""
         try:
-            fd = os.open(os.path.join(self.nodes[2].directory, "delivered.mbox"), os.O_RDONLY)
+            fd = os.open(os.path.join(self.nodes[2].dir, "delivered.mbox"), os.O_RDONLY)
         except FileNotFoundError:
             return []
         try:
@@ -638,9 +324,10 @@ class ThreeNodesTests(unittest.TestCase):
     def check_logs(self, expected: list[Sent]) -> None:
         secrets = [s for sent in expected for s in sent.secrets()]
         for node in self.nodes:
-            log = read_text(node.log)
+            log = read_text(node.daemon.log)
             for marker in ("Traceback", "Unhandled error", "#critical]"):
-                self.assertNotIn(marker, log, f"{node.name}'s log has {marker!r}:\n{node.report()}")
+                self.assertNotIn(marker, log,
+                                 f"{node.name}'s log has {marker!r}:\n{node.daemon.report(30)}")
             for number, line in enumerate(log.splitlines(), 1):
                 # A clean run warns only about the (deliberately insecure)
                 # configuration: a delivery that failed and was retried shows.
@@ -676,33 +363,29 @@ class ThreeNodesTests(unittest.TestCase):
         self.check_logs(expected)
 
     async def start_nodes(self) -> None:
-        ports = free_ports(3)
-        self.nodes = [Node(i, port, os.path.join(self.dir, f"node{i}"))
-                      for i, port in enumerate(ports, 1)]
-        self.nodes[2].extra = exit_sections(self.nodes[2].directory, self.mta)
-        for node in self.nodes:
-            self.start_node(node)
+        self.nodes = [MixNode(self, f"node{i}") for i in (1, 2, 3)]
+        extra = ["", "", exit_sections(self.nodes[2].dir, self.mta)]
+        for node, sections in zip(self.nodes, extra):
+            node.write(node_text(node, sections))
+            node.daemon.start()
         await self.wait_until(
             "every node to write its descriptor and listen",
             lambda: all(self.node_ready(n) for n in self.nodes), START_TIMEOUT,
             explain=lambda: "(not ready: " + ", ".join(
                 n.name for n in self.nodes if not self.node_ready(n)) + ")")
         for node in self.nodes:
-            self.load_descriptor(node)
-        exit_descriptor = self.nodes[2].descriptor
-        assert exit_descriptor is not None
+            self.check_descriptor(node)
+        exit_descriptor = self.nodes[2].descriptor()
         wanted = {"mbox", "frag"} | ({"smtp"} if self.mta is not None else set())
         self.assertTrue(wanted <= exit_descriptor.capabilities,
                         f"node3 advertises {exit_descriptor.caps!r}")
 
     async def stop_nodes(self) -> None:
         for node in self.nodes:
-            assert node.process is not None
-            ended = await stop_process(node.process, STOP_TIMEOUT)
+            status = await node.daemon.stop(reactor, STOP_TIMEOUT, strict=False)
             # twistd shuts down, then ends itself with the signal it got, so
             # a clean stop is "ended by signal 15" after "Server Shut Down.".
-            clean = isinstance(ended, error.ProcessDone) or (
-                isinstance(ended, error.ProcessTerminated) and ended.exitCode is None
-                and ended.signal == signal.SIGTERM)
-            self.assertTrue(clean and "Server Shut Down." in read_text(node.log),
-                            f"{node.name} did not exit cleanly on SIGTERM: {ended}\n{node.report()}")
+            clean = status in (0, -signal.SIGTERM)
+            self.assertTrue(clean and "Server Shut Down." in read_text(node.daemon.log),
+                            f"{node.name} did not exit cleanly on SIGTERM: exit status {status}\n"
+                            + node.daemon.report(30))
