@@ -126,7 +126,7 @@ class Expired(ValidityError):
 # --- section contents, shared by parsing and building ---------------------------------
 
 
-class AddressRule(NamedTuple):
+class PublishedRule(NamedTuple):
     """An advisory ``Allow``/``Deny`` line, kept as written (never enforced)."""
 
     action: str  # "Allow" or "Deny"
@@ -140,7 +140,7 @@ def _tuple(obj: Any, name: str) -> None:
 
 def _freeze_mmtp(obj: Any) -> None:
     _tuple(obj, "protocols")
-    object.__setattr__(obj, "address_rules", tuple(AddressRule(*r) for r in obj.address_rules))
+    object.__setattr__(obj, "address_rules", tuple(PublishedRule(*r) for r in obj.address_rules))
 
 
 @dataclass(frozen=True)
@@ -151,7 +151,7 @@ class IncomingMMTP:
     port: int = DEFAULT_MMTP_PORT
     protocols: Tuple[str, ...] = (MMTP_PROTOCOL,)
     ip: Optional[str] = None
-    address_rules: Tuple[AddressRule, ...] = ()
+    address_rules: Tuple[PublishedRule, ...] = ()
 
     def __post_init__(self) -> None:
         _freeze_mmtp(self)
@@ -162,7 +162,7 @@ class OutgoingMMTP:
     """``[Outgoing/MMTP]``: this server relays to other servers."""
 
     protocols: Tuple[str, ...] = (MMTP_PROTOCOL,)
-    address_rules: Tuple[AddressRule, ...] = ()
+    address_rules: Tuple[PublishedRule, ...] = ()
 
     def __post_init__(self) -> None:
         _freeze_mmtp(self)
@@ -545,12 +545,12 @@ def _check_validity(descriptor: ServerDescriptor, now: float) -> None:
         )
 
 
-def _address_rules(section: Optional[Fields], sections: Tuple[Section, ...]) -> Tuple[AddressRule, ...]:
+def _address_rules(section: Optional[Fields], sections: Tuple[Section, ...]) -> Tuple[PublishedRule, ...]:
     """Allow/Deny lines in text order (they interleave, so read the raw entries)."""
     if section is None:
         return ()
     raw = next(s for s in sections if s.name == section.section)
-    return tuple(AddressRule(e.key, e.value) for e in raw.entries if e.key in ("Allow", "Deny"))
+    return tuple(PublishedRule(e.key, e.value) for e in raw.entries if e.key in ("Allow", "Deny"))
 
 
 def _incoming(fields: Optional[Fields], sections: Tuple[Section, ...]) -> Optional[IncomingMMTP]:
@@ -675,7 +675,7 @@ def _server_lines(fields: DescriptorFields, identity: PublicKey) -> list[Line]:
     )
 
 
-def _rule_lines(rules: Iterable[AddressRule]) -> list[Line]:
+def _rule_lines(rules: Iterable[PublishedRule]) -> list[Line]:
     return [Line(rule.action, rule.pattern) for rule in rules]
 
 

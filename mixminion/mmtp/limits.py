@@ -63,14 +63,14 @@ def _unmap(network: IPNetwork) -> IPNetwork:
 
 
 @dataclass(frozen=True)
-class AddressRule:
+class NetworkRule:
     """``Allow``/``Deny`` one network; ``network=None`` matches everyone."""
 
     allow: bool
     network: Optional[IPNetwork]
 
     @classmethod
-    def parse(cls, verb: str, text: str) -> "AddressRule":
+    def parse(cls, verb: str, text: str) -> "NetworkRule":
         """``verb`` is ``allow`` or ``deny``; ``text`` an address, a CIDR
         network, or ``*`` for everything."""
         verb = verb.lower()
@@ -91,11 +91,11 @@ class AddressRule:
         return addr.version == self.network.version and addr in self.network
 
 
-class AddressRules:
+class NetworkRules:
     """First matching rule wins; with no match the default applies."""
 
-    def __init__(self, rules: Iterable[AddressRule] = (), default_allow: bool = True) -> None:
-        self.rules: Sequence[AddressRule] = tuple(rules)
+    def __init__(self, rules: Iterable[NetworkRule] = (), default_allow: bool = True) -> None:
+        self.rules: Sequence[NetworkRule] = tuple(rules)
         self.default_allow = default_allow
 
     def allows(self, host: str) -> bool:

@@ -47,9 +47,9 @@ from zope.interface import implementer
 from mixminion.events import Event
 from mixminion.mmtp.interfaces import IPacketSink
 from mixminion.mmtp.limits import (
-    AddressRules,
     ConnectionCounter,
     ConnectionLimits,
+    NetworkRules,
     Progress,
     Stage,
     eviction_order,
@@ -379,9 +379,9 @@ class GuardedTLSFactory(TLSMemoryBIOFactory):
     protocol = _GuardedTLSProtocol
 
     def __init__(self, context_factory, wrapped: MMTPResponderFactory,
-                 rules: Optional[AddressRules] = None, clock: Optional[IReactorTime] = None) -> None:
+                 rules: Optional[NetworkRules] = None, clock: Optional[IReactorTime] = None) -> None:
         super().__init__(context_factory, False, wrapped, clock=clock)
-        self.rules = rules or AddressRules()
+        self.rules = rules or NetworkRules()
         self.counter = ConnectionCounter(wrapped.limits)
         self.stats = wrapped.stats
         self._clock = wrapped.clock
@@ -451,7 +451,7 @@ class GuardedTLSFactory(TLSMemoryBIOFactory):
 
 def responder_factory(sink: IPacketSink, tls, clock: IReactorTime,
                       limits: Optional[ConnectionLimits] = None,
-                      rules: Optional[AddressRules] = None,
+                      rules: Optional[NetworkRules] = None,
                       stats: Optional[MMTPStats] = None) -> GuardedTLSFactory:
     """The factory to listen with: limits → TLS (``tls`` is a
     :class:`mixminion.mmtp.tls.ResponderTLS`) → MMTP → ``sink``."""

@@ -70,10 +70,9 @@ from mixminion.directory.descriptor import (
     MAX_CONTACT,
     MAX_CONTACT_FINGERPRINT,
 )
-from mixminion.directory.descriptor import AddressRule as PublishedRule
+from mixminion.directory.descriptor import PublishedRule
 from mixminion.exits import options as exit_options
-from mixminion.mmtp.limits import AddressRule as LinkRule
-from mixminion.mmtp.limits import AddressRules, ConnectionLimits
+from mixminion.mmtp.limits import ConnectionLimits, NetworkRule, NetworkRules
 from mixminion.server.schedule import schedule_warnings
 
 __all__ = ["ConfigError", "RawEntry", "RawSection", "parse_sections", "Option", "SectionSpec",
@@ -114,7 +113,7 @@ def _parse_mode(text: str) -> str:
 
 
 @dataclass(frozen=True)
-class ConfigAddressRule:
+class AddressRule:
     """One ``Allow``/``Deny`` line: an IPv4 network (None = ``*``) and a
     port range.  Kept with its text because descriptors publish it as
     written."""
@@ -137,19 +136,19 @@ class ConfigAddressRule:
         except (ValueError, TypeError):
             return False
 
-    def link_rule(self) -> LinkRule:
+    def link_rule(self) -> NetworkRule:
         """The rule for the MMTP listener (addresses only; see
         :meth:`IncomingSection.connection_rules`)."""
-        return LinkRule(self.allow, self.network)
+        return NetworkRule(self.allow, self.network)
 
     def published(self) -> PublishedRule:
         return PublishedRule("Allow" if self.allow else "Deny", self.text)
 
 
-def _address_rule(allow: bool) -> Callable[[str], ConfigAddressRule]:
+def _address_rule(allow: bool) -> Callable[[str], AddressRule]:
     """``IP[/MASK] [PORT[-PORT]]`` or ``* [PORT[-PORT]]``; default ports:
     Allow 48099 only, Deny all."""
-    def parse(text: str) -> ConfigAddressRule:
+    def parse(text: str) -> AddressRule:
         hint = "expected IP[/MASK] [PORT[-PORT]] or * [PORT[-PORT]]"
         try:
             textformat.decode_address_rule(text)
@@ -169,7 +168,7 @@ def _address_rule(allow: bool) -> Callable[[str], ConfigAddressRule]:
             low_port, high_port = int(low), int(high or low)
         else:
             low_port, high_port = (DEFAULT_MMTP_PORT, DEFAULT_MMTP_PORT) if allow else (0, 65535)
-        return ConfigAddressRule(allow, network, low_port, high_port, " ".join(text.split()))
+        return AddressRule(allow, network, low_port, high_port, " ".join(text.split()))
     return parse
 
 
@@ -520,8 +519,8 @@ class ServerSection:
         return os.path.join(self.queue_dir, name)
 
 
-def _ordered_rules(allow: Sequence[ConfigAddressRule],
-                   deny: Sequence[ConfigAddressRule]) -> tuple[ConfigAddressRule, ...]:
+def _ordered_rules(allow: Sequence[AddressRule],
+                   deny: Sequence[AddressRule]) -> tuple[AddressRule, ...]:
     """Allow and Deny lines interleaved as written: the first match wins."""
     return tuple(sorted((*allow, *deny), key=lambda r: r.line))
 
@@ -535,8 +534,8 @@ class IncomingSection:
     listen_ip: str
     listen_port: int
     listen_ip6: Optional[str]
-    allow: tuple[ConfigAddressRule, ...]
-    deny: tuple[ConfigAddressRule, ...]
+    allow: tuple[AddressRule, ...]
+    deny: tuple[AddressRule, ...]
     max_connections: int
     max_connections_per_address: int
     max_connections_per_network: int
@@ -549,13 +548,13 @@ class IncomingSection:
     legacy: bool
 
     @property
-    def address_rules(self) -> tuple[ConfigAddressRule, ...]:
+    def address_rules(self) -> tuple[AddressRule, ...]:
         return _ordered_rules(self.allow, self.deny)
 
-    def connection_rules(self) -> AddressRules:
+    def connection_rules(self) -> NetworkRules:
         """Rules for the listener.  Ports are ignored: a peer's source port
         is ephemeral, so only its address can be judged."""
-        return AddressRules(r.link_rule() for r in _ordered_rules(self.allow, self.deny))
+        return NetworkRules(r.link_rule() for r in _ordered_rules(self.allow, self.deny))
 
     def published_rules(self) -> tuple[PublishedRule, ...]:
         return tuple(r.published() for r in self.address_rules)
@@ -571,12 +570,12 @@ class OutgoingSection:
     retry: sched.Schedule
     max_connections: int
     max_packets_per_connection: int
-    allow: tuple[ConfigAddressRule, ...]
-    deny: tuple[ConfigAddressRule, ...]
+    allow: tuple[AddressRule, ...]
+    deny: tuple[AddressRule, ...]
     legacy: bool
 
     @property
-    def address_rules(self) -> tuple[ConfigAddressRule, ...]:
+    def address_rules(self) -> tuple[AddressRule, ...]:
         return _ordered_rules(self.allow, self.deny)
 
     def allows(self, ip: str, port: int) -> bool:
@@ -909,7 +908,7 @@ class _Builder:
             value = option.type.parse(entry.value)
         except ValueError as exc:
             raise ConfigError(self.filename, entry.line, section, entry.key, str(exc)) from None
-        if isinstance(value, ConfigAddressRule):
+        if isinstance(value, AddressRule):
             value = dataclasses.replace(value, line=entry.line)
         return value
 

@@ -11,7 +11,7 @@ from typing import Any, Optional
 from twisted.trial import unittest
 
 import mixminion
-from mixminion.directory.descriptor import AddressRule as PublishedRule
+from mixminion.directory.descriptor import PublishedRule
 from mixminion.mmtp.limits import ConnectionLimits
 from mixminion.server import config as cfg
 from mixminion.config.values import SEVERITIES

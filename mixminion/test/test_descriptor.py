@@ -13,7 +13,7 @@ from mixminion.codec.errors import BuildError, ParseError
 from mixminion.codec.rsa import PrivateKey, PublicKey
 from mixminion.codec import textformat as tf
 from mixminion.directory.descriptor import (
-    AddressRule,
+    PublishedRule,
     BadDigest,
     BadKey,
     BadSignature,
@@ -60,9 +60,9 @@ def full_fields(**changes: Any) -> DescriptorFields:
             hostname="Quince.Example.NET",
             port=48099,
             ip="192.0.2.7",
-            address_rules=(AddressRule("Deny", "192.0.2.0/255.255.255.0"), AddressRule("Allow", "* 48099")),
+            address_rules=(PublishedRule("Deny", "192.0.2.0/255.255.255.0"), PublishedRule("Allow", "* 48099")),
         ),
-        outgoing=OutgoingMMTP(address_rules=(AddressRule("Allow", "*"),)),
+        outgoing=OutgoingMMTP(address_rules=(PublishedRule("Allow", "*"),)),
         mbox=DeliveryInfo(64, allow_from=False),
         smtp=DeliveryInfo(32),
         max_fragments=66,
@@ -140,7 +140,7 @@ class RoundTripTests(unittest.TestCase):
         assert desc.incoming is not None
         self.assertEqual(
             desc.incoming.address_rules,
-            (AddressRule("Deny", "192.0.2.0/255.255.255.0"), AddressRule("Allow", "* 48099")),
+            (PublishedRule("Deny", "192.0.2.0/255.255.255.0"), PublishedRule("Allow", "* 48099")),
         )
 
     def test_minimal_round_trip(self) -> None:

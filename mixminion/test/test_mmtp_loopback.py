@@ -43,7 +43,7 @@ from mixminion.mmtp.initiator import (
     PeerAuthenticationFailed,
 )
 from mixminion.mmtp.interfaces import IPacketSink
-from mixminion.mmtp.limits import AddressRule, AddressRules, ConnectionLimits
+from mixminion.mmtp.limits import ConnectionLimits, NetworkRule, NetworkRules
 from mixminion.mmtp.responder import GuardedTLSFactory, responder_factory
 from mixminion.mmtp.stats import MMTPStats
 from mixminion.mmtp.tls import InitiatorTLS, ResponderTLS
@@ -207,7 +207,7 @@ class Node:
 
     def __init__(self, test: unittest.TestCase, host: str = "127.0.0.1",
                  limits: Optional[ConnectionLimits] = None,
-                 rules: Optional[AddressRules] = None,
+                 rules: Optional[NetworkRules] = None,
                  store_class: type[PacketStore] = PacketStore) -> None:
         directory = test.mktemp()
         os.makedirs(directory)
@@ -572,9 +572,9 @@ class AdversaryTests(LoopbackCase):
     @inline
     async def test_address_rules_enforced_at_accept(self) -> None:
         need_second_loopback()
-        rules = AddressRules([AddressRule.parse("deny", "127.0.0.1"),
-                              AddressRule.parse("allow", "127.0.0.0/8"),
-                              AddressRule.parse("deny", "*")])
+        rules = NetworkRules([NetworkRule.parse("deny", "127.0.0.1"),
+                              NetworkRule.parse("allow", "127.0.0.0/8"),
+                              NetworkRule.parse("deny", "*")])
         node = Node(self, rules=rules)
         peer = await self.raw(node, tls=True)  # sends its ClientHello at once
         await within(peer.lost, "the denied connection to close")

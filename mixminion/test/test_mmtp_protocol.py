@@ -41,10 +41,10 @@ from mixminion.mmtp.initiator import (
 )
 from mixminion.mmtp.interfaces import IPacketSink
 from mixminion.mmtp.limits import (
-    AddressRule,
-    AddressRules,
     ConnectionCounter,
     ConnectionLimits,
+    NetworkRule,
+    NetworkRules,
     normalize_address,
 )
 from mixminion.mmtp.responder import (
@@ -793,14 +793,14 @@ class LimitsTests(LogMixin):
     """Allow/Deny and connection counts, as pure functions and as enforced
     by GuardedTLSFactory when TCP accepts (before any TLS work)."""
 
-    def guarded(self, rules: AddressRules, **limits: Any) -> GuardedTLSFactory:
+    def guarded(self, rules: NetworkRules, **limits: Any) -> GuardedTLSFactory:
         clock = Clock()
         clock.advance(NOW)
         tls = ResponderTLS(key("responder"), "Lisbon", clock=clock)
         return responder_factory(MemorySink(), tls, clock, ConnectionLimits(**limits), rules,
                                  MMTPStats())
 
-    def assert_denied_at_accept(self, rules: AddressRules, host: str) -> None:
+    def assert_denied_at_accept(self, rules: NetworkRules, host: str) -> None:
         factory = self.guarded(rules)
         cls = IPv6Address if ":" in host else IPv4Address
         self.assertIsNone(factory.buildProtocol(cls("TCP", host, 1234)))
@@ -809,18 +809,18 @@ class LimitsTests(LogMixin):
         self.expect_log("MMTP connection refused by address rules", LogLevel.info, count=1)
 
     @staticmethod
-    def rules(*lines: str, default_allow: bool = True) -> AddressRules:
-        return AddressRules([AddressRule.parse(*line.split(" ", 1)) for line in lines],
+    def rules(*lines: str, default_allow: bool = True) -> NetworkRules:
+        return NetworkRules([NetworkRule.parse(*line.split(" ", 1)) for line in lines],
                             default_allow)
 
     def test_parse(self) -> None:
-        self.assertEqual(AddressRule.parse("Allow", " * "), AddressRule(True, None))
-        self.assertEqual(AddressRule.parse("DENY", "10.1.2.3/8").network.exploded,
+        self.assertEqual(NetworkRule.parse("Allow", " * "), NetworkRule(True, None))
+        self.assertEqual(NetworkRule.parse("DENY", "10.1.2.3/8").network.exploded,
                          "10.0.0.0/8")
-        self.assertEqual(str(AddressRule.parse("deny", "2001:db8::1").network),
+        self.assertEqual(str(NetworkRule.parse("deny", "2001:db8::1").network),
                          "2001:db8::1/128")
         for verb, text in (("permit", "*"), ("deny", "10.0.0.0/33"), ("allow", "host.example")):
-            self.assertRaises(ValueError, AddressRule.parse, verb, text)
+            self.assertRaises(ValueError, NetworkRule.parse, verb, text)
         self.assert_denied_at_accept(self.rules("deny 192.0.2.0/24"), "192.0.2.200")
 
     def test_ipv4_cidr(self) -> None:
@@ -849,7 +849,7 @@ class LimitsTests(LogMixin):
         self.assertTrue(closed.allows("127.0.0.1"))
         self.assertFalse(closed.allows("127.0.0.2"))
         self.assertFalse(closed.allows("not an address"), "unparsable + rules: refuse")
-        self.assertTrue(AddressRules().allows("not an address"))
+        self.assertTrue(NetworkRules().allows("not an address"))
         self.assertFalse(self.rules("allow 10.0.0.0/8", default_allow=False).allows("11.0.0.1"))
         self.assert_denied_at_accept(closed, "127.0.0.2")
 
@@ -886,7 +886,7 @@ class LimitsTests(LogMixin):
 
         # Through the factory: the slot is taken at accept and given back
         # when the connection is lost.
-        factory = self.guarded(AddressRules(), max_connections=3, max_per_source=2)
+        factory = self.guarded(NetworkRules(), max_connections=3, max_per_source=2)
         addr = IPv4Address("TCP", "192.0.2.1", 1)
         protos = []
         for _ in range(2):
