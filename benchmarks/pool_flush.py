@@ -43,12 +43,12 @@ from typing import Any
 from twisted.internet import defer, task
 
 from mixminion.mmtp.initiator import Destination
-from mixminion.server.draining import MIX
 from mixminion.server.items import RelayItem, encode_item
-from mixminion.server.mixing import OUT, Mixer
+from mixminion.server.mixing import Mixer
 from mixminion.server.outgoing import Outgoing
 from mixminion.server.packetstore import PacketStore
 from mixminion.server.pool import TimedPool
+from mixminion.server.queues import MIX, OUT
 from mixminion.server.stats import NodeStats
 from mixminion.server.workers import run_in, worker_pool
 

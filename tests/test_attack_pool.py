@@ -55,9 +55,9 @@ from twisted.internet import defer, threads
 from twisted.internet import reactor as _reactor
 from twisted.trial import unittest
 
-from mixminion.server.draining import MIX
 from mixminion.server.items import RelayItem, encode_item
 from mixminion.server.packetstore import PacketStore
+from mixminion.server.queues import MIX
 from mixminion.testing.processes import BlackHole, MixNode, family_rss_mb, gauge
 
 reactor: Any = _reactor

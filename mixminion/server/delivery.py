@@ -32,8 +32,9 @@ from mixminion.exits.registry import Dispatcher, build_dispatcher, extra_factori
 from mixminion.server.config import ServerConfig
 from mixminion.server.diskspace import DiskPause, FreeSpace, Usage, later_floor, shortage
 from mixminion.server.items import ExitItem, decode_item, encode_item
-from mixminion.server.mixing import READ_SLICE, delivery_queue, queue_slices
+from mixminion.server.mixing import READ_SLICE, queue_slices
 from mixminion.server.packetstore import PacketStore
+from mixminion.server.queues import QUARANTINE, delivery_queue
 from mixminion.server.schedule import MessageRetryState
 
 
@@ -59,10 +60,6 @@ def build_exits(config: ServerConfig, context: ExitContext) -> Dispatcher:
     return build_dispatcher(exit_sections(config), context, factories)
 
 
-#: where an item goes that can no longer be delivered as it is (its body is
-#: unreadable, its record damaged): out of its module's way, kept for the
-#: operator to look at, counted and logged once
-QUARANTINE = "quarantine/deliver"
 #: bytes an item is counted to write to a module's folders (a fragment, or
 #: mail of about a packet's size), so the free-space estimate errs low
 ITEM_BYTES = PACKET_LEN

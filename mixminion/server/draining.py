@@ -28,9 +28,8 @@ from mixminion.codec.routing import PING_TYPE
 from mixminion.server.incoming_log import IncomingLog
 from mixminion.server.items import ExitItem, RelayItem, encode_item
 from mixminion.server.packetstore import PacketStore
+from mixminion.server.queues import INCOMING, MIX
 
-INCOMING = "incoming"
-MIX = "mix"
 #: kv name in the main store: the highest incoming id whose processing committed
 CONSUMED_KEY = "incoming-consumed-through"
 

@@ -27,18 +27,12 @@ from twisted.logger import Logger
 from mixminion.events import Event
 from mixminion.server.items import ExitItem, Item, RelayItem, decode_item
 from mixminion.server.packetstore import PacketStore
-from mixminion.server.draining import MIX
-
-OUT = "out"
+from mixminion.server.queues import MIX, OUT, delivery_queue
 
 #: rows of a queue read in one query when a long queue is walked: bounds
 #: the metadata held at once (about 1 MB) and, on the reactor thread, the
 #: time one slice takes (tens of milliseconds at most)
 READ_SLICE = 4096
-
-
-def delivery_queue(module_name: str) -> str:
-    return f"deliver/{module_name}"
 
 
 def queue_slices(store: PacketStore, queue: str,

@@ -37,10 +37,10 @@ from mixminion.mmtp.responder import responder_factory
 from mixminion.mmtp.tls import InitiatorTLS, ResponderTLS
 from mixminion.server.clock import WALL
 from mixminion.server.delivery import Delivery
-from mixminion.server.draining import MIX, consumed_through, open_incoming
+from mixminion.server.draining import consumed_through, open_incoming
 from mixminion.server.durable import DurableSink
 from mixminion.server.metrics import metrics_root
-from mixminion.server.mixing import OUT, Mixer
+from mixminion.server.mixing import Mixer
 from mixminion.server.config import ServerConfig
 from mixminion.server.outgoing import Outgoing
 from mixminion.server.packetstore import PacketStore
@@ -48,6 +48,7 @@ from mixminion.server.pidfile import PidFile
 from mixminion.server.pool import MixPool, make_pool
 from mixminion.server.processing import Processor
 from mixminion.server.processing_child import processing_lock
+from mixminion.server.queues import MIX, OUT
 from mixminion.server.stats import NodeStats, StatsReport
 from mixminion.server.workers import run_in, worker_pool
 

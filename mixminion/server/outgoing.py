@@ -59,8 +59,9 @@ from mixminion.mmtp.initiator import (
     literal_address,
 )
 from mixminion.server.items import RelayItem, decode_item
-from mixminion.server.mixing import OUT, READ_SLICE, queue_slices
+from mixminion.server.mixing import READ_SLICE, queue_slices
 from mixminion.server.packetstore import PacketStore, PacketStoreError
+from mixminion.server.queues import OUT
 from mixminion.server.schedule import AddressRetryState
 from mixminion.server.workers import run_in, stop_when_idle, worker_pool
 

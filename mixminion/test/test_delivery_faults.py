@@ -19,10 +19,10 @@ from mixminion.exits.interfaces import IExitModule
 from mixminion.exits.items import DeliveryResult
 from mixminion.exits.mta import SMTPRelay
 from mixminion.exits.registry import Dispatcher
-from mixminion.server.delivery import QUARANTINE, Delivery
+from mixminion.server.delivery import Delivery
 from mixminion.server.items import ExitItem, encode_item
-from mixminion.server.mixing import delivery_queue
 from mixminion.server.packetstore import PacketStore
+from mixminion.server.queues import QUARANTINE, delivery_queue
 from mixminion.server.stats import NodeStats
 
 

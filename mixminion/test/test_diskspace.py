@@ -30,11 +30,11 @@ from mixminion.exits.registry import Dispatcher, build_dispatcher, find_exit_mod
 from mixminion.server.delivery import ITEM_BYTES, Delivery
 from mixminion.server.childmessages import Batch, Drain, Idle, Message, Paused, Ready, decode
 from mixminion.server.diskspace import DiskPause, FreeSpace, Shortage, later_floor, shortage
-from mixminion.server.draining import MIX, consumed_through
+from mixminion.server.draining import consumed_through
 from mixminion.server.items import ExitItem, encode_item
-from mixminion.server.mixing import delivery_queue
 from mixminion.server.processing import DISK_RECHECK_INTERVAL, Processor
 from mixminion.server.processing_child import Child
+from mixminion.server.queues import MIX, delivery_queue
 from mixminion.server.stats import NodeStats
 from mixminion.server.store_replay import StoreReplayLog
 from mixminion.test.test_delivery_faults import Recorder, queue_messages

@@ -36,8 +36,8 @@ from mixminion.mmtp.initiator import (
 from mixminion.mmtp.responder import responder_factory
 from mixminion.mmtp.stats import MMTPStats
 from mixminion.server.items import RelayItem, encode_item
-from mixminion.server.mixing import OUT
 from mixminion.server.outgoing import Outgoing
+from mixminion.server.queues import OUT
 from mixminion.server.stats import NodeStats
 from mixminion.testing.fakes import HeldClient, scratch_store
 from mixminion.test.test_mmtp_client_limit import Hops

@@ -28,8 +28,8 @@ from mixminion.mmtp.initiator import (
 from mixminion.mmtp.stats import MMTPStats
 from mixminion.server.config import parse_config
 from mixminion.server.items import RelayItem, encode_item
-from mixminion.server.mixing import OUT
 from mixminion.server.outgoing import Outgoing
+from mixminion.server.queues import OUT
 from mixminion.test.test_pipeline import StoreTestCase
 from mixminion.testing.fakes import HeldClient
 

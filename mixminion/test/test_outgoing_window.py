@@ -15,8 +15,8 @@ from twisted.trial import unittest
 
 from mixminion.mmtp.initiator import ConnectionFailed
 from mixminion.server.items import RelayItem, encode_item
-from mixminion.server.mixing import OUT
 from mixminion.server.outgoing import Outgoing
+from mixminion.server.queues import OUT
 from mixminion.server.stats import NodeStats
 from mixminion.testing.fakes import HeldClient, scratch_store
 from mixminion.testing.threads import InPlaceReactor, in_place

@@ -30,13 +30,14 @@ from mixminion.mmtp.initiator import ConnectionFailed, Destination
 from mixminion.server.childmessages import Batch
 from mixminion.server.delivery import Delivery
 from mixminion.server.items import ExitItem, RelayItem, decode_item, encode_item
-from mixminion.server.mixing import OUT, Mixer, delivery_queue
+from mixminion.server.mixing import Mixer
 from mixminion.server.outgoing import Outgoing
 from mixminion.server.packetstore import PacketStore, PacketStoreError
 from mixminion.server.pool import TimedPool
-from mixminion.server.draining import INCOMING, MIX, consumed_through, drain, open_incoming
+from mixminion.server.draining import consumed_through, drain, open_incoming
 from mixminion.server.incoming_log import IncomingLog
 from mixminion.server.processing import Processor
+from mixminion.server.queues import INCOMING, MIX, OUT, delivery_queue
 from mixminion.server.store_replay import StoreReplayLog
 from mixminion.server.stats import NodeStats
 from mixminion.testing.fakes import scratch_store

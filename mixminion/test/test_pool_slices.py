@@ -27,12 +27,12 @@ from twisted.trial import unittest
 from mixminion.codec.routing import MBOX_TYPE
 from mixminion.mmtp.initiator import Destination
 from mixminion.server import mixing, outgoing
-from mixminion.server.draining import MIX
 from mixminion.server.items import ExitItem, RelayItem, encode_item
-from mixminion.server.mixing import OUT, Mixer, delivery_queue, queue_slices
+from mixminion.server.mixing import Mixer, queue_slices
 from mixminion.server.outgoing import Outgoing
 from mixminion.server.packetstore import PacketStore, PacketStoreError
 from mixminion.server.pool import CottrellPool, TimedPool
+from mixminion.server.queues import MIX, OUT, delivery_queue
 from mixminion.server.stats import NodeStats
 from mixminion.server.workers import run_in
 from mixminion.test.test_mmtp_protocol import LogMixin
