@@ -23,7 +23,7 @@ from twisted.internet import defer, protocol, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 
 from mixminion.mmtp.frames import FRAME_LEN
-from mixminion.mmtp.initiator import Destination, MMTPClient
+from mixminion.mmtp.initiator import NextHop, MMTPClient
 from mixminion.mmtp.tls import InitiatorTLS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -70,7 +70,7 @@ async def raw_tls(reactor, port: int, total: int) -> float:
 
 async def mmtp(reactor, port: int, keyid: bytes, packets: int) -> float:
     client = MMTPClient(reactor)
-    dest = Destination("127.0.0.1", port, keyid)
+    dest = NextHop("127.0.0.1", port, keyid)
     payloads = [os.urandom(32768) for _ in range(packets)]
     start = time.perf_counter()
     await defer.gatherResults([client.send_packet(dest, p) for p in payloads])

@@ -58,7 +58,7 @@ from mixminion.codec.process import PacketProcessor, Relay
 from mixminion.codec.replay import MemoryReplayLog
 from mixminion.codec.routing import DROP_TYPE, FWD_IPV4_TYPE, IPv4Info
 from mixminion.codec.rsa import PrivateKey
-from mixminion.mmtp.initiator import Destination, MMTPClient
+from mixminion.mmtp.initiator import NextHop, MMTPClient
 from mixminion.mmtp.interfaces import IPacketSink
 from mixminion.mmtp.responder import responder_factory
 from mixminion.mmtp.tls import ResponderTLS
@@ -223,7 +223,7 @@ class Node(MixNode):
         keyset = sorted(d for d in os.listdir(keys) if d.startswith("key_"))[0]
         self.identity_key = read_pem_key(os.path.join(keys, "identity.key")).public
         self.private_packet_key = read_pem_key(os.path.join(keys, keyset, "mix.key"))
-        self.dest = Destination("127.0.0.1", self.port, self.identity_key.keyid)
+        self.dest = NextHop("127.0.0.1", self.port, self.identity_key.keyid)
         self.relay_hop = Hop(self.private_packet_key.public,
                              IPv4Info("127.0.0.1", self.port, self.identity_key.keyid))
 

@@ -42,8 +42,8 @@ from typing import Any
 
 from twisted.internet import defer, task
 
-from mixminion.mmtp.initiator import Destination
-from mixminion.server.items import RelayItem, encode_item
+from mixminion.mmtp.initiator import NextHop
+from mixminion.server.items import encode_item
 from mixminion.server.mixing import Mixer
 from mixminion.server.outgoing import Outgoing
 from mixminion.server.packetstore import PacketStore
@@ -68,7 +68,7 @@ def fill(directory: str, packets: int, destinations: int) -> None:
     """``--fill``: the pool, ``packets`` relay packets over ``destinations``
     next hops (198.18.0.0/15, never a real address)."""
     store = open_store(directory)
-    metas = [encode_item(RelayItem(f"198.18.{i // 250}.{i % 250 + 1}", 48099,
+    metas = [encode_item(NextHop(f"198.18.{i // 250}.{i % 250 + 1}", 48099,
                                    i.to_bytes(20, "big"))) for i in range(destinations)]
     body = os.urandom(32768)
     for start in range(0, packets, FILL_BATCH):
@@ -95,7 +95,7 @@ class AckingClient:
         self.delay = delay
         self.sent = 0
 
-    def send_packet(self, dest: Destination, packet: bytes) -> defer.Deferred:
+    def send_packet(self, dest: NextHop, packet: bytes) -> defer.Deferred:
         self.sent += 1
         d: defer.Deferred = defer.Deferred()
         self.reactor.callLater(self.delay, d.callback, None)

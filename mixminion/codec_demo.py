@@ -52,7 +52,7 @@ def _follow(packet: bytes, server: DemoServer, by_address: dict, out) -> Exit | 
     while True:
         result = server.processor.process(packet)
         if isinstance(result, Relay):
-            nxt = by_address[result.next_hop]
+            nxt = by_address[result.relay_info]
             print(f"  hop {hop}: {server.nickname} relays by {type_name(result.routing_type)}"
                   f" to {nxt.nickname}", file=out)
             packet, server = result.packet, nxt

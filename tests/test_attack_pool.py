@@ -16,7 +16,7 @@ a median of 646 ms before, 28.5 ms after.)
 
 The pool is filled with the node stopped, through its own
 :class:`PacketStore`, as processing fills it (a relay packet of 32 KiB and
-its next hop's record, ``encode_item(RelayItem(...))``): sending 60,000
+its next hop's record, ``encode_item(NextHop(...))``): sending 60,000
 packets over MMTP and processing them takes about 70 s here, and the
 release went the same (old code: 0.67 s, 155 MB).  The next
 hops are :data:`NEXT_HOPS` addresses 127.1.x.y at one port where a
@@ -55,7 +55,7 @@ from twisted.internet import defer, threads
 from twisted.internet import reactor as _reactor
 from twisted.trial import unittest
 
-from mixminion.server.items import RelayItem, encode_item
+from mixminion.server.items import NextHop, encode_item
 from mixminion.server.packetstore import PacketStore
 from mixminion.server.queues import MIX
 from mixminion.testing.processes import BlackHole, MixNode, family_rss_mb, gauge
@@ -79,7 +79,7 @@ def fill_pool(queue_dir: str, count: int, port: int) -> None:
     store = PacketStore(os.path.join(queue_dir, "packets.db"),
                         body_dir=os.path.join(queue_dir, "bodies"))
     try:
-        metas = [encode_item(RelayItem(f"127.1.{i // 250}.{i % 250 + 1}", port, os.urandom(20)))
+        metas = [encode_item(NextHop(f"127.1.{i // 250}.{i % 250 + 1}", port, os.urandom(20)))
                  for i in range(NEXT_HOPS)]
         packet = os.urandom(32768)
         now = time.time()

@@ -71,7 +71,7 @@ from twisted.internet import reactor as _reactor
 
 from mixminion.codec.build import build_message_packets
 from mixminion.codec.routing import MBOX_TYPE
-from mixminion.mmtp.initiator import Destination, MMTPClient
+from mixminion.mmtp.initiator import NextHop, MMTPClient
 from mixminion.testing.processes import (
     MixNode,
     forward_packets,
@@ -186,7 +186,7 @@ class AttacksTogether(NodeTestCase):
         honest = await threads.deferToThread(forward_packets, a, g, HONEST)
         client = MMTPClient(reactor)
         self.addCleanup(client.close)
-        destination = Destination("127.0.0.1", a.port, a.identity)
+        destination = NextHop("127.0.0.1", a.port, a.identity)
         reasons: dict[str, int] = {}
         unacknowledged = []
         started = time.monotonic()

@@ -55,7 +55,7 @@ from mixminion.codec.process import Exit, PacketProcessor, Relay, replay_value
 from mixminion.codec.replay import MemoryReplayLog, ReplayLog
 from mixminion.codec.routing import FRAGMENT_TYPE, IPv4Info
 from mixminion.codec.rsa import PrivateKey
-from mixminion.mmtp.initiator import Destination, MMTPClient
+from mixminion.mmtp.initiator import NextHop, MMTPClient
 from mixminion.mmtp.interfaces import IPacketSink
 from mixminion.mmtp.responder import responder_factory
 from mixminion.mmtp.tls import ResponderTLS
@@ -156,7 +156,7 @@ class Sender:
     the node answers RECEIVED."""
 
     client: MMTPClient
-    dest: Destination
+    dest: NextHop
     packets: list[bytes]
     pending: deque = field(default_factory=deque)
     outstanding: set = field(default_factory=set)
@@ -369,7 +369,7 @@ class CrashTest(unittest.TestCase):
         self.note(f"built and mirrored {N_PACKETS} packets; next hop on port {hop_port}")
 
         client = MMTPClient(reactor)
-        self.sender = Sender(client, Destination("127.0.0.1", self.port, identity.public.keyid),
+        self.sender = Sender(client, NextHop("127.0.0.1", self.port, identity.public.keyid),
                              packets)
         self.addCleanup(lambda: sleep(reactor, 0.5))  # connection attempts being torn down
         self.addCleanup(client.close)

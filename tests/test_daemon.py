@@ -20,7 +20,7 @@ from mixminion.codec.build import build_message_packets
 from mixminion.codec.header import Hop
 from mixminion.codec.routing import MBOX_TYPE, HostInfo
 from mixminion.directory.descriptor import parse_descriptor
-from mixminion.mmtp.initiator import Destination, MMTPClient
+from mixminion.mmtp.initiator import NextHop, MMTPClient
 from mixminion.testing.processes import (
     free_ports,
     node_config,
@@ -73,7 +73,7 @@ class DaemonTests(unittest.TestCase):
         [built] = build_message_packets(b"daemon mail\n", MBOX_TYPE, b"me",
                                         lambda i: ([hop], [hop]), os.urandom)
         client = MMTPClient(reactor)
-        await client.send_packet(Destination("127.0.0.1", port, desc.identity_digest),
+        await client.send_packet(NextHop("127.0.0.1", port, desc.identity_digest),
                                  built.packet)
 
         def delivered() -> bool:

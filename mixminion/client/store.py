@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
 from mixminion.codec.fragments import Reassembler
-from mixminion.mmtp.initiator import Destination
+from mixminion.mmtp.initiator import NextHop
 from mixminion.fileutil import atomic_write
 
 PACKET_LEN = 32768
@@ -45,7 +45,7 @@ class QueuedPacket:
     """A packet for ``destination`` (the first hop), queued at ``inserted``."""
 
     handle: str
-    destination: Destination
+    destination: NextHop
     nickname: str
     inserted: float
     packet: bytes
@@ -55,7 +55,7 @@ class ClientQueue:
     def __init__(self, user_dir: str) -> None:
         self.folder = os.path.join(user_dir, "queue")
 
-    def add(self, destination: Destination, nickname: str, packet: bytes,
+    def add(self, destination: NextHop, nickname: str, packet: bytes,
             now: Optional[float] = None) -> str:
         """Store durably; returns the handle (file name)."""
         if len(packet) != PACKET_LEN:
@@ -89,7 +89,7 @@ class ClientQueue:
         packet = data[pos + 4 + meta_len:]
         if len(packet) != PACKET_LEN:
             raise ValueError(f"{path} holds a truncated packet")
-        dest = Destination(meta["host"], int(meta["port"]), bytes.fromhex(meta["keyid"]))
+        dest = NextHop(meta["host"], int(meta["port"]), bytes.fromhex(meta["keyid"]))
         return QueuedPacket(handle, dest, meta.get("nickname", meta["host"]),
                             float(meta["inserted"]), packet)
 

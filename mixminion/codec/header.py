@@ -21,7 +21,7 @@ from mixminion.codec.routing import (
     SWAP_FWD_HOST_TYPE,
     SWAP_FWD_IPV4_TYPE,
     IPv4Info,
-    NextHop,
+    RelayInfo,
 )
 from mixminion.codec.rsa import OAEP_OVERHEAD, PublicKey
 
@@ -168,7 +168,7 @@ class Hop:
     to encrypt its subheader to, and the address that reaches it."""
 
     packet_key: PublicKey
-    address: NextHop
+    address: RelayInfo
 
     @property
     def forward_type(self) -> int:

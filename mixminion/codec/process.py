@@ -56,6 +56,7 @@ from mixminion.codec.routing import (
     RELAY_TYPES,
     SWAP_TYPES,
     NextHop,
+    RelayInfo,
     parse_relay_info,
     split_exit_info,
 )
@@ -95,15 +96,19 @@ class RejectReason(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class Relay:
-    """Send ``packet`` to ``next_hop``.  ``routing_info`` is complete
+    """Send ``packet`` to the hop ``relay_info`` names.  ``routing_info`` is complete
     (overflow included) and ``subheader`` is as decrypted."""
 
     routing_type: int
     routing_info: bytes
-    next_hop: NextHop
+    relay_info: RelayInfo
     packet: bytes = field(repr=False)
     subheader: Subheader = field(repr=False)
     key_index: int
+
+    @property
+    def next_hop(self) -> NextHop:
+        return NextHop.of(self.relay_info)
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,7 +296,7 @@ def _relay(opened: _Opened) -> ProcessResult:
         info += rest[:overflow]
         rest = rest[overflow:]
     try:
-        next_hop = parse_relay_info(sub.routing_type, info)
+        relay_info = parse_relay_info(sub.routing_type, info)
     except CodecError:
         # Parsing is step 19; nothing in between can fail, so doing it
         # before the LIONESS work gives the same answer sooner.
@@ -304,7 +309,7 @@ def _relay(opened: _Opened) -> ProcessResult:
         payload = lioness_decrypt(payload, keys_from_header(header2))
         header2 = lioness_decrypt(header2, keys_from_payload(payload))
         header1, header2 = header2, header1
-    return Relay(sub.routing_type, info, next_hop, b"".join((header1, header2, payload)),
+    return Relay(sub.routing_type, info, relay_info, b"".join((header1, header2, payload)),
                  sub, opened.key_index)
 
 

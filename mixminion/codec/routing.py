@@ -112,7 +112,23 @@ class HostInfo:
         return cls(host.decode("ascii").lower(), port, data[2:22])
 
 
-NextHop = Union[IPv4Info, HostInfo]
+#: the routing info of a relay type, as parsed
+RelayInfo = Union[IPv4Info, HostInfo]
+
+
+@dataclass(frozen=True)
+class NextHop:
+    """Where a relayed packet goes: the one form the node uses from
+    processing to MMTP, whichever relay type named it."""
+
+    host: str
+    port: int
+    keyid: bytes
+
+    @classmethod
+    def of(cls, info: RelayInfo) -> "NextHop":
+        host = info.hostname if isinstance(info, HostInfo) else info.ip
+        return cls(host, info.port, info.keyinfo)
 
 
 def check_hostname(host: bytes) -> None:
@@ -121,7 +137,7 @@ def check_hostname(host: bytes) -> None:
         raise ParseError("invalid hostname in routing info")
 
 
-def parse_relay_info(routing_type: int, routing_info: bytes) -> NextHop:
+def parse_relay_info(routing_type: int, routing_info: bytes) -> RelayInfo:
     """Parse the routing info of a relay type; ParseError on any defect."""
     if routing_type in (FWD_IPV4_TYPE, SWAP_FWD_IPV4_TYPE):
         return IPv4Info.parse(routing_info)

@@ -33,7 +33,7 @@ held every slot, and an honest packet waited behind them for hours):
   they send us, never hold every slot.  Between the two lines, whichever
   destination waited longer goes first.
 * ``max_queued_per_destination`` bounds the packets held in memory for one
-  destination; one more fails at once with :class:`DestinationBusy`.
+  destination; one more fails at once with :class:`NextHopBusy`.
 * A destination whose connection ran out of a deadline is *stuck*: the
   first is logged at WARN within :data:`STUCK_GRACE` (with those stuck
   meanwhile), later ones in one WARN per ``stuck_report_interval``, with
@@ -44,7 +44,7 @@ The client also enforces ``[Outgoing/MMTP] Allow``/``Deny`` when given an
 before connecting (nothing is sent to it, not even a SYN); one named by a
 hostname is judged by the address TCP actually connected to, before any
 MMTP byte (the TLS handshake may have begun).  Either way its packets fail
-with :class:`DestinationDenied`, which a caller must not retry.
+with :class:`NextHopDenied`, which a caller must not retry.
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mixminion.codec.routing import NextHop
 from mixminion.events import Event
 from mixminion.mmtp.limits import normalize_address
 from mixminion.mmtp.machine import (
@@ -94,7 +95,7 @@ STUCK_GRACE = 5.0
 
 class MMTPError(Exception):
     """A packet did not reach the next hop; it may be retried (except
-    after :class:`DestinationDenied`)."""
+    after :class:`NextHopDenied`)."""
 
 
 class PacketRejected(MMTPError):
@@ -109,13 +110,13 @@ class PeerAuthenticationFailed(ConnectionFailed):
     """The peer's certificate chain did not prove the expected identity."""
 
 
-class DestinationBusy(MMTPError):
+class NextHopBusy(MMTPError):
     """We hold ``max_queued_per_destination`` packets for this next hop
     already; this is our own limit, not the next hop's failure (send it
     again once some of the others are answered)."""
 
 
-class DestinationDenied(MMTPError):
+class NextHopDenied(MMTPError):
     """Our ``[Outgoing/MMTP]`` Allow/Deny rules forbid relaying to the next
     hop's address.  Unlike the other errors this is no reason to retry: a
     denied hop stays denied until the operator changes the rules."""
@@ -131,15 +132,6 @@ def literal_address(host: str) -> Optional[str]:
     lookup can change where it leads), else None."""
     addr = normalize_address(host)
     return str(addr) if addr is not None else None
-
-
-@dataclass(frozen=True)
-class Destination:
-    """A next hop: where to connect and which identity to expect."""
-
-    host: str
-    port: int
-    keyid: bytes
 
 
 @dataclass
@@ -187,10 +179,10 @@ class InitiatorSettings:
 class MMTPInitiatorProtocol(Protocol):
     log = Logger()
 
-    def __init__(self, destination: Destination, tls: InitiatorTLS, clock: IReactorTime,
+    def __init__(self, destination: NextHop, tls: InitiatorTLS, clock: IReactorTime,
                  settings: InitiatorSettings, stats: MMTPStats,
                  on_done: Callable[["MMTPInitiatorProtocol"], None],
-                 on_ack: Optional[Callable[[Destination], None]] = None) -> None:
+                 on_ack: Optional[Callable[[NextHop], None]] = None) -> None:
         self.destination = destination
         self.tls = tls
         self.clock = clock
@@ -387,7 +379,7 @@ def unproven_share(max_connections: int) -> int:
 class _Peer:
     """What the client holds for one destination."""
 
-    destination: Destination
+    destination: NextHop
     #: packets on no connection yet, oldest first
     pending: deque[_Item] = field(default_factory=deque)
     #: connections connecting or open (at most connections_per_destination)
@@ -442,7 +434,7 @@ class MMTPClient:
         self.settings = settings or InitiatorSettings()
         self.stats = stats or MMTPStats()
         self.allows = allows
-        self._peers: dict[Destination, _Peer] = {}
+        self._peers: dict[NextHop, _Peer] = {}
         #: destinations that need a connection and wait for one to be free
         #: (MaxConnections): those not proven ...
         self._line: deque[_Peer] = deque()
@@ -452,7 +444,7 @@ class MMTPClient:
         self._arrivals = 0
         #: next hops that acknowledged a packet and have not failed since
         #: (the most recent last)
-        self._proven: OrderedDict[Destination, None] = OrderedDict()
+        self._proven: OrderedDict[NextHop, None] = OrderedDict()
         #: connections connecting or open, to every destination
         self._connections = 0
         #: ... of them to next hops not proven when they opened
@@ -461,7 +453,7 @@ class MMTPClient:
         self._protocols: set[MMTPInitiatorProtocol] = set()
         self._opening = False
         #: next hops whose last connection ran out of a deadline
-        self._stuck: OrderedDict[Destination, None] = OrderedDict()
+        self._stuck: OrderedDict[NextHop, None] = OrderedDict()
         #: stuck next hops and their packets since the last report
         self._stuck_new = 0
         self._stuck_packets = 0
@@ -490,12 +482,12 @@ class MMTPClient:
         """Next hops whose last connection ran out of a deadline."""
         return len(self._stuck)
 
-    def proven(self, destination: Destination) -> bool:
+    def proven(self, destination: NextHop) -> bool:
         """Whether ``destination`` acknowledged a packet and has not failed
         since (as far as the client remembers)."""
         return destination in self._proven
 
-    def held(self, destination: Destination) -> int:
+    def held(self, destination: NextHop) -> int:
         """Packets held in memory for ``destination``."""
         peer = self._peers.get(destination)
         return peer.held if peer is not None else 0
@@ -509,13 +501,13 @@ class MMTPClient:
                 setattr(self.settings, f.name, getattr(settings, f.name))
         self._open_waiting()
 
-    def send_packet(self, destination: Destination, packet: bytes) -> defer.Deferred:
+    def send_packet(self, destination: NextHop, packet: bytes) -> defer.Deferred:
         """Deferred firing when ``destination`` acknowledges RECEIVED."""
         if len(packet) != PACKET_LEN:
             return defer.fail(ValueError("MMTP packets are 32768 bytes"))
         return self._enqueue(destination, _Item(packet, False))
 
-    def send_junk(self, destination: Destination) -> defer.Deferred:
+    def send_junk(self, destination: NextHop) -> defer.Deferred:
         """Send one JUNK frame (link padding, or a liveness check)."""
         return self._enqueue(destination, _Item(os.urandom(PACKET_LEN), True))
 
@@ -524,7 +516,7 @@ class MMTPClient:
     def _allowed(self, ip: str, port: int) -> bool:
         return self.allows is None or self.allows(ip, port)
 
-    def _denied_literal(self, destination: Destination) -> bool:
+    def _denied_literal(self, destination: NextHop) -> bool:
         """A next hop given as an IP literal that the rules deny."""
         if self.allows is None:
             return False
@@ -539,11 +531,11 @@ class MMTPClient:
 
     # --- queueing -----------------------------------------------------------------
 
-    def _enqueue(self, destination: Destination, item: _Item) -> defer.Deferred:
+    def _enqueue(self, destination: NextHop, item: _Item) -> defer.Deferred:
         if self._denied_literal(destination):
             self.log.debug("Not relaying to {host}:{port}: denied by the outgoing address "
                            "rules", host=destination.host, port=destination.port)
-            return defer.fail(DestinationDenied("the next hop's address is denied by our "
+            return defer.fail(NextHopDenied("the next hop's address is denied by our "
                                                 "[Outgoing/MMTP] rules"))
         peer = self._peers.get(destination)
         if peer is None:
@@ -551,7 +543,7 @@ class MMTPClient:
         cap = self.settings.max_queued_per_destination
         if cap > 0 and peer.held >= cap:
             self._forget_if_idle(peer)
-            return defer.fail(DestinationBusy(f"{cap} packets are held for this next hop "
+            return defer.fail(NextHopBusy(f"{cap} packets are held for this next hop "
                                               "already"))
         if not item.junk:
             self.stats.count(Event.ATTEMPTED_RELAY)
@@ -656,7 +648,7 @@ class MMTPClient:
         d.addCallbacks(self._connected, self._connect_failed,
                        callbackArgs=(peer,), errbackArgs=(peer, slot))
 
-    def connect(self, destination: Destination, factory: Factory) -> defer.Deferred:
+    def connect(self, destination: NextHop, factory: Factory) -> defer.Deferred:
         endpoint = HostnameEndpoint(self.reactor, destination.host, destination.port,
                                     timeout=self.settings.connect_timeout,
                                     bindAddress=self.settings.bind_address)
@@ -688,7 +680,7 @@ class MMTPClient:
         self.log.debug("Next hop {host}:{port} connected at {address}, which the outgoing "
                        "address rules deny", host=peer.destination.host,
                        port=peer.destination.port, address=address)
-        error = DestinationDenied("the next hop's address is denied by our "
+        error = NextHopDenied("the next hop's address is denied by our "
                                   "[Outgoing/MMTP] rules")
         self._fail_pending(peer, Failure(error))  # first: the abort must not reopen for them
         proto._fail(error, by_us=True)
@@ -756,7 +748,7 @@ class MMTPClient:
 
     # --- proven and stuck next hops ----------------------------------------------
 
-    def _acknowledged(self, destination: Destination) -> None:
+    def _acknowledged(self, destination: NextHop) -> None:
         """``destination`` acknowledged a frame: proven (again)."""
         if destination in self._proven:
             self._proven.move_to_end(destination)
@@ -769,7 +761,7 @@ class MMTPClient:
             self.log.debug("Next hop {host}:{port} answers again",
                            host=destination.host, port=destination.port)
 
-    def _stuck_next_hop(self, destination: Destination, packets: int) -> None:
+    def _stuck_next_hop(self, destination: NextHop, packets: int) -> None:
         """A connection to ``destination`` ran out of a deadline, failing
         ``packets`` packets: count it, and report it (see
         :meth:`_report_stuck`)."""

@@ -26,7 +26,7 @@ from mixminion.events import Event
 from mixminion.codec.process import Drop, Exit, OpenedPacket, PacketProcessor, Reject, Relay
 from mixminion.codec.routing import PING_TYPE
 from mixminion.server.incoming_log import IncomingLog
-from mixminion.server.items import ExitItem, RelayItem, encode_item
+from mixminion.server.items import ExitItem, encode_item
 from mixminion.server.packetstore import PacketStore
 from mixminion.server.queues import INCOMING, MIX
 
@@ -113,7 +113,7 @@ def pool_row(result, counts: Counter) -> Optional[tuple[bytes, bytes]]:
     """(data, meta) to put in the pool for ``result``; None to drop it."""
     if isinstance(result, Relay):
         counts[Event.PROCESSED_RELAY] += 1
-        return result.packet, encode_item(RelayItem.from_next_hop(result.next_hop))
+        return result.packet, encode_item(result.next_hop)
     if isinstance(result, Exit):
         if result.exit_type == PING_TYPE:
             counts[Event.DROPPED_PING] += 1

@@ -11,22 +11,7 @@ import json
 from dataclasses import dataclass
 from typing import Union
 
-from mixminion.codec.routing import HostInfo, IPv4Info, NextHop
-
-
-@dataclass(frozen=True)
-class RelayItem:
-    """A processed packet waiting to be relayed to ``host:port``, whose
-    identity key digest must be ``keyid``."""
-
-    host: str
-    port: int
-    keyid: bytes
-
-    @classmethod
-    def from_next_hop(cls, hop: NextHop) -> "RelayItem":
-        host = hop.hostname if isinstance(hop, HostInfo) else hop.ip
-        return cls(host, hop.port, hop.keyinfo)
+from mixminion.codec.routing import NextHop
 
 
 @dataclass(frozen=True)
@@ -38,11 +23,11 @@ class ExitItem:
     application_key: bytes
 
 
-Item = Union[RelayItem, ExitItem]
+Item = Union[NextHop, ExitItem]
 
 
 def encode_item(item: Item, **extra: object) -> bytes:
-    if isinstance(item, RelayItem):
+    if isinstance(item, NextHop):
         doc = {"k": "relay", "host": item.host, "port": item.port, "keyid": item.keyid.hex()}
     else:
         doc = {"k": "exit", "type": item.exit_type, "ri": item.routing_info.hex(),
@@ -56,7 +41,7 @@ def decode_item(meta: bytes) -> tuple[Item, dict]:
     doc = json.loads(meta)
     kind = doc.pop("k")
     if kind == "relay":
-        item: Item = RelayItem(doc.pop("host"), doc.pop("port"), bytes.fromhex(doc.pop("keyid")))
+        item: Item = NextHop(doc.pop("host"), doc.pop("port"), bytes.fromhex(doc.pop("keyid")))
     elif kind == "exit":
         item = ExitItem(doc.pop("type"), bytes.fromhex(doc.pop("ri")), bytes.fromhex(doc.pop("app")))
     else:
@@ -64,4 +49,4 @@ def decode_item(meta: bytes) -> tuple[Item, dict]:
     return item, doc
 
 
-__all__ = ["RelayItem", "ExitItem", "Item", "encode_item", "decode_item", "IPv4Info"]
+__all__ = ["NextHop", "ExitItem", "Item", "encode_item", "decode_item"]

@@ -25,7 +25,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from mixminion.events import Event
-from mixminion.server.items import ExitItem, Item, RelayItem, decode_item
+from mixminion.server.items import ExitItem, Item, NextHop, decode_item
 from mixminion.server.packetstore import PacketStore
 from mixminion.server.queues import MIX, OUT, delivery_queue
 
@@ -148,7 +148,7 @@ class Mixer:
                 if packet_id not in chosen:
                     continue  # not chosen, or arrived after the choice
                 item = decode(meta)
-                if isinstance(item, RelayItem):
+                if isinstance(item, NextHop):
                     relays.append(packet_id)
                 else:
                     assert isinstance(item, ExitItem)

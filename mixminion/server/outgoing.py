@@ -12,7 +12,7 @@ denied hop stays denied; keeping its packets would only fill the queue)
 and counted as ``RelayDenied``.  A next hop given as an IP literal is
 judged here, before MMTP sees it; one given as a hostname is judged by the
 MMTP client once TCP has connected (the address the name led to), and
-comes back as :class:`DestinationDenied`.  Which addresses were denied is
+comes back as :class:`NextHopDenied`.  Which addresses were denied is
 logged at debug only (server.md §11: no routing data above debug).
 
 Fair scheduling (issue 12).  Anyone can make us relay to next hops of
@@ -52,13 +52,13 @@ from twisted.python.failure import Failure
 from mixminion.events import Event
 from mixminion.mmtp.initiator import (
     AddressPolicy,
-    Destination,
-    DestinationBusy,
-    DestinationDenied,
+    NextHop,
+    NextHopBusy,
+    NextHopDenied,
     MMTPClient,
     literal_address,
 )
-from mixminion.server.items import RelayItem, decode_item
+from mixminion.server.items import decode_item
 from mixminion.server.mixing import READ_SLICE, queue_slices
 from mixminion.server.packetstore import PacketStore, PacketStoreError
 from mixminion.server.queues import OUT
@@ -68,12 +68,12 @@ from mixminion.server.workers import run_in, stop_when_idle, worker_pool
 _STATE_KEY = "outgoing-address-state"
 
 
-def _destination(meta: Optional[bytes]) -> Destination:
+def _next_hop(meta: Optional[bytes]) -> NextHop:
     """Where a queued relay packet goes, from its record."""
     item, _ = decode_item(meta)  # type: ignore[arg-type]  # None: damaged, a TypeError
-    if not isinstance(item, RelayItem):
+    if not isinstance(item, NextHop):
         raise ValueError(f"a {type(item).__name__} in the outgoing queue")
-    return Destination(item.host, item.port, item.keyid)
+    return item
 
 
 class Outgoing:
@@ -122,19 +122,19 @@ class Outgoing:
         self.allows = allows
         self.in_flight: set[int] = set()
         #: ready packets not yet handed to MMTP, per destination, oldest first
-        self._ready: dict[Destination, deque[int]] = {}
+        self._ready: dict[NextHop, deque[int]] = {}
         #: destinations whose turn comes, healthy ones and those on probation;
         #: each is in at most one of them (``_in_turn``)
-        self._turns: dict[bool, deque[Destination]] = {True: deque(), False: deque()}
-        self._in_turn: set[Destination] = set()
+        self._turns: dict[bool, deque[NextHop]] = {True: deque(), False: deque()}
+        self._in_turn: set[NextHop] = set()
         #: packets handed to MMTP and not answered yet, per destination ...
-        self._out: Counter[Destination] = Counter()
+        self._out: Counter[NextHop] = Counter()
         #: ... and to destinations on probation, all together
         self._probation_out = 0
         #: _send_ready is running (a send failing at once calls it again)
         self._picking = False
         self._pick_again = False
-        self.addresses: dict[Destination, AddressRetryState] = self._load_states()
+        self.addresses: dict[NextHop, AddressRetryState] = self._load_states()
         #: packets that left the queue (acknowledged, or denied), removed
         #: from the store in batches
         self._done: list[int] = []
@@ -151,11 +151,11 @@ class Outgoing:
 
     # --- address retry state, kept across restarts ---------------------------
 
-    def _load_states(self) -> dict[Destination, AddressRetryState]:
+    def _load_states(self) -> dict[NextHop, AddressRetryState]:
         raw = self.store.get_value(_STATE_KEY)
         states = {}
         for row in json.loads(raw) if raw else []:
-            dest = Destination(row["host"], row["port"], bytes.fromhex(row["keyid"]))
+            dest = NextHop(row["host"], row["port"], bytes.fromhex(row["keyid"]))
             states[dest] = AddressRetryState.from_record(self.schedule, row["state"])
         return states
 
@@ -167,7 +167,7 @@ class Outgoing:
                 for d, s in self.addresses.items()]
         self.store.set_value(_STATE_KEY, json.dumps(rows).encode())
 
-    def _state(self, dest: Destination) -> AddressRetryState:
+    def _state(self, dest: NextHop) -> AddressRetryState:
         if dest not in self.addresses:
             self.addresses[dest] = AddressRetryState(self.schedule)
         return self.addresses[dest]
@@ -225,10 +225,10 @@ class Outgoing:
         decoded once (all the packets for a next hop carry the same)."""
         now = self.clock.seconds()
         lifetime = sum(self.schedule)
-        destination = lru_cache(maxsize=self.scan_slice)(_destination)
+        destination = lru_cache(maxsize=self.scan_slice)(_next_hop)
         verdicts: dict[tuple[str, int], bool] = {}
-        ready: dict[Destination, deque[int]] = {}
-        turns: dict[bool, deque[Destination]] = {True: deque(), False: deque()}
+        ready: dict[NextHop, deque[int]] = {}
+        turns: dict[bool, deque[NextHop]] = {True: deque(), False: deque()}
         totals: Counter[str] = Counter()
         for rows in queue_slices(self.store, OUT, self.scan_slice):
             expired, local, denied = [], [], []
@@ -312,14 +312,14 @@ class Outgoing:
                                "rules; dropping its packets", host=host, port=port)
         return verdicts[key]
 
-    def healthy(self, dest: Destination) -> bool:
+    def healthy(self, dest: NextHop) -> bool:
         """``dest`` answered before and has not failed since (otherwise it
         is on probation)."""
         state = self.addresses.get(dest)
         return (state is not None and state.last_success is not None
                 and state.first_failure is None)
 
-    def _take_turn(self, dest: Destination) -> None:
+    def _take_turn(self, dest: NextHop) -> None:
         """Give ``dest`` a turn if it has ready packets, is not waiting for
         a turn already and has room for more in flight."""
         if (dest not in self._in_turn and dest in self._ready
@@ -327,11 +327,11 @@ class Outgoing:
             self._in_turn.add(dest)
             self._turns[self.healthy(dest)].append(dest)
 
-    def _pick(self, now: float, count: int) -> list[tuple[int, Destination, bool]]:
+    def _pick(self, now: float, count: int) -> list[tuple[int, NextHop, bool]]:
         """Up to ``count`` ready packets (id, destination, on probation),
         one per destination's turn, healthy destinations first; counted as
         in flight at once."""
-        picks: list[tuple[int, Destination, bool]] = []
+        picks: list[tuple[int, NextHop, bool]] = []
         for healthy in (True, False):
             turn = self._turns[healthy]
             while turn and len(picks) < count and len(self.in_flight) < self.max_in_flight:
@@ -362,7 +362,7 @@ class Outgoing:
                     del self._ready[dest]
         return picks
 
-    def _answered(self, dest: Destination, probation: bool) -> None:
+    def _answered(self, dest: NextHop, probation: bool) -> None:
         """A packet handed to MMTP came back (acknowledged or failed)."""
         self._out[dest] -= 1
         if self._out[dest] <= 0:
@@ -416,13 +416,13 @@ class Outgoing:
                     packets.append(None)
             return packets
 
-    def _send(self, packet_id: int, dest: Destination, packet: bytes, started: float,
+    def _send(self, packet_id: int, dest: NextHop, packet: bytes, started: float,
               probation: bool) -> None:
         d = self.client.send_packet(dest, packet)
         d.addCallbacks(self._sent, self._failed, callbackArgs=(packet_id, dest, probation),
                        errbackArgs=(packet_id, dest, started, probation))
 
-    def _sent(self, _result, packet_id: int, dest: Destination, probation: bool) -> None:
+    def _sent(self, _result, packet_id: int, dest: NextHop, probation: bool) -> None:
         state = self._state(dest)
         was_failing = state.first_failure is not None
         state.succeeded(self.clock.seconds())
@@ -435,10 +435,10 @@ class Outgoing:
         if not self.stopping:
             self._send_ready()  # the destination's own turn, or the probation share
 
-    def _failed(self, failure: Failure, packet_id: int, dest: Destination, started: float,
+    def _failed(self, failure: Failure, packet_id: int, dest: NextHop, started: float,
                 probation: bool) -> None:
         self._answered(dest, probation)
-        if failure.check(DestinationDenied):
+        if failure.check(NextHopDenied):
             # The MMTP client refused the hop (for a hostname that led to a
             # denied address it warned once for the connection): drop the
             # packet, and do not hold it against the address's retry state.
@@ -449,7 +449,7 @@ class Outgoing:
         self.in_flight.discard(packet_id)
         if self.stopping:
             return
-        if failure.check(DestinationBusy):
+        if failure.check(NextHopBusy):
             # The client's own memory bound, not the next hop's failure: the
             # packet goes again at the next flush.
             self.log.debug("Relay deferred: {why}", why=failure.getErrorMessage())

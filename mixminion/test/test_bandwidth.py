@@ -26,7 +26,7 @@ from twisted.trial import unittest
 from zope.interface import implementer
 
 from mixminion.mmtp.bandwidth import HIGH_WATER, SLICE, BandwidthLimiter
-from mixminion.mmtp.initiator import Destination, InitiatorSettings, MMTPClient
+from mixminion.mmtp.initiator import NextHop, InitiatorSettings, MMTPClient
 from mixminion.mmtp.interfaces import IPacketSink
 from mixminion.mmtp.responder import responder_factory
 from mixminion.mmtp.stats import MMTPStats
@@ -482,7 +482,7 @@ class OverTLSTests(unittest.TestCase):
                                            greet=False, clock=clock))
                 return defer.succeed(initiator)
 
-        def connect(destination: Destination, factory: Any) -> defer.Deferred[Any]:
+        def connect(destination: NextHop, factory: Any) -> defer.Deferred[Any]:
             # wrapClientTLS(tls, endpoint).connect(factory), with the clock
             # in-memory TLS needs (mixminion.mmtp.initiator.MMTPClient.connect)
             tls = TLSMemoryBIOFactory(client.tls, True, factory, clock=clock)
@@ -490,7 +490,7 @@ class OverTLSTests(unittest.TestCase):
             return d.addCallback(lambda proto: proto.wrappedProtocol)
 
         client.connect = connect  # type: ignore[method-assign]
-        destination = Destination("192.0.2.1", 48099, key("responder").public.keyid)
+        destination = NextHop("192.0.2.1", 48099, key("responder").public.keyid)
         packets = [data(32768, seed) for seed in range(20)]
         acked: list[Any] = []
         for p in packets:

@@ -132,7 +132,7 @@ def route(packet: bytes, first_keyid: bytes, procs: dict) -> tuple[list[str], Ex
         if isinstance(result, Exit):
             return seen, result
         assert isinstance(result, Relay), result
-        packet, keyid = result.packet, result.next_hop.keyinfo
+        packet, keyid = result.packet, result.next_hop.keyid
     raise AssertionError("packet never exited")
 
 

@@ -19,8 +19,8 @@ from twisted.test.iosim import FakeTransport, connectedServerAndClient
 
 from mixminion.mmtp.initiator import (
     AddressPolicy,
-    Destination,
-    DestinationDenied,
+    NextHop,
+    NextHopDenied,
     InitiatorSettings,
     literal_address,
 )
@@ -51,13 +51,13 @@ class Hops(Network):
         super().__init__(sink, settings)
         self.client.allows = allows
         self.resolve = resolve or {}
-        self.opened: list[Destination] = []
+        self.opened: list[NextHop] = []
         self.peak = 0
 
-    def hop(self, name: str) -> Destination:
-        return Destination(name, 48099, self.destination.keyid)
+    def hop(self, name: str) -> NextHop:
+        return NextHop(name, 48099, self.destination.keyid)
 
-    def connect(self, destination: Destination, factory: Any) -> defer.Deferred[Any]:
+    def connect(self, destination: NextHop, factory: Any) -> defer.Deferred[Any]:
         self.opened.append(destination)
         self.peak = max(self.peak, self.client.connections)
         ip = self.resolve.get(destination.host, destination.host)
@@ -72,7 +72,7 @@ class Hops(Network):
         self.initiators.append(client.wrappedProtocol)
         return defer.succeed(client.wrappedProtocol)
 
-    def send_to(self, hops: list[Destination], first: int = 0) -> Outcomes:
+    def send_to(self, hops: list[NextHop], first: int = 0) -> Outcomes:
         """Packet ``first + i`` to ``hops[i]``."""
         return Outcomes([self.client.send_packet(hop, make_packet(first + i))
                          for i, hop in enumerate(hops)])
@@ -148,7 +148,7 @@ class MaxConnectionsTests(LogMixin):
         refused: list[defer.Deferred[Any]] = []
         tcp = net.connect
 
-        def connect(destination: Destination, factory: Any) -> defer.Deferred[Any]:
+        def connect(destination: NextHop, factory: Any) -> defer.Deferred[Any]:
             if destination == hops[0]:
                 net.opened.append(destination)
                 refused.append(defer.Deferred())
@@ -171,7 +171,7 @@ class AddressRuleTests(LogMixin):
         ds = net.send_to([net.hop("127.0.0.1"), net.hop("192.0.2.1")])
         net.flush()
         self.assertEqual(net.opened, [net.hop("192.0.2.1")])
-        self.assertEqual(ds.types(), [DestinationDenied, None])
+        self.assertEqual(ds.types(), [NextHopDenied, None])
         self.assertEqual(net.sink.stored, [make_packet(1)])
         self.assertEqual(net.client.stats["AttemptedConnect"], 1)
         self.assertEqual(net.client.stats["AttemptedRelay"], 1)
@@ -185,7 +185,7 @@ class AddressRuleTests(LogMixin):
         self.assertEqual(net.opened, [good])
         net.store(0)  # good's connection closes: evil connects, and is refused at once
         self.assertEqual(net.opened, [good, evil])
-        self.assertEqual(ds.types(), [None, DestinationDenied, DestinationDenied])
+        self.assertEqual(ds.types(), [None, NextHopDenied, NextHopDenied])
         refused = net.initiators[1]
         self.assertFalse(refused.authenticated)
         self.assertIsNone(refused.machine.version, "no MMTP byte was sent")
@@ -204,7 +204,7 @@ class AddressRuleTests(LogMixin):
                    resolve={"evil.example": "127.0.0.1"})
         ds = net.send_to([net.hop("evil.example"), net.hop("192.0.2.1")])
         net.flush()
-        self.assertEqual(ds.types(), [DestinationDenied, None])
+        self.assertEqual(ds.types(), [NextHopDenied, None])
         self.assertEqual(net.peak, 1)
 
     def test_rules_replaced_at_run_time(self) -> None:
@@ -214,7 +214,7 @@ class AddressRuleTests(LogMixin):
         net.client.allows = no_loopback
         ds2 = net.send_to([net.hop("127.0.0.1")], first=1)
         net.flush()
-        self.assertEqual((ds.types(), ds2.types()), ([None], [DestinationDenied]))
+        self.assertEqual((ds.types(), ds2.types()), ([None], [NextHopDenied]))
         self.assertEqual(len(net.opened), 1)
 
     def test_literal_address(self) -> None:

@@ -36,7 +36,7 @@ from zope.interface import implementer
 
 from mixminion.mmtp.initiator import (
     ConnectionFailed,
-    Destination,
+    NextHop,
     InitiatorSettings,
     MMTPClient,
     PacketRejected,
@@ -225,8 +225,8 @@ class Node:
         self.stopped = False
         test.addCleanup(lambda: defer.ensureDeferred(self.stop()))
 
-    def destination(self, expect: str = "responder") -> Destination:
-        return Destination(self.host, self.port_number, key(expect).public.keyid)
+    def destination(self, expect: str = "responder") -> NextHop:
+        return NextHop(self.host, self.port_number, key(expect).public.keyid)
 
     def open_connections(self) -> int:
         return self.factory.counter.total + len(self.factory.protocols)
@@ -337,7 +337,7 @@ class LoopbackCase(unittest.TestCase):
             peer.transport.abortConnection()
         return peer.lost
 
-    async def send_all(self, client: MMTPClient, destination: Destination,
+    async def send_all(self, client: MMTPClient, destination: NextHop,
                        packets: list[bytes]) -> list[tuple[bool, Any]]:
         ds = [client.send_packet(destination, p) for p in packets]
         return await within(defer.DeferredList(ds, consumeErrors=True),

@@ -33,7 +33,7 @@ from zope.interface import implementer
 
 from mixminion.mmtp.initiator import (
     ConnectionFailed,
-    Destination,
+    NextHop,
     InitiatorSettings,
     MMTPClient,
     PacketRejected,
@@ -518,11 +518,11 @@ class Network:
         self.client = MMTPClient(self.clock, InitiatorTLS(), settings or InitiatorSettings(),
                                  MMTPStats())
         self.client.connect = self.connect  # type: ignore[method-assign]
-        self.destination = Destination("192.0.2.1", 48099, key(expect).public.keyid)
+        self.destination = NextHop("192.0.2.1", 48099, key(expect).public.keyid)
         self.links: list[tuple[Any, Any, IOPump]] = []
         self.initiators: list[Any] = []  # MMTPInitiatorProtocol, one per link
 
-    def connect(self, destination: Destination, factory: Any) -> defer.Deferred[Any]:
+    def connect(self, destination: NextHop, factory: Any) -> defer.Deferred[Any]:
         client_tls = TLSMemoryBIOFactory(self.client.tls, True, factory, clock=self.clock)
         addr = IPv4Address("TCP", "203.0.113.5", 50000 + len(self.links))
         client, server, pump = connectedServerAndClient(
@@ -705,14 +705,14 @@ class InitiatorTests(LogMixin):
         transports: list[StringTransport] = []
         protos: list[Any] = []
 
-        def connect(destination: Destination, factory: Any) -> defer.Deferred[Any]:
+        def connect(destination: NextHop, factory: Any) -> defer.Deferred[Any]:
             protos.append(factory.buildProtocol(None))
             transports.append(StringTransport())
             protos[-1].makeConnection(transports[-1])
             return defer.succeed(protos[-1])
 
         client.connect = connect  # type: ignore[method-assign]
-        ds = Outcomes([client.send_packet(Destination("192.0.2.9", 1, bytes(20)),
+        ds = Outcomes([client.send_packet(NextHop("192.0.2.9", 1, bytes(20)),
                                           make_packet(1))])
         clock.advance(9.9)
         self.assertFalse(transports[0].disconnected)
@@ -743,7 +743,7 @@ class InitiatorTests(LogMixin):
         transports: list[StringTransport] = []
         protos: list[Any] = []
 
-        def connect(destination: Destination, factory: Any) -> defer.Deferred[Any]:
+        def connect(destination: NextHop, factory: Any) -> defer.Deferred[Any]:
             protos.append(factory.buildProtocol(None))
             transports.append(StringTransport())
             protos[-1].makeConnection(transports[-1])
@@ -751,7 +751,7 @@ class InitiatorTests(LogMixin):
 
         client.connect = connect  # type: ignore[method-assign]
         packets = [make_packet(n) for n in range(3)]
-        ds = Outcomes([client.send_packet(Destination("192.0.2.9", 1, bytes(20)), p)
+        ds = Outcomes([client.send_packet(NextHop("192.0.2.9", 1, bytes(20)), p)
                        for p in packets])
         protos[0].handshakeCompleted()
         self.assertEqual(transports[0].value(), VERSION_LINE)

@@ -14,7 +14,7 @@ from mixminion.codec.header import Hop
 from mixminion.codec.packet import PAYLOAD_LEN
 from mixminion.codec.routing import DROP_TYPE, IPv4Info
 from mixminion.directory.descriptor import parse_descriptor
-from mixminion.mmtp.initiator import Destination, MMTPClient
+from mixminion.mmtp.initiator import NextHop, MMTPClient
 from mixminion.server.config import load_config
 from mixminion.server.reload import ReloadService
 from mixminion.server.tap import build_node
@@ -164,7 +164,7 @@ class NodeFromConfigTests(unittest.TestCase):
                                             [elsewhere], DROP_TYPE, b"", os.urandom).packet
                        for _ in range(3)]
             client = MMTPClient(reactor)
-            dest = Destination("127.0.0.1", port, node.identity.public.keyid)
+            dest = NextHop("127.0.0.1", port, node.identity.public.keyid)
             await defer.gatherResults([client.send_packet(dest, p) for p in packets])
             await client.close()
             await node.processor.wait_idle()  # the three are stored: they are processed

@@ -28,14 +28,14 @@ from twisted.test.iosim import connectedServerAndClient
 
 from mixminion.mmtp.initiator import (
     ConnectionFailed,
-    Destination,
-    DestinationBusy,
+    NextHop,
+    NextHopBusy,
     InitiatorSettings,
     unproven_share,
 )
 from mixminion.mmtp.responder import responder_factory
 from mixminion.mmtp.stats import MMTPStats
-from mixminion.server.items import RelayItem, encode_item
+from mixminion.server.items import encode_item
 from mixminion.server.outgoing import Outgoing
 from mixminion.server.queues import OUT
 from mixminion.server.stats import NodeStats
@@ -73,7 +73,7 @@ class BlackHoles(Hops):
                                              None, MMTPStats())
         self.peak_unproven = 0
 
-    def connect(self, destination: Destination, factory: Any) -> defer.Deferred[Any]:
+    def connect(self, destination: NextHop, factory: Any) -> defer.Deferred[Any]:
         self.peak_unproven = max(self.peak_unproven, self.client.unproven_connections)
         host = destination.host
         if host in self.unreachable:
@@ -100,7 +100,7 @@ class BlackHoles(Hops):
             self.clock.advance(min(step, end - self.clock.seconds()))
             self.flush()
 
-    def prove(self, hop: Destination) -> None:
+    def prove(self, hop: NextHop) -> None:
         """``hop`` acknowledges one packet: the client knows it answers."""
         ds = Outcomes([self.client.send_packet(hop, make_packet(999))])
         self.flush()
@@ -108,9 +108,9 @@ class BlackHoles(Hops):
         assert self.client.proven(hop)
 
 
-def holes(n: int, prefix: str = "198.51.100") -> list[Destination]:
+def holes(n: int, prefix: str = "198.51.100") -> list[NextHop]:
     """``n`` different black-hole next hops."""
-    return [Destination(f"{prefix}.{i // 250}.{i % 250}", 48099, bytes(20))
+    return [NextHop(f"{prefix}.{i // 250}.{i % 250}", 48099, bytes(20))
             for i in range(n)]
 
 
@@ -264,11 +264,11 @@ class ClientFairnessTests(LogMixin):
         net.silent.add(a.host)
         ds = net.send_to([a] * 7)
         net.flush()
-        self.assertEqual(ds.types()[5:], [DestinationBusy] * 2)
+        self.assertEqual(ds.types()[5:], [NextHopBusy] * 2)
         self.assertEqual(net.client.held(a), 5)
         self.assertEqual(net.client.stats["AttemptedRelay"], 5)
         net.advance(DEADLINE)
-        self.assertEqual(ds.types(), [ConnectionFailed] * 5 + [DestinationBusy] * 2)
+        self.assertEqual(ds.types(), [ConnectionFailed] * 5 + [NextHopBusy] * 2)
         self.assertEqual(net.client.held(a), 0)
         ds = net.send_to([a] * 5, first=10)  # room again
         self.assertEqual(ds.results, ["?"] * 5)
@@ -311,8 +311,8 @@ class QueueFairnessTests(LogMixin):
         self.clock = task.Clock()
         self.clock.advance(1000)
 
-    def queue(self, dests: list[Destination]) -> None:
-        meta = [encode_item(RelayItem(d.host, d.port, d.keyid)) for d in dests]
+    def queue(self, dests: list[NextHop]) -> None:
+        meta = [encode_item(NextHop(d.host, d.port, d.keyid)) for d in dests]
         self.store.add_many(OUT, [bytes(32768)] * len(dests), now=1000, meta=meta)
 
     def outgoing(self, client: Any) -> Outgoing:
@@ -321,7 +321,7 @@ class QueueFairnessTests(LogMixin):
         self.addCleanup(out.stop)
         return out
 
-    def healthy(self, out: Outgoing, dest: Destination) -> None:
+    def healthy(self, out: Outgoing, dest: NextHop) -> None:
         """``dest`` answered before."""
         out._state(dest).succeeded(self.clock.seconds())
         self.assertTrue(out.healthy(dest))
@@ -329,7 +329,7 @@ class QueueFairnessTests(LogMixin):
     def test_destinations_take_turns(self) -> None:
         """A packet queued after a hundred for another next hop goes in the
         first turn, not after them."""
-        a, b = Destination("192.0.2.1", 48099, bytes(20)), Destination("192.0.2.2", 48099,
+        a, b = NextHop("192.0.2.1", 48099, bytes(20)), NextHop("192.0.2.2", 48099,
                                                                        bytes(20))
         self.queue([a] * 100 + [b])
         client = HeldClient()
@@ -339,7 +339,7 @@ class QueueFairnessTests(LogMixin):
         self.assertEqual([dest for dest, _ in client.sent[:2]], [a, b])
 
     def test_a_healthy_next_hop_is_not_stuck_behind_new_ones(self) -> None:
-        good = Destination("192.0.2.1", 48099, bytes(20))
+        good = NextHop("192.0.2.1", 48099, bytes(20))
         bad = holes(600)
         self.queue(bad + [good] * 3)  # the attack first
         client = HeldClient()
@@ -362,7 +362,7 @@ class QueueFairnessTests(LogMixin):
         self.expect_log("Relay to a next hop failed", LogLevel.info, count=1)
 
     def test_packets_in_flight_per_destination_are_bounded(self) -> None:
-        good = Destination("192.0.2.1", 48099, bytes(20))
+        good = NextHop("192.0.2.1", 48099, bytes(20))
         self.queue([good] * 200)
         client = HeldClient()
         out = self.outgoing(client)
@@ -394,7 +394,7 @@ class QueueFairnessTests(LogMixin):
         client = HeldClient()
         out = self.outgoing(client)
         out.flush()
-        client.sent[0][1].errback(DestinationBusy("held"))
+        client.sent[0][1].errback(NextHopBusy("held"))
         self.assertEqual(self.stats["RelayFailed"], 0)
         self.assertTrue(out._state(a).ready(self.clock.seconds()))
         self.assertEqual(out.flush(), 1, "sent again by the next flush")
@@ -423,8 +423,8 @@ class EndToEndTests(LogMixin):
         net.silent.update(d.host for d in bad[::2])
         net.unreachable.update(d.host for d in bad[1::2])
 
-        def queue(dests: list[Destination]) -> None:
-            meta = [encode_item(RelayItem(d.host, d.port, d.keyid)) for d in dests]
+        def queue(dests: list[NextHop]) -> None:
+            meta = [encode_item(NextHop(d.host, d.port, d.keyid)) for d in dests]
             self.store.add_many(OUT, [make_packet(i) for i in range(len(dests))],
                                 now=net.clock.seconds(), meta=meta)
 

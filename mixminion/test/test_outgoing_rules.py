@@ -21,13 +21,13 @@ from twisted.python.failure import Failure
 
 from mixminion.mmtp.initiator import (
     ConnectionFailed,
-    Destination,
+    NextHop,
     InitiatorSettings,
     MMTPClient,
 )
 from mixminion.mmtp.stats import MMTPStats
 from mixminion.server.config import parse_config
-from mixminion.server.items import RelayItem, encode_item
+from mixminion.server.items import encode_item
 from mixminion.server.outgoing import Outgoing
 from mixminion.server.queues import OUT
 from mixminion.test.test_pipeline import StoreTestCase
@@ -70,7 +70,7 @@ class OutgoingRulesTests(StoreTestCase):
         self.logs = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
 
     def queue(self, *hops: tuple[str, int]) -> list[int]:
-        meta = [encode_item(RelayItem(host, port, KEYID)) for host, port in hops]
+        meta = [encode_item(NextHop(host, port, KEYID)) for host, port in hops]
         return self.store.add_many(OUT, [PACKET] * len(hops), now=1000, meta=meta)
 
     def outgoing(self, client: Any, allows: Any = None) -> Outgoing:
@@ -98,7 +98,7 @@ class OutgoingRulesTests(StoreTestCase):
         self.assertIn("Dropped 3 packets", warn)
         self.assertNotIn("127.", warn)
         self.assertEqual(len(self.logged("Next hop 127.", LogLevel.debug)), 2)  # per address
-        self.assertNotIn(Destination("127.0.0.1", 48099, KEYID), out.addresses)
+        self.assertNotIn(NextHop("127.0.0.1", 48099, KEYID), out.addresses)
         self.assertEqual(out.flush(), 0)
         self.assertEqual(self.stats["RelayDenied"], 3, "a removed packet is not counted twice")
 
@@ -136,9 +136,9 @@ class OutgoingRulesTests(StoreTestCase):
         queue removes the packets without marking the address failed."""
         client = MMTPClient(self.clock, TrustingTLS(), InitiatorSettings(), MMTPStats(),
                             allows=no_loopback)  # type: ignore[arg-type]
-        connecting: list[tuple[Destination, Any, defer.Deferred[Any]]] = []
+        connecting: list[tuple[NextHop, Any, defer.Deferred[Any]]] = []
 
-        def connect(destination: Destination, factory: Any) -> defer.Deferred[Any]:
+        def connect(destination: NextHop, factory: Any) -> defer.Deferred[Any]:
             connecting.append((destination, factory, defer.Deferred()))
             return connecting[-1][2]
 
@@ -161,7 +161,7 @@ class OutgoingRulesTests(StoreTestCase):
         self.assertEqual(self.store.count(OUT), 0)
         self.assertEqual(self.stats["RelayDenied"], 2)
         self.assertEqual(self.stats["RelayFailed"], 0)
-        dest = Destination("relay.example", 48099, KEYID)
+        dest = NextHop("relay.example", 48099, KEYID)
         self.assertTrue(dest not in out.addresses or out.addresses[dest].first_failure is None,
                         "a denied hop is not a failing one")
         self.assertEqual(client.stats["DeniedConnect"], 1)
@@ -172,7 +172,7 @@ class OutgoingRulesTests(StoreTestCase):
         client = MMTPClient(self.clock, TrustingTLS(), InitiatorSettings(), MMTPStats(),
                             allows=no_loopback)  # type: ignore[arg-type]
 
-        def connect(destination: Destination, factory: Any) -> defer.Deferred[Any]:
+        def connect(destination: NextHop, factory: Any) -> defer.Deferred[Any]:
             raise AssertionError("connected to a denied address")
 
         client.connect = connect  # type: ignore[method-assign]

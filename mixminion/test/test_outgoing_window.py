@@ -14,7 +14,7 @@ from __future__ import annotations
 from twisted.trial import unittest
 
 from mixminion.mmtp.initiator import ConnectionFailed
-from mixminion.server.items import RelayItem, encode_item
+from mixminion.server.items import NextHop, encode_item
 from mixminion.server.outgoing import Outgoing
 from mixminion.server.queues import OUT
 from mixminion.server.stats import NodeStats
@@ -31,7 +31,7 @@ class OutgoingWindowTests(unittest.TestCase):
         self.clock = InPlaceReactor()
         self.clock.advance(1000)
         self.client = HeldClient()
-        self.meta = encode_item(RelayItem("127.0.0.1", 5000, b"\x01" * 20))
+        self.meta = encode_item(NextHop("127.0.0.1", 5000, b"\x01" * 20))
 
     def outgoing(self, window: int) -> Outgoing:
         out = in_place(Outgoing(self.store, self.client, (60, 60), self.clock, b"\x07" * 20,

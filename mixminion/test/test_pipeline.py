@@ -26,10 +26,10 @@ from mixminion.exits.context import ExitContext
 from mixminion.exits.interfaces import IExitModule
 from mixminion.exits.items import DeliveryResult
 from mixminion.exits.registry import Dispatcher
-from mixminion.mmtp.initiator import ConnectionFailed, Destination
+from mixminion.mmtp.initiator import ConnectionFailed, NextHop
 from mixminion.server.childmessages import Batch
 from mixminion.server.delivery import Delivery
-from mixminion.server.items import ExitItem, RelayItem, decode_item, encode_item
+from mixminion.server.items import ExitItem, decode_item, encode_item
 from mixminion.server.mixing import Mixer
 from mixminion.server.outgoing import Outgoing
 from mixminion.server.packetstore import PacketStore, PacketStoreError
@@ -100,7 +100,7 @@ class ProcessorTests(TwoStoreTestCase):
             self.assertEqual(len(items), 3)
             for _id, meta, _added in items:
                 item, _ = decode_item(meta)
-                self.assertEqual(item, RelayItem("mix1.example.net", 48001, bytes([1]) * 20))
+                self.assertEqual(item, NextHop("mix1.example.net", 48001, bytes([1]) * 20))
             self.assertEqual(self.stats["ProcessedRelay"], 3)
             self.assertEqual(self.consumed, [(ids[-1], 3)])
             self.assertEqual(consumed_through(self.store), ids[-1])
@@ -286,7 +286,7 @@ class DrainingTests(TwoStoreTestCase):
 class MixerTests(StoreTestCase):
     def test_timed_mix_moves_everything_at_the_interval(self) -> None:
         clock = task.Clock()
-        relay = encode_item(RelayItem("h", 1, bytes(20)))
+        relay = encode_item(NextHop("h", 1, bytes(20)))
         mbox = encode_item(ExitItem(MBOX_TYPE, bytes(20) + b"nym", bytes(16)))
         unknown = encode_item(ExitItem(0x0999, bytes(20) + b"x", bytes(16)))
         self.store.add_many(MIX, [b"r" * 10, b"m" * 10, b"u" * 10], meta=[relay, mbox, unknown])
@@ -311,9 +311,9 @@ class FakeClient:
     """Stands in for MMTPClient: each send returns a Deferred the test fires."""
 
     def __init__(self) -> None:
-        self.sent: list[tuple[Destination, bytes, defer.Deferred]] = []
+        self.sent: list[tuple[NextHop, bytes, defer.Deferred]] = []
 
-    def send_packet(self, dest: Destination, packet: bytes) -> defer.Deferred:
+    def send_packet(self, dest: NextHop, packet: bytes) -> defer.Deferred:
         d: defer.Deferred = defer.Deferred()
         self.sent.append((dest, packet, d))
         return d
@@ -332,7 +332,7 @@ class OutgoingTests(StoreTestCase):
         clock = InPlaceReactor()
         clock.advance(1000)
         client = FakeClient()
-        meta = encode_item(RelayItem("127.0.0.1", 5000, b"\x01" * 20))
+        meta = encode_item(NextHop("127.0.0.1", 5000, b"\x01" * 20))
         ids = self.store.add_many(OUT, [b"a" * 32768, b"b" * 32768], now=1000, meta=[meta, meta])
         out = self._outgoing(clock, client)
         self.assertEqual(out.flush(), 2)
@@ -351,8 +351,8 @@ class OutgoingTests(StoreTestCase):
     def test_packets_for_ourselves_go_back_to_incoming_and_old_ones_expire(self) -> None:
         clock = InPlaceReactor()
         clock.advance(10_000)
-        mine = encode_item(RelayItem("127.0.0.1", 5000, b"\x07" * 20))
-        other = encode_item(RelayItem("127.0.0.1", 5001, b"\x02" * 20))
+        mine = encode_item(NextHop("127.0.0.1", 5000, b"\x07" * 20))
+        other = encode_item(NextHop("127.0.0.1", 5001, b"\x02" * 20))
         self.store.add_many(OUT, [b"x" * 10], now=10_000, meta=[mine])
         self.store.add_many(OUT, [b"y" * 10], now=100, meta=[other])
         out = self._outgoing(clock, FakeClient())

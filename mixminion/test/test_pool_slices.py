@@ -25,9 +25,9 @@ from twisted.logger import LogLevel
 from twisted.trial import unittest
 
 from mixminion.codec.routing import MBOX_TYPE
-from mixminion.mmtp.initiator import Destination
+from mixminion.mmtp.initiator import NextHop
 from mixminion.server import mixing, outgoing
-from mixminion.server.items import ExitItem, RelayItem, encode_item
+from mixminion.server.items import ExitItem, encode_item
 from mixminion.server.mixing import Mixer, queue_slices
 from mixminion.server.outgoing import Outgoing
 from mixminion.server.packetstore import PacketStore, PacketStoreError
@@ -65,12 +65,12 @@ class ThreadClock(InPlaceReactor):
         return super().callLater(delay, numbered, *args, **kwargs)
 
 
-def dest(n: int) -> Destination:
-    return Destination(f"192.0.2.{n}", 48099, bytes([n]) * 20)
+def dest(n: int) -> NextHop:
+    return NextHop(f"192.0.2.{n}", 48099, bytes([n]) * 20)
 
 
-def relay_meta(d: Destination) -> bytes:
-    return encode_item(RelayItem(d.host, d.port, d.keyid))
+def relay_meta(d: NextHop) -> bytes:
+    return encode_item(NextHop(d.host, d.port, d.keyid))
 
 
 def packet(n: int) -> bytes:
@@ -267,9 +267,9 @@ class PacketClient(HeldClient):
 
     def __init__(self) -> None:
         super().__init__()
-        self.packets: list[tuple[Destination, bytes]] = []
+        self.packets: list[tuple[NextHop, bytes]] = []
 
-    def send_packet(self, dest: Destination, packet: bytes) -> defer.Deferred[Any]:
+    def send_packet(self, dest: NextHop, packet: bytes) -> defer.Deferred[Any]:
         self.packets.append((dest, packet))
         return super().send_packet(dest, packet)
 
@@ -308,7 +308,7 @@ class OutgoingSliceTests(LogMixin):
         self.clock = ThreadClock()
         self.clock.advance(10_000)
 
-    def queue(self, dests: list[Destination], added: Optional[float] = None,
+    def queue(self, dests: list[NextHop], added: Optional[float] = None,
               store: Optional[PacketStore] = None) -> list[int]:
         store = store or self.store
         first = store.count()
@@ -352,9 +352,9 @@ class OutgoingSliceTests(LogMixin):
                 if kind == "old":
                     self.queue([dest(rng.randrange(8))], added=0, store=store)
                 elif kind == "denied":
-                    self.queue([Destination("198.51.100.7", 48099, bytes(20))], store=store)
+                    self.queue([NextHop("198.51.100.7", 48099, bytes(20))], store=store)
                 elif kind == "self":
-                    self.queue([Destination("192.0.2.99", 48099, OWN_KEYID)], store=store)
+                    self.queue([NextHop("192.0.2.99", 48099, OWN_KEYID)], store=store)
                 else:
                     offset = {"healthy": 10, "new": 30, "failing": 50}[kind]
                     self.queue([dest(offset + rng.randrange(12))], store=store)
@@ -391,7 +391,7 @@ class OutgoingSliceTests(LogMixin):
 
     def test_a_healthy_next_hop_goes_first_behind_a_long_attack(self) -> None:
         good = dest(1)
-        holes = [Destination(f"198.51.{i // 250}.{i % 250}", 48099, bytes(20))
+        holes = [NextHop(f"198.51.{i // 250}.{i % 250}", 48099, bytes(20))
                  for i in range(3000)]
         self.queue(holes + [good] * 3)
         s = self.sliced(250)

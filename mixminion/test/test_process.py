@@ -156,8 +156,8 @@ class ForwardTests(unittest.TestCase):
         self.assertEqual([type(r) for r in results], [Relay, Relay, Relay, Exit])
         self.assertEqual([r.routing_type for r in results[:3]],
                          [FWD_HOST_TYPE, SWAP_FWD_HOST_TYPE, FWD_HOST_TYPE])
-        self.assertEqual(results[0].next_hop, HostInfo.parse(host(1)))
-        self.assertEqual(results[1].next_hop, HostInfo.parse(host(2)))
+        self.assertEqual(results[0].relay_info, HostInfo.parse(host(1)))
+        self.assertEqual(results[1].relay_info, HostInfo.parse(host(2)))
         secrets = built.secrets1 + built.secrets2
         for result, secret in zip(results, secrets):
             self.assertEqual(result.subheader.secret, secret)
@@ -184,10 +184,10 @@ class ForwardTests(unittest.TestCase):
         built = forward([0], [1], swap_type=SWAP_FWD_IPV4_TYPE, swap_info=v4.pack())
         first, second = run_path(built, [0, 1])
         assert isinstance(first, Relay)
-        self.assertEqual(first.next_hop, v4)
+        self.assertEqual(first.relay_info, v4)
         self.assertIsInstance(second, Exit)
         packet = single(server_keys()[0].public, FWD_IPV4_TYPE, v4.pack())
-        self.assertEqual(processor(0)[0].process(packet).next_hop, v4)
+        self.assertEqual(processor(0)[0].process(packet).relay_info, v4)
 
     def test_long_exit_routing_info(self) -> None:
         """A 300-byte address: the exit subheader is extended (RL > 172)."""
@@ -221,7 +221,7 @@ class ForwardTests(unittest.TestCase):
         first = processor(0)[0].process(packet)
         assert isinstance(first, Relay)
         self.assertEqual(first.routing_info, info)
-        self.assertEqual(first.next_hop.hostname, name)
+        self.assertEqual(first.relay_info.hostname, name)
         second = processor(1)[0].process(first.packet)
         assert isinstance(second, Exit)
         self.assertEqual(second.address, b"a@b.example")

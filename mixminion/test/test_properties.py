@@ -91,7 +91,7 @@ from mixminion.codec.routing import (
     SWAP_FWD_IPV4_TYPE,
     HostInfo,
     IPv4Info,
-    NextHop,
+    RelayInfo,
 )
 from mixminion.codec.rsa import PrivateKey
 from mixminion.codec.surb import ReplyBlock, build_reply_block, find_seed, parse_reply_blocks
@@ -160,7 +160,7 @@ def seeded_rng(seed: int) -> Callable[[int], bytes]:
     return random.Random(seed).randbytes
 
 
-def normalised(address: NextHop) -> NextHop:
+def normalised(address: RelayInfo) -> RelayInfo:
     """The address as a relay parses it back: hostnames are lower-cased
     (packet.md §5.2)."""
     if isinstance(address, HostInfo):
@@ -172,7 +172,7 @@ class Network:
     """The six servers with the addresses of one example, each with its own
     processor and replay log (fresh for every network)."""
 
-    def __init__(self, addresses: Sequence[NextHop]) -> None:
+    def __init__(self, addresses: Sequence[RelayInfo]) -> None:
         keys = server_keys()
         assert len(addresses) == len(keys)
         self.addresses = list(addresses)
@@ -184,7 +184,7 @@ class Network:
     def path(self, indices: Sequence[int]) -> list[Hop]:
         return [self.hops[i] for i in indices]
 
-    def locate(self, next_hop: NextHop) -> int:
+    def locate(self, next_hop: RelayInfo) -> int:
         """The server a relay's ``next_hop`` names; its whole address must
         match what the builder put in."""
         index = self._by_keyinfo[next_hop.keyinfo]
@@ -196,7 +196,7 @@ class Network:
     def deliver(self, packet: bytes, first: int,
                 limit: int = 40) -> tuple[list[int], ProcessResult]:
         """Process ``packet`` from server ``first`` on, following each
-        ``Relay.next_hop``; the servers visited and the last result."""
+        ``Relay.relay_info``; the servers visited and the last result."""
         visited: list[int] = []
         server = first
         for _ in range(limit):
@@ -206,7 +206,7 @@ class Network:
                 return visited, result
             self.check_relay(result)
             packet = result.packet
-            server = self.locate(result.next_hop)
+            server = self.locate(result.relay_info)
         raise AssertionError(f"packet still relayed after {limit} hops: {visited}")
 
     @staticmethod
@@ -215,7 +215,7 @@ class Network:
             raise AssertionError(f"relay produced a packet of {len(result.packet)} bytes")
 
 
-def default_addresses(ipv4: bool = False) -> list[NextHop]:
+def default_addresses(ipv4: bool = False) -> list[RelayInfo]:
     """Realistic addresses: ``mixN.example.net`` (16 characters), or IPv4."""
     if ipv4:
         return [IPv4Info(f"192.0.2.{10 + i}", 48099 + i, identity_digest(i))
@@ -233,9 +233,9 @@ ports = st.integers(0, 0xFFFF)
 
 
 @st.composite
-def network_addresses(draw: Any) -> list[NextHop]:
+def network_addresses(draw: Any) -> list[RelayInfo]:
     """Random hostnames (any case) or IPv4 addresses and ports, one per server."""
-    out: list[NextHop] = []
+    out: list[RelayInfo] = []
     for i in range(SERVER_COUNT):
         if draw(st.booleans()):
             out.append(HostInfo(draw(hostnames), draw(ports), identity_digest(i)))
@@ -469,7 +469,7 @@ class RoundTripTests(unittest.TestCase):
     @props(60)
     @given(addresses=network_addresses(), legs=split_paths(), exit=exits,
            headers=exit_headers, body=bodies, seed=seeds)
-    def test_forward_messages(self, addresses: list[NextHop], legs: tuple[list[int], list[int]],
+    def test_forward_messages(self, addresses: list[RelayInfo], legs: tuple[list[int], list[int]],
                               exit: tuple[int, bytes], headers: dict[str, str], body: bytes,
                               seed: int) -> None:
         """Random hosts, ports, paths and swap points; messages up to 1 MiB.
@@ -490,7 +490,7 @@ class RoundTripTests(unittest.TestCase):
         over random hosts and paths: Hypothesis rarely proposes them."""
         for seed in (1, 2, 3):
             gen = random.Random(seed)
-            addresses: list[NextHop] = [
+            addresses: list[RelayInfo] = [
                 HostInfo(f"Mix{i}.Example{seed}.NET", gen.randrange(65536), identity_digest(i))
                 if gen.random() < 0.5 else
                 IPv4Info(f"10.{seed}.0.{i}", gen.randrange(65536), identity_digest(i))
@@ -521,7 +521,7 @@ class RoundTripTests(unittest.TestCase):
            leg1=st.lists(st.integers(0, 5), min_size=1, max_size=5), exit=exits,
            headers=exit_headers, body=small_bodies, seed=seeds,
            expiry=st.integers(0, 2 ** 32 - 1))
-    def test_replies(self, addresses: list[NextHop], surb_path: list[int], leg1: list[int],
+    def test_replies(self, addresses: list[RelayInfo], surb_path: list[int], leg1: list[int],
                      exit: tuple[int, bytes], headers: dict[str, str], body: bytes, seed: int,
                      expiry: int) -> None:
         """A reply through one SURB per payload: the owner decodes it with
@@ -580,7 +580,7 @@ class RoundTripTests(unittest.TestCase):
     @props(20)
     @given(addresses=network_addresses(), legs=split_paths(), exit=exits,
            headers=exit_headers, body=small_bodies, seed=seeds, key_index=st.integers(0, 1))
-    def test_encrypted_forward(self, addresses: list[NextHop], legs: tuple[list[int], list[int]],
+    def test_encrypted_forward(self, addresses: list[RelayInfo], legs: tuple[list[int], list[int]],
                                exit: tuple[int, bytes], headers: dict[str, str], body: bytes,
                                seed: int, key_index: int) -> None:
         """End-to-end encryption: the exit sees ``Encrypted``, the recipient
@@ -616,7 +616,7 @@ class RoundTripTests(unittest.TestCase):
 
     @props(25)
     @given(addresses=network_addresses(), legs=split_paths(), seed=seeds)
-    def test_dummies_dropped_at_last_hop(self, addresses: list[NextHop],
+    def test_dummies_dropped_at_last_hop(self, addresses: list[RelayInfo],
                                          legs: tuple[list[int], list[int]], seed: int) -> None:
         """A dummy is relayed like any packet and dropped by its last hop,
         whose subheader has no tag (DROP, empty routing info)."""
@@ -700,7 +700,7 @@ class LongPathTests(unittest.TestCase):
            path1=st.lists(st.integers(0, 5), min_size=1, max_size=16),
            path2=st.lists(st.integers(0, 5), min_size=1, max_size=16),
            seed=seeds)
-    def test_fits_exactly_when_the_spec_says(self, addresses: list[NextHop], path1: list[int],
+    def test_fits_exactly_when_the_spec_says(self, addresses: list[RelayInfo], path1: list[int],
                                              path2: list[int], seed: int) -> None:
         """Building fails with BuildError exactly when §6 step 2 fails for a
         leg, and otherwise the packet goes all the way."""
@@ -742,7 +742,7 @@ class LongPathTests(unittest.TestCase):
 class FlipFixture:
     """One 2+2-hop packet and what each hop gets when nothing is changed."""
 
-    net_addresses: tuple[NextHop, ...]
+    net_addresses: tuple[RelayInfo, ...]
     path: tuple[int, ...]  # leg 1 is path[:2], leg 2 path[2:]
     stages: tuple[bytes, ...]  # stages[i] = the packet hop i receives
     expected: Plain

@@ -128,7 +128,7 @@ def _check_relay(result: ProcessResult, want: Mapping[str, Any], what: str) -> N
     _eq(result.routing_type, want["routing_type"], f"{what} routing type")
     _eq(type_name(result.routing_type), want["routing_type_name"], f"{what} type name")
     _eq(result.routing_info.hex(), want["routing_info_hex"], f"{what} routing info")
-    _check_next_hop(result.next_hop, want["next_hop"], what)
+    _check_next_hop(result.relay_info, want["next_hop"], what)
     _eq(len(result.packet), 32768, f"{what} output length")
     _eq(crypto.sha1(result.packet).hex(), want["output_packet_sha1_hex"], f"{what} output sha1")
     _eq(result.packet[:_PREFIX_LEN].hex(), want["output_packet_prefix_hex"], f"{what} prefix")
@@ -186,7 +186,7 @@ def _chained_input(case: Entry, index: int, relay: Relay,
     step, nxt = steps[index], steps[index + 1]
     if step.get("packet_number") != nxt.get("packet_number"):
         return None
-    if servers[nxt["server"]].key_digest != relay.next_hop.keyinfo:
+    if servers[nxt["server"]].key_digest != relay.next_hop.keyid:
         return None
     out = relay.packet
     tamper = case.get("tamper")

@@ -7,7 +7,7 @@ from typing import Any
 
 from twisted.internet import defer
 
-from mixminion.mmtp.initiator import Destination
+from mixminion.mmtp.initiator import NextHop
 from mixminion.server.packetstore import PacketStore
 
 
@@ -15,14 +15,14 @@ class HeldClient:
     """An MMTP client whose sends stay pending until the test answers them."""
 
     def __init__(self) -> None:
-        self.sent: list[tuple[Destination, defer.Deferred[Any]]] = []
+        self.sent: list[tuple[NextHop, defer.Deferred[Any]]] = []
 
-    def send_packet(self, dest: Destination, packet: bytes) -> defer.Deferred[Any]:
+    def send_packet(self, dest: NextHop, packet: bytes) -> defer.Deferred[Any]:
         d: defer.Deferred[Any] = defer.Deferred()
         self.sent.append((dest, d))
         return d
 
-    def to(self, dest: Destination) -> list[defer.Deferred[Any]]:
+    def to(self, dest: NextHop) -> list[defer.Deferred[Any]]:
         """The pending sends to ``dest``."""
         return [d for where, d in self.sent if where == dest]
 

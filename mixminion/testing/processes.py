@@ -24,7 +24,7 @@ from mixminion.codec.header import Hop
 from mixminion.codec.packet import PAYLOAD_LEN
 from mixminion.codec.routing import DROP_TYPE, HostInfo
 from mixminion.directory.descriptor import ServerDescriptor, parse_descriptor
-from mixminion.mmtp.initiator import Destination, MMTPClient, MMTPError
+from mixminion.mmtp.initiator import NextHop, MMTPClient, MMTPError
 from mixminion.testing.daemon import (
     Daemon,
     authority_config,
@@ -83,7 +83,7 @@ class BlackHole(protocol.Factory):
             proto.transport.abortConnection()
 
 
-async def send_until_acknowledged(reactor: Any, client: MMTPClient, destination: Destination,
+async def send_until_acknowledged(reactor: Any, client: MMTPClient, destination: NextHop,
                                   packet: bytes, deadline: float, reasons: dict[str, int],
                                   retry_after: float = 0.5) -> bool:
     """Send ``packet`` until ``destination`` acknowledges it, as a persistent
@@ -185,8 +185,8 @@ class MixNode:
         """Its public packet key."""
         return self.descriptor().packet_key
 
-    def destination(self) -> Destination:
-        return Destination("127.0.0.1", self.port, self.identity)
+    def destination(self) -> NextHop:
+        return NextHop("127.0.0.1", self.port, self.identity)
 
     def hop(self) -> Hop:
         desc = self.descriptor()

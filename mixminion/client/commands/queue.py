@@ -19,7 +19,7 @@ from mixminion.client.commands.common import (
 )
 from mixminion.client.store import ClientQueue, QueuedPacket
 from mixminion.codec.textformat import SECONDS_PER_DAY
-from mixminion.mmtp.initiator import Destination, InitiatorSettings, MMTPClient
+from mixminion.mmtp.initiator import NextHop, InitiatorSettings, MMTPClient
 from mixminion.mmtp.tls import InitiatorTLS
 
 
@@ -28,7 +28,7 @@ class FirstHopPacket:
     """A built packet and the first hop it goes to; ``handle`` names its
     file in the :class:`ClientQueue` once it is queued."""
 
-    destination: Destination
+    destination: NextHop
     nickname: str
     packet: bytes
     handle: Optional[str] = None
@@ -50,7 +50,7 @@ async def transmit(ctx: Context, items: Sequence[FirstHopPacket], queue: Optiona
     Acknowledged packets leave ``queue`` (if they were in it).  Warns once
     per first hop that failed, saying why; returns the number delivered.
     """
-    groups: dict[Destination, list[FirstHopPacket]] = {}
+    groups: dict[NextHop, list[FirstHopPacket]] = {}
     for item in items:
         groups.setdefault(item.destination, []).append(item)
     order = list(groups)

@@ -43,7 +43,7 @@ from mixminion.codec.packet import PAYLOAD_LEN
 from mixminion.codec.routing import DROP_TYPE, FRAGMENT_TYPE
 from mixminion.codec.surb import ReplyBlock, parse_reply_blocks
 from mixminion.codec.textformat import SECONDS_PER_DAY, previous_midnight
-from mixminion.mmtp.initiator import Destination
+from mixminion.mmtp.initiator import NextHop
 
 
 def exit_headers(args: argparse.Namespace) -> dict[str, str]:
@@ -194,7 +194,7 @@ def build_forward(ctx: Context, selector: PathSelector, spec: PathSpec, address:
 def _to_first_hop(legs: Legs, packet: bytes) -> FirstHopPacket:
     first = legs.leg1[0]
     assert first.hostname is not None and first.port is not None
-    return FirstHopPacket(Destination(first.hostname, first.port, first.identity_digest),
+    return FirstHopPacket(NextHop(first.hostname, first.port, first.identity_digest),
                           first.nickname, packet)
 
 
