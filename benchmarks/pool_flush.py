@@ -102,6 +102,13 @@ class AckingClient:
         return d
 
 
+class NoSelf:
+    """The node's own sink: every packet here is for another node."""
+
+    def receivePacket(self, packet: bytes, peer: str) -> defer.Deferred:  # noqa: N802
+        raise AssertionError("a packet for ourselves")
+
+
 async def release(reactor: Any, directory: str, ack_delay: float) -> dict:
     """``--run``: one mix of the whole pool and its flush, measured."""
     store = open_store(directory)
@@ -109,9 +116,9 @@ async def release(reactor: Any, directory: str, ack_delay: float) -> dict:
     stats = NodeStats()
     client = AckingClient(reactor, ack_delay)
     outgoing = Outgoing(store, client, (3600,), reactor, b"\x07" * 20,  # type: ignore[arg-type]
-                        stats.count, lambda packets: None)
+                        stats.count, NoSelf())
     mixing_pool = worker_pool("mixminion-mixing")
-    mixer = Mixer(store, TimedPool(), 3600, reactor, lambda exit_type: None, stats.count,
+    mixer = Mixer(store, TimedPool(), 3600, reactor, {}, stats.count,
                   outgoing.flush, run_write=lambda fn, *args: run_in(reactor, mixing_pool, fn,
                                                                      *args))
     idle_kb = vm_kb("VmRSS")
@@ -140,7 +147,7 @@ async def release(reactor: Any, directory: str, ack_delay: float) -> dict:
     if mixing_pool.started:
         mixing_pool.stop()
     store.close()
-    return {"packets": pooled, "relayed": stats["Relayed"],
+    return {"packets": pooled, "relayed": client.sent,
             "longest_tick_ms": round(max(late) * 1000, 1),
             "ticks_over_100ms": sum(1 for x in late if x > 0.1),
             "quiet_longest_tick_ms": round(quiet * 1000, 1),

@@ -50,10 +50,8 @@ class Event(StrEnum):
     # --- mixing and relaying ---
     MIXED = "Mixed"
     DROPPED_UNKNOWN_EXIT_TYPE = "DroppedUnknownExitType"
-    RELAYED = "Relayed"
     RELAYED_TO_SELF = "RelayedToSelf"
     RELAY_DENIED = "RelayDenied"
-    RELAY_FAILED = "RelayFailed"
     EXPIRED_RELAY = "ExpiredRelay"
     # --- delivery (per module: ``ExitDelivered:SMTP``...) ---
     EXIT_DELIVERED = "ExitDelivered"
@@ -80,7 +78,6 @@ class Event(StrEnum):
     FRAGMENT_REFUSED = "FragmentRefused"
     FRAGMENT_EVICTED = "FragmentEvicted"
     FRAGMENT_EXPIRED = "FragmentExpired"
-    FRAGMENT_GAVE_UP = "FragmentGaveUp"
     FRAGMENT_MESSAGE_REJECTED = "FragmentMessageRejected"
 
     def of(self, what: str) -> str:

@@ -152,7 +152,7 @@ class OutgoingBlackHole(unittest.TestCase):
                   if any(f"{address}" in line for address in hole.addresses)]
         self.assertEqual(leaked, [], "a black hole's address was logged above debug")
         self.assertLessEqual(hole.most, MAX_CONNECTIONS)
-        self.assertGreater(a.counted("RelayFailed"), 0)
+        self.assertGreater(a.counted("FailedRelay"), 0)
         self.assertEqual(g.counted("ReceivedPacket"), 1 + HONEST)
         await a.daemon.stop(reactor)
         await g.daemon.stop(reactor)

@@ -223,7 +223,7 @@ class AttacksTogether(NodeTestCase):
             f"{flood.closed_by_node} closed by A; A counted "
             + ", ".join(f"{event} {a.counted(event)}" for event in
                         ("ReceivedConnection", "EvictedConnection", "RefusedConnection",
-                         "TimedOut", "RelayFailed")))
+                         "TimedOut", "FailedRelay")))
         self.assertTrue(a.daemon.alive(), a.daemon.tail())
         self.assertEqual(unacknowledged, [], f"honest packets A never acknowledged; {reasons}")
         self.assertEqual(watch.late, [])

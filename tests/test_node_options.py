@@ -298,8 +298,31 @@ class RelayRuleTests(NodeTestCase):
                                    lambda: metric(node.metrics_port, "RelayDenied") >= 1,
                                    interval=METRICS_POLL)
         self.assertEqual(metric(node.metrics_port, "RelayDenied"), 1)
-        self.assertEqual(metric(node.metrics_port, "Relayed"), 0)
+        self.assertEqual(metric(node.metrics_port, "SuccessfulRelay"), 0)
         self.assertEqual(hop.connections, 0)
+
+
+class RelayToSelfTests(NodeTestCase):
+    """A path may name one node twice in a row: the node hands the packet
+    to its own incoming log, through the sink MMTP uses, and processes it
+    again, with no connection to itself."""
+
+    def test_a_path_through_one_node_three_times(self) -> defer.Deferred:
+        async def go() -> None:
+            node = MixNode(self)
+            await node.start(node.config(server=f"MetricsPort: {node.metrics_port}"))
+            me = node.hop()
+            packet = build_forward_packet(os.urandom(PAYLOAD_LEN), [me, me], [me], DROP_TYPE,
+                                          b"", os.urandom).packet
+            self.assertEqual(await node.send_all([packet]), [None])
+            await node.daemon.wait_for(reactor, "the dummy dropped at the third pass",
+                                       lambda: metric(node.metrics_port, "DroppedDummy") >= 1,
+                                       interval=METRICS_POLL)
+            self.assertEqual(metric(node.metrics_port, "RelayedToSelf"), 2)
+            self.assertEqual(metric(node.metrics_port, "ReceivedPacket"), 1)
+            self.assertEqual(metric(node.metrics_port, "SuccessfulRelay"), 0)
+
+        return defer.ensureDeferred(go())
 
 
 class PingingTests(NodeTestCase):

@@ -1,23 +1,45 @@
 """What the node gives each exit module: directories, time, logging,
-counters, and a way to hand a new item to another module."""
+counters, and a way to hand a new item back to the node's delivery queues."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol
 
 from twisted.logger import Logger
 
 from mixminion.directory.descriptor import DeliveryInfo
 from mixminion.mmtp.stats import MMTPStats
 
+if TYPE_CHECKING:
+    from mixminion.exits.items import DeliveryItem
+
 
 class Counters(Protocol):
     """Anything with ``count(event, n)``, such as the node's statistics."""
 
     def count(self, event: str, n: int = 1) -> None: ...
+
+
+class HandBack:
+    """How a module hands an item it made (FRAGMENT: a reassembled
+    message) to the node, which queues it for the module of its exit type
+    like any exit payload.  The node's delivery stage connects itself when
+    it starts; the call is durable once it returns, and raises if nothing
+    is connected or the queue cannot take the item."""
+
+    def __init__(self) -> None:
+        self._target: Optional[Callable[["DeliveryItem"], None]] = None
+
+    def connect(self, target: Callable[["DeliveryItem"], None]) -> None:
+        self._target = target
+
+    def __call__(self, item: "DeliveryItem") -> None:
+        if self._target is None:
+            raise RuntimeError("no delivery queue is connected to take the item")
+        self._target(item)
 
 
 @dataclass(frozen=True)
@@ -28,9 +50,8 @@ class ExitContext:
     :meth:`module_dir`.  ``clock`` gives the time schedules count (a
     ``task.Clock`` in tests; the node's clock ignores wall-clock steps),
     ``wall`` (by default ``clock``) the date written on a message;
-    ``reactor`` makes connections and processes.  ``dispatch``
-    delivers an item through the dispatcher (set by the dispatcher; the
-    FRAGMENT module uses it for the messages it completes).
+    ``reactor`` makes connections and processes.  ``hand_back`` queues an
+    item a module made for delivery by another module.
     """
 
     base_dir: str
@@ -38,7 +59,7 @@ class ExitContext:
     reactor: Any = None
     log_namespace: str = "mixminion.exits"
     counters: Counters = dataclasses.field(default_factory=MMTPStats)
-    dispatcher: Any = None
+    hand_back: HandBack = dataclasses.field(default_factory=HandBack)
     wall: Any = None
 
     def __post_init__(self) -> None:

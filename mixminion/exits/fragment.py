@@ -8,9 +8,10 @@ and fragment bodies are read back from the file when a chunk can be
 decoded or a message completes.  A completed message is parsed
 (``RT | RL | RI | compressed``), checked against ``MaximumSize``, put in the
 durable outbox in the same transaction that marks it COMPLETED, and then
-handed to the dispatcher as an item for its real exit type.  If that module
-answers RETRY the message stays in the outbox and is tried again at later
-flushes, on the target module's retry schedule (server.md §6.3).
+handed back to the node (``ExitContext.hand_back``), which queues it for
+the module of its real exit type like any exit payload, with that
+module's retry schedule (server.md §6.3); only then is it deleted from the
+outbox, so a crash in between hands it back again at the next round.
 
 Pending messages are bounded (``MaximumPendingMessages``, default 10,000,
 which bounds memory to a few MB of metadata; ``MaximumPendingBytes``,
@@ -49,10 +50,9 @@ from mixminion.config.values import format_size
 from mixminion.exits.context import Advertisement, ExitContext
 from mixminion.exits.errors import ExitConfigError
 from mixminion.exits.fragment_store import DiskReassembler, FragmentStore, OutboxEntry
-from mixminion.exits.interfaces import IExitModule, local_paths
+from mixminion.exits.interfaces import IExitModule
 from mixminion.exits.items import DeliveryItem, DeliveryResult, make_reassembled_item
 from mixminion.exits.options import FRAGMENTED, section_values
-from mixminion.exits.retry import DEFAULT_SCHEDULE, is_ready
 
 DAY = 86400
 STATE_FILE = "fragments.sqlite3"
@@ -94,7 +94,6 @@ class FragmentModule:
         self.max_pending_messages: int = FRAGMENTED.default("MaximumPendingMessages")
         self.max_pending_bytes: int = FRAGMENTED.default("MaximumPendingBytes")
         self.log: Any = None
-        self._in_flight: set[int] = set()
         #: evictions not yet reported (one WARN line per flush)
         self._evicted = 0
         #: the module's folder, once created
@@ -201,7 +200,7 @@ class FragmentModule:
             self.log.warn("Rejected a fragmented message: inconsistent or too large fragments")
             return DeliveryResult.NORETRY
         if entry is not None:
-            await self._hand_off(entry)
+            self._hand_back(entry)
         return DeliveryResult.OK
 
     def _completed(self, mid: bytes, message: bytes, today: int) -> Optional[OutboxEntry]:
@@ -225,54 +224,28 @@ class FragmentModule:
         self.log.info("Reassembled a message of {size} compressed bytes", size=len(compressed))
         return OutboxEntry(entry_id, exit_type, address, compressed, now, None)
 
-    async def _hand_off(self, entry: OutboxEntry) -> None:
-        """Give a reassembled message to the module of its real exit type."""
-        assert self.store is not None and self.context is not None
-        if entry.id in self._in_flight:
-            return
-        self._in_flight.add(entry.id)
+    def _hand_back(self, entry: OutboxEntry) -> None:
+        """Give a reassembled message to the node's delivery queues (the
+        module of its real exit type takes it from there, on its own retry
+        schedule), then forget it here.  If the node cannot take it now,
+        it stays in the outbox and the next round tries again."""
+        assert self.context is not None
+        item = make_reassembled_item(entry.exit_type, entry.address, entry.compressed, entry.queued_at)
         try:
-            started = self.context.now()
-            item = make_reassembled_item(entry.exit_type, entry.address, entry.compressed, entry.queued_at)
-            dispatcher = self.context.dispatcher
-            if dispatcher is None:
-                result = DeliveryResult.RETRY
-                self.log.warn("No dispatcher to hand a reassembled message to; keeping it")
-            else:
-                result = await dispatcher.deliver(item)
-            with self.store.transaction():
-                if result is DeliveryResult.RETRY:
-                    schedule = self._schedule_for(entry.exit_type)
-                    if is_ready(started, entry.queued_at, schedule, started) is None:
-                        self.store.delete_outbox(entry.id)
-                        self.context.count(Event.FRAGMENT_GAVE_UP)
-                        self.log.warn("Giving up on a reassembled message after its last retry")
-                    else:
-                        self.store.mark_attempt(entry.id, started)
-                else:
-                    self.store.delete_outbox(entry.id)
-        finally:
-            self._in_flight.discard(entry.id)
-
-    def _schedule_for(self, exit_type: int) -> list[int]:
-        dispatcher = self.context.dispatcher if self.context is not None else None
-        module = dispatcher.module_for(exit_type) if dispatcher is not None else None
-        schedule = getattr(module, "retry_schedule", None)
-        return list(schedule) if schedule else list(DEFAULT_SCHEDULE)
+            self.context.hand_back(item)
+        except Exception as exc:
+            self.log.error("Could not queue a reassembled message for delivery; it waits in "
+                           "the outbox: {error}", error=f"{type(exc).__name__}: {exc}")
+            return
+        with self.store.transaction():
+            self.store.delete_outbox(entry.id)
 
     def local_paths(self) -> list[str]:
-        """Its store's folder, and the folders of the modules it hands
-        reassembled messages to (an MBOX ``MboxFile``): while one of them
-        is short of space, completing a message must wait too."""
+        """Its store's folder."""
         assert self.context is not None
         if self._dir is None:
             self._dir = self.context.module_dir(self.name)
-        paths = [self._dir]
-        dispatcher = self.context.dispatcher
-        for module in dispatcher.modules if dispatcher is not None else ():
-            if module is not self:
-                paths += [p for p in local_paths(module) if p not in paths]
-        return paths
+        return [self._dir]
 
     # -- each round ----------------------------------------------------------------
 
@@ -289,14 +262,12 @@ class FragmentModule:
                           n=self._evicted, messages=self.max_pending_messages,
                           size=format_size(self.max_pending_bytes))
             self._evicted = 0
-        # One reassembled message in memory at a time: the list is metadata.
-        for entry_id, exit_type, queued_at, last_attempt in self.store.outbox_waiting():
-            if entry_id in self._in_flight:
-                continue
-            if is_ready(last_attempt, queued_at, self._schedule_for(exit_type), now):
-                entry = self.store.outbox_entry(entry_id)
-                if entry is not None:
-                    await self._hand_off(entry)
+        # Messages a crash (or a full queue) left between this store and the
+        # node's; one in memory at a time: the list is metadata.
+        for entry_id, _, _, _ in self.store.outbox_waiting():
+            entry = self.store.outbox_entry(entry_id)
+            if entry is not None:
+                self._hand_back(entry)
 
     def expire(self, now: float) -> int:
         """Reject messages whose first fragment came before UTC midnight of

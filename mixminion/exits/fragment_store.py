@@ -194,9 +194,6 @@ class FragmentStore:
         assert cur.lastrowid is not None
         return cur.lastrowid
 
-    def mark_attempt(self, entry_id: int, when: float) -> None:
-        self.db.execute("UPDATE outbox SET last_attempt = ? WHERE id = ?", (when, entry_id))
-
     def delete_outbox(self, entry_id: int) -> None:
         self.db.execute("DELETE FROM outbox WHERE id = ?", (entry_id,))
 

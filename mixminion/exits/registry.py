@@ -7,7 +7,6 @@ resulting :class:`Dispatcher` is what it hands delivery items to.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import sys
 import warnings
@@ -24,7 +23,7 @@ import mixminion.plugins
 from mixminion.exits.context import Advertisement, ExitContext
 from mixminion.exits.errors import BrokenExitPlugin, ExitConfigError, MissingExitModule, UndeliverableItem
 from mixminion.exits.interfaces import IExitModule, IExitModuleFactory
-from mixminion.exits.items import DeliveryItem, DeliveryResult, make_delivery_item
+from mixminion.exits.items import DeliveryItem, DeliveryResult
 from mixminion.config.values import BOOLEAN
 
 #: providers of the interfaces (zope interfaces are not types to mypy)
@@ -180,6 +179,11 @@ class Dispatcher:
     def module_for(self, exit_type: int) -> Optional[ExitModule]:
         return self._by_type.get(exit_type)
 
+    def routing_table(self) -> dict[int, str]:
+        """Exit type -> the name of the module that takes it: how the
+        mixer sorts exit payloads into the modules' queues."""
+        return {exit_type: module.name for exit_type, module in self._by_type.items()}
+
     def module_named(self, name: str) -> Optional[ExitModule]:
         for module in self.modules:
             if module.name == name:
@@ -188,34 +192,27 @@ class Dispatcher:
 
     # -- items ---------------------------------------------------------------------
 
-    def make_item(self, exit_type: int, routing_info: bytes, payload: bytes, application_key: bytes = b"",
-                  queued_at: Optional[float] = None) -> DeliveryItem:
-        """:func:`make_delivery_item` with the tag rule of the module that
-        handles ``exit_type``; raises :class:`UndeliverableItem`."""
-        module = self._by_type.get(exit_type)
-        uses_tag = module.uses_tag if module is not None else None
-        when = self.context.now() if queued_at is None else queued_at
-        return make_delivery_item(exit_type, routing_info, payload, application_key, when, uses_tag)
-
     def deliver_payload(self, exit_type: int, routing_info: bytes, payload: bytes,
                         application_key: bytes = b"", queued_at: Optional[float] = None) -> defer.Deferred:
-        """Make the item and deliver it; what the node calls for a queued
-        exit payload."""
-        try:
-            item = self.make_item(exit_type, routing_info, payload, application_key, queued_at)
-        except UndeliverableItem as exc:
-            self.context.count(Event.EXIT_UNDELIVERABLE)
-            self.log.error("Dropping an exit payload: {reason}", reason=str(exc))
-            return defer.succeed(DeliveryResult.NORETRY)
-        return self.deliver(item)
+        """:meth:`deliver` an item made of these fields (queued now by default)."""
+        when = self.context.now() if queued_at is None else queued_at
+        return self.deliver(DeliveryItem(exit_type, routing_info, application_key, payload, when))
 
     def deliver(self, item: DeliveryItem) -> defer.Deferred:
-        """Hand ``item`` to its module; fires with a :class:`DeliveryResult`."""
+        """Hand ``item`` to its module, split by the module's tag rule;
+        fires with a :class:`DeliveryResult`."""
         module = self._by_type.get(item.exit_type)
         if module is None:
             self.context.count(Event.EXIT_UNKNOWN_TYPE)
             self.log.error("Dropping a payload for exit type 0x{exit_type:04x}: no module handles it",
                            exit_type=item.exit_type)
+            return defer.succeed(DeliveryResult.NORETRY)
+        item = item.for_module(module.uses_tag)
+        try:
+            item.tag  # noqa: B018 - the split of §9.1, checked once here
+        except UndeliverableItem as exc:
+            self.context.count(Event.EXIT_UNDELIVERABLE)
+            self.log.error("Dropping an exit payload: {reason}", reason=str(exc))
             return defer.succeed(DeliveryResult.NORETRY)
         if item.is_corrupt:
             self.context.count(Event.EXIT_CORRUPT)
@@ -338,8 +335,7 @@ def _configure_modules(dispatcher: Dispatcher, config: Mapping[str, Mapping[str,
         else:
             continue
         module = check_module(factory.create(), _where(factory))
-        module_context = dataclasses.replace(context.for_module(name), dispatcher=dispatcher)
-        module.configure(section, module_context)
+        module.configure(section, context.for_module(name))
         dispatcher.add_module(module)
 
 

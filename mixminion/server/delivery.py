@@ -3,8 +3,10 @@
 A payload stays in its module's queue until the module answers OK or
 NORETRY, or its per-message retry schedule runs out (server.md §6.3), so
 an MTA that is down only delays mail.  Modules are flushed in ascending
-priority: FRAGMENT first, so the messages it completes are delivered in
-the same round.
+priority: FRAGMENT first.  A message FRAGMENT completes is handed back
+(:meth:`Delivery.hand_back`) to the queue of its exit type's module, as a
+new item with that module's retry schedule, and that queue is read again
+at the end of the round, so the message is first tried in the same round.
 
 A module that writes local files (FRAGMENT, MBOX with ``MboxFile``) is
 skipped while one of its folders has less free space than the later
@@ -17,7 +19,8 @@ space is back.
 from __future__ import annotations
 
 import shutil
-from typing import Any, Callable, Optional
+from dataclasses import replace
+from typing import Any, Callable
 
 from twisted.internet import defer
 from twisted.internet.task import deferLater
@@ -27,11 +30,11 @@ from mixminion.events import Event
 from mixminion.codec.packet import PACKET_LEN
 from mixminion.exits.context import ExitContext
 from mixminion.exits.interfaces import local_paths
-from mixminion.exits.items import DeliveryResult
+from mixminion.exits.items import DeliveryItem, DeliveryResult
 from mixminion.exits.registry import Dispatcher, build_dispatcher, extra_factories, find_exit_modules
 from mixminion.server.config import ServerConfig
 from mixminion.server.diskspace import DiskPause, FreeSpace, Usage, later_floor, shortage
-from mixminion.server.items import ExitItem, decode_item, encode_item
+from mixminion.server.items import decode_item, encode_item
 from mixminion.server.mixing import READ_SLICE, queue_slices
 from mixminion.server.packetstore import PacketStore
 from mixminion.server.queues import QUARANTINE, delivery_queue
@@ -107,13 +110,26 @@ class Delivery:
         self._stopping = False
         #: rounds under way (their attempts included)
         self._rounds: set[defer.Deferred] = set()
+        #: modules that were handed items back this round
+        self._handed_back: set[str] = set()
         #: modules whose periodic work is under way
         self._flushing_modules: set[str] = set()
+        dispatcher.context.hand_back.connect(self.hand_back)
 
-    def module_for(self, exit_type: int) -> Optional[str]:
-        """The queue an exit payload of this type waits in (its module's)."""
-        module = self.dispatcher.module_for(exit_type)
-        return None if module is None else module.name
+    def hand_back(self, item: DeliveryItem) -> None:
+        """Queue ``item``, which a module made (FRAGMENT: a reassembled
+        message), for the module of its exit type: durably, before this
+        returns, with a retry schedule counted from ``item.queued_at``.
+        Raises if the store cannot take it (the module keeps it then)."""
+        module = self.dispatcher.module_for(item.exit_type)
+        if module is None:
+            self.count(Event.EXIT_UNKNOWN_TYPE, 1)
+            self.log.error("Dropping a payload for exit type 0x{exit_type:04x}: no module handles it",
+                           exit_type=item.exit_type)
+            return
+        self.store.add_many(delivery_queue(module.name), [item.payload], self.clock.seconds(),
+                            [encode_item(item, queued=item.queued_at)])
+        self._handed_back.add(module.name)
 
     def flush(self) -> defer.Deferred:
         """One delivery round; fires with the number delivered once the
@@ -135,7 +151,11 @@ class Delivery:
         modules = list(self.dispatcher.modules)  # ascending priority: FRAGMENT first
         results = await defer.gatherResults(
             [defer.ensureDeferred(self._module_round(m)) for m in modules], consumeErrors=True)
-        return sum(results)
+        again, self._handed_back = self._handed_back, set()
+        more = await defer.gatherResults(
+            [defer.ensureDeferred(self._deliver_queue(m.name, m)) for m in modules
+             if m.name in again and not self._short_of_disk(m)], consumeErrors=True)
+        return sum(results) + sum(more)
 
     @property
     def paused_modules(self) -> list[str]:
@@ -206,7 +226,7 @@ class Delivery:
                         continue
                     try:
                         item, extra = decode_item(meta)
-                        if not isinstance(item, ExitItem):
+                        if not isinstance(item, DeliveryItem):
                             raise ValueError(f"a {type(item).__name__} in a delivery queue")
                     except (ValueError, KeyError, TypeError) as exc:
                         self._quarantine(name, packet_id, f"its record is damaged ({exc})")
@@ -252,7 +272,7 @@ class Delivery:
                           "ran out", module=name, n=expired)
         return delivered()
 
-    async def _attempt(self, name, module, packet_id: int, item: ExitItem,
+    async def _attempt(self, name, module, packet_id: int, item: DeliveryItem,
                        retry: MessageRetryState, started: float) -> bool:
         self._busy.add(packet_id)
         try:
@@ -263,8 +283,8 @@ class Delivery:
                 return False
             # The dispatcher drops corrupt payloads and unknown types, and
             # turns a module's crash into NORETRY; it counts each outcome.
-            result = await self.dispatcher.deliver_payload(
-                item.exit_type, item.routing_info, payload, item.application_key, retry.queued)
+            result = await self.dispatcher.deliver(
+                replace(item, payload=payload, queued_at=retry.queued))
             if result is DeliveryResult.RETRY:
                 if retry.failed(started, self.clock.seconds()):
                     self.store.update_meta(packet_id, encode_item(

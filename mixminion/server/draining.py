@@ -26,7 +26,7 @@ from mixminion.events import Event
 from mixminion.codec.process import Drop, Exit, OpenedPacket, PacketProcessor, Reject, Relay
 from mixminion.codec.routing import PING_TYPE
 from mixminion.server.incoming_log import IncomingLog
-from mixminion.server.items import ExitItem, encode_item
+from mixminion.server.items import DeliveryItem, encode_item
 from mixminion.server.packetstore import PacketStore
 from mixminion.server.queues import INCOMING, MIX
 
@@ -119,7 +119,7 @@ def pool_row(result, counts: Counter) -> Optional[tuple[bytes, bytes]]:
             counts[Event.DROPPED_PING] += 1
             return None
         counts[Event.PROCESSED_EXIT] += 1
-        item = ExitItem(result.exit_type, result.routing_info, result.application_key)
+        item = DeliveryItem(result.exit_type, result.routing_info, result.application_key)
         return result.payload, encode_item(item)
     if isinstance(result, Drop):
         counts[Event.DROPPED_DUMMY] += 1

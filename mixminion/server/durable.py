@@ -16,6 +16,7 @@ from typing import Callable, Optional
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from mixminion.mmtp.interfaces import IPacketSink
@@ -68,7 +69,8 @@ class DurableSink:
     def __init__(self, store, reactor, queue: str = "incoming",
                  max_batch: int = 256, max_queued: Optional[int] = None,
                  min_free_bytes: int = 0, on_stored=None,
-                 unable: Callable[[], Optional[str]] = lambda: None) -> None:
+                 unable: Callable[[], Optional[str]] = lambda: None,
+                 pool: Optional[ThreadPool] = None) -> None:
         #: where packets go: a PacketStore (its ``queue``) or anything with
         #: ``write``, ``count`` and ``path`` like an IncomingLog
         self.target = StoreQueue(store, queue) if isinstance(store, PacketStore) else store
@@ -88,7 +90,9 @@ class DurableSink:
         #: incoming ids up to this one are processed: delete them next commit
         self._forget_through = 0
         self._forgotten = 0
-        self._pool = worker_pool("mixminion-store")
+        #: the one-thread pool the commits run in (tests pass one that runs
+        #: in place)
+        self._pool = pool if pool is not None else worker_pool("mixminion-store")
         self._stopped = False
         #: the queue disk's free space, asked of the kernel at most every
         #: CHECK_INTERVAL seconds and counted down by the packets taken
@@ -166,11 +170,6 @@ class DurableSink:
     def removed(self, count: int) -> None:
         """Tell the sink that ``count`` packets left its queue."""
         self._queued = max(0, self._queued - count)
-
-    def added(self, count: int) -> None:
-        """Tell the sink that ``count`` packets joined its queue by another
-        way (a packet the node relays to itself)."""
-        self._queued += count
 
     def consumed(self, through: int, count: int) -> None:
         """Processing committed every packet up to id ``through``

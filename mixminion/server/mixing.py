@@ -8,16 +8,16 @@ packets without holding them in memory.
 A round runs off the reactor thread (issue 12: releasing a pool of 60,000
 packets blocked the reactor for seconds): the worker reads the pool's ids,
 lets the pool algorithm choose among all of them, reads the chosen items'
-metadata a slice at a time (each distinct record decoded once) and, after
-the reactor has named the exit module of each exit type, moves the batch
-in one transaction.  A crash before that commit leaves the whole pool in
+metadata a slice at a time (each distinct record decoded once), sorts the
+exit payloads into their modules' queues by the routing table the node
+hands it, and moves the batch in one transaction.  A crash before that commit leaves the whole pool in
 place; after it, the whole batch is in its queues.
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Mapping, Optional
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
@@ -25,7 +25,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from mixminion.events import Event
-from mixminion.server.items import ExitItem, Item, NextHop, decode_item
+from mixminion.server.items import Item, NextHop, decode_item
 from mixminion.server.packetstore import PacketStore
 from mixminion.server.queues import MIX, OUT, delivery_queue
 
@@ -67,7 +67,7 @@ class Mixer:
     read_slice = READ_SLICE
 
     def __init__(self, store: PacketStore, pool, interval: float, clock: IReactorTime,
-                 module_for: Callable[[int], Optional[str]],
+                 routes: Mapping[int, str],
                  count: Callable[[str, int], None],
                  after_mix: Callable[[], None],
                  run_write: Optional[Callable[..., defer.Deferred]] = None) -> None:
@@ -75,7 +75,9 @@ class Mixer:
         self.pool = pool
         self.interval = interval
         self.clock = clock
-        self.module_for = module_for
+        #: the routing table: exit type -> the module whose queue takes
+        #: it (the node replaces it when the modules are rebuilt)
+        self.routes = routes
         self.count = count
         self.after_mix = after_mix
         #: runs the round's reading, choosing and store transaction: the
@@ -151,18 +153,17 @@ class Mixer:
                 if isinstance(item, NextHop):
                     relays.append(packet_id)
                 else:
-                    assert isinstance(item, ExitItem)
                     exits.setdefault(item.exit_type, []).append(packet_id)
         return len(pool_ids), relays, exits
 
     def _route(self, sorted_batch: tuple[int, list[int], dict[int, list[int]]]) -> defer.Deferred:
-        """On the reactor: each exit type's module (payloads of a type no
-        module takes are dropped), then the moves, in the worker."""
+        """Each exit type's module by the routing table (payloads of a type
+        no module takes are dropped), then the moves, in the worker."""
         pool_size, relays, by_type = sorted_batch
         exits: dict[str, list[int]] = {}
         dropped: list[int] = []
         for exit_type, ids in by_type.items():
-            module = self.module_for(exit_type)
+            module = self.routes.get(exit_type)
             if module is None:
                 dropped += ids
             else:

@@ -158,11 +158,11 @@ class MixNode(service.MultiService):
         self.delivery = Delivery(self.store, dispatcher, reactor, self.stats.count)
         self.processor.min_free_disk = self.delivery.min_free_disk = lambda: self.sink.min_free_bytes
         self.outgoing = Outgoing(self.store, self.client, tuple(outgoing.retry), reactor,
-                                 identity.public.keyid, self.stats.count, self._relay_to_self,
+                                 identity.public.keyid, self.stats.count, self.sink,
                                  allows=config.outgoing.allows)
         self._mixing_pool = worker_pool("mixminion-mixing")
         self.mixer = Mixer(self.store, mix_algorithm(config), server.mix_interval, reactor,
-                           self.delivery.module_for, self.stats.count, self._after_mix,
+                           dispatcher.routing_table(), self.stats.count, self._after_mix,
                            run_write=self._mixing_write)
         PipelineService(self).setServiceParent(self)
         self.limits = config.connection_limits()
@@ -202,11 +202,6 @@ class MixNode(service.MultiService):
 
     # --- pipeline ------------------------------------------------------------
 
-    def _relay_to_self(self, packets: list[bytes]) -> None:
-        ids = self.incoming.add_many(packets, self.reactor.seconds())
-        self.sink.added(len(packets))
-        self.processor.stored(ids)
-
     def start_pipeline(self) -> None:
         self.pid_file.write(os.getpid())
         self.processor.set_keys(self.packet_keys())
@@ -223,6 +218,12 @@ class MixNode(service.MultiService):
         self.processor.set_keys(self.packet_keys())
         for keyid in retired:
             self.store.forget_replay_log(keyid)
+
+    def replace_exits(self, dispatcher: Dispatcher) -> defer.Deferred:
+        """Route and deliver through ``dispatcher`` (modules rebuilt from a
+        new configuration); fires once the old modules have stopped."""
+        self.mixer.routes = dispatcher.routing_table()
+        return self.delivery.replace_dispatcher(dispatcher)
 
     def _mixing_write(self, fn, *args) -> defer.Deferred:
         return run_in(self.reactor, self._mixing_pool, fn, *args)

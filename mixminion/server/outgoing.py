@@ -48,8 +48,10 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
 
 from mixminion.events import Event
+from mixminion.mmtp.interfaces import IPacketSink
 from mixminion.mmtp.initiator import (
     AddressPolicy,
     NextHop,
@@ -102,8 +104,8 @@ class Outgoing:
 
     def __init__(self, store: PacketStore, client: MMTPClient, schedule: tuple[int, ...],
                  clock: IReactorTime, own_keyid: bytes, count: Callable[[str, int], None],
-                 relay_to_self: Callable[[list[bytes]], None], reactor=None,
-                 allows: Optional[AddressPolicy] = None) -> None:
+                 to_self: IPacketSink, reactor=None,
+                 allows: Optional[AddressPolicy] = None, pool: Optional[ThreadPool] = None) -> None:
         self.store = store
         #: runs the store's deletions in a worker thread; defaults to ``clock``
         #: (the real reactor); tests pass a ``task.Clock`` as ``clock``
@@ -113,9 +115,10 @@ class Outgoing:
         self.clock = clock
         self.own_keyid = own_keyid
         self.count = count
-        #: stores packets whose next hop is this node in its incoming queue
-        #: (durably, before returning): a path may name one node twice
-        self.relay_to_self = relay_to_self
+        #: where packets whose next hop is this node go (a path may name one
+        #: node twice): the sink MMTP hands received packets to, so the
+        #: incoming log has one writer
+        self.to_self = to_self
         #: ``allows(ip, port)``: may we relay there?  (``[Outgoing/MMTP]``
         #: Allow/Deny; None allows everything.)  Replaced on a SIGHUP; the
         #: next flush applies it to everything queued.
@@ -142,7 +145,9 @@ class Outgoing:
         #: set by :meth:`stop`: sends aborted by our own shutdown are not the
         #: next hop's failures and must not delay its packets after a restart
         self.stopping = False
-        self._pool = worker_pool("mixminion-outgoing")
+        #: the one-thread pool the removals run in (tests pass one that
+        #: runs in place)
+        self._pool = pool if pool is not None else worker_pool("mixminion-outgoing")
         #: the flush under way (see :meth:`flush`), its next step, and
         #: whether another was asked for meanwhile
         self._scan: Optional[Generator[None, None, int]] = None
@@ -276,10 +281,8 @@ class Outgoing:
     def _settle(self, expired: list[int], local: list[int], denied: list[int],
                 totals: Counter[str]) -> Iterator[None]:
         """Remove the expired and denied packets of a slice, and hand those
-        for ourselves to our incoming queue (stored there before removed
-        here: a crash in between leaves a copy that the replay log refuses,
-        never a lost packet); per step, :attr:`settle_batch` removed and
-        :attr:`read_batch` handed over, in one transaction."""
+        for ourselves to our incoming log; per step, :attr:`settle_batch`
+        removed (in one transaction) and :attr:`read_batch` handed over."""
         gone = [(Event.EXPIRED_RELAY, i) for i in expired] + [(Event.RELAY_DENIED, i) for i in denied]
         batch, size = self.settle_batch, self.read_batch
         for step in range(max(math.ceil(len(gone) / batch), math.ceil(len(local) / size))):
@@ -287,15 +290,34 @@ class Outgoing:
                 yield
             mine = local[step * size:(step + 1) * size]
             if mine:
-                self.relay_to_self(self.store.get_many(mine))
+                self._hand_to_self(mine)
             leaving = gone[step * batch:(step + 1) * batch]
-            self.store.remove_many(mine + [packet_id for _, packet_id in leaving])
+            self.store.remove_many([packet_id for _, packet_id in leaving])
             events = Counter(event for event, _ in leaving)
-            if mine:
-                events[Event.RELAYED_TO_SELF] = len(mine)
             for event, n in events.items():
                 self.count(event, n)
             totals.update(events)
+
+    def _hand_to_self(self, ids: list[int]) -> None:
+        """Packets for ourselves go to our own sink, like packets from a
+        previous hop; each leaves the queue once stored there (a crash in
+        between leaves a copy that the replay log refuses, never a lost
+        packet).  One the sink refuses (full, shutting down) stays for the
+        next flush."""
+        self.in_flight.update(ids)
+        for packet_id, packet in zip(ids, self.store.get_many(ids)):
+            d = self.to_self.receivePacket(packet, "self")
+            d.addCallbacks(self._stored_here, self._not_stored_here,
+                           callbackArgs=(packet_id,), errbackArgs=(packet_id,))
+
+    def _stored_here(self, _result, packet_id: int) -> None:
+        self.count(Event.RELAYED_TO_SELF, 1)
+        self._done.append(packet_id)
+        self._remove_done()
+
+    def _not_stored_here(self, failure: Failure, packet_id: int) -> None:
+        self.in_flight.discard(packet_id)
+        self.log.debug("A packet for this node waits: {why}", why=failure.getErrorMessage())
 
     def _denied(self, host: str, port: int, verdicts: dict[tuple[str, int], bool]) -> bool:
         """Whether the rules deny ``host:port``, judged here only for an IP
@@ -428,7 +450,6 @@ class Outgoing:
         state.succeeded(self.clock.seconds())
         if was_failing:
             self._save_states()
-        self.count(Event.RELAYED, 1)
         self._done.append(packet_id)
         self._answered(dest, probation)
         self._remove_done()
@@ -458,7 +479,6 @@ class Outgoing:
         was_failing = state.first_failure is not None
         state.failed(started)
         self._save_states()
-        self.count(Event.RELAY_FAILED, 1)
         # Once per failing next hop, not per packet; the reason may name the
         # next hop (a DNS error does): debug only.
         if not was_failing:

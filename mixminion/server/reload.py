@@ -170,7 +170,7 @@ class ReloadService(service.Service):
             for listener in self.listeners:
                 listener()
         try:
-            await self.node.delivery.replace_dispatcher(dispatcher)
+            await self.node.replace_exits(dispatcher)
         except Exception as exc:
             log.error("SIGHUP: the previous exit modules did not stop cleanly: {why}",
                       why=str(exc))

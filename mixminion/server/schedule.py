@@ -8,12 +8,44 @@ its written form is parsed by :mod:`mixminion.config.intervals`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
 
 from mixminion.config.intervals import DAY, MINUTE, Schedule, format_interval
-# The rule of §6.2 itself lives with the exit modules, which the node imports.
-from mixminion.exits.retry import next_attempt
+
+#: holding mode uses this period when the schedule gives no usable one (§6.2)
+HOLDING_FALLBACK = 3600
+#: ... and "no usable one" means empty or a last interval below this
+HOLDING_MINIMUM = 5
+
+
+def next_attempt(
+    last: Optional[float],
+    first: float,
+    schedule: Sequence[int],
+    can_drop: bool,
+    now: float,
+) -> Optional[float]:
+    """When to try next, counting the schedule from ``first``.
+
+    ``last`` None means never tried (ready now).  The answer may lie in the
+    past (retry at once).  None means give up; it only happens with
+    ``can_drop``.  Without it, an exhausted schedule enters holding mode and
+    keeps trying every ``r`` (the last interval, or an hour if that is
+    missing or under 5 s).
+    """
+    if last is None:
+        return now
+    t = first
+    for interval in schedule:
+        t += interval
+        if t > last:
+            return t
+    if can_drop:
+        return None
+    r = schedule[-1] if schedule and schedule[-1] >= HOLDING_MINIMUM else HOLDING_FALLBACK
+    return t + math.ceil((last - t + 60) / r) * r
 
 
 def schedule_total(schedule: Sequence[int]) -> int:

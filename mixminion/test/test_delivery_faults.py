@@ -20,7 +20,7 @@ from mixminion.exits.items import DeliveryResult
 from mixminion.exits.mta import SMTPRelay
 from mixminion.exits.registry import Dispatcher
 from mixminion.server.delivery import Delivery
-from mixminion.server.items import ExitItem, encode_item
+from mixminion.server.items import DeliveryItem, encode_item
 from mixminion.server.packetstore import PacketStore
 from mixminion.server.queues import QUARANTINE, delivery_queue
 from mixminion.server.stats import NodeStats
@@ -72,7 +72,7 @@ def queue_messages(store: PacketStore, module: str, exit_type: int, count: int) 
     """``count`` one-packet messages in ``module``'s delivery queue, queued at 5000."""
     payloads = [encode_message_payloads(f"message {i}\n".encode(), os.urandom)[0]
                 for i in range(count)]
-    meta = [encode_item(ExitItem(exit_type, b"T" * 20 + b"nym", bytes(16)))] * count
+    meta = [encode_item(DeliveryItem(exit_type, b"T" * 20 + b"nym", bytes(16)))] * count
     return store.add_many(delivery_queue(module), payloads, now=5000, meta=meta)
 
 

@@ -31,7 +31,7 @@ from mixminion.server.delivery import ITEM_BYTES, Delivery
 from mixminion.server.childmessages import Batch, Drain, Idle, Message, Paused, Ready, decode
 from mixminion.server.diskspace import DiskPause, FreeSpace, Shortage, later_floor, shortage
 from mixminion.server.draining import consumed_through
-from mixminion.server.items import ExitItem, encode_item
+from mixminion.server.items import DeliveryItem, encode_item
 from mixminion.server.processing import DISK_RECHECK_INTERVAL, Processor
 from mixminion.server.processing_child import Child
 from mixminion.server.queues import MIX, delivery_queue
@@ -336,14 +336,14 @@ class DeliveryDiskTests(unittest.TestCase):
         self.addCleanup(dispatcher.stop)
         delivery = self.delivery(dispatcher)
         fragment = dispatcher.module_named("FRAGMENT")
-        # Completed messages go on to MBOX: its folder counts for FRAGMENT too.
-        self.assertEqual(fragment.local_paths(), [
-            os.path.join(self.folder, "deliver", "FRAGMENT"), os.path.join(self.folder, "mail")])
+        # Completed messages go to the node's queue of MBOX, whose own
+        # folder pauses MBOX alone.
+        self.assertEqual(fragment.local_paths(), [os.path.join(self.folder, "deliver", "FRAGMENT")])
 
         async def go() -> None:
             [packet_id] = self.store.add_many(
                 delivery_queue("FRAGMENT"), [lone_fragment(1)], now=5000,
-                meta=[encode_item(ExitItem(FRAGMENT_TYPE, b"", b""))])
+                meta=[encode_item(DeliveryItem(FRAGMENT_TYPE, b"", b""))])
             await delivery.flush()
             self.clock.advance(3600)
             await delivery.flush()

@@ -18,6 +18,7 @@ import textwrap
 from typing import Any, Optional
 
 from twisted.internet import defer, protocol, reactor, task
+from twisted.logger import LogLevel
 from twisted.mail import smtp
 from twisted.trial import unittest
 from zope.interface import implementer
@@ -63,9 +64,12 @@ from mixminion.exits.mta import mbox_quote, smtp_data
 from mixminion.config.intervals import parse_retry_schedule as parse_schedule
 from mixminion.config.values import parse_size
 from mixminion.exits.registry import Dispatcher, build_dispatcher, find_exit_modules
-from mixminion.exits.retry import next_attempt
 from mixminion.exits.smtp import SMTPModule
 from mixminion.mmtp.stats import MMTPStats
+from mixminion.server.delivery import Delivery
+from mixminion.server.queues import delivery_queue
+from mixminion.test.test_mmtp_protocol import LogMixin
+from mixminion.testing.fakes import scratch_store
 
 TAG = bytes(range(1, 21))
 RETURN = "noreply@mix.example"
@@ -405,15 +409,6 @@ class Options(unittest.TestCase):
         self.assertEqual(parse_schedule("10 min, .5 hour"), (600, 1800))
         self.assertRaises(ValueError, parse_schedule, "every 1 hour")
 
-    def test_next_attempt(self):
-        self.assertEqual(next_attempt(None, 0, [10, 20], True, 5), 5)
-        self.assertEqual(next_attempt(0, 0, [10, 20], True, 5), 10)
-        self.assertEqual(next_attempt(10, 0, [10, 20], True, 11), 30)
-        self.assertIsNone(next_attempt(30, 0, [10, 20], True, 31))
-        # holding mode: t + ceil((last - t + 60) / r) * r with t = 30, r = 20
-        self.assertEqual(next_attempt(30, 0, [10, 20], False, 31), 90)
-        self.assertEqual(next_attempt(30, 0, [], False, 31), 3600)
-
 
 # --- §9.3 mail formatting ------------------------------------------------------------------
 
@@ -566,7 +561,7 @@ class HeaderInjection(unittest.TestCase):
     def test_directly_built_headers(self):
         # Values the exit-header parser would never produce, built by hand.
         classification = Plain(dict(INJECTIONS), b"body\n", b"")
-        item = DeliveryItem(SMTP_TYPE, b"bob@example.com", TAG, b"", classification, b"", 0.0)
+        item = DeliveryItem(SMTP_TYPE, TAG + b"bob@example.com", classified=classification)
         text = format_mail(item, "bob@example.com", MailOptions(return_address=RETURN))
         self.check(text)
         self.assertIn(b'From: "[Anon] Eve <eve@evil.example> To: victim@example.org" <noreply@mix.example>\n',
@@ -707,7 +702,7 @@ class SMTPDelivery(unittest.TestCase):
     def test_header_injection_end_to_end(self):
         module = self.module()
         classification = Plain(dict(INJECTIONS), b"body\n", b"")
-        item = DeliveryItem(SMTP_TYPE, b"bob@example.com", TAG, b"", classification, b"", 0.0)
+        item = DeliveryItem(SMTP_TYPE, TAG + b"bob@example.com", classified=classification)
         result = yield module.deliver(item)
         self.assertIs(result, DeliveryResult.OK)
         [(_, recipient, data)] = self.mta.received
@@ -969,13 +964,16 @@ def fragments_for(body: bytes, exit_type: int, address: bytes, headers=None, see
     return payloads
 
 
-class Fragments(unittest.TestCase):
+class Fragments(LogMixin):
     def setUp(self) -> None:
+        super().setUp()
         self.clock = task.Clock()
         self.clock.advance(20000 * DAY + 3600)
         self.h = Harness(self, clock=self.clock)
         self.aliases = self.h.write("aliases", ALIASES)
         self.modules: list = []
+        #: the node's queues, where FRAGMENT hands back what it completes
+        self.store = scratch_store(self)
 
     def config(self, **fragmented: Any) -> dict:
         return {
@@ -985,12 +983,22 @@ class Fragments(unittest.TestCase):
         }
 
     def start(self, **fragmented: Any) -> Dispatcher:
-        dispatcher = build_dispatcher(self.config(**fragmented), self.h.context)
+        return self.node_delivery(build_dispatcher(self.config(**fragmented), self.h.context))
+
+    def node_delivery(self, dispatcher: Dispatcher) -> Dispatcher:
+        """The node's delivery stage around ``dispatcher`` (its queues
+        take what FRAGMENT hands back)."""
         self.addCleanup(dispatcher.stop)
+        self.delivery = Delivery(self.store, dispatcher, self.clock, self.h.counters.count)
         return dispatcher
 
-    def feed(self, dispatcher: Dispatcher, payload: bytes, address: bytes = b"") -> defer.Deferred:
-        return dispatcher.deliver_payload(FRAGMENT_TYPE, address, payload, b"", self.clock.seconds())
+    @defer.inlineCallbacks
+    def feed(self, dispatcher: Dispatcher, payload: bytes, address: bytes = b""):
+        """One fragment through the dispatcher, then a delivery round (in
+        which a message it completed is delivered)."""
+        result = yield dispatcher.deliver_payload(FRAGMENT_TYPE, address, payload, b"", self.clock.seconds())
+        yield self.delivery.flush()
+        return result
 
     def mbox(self) -> bytes:
         path = self.h.path("inbox.mbox")
@@ -1102,34 +1110,58 @@ class Fragments(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_retry_of_reassembled_message(self):
+        """A completed message goes to the node's queue of its module and
+        follows that module's retry schedule, across a restart."""
         config = self.config()
         dispatcher = build_dispatcher(config, self.h.context)
-        self.addCleanup(dispatcher.stop)
         target = RecordingModule([DeliveryResult.RETRY, DeliveryResult.RETRY], exit_types={TEST_TYPE})
         dispatcher.add_module(target)
+        self.node_delivery(dispatcher)
         payloads = fragments_for(BIG_BODY, TEST_TYPE, b"somewhere")
         for payload in payloads[:4]:
             yield self.feed(dispatcher, payload)
-        self.assertEqual(len(target.items), 1)
+        self.assertEqual(len(target.items), 1, "first tried in the round that completed it")
         item = target.items[0]
         self.assertEqual((item.exit_type, item.address, item.tag, item.reassembled), (TEST_TYPE, b"somewhere", b"", True))
         fragment = dispatcher.module_named("FRAGMENT")
-        self.assertEqual(len(fragment.store.outbox()), 1)
-        yield dispatcher.flush()  # not due yet
+        self.assertEqual(fragment.store.outbox(), [], "handed back, not kept")
+        self.assertEqual(self.store.count(delivery_queue(target.name)), 1)
+        yield self.delivery.flush()  # not due yet
         self.assertEqual(len(target.items), 1)
         yield dispatcher.stop()
         # After a restart the message is still waiting, and retried on schedule.
         restarted = build_dispatcher(config, self.h.context)
-        self.addCleanup(restarted.stop)
         restarted.add_module(target)
+        self.node_delivery(restarted)
         self.clock.advance(600)
-        yield restarted.flush()
+        yield self.delivery.flush()
         self.assertEqual(len(target.items), 2)
         self.clock.advance(600)
-        yield restarted.flush()
+        yield self.delivery.flush()
         self.assertEqual(len(target.items), 3)
         self.assertEqual(target.items[2].classification.body, BIG_BODY)
-        self.assertEqual(restarted.module_named("FRAGMENT").store.outbox(), [])
+        self.assertEqual(self.store.count(delivery_queue(target.name)), 0)
+
+    @defer.inlineCallbacks
+    def test_a_message_the_node_cannot_take_waits_in_the_outbox(self):
+        """Until the node's queue takes a completed message, FRAGMENT keeps
+        it (durably) and offers it again at each round."""
+        dispatcher = self.start()
+        self.h.context.hand_back.connect(self.refuse)
+        payloads = fragments_for(BIG_BODY, MBOX_TYPE, b"alice")
+        for payload in payloads[:4]:
+            result = yield dispatcher.deliver_payload(FRAGMENT_TYPE, b"", payload, b"", self.clock.seconds())
+            self.assertIs(result, DeliveryResult.OK)
+        fragment = dispatcher.module_named("FRAGMENT")
+        self.assertEqual(len(fragment.store.outbox()), 1)
+        self.expect_log("Could not queue a reassembled message", LogLevel.error, 1)
+        self.h.context.hand_back.connect(self.delivery.hand_back)
+        yield self.delivery.flush()
+        self.assertEqual(fragment.store.outbox(), [])
+        self.assertEqual(parse_text_message(self.mbox()).contents, BIG_BODY)
+
+    def refuse(self, item: DeliveryItem) -> None:
+        raise OSError("disk full")
 
     def test_advertise_and_validation(self):
         dispatcher = self.start()

@@ -32,7 +32,7 @@ import tracemalloc
 import types
 from typing import Any
 
-from twisted.internet import defer, task
+from twisted.internet import task
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial import unittest
@@ -71,20 +71,6 @@ def lone_fragment(seed: int, index: int = 0, length: int = 40000) -> bytes:
     return encode_fragment(index, rng(20), length, rng(FRAGMENT_DATA))
 
 
-class RecordingDispatcher:
-    """Takes the reassembled messages."""
-
-    def __init__(self) -> None:
-        self.items: list = []
-
-    def deliver(self, item) -> defer.Deferred:
-        self.items.append(item)
-        return defer.succeed(DeliveryResult.OK)
-
-    def module_for(self, exit_type: int) -> Any:
-        return None
-
-
 def reachable(root: Any) -> tuple[int, int, int]:
     """``(objects, bytes, longest bytes object)`` reachable from ``root``,
     not following the store (its SQLite connection), modules, classes or
@@ -113,12 +99,14 @@ class FragmentCase(unittest.TestCase):
         self.clock = task.Clock()
         self.clock.advance(20000 * DAY + 3600)
         self.counters = MMTPStats()
-        self.dispatcher = RecordingDispatcher()
+        #: the reassembled messages handed back to the node
+        self.handed_back: list = []
         self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
 
     def module(self, **options: str) -> FragmentModule:
         """A new module on the same store (a restart when one ran before)."""
-        context = ExitContext(self.base, self.clock, counters=self.counters, dispatcher=self.dispatcher)
+        context = ExitContext(self.base, self.clock, counters=self.counters)
+        context.hand_back.connect(self.handed_back.append)
         module = FragmentModule()
         module.configure({"Enabled": "yes", "MaximumSize": "200K", **options}, context.for_module("FRAGMENT"))
         self.addCleanup(module.stop)
@@ -189,7 +177,7 @@ class CompletesFromDisk(FragmentCase):
         return body, encode_message_payloads(body, rng_of(seed), exit_type=MBOX_TYPE, exit_address=b"alice")
 
     def delivered(self, body: bytes) -> None:
-        [item] = self.dispatcher.items
+        [item] = self.handed_back
         self.assertEqual((item.exit_type, item.address, item.reassembled), (MBOX_TYPE, b"alice", True))
         self.assertEqual(item.classification.body, body)
 
@@ -204,7 +192,7 @@ class CompletesFromDisk(FragmentCase):
         # A repeated fragment is compared with the one on disk.
         self.feed(module, payloads[1])
         self.assertEqual(self.counters["FragmentUnneeded"], 1)
-        self.assertEqual(self.dispatcher.items, [])
+        self.assertEqual(self.handed_back, [])
         self.feed(module, payloads[0])
         self.delivered(body)
         self.assertEqual(self.counters["FragmentCompleted"], 1)
@@ -230,7 +218,7 @@ class CompletesFromDisk(FragmentCase):
         third = self.module()
         self.feed(third, payloads[5])
         self.assertEqual(self.counters["FragmentDropped"], 1)
-        self.assertEqual(len(self.dispatcher.items), 1)
+        self.assertEqual(len(self.handed_back), 1)
 
     def test_two_chunks_one_decoded_before_a_restart(self) -> None:
         body, payloads = self.message(600000, 3)
@@ -334,7 +322,7 @@ class PendingBounds(FragmentCase):
         self.feed(module, growing[2])
         self.feed(module, growing[3])
         self.assertEqual(self.counters["FragmentCompleted"], 1)
-        self.assertEqual(len(self.dispatcher.items), 1)
+        self.assertEqual(len(self.handed_back), 1)
         self.assertEqual(self.counters["FragmentEvicted"], 2)
         self.assertEqual(list(module.reassembler.pending), [self.mid(p) for p in others[2:]])
         self.assertEqual(module.reassembler.pending_bytes, 5 * FRAGMENT_DATA)

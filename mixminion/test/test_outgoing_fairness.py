@@ -39,7 +39,7 @@ from mixminion.server.items import encode_item
 from mixminion.server.outgoing import Outgoing
 from mixminion.server.queues import OUT
 from mixminion.server.stats import NodeStats
-from mixminion.testing.fakes import HeldClient, scratch_store
+from mixminion.testing.fakes import HeldClient, ListSink, scratch_store
 from mixminion.test.test_mmtp_client_limit import Hops
 from mixminion.test.test_mmtp_protocol import (
     HeldSink,
@@ -317,7 +317,7 @@ class QueueFairnessTests(LogMixin):
 
     def outgoing(self, client: Any) -> Outgoing:
         out = Outgoing(self.store, client, (60, 60), self.clock, b"\x07" * 20,
-                       self.stats.count, lambda packets: None, reactor=reactor)
+                       self.stats.count, ListSink(), reactor=reactor)
         self.addCleanup(out.stop)
         return out
 
@@ -384,7 +384,6 @@ class QueueFairnessTests(LogMixin):
         self.assertEqual(out.flush(), 5)
         for _, d in client.sent:
             d.errback(ConnectionFailed("no acknowledgement in time"))
-        self.assertEqual(self.stats["RelayFailed"], 5)
         self.expect_log("Relay to a next hop failed", LogLevel.info, count=1)
         self.assertEqual(len(client.sent), 5, "its other packets wait for its retry")
 
@@ -395,7 +394,6 @@ class QueueFairnessTests(LogMixin):
         out = self.outgoing(client)
         out.flush()
         client.sent[0][1].errback(NextHopBusy("held"))
-        self.assertEqual(self.stats["RelayFailed"], 0)
         self.assertTrue(out._state(a).ready(self.clock.seconds()))
         self.assertEqual(out.flush(), 1, "sent again by the next flush")
 
@@ -416,7 +414,7 @@ class EndToEndTests(LogMixin):
                                                          max_queued_per_destination=128))
         self.addCleanup(net.client.close)
         out = Outgoing(self.store, net.client, (3600, 3600), net.clock, b"\x07" * 20,
-                       self.stats.count, lambda packets: None, reactor=reactor)
+                       self.stats.count, ListSink(), reactor=reactor)
         self.addCleanup(out.stop)
         good = net.hop("192.0.2.1")
         bad = holes(2000)
@@ -440,12 +438,12 @@ class EndToEndTests(LogMixin):
             queue([good] * 3)
             out.flush()
             net.flush()
-            self.assertEqual(self.stats["Relayed"], 1 + 3 * (second // 10 + 1),
+            self.assertEqual(net.client.stats["SuccessfulRelay"], 1 + 3 * (second // 10 + 1),
                              f"held up at {second} s")
             net.advance(10)
         self.assertLessEqual(net.peak, 16)
         self.assertLessEqual(net.peak_unproven, unproven_share(16))
         # each black hole cost one slot for one deadline: 12 per 30 s
-        self.assertEqual(self.stats["RelayFailed"], 300 // DEADLINE * unproven_share(16))
+        self.assertEqual(net.client.stats["FailedRelay"], 300 // DEADLINE * unproven_share(16))
         self.assertLessEqual(out._probation_out, out.max_in_flight_on_probation)
         self.expect_log("Next hops stuck", LogLevel.warn, count=1)

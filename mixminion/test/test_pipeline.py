@@ -29,7 +29,7 @@ from mixminion.exits.registry import Dispatcher
 from mixminion.mmtp.initiator import ConnectionFailed, NextHop
 from mixminion.server.childmessages import Batch
 from mixminion.server.delivery import Delivery
-from mixminion.server.items import ExitItem, decode_item, encode_item
+from mixminion.server.items import DeliveryItem, decode_item, encode_item
 from mixminion.server.mixing import Mixer
 from mixminion.server.outgoing import Outgoing
 from mixminion.server.packetstore import PacketStore, PacketStoreError
@@ -40,9 +40,9 @@ from mixminion.server.processing import Processor
 from mixminion.server.queues import INCOMING, MIX, OUT, delivery_queue
 from mixminion.server.store_replay import StoreReplayLog
 from mixminion.server.stats import NodeStats
-from mixminion.testing.fakes import scratch_store
+from mixminion.testing.fakes import ListSink, scratch_store
 from mixminion.testing.keys import key
-from mixminion.testing.threads import InPlaceReactor, in_place
+from mixminion.testing.threads import InPlacePool, InPlaceReactor
 
 
 def _hop(n: int) -> Hop:
@@ -287,12 +287,12 @@ class MixerTests(StoreTestCase):
     def test_timed_mix_moves_everything_at_the_interval(self) -> None:
         clock = task.Clock()
         relay = encode_item(NextHop("h", 1, bytes(20)))
-        mbox = encode_item(ExitItem(MBOX_TYPE, bytes(20) + b"nym", bytes(16)))
-        unknown = encode_item(ExitItem(0x0999, bytes(20) + b"x", bytes(16)))
+        mbox = encode_item(DeliveryItem(MBOX_TYPE, bytes(20) + b"nym", bytes(16)))
+        unknown = encode_item(DeliveryItem(0x0999, bytes(20) + b"x", bytes(16)))
         self.store.add_many(MIX, [b"r" * 10, b"m" * 10, b"u" * 10], meta=[relay, mbox, unknown])
         flushed = []
         mixer = Mixer(self.store, TimedPool(), 60, clock,
-                      lambda t: "MBOX" if t == MBOX_TYPE else None,
+                      {MBOX_TYPE: "MBOX"},
                       self.stats.count, lambda: flushed.append(True))
         mixer.start()
         self.addCleanup(mixer.stop)
@@ -322,9 +322,9 @@ class FakeClient:
 class OutgoingTests(StoreTestCase):
     def _outgoing(self, clock: InPlaceReactor, client, schedule=(60, 60)) -> Outgoing:
         """An Outgoing whose removals from the store run in place."""
-        self.relayed_to_self: list[bytes] = []
-        out = in_place(Outgoing(self.store, client, schedule, clock, b"\x07" * 20,
-                                self.stats.count, self.relayed_to_self.extend))
+        self.to_self = ListSink()
+        out = Outgoing(self.store, client, schedule, clock, b"\x07" * 20, self.stats.count,
+                       self.to_self, pool=InPlacePool())
         self.addCleanup(out.stop)
         return out
 
@@ -339,8 +339,6 @@ class OutgoingTests(StoreTestCase):
         self.assertEqual(out.flush(), 0)  # in flight: not sent twice
         client.sent[0][2].callback(None)
         client.sent[1][2].errback(ConnectionFailed("down"))
-        self.assertEqual(self.stats["Relayed"], 1)
-        self.assertEqual(self.stats["RelayFailed"], 1)
         clock.advance(0)  # the removal's result comes back
         self.assertEqual(self.store.ids(OUT), [ids[1]])
         clock.advance(30)
@@ -356,10 +354,18 @@ class OutgoingTests(StoreTestCase):
         self.store.add_many(OUT, [b"x" * 10], now=10_000, meta=[mine])
         self.store.add_many(OUT, [b"y" * 10], now=100, meta=[other])
         out = self._outgoing(clock, FakeClient())
+        self.to_self.refusing = True  # our incoming log is full: the packet waits
         self.assertEqual(out.flush(), 0)
-        self.assertEqual(self.relayed_to_self, [b"x" * 10])
-        self.assertEqual(self.store.count(OUT), 0)
+        clock.advance(0)
+        self.assertEqual(self.to_self.packets, [])
+        self.assertEqual(self.store.count(OUT), 1)
         self.assertEqual(self.stats["ExpiredRelay"], 1)
+        self.to_self.refusing = False
+        self.assertEqual(out.flush(), 0)
+        self.assertEqual(self.to_self.packets, [b"x" * 10])
+        clock.advance(0)  # the removal's result comes back
+        self.assertEqual(self.store.count(OUT), 0)
+        self.assertEqual(self.stats["RelayedToSelf"], 1)
 
 
 @implementer(IExitModule)
@@ -403,7 +409,7 @@ class DeliveryTests(StoreTestCase):
         dispatcher.add_module(module)
         delivery = Delivery(self.store, dispatcher, clock, self.stats.count)
         [payload] = encode_message_payloads(b"to the nym\n", os.urandom)
-        meta = encode_item(ExitItem(MBOX_TYPE, b"T" * 20 + b"nym", bytes(16)))
+        meta = encode_item(DeliveryItem(MBOX_TYPE, b"T" * 20 + b"nym", bytes(16)))
         self.store.add_many(delivery_queue("MBOX"), [payload], now=5000, meta=[meta])
         for advance in steps:
             clock.advance(advance)
@@ -477,7 +483,7 @@ class SinkBoundTests(TwoStoreTestCase):
         from mixminion.server.durable import DurableSink
 
         clock = InPlaceReactor()
-        sink = in_place(DurableSink(self.incoming, clock, max_queued=3))
+        sink = DurableSink(self.incoming, clock, max_queued=3, pool=InPlacePool())
         self.addCleanup(sink.stop)
 
         def receive(packet: bytes) -> int:
@@ -501,7 +507,7 @@ class SinkDiskTests(TwoStoreTestCase):
         """A full disk makes MMTP answer REJECTED instead of crashing."""
         from mixminion.server.durable import DurableSink, SinkRefused
 
-        sink = in_place(DurableSink(self.incoming, InPlaceReactor(), min_free_bytes=1 << 62))
+        sink = DurableSink(self.incoming, InPlaceReactor(), min_free_bytes=1 << 62, pool=InPlacePool())
         self.addCleanup(sink.stop)
         self.failureResultOf(sink.receivePacket(b"a" * 32768, "peer"), SinkRefused)
         self.assertEqual(self.incoming.count(), 0)
@@ -601,7 +607,7 @@ class FailureHandlingTests(TwoStoreTestCase):
             calls.append(clock.seconds())
             raise PacketStoreError("database is locked")
 
-        mixer = Mixer(self.store, TimedPool(), 60, clock, lambda t: None, self.stats.count, flush)
+        mixer = Mixer(self.store, TimedPool(), 60, clock, {}, self.stats.count, flush)
         mixer.start()
         self.addCleanup(mixer.stop)
         clock.advance(60)

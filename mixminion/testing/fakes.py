@@ -6,8 +6,10 @@ import os
 from typing import Any
 
 from twisted.internet import defer
+from zope.interface import implementer
 
 from mixminion.mmtp.initiator import NextHop
+from mixminion.mmtp.interfaces import IPacketSink
 from mixminion.server.packetstore import PacketStore
 
 
@@ -29,6 +31,22 @@ class HeldClient:
     @property
     def hosts(self) -> list[tuple[str, int]]:
         return [(dest.host, dest.port) for dest, _ in self.sent]
+
+
+@implementer(IPacketSink)
+class ListSink:
+    """A packet sink that keeps what it is handed, in order, and
+    acknowledges at once, or refuses everything while ``refusing``."""
+
+    def __init__(self) -> None:
+        self.packets: list[bytes] = []
+        self.refusing = False
+
+    def receivePacket(self, packet: bytes, peer: str) -> defer.Deferred[int]:  # noqa: N802
+        if self.refusing:
+            return defer.fail(OSError("refused"))
+        self.packets.append(packet)
+        return defer.succeed(len(self.packets))
 
 
 def scratch_store(test: Any, body_dir: bool = False) -> PacketStore:

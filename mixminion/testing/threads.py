@@ -2,9 +2,9 @@
 
 ``Outgoing`` and ``DurableSink`` write to their store in a one-thread pool
 (:func:`mixminion.server.workers.run_in`) and hear back through their
-reactor's ``callFromThread``.  With :func:`in_place` a test swaps that pool
-for one that runs each write at once, in the test's own thread, and gives
-the stage an :class:`InPlaceReactor` (a ``task.Clock``).  The write's result
+reactor's ``callFromThread``.  A test hands the stage an
+:class:`InPlacePool` (``pool=``), which runs each write at once, in the
+test's own thread, and an :class:`InPlaceReactor` (a ``task.Clock``).  The write's result
 comes back as the reactor would deliver it, in a later turn: as a call due
 now, which ``advance(0)`` makes (with whatever it sets off in turn).  So
 the test drives both time and the threads' answers by hand, and nothing
@@ -18,7 +18,7 @@ from typing import Any, Callable, TypeVar
 from twisted.internet import task
 from twisted.python.failure import Failure
 
-__all__ = ["InPlacePool", "InPlaceReactor", "in_place"]
+__all__ = ["InPlacePool", "InPlaceReactor"]
 
 T = TypeVar("T")
 
@@ -57,10 +57,3 @@ class InPlacePool:
             on_result(True, result)
         finally:
             self.running = False
-
-
-def in_place(stage: T) -> T:
-    """``stage`` (built with an :class:`InPlaceReactor`) with its worker
-    pool replaced by an :class:`InPlacePool`."""
-    stage._pool = InPlacePool()  # type: ignore[attr-defined]
-    return stage
