@@ -47,10 +47,10 @@ from mixminion.server.items import encode_item
 from mixminion.server.mixing import Mixer
 from mixminion.server.outgoing import Outgoing
 from mixminion.server.packetstore import PacketStore
-from mixminion.server.pool import TimedPool
+from mixminion.server.mix_algorithm import TimedMix
 from mixminion.server.queues import MIX, OUT
 from mixminion.server.stats import NodeStats
-from mixminion.server.workers import run_in, worker_pool
+from mixminion.server.workers import run_in, worker_thread
 
 #: seconds between two calls of the tick probe
 PROBE = 0.01
@@ -117,8 +117,8 @@ async def release(reactor: Any, directory: str, ack_delay: float) -> dict:
     client = AckingClient(reactor, ack_delay)
     outgoing = Outgoing(store, client, (3600,), reactor, b"\x07" * 20,  # type: ignore[arg-type]
                         stats.count, NoSelf())
-    mixing_pool = worker_pool("mixminion-mixing")
-    mixer = Mixer(store, TimedPool(), 3600, reactor, {}, stats.count,
+    mixing_pool = worker_thread("mixminion-mixing")
+    mixer = Mixer(store, TimedMix(), 3600, reactor, {}, stats.count,
                   outgoing.flush, run_write=lambda fn, *args: run_in(reactor, mixing_pool, fn,
                                                                      *args))
     idle_kb = vm_kb("VmRSS")

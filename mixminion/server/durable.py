@@ -22,7 +22,7 @@ from zope.interface import implementer
 from mixminion.mmtp.interfaces import IPacketSink
 from mixminion.server.diskspace import CHECK_INTERVAL, FreeSpace
 from mixminion.server.packetstore import PacketStore
-from mixminion.server.workers import run_in, stop_when_idle, worker_pool
+from mixminion.server.workers import run_in, stop_when_idle, worker_thread
 
 PACKET_LEN = 32768
 
@@ -70,7 +70,7 @@ class DurableSink:
                  max_batch: int = 256, max_queued: Optional[int] = None,
                  min_free_bytes: int = 0, on_stored=None,
                  unable: Callable[[], Optional[str]] = lambda: None,
-                 pool: Optional[ThreadPool] = None) -> None:
+                 worker: Optional[ThreadPool] = None) -> None:
         #: where packets go: a PacketStore (its ``queue``) or anything with
         #: ``write``, ``count`` and ``path`` like an IncomingLog
         self.target = StoreQueue(store, queue) if isinstance(store, PacketStore) else store
@@ -92,7 +92,7 @@ class DurableSink:
         self._forgotten = 0
         #: the one-thread pool the commits run in (tests pass one that runs
         #: in place)
-        self._pool = pool if pool is not None else worker_pool("mixminion-store")
+        self._worker = worker if worker is not None else worker_thread("mixminion-store")
         self._stopped = False
         #: the queue disk's free space, asked of the kernel at most every
         #: CHECK_INTERVAL seconds and counted down by the packets taken
@@ -138,7 +138,7 @@ class DurableSink:
         self._writing = True
         now = self.reactor.seconds()
         forget = self._forget_through if self._forget_through > self._forgotten else 0
-        d = run_in(self.reactor, self._pool, self.target.write, [p for p, _ in batch], now,
+        d = run_in(self.reactor, self._worker, self.target.write, [p for p, _ in batch], now,
                    forget)
         d.addBoth(self._written, batch, forget)
 
@@ -183,4 +183,4 @@ class DurableSink:
     def stop(self) -> defer.Deferred:
         """Refuse new packets, finish the writes under way, stop the thread."""
         self._stopped = True
-        return stop_when_idle(self.reactor, lambda: self._writing or bool(self._waiting), self._pool)
+        return stop_when_idle(self.reactor, lambda: self._writing or bool(self._waiting), self._worker)

@@ -7,11 +7,12 @@ packets without holding them in memory.
 
 A round runs off the reactor thread (issue 12: releasing a pool of 60,000
 packets blocked the reactor for seconds): the worker reads the pool's ids,
-lets the pool algorithm choose among all of them, reads the chosen items'
+lets the mix algorithm choose among all of them, reads the chosen items'
 metadata a slice at a time (each distinct record decoded once), sorts the
 exit payloads into their modules' queues by the routing table the node
-hands it, and moves the batch in one transaction.  A crash before that commit leaves the whole pool in
-place; after it, the whole batch is in its queues.
+hands it, and moves the batch in one transaction.  A crash before that
+commit leaves the whole pool in place; after it, the whole batch is in
+its queues.
 """
 
 from __future__ import annotations
@@ -60,19 +61,19 @@ def item_decoder(size: int) -> Callable[[bytes], Item]:
 
 
 class Mixer:
-    """Runs the configured pool algorithm every ``interval`` seconds."""
+    """Runs the configured mix algorithm every ``interval`` seconds."""
 
     log = Logger()
     #: pool rows read in one query (in the worker) while sorting a batch
     read_slice = READ_SLICE
 
-    def __init__(self, store: PacketStore, pool, interval: float, clock: IReactorTime,
+    def __init__(self, store: PacketStore, algorithm, interval: float, clock: IReactorTime,
                  routes: Mapping[int, str],
                  count: Callable[[str, int], None],
                  after_mix: Callable[[], None],
                  run_write: Optional[Callable[..., defer.Deferred]] = None) -> None:
         self.store = store
-        self.pool = pool
+        self.algorithm = algorithm
         self.interval = interval
         self.clock = clock
         #: the routing table: exit type -> the module whose queue takes
@@ -124,7 +125,7 @@ class Mixer:
             # Still choosing or moving (a restart at a new interval does not
             # wait for it): a second round would choose the same items.
             return defer.succeed(0)
-        d = self.run_write(self._choose, self.pool)
+        d = self.run_write(self._choose, self.algorithm)
         d.addCallback(self._route)
         d.addErrback(self._failed)
         self._round = d
@@ -136,12 +137,12 @@ class Mixer:
 
         return d.addBoth(finished)
 
-    def _choose(self, pool) -> tuple[int, list[int], dict[int, list[int]]]:
-        """In the worker: the pool's size, and the batch ``pool`` chooses
+    def _choose(self, algorithm) -> tuple[int, list[int], dict[int, list[int]]]:
+        """In the worker: the pool's size, and the batch ``algorithm`` chooses
         among all its items, sorted into relay packets and exit payloads
         by exit type (in id order: queues are sent oldest first anyway)."""
         pool_ids = self.store.ids(MIX)
-        chosen = set(pool.choose_batch(pool_ids))
+        chosen = set(algorithm.choose_batch(pool_ids))
         decode = item_decoder(self.read_slice)
         relays: list[int] = []
         exits: dict[int, list[int]] = {}

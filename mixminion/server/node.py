@@ -45,12 +45,12 @@ from mixminion.server.config import ServerConfig
 from mixminion.server.outgoing import Outgoing
 from mixminion.server.packetstore import PacketStore
 from mixminion.server.pidfile import PidFile
-from mixminion.server.pool import MixPool, make_pool
+from mixminion.server.mix_algorithm import MixAlgorithm, make_mix_algorithm
 from mixminion.server.processing import Processor
 from mixminion.server.processing_child import processing_lock
 from mixminion.server.queues import MIX, OUT
 from mixminion.server.stats import NodeStats, StatsReport
-from mixminion.server.workers import run_in, worker_pool
+from mixminion.server.workers import run_in, worker_thread
 
 #: how often the counters are saved (they are also saved at a clean stop),
 #: so a crash loses at most this much of the counts that /metrics and the
@@ -75,10 +75,10 @@ def initiator_settings(config: ServerConfig) -> InitiatorSettings:
     )
 
 
-def mix_algorithm(config: ServerConfig) -> MixPool:
+def mix_algorithm(config: ServerConfig) -> MixAlgorithm:
     """The mixing algorithm of ``[Server] MixAlgorithm`` and its parameters."""
     server = config.server
-    return make_pool(server.mix_algorithm, server.mix_pool_min_size, server.mix_pool_rate)
+    return make_mix_algorithm(server.mix_algorithm, server.mix_pool_min_size, server.mix_pool_rate)
 
 
 def _private_dir(path: str) -> None:
@@ -160,7 +160,7 @@ class MixNode(service.MultiService):
         self.outgoing = Outgoing(self.store, self.client, tuple(outgoing.retry), reactor,
                                  identity.public.keyid, self.stats.count, self.sink,
                                  allows=config.outgoing.allows)
-        self._mixing_pool = worker_pool("mixminion-mixing")
+        self._mixing_worker = worker_thread("mixminion-mixing")
         self.mixer = Mixer(self.store, mix_algorithm(config), server.mix_interval, reactor,
                            dispatcher.routing_table(), self.stats.count, self._after_mix,
                            run_write=self._mixing_write)
@@ -226,7 +226,7 @@ class MixNode(service.MultiService):
         return self.delivery.replace_dispatcher(dispatcher)
 
     def _mixing_write(self, fn, *args) -> defer.Deferred:
-        return run_in(self.reactor, self._mixing_pool, fn, *args)
+        return run_in(self.reactor, self._mixing_worker, fn, *args)
 
     def _after_mix(self) -> None:
         self.outgoing.flush()
@@ -249,8 +249,8 @@ class MixNode(service.MultiService):
         self.stats_report.stop()
         try:
             await self.mixer.stop()
-            if self._mixing_pool.started:
-                self._mixing_pool.stop()
+            if self._mixing_worker.started:
+                self._mixing_worker.stop()
             await self.sink.stop()
             await self.processor.stop()
             # What processing consumed is overwritten now, not at the next start.

@@ -65,7 +65,7 @@ from mixminion.server.mixing import READ_SLICE, queue_slices
 from mixminion.server.packetstore import PacketStore, PacketStoreError
 from mixminion.server.queues import OUT
 from mixminion.server.schedule import AddressRetryState
-from mixminion.server.workers import run_in, stop_when_idle, worker_pool
+from mixminion.server.workers import run_in, stop_when_idle, worker_thread
 
 _STATE_KEY = "outgoing-address-state"
 
@@ -105,7 +105,7 @@ class Outgoing:
     def __init__(self, store: PacketStore, client: MMTPClient, schedule: tuple[int, ...],
                  clock: IReactorTime, own_keyid: bytes, count: Callable[[str, int], None],
                  to_self: IPacketSink, reactor=None,
-                 allows: Optional[AddressPolicy] = None, pool: Optional[ThreadPool] = None) -> None:
+                 allows: Optional[AddressPolicy] = None, worker: Optional[ThreadPool] = None) -> None:
         self.store = store
         #: runs the store's deletions in a worker thread; defaults to ``clock``
         #: (the real reactor); tests pass a ``task.Clock`` as ``clock``
@@ -147,7 +147,7 @@ class Outgoing:
         self.stopping = False
         #: the one-thread pool the removals run in (tests pass one that
         #: runs in place)
-        self._pool = pool if pool is not None else worker_pool("mixminion-outgoing")
+        self._worker = worker if worker is not None else worker_thread("mixminion-outgoing")
         #: the flush under way (see :meth:`flush`), its next step, and
         #: whether another was asked for meanwhile
         self._scan: Optional[Generator[None, None, int]] = None
@@ -493,7 +493,7 @@ class Outgoing:
             return
         batch, self._done = self._done, []
         self._writing = True
-        d = run_in(self.reactor, self._pool, self.store.remove_many, batch)
+        d = run_in(self.reactor, self._worker, self.store.remove_many, batch)
 
         def written(result):
             self._writing = False
@@ -516,4 +516,4 @@ class Outgoing:
         if self._scan is not None:
             self._scan.close()  # its removals so far are written; the rest wait in the queue
             self._scan = None
-        return stop_when_idle(self.reactor, lambda: self._writing or bool(self._done), self._pool)
+        return stop_when_idle(self.reactor, lambda: self._writing or bool(self._done), self._worker)

@@ -19,7 +19,7 @@ from mixminion.server.outgoing import Outgoing
 from mixminion.server.queues import OUT
 from mixminion.server.stats import NodeStats
 from mixminion.testing.fakes import HeldClient, ListSink, scratch_store
-from mixminion.testing.threads import InPlacePool, InPlaceReactor
+from mixminion.testing.threads import InPlaceWorker, InPlaceReactor
 
 
 class OutgoingWindowTests(unittest.TestCase):
@@ -35,7 +35,7 @@ class OutgoingWindowTests(unittest.TestCase):
 
     def outgoing(self, window: int) -> Outgoing:
         out = Outgoing(self.store, self.client, (60, 60), self.clock, b"\x07" * 20,
-                       self.stats.count, ListSink(), pool=InPlacePool())
+                       self.stats.count, ListSink(), worker=InPlaceWorker())
         out.max_in_flight = window
         self.addCleanup(out.stop)
         return out
@@ -84,6 +84,6 @@ class OutgoingWindowTests(unittest.TestCase):
             d.errback(ConnectionFailed("client shutting down"))
         await stopped
         again = Outgoing(self.store, HeldClient(), (60, 60), self.clock, b"\x07" * 20,
-                         self.stats.count, ListSink(), pool=InPlacePool())
+                         self.stats.count, ListSink(), worker=InPlaceWorker())
         self.addCleanup(again.stop)
         self.assertEqual(again.flush(), 3)  # right away after the restart

@@ -33,7 +33,7 @@ from mixminion.server.items import DeliveryItem, decode_item, encode_item
 from mixminion.server.mixing import Mixer
 from mixminion.server.outgoing import Outgoing
 from mixminion.server.packetstore import PacketStore, PacketStoreError
-from mixminion.server.pool import TimedPool
+from mixminion.server.mix_algorithm import TimedMix
 from mixminion.server.draining import consumed_through, drain, open_incoming
 from mixminion.server.incoming_log import IncomingLog
 from mixminion.server.processing import Processor
@@ -42,7 +42,7 @@ from mixminion.server.store_replay import StoreReplayLog
 from mixminion.server.stats import NodeStats
 from mixminion.testing.fakes import ListSink, scratch_store
 from mixminion.testing.keys import key
-from mixminion.testing.threads import InPlacePool, InPlaceReactor
+from mixminion.testing.threads import InPlaceWorker, InPlaceReactor
 
 
 def _hop(n: int) -> Hop:
@@ -291,7 +291,7 @@ class MixerTests(StoreTestCase):
         unknown = encode_item(DeliveryItem(0x0999, bytes(20) + b"x", bytes(16)))
         self.store.add_many(MIX, [b"r" * 10, b"m" * 10, b"u" * 10], meta=[relay, mbox, unknown])
         flushed = []
-        mixer = Mixer(self.store, TimedPool(), 60, clock,
+        mixer = Mixer(self.store, TimedMix(), 60, clock,
                       {MBOX_TYPE: "MBOX"},
                       self.stats.count, lambda: flushed.append(True))
         mixer.start()
@@ -324,7 +324,7 @@ class OutgoingTests(StoreTestCase):
         """An Outgoing whose removals from the store run in place."""
         self.to_self = ListSink()
         out = Outgoing(self.store, client, schedule, clock, b"\x07" * 20, self.stats.count,
-                       self.to_self, pool=InPlacePool())
+                       self.to_self, worker=InPlaceWorker())
         self.addCleanup(out.stop)
         return out
 
@@ -483,7 +483,7 @@ class SinkBoundTests(TwoStoreTestCase):
         from mixminion.server.durable import DurableSink
 
         clock = InPlaceReactor()
-        sink = DurableSink(self.incoming, clock, max_queued=3, pool=InPlacePool())
+        sink = DurableSink(self.incoming, clock, max_queued=3, worker=InPlaceWorker())
         self.addCleanup(sink.stop)
 
         def receive(packet: bytes) -> int:
@@ -507,7 +507,7 @@ class SinkDiskTests(TwoStoreTestCase):
         """A full disk makes MMTP answer REJECTED instead of crashing."""
         from mixminion.server.durable import DurableSink, SinkRefused
 
-        sink = DurableSink(self.incoming, InPlaceReactor(), min_free_bytes=1 << 62, pool=InPlacePool())
+        sink = DurableSink(self.incoming, InPlaceReactor(), min_free_bytes=1 << 62, worker=InPlaceWorker())
         self.addCleanup(sink.stop)
         self.failureResultOf(sink.receivePacket(b"a" * 32768, "peer"), SinkRefused)
         self.assertEqual(self.incoming.count(), 0)
@@ -607,7 +607,7 @@ class FailureHandlingTests(TwoStoreTestCase):
             calls.append(clock.seconds())
             raise PacketStoreError("database is locked")
 
-        mixer = Mixer(self.store, TimedPool(), 60, clock, {}, self.stats.count, flush)
+        mixer = Mixer(self.store, TimedMix(), 60, clock, {}, self.stats.count, flush)
         mixer.start()
         self.addCleanup(mixer.stop)
         clock.advance(60)

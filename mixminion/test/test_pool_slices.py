@@ -11,7 +11,7 @@ one read in a single pass sends (the fairness of the outgoing queue is
 unchanged).
 
 Everything runs on a ``task.Clock``; worker threads are stood in for by
-:class:`~mixminion.testing.threads.InPlacePool`, whose results reach the
+:class:`~mixminion.testing.threads.InPlaceWorker`, whose results reach the
 clock's next turn as a real thread's reach the reactor.
 """
 
@@ -31,13 +31,13 @@ from mixminion.server.items import DeliveryItem, encode_item
 from mixminion.server.mixing import Mixer, queue_slices
 from mixminion.server.outgoing import Outgoing
 from mixminion.server.packetstore import PacketStore, PacketStoreError
-from mixminion.server.pool import CottrellPool, TimedPool
+from mixminion.server.mix_algorithm import CottrellMix, TimedMix
 from mixminion.server.queues import MIX, OUT, delivery_queue
 from mixminion.server.stats import NodeStats
 from mixminion.server.workers import run_in
 from mixminion.test.test_mmtp_protocol import LogMixin
 from mixminion.testing.fakes import HeldClient, ListSink, scratch_store
-from mixminion.testing.threads import InPlacePool, InPlaceReactor
+from mixminion.testing.threads import InPlaceWorker, InPlaceReactor
 
 OWN_KEYID = b"own key id".ljust(20, b"\0")
 
@@ -83,7 +83,7 @@ class ReadLog:
     ran in the worker, and in which call of ``clock`` (None: the test's)."""
 
     def __init__(self, test: unittest.TestCase, store: PacketStore, clock: ThreadClock,
-                 worker: Optional[InPlacePool] = None) -> None:
+                 worker: Optional[InPlaceWorker] = None) -> None:
         #: (method, rows, in the worker, clock call)
         self.calls: list[tuple[str, int, bool, Optional[int]]] = []
         for name in ("items", "ids"):
@@ -116,7 +116,7 @@ class MixerTests(LogMixin):
         self.store = scratch_store(self)
         self.stats = NodeStats()
         self.clock = ThreadClock()
-        self.worker = InPlacePool()
+        self.worker = InPlaceWorker()
         self.flushed: list[bool] = []
 
     def mixer(self, pool: Any, routes: Optional[dict[int, str]] = None,
@@ -143,7 +143,7 @@ class MixerTests(LogMixin):
         worker = self.worker
         chosen_in: list[bool] = []
 
-        class Watched(TimedPool):
+        class Watched(TimedMix):
             def choose_batch(self, item_ids):
                 chosen_in.append(worker.running)
                 return super().choose_batch(item_ids)
@@ -164,7 +164,7 @@ class MixerTests(LogMixin):
     def test_the_pool_is_read_in_slices(self) -> None:
         self.fill(1050)
         reads = ReadLog(self, self.store, self.clock, self.worker)
-        self.mixer(TimedPool(), read_slice=100).mix()
+        self.mixer(TimedMix(), read_slice=100).mix()
         self.clock.advance(0)
         items = [n for name, n, _, _ in reads.calls if name == "items"]
         self.assertEqual(items, [100] * 10 + [50])
@@ -176,7 +176,7 @@ class MixerTests(LogMixin):
         decoded = []
         original = mixing.decode_item
         self.patch(mixing, "decode_item", lambda meta: (decoded.append(meta), original(meta))[1])
-        d = self.mixer(TimedPool(), {MBOX_TYPE: "MBOX"}).mix()
+        d = self.mixer(TimedMix(), {MBOX_TYPE: "MBOX"}).mix()
         self.clock.advance(0)
         self.assertEqual(self.successResultOf(d), 2003)
         self.assertEqual(len(decoded), 4 + 3)
@@ -186,8 +186,8 @@ class MixerTests(LogMixin):
         exactly its batch moves, nothing is lost or moved twice, and a
         payload no module takes is dropped."""
         ids = self.fill(900, mbox=60, unknown=40)
-        expected = set(CottrellPool(100, 0.5, random.Random(9)).choose_batch(ids))
-        d = self.mixer(CottrellPool(100, 0.5, random.Random(9)),
+        expected = set(CottrellMix(100, 0.5, random.Random(9)).choose_batch(ids))
+        d = self.mixer(CottrellMix(100, 0.5, random.Random(9)),
                        {MBOX_TYPE: "MBOX"}, read_slice=64).mix()
         self.clock.advance(0)
         self.assertEqual(self.successResultOf(d), len(expected))
@@ -203,7 +203,7 @@ class MixerTests(LogMixin):
         self.fill(300)
         store = self.store
 
-        class ArrivalsMeanwhile(TimedPool):
+        class ArrivalsMeanwhile(TimedMix):
             def choose_batch(self, item_ids):
                 store.add_many(MIX, [b"late"] * 5, meta=[relay_meta(dest(1))] * 5)
                 return super().choose_batch(item_ids)
@@ -222,7 +222,7 @@ class MixerTests(LogMixin):
             raise PacketStoreError("disk I/O error")
 
         self.patch(self.store, "remove_many", broken)
-        d = self.mixer(TimedPool()).mix()
+        d = self.mixer(TimedMix()).mix()
         self.clock.advance(0)
         self.assertEqual(self.successResultOf(d), 0)
         self.assertEqual(self.store.count(MIX), 510)
@@ -235,7 +235,7 @@ class MixerTests(LogMixin):
         way; the next mix time then passes rather than choose the same
         items again."""
         self.fill(200)
-        mixer = self.mixer(TimedPool())
+        mixer = self.mixer(TimedMix())
         first = mixer.mix()
         self.assertEqual(self.successResultOf(mixer.mix()), 0)
         self.clock.advance(0)
@@ -244,7 +244,7 @@ class MixerTests(LogMixin):
 
     def test_stopping_before_the_move_moves_nothing(self) -> None:
         self.fill(500)
-        mixer = self.mixer(TimedPool())
+        mixer = self.mixer(TimedMix())
         d = mixer.mix()
         stopped = mixer.stop()
         self.assertNoResult(stopped)
@@ -285,7 +285,7 @@ class SlicedOutgoing:
         self.to_self = ListSink()
         self.out = Outgoing(store, self.client, (60, 60), clock, OWN_KEYID,  # type: ignore[arg-type]
                             self.stats.count, self.to_self, reactor=clock, allows=allows,
-                            pool=InPlacePool())
+                            worker=InPlaceWorker())
         self.out.scan_slice = scan_slice
         test.addCleanup(self.out.stop)
 
@@ -507,12 +507,12 @@ class ReleaseTests(unittest.TestCase):
         store = scratch_store(self)
         clock = ThreadClock()
         clock.advance(1000)
-        worker = InPlacePool()
+        worker = InPlaceWorker()
         stats = NodeStats()
         metas = [relay_meta(dest(i % 30)) for i in range(5000)]
         store.add_many(MIX, [packet(i) for i in range(5000)], now=1000, meta=metas)
         sliced = SlicedOutgoing(self, store, clock, scan_slice=256)
-        mixer = Mixer(store, TimedPool(), 60, clock, {}, stats.count,
+        mixer = Mixer(store, TimedMix(), 60, clock, {}, stats.count,
                       sliced.out.flush,
                       run_write=lambda fn, *args: run_in(clock, worker, fn, *args))
         mixer.read_slice = 256

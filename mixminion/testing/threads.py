@@ -1,9 +1,9 @@
 """Worker threads that run in place, for unit tests of the pipeline stages.
 
-``Outgoing`` and ``DurableSink`` write to their store in a one-thread pool
+``Outgoing`` and ``DurableSink`` write to their store in a worker thread
 (:func:`mixminion.server.workers.run_in`) and hear back through their
 reactor's ``callFromThread``.  A test hands the stage an
-:class:`InPlacePool` (``pool=``), which runs each write at once, in the
+:class:`InPlaceWorker` (``worker=``), which runs each write at once, in the
 test's own thread, and an :class:`InPlaceReactor` (a ``task.Clock``).  The write's result
 comes back as the reactor would deliver it, in a later turn: as a call due
 now, which ``advance(0)`` makes (with whatever it sets off in turn).  So
@@ -18,7 +18,7 @@ from typing import Any, Callable, TypeVar
 from twisted.internet import task
 from twisted.python.failure import Failure
 
-__all__ = ["InPlacePool", "InPlaceReactor"]
+__all__ = ["InPlaceWorker", "InPlaceReactor"]
 
 T = TypeVar("T")
 
@@ -31,7 +31,7 @@ class InPlaceReactor(task.Clock):
         self.callLater(0, f, *args, **kwargs)
 
 
-class InPlacePool:
+class InPlaceWorker:
     """Stands in for a worker ``ThreadPool``: runs each call at once, in
     the test's thread; ``running`` is true meanwhile (a test can tell what
     ran "in the worker")."""

@@ -19,15 +19,15 @@ from typing import Sequence
 
 from twisted.trial import unittest
 
-from mixminion.server.pool import (
+from mixminion.server.mix_algorithm import (
     ALGORITHMS,
     FLOAT_DENOMINATOR,
-    BinomialPool,
-    CottrellPool,
-    MixPool,
-    TimedPool,
+    BinomialMix,
+    CottrellMix,
+    MixAlgorithm,
+    TimedMix,
     cottrell_batch_size,
-    make_pool,
+    make_mix_algorithm,
     randbelow,
     random_float,
     shuffle,
@@ -158,7 +158,7 @@ class RandomHelperTests(ChiSquareMixin, unittest.TestCase):
 class CottrellSizeTests(ChiSquareMixin, unittest.TestCase):
     def test_worked_examples(self) -> None:
         """§5, defaults minPool 5, rate 60 %: n=4 → 0, 6 → 1, 10 → 5, 100 → 60."""
-        pool = CottrellPool(5, 0.6, random.Random(1))
+        pool = CottrellMix(5, 0.6, random.Random(1))
         for n, k in [(4, 0), (6, 1), (10, 5), (100, 60)]:
             self.assertEqual(pool.batch_size(n), k, f"n={n}")
             self.assertEqual(len(pool.choose_batch(list(range(n)))), k, f"n={n}")
@@ -182,7 +182,7 @@ class CottrellSizeTests(ChiSquareMixin, unittest.TestCase):
     def test_formula_over_a_grid(self) -> None:
         rng = random.Random(5)
         for min_pool, rate in itertools.product([0, 1, 5, 17], [0.0, 0.05, 0.33, 0.6, 1.0]):
-            pool = CottrellPool(min_pool, rate, rng)
+            pool = CottrellMix(min_pool, rate, rng)
             for n in range(0, 80):
                 items = [f"item{i}" for i in range(n)]
                 batch = pool.choose_batch(items)
@@ -193,10 +193,10 @@ class CottrellSizeTests(ChiSquareMixin, unittest.TestCase):
                 self.assertGreaterEqual(n - len(batch), min(n, min_pool))
 
     def test_small_pool_draws_no_randomness(self) -> None:
-        self.assertEqual(CottrellPool(5, 0.6, NoRandomness()).choose_batch([1, 2, 3, 4, 5]), [])
-        self.assertEqual(BinomialPool(5, 0.6, NoRandomness()).choose_batch([1, 2, 3, 4, 5]), [])
-        self.assertEqual(BinomialPool(0, 0.6, NoRandomness()).choose_batch([]), [])
-        self.assertEqual(TimedPool(NoRandomness()).choose_batch([]), [])
+        self.assertEqual(CottrellMix(5, 0.6, NoRandomness()).choose_batch([1, 2, 3, 4, 5]), [])
+        self.assertEqual(BinomialMix(5, 0.6, NoRandomness()).choose_batch([1, 2, 3, 4, 5]), [])
+        self.assertEqual(BinomialMix(0, 0.6, NoRandomness()).choose_batch([]), [])
+        self.assertEqual(TimedMix(NoRandomness()).choose_batch([]), [])
 
 
 # --- Cottrell: which items and in what order ------------------------------------------
@@ -205,7 +205,7 @@ class CottrellSizeTests(ChiSquareMixin, unittest.TestCase):
 class CottrellStatisticsTests(ChiSquareMixin, unittest.TestCase):
     def test_each_item_chosen_with_probability_k_over_n(self) -> None:
         n, rounds = 10, 4000
-        pool = CottrellPool(5, 0.6, random.Random(11))  # k = 5
+        pool = CottrellMix(5, 0.6, random.Random(11))  # k = 5
         counts: Counter = Counter()
         for _ in range(rounds):
             counts.update(pool.choose_batch(list(range(n))))
@@ -216,26 +216,26 @@ class CottrellStatisticsTests(ChiSquareMixin, unittest.TestCase):
 
     def test_every_subset_equally_likely(self) -> None:
         rounds = 7000
-        pool = CottrellPool(3, 0.5, random.Random(12))  # n=7: k = min(4, 3) = 3
+        pool = CottrellMix(3, 0.5, random.Random(12))  # n=7: k = min(4, 3) = 3
         subsets = Counter(frozenset(pool.choose_batch(range(7))) for _ in range(rounds))
         cells = [frozenset(c) for c in itertools.combinations(range(7), 3)]  # 35 subsets
         self.assertUniformCounts(subsets, cells, rounds, "Cottrell subsets")
 
     def test_order_is_uniformly_random(self) -> None:
         rounds = 6000
-        pool = CottrellPool(0, 1.0, random.Random(13))  # k = n: all, in random order
+        pool = CottrellMix(0, 1.0, random.Random(13))  # k = n: all, in random order
         perms = Counter(tuple(pool.choose_batch("abc")) for _ in range(rounds))
         self.assertUniformCounts(perms, list(itertools.permutations("abc")), rounds, "Cottrell order")
 
     def test_first_position_uniform_among_chosen(self) -> None:
         rounds = 5000
-        pool = CottrellPool(2, 0.5, random.Random(14))  # n=6: k=3
+        pool = CottrellMix(2, 0.5, random.Random(14))  # n=6: k=3
         firsts = Counter(pool.choose_batch(range(6))[0] for _ in range(rounds))
         self.assertUniformCounts(firsts, range(6), rounds, "Cottrell first item")
 
     def test_input_not_modified(self) -> None:
         items = list(range(20))
-        CottrellPool(5, 0.6, random.Random(15)).choose_batch(items)
+        CottrellMix(5, 0.6, random.Random(15)).choose_batch(items)
         self.assertEqual(items, list(range(20)))
 
 
@@ -246,7 +246,7 @@ class BinomialStatisticsTests(ChiSquareMixin, unittest.TestCase):
     def check_size_distribution(self, n: int, min_pool: int, rate: float, seed: int, rounds: int) -> None:
         """Batch size ~ Binomial(n, k/n): mean within 4 standard errors, and
         a chi-square goodness-of-fit on the whole size distribution."""
-        pool = BinomialPool(min_pool, rate, random.Random(seed))
+        pool = BinomialMix(min_pool, rate, random.Random(seed))
         k = cottrell_batch_size(n, min_pool, rate)
         p = k / n
         sizes = [len(pool.choose_batch(range(n))) for _ in range(rounds)]
@@ -277,12 +277,12 @@ class BinomialStatisticsTests(ChiSquareMixin, unittest.TestCase):
 
     def test_not_a_fixed_size(self) -> None:
         """Unlike Cottrell, the size varies: that is the point of the variant."""
-        pool = BinomialPool(5, 0.6, random.Random(25))
+        pool = BinomialMix(5, 0.6, random.Random(25))
         self.assertGreater(len({len(pool.choose_batch(range(20))) for _ in range(200)}), 5)
 
     def test_each_item_independently_with_probability_p(self) -> None:
         n, rounds = 12, 5000
-        pool = BinomialPool(5, 0.6, random.Random(26))  # k = min(7, 7) = 7, p = 7/12
+        pool = BinomialMix(5, 0.6, random.Random(26))  # k = min(7, 7) = 7, p = 7/12
         p = 7 / 12
         counts: Counter = Counter()
         pair = 0
@@ -297,19 +297,19 @@ class BinomialStatisticsTests(ChiSquareMixin, unittest.TestCase):
 
     def test_order_is_shuffled(self) -> None:
         rounds = 6000
-        pool = BinomialPool(0, 1.0, random.Random(27))  # p = 1: all chosen (bar 2^-31)
+        pool = BinomialMix(0, 1.0, random.Random(27))  # p = 1: all chosen (bar 2^-31)
         perms = Counter(tuple(pool.choose_batch("abc")) for _ in range(rounds))
         self.assertUniformCounts(perms, list(itertools.permutations("abc")), rounds, "Binomial order")
 
     def test_inclusion_is_float_strictly_below_p(self) -> None:
         """The reference's comparison: float < p, and the float can be 1.0,
         so even with p = 1 an all-ones draw excludes the item."""
-        self.assertEqual(BinomialPool(0, 1.0, ConstantBits(-1)).choose_batch([1, 2, 3]), [])
-        self.assertEqual(BinomialPool(0, 1.0, ConstantBits(0)).choose_batch([1]), [1])
+        self.assertEqual(BinomialMix(0, 1.0, ConstantBits(-1)).choose_batch([1, 2, 3]), [])
+        self.assertEqual(BinomialMix(0, 1.0, ConstantBits(0)).choose_batch([1]), [1])
 
     def test_one_31_bit_draw_per_item(self) -> None:
         rng = ConstantBits(-1)  # nothing selected, so no shuffle draws follow
-        BinomialPool(5, 0.6, rng).choose_batch(range(30))
+        BinomialMix(5, 0.6, rng).choose_batch(range(30))
         self.assertEqual(rng.requests, [31] * 30)
 
 
@@ -318,7 +318,7 @@ class BinomialStatisticsTests(ChiSquareMixin, unittest.TestCase):
 
 class TimedTests(ChiSquareMixin, unittest.TestCase):
     def test_sends_everything(self) -> None:
-        pool = TimedPool(random.Random(31))
+        pool = TimedMix(random.Random(31))
         for n in (0, 1, 2, 7, 100):
             items = [object() for _ in range(n)]
             batch = pool.choose_batch(items)
@@ -328,7 +328,7 @@ class TimedTests(ChiSquareMixin, unittest.TestCase):
 
     def test_all_permutations_of_three_equally_likely(self) -> None:
         rounds = 6000
-        pool = TimedPool(random.Random(32))
+        pool = TimedMix(random.Random(32))
         perms = Counter(tuple(pool.choose_batch(("x", "y", "z"))) for _ in range(rounds))
         cells = list(itertools.permutations(("x", "y", "z")))
         self.assertUniformCounts(perms, cells, rounds, "Timed order")
@@ -337,14 +337,14 @@ class TimedTests(ChiSquareMixin, unittest.TestCase):
 
     def test_position_of_each_item_uniform(self) -> None:
         rounds, n = 4000, 8
-        pool = TimedPool(random.Random(33))
+        pool = TimedMix(random.Random(33))
         where = Counter(pool.choose_batch(range(n)).index(0) for _ in range(rounds))
         self.assertUniformCounts(where, range(n), rounds, "position of item 0")
 
     def test_flagged_insecure(self) -> None:
-        self.assertTrue(TimedPool().insecure)
-        self.assertFalse(CottrellPool(5, 0.6).insecure)
-        self.assertFalse(BinomialPool(5, 0.6).insecure)
+        self.assertTrue(TimedMix().insecure)
+        self.assertFalse(CottrellMix(5, 0.6).insecure)
+        self.assertFalse(BinomialMix(5, 0.6).insecure)
 
 
 # --- factory and parameters -----------------------------------------------------------------
@@ -353,46 +353,46 @@ class TimedTests(ChiSquareMixin, unittest.TestCase):
 class FactoryTests(unittest.TestCase):
     def test_names_case_insensitive(self) -> None:
         cases = {
-            "Timed": TimedPool,
-            "TIMED": TimedPool,
-            "Cottrell": CottrellPool,
-            "mixmaster": CottrellPool,
-            "DynamicPool": CottrellPool,
-            "Binomial": BinomialPool,
-            "binomialcottrell": BinomialPool,
-            "BinomialDynamicPool": BinomialPool,
-            " Cottrell ": CottrellPool,
+            "Timed": TimedMix,
+            "TIMED": TimedMix,
+            "Cottrell": CottrellMix,
+            "mixmaster": CottrellMix,
+            "DynamicPool": CottrellMix,
+            "Binomial": BinomialMix,
+            "binomialcottrell": BinomialMix,
+            "BinomialDynamicPool": BinomialMix,
+            " Cottrell ": CottrellMix,
         }
         for name, cls in cases.items():
-            self.assertIs(type(make_pool(name, 5, 0.6)), cls, name)
+            self.assertIs(type(make_mix_algorithm(name, 5, 0.6)), cls, name)
         self.assertEqual(len(ALGORITHMS), 7)
 
     def test_parameters_passed(self) -> None:
         rng = random.Random(41)
-        pool = make_pool("binomial", 7, 0.25, rng)
-        assert isinstance(pool, BinomialPool)
+        pool = make_mix_algorithm("binomial", 7, 0.25, rng)
+        assert isinstance(pool, BinomialMix)
         self.assertEqual((pool.min_pool, pool.rate), (7, 0.25))
         self.assertIs(pool.rng, rng)
-        self.assertIs(make_pool("timed", 7, 0.25, rng).rng, rng)
+        self.assertIs(make_mix_algorithm("timed", 7, 0.25, rng).rng, rng)
 
     def test_unknown_name(self) -> None:
-        self.assertRaises(ValueError, make_pool, "Serjantov")
-        self.assertRaises(ValueError, make_pool, "")
+        self.assertRaises(ValueError, make_mix_algorithm, "Serjantov")
+        self.assertRaises(ValueError, make_mix_algorithm, "")
 
     def test_default_rng_is_system_csprng(self) -> None:
-        pool: MixPool = make_pool("Cottrell")
+        pool: MixAlgorithm = make_mix_algorithm("Cottrell")
         self.assertIsInstance(pool.rng, secrets.SystemRandom)
         self.assertEqual(len(pool.choose_batch(range(10))), 5)
 
     def test_bad_parameters(self) -> None:
-        self.assertRaises(ValueError, CottrellPool, -1, 0.6)
-        self.assertRaises(ValueError, CottrellPool, 5, 1.5)
-        self.assertRaises(ValueError, BinomialPool, 5, -0.1)
-        self.assertRaises(ValueError, BinomialPool, 2.5, 0.6)
+        self.assertRaises(ValueError, CottrellMix, -1, 0.6)
+        self.assertRaises(ValueError, CottrellMix, 5, 1.5)
+        self.assertRaises(ValueError, BinomialMix, 5, -0.1)
+        self.assertRaises(ValueError, BinomialMix, 2.5, 0.6)
 
     def test_same_seed_same_batches(self) -> None:
         for name in ("Timed", "Cottrell", "Binomial"):
-            a, b = make_pool(name, rng=random.Random(42)), make_pool(name, rng=random.Random(42))
+            a, b = make_mix_algorithm(name, rng=random.Random(42)), make_mix_algorithm(name, rng=random.Random(42))
             for n in (3, 10, 50):
                 self.assertEqual(a.choose_batch(range(n)), b.choose_batch(range(n)), name)
 

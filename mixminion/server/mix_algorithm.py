@@ -1,6 +1,6 @@
-"""Mix-pool algorithms: which pooled items leave at a mix time (server.md §5).
+"""Mix algorithms: which items of the mix pool leave at a mix time (server.md §5).
 
-Pure decision logic.  The node calls :meth:`MixPool.choose_batch` with the
+Pure decision logic.  The node calls :meth:`MixAlgorithm.choose_batch` with the
 ids of everything in the pool when the mix fires; nothing here knows about
 clocks, queues or Twisted, so the statistics of each algorithm can be tested
 directly with a seeded generator.
@@ -21,14 +21,14 @@ from typing import Optional, Protocol, Sequence, TypeVar
 
 __all__ = [
     "ALGORITHMS",
-    "BinomialPool",
-    "CottrellPool",
+    "BinomialMix",
+    "CottrellMix",
     "MIN_SEND",
-    "MixPool",
+    "MixAlgorithm",
     "RandomBits",
-    "TimedPool",
+    "TimedMix",
     "cottrell_batch_size",
-    "make_pool",
+    "make_mix_algorithm",
     "random_float",
     "randbelow",
     "shuffle",
@@ -109,7 +109,7 @@ def cottrell_batch_size(n: int, min_pool: int, rate: float) -> int:
 # --- the algorithms ---------------------------------------------------------------
 
 
-class MixPool(ABC):
+class MixAlgorithm(ABC):
     """A mixing rule: given the pool's contents, the batch to send now."""
 
     #: §14.10: published as "Mix algorithm is not secure"
@@ -128,7 +128,7 @@ class MixPool(ABC):
         """Mean batch size for a pool of ``n`` items (documentation, tests)."""
 
 
-class TimedPool(MixPool):
+class TimedMix(MixAlgorithm):
     """Everything in the pool, every time, in uniformly random order.
 
     Gives anonymity only among packets that arrived in the same interval,
@@ -144,10 +144,10 @@ class TimedPool(MixPool):
         return float(n)
 
     def __repr__(self) -> str:
-        return "TimedPool()"
+        return "TimedMix()"
 
 
-class _DynamicPool(MixPool):
+class _DynamicMix(MixAlgorithm):
     """Shared parameters of the two Cottrell variants."""
 
     def __init__(self, min_pool: int, rate: float, rng: Optional[RandomBits] = None) -> None:
@@ -166,7 +166,7 @@ class _DynamicPool(MixPool):
         return f"{type(self).__name__}(min_pool={self.min_pool}, rate={self.rate})"
 
 
-class CottrellPool(_DynamicPool):
+class CottrellMix(_DynamicMix):
     """Timed dynamic pool: exactly ``k`` items, chosen uniformly at random.
 
     Keeping at least ``min_pool`` items back means a packet may stay for
@@ -180,7 +180,7 @@ class CottrellPool(_DynamicPool):
         return float(self.batch_size(n))
 
 
-class BinomialPool(_DynamicPool):
+class BinomialMix(_DynamicMix):
     """Binomial Cottrell: each item leaves independently with ``p = k/n``.
 
     The batch size is Binomial(n, k/n) rather than exactly ``k``, so an
@@ -204,23 +204,23 @@ class BinomialPool(_DynamicPool):
 # --- configuration names -------------------------------------------------------------
 
 #: §5 names, lower-cased, to the algorithm they select
-ALGORITHMS: dict[str, type[MixPool]] = {
-    "timed": TimedPool,
-    "cottrell": CottrellPool,
-    "mixmaster": CottrellPool,
-    "dynamicpool": CottrellPool,
-    "binomial": BinomialPool,
-    "binomialcottrell": BinomialPool,
-    "binomialdynamicpool": BinomialPool,
+ALGORITHMS: dict[str, type[MixAlgorithm]] = {
+    "timed": TimedMix,
+    "cottrell": CottrellMix,
+    "mixmaster": CottrellMix,
+    "dynamicpool": CottrellMix,
+    "binomial": BinomialMix,
+    "binomialcottrell": BinomialMix,
+    "binomialdynamicpool": BinomialMix,
 }
 
 
-def make_pool(
+def make_mix_algorithm(
     algorithm: str,
     min_pool: int = 5,
     rate: float = 0.6,
     rng: Optional[RandomBits] = None,
-) -> MixPool:
+) -> MixAlgorithm:
     """The pool for a ``MixAlgorithm`` value (case-insensitive).
 
     ``min_pool``/``rate`` are ignored by ``Timed`` (the config layer warns
@@ -231,6 +231,6 @@ def make_pool(
     except KeyError:
         names = "Timed, Cottrell, Mixmaster, DynamicPool, Binomial, BinomialCottrell, BinomialDynamicPool"
         raise ValueError(f"unknown mix algorithm {algorithm!r} (expected one of {names})") from None
-    if issubclass(cls, _DynamicPool):
+    if issubclass(cls, _DynamicMix):
         return cls(min_pool, rate, rng)
     return cls(rng)
