@@ -44,7 +44,7 @@ def apply_mixing(node: MixNode, config: ServerConfig) -> None:
     """A new algorithm or parameters from the next mix on; a new interval
     restarts the timer."""
     server = config.server
-    node.mixer.pool = mix_algorithm(config)
+    node.mixer.algorithm = mix_algorithm(config)
     if server.mix_interval != node.mixer.interval:
         node.mixer.restart(server.mix_interval)
 

@@ -81,7 +81,7 @@ class NodeFromConfigTests(unittest.TestCase):
         [reload] = [s for s in node if isinstance(s, ReloadService)]
         yield reload.reload()
         self.assertEqual(node.mixer.interval, 7200)
-        self.assertEqual(type(node.mixer.pool).__name__, "BinomialMix")
+        self.assertEqual(type(node.mixer.algorithm).__name__, "BinomialMix")
         self.assertEqual(node.limits.max_connections, 7)
         warnings = [e for e in events if "after a restart" in e.get("log_format", "")]
         self.assertEqual(sorted(e["key"] for e in warnings), ["ListenPort", "Port"])
