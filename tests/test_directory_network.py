@@ -41,6 +41,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import socket
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Optional, TypeVar
 
@@ -57,7 +58,8 @@ from mixminion.codec.rsa import PrivateKey
 from mixminion.directory import directory as dirformat
 from mixminion.directory.descriptor import parse_descriptor
 from mixminion.testing.keys import key
-from mixminion.testing.processes import Daemon, MixNode, authority_config, free_ports, wait_until
+from mixminion.testing.processes import (Daemon, MixNode, authority_config, free_ports, run_twistd,
+                                         wait_until)
 
 T = TypeVar("T")
 reactor: Any = _reactor
@@ -424,3 +426,28 @@ class DirectoryNetworkTests(unittest.TestCase):
         for proc in self.processes:
             proc.stopped = True
         await self.stop_everything()
+
+
+class AuthorityStartupTests(unittest.TestCase):
+    def test_port_in_use(self) -> None:
+        """An authority whose port is taken says so in one line and exits."""
+        folder = os.path.abspath(self.mktemp())
+        base = os.path.join(folder, "base")
+        os.makedirs(base, mode=0o700)
+        [port] = free_ports(1)
+        authority = key("authority 1")
+        fingerprint = authority.public.fingerprint
+        conf = os.path.join(folder, "authority.conf")
+        with open(conf, "w", encoding="ascii") as f:
+            f.write(authority_config(base, "Auth1", port, [(f"http://127.0.0.1:{port}/", fingerprint)],
+                                     1, VOTE_INTERVAL))
+        write_identity(os.path.join(base, "identity.key"), authority)
+        with socket.socket() as taken:
+            taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            taken.bind(("127.0.0.1", port))
+            taken.listen()
+            done = run_twistd(["mixminion-directory", "-c", conf], cwd=folder)
+        self.assertNotEqual(done.returncode, 0, done.stdout)
+        self.assertNotIn("Traceback", done.stdout)
+        [line] = [line for line in done.stdout.splitlines() if "mixminion-directory:" in line]
+        self.assertIn(f"cannot listen on 127.0.0.1:{port}: Address already in use", line)

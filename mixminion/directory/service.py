@@ -42,7 +42,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
-from twisted.application import internet, service
+from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -65,6 +65,7 @@ from mixminion.directory.httpserver import (
     HTTPLimits,
 )
 from mixminion.codec.textformat import SECONDS_PER_DAY
+from mixminion.listening import ListeningService
 
 log = Logger()
 
@@ -507,9 +508,7 @@ class AuthorityService(service.MultiService):
             settings = authority.settings
             endpoint = TCP4ServerEndpoint(reactor, settings.port, backlog=LISTEN_BACKLOG,
                                           interface=settings.listen_ip)
-            listener = internet.StreamServerEndpointService(endpoint, self.site)
-            listener._raiseSynchronously = True
-            listener.setServiceParent(self)
+            ListeningService(endpoint, self.site, "mixminion-directory").setServiceParent(self)
 
     def stopService(self):  # noqa: N802
         d = defer.maybeDeferred(super().stopService)

@@ -23,10 +23,9 @@ from __future__ import annotations
 import os
 from typing import Callable, Optional, Sequence
 
-from twisted.application import internet, service
+from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
-from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.web.server import Site
 
@@ -40,6 +39,7 @@ from mixminion.server.delivery import Delivery
 from mixminion.server.draining import consumed_through, open_incoming
 from mixminion.server.durable import DurableSink
 from mixminion.server.metrics import metrics_root
+from mixminion.listening import ListeningService
 from mixminion.server.mixing import Mixer
 from mixminion.server.config import ServerConfig
 from mixminion.server.outgoing import Outgoing
@@ -172,31 +172,20 @@ class MixNode(service.MultiService):
         self.listeners = []
         endpoint = TCP4ServerEndpoint(reactor, incoming.listen_port, backlog=128,
                                       interface=incoming.listen_ip)
-        self._listen(internet.StreamServerEndpointService(endpoint, factory))
+        self._listen(ListeningService(endpoint, factory))
         if incoming.listen_ip6:
             endpoint6 = TCP6ServerEndpoint(reactor, incoming.listen_port, backlog=128,
                                            interface=incoming.listen_ip6)
-            self._listen(internet.StreamServerEndpointService(endpoint6, factory))
+            self._listen(ListeningService(endpoint6, factory))
         if server.metrics_port is not None:
             site = Site(metrics_root(self.metrics_text))
             metrics = TCP4ServerEndpoint(reactor, server.metrics_port,
                                          interface=server.metrics_address)
-            self._listen(internet.StreamServerEndpointService(metrics, site))
+            self._listen(ListeningService(metrics, site))
         self._stats_call = None
         self._first_flush = None
 
-    def privilegedStartService(self) -> None:  # noqa: N802
-        """Listening happens here (as root, if twistd starts as root); a port
-        in use is the operator's to fix: one line, no traceback."""
-        try:
-            super().privilegedStartService()
-        except CannotListenError as exc:
-            why = getattr(exc.socketError, "strerror", None) or str(exc.socketError)
-            raise SystemExit(f"mixminion: cannot listen on {exc.interface or '*'}:{exc.port}: "
-                             f"{why}") from None
-
-    def _listen(self, svc: internet.StreamServerEndpointService) -> None:
-        svc._raiseSynchronously = True
+    def _listen(self, svc: ListeningService) -> None:
         svc.setServiceParent(self)
         self.listeners.append(svc)
 

@@ -20,11 +20,11 @@ ALLOWED: dict[str, set[str]] = {
     "codec": set(),
     "mmtp": {"codec", "events"},
     "config": {"codec"},
-    "directory": {"codec", "config", "mmtp", "events", "fileutil", "logfilter"},
+    "directory": {"codec", "config", "mmtp", "events", "fileutil", "logfilter", "listening"},
     "client": {"codec", "config", "mmtp", "events", "directory", "fileutil"},
     "exits": {"codec", "config", "mmtp", "events", "directory", "plugins", "fileutil"},
     "server": {"codec", "config", "mmtp", "events", "directory", "exits", "plugins", "fileutil",
-               "logfilter", "procinfo"},
+               "logfilter", "procinfo", "listening"},
 }
 
 _PROBE = """
