@@ -34,7 +34,7 @@ from mixminion.exits.items import DeliveryItem, DeliveryResult
 from mixminion.exits.registry import Dispatcher, build_dispatcher, extra_factories, find_exit_modules
 from mixminion.server.config import ServerConfig
 from mixminion.server.diskspace import DiskPause, FreeSpace, Usage, later_floor, shortage
-from mixminion.server.items import decode_item, encode_item
+from mixminion.server.items import RetryTimes, decode_item, encode_item
 from mixminion.server.mixing import READ_SLICE, queue_slices
 from mixminion.server.packetstore import PacketStore
 from mixminion.server.queues import QUARANTINE, delivery_queue
@@ -128,7 +128,7 @@ class Delivery:
                            exit_type=item.exit_type)
             return
         self.store.add_many(delivery_queue(module.name), [item.payload], self.clock.seconds(),
-                            [encode_item(item, queued=item.queued_at)])
+                            [encode_item(item, RetryTimes(queued=item.queued_at))])
         self._handed_back.add(module.name)
 
     def flush(self) -> defer.Deferred:
@@ -225,15 +225,15 @@ class Delivery:
                     if packet_id in self._busy:
                         continue
                     try:
-                        item, extra = decode_item(meta)
+                        item, times = decode_item(meta)
                         if not isinstance(item, DeliveryItem):
                             raise ValueError(f"a {type(item).__name__} in a delivery queue")
                     except (ValueError, KeyError, TypeError) as exc:
                         self._quarantine(name, packet_id, f"its record is damaged ({exc})")
                         continue
                     now = self.clock.seconds()
-                    retry = MessageRetryState(schedule, extra.get("queued", added),
-                                              extra.get("last"))
+                    retry = MessageRetryState(
+                        schedule, added if times.queued is None else times.queued, times.last)
                     ready = retry.next_attempt(now)
                     if ready is None:
                         self.store.remove_many([packet_id])
@@ -288,7 +288,7 @@ class Delivery:
             if result is DeliveryResult.RETRY:
                 if retry.failed(started, self.clock.seconds()):
                     self.store.update_meta(packet_id, encode_item(
-                        item, queued=retry.queued, last=retry.last_attempt))
+                        item, RetryTimes(retry.queued, retry.last_attempt)))
                 else:
                     self.store.remove_many([packet_id])
                     self._expired(name)

@@ -9,7 +9,8 @@ pool of 50,000 packets can be mixed without reading a single packet.
 from __future__ import annotations
 
 import json
-from typing import Union
+from dataclasses import dataclass
+from typing import Optional, Union
 
 from mixminion.codec.routing import NextHop
 from mixminion.exits.items import DeliveryItem
@@ -17,9 +18,22 @@ from mixminion.exits.items import DeliveryItem
 Item = Union[NextHop, DeliveryItem]
 
 
-def encode_item(item: Item, **extra: object) -> bytes:
-    """The record of ``item`` (an exit item's payload is not in it) and
-    any ``extra`` fields (retry state...)."""
+@dataclass(frozen=True)
+class RetryTimes:
+    """What a delivery queue keeps of an item's retries (server.md §6.3):
+    when its schedule started (None: when the item joined the queue) and
+    its last failed attempt (None: not tried yet)."""
+
+    queued: Optional[float] = None
+    last: Optional[float] = None
+
+
+NOT_TRIED = RetryTimes()
+
+
+def encode_item(item: Item, retry: RetryTimes = NOT_TRIED) -> bytes:
+    """The record of ``item`` (an exit item's payload is not in it) and of
+    its retries."""
     if isinstance(item, NextHop):
         doc = {"k": "relay", "host": item.host, "port": item.port, "keyid": item.keyid.hex()}
     else:
@@ -27,13 +41,15 @@ def encode_item(item: Item, **extra: object) -> bytes:
                "app": item.application_key.hex()}
         if item.reassembled:
             doc["re"] = 1
-    doc.update(extra)
+    if retry.queued is not None:
+        doc["queued"] = retry.queued
+    if retry.last is not None:
+        doc["last"] = retry.last
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
-def decode_item(meta: bytes) -> tuple[Item, dict]:
-    """The item (an exit item without its payload) and the extra fields
-    stored with it."""
+def decode_item(meta: bytes) -> tuple[Item, RetryTimes]:
+    """The item (an exit item without its payload) and its retries."""
     doc = json.loads(meta)
     kind = doc.pop("k")
     if kind == "relay":
@@ -43,7 +59,8 @@ def decode_item(meta: bytes) -> tuple[Item, dict]:
                             bytes.fromhex(doc.pop("app")), reassembled=bool(doc.pop("re", 0)))
     else:
         raise ValueError(f"unknown queue item kind {kind!r}")
-    return item, doc
+    return item, RetryTimes(doc.get("queued"), doc.get("last"))
 
 
-__all__ = ["NextHop", "DeliveryItem", "Item", "encode_item", "decode_item"]
+__all__ = ["NextHop", "DeliveryItem", "Item", "RetryTimes", "NOT_TRIED", "encode_item",
+           "decode_item"]
