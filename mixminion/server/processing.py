@@ -17,27 +17,19 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Callable, Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, Optional, Protocol, Sequence
 
+from automat import NoTransition, TypeMachine, TypeMachineBuilder
 from twisted.internet import defer, protocol
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mixminion.events import Event
 import mixminion
 from mixminion.codec.rsa import PrivateKey
-from mixminion.server.childmessages import (
-    Batch,
-    Drain,
-    Failed,
-    Idle,
-    Keys,
-    Message,
-    Paused,
-    Ready,
-    decode,
-    encode,
-)
+from mixminion.server import childmessages as msg
 from mixminion.server.diskspace import DiskPause, Shortage, later_floor
 
 #: longest line the child may send (a batch report is a few hundred bytes)
@@ -60,6 +52,8 @@ FAILURES_BEFORE_FAILING = 3
 MAX_RESTART_DELAY = 60.0
 #: seconds between two looks at the disk while processing waits for space
 DISK_RECHECK_INTERVAL = 2.0
+#: how long a stopping child may take to finish its batch before it is killed
+STOP_TIMEOUT = 60.0
 
 
 class _ChildProtocol(protocol.ProcessProtocol):
@@ -79,7 +73,7 @@ class _ChildProtocol(protocol.ProcessProtocol):
             return
         for line in lines:
             try:
-                message = decode(line)
+                message = msg.decode(line)
             except ValueError as exc:
                 self.owner.log.error("Processing child sent a line we cannot read: {why}",
                                      why=str(exc))
@@ -93,6 +87,47 @@ class _ChildProtocol(protocol.ProcessProtocol):
 
     def processEnded(self, reason: Failure) -> None:  # noqa: N802
         self.owner._ended(self, reason)
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """One failure: its log line (``log_format`` with ``why``) and what
+    :attr:`Processor.failing` says if it is one too many."""
+
+    log_format: str
+    why: str
+    reason: str
+
+
+class _Lifecycle(Protocol):
+    """The inputs of the processing child's lifecycle (see :func:`_lifecycle`)."""
+
+    def kick(self) -> None:
+        "There may be packets to process (only sent while there are keys)."
+
+    def new_keys(self) -> None:
+        "The packet keys changed."
+
+    def ready(self) -> None:
+        "The child said Ready."
+
+    def idle(self) -> None:
+        "The child said Idle: it processed all it was asked to."
+
+    def paused(self) -> None:
+        "The child said Paused: a disk is short of space."
+
+    def failed(self, failure: _Failure) -> None:
+        "The child said Failed."
+
+    def ended(self, failure: _Failure) -> None:
+        "The child exited, or could not be started."
+
+    def waited(self) -> None:
+        "A wait (for disk space, or before trying again) is over."
+
+    def stop(self) -> None:
+        "Stop for good."
 
 
 class Processor:
@@ -112,6 +147,9 @@ class Processor:
     every :data:`DISK_RECHECK_INTERVAL` seconds until it goes on.  Not a
     failure: the node keeps accepting packets while the incoming log's
     own disk has room (``MinFreeDisk`` there).
+
+    The child's lifecycle is a state machine (:func:`_lifecycle`); this
+    class keeps the books: keys, counts, failures, and who waits.
     """
 
     log = Logger()
@@ -136,13 +174,8 @@ class Processor:
         #: the last incoming id the child reported consumed
         self.consumed_through = 0
         self._child: Optional[_ChildProtocol] = None
-        self._ready = False
-        self._draining = False
-        self._again = False
-        self._stopping = False
-        self._retry = None
-        self._idle_waiters: list[defer.Deferred] = []
-        self._stopped: Optional[defer.Deferred] = None
+        self._idle_waiters: list[defer.Deferred[None]] = []
+        self._stop_waiters: list[defer.Deferred[None]] = []
         #: children started so far (a restart after a crash adds one)
         self.starts = 0
         #: why processing cannot run, or None (see the class docstring)
@@ -153,14 +186,14 @@ class Processor:
         #: whether processing waits for disk space (see the class docstring)
         self.disk = DiskPause(self.log, "Processing",
                               "received packets wait in the incoming queue")
+        self._machine: _Lifecycle = _LIFECYCLE(self)
 
     # --- what the node calls ---------------------------------------------------
 
     def set_keys(self, keys: Sequence[PrivateKey]) -> None:
         """Use these packet keys (newest first) from now on."""
         self._keys = list(keys)
-        if self._ready:
-            self._send(Keys(tuple(key.der for key in self._keys)))
+        self._machine.new_keys()
         self.kick()
 
     def stored(self, ids: Sequence[int]) -> None:
@@ -170,51 +203,99 @@ class Processor:
         self.kick()
 
     def kick(self, _ignored: object = None) -> None:
-        """Process whatever is in the incoming queue, soon."""
-        if self._stopping or not self._keys:
-            return
-        if self._child is None:
-            self._start()
-        elif not self._ready or self._draining or self._waiting_for_disk():
-            self._again = True
-        else:
-            self._draining, self._again = True, False
-            self._send_drain()
+        """Process whatever is in the incoming queue, soon.  Without keys
+        nothing is processed: the packets wait for keys."""
+        if self._keys:
+            self._machine.kick()
 
-    def _waiting_for_disk(self) -> bool:
-        """Paused for disk space with the next look already planned: new
-        packets wait for it rather than ask the child each time."""
-        return self.disk.paused and self._retry is not None and self._retry.active()
-
-    def wait_idle(self) -> defer.Deferred:
+    def wait_idle(self) -> defer.Deferred[None]:
         """Fires once the child has drained the queue and nothing is pending."""
         if self._child is None and not self._keys:
             return defer.succeed(None)
-        d: defer.Deferred = defer.Deferred()
+        d: defer.Deferred[None] = defer.Deferred()
         self._idle_waiters.append(d)
         self.kick()
         return d
 
-    def stop(self) -> defer.Deferred:
+    def stop(self) -> defer.Deferred[None]:
         """Close the child's stdin (it finishes its batch and exits)."""
-        self._stopping = True
-        if self._retry is not None and self._retry.active():
-            self._retry.cancel()
-        if self._child is None:
-            return defer.succeed(None)
-        self._stopped = defer.Deferred()
-        self._child.transport.closeStdin()
-        child = self._child
-        kill = self.reactor.callLater(60, self._kill, child)
-        self._stopped.addBoth(lambda r: (kill.cancel() if kill.active() else None, r)[1])
-        return self._stopped
+        d: defer.Deferred[None] = defer.Deferred()
+        self._stop_waiters.append(d)
+        self._machine.stop()
+        return d
 
-    # --- the child ---------------------------------------------------------------
+    # --- what the child says -----------------------------------------------------
 
-    def _start(self) -> None:
+    def _message(self, message: msg.Message) -> None:
+        """Keeps the books on what the child says; the lifecycle decides
+        what to do next."""
+        if isinstance(message, msg.Batch):
+            self._batch(message)
+            return
+        try:
+            if isinstance(message, msg.Ready):
+                self._machine.ready()
+            elif isinstance(message, msg.Idle):
+                self._working()
+                self.disk.update(None)
+                self._machine.idle()
+            elif isinstance(message, msg.Paused):
+                self.disk.update(Shortage(message.path, message.free, message.floor))
+                self._machine.paused()
+            elif isinstance(message, msg.Failed):
+                self._machine.failed(_Failure("Packet processing failed; will retry: {why}",
+                                              message.why, f"processing failed: {message.why}"))
+            else:  # Keys or Drain: what the node says, not the child
+                self._out_of_turn(message)
+        except NoTransition:
+            self._out_of_turn(message)
+
+    def _out_of_turn(self, message: msg.Message) -> None:
+        self.log.error("Processing child sent {kind} out of turn; ignored",
+                       kind=type(message).__name__)
+
+    def _batch(self, message: msg.Batch) -> None:
+        self._working()
+        self.disk.update(None)
+        for name, n in message.counts.items():
+            self.count(name, n)
+        rejected = sum(n for k, n in message.counts.items() if k.startswith(Event.REJECTED.of("")))
+        if rejected:
+            self.log.info("Processing rejected {n} packets", n=rejected)
+        damaged = message.counts.get(Event.DROPPED_DAMAGED, 0)
+        if damaged:
+            self.log.warn("Dropped {n} unreadable records of the incoming log (torn by a "
+                          "crash in a commit never acknowledged, or damaged on disk)",
+                          n=damaged)
+        # Ids are consecutive: counting from the last mark also covers
+        # a batch whose report died with a killed child.
+        through = message.through
+        consumed = max(0, through - self.consumed_through)
+        self.consumed_through = max(self.consumed_through, through)
+        if self.on_consumed is not None:
+            self.on_consumed(through, consumed)
+
+    def _ended(self, child: _ChildProtocol, reason: Failure) -> None:
+        if child is not self._child:
+            return
+        self._child = None
+        why = reason.getErrorMessage()
+        self._machine.ended(_Failure("Processing child exited ({why}); restarting it", why,
+                                     f"the processing child exits at once ({why})"))
+
+    def _working(self) -> None:
+        """The child did work: whatever failed before has passed."""
+        self._failures = 0
+        if self.failing is not None:
+            self.failing = None
+            self.log.warn("Processing runs again; the node accepts packets again")
+
+    # --- what the lifecycle does -----------------------------------------------------
+
+    def _spawn(self) -> None:
+        """Start a child (OSError if the system cannot)."""
         self.starts += 1
         child = _ChildProtocol(self)
-        self._ready = self._draining = False
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(mixminion.__file__)))
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
@@ -225,106 +306,48 @@ class Processor:
                 "--nice", str(CHILD_NICENESS)]
         if self.body_dir:
             argv += ["--bodies", self.body_dir]
-        try:
-            self.reactor.spawnProcess(child, sys.executable, argv, env=env,
-                                      childFDs={0: "w", 1: "r", 2: "r"})
-        except OSError as exc:  # e.g. out of file descriptors
-            self.log.error("Cannot start the processing child ({why}); trying again",
-                           why=str(exc))
-            self._failed(f"cannot start the processing child: {exc}")
-            return
+        self.reactor.spawnProcess(child, sys.executable, argv, env=env,
+                                  childFDs={0: "w", 1: "r", 2: "r"})
         self._child = child
 
-    def _send(self, message: Message) -> None:
-        self._child.transport.write(encode(message))
+    def _send(self, message: msg.Message) -> None:
+        self._child.transport.write(msg.encode(message))
+
+    def _send_keys(self) -> None:
+        self._send(msg.Keys(tuple(key.der for key in self._keys)))
 
     def _send_drain(self) -> None:
         # The child stamps what it queues on our clock, which counts elapsed
         # time (mixminion.server.clock): it adds the monotonic clock, which
         # the two processes share, to this offset.
         offset = self.reactor.seconds() - time.monotonic()
-        self._send(Drain(self.committed_through, offset, later_floor(self.min_free_disk())))
+        self._send(msg.Drain(self.committed_through, offset,
+                             later_floor(self.min_free_disk())))
 
-    def _message(self, message: Message) -> None:
-        if isinstance(message, Ready):
-            self._ready = True
-            self._send(Keys(tuple(key.der for key in self._keys)))
-            self._again = False
-            self._draining = True
-            self._send_drain()
-        elif isinstance(message, Batch):
-            self._working()
-            self.disk.update(None)
-            for name, n in message.counts.items():
-                self.count(name, n)
-            rejected = sum(n for k, n in message.counts.items() if k.startswith(Event.REJECTED.of("")))
-            if rejected:
-                self.log.info("Processing rejected {n} packets", n=rejected)
-            damaged = message.counts.get(Event.DROPPED_DAMAGED, 0)
-            if damaged:
-                self.log.warn("Dropped {n} unreadable records of the incoming log (torn by a "
-                              "crash in a commit never acknowledged, or damaged on disk)",
-                              n=damaged)
-            # Ids are consecutive: counting from the last mark also covers
-            # a batch whose report died with a killed child.
-            through = message.through
-            consumed = max(0, through - self.consumed_through)
-            self.consumed_through = max(self.consumed_through, through)
-            if self.on_consumed is not None:
-                self.on_consumed(through, consumed)
-        elif isinstance(message, Idle):
-            self._working()
-            self.disk.update(None)
-            self._draining = False
-            if self._again:
-                self.kick()
-            else:
-                waiters, self._idle_waiters = self._idle_waiters, []
-                for d in waiters:
-                    d.callback(None)
-        elif isinstance(message, Paused):
-            self._draining = False
-            self.disk.update(Shortage(message.path, message.free, message.floor))
-            if self._retry is None or not self._retry.active():
-                self._retry = self.reactor.callLater(DISK_RECHECK_INTERVAL, self.kick)
-        elif isinstance(message, Failed):
-            self._draining = False
-            self.log.error("Packet processing failed; will retry: {why}", why=message.why)
-            self._failed(f"processing failed: {message.why}")
-
-    def _ended(self, child: _ChildProtocol, reason: Failure) -> None:
-        if child is not self._child:
-            return
-        self._child = None
-        self._ready = self._draining = False
-        if self._stopping:
-            stopped, self._stopped = self._stopped, None
-            if stopped is not None:
-                stopped.callback(None)
-            return
-        self.log.error("Processing child exited ({why}); restarting it",
-                       why=reason.getErrorMessage())
-        self._failed(f"the processing child exits at once ({reason.getErrorMessage()})")
-
-    def _failed(self, why: str) -> None:
-        """One more failure in a row: try again later, later each time;
-        after a few, say that processing is not running."""
+    def _failed(self, failure: _Failure) -> float:
+        """One more failure in a row: log it; after a few, say that
+        processing is not running.  Returns how long to wait before trying
+        again: longer each time, so a child that cannot run is not
+        restarted in a tight loop."""
+        self.log.error(failure.log_format, why=failure.why)
         self._failures += 1
         if self._failures >= FAILURES_BEFORE_FAILING and self.failing is None:
-            self.failing = why
+            self.failing = failure.reason
             self.count(Event.PROCESSING_FAILING, 1)
             self.log.error("Processing is not running ({why}; {n} failures in a row): the "
                            "node refuses packets until it recovers; check the queue folder "
-                           "and the log above", why=why, n=self._failures)
-        delay = min(MAX_RESTART_DELAY, self.restart_delay * 2 ** (self._failures - 1))
-        self._retry = self.reactor.callLater(delay, self.kick)
+                           "and the log above", why=failure.reason, n=self._failures)
+        return min(MAX_RESTART_DELAY, self.restart_delay * 2 ** (self._failures - 1))
 
-    def _working(self) -> None:
-        """The child did work: whatever failed before has passed."""
-        self._failures = 0
-        if self.failing is not None:
-            self.failing = None
-            self.log.warn("Processing runs again; the node accepts packets again")
+    def _drained(self) -> None:
+        waiters, self._idle_waiters = self._idle_waiters, []
+        for d in waiters:
+            d.callback(None)
+
+    def _stopped(self) -> None:
+        waiters, self._stop_waiters = self._stop_waiters, []
+        for d in waiters:
+            d.callback(None)
 
     def _kill(self, child: _ChildProtocol) -> None:
         self.log.warn("Processing child did not stop in time; killing it")
@@ -333,3 +356,146 @@ class Processor:
         except Exception:  # already gone
             pass
 
+
+def _lifecycle() -> TypeMachine[_Lifecycle, Processor]:
+    """The processing child's lifecycle.
+
+    States: no child; starting (until it says Ready); idle; draining (a
+    Drain sent, its Idle, Paused or Failed awaited); draining again (and
+    another drain wanted when this one ends); waiting for disk space;
+    waiting to retry after a failed drain (the child alive) or to restart
+    after the child died; stopping; stopped.  The three waits hold their
+    timer, and stopping the call that kills a child too slow to exit.
+
+    A wait ends by going back to idle (or no child) and kicking, so a
+    drain or a start only ever follows a kick: :meth:`Processor.kick`
+    sends none without keys.  Kicks while starting or waiting are
+    dropped: Ready, or the end of the wait, kicks anyway.
+    """
+    b = TypeMachineBuilder(_Lifecycle, Processor)
+    no_child = b.state("NoChild")
+    starting = b.state("Starting")
+    idle = b.state("Idle")
+    draining = b.state("Draining")
+    draining_again = b.state("DrainingAgain")
+
+    def recheck_later(c: _Lifecycle, p: Processor) -> IDelayedCall:
+        return p.reactor.callLater(DISK_RECHECK_INTERVAL, c.waited)
+
+    def retry_later(c: _Lifecycle, p: Processor, failure: _Failure) -> IDelayedCall:
+        return p.reactor.callLater(p._failed(failure), c.waited)
+
+    def close_stdin(c: _Lifecycle, p: Processor) -> IDelayedCall:
+        child = p._child
+        child.transport.closeStdin()
+        return p.reactor.callLater(STOP_TIMEOUT, p._kill, child)
+
+    disk_wait = b.state("DiskWait", recheck_later)
+    retry_wait = b.state("RetryWait", retry_later)
+    restart_wait = b.state("RestartWait", retry_later)
+    stopping = b.state("Stopping", close_stdin)
+    stopped = b.state("Stopped")
+    alive = (starting, idle, draining, draining_again)  # a child, and no timer
+    asked = (draining, draining_again)  # a drain sent, its answer awaited
+
+    # kick
+    @no_child.upon(_Lifecycle.kick).to(starting)
+    def start(c: _Lifecycle, p: Processor) -> None:
+        try:
+            p._spawn()
+        except OSError as exc:  # e.g. out of file descriptors
+            c.ended(_Failure("Cannot start the processing child ({why}); trying again",
+                             str(exc), f"cannot start the processing child: {exc}"))
+
+    @idle.upon(_Lifecycle.kick).to(draining)
+    def drain(c: _Lifecycle, p: Processor) -> None:
+        p._send_drain()
+
+    draining.upon(_Lifecycle.kick).to(draining_again).returns(None)
+    for state in (starting, draining_again, disk_wait, retry_wait, restart_wait,
+                  stopping, stopped):
+        state.upon(_Lifecycle.kick).loop().returns(None)
+
+    # new_keys: a child not ready yet gets them when it is
+    @idle.upon(_Lifecycle.new_keys).loop()
+    @draining.upon(_Lifecycle.new_keys).loop()
+    @draining_again.upon(_Lifecycle.new_keys).loop()
+    @disk_wait.upon(_Lifecycle.new_keys, nodata=True).loop()
+    @retry_wait.upon(_Lifecycle.new_keys, nodata=True).loop()
+    def send_keys(c: _Lifecycle, p: Processor) -> None:
+        p._send_keys()
+
+    for state in (no_child, starting, restart_wait, stopping, stopped):
+        state.upon(_Lifecycle.new_keys).loop().returns(None)
+
+    # what the child says (a child that is stopping may still answer)
+    @starting.upon(_Lifecycle.ready).to(idle)
+    def ready(c: _Lifecycle, p: Processor) -> None:
+        p._send_keys()
+        p.kick()
+
+    @draining.upon(_Lifecycle.idle).to(idle)
+    @stopping.upon(_Lifecycle.idle, nodata=True).loop()
+    def drained(c: _Lifecycle, p: Processor) -> None:
+        p._drained()
+
+    @draining_again.upon(_Lifecycle.idle).to(idle)
+    def drain_again(c: _Lifecycle, p: Processor) -> None:
+        p.kick()
+
+    @stopping.upon(_Lifecycle.failed, nodata=True).loop()
+    def failed_while_stopping(c: _Lifecycle, p: Processor, failure: _Failure) -> None:
+        p.log.error(failure.log_format, why=failure.why)
+
+    for state in asked:
+        state.upon(_Lifecycle.paused).to(disk_wait).returns(None)
+        state.upon(_Lifecycle.failed).to(retry_wait).returns(None)
+    stopping.upon(_Lifecycle.ready).loop().returns(None)
+    stopping.upon(_Lifecycle.paused).loop().returns(None)
+
+    # ended
+    for state in alive:
+        state.upon(_Lifecycle.ended).to(restart_wait).returns(None)
+
+    @disk_wait.upon(_Lifecycle.ended).to(restart_wait)
+    @retry_wait.upon(_Lifecycle.ended).to(restart_wait)
+    def died_waiting(c: _Lifecycle, p: Processor, wait: IDelayedCall, failure: _Failure) -> None:
+        wait.cancel()
+
+    @stopping.upon(_Lifecycle.ended).to(stopped)
+    def exited(c: _Lifecycle, p: Processor, kill: IDelayedCall, failure: _Failure) -> None:
+        if kill.active():
+            kill.cancel()
+        p._stopped()
+
+    # waited
+    @disk_wait.upon(_Lifecycle.waited).to(idle)
+    @retry_wait.upon(_Lifecycle.waited).to(idle)
+    @restart_wait.upon(_Lifecycle.waited).to(no_child)
+    def try_again(c: _Lifecycle, p: Processor, done: IDelayedCall) -> None:
+        p.kick()
+
+    # stop
+    for state in alive:
+        state.upon(_Lifecycle.stop).to(stopping).returns(None)
+    stopping.upon(_Lifecycle.stop).loop().returns(None)
+
+    @disk_wait.upon(_Lifecycle.stop).to(stopping)
+    @retry_wait.upon(_Lifecycle.stop).to(stopping)
+    def stop_waiting(c: _Lifecycle, p: Processor, wait: IDelayedCall) -> None:
+        wait.cancel()
+
+    @restart_wait.upon(_Lifecycle.stop).to(stopped)
+    def stop_restarting(c: _Lifecycle, p: Processor, wait: IDelayedCall) -> None:
+        wait.cancel()
+        p._stopped()
+
+    @no_child.upon(_Lifecycle.stop).to(stopped)
+    @stopped.upon(_Lifecycle.stop).loop()
+    def stop_now(c: _Lifecycle, p: Processor) -> None:
+        p._stopped()
+
+    return b.build()
+
+
+_LIFECYCLE = _lifecycle()

@@ -30,19 +30,8 @@ from typing import BinaryIO, Callable, Iterator, Optional, Sequence
 from mixminion.codec.packet import PACKET_LEN
 from mixminion.codec.process import PacketProcessor
 from mixminion.codec.rsa import PrivateKey
+from mixminion.server import childmessages as msg
 from mixminion.server.diskspace import FreeSpace, shortage
-from mixminion.server.childmessages import (
-    Batch,
-    Drain,
-    Failed,
-    Idle,
-    Keys,
-    Message,
-    Paused,
-    Ready,
-    decode,
-    encode,
-)
 from mixminion.server.draining import drain
 from mixminion.server.incoming_log import IncomingLog, IncomingLogError
 from mixminion.server.packetstore import PacketStore, PacketStoreError
@@ -93,18 +82,18 @@ class Child:
         #: checked against the drain's floor before each batch
         self.free_space = [FreeSpace(path, time.monotonic) for path in disks]
 
-    def send(self, message: Message) -> None:
-        self.out.write(encode(message))
+    def send(self, message: msg.Message) -> None:
+        self.out.write(msg.encode(message))
         self.out.flush()
 
-    def handle(self, message: Message) -> None:
-        if isinstance(message, Keys):
+    def handle(self, message: msg.Message) -> None:
+        if isinstance(message, msg.Keys):
             keys = [PrivateKey.from_der(der) for der in message.keys]
             self.processor = PacketProcessor(
                 [(key, StoreReplayLog(self.store, key.public.keyid)) for key in keys])
-        elif isinstance(message, Drain):
+        elif isinstance(message, msg.Drain):
             if self.processor is None:
-                self.send(Failed("no packet keys yet"))
+                self.send(msg.Failed("no packet keys yet"))
                 return
             floor = message.floor
             # A batch of n packets adds up to n bodies to the store.
@@ -115,17 +104,17 @@ class Child:
                     for done in drain(self.incoming, self.store, self.processor,
                                       self.batch_size, node_clock(message.clock),
                                       self.opener, message.through):
-                        self.send(Batch(done.through, dict(done.counts)))
+                        self.send(msg.Batch(done.through, dict(done.counts)))
                         short = shortage(self.free_space, floor, batch_bytes)
                         if short is not None:
                             break  # the rest stays in the incoming log
             except (PacketStoreError, IncomingLogError, OSError) as exc:
-                self.send(Failed(f"processing failed: {exc}"))
+                self.send(msg.Failed(f"processing failed: {exc}"))
                 return
             if short is not None:
-                self.send(Paused(short.path, short.free, short.floor))
+                self.send(msg.Paused(short.path, short.free, short.floor))
             else:
-                self.send(Idle())
+                self.send(msg.Idle())
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -148,9 +137,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         child = Child(incoming, store, args.batch, sys.stdout.buffer,
                       [os.path.dirname(os.path.abspath(args.store)), *filter(None, [args.bodies])])
         try:
-            child.send(Ready())
+            child.send(msg.Ready())
             for line in sys.stdin.buffer:
-                child.handle(decode(line))
+                child.handle(msg.decode(line))
         except BrokenPipeError:
             pass  # the node is gone; what was committed stays committed
         finally:
