@@ -198,23 +198,23 @@ def lioness_decrypt(block: bytes, keys: LionessKeys) -> bytes:
 
 def bear_encrypt(block: bytes, keys: BearKeys) -> bytes:
     """BEAR as the reference defines it (unused by the protocol)."""
-    _check_wide(block)
     k1, k2 = keys
-    left, right = block[:DIGEST_LEN], block[DIGEST_LEN:]
-    left = _xor20(left, _keyed_hash(k1, right))
-    right = ctr(sha1(left)[:AES_KEY_LEN], right)
-    left = _xor20(left, _keyed_hash(k2, right))
-    return left + right
+    return _bear(block, k1, k2)
 
 
 def bear_decrypt(block: bytes, keys: BearKeys) -> bytes:
-    """Inverse of :func:`bear_encrypt`."""
-    _check_wide(block)
+    """Inverse of :func:`bear_encrypt`: the same rounds, keys swapped."""
     k1, k2 = keys
+    return _bear(block, k2, k1)
+
+
+def _bear(block: bytes, first: bytes, last: bytes) -> bytes:
+    """BEAR's three rounds: hash with ``first``, stream, hash with ``last``."""
+    _check_wide(block)
     left, right = block[:DIGEST_LEN], block[DIGEST_LEN:]
-    left = _xor20(left, _keyed_hash(k2, right))
+    left = _xor20(left, _keyed_hash(first, right))
     right = ctr(sha1(left)[:AES_KEY_LEN], right)
-    left = _xor20(left, _keyed_hash(k1, right))
+    left = _xor20(left, _keyed_hash(last, right))
     return left + right
 
 

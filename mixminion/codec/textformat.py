@@ -227,9 +227,13 @@ class Fields:
     def get(self, key: str, default: Any = None) -> Any:
         return self.values.get(key, default)
 
-    def where(self, key: str) -> str:
-        """``line N: [Section] Key`` - the prefix of every field error message."""
-        return f"line {self.lines[key]}: [{self.section}] {key}"
+    def where(self, key: str, line_offset: int = 0) -> str:
+        """``line N: [Section] Key`` - the prefix of every field error message.
+
+        ``line_offset`` counts lines from the whole text when the section
+        was parsed out of a part of it.
+        """
+        return f"line {self.lines[key] + line_offset}: [{self.section}] {key}"
 
 
 def read_fields(section: Section, schema: Schema, *, strict: bool = False) -> tuple[Fields, list[str]]:
@@ -267,6 +271,33 @@ def read_fields(section: Section, schema: Schema, *, strict: bool = False) -> tu
         if rule.many:
             values[key] = tuple(values.get(key, ()))
     return Fields(section.name, values, lines), warnings
+
+
+def read_sections(
+    sections: Iterable[Section],
+    schemas: Mapping[str, Schema],
+    *,
+    accept: Optional[Callable[[Section, list[str]], bool]] = None,
+    line_offset: int = 0,
+) -> tuple[dict[str, Fields], list[str]]:
+    """Decode every section ``schemas`` names; the rest are warnings (§2 rule 7).
+
+    ``accept`` may pass over a known section (adding its own warning);
+    ``line_offset`` is added to the lines of the unknown-section warnings.
+    Returns the fields by section name and all the warnings.
+    """
+    fields: dict[str, Fields] = {}
+    warnings: list[str] = []
+    for section in sections:
+        schema = schemas.get(section.name)
+        if schema is None:
+            warnings.append(f"line {section.line + line_offset}: unknown section [{section.name}] ignored")
+            continue
+        if accept is not None and not accept(section, warnings):
+            continue
+        fields[section.name], unknown = read_fields(section, schema)
+        warnings.extend(unknown)
+    return fields, warnings
 
 
 # --- value decoders (§3); each raises ValueError saying what is wrong ---------------
@@ -464,6 +495,13 @@ def previous_midnight(t: int) -> int:
 
 def is_midnight(t: int) -> bool:
     return t % SECONDS_PER_DAY == 0
+
+
+def require_midnights(**dates: int) -> None:
+    """BuildError unless every date given (by its name) is a midnight GMT."""
+    for name, value in dates.items():
+        if not is_midnight(value):
+            raise BuildError(f"{name} {value} is not a midnight GMT (dates have no time of day)")
 
 
 _PRINTABLE_VALUE = re.compile(r"[\x20-\x7e]*")

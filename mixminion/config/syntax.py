@@ -45,26 +45,19 @@ class ConfigError(Exception):
         self.problems: tuple[str, ...] = (str(self),)
 
 
-@dataclass(frozen=True)
-class RawEntry:
-    """One ``Key: value`` entry, continuation lines already joined."""
-
-    key: str
-    value: str
-    line: int
+#: One ``Key: value`` entry, continuation lines already joined: the same
+#: record as a descriptor's entry.
+RawEntry = textformat.Entry
 
 
 @dataclass(frozen=True)
-class RawSection:
+class RawSection(textformat.Section):
     """A section as written: entries in file order, nothing interpreted.
 
     This is what a ``[Delivery/<Name>]`` plugin receives; :meth:`error`
     and :meth:`warning` let it report problems in our format.
     """
 
-    name: str
-    line: int
-    entries: tuple[RawEntry, ...]
     filename: str = "<string>"
 
     def get(self, key: str) -> Optional[str]:

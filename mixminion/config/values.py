@@ -46,14 +46,19 @@ def _not_a(text: str, what: str, hint: str) -> ValueError:
     return ValueError(f'"{text}" is not {what} ({hint})')
 
 
-def _wrap(what: str, hint: str, check: Callable[[str], Any]) -> Callable[[str], Any]:
-    """A parser reusing a validator from elsewhere, with our wording."""
+def _reword(check: Callable[[str], Any], error: Callable[[str, Exception], ValueError]) -> Callable[[str], Any]:
+    """A parser reusing a validator from elsewhere, with our wording (``error(text, exc)``)."""
     def parse(text: str) -> Any:
         try:
             return check(text)
-        except (ValueError, ParseError):
-            raise _not_a(text, what, hint) from None
+        except (ValueError, ParseError) as exc:
+            raise error(text, exc) from None
     return parse
+
+
+def _wrap(what: str, hint: str, check: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``check``, its failures worded ``"TEXT" is not WHAT (HINT)``."""
+    return _reword(check, lambda text, _exc: _not_a(text, what, hint))
 
 
 def _format_bool(value: bool) -> str:
@@ -183,11 +188,8 @@ def _parse_any_ip(text: str) -> str:
 
 
 def _string(max_length: Optional[int] = None) -> Callable[[str], str]:
-    def parse(text: str) -> str:
-        if max_length is not None and len(text) > max_length:
-            raise ValueError(f"value is {len(text)} characters long; at most {max_length} allowed")
-        return text
-    return parse
+    """Any text of at most ``max_length`` characters (the descriptors' rule)."""
+    return _reword(textformat.decode_string(max_length), lambda _text, exc: ValueError(f"value is {exc}"))
 
 
 _CLASS_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)+")

@@ -43,14 +43,14 @@ from mixminion.codec.textformat import (
     format_date,
     format_list,
     format_time,
-    is_midnight,
     load_public_key,
     optional,
     parse_sections,
-    read_fields,
+    read_sections,
     render_document,
     repeated,
     required,
+    require_midnights,
     sign_document,
 )
 
@@ -438,9 +438,11 @@ def parse_descriptor(
     server = fields[SERVER]
     source = _source_text(text)
     digest = _check_digest(source, server)
-    identity = _load_key(server, "Identity", IDENTITY_MIN_BYTES, IDENTITY_MAX_BYTES)
-    packet_key = _load_key(server, "Packet-Key", PACKET_KEY_BYTES, PACKET_KEY_BYTES)
-    _check_times(server, now)
+    identity = load_key(server, "Identity", IDENTITY_MIN_BYTES, IDENTITY_MAX_BYTES)
+    packet_key = load_key(server, "Packet-Key", PACKET_KEY_BYTES, PACKET_KEY_BYTES)
+    # §5.4 step 5: ordering of the validity dates, and no publishing ahead.
+    check_date_order(server, MalformedDescriptor)
+    check_published(server, now, PublishedInFuture)
     if digest not in verified_digests:
         _check_signature(server, identity, digest)
     descriptor = _assemble(source, digest, identity, packet_key, fields, sections, warnings)
@@ -460,18 +462,7 @@ def _read_sections(sections: Tuple[Section, ...]) -> tuple[dict[str, Fields], li
         raise MalformedDescriptor(
             f"line {sections[0].line}: a descriptor must start with [Server], not [{sections[0].name}]"
         )
-    fields: dict[str, Fields] = {}
-    warnings: list[str] = []
-    for section in sections:
-        schema = _SCHEMAS.get(section.name)
-        if schema is None:
-            warnings.append(f"line {section.line}: unknown section [{section.name}] ignored")
-            continue
-        if not _version_ok(section, warnings):
-            continue
-        fields[section.name], unknown = read_fields(section, schema)
-        warnings.extend(unknown)
-    return fields, warnings
+    return read_sections(sections, _SCHEMAS, accept=_version_ok)
 
 
 def _version_ok(section: Section, warnings: list[str]) -> bool:
@@ -500,23 +491,30 @@ def _check_digest(text: str, server: Fields) -> bytes:
     return digest
 
 
-def _load_key(server: Fields, key: str, min_bytes: int, max_bytes: int) -> PublicKey:
+def load_key(
+    fields: Fields, key: str, min_bytes: int, max_bytes: int, error: type[ParseError] = BadKey
+) -> PublicKey:
+    """The RSA public key in field ``key``; ``error`` names the field if it is unacceptable."""
     try:
-        return load_public_key(server[key], min_bytes, max_bytes)
+        return load_public_key(fields[key], min_bytes, max_bytes)
     except ValueError as exc:
-        raise BadKey(f"{server.where(key)}: {exc}") from None
+        raise error(f"{fields.where(key)}: {exc}") from None
 
 
-def _check_times(server: Fields, now: float) -> None:
-    """§5.4 step 5: ordering of the validity dates, and no publishing ahead."""
-    if server["Valid-Until"] <= server["Valid-After"]:
-        raise MalformedDescriptor(
-            f"{server.where('Valid-Until')}: {format_date(server['Valid-Until'])} is not after "
-            f"Valid-After {format_date(server['Valid-After'])}"
+def check_date_order(fields: Fields, error: type[ParseError], line_offset: int = 0) -> None:
+    """``Valid-Until`` must be after ``Valid-After`` (descriptors and directories alike)."""
+    if fields["Valid-Until"] <= fields["Valid-After"]:
+        raise error(
+            f"{fields.where('Valid-Until', line_offset)}: {format_date(fields['Valid-Until'])} is not after "
+            f"Valid-After {format_date(fields['Valid-After'])}"
         )
-    if server["Published"] > now + PUBLISHED_SKEW:
-        raise PublishedInFuture(
-            f"{server.where('Published')}: {format_time(server['Published'])} is more than "
+
+
+def check_published(fields: Fields, now: float, error: type[ParseError]) -> None:
+    """``Published`` may lie at most :data:`PUBLISHED_SKEW` after the validation time."""
+    if fields["Published"] > now + PUBLISHED_SKEW:
+        raise error(
+            f"{fields.where('Published')}: {format_time(fields['Published'])} is more than "
             f"{PUBLISHED_SKEW} s after the validation time {format_time(int(now))}"
         )
 
@@ -711,7 +709,7 @@ def build_descriptor(fields: DescriptorFields, identity_key: PrivateKey, rng: Ra
     server publishes keysets ahead of time); any rule it breaks, or any
     value that would read back differently, is a :class:`BuildError`.
     """
-    _check_buildable(fields)
+    require_midnights(valid_after=fields.valid_after, valid_until=fields.valid_until)
     signed = sign_document(format_descriptor(fields, identity_key.public), identity_key, rng)
     try:
         parsed = parse_descriptor(signed, fields.published, check_validity=False)
@@ -721,14 +719,6 @@ def build_descriptor(fields: DescriptorFields, identity_key: PrivateKey, rng: Ra
         raise BuildError("descriptor identity does not match the signing key")
     _check_reads_back(fields, parsed.to_fields())
     return signed
-
-
-def _check_buildable(fields: DescriptorFields) -> None:
-    """What parsing cannot detect: the dates must be exact midnights."""
-    for name in ("valid_after", "valid_until"):
-        value = getattr(fields, name)
-        if not is_midnight(value):
-            raise BuildError(f"{name} {value} is not a midnight GMT (dates have no time of day)")
 
 
 def _check_reads_back(wanted: DescriptorFields, got: DescriptorFields) -> None:

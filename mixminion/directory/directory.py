@@ -38,9 +38,11 @@ from mixminion.codec.rsa import PrivateKey, PublicKey
 from mixminion.directory.descriptor import (
     IDENTITY_MAX_BYTES,
     IDENTITY_MIN_BYTES,
-    PUBLISHED_SKEW,
     DescriptorError,
     ServerDescriptor,
+    check_date_order,
+    check_published,
+    load_key,
     parse_descriptor,
 )
 from mixminion.codec.textformat import (
@@ -63,14 +65,15 @@ from mixminion.codec.textformat import (
     format_date,
     format_list,
     format_time,
-    is_midnight,
     load_public_key,
     optional,
     parse_sections,
     read_fields,
+    read_sections,
     render_document,
     repeated,
     required,
+    require_midnights,
 )
 
 LEGACY_VERSION = "0.2"
@@ -654,18 +657,9 @@ def _read_header(
         if sections[0].name != first:
             raise MalformedDirectory(f"line {sections[0].line + line_offset}: expected [{first}]")
         _check_version(sections[0], version, line_offset)
-        fields: dict[str, Fields] = {}
-        warnings: list[str] = []
-        for section in sections:
-            schema = schemas.get(section.name)
-            if schema is None:
-                warnings.append(f"line {section.line + line_offset}: unknown section [{section.name}] ignored")
-                continue
-            fields[section.name], unknown = read_fields(section, schema)
-            warnings.extend(unknown)
+        return read_sections(sections, schemas, line_offset=line_offset)
     except TextFormatError as exc:
         raise MalformedDirectory(_shift_lines(str(exc), line_offset)) from None
-    return fields, warnings
 
 
 def _shift_lines(message: str, offset: int) -> str:
@@ -680,8 +674,8 @@ def _read_info(part: str, line_offset: int = 0) -> tuple[DirectoryInfo, list[str
     info = fields[INFO]
     status = info["Status"]
     if status not in STATUSES:
-        raise MalformedDirectory(f"{_where(info, 'Status', line_offset)}: {status!r} is not 'vote' or 'consensus'")
-    _check_dates(info, line_offset)
+        raise MalformedDirectory(f"{info.where('Status', line_offset)}: {status!r} is not 'vote' or 'consensus'")
+    check_date_order(info, MalformedDirectory, line_offset)
     if not info["Voting-Server"]:
         raise MalformedDirectory(f"[{INFO}]: no Voting-Server line (at least one is required)")
     recommended = _items(info["Recommended-Servers"])
@@ -689,7 +683,7 @@ def _read_info(part: str, line_offset: int = 0) -> tuple[DirectoryInfo, list[str
         try:
             decode_nickname(nickname)
         except ValueError as exc:
-            raise MalformedDirectory(f"{_where(info, 'Recommended-Servers', line_offset)}: {exc}") from None
+            raise MalformedDirectory(f"{info.where('Recommended-Servers', line_offset)}: {exc}") from None
     software = fields.get(SOFTWARE)
     return DirectoryInfo(
         status=status,
@@ -700,18 +694,6 @@ def _read_info(part: str, line_offset: int = 0) -> tuple[DirectoryInfo, list[str
         client_versions=_items(software.get("MixminionClient")) if software else (),
         server_versions=_items(software.get("MixminionServer")) if software else (),
     ), warnings
-
-
-def _where(fields: Fields, key: str, line_offset: int) -> str:
-    return f"line {fields.lines[key] + line_offset}: [{fields.section}] {key}"
-
-
-def _check_dates(fields: Fields, line_offset: int) -> None:
-    if fields["Valid-Until"] <= fields["Valid-After"]:
-        raise MalformedDirectory(
-            f"{_where(fields, 'Valid-Until', line_offset)}: {format_date(fields['Valid-Until'])} "
-            f"is not after Valid-After {format_date(fields['Valid-After'])}"
-        )
 
 
 def _check_period(valid_after: int, valid_until: int, now: float) -> None:
@@ -812,9 +794,7 @@ def _normalised_info(info: DirectoryInfo) -> DirectoryInfo:
     """Check ``info`` is writable and put it in producer order (§7.2)."""
     if info.status not in STATUSES:
         raise BuildError(f"status {info.status!r} is not 'vote' or 'consensus'")
-    for name in ("valid_after", "valid_until"):
-        if not is_midnight(getattr(info, name)):
-            raise BuildError(f"{name} {getattr(info, name)} is not a midnight GMT (dates have no time of day)")
+    require_midnights(valid_after=info.valid_after, valid_until=info.valid_until)
     if info.valid_until <= info.valid_after:
         raise BuildError("valid_until must be after valid_after")
     if not info.voting_servers:
@@ -990,12 +970,8 @@ def parse_legacy_directory(
     if LEGACY_SIGNATURE not in fields:
         raise MalformedDirectory(f"no [{LEGACY_SIGNATURE}] section: the directory is unsigned")
     header = fields[LEGACY_HEADER]
-    _check_dates(header, 0)
-    if header["Published"] > now + PUBLISHED_SKEW:
-        raise DirectoryNotYetValid(
-            f"{header.where('Published')}: {format_time(header['Published'])} is more than "
-            f"{PUBLISHED_SKEW} s after the validation time {format_time(int(now))}"
-        )
+    check_date_order(header, MalformedDirectory)
+    check_published(header, now, DirectoryNotYetValid)
     digest = document_digest(cleaned, "DirectoryDigest", "DirectorySignature")
     block = _legacy_block(fields[LEGACY_SIGNATURE])
     signers = _require_threshold(_check_signatures([block], digest, table, None), 1, "")
@@ -1018,10 +994,7 @@ def parse_legacy_directory(
 
 
 def _legacy_block(signature: Fields) -> SignatureBlock:
-    try:
-        identity = load_public_key(signature["DirectoryIdentity"], IDENTITY_MIN_BYTES, IDENTITY_MAX_BYTES)
-    except ValueError as exc:
-        raise MalformedDirectory(f"{signature.where('DirectoryIdentity')}: {exc}") from None
+    identity = load_key(signature, "DirectoryIdentity", IDENTITY_MIN_BYTES, IDENTITY_MAX_BYTES, MalformedDirectory)
     digest: bytes = signature["DirectoryDigest"]
     if len(digest) != 20:
         raise MalformedDirectory(f"{signature.where('DirectoryDigest')}: {len(digest)} bytes, not 20")

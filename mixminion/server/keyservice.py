@@ -45,12 +45,15 @@ class KeyService(service.Service):
 
     def stopService(self):  # noqa: N802
         super().stopService()
+        self._cancel()
+
+    def _cancel(self) -> None:
+        """Forget the next timed run, if one is pending."""
         if self._call is not None and self._call.active():
             self._call.cancel()
 
     def _schedule(self) -> None:
-        if self._call is not None and self._call.active():
-            self._call.cancel()
+        self._cancel()
         now = self.wall.seconds()
         delay = max(1.0, self.keys.next_event(now) - now)
         self._call = self.reactor.callLater(delay, self._tick)

@@ -43,6 +43,7 @@ from mixminion.server.publish import (
     http_uploader,
     parse_answer,
 )
+from mixminion.test.test_node import UNIT_INCOMING, UNIT_SERVER, _free_port
 from mixminion.testing.keys import key
 
 DAY = 86400
@@ -444,19 +445,7 @@ class RoundTests(unittest.TestCase):
 
 # --- a node built from its configuration publishes to an authority ------------------------------------
 
-NODE_CONFIG = """\
-[Server]
-BaseDir: {base}
-Mode: relay
-Nickname: unit
-Contact-Email: unit@example.com
-
-[Incoming/MMTP]
-Enabled: yes
-IP: 127.0.0.1
-Hostname: localhost
-Port: {port}
-
+NODE_CONFIG = UNIT_SERVER + "\n" + UNIT_INCOMING + """
 [DirectoryServers]
 Publish: yes
 Authority: {url} {fingerprint}
@@ -468,8 +457,6 @@ class NodePublishesTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_node_publishes_its_descriptor_at_start(self):
-        import socket
-
         from mixminion.server.config import load_config
         from mixminion.server.reload import ReloadService
         from mixminion.server.keyservice import KeyService
@@ -485,12 +472,9 @@ class NodePublishesTests(unittest.TestCase):
                                      peers=(Peer(url, key("auth0").public.fingerprint),))
         authority = Authority(settings, key("auth0"), reactor, client, rng=rng)
         site.resource = authority_root(authority)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            free = s.getsockname()[1]
         base = os.path.abspath(self.mktemp())
         with open(base + ".conf", "w") as f:
-            f.write(NODE_CONFIG.format(base=base, port=free, url=url, fingerprint=authority.fingerprint))
+            f.write(NODE_CONFIG.format(base=base, port=_free_port(), url=url, fingerprint=authority.fingerprint))
         node = build_node(load_config(base + ".conf"), reactor)
         [publisher] = [s for s in node if isinstance(s, Publisher)]
         [keys] = [s for s in node if isinstance(s, KeyService)]

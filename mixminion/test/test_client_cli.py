@@ -45,11 +45,9 @@ from mixminion.directory.descriptor import (
     IncomingMMTP,
     OutgoingMMTP,
     ServerDescriptor,
-    build_descriptor,
-    parse_descriptor,
 )
-from mixminion.directory.directory import DirectoryInfo, VotingServer, build_directory, sign_directory
 from mixminion.codec.textformat import previous_midnight
+from mixminion.test.test_client_directory import make_directory, signed_descriptor
 from mixminion.testing.keys import key
 
 reactor: Any = _reactor
@@ -86,8 +84,7 @@ def descriptor(nickname: str, smtp: bool = True, max_fragments: Optional[int] = 
         smtp=DeliveryInfo(max_size_kib=100) if smtp else None,
         max_fragments=max_fragments,
     )
-    text = build_descriptor(fields, key(nickname), os.urandom)
-    return parse_descriptor(text, valid_after + 60, check_validity=False)
+    return signed_descriptor(fields, nickname)
 
 
 def standard_servers() -> list[ServerDescriptor]:
@@ -105,12 +102,9 @@ def server(name: str) -> ServerDescriptor:
 
 
 def directory_text(descriptors: Sequence[ServerDescriptor]) -> str:
-    info = DirectoryInfo(
-        status="consensus", valid_after=TODAY, valid_until=TODAY + DAY,
-        recommended_nicknames=tuple(d.nickname for d in descriptors),
-        voting_servers=(VotingServer(key(AUTHORITY).public.fingerprint, "http://127.0.0.1:9/"),),
-    )
-    return sign_directory(build_directory(info, descriptors), key(AUTHORITY), os.urandom)
+    """Today's consensus of ``descriptors``, by the one authority."""
+    return make_directory(descriptors, signers=[AUTHORITY], voters=[AUTHORITY],
+                          valid_after=TODAY, valid_until=TODAY + DAY)
 
 
 def processors() -> dict[bytes, tuple[str, PacketProcessor]]:

@@ -72,8 +72,13 @@ def descriptor(nickname: str, identity: Optional[str] = None, published: int = N
         outgoing=OutgoingMMTP(),
         packet_versions=packet_versions,
     )
-    text = build_descriptor(fields, key(identity or nickname), os.urandom)
-    return parse_descriptor(text, published, check_validity=False)
+    return signed_descriptor(fields, identity or nickname)
+
+
+def signed_descriptor(fields: DescriptorFields, identity: str) -> ServerDescriptor:
+    """``fields`` signed by ``key(identity)``, read back at their publication time."""
+    text = build_descriptor(fields, key(identity), os.urandom)
+    return parse_descriptor(text, fields.published, check_validity=False)
 
 
 def standard_servers() -> list[ServerDescriptor]:
@@ -83,14 +88,15 @@ def standard_servers() -> list[ServerDescriptor]:
 def make_directory(descriptors: Sequence[ServerDescriptor], signers: Sequence[str] = AUTHS,
                    valid_after: int = TODAY, valid_until: int = TODAY + DAY,
                    recommended: Optional[Sequence[str]] = None,
-                   client_versions: Sequence[str] = ()) -> str:
+                   client_versions: Sequence[str] = (), voters: Sequence[str] = AUTHS) -> str:
+    """A consensus of ``descriptors`` listing ``voters``, signed by each of ``signers``."""
     info = DirectoryInfo(
         status="consensus",
         valid_after=valid_after,
         valid_until=valid_until,
         recommended_nicknames=tuple(recommended if recommended is not None
                                     else (d.nickname for d in descriptors)),
-        voting_servers=tuple(VotingServer(fingerprint(a), f"http://{a}.example.org/") for a in AUTHS),
+        voting_servers=tuple(VotingServer(fingerprint(a), f"http://{a}.example.org/") for a in voters),
         client_versions=tuple(client_versions),
     )
     text = build_directory(info, descriptors)

@@ -49,13 +49,10 @@ def identity() -> PrivateKey:
 
 
 def full_fields(**changes: Any) -> DescriptorFields:
-    fields = DescriptorFields(
+    """Every section and optional field set."""
+    fields = minimal_fields(
         nickname="Quince",
         contact="quince-admin@example.org",
-        packet_key=key("packet").public,
-        published=PUBLISHED,
-        valid_after=VALID_AFTER,
-        valid_until=VALID_UNTIL,
         incoming=IncomingMMTP(
             hostname="Quince.Example.NET",
             port=48099,
@@ -77,6 +74,7 @@ def full_fields(**changes: Any) -> DescriptorFields:
 
 
 def minimal_fields(**changes: Any) -> DescriptorFields:
+    """Only the required fields."""
     fields = DescriptorFields(
         nickname="Bare",
         contact="bare@example.org",

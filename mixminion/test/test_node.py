@@ -26,22 +26,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-CONFIG = """\
+#: the beginnings of the [Server] and [Incoming/MMTP] sections of a relay
+#: named ``unit`` on localhost (fill in ``{base}`` and ``{port}``)
+UNIT_SERVER = """\
 [Server]
 BaseDir: {base}
 Mode: relay
 Nickname: unit
 Contact-Email: unit@example.com
-MixAlgorithm: {algorithm}
-MixInterval: {interval}
-MixPoolMinSize: 5
-MetricsPort: {metrics}
-
+"""
+UNIT_INCOMING = """\
 [Incoming/MMTP]
 Enabled: yes
 IP: 127.0.0.1
 Hostname: localhost
 Port: {port}
+"""
+
+CONFIG = UNIT_SERVER + """\
+MixAlgorithm: {algorithm}
+MixInterval: {interval}
+MixPoolMinSize: 5
+MetricsPort: {metrics}
+
+""" + UNIT_INCOMING + """\
 MaxConnections: {maxconn}
 
 [Outgoing/MMTP]

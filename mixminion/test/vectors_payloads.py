@@ -5,6 +5,7 @@ fragments.json ``params``/``fec``/``messages``."""
 from __future__ import annotations
 
 import itertools
+from typing import TypeVar
 
 from mixminion.codec import compression, fragments, payload
 from mixminion.codec.crypto import sha1
@@ -65,16 +66,24 @@ def check_compression(e: Entry) -> None:
 
 # --- payloads.json ---------------------------------------------------------
 
+_Payload = TypeVar("_Payload", payload.SingletonPayload, payload.FragmentPayload)
 
-@register("payloads", "singleton", "overhead payload_b64 size hash_hex compressed_hex message_hex")
-def check_singleton(e: Entry) -> None:
+
+def _parsed(e: Entry, kind: type[_Payload], name: str) -> tuple[bytes, int, _Payload]:
+    """The entry's payload bytes, its overhead, and the payload parsed as ``kind``."""
     raw, overhead = unb64(e["payload_b64"]), e["overhead"]
-    compressed, message = unhex(e["compressed_hex"]), unhex(e["message_hex"])
     _eq(len(raw), payload.PAYLOAD_LEN - overhead, "payload length")
     _eq(payload.checksum_ok(raw), True, "checksum_ok")
     p = payload.parse_payload(raw)
-    if not isinstance(p, payload.SingletonPayload):
-        raise AssertionError(f"parsed as {type(p).__name__}, want singleton")
+    if not isinstance(p, kind):
+        raise AssertionError(f"parsed as {type(p).__name__}, want {name}")
+    return raw, overhead, p
+
+
+@register("payloads", "singleton", "overhead payload_b64 size hash_hex compressed_hex message_hex")
+def check_singleton(e: Entry) -> None:
+    raw, overhead, p = _parsed(e, payload.SingletonPayload, "singleton")
+    compressed, message = unhex(e["compressed_hex"]), unhex(e["message_hex"])
     _eq(p.size, e["size"], "size")
     _eq(p.hash.hex(), e["hash_hex"], "hash")
     _eq(p.compressed, compressed, "compressed bytes")
@@ -97,12 +106,7 @@ def check_singleton(e: Entry) -> None:
     "overhead payload_b64 index hash_hex message_id_hex message_length data_sha1_hex",
 )
 def check_fragment(e: Entry) -> None:
-    raw, overhead = unb64(e["payload_b64"]), e["overhead"]
-    _eq(len(raw), payload.PAYLOAD_LEN - overhead, "payload length")
-    _eq(payload.checksum_ok(raw), True, "checksum_ok")
-    p = payload.parse_payload(raw)
-    if not isinstance(p, payload.FragmentPayload):
-        raise AssertionError(f"parsed as {type(p).__name__}, want fragment")
+    raw, overhead, p = _parsed(e, payload.FragmentPayload, "fragment")
     _eq(p.index, e["index"], "index")
     _eq(p.hash.hex(), e["hash_hex"], "hash")
     _eq(p.message_id.hex(), e["message_id_hex"], "message id")

@@ -51,6 +51,8 @@ _EXPECTED: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "drop": (frozenset({"result", "subheader"}), frozenset()),
     "reject": (frozenset({"result", "reason"}), frozenset()),
 }
+#: the processor's result class for each expected ``result``
+_RESULT_CLASSES: dict[str, type] = {"relay": Relay, "exit": Exit, "drop": Drop, "reject": Reject}
 _PREFIX_LEN = 64
 
 
@@ -122,24 +124,24 @@ def _check_next_hop(hop: object, want: Mapping[str, Any], what: str) -> None:
     _eq(hop.keyinfo.hex(), want["key_digest_hex"], f"{what} key digest")
 
 
-def _check_relay(result: ProcessResult, want: Mapping[str, Any], what: str) -> None:
-    if not isinstance(result, Relay):
-        raise AssertionError(f"{what}: expected relay, got {result!r}")
-    _eq(result.routing_type, want["routing_type"], f"{what} routing type")
-    _eq(type_name(result.routing_type), want["routing_type_name"], f"{what} type name")
-    _eq(result.routing_info.hex(), want["routing_info_hex"], f"{what} routing info")
+def _check_routing(routing_type: int, routing_info: bytes, want: Mapping[str, Any], key: str,
+                   what: str) -> None:
+    """The routing type (``want[key]``), its name and the routing info."""
+    _eq(routing_type, want[key], f"{what} {key.replace('_', ' ')}")
+    _eq(type_name(routing_type), want[f"{key}_name"], f"{what} type name")
+    _eq(routing_info.hex(), want["routing_info_hex"], f"{what} routing info")
+
+
+def _check_relay(result: Relay, want: Mapping[str, Any], what: str) -> None:
+    _check_routing(result.routing_type, result.routing_info, want, "routing_type", what)
     _check_next_hop(result.relay_info, want["next_hop"], what)
     _eq(len(result.packet), 32768, f"{what} output length")
     _eq(crypto.sha1(result.packet).hex(), want["output_packet_sha1_hex"], f"{what} output sha1")
     _eq(result.packet[:_PREFIX_LEN].hex(), want["output_packet_prefix_hex"], f"{what} prefix")
 
 
-def _check_exit(result: ProcessResult, want: Mapping[str, Any], what: str) -> None:
-    if not isinstance(result, Exit):
-        raise AssertionError(f"{what}: expected exit, got {result!r}")
-    _eq(result.exit_type, want["exit_type"], f"{what} exit type")
-    _eq(type_name(result.exit_type), want["exit_type_name"], f"{what} type name")
-    _eq(result.routing_info.hex(), want["routing_info_hex"], f"{what} routing info")
+def _check_exit(result: Exit, want: Mapping[str, Any], what: str) -> None:
+    _check_routing(result.exit_type, result.routing_info, want, "exit_type", what)
     _eq(result.tag.hex(), want.get("tag_hex", ""), f"{what} tag")
     _eq(result.address.hex(), want["exit_address_hex"], f"{what} address")
     if "exit_address_text" in want:
@@ -161,16 +163,14 @@ def _check_step(result: ProcessResult, server: _Server, want: Mapping[str, Any],
         raise AssertionError(f"{what}: unknown result {kind!r}")
     required, optional = _EXPECTED[kind]
     _fields(want, required, required | optional, f"{what} expected")
-    if kind == "reject":
-        if not isinstance(result, Reject):
-            raise AssertionError(f"{what}: expected reject, got {result!r}")
+    if not isinstance(result, _RESULT_CLASSES[kind]):
+        raise AssertionError(f"{what}: expected {kind}, got {result!r}")
+    if isinstance(result, Reject):
         _eq(result.reason.value, want["reason"], f"{what} reason")
         return
-    if kind == "drop" and not isinstance(result, Drop):
-        raise AssertionError(f"{what}: expected drop, got {result!r}")
-    if kind == "relay":
+    if isinstance(result, Relay):
         _check_relay(result, want, what)
-    elif kind == "exit":
+    elif isinstance(result, Exit):
         _check_exit(result, want, what)
     _check_subheader(result, server, want["subheader"], what)
 
