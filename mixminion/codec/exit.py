@@ -13,7 +13,7 @@ import base64
 import binascii
 import re
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import ClassVar, Optional, Union
 
 from mixminion.codec.armor import armor, decode_base64_body, dearmor_all
 from mixminion.codec.compression import (
@@ -50,6 +50,7 @@ MESSAGE_TYPES = (PLAINTEXT, BINARY, OVERCOMPRESSED, ENCRYPTED, FRAGMENT)
 class Plain:
     """A checked singleton that decompressed within the limit."""
 
+    kind: ClassVar[str] = "plain"
     headers: dict[str, str]
     body: bytes
     compressed: bytes
@@ -59,6 +60,7 @@ class Plain:
 class Overcompressed:
     """Decompresses past the bomb limit: delivered still compressed."""
 
+    kind: ClassVar[str] = "overcompressed"
     compressed: bytes
 
 
@@ -66,6 +68,7 @@ class Overcompressed:
 class FragmentPiece:
     """A checked fragment: for the FRAGMENT module, or delivered raw."""
 
+    kind: ClassVar[str] = "fragment"
     fragment: FragmentPayload
 
 
@@ -73,6 +76,7 @@ class FragmentPiece:
 class Encrypted:
     """Bad checksum: a reply, an encrypted forward message, or junk."""
 
+    kind: ClassVar[str] = "encrypted"
     payload: bytes
 
 
@@ -80,6 +84,7 @@ class Encrypted:
 class Corrupt:
     """Checksum fine but contents invalid; the exit drops it."""
 
+    kind: ClassVar[str] = "corrupt"
     reason: str
 
 

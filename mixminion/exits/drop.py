@@ -7,29 +7,24 @@ enabled and has no configuration section.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 from twisted.internet import defer
-from zope.interface import implementer
 
 from mixminion.events import Event
 from mixminion.codec.routing import DROP_TYPE
-from mixminion.exits.context import Advertisement, ExitContext
+from mixminion.exits.context import ExitContext
 from mixminion.exits.errors import ExitConfigError
-from mixminion.exits.interfaces import IExitModule
+from mixminion.exits.interfaces import ExitModuleBase
 from mixminion.exits.items import DeliveryItem, DeliveryResult
 
 
-@implementer(IExitModule)
-class DropModule:
+class DropModule(ExitModuleBase):
     name = "DROP"
     exit_types = frozenset({DROP_TYPE})
-    priority = 0
     uses_tag = False
-    retry_schedule: list[int] = []
 
     def __init__(self) -> None:
-        self.context: Optional[ExitContext] = None
         self.dropped = 0
 
     def configure(self, section: Mapping[str, Any], context: ExitContext) -> None:
@@ -43,12 +38,3 @@ class DropModule:
         if self.context is not None:
             self.context.count(Event.EXIT_DROP_MODULE)
         return defer.succeed(DeliveryResult.OK)
-
-    def flush(self) -> defer.Deferred:
-        return defer.succeed(None)
-
-    def advertise(self) -> Optional[Advertisement]:
-        return None
-
-    def stop(self) -> defer.Deferred:
-        return defer.succeed(None)

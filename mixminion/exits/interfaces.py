@@ -9,9 +9,10 @@ the same way (see :mod:`mixminion.exits.registry`).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping, Optional
 
-from zope.interface import Attribute, Interface
+from twisted.internet import defer
+from zope.interface import Attribute, Interface, implementer
 
 
 class IExitModule(Interface):
@@ -31,8 +32,8 @@ class IExitModule(Interface):
     name = Attribute("Module name as used in logs and counters, e.g. 'SMTP'.")
     exit_types = Attribute("frozenset of the exit routing types it handles.")
     priority = Attribute(
-        "int; modules are flushed in ascending priority: FRAGMENT is -1 so the "
-        "messages it completes reach the other modules (0) in the same round.")
+        "int; modules are flushed in ascending priority: FRAGMENT is -1, so its "
+        "periodic work comes before the other modules' (0).")
     uses_tag = Attribute(
         "bool; true if the first 20 bytes of the routing info are a decoding "
         "handle (server.md §9.1).")
@@ -70,6 +71,34 @@ class IExitModule(Interface):
 
     def stop():
         """Release resources at shutdown.  Returns a Deferred."""
+
+
+@implementer(IExitModule)
+class ExitModuleBase:
+    """What a module with no periodic work, no descriptor section and
+    nothing to release has: a module (built in or a plugin) inherits it
+    and writes ``name``, ``exit_types`` and :meth:`deliver`, and what else
+    it does differently."""
+
+    priority = 0
+    uses_tag = True
+    retry_schedule: list[int] = []
+    context: Any = None
+
+    def configure(self, section: Mapping[str, Any], context: Any) -> None:
+        self.context = context
+
+    def deliver(self, item: Any) -> defer.Deferred:
+        raise NotImplementedError
+
+    def flush(self) -> defer.Deferred:
+        return defer.succeed(None)
+
+    def advertise(self) -> Optional[Any]:
+        return None
+
+    def stop(self) -> defer.Deferred:
+        return defer.succeed(None)
 
 
 def local_paths(provider: Any) -> list[str]:

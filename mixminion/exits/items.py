@@ -14,16 +14,7 @@ from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Optional
 
-from mixminion.codec.exit import (
-    Classification,
-    Corrupt,
-    Encrypted,
-    FragmentPiece,
-    Overcompressed,
-    Plain,
-    classify_compressed,
-    classify_payload,
-)
+from mixminion.codec.exit import Classification, Corrupt, classify_compressed, classify_payload
 from mixminion.codec.routing import TAG_LEN, TAGLESS_EXIT_TYPES, is_exit_type
 from mixminion.exits.errors import UndeliverableItem
 
@@ -101,16 +92,7 @@ class DeliveryItem:
     def kind(self) -> str:
         """``plain``, ``overcompressed``, ``fragment``, ``encrypted`` or
         ``corrupt``: for logs and counters (never the contents)."""
-        return _KINDS[type(self.classification)]
-
-
-_KINDS = {
-    Plain: "plain",
-    Overcompressed: "overcompressed",
-    FragmentPiece: "fragment",
-    Encrypted: "encrypted",
-    Corrupt: "corrupt",
-}
+        return self.classification.kind
 
 
 def split_routing_info(exit_type: int, routing_info: bytes, uses_tag: Optional[bool] = None) -> tuple[bytes, bytes]:

@@ -286,17 +286,20 @@ class MailModule:
     """What the SMTP and MBOX modules share: options, checks in the order
     of server.md §9.3, formatting, and the transport to the MTA.
 
-    Subclasses set ``name``, ``exit_types``, ``section_name``, ``spec``
-    (the section's schema) and implement :meth:`_configure_more` and
-    :meth:`recipient`.
+    Subclasses set ``name``, ``exit_types`` and ``spec`` (the section's
+    schema, which names the section) and implement :meth:`_configure_more`
+    and :meth:`recipient`.
     """
 
     name = "MAIL"
-    section_name = "Delivery/MAIL"
     exit_types: frozenset[int] = frozenset()
     priority = 0
     uses_tag = True
     spec: SectionSpec = SMTP
+
+    @property
+    def section_name(self) -> str:
+        return self.spec.name
 
     def __init__(self) -> None:
         self.retry_schedule: list[int] = list(self.spec.default("Retry"))

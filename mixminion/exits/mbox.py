@@ -52,9 +52,7 @@ class MBOXModule(MailModule):
     dropped."""
 
     name = "MBOX"
-    section_name = "Delivery/MBOX"
     exit_types = frozenset({MBOX_TYPE})
-    uses_tag = True
     spec = MBOX
 
     def __init__(self) -> None:

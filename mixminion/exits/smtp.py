@@ -25,9 +25,7 @@ class SMTPModule(MailModule):
     and sends through the configured MTA."""
 
     name = "SMTP"
-    section_name = "Delivery/SMTP"
     exit_types = frozenset({SMTP_TYPE})
-    uses_tag = True
     spec = SMTP
 
     def __init__(self) -> None:

@@ -10,12 +10,11 @@ from typing import Any
 
 from twisted.internet import defer, task
 from twisted.trial import unittest
-from zope.interface import implementer
 
 from mixminion.codec.build import encode_message_payloads
 from mixminion.codec.routing import MBOX_TYPE, SMTP_TYPE
 from mixminion.exits.context import ExitContext
-from mixminion.exits.interfaces import IExitModule
+from mixminion.exits.interfaces import ExitModuleBase
 from mixminion.exits.items import DeliveryResult
 from mixminion.exits.mta import SMTPRelay
 from mixminion.exits.registry import Dispatcher
@@ -26,12 +25,10 @@ from mixminion.server.queues import QUARANTINE, delivery_queue
 from mixminion.server.stats import NodeStats
 
 
-@implementer(IExitModule)
-class Recorder:
+class Recorder(ExitModuleBase):
     """An exit module that records what it is given; ``hold`` keeps its
     deliveries (or its periodic work) waiting until released."""
 
-    priority = 0
     uses_tag = False
     retry_schedule = (100, 100)
 
@@ -42,9 +39,6 @@ class Recorder:
         self.held: list[defer.Deferred] = []
         self.hold_deliveries = False
         self.hold_flush = False
-
-    def configure(self, section, context) -> None:
-        pass
 
     def deliver(self, item) -> defer.Deferred:
         if self.hold_deliveries:
@@ -59,12 +53,6 @@ class Recorder:
             d: defer.Deferred = defer.Deferred()
             self.held.append(d)
             return d
-        return defer.succeed(None)
-
-    def advertise(self):
-        return None
-
-    def stop(self) -> defer.Deferred:
         return defer.succeed(None)
 
 

@@ -58,6 +58,7 @@ from mixminion.exits import (
 from mixminion.exits.blacklist import Blacklist
 from mixminion.exits.drop import DropModule
 from mixminion.exits.fragment import DAY
+from mixminion.exits.interfaces import ExitModuleBase
 from mixminion.exits.mail import MailOptions, format_mail, one_line
 from mixminion.exits.mbox import MBOXModule, parse_address_file
 from mixminion.exits.mta import mbox_quote, smtp_data
@@ -270,14 +271,11 @@ class Items(unittest.TestCase):
         self.assertIsInstance(make_reassembled_item(SMTP_TYPE, b"", zeros).classification, Overcompressed)
 
 
-@implementer(mixminion.exits.IExitModule)
-class RecordingModule:
+class RecordingModule(ExitModuleBase):
     """A test module: records items, answers from a script."""
 
     name = "RECORD"
     exit_types = frozenset({TEST_TYPE})
-    priority = 0
-    uses_tag = True
     retry_schedule = [600, 600, 600]
 
     def __init__(self, answers=(), exit_types=None, uses_tag=True) -> None:
@@ -287,24 +285,12 @@ class RecordingModule:
         if exit_types is not None:
             self.exit_types = frozenset(exit_types)
 
-    def configure(self, section, context) -> None:
-        pass
-
     def deliver(self, item):
         self.items.append(item)
         answer = self.answers.pop(0) if self.answers else DeliveryResult.OK
         if isinstance(answer, Exception):
             raise answer
         return defer.succeed(answer)
-
-    def flush(self):
-        return defer.succeed(None)
-
-    def advertise(self):
-        return None
-
-    def stop(self):
-        return defer.succeed(None)
 
 
 class Dispatch(unittest.TestCase):

@@ -17,11 +17,10 @@ from mixminion.server.delivery import build_exits
 
 MODULE = '''\
 from twisted.internet import defer
-from zope.interface import implementer
 
 from mixminion.config.schema import Option, SectionSpec
 from mixminion.config.values import BOOLEAN, STRING
-from mixminion.exits.interfaces import IExitModule
+from mixminion.exits.interfaces import ExitModuleBase
 from mixminion.exits.plugin import ExitModulePlugin
 
 OPTIONS = SectionSpec("Delivery/Archive", "keeps a copy", (
@@ -30,27 +29,15 @@ OPTIONS = SectionSpec("Delivery/Archive", "keeps a copy", (
 ))
 
 
-@implementer(IExitModule)
-class Archive:
+class Archive(ExitModuleBase):
     name = "ARCHIVE"
     exit_types = frozenset({0x7FF0})
-    priority = 0
     uses_tag = False
-    retry_schedule = []
 
     def configure(self, section, context):
         self.label = section["Label"]
 
     def deliver(self, item):
-        return defer.succeed(None)
-
-    def flush(self):
-        return defer.succeed(None)
-
-    def advertise(self):
-        return None
-
-    def stop(self):
         return defer.succeed(None)
 
 

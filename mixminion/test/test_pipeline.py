@@ -20,10 +20,9 @@ from mixminion.codec.build import build_forward_packet, encode_message_payloads
 from mixminion.codec.process import PacketProcessor
 from mixminion.codec.header import Hop
 from mixminion.codec.routing import MBOX_TYPE, SMTP_TYPE, HostInfo
-from zope.interface import implementer
 
 from mixminion.exits.context import ExitContext
-from mixminion.exits.interfaces import IExitModule
+from mixminion.exits.interfaces import ExitModuleBase
 from mixminion.exits.items import DeliveryResult
 from mixminion.exits.registry import Dispatcher
 from mixminion.mmtp.initiator import ConnectionFailed, NextHop
@@ -368,14 +367,11 @@ class OutgoingTests(StoreTestCase):
         self.assertEqual(self.stats["RelayedToSelf"], 1)
 
 
-@implementer(IExitModule)
-class ScriptedModule:
+class ScriptedModule(ExitModuleBase):
     """An exit module whose answers the test scripts."""
 
     name = "MBOX"
     exit_types = frozenset({MBOX_TYPE})
-    priority = 0
-    uses_tag = True
     retry_schedule = (100, 100)
 
     def __init__(self, answers) -> None:
@@ -385,18 +381,6 @@ class ScriptedModule:
     def deliver(self, item):
         self.items.append(item)
         return defer.succeed(self.answers.pop(0))
-
-    def flush(self):
-        return defer.succeed(None)
-
-    def stop(self):
-        return defer.succeed(None)
-
-    def configure(self, section, context) -> None:
-        pass
-
-    def advertise(self):
-        return None
 
 
 class DeliveryTests(StoreTestCase):

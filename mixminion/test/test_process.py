@@ -24,18 +24,8 @@ from mixminion.codec.process import (
     replay_value,
 )
 from mixminion.codec.replay import MemoryReplayLog
-from mixminion.codec.routing import (
-    DROP_TYPE,
-    FRAGMENT_TYPE,
-    FWD_HOST_TYPE,
-    FWD_IPV4_TYPE,
-    MBOX_TYPE,
-    SMTP_TYPE,
-    SWAP_FWD_HOST_TYPE,
-    SWAP_FWD_IPV4_TYPE,
-    HostInfo,
-    IPv4Info,
-)
+from mixminion.codec import routing
+from mixminion.codec.routing import HostInfo, IPv4Info
 from mixminion.codec.rsa import PrivateKey, PublicKey
 from mixminion.server.packetstore import PacketStore
 from mixminion.server.store_replay import StoreReplayLog
@@ -68,19 +58,19 @@ class Built:
             packet, secrets1, secrets2, payload)
 
 
-def forward(leg1: Sequence[int], leg2: Sequence[int], exit_type: int = SMTP_TYPE,
+def forward(leg1: Sequence[int], leg2: Sequence[int], exit_type: int = routing.SMTP_TYPE,
             exit_info: bytes = b"T" * 20 + b"nobody@example.com",
-            swap_type: int = SWAP_FWD_HOST_TYPE, swap_info: Optional[bytes] = None,
+            swap_type: int = routing.SWAP_FWD_HOST_TYPE, swap_info: Optional[bytes] = None,
             secrets1: Optional[list[bytes]] = None) -> Built:
     """A two-leg packet over servers ``leg1`` then ``leg2`` (indices into
     :func:`server_keys`), relaying by hostname."""
     keys = server_keys()
     secrets1 = secrets1 or [rng(16) for _ in leg1]
     secrets2 = [rng(16) for _ in leg2]
-    hops1 = [HopRouting(keys[a].public, FWD_HOST_TYPE, host(b)) for a, b in zip(leg1, leg1[1:])]
+    hops1 = [HopRouting(keys[a].public, routing.FWD_HOST_TYPE, host(b)) for a, b in zip(leg1, leg1[1:])]
     hops1.append(HopRouting(keys[leg1[-1]].public, swap_type,
                             host(leg2[0]) if swap_info is None else swap_info))
-    hops2 = [HopRouting(keys[a].public, FWD_HOST_TYPE, host(b)) for a, b in zip(leg2, leg2[1:])]
+    hops2 = [HopRouting(keys[a].public, routing.FWD_HOST_TYPE, host(b)) for a, b in zip(leg2, leg2[1:])]
     hops2.append(HopRouting(keys[leg2[-1]].public, exit_type, exit_info))
     payload = rng(PAYLOAD_LEN)
     packet = assemble_packet(build_header(hops1, secrets1, rng), build_header(hops2, secrets2, rng),
@@ -144,7 +134,7 @@ class ForwardTests(unittest.TestCase):
         results = run_path(built, [0, 1, 2, 3])
         self.assertEqual([type(r) for r in results], [Relay, Relay, Relay, Exit])
         self.assertEqual([r.routing_type for r in results[:3]],
-                         [FWD_HOST_TYPE, SWAP_FWD_HOST_TYPE, FWD_HOST_TYPE])
+                         [routing.FWD_HOST_TYPE, routing.SWAP_FWD_HOST_TYPE, routing.FWD_HOST_TYPE])
         self.assertEqual(results[0].relay_info, HostInfo.parse(host(1)))
         self.assertEqual(results[1].relay_info, HostInfo.parse(host(2)))
         secrets = built.secrets1 + built.secrets2
@@ -156,7 +146,7 @@ class ForwardTests(unittest.TestCase):
         final = results[-1]
         assert isinstance(final, Exit)
         self.assertEqual(final.payload, built.payload)
-        self.assertEqual(final.exit_type, SMTP_TYPE)
+        self.assertEqual(final.exit_type, routing.SMTP_TYPE)
         self.assertEqual(final.tag, b"T" * 20)
         self.assertEqual(final.address, b"nobody@example.com")
         self.assertEqual(final.routing_info, b"T" * 20 + b"nobody@example.com")
@@ -164,24 +154,24 @@ class ForwardTests(unittest.TestCase):
                          crypto.derive_key(secrets[-1], crypto.APPLICATION_KEY_MODE))
 
     def test_tagless_exit(self) -> None:
-        result = run_path(forward([0], [1], FRAGMENT_TYPE, b""), [0, 1])[-1]
+        result = run_path(forward([0], [1], routing.FRAGMENT_TYPE, b""), [0, 1])[-1]
         assert isinstance(result, Exit)
         self.assertEqual((result.tag, result.address, result.routing_info), (b"", b"", b""))
 
     def test_ipv4_relays(self) -> None:
         v4 = IPv4Info("192.0.2.7", 48099, crypto.sha1(b"id1"))
-        built = forward([0], [1], swap_type=SWAP_FWD_IPV4_TYPE, swap_info=v4.pack())
+        built = forward([0], [1], swap_type=routing.SWAP_FWD_IPV4_TYPE, swap_info=v4.pack())
         first, second = run_path(built, [0, 1])
         assert isinstance(first, Relay)
         self.assertEqual(first.relay_info, v4)
         self.assertIsInstance(second, Exit)
-        packet = single(server_keys()[0].public, FWD_IPV4_TYPE, v4.pack())
+        packet = single(server_keys()[0].public, routing.FWD_IPV4_TYPE, v4.pack())
         self.assertEqual(processor(0)[0].process(packet).relay_info, v4)
 
     def test_long_exit_routing_info(self) -> None:
         """A 300-byte address: the exit subheader is extended (RL > 172)."""
         info = b"L" * 20 + b"x" * 280
-        results = run_path(forward([0, 1], [2, 3], MBOX_TYPE, info), [0, 1, 2, 3])
+        results = run_path(forward([0, 1], [2, 3], routing.MBOX_TYPE, info), [0, 1, 2, 3])
         final = results[-1]
         assert isinstance(final, Exit)
         self.assertEqual(final.subheader.routing_length, 300)
@@ -191,7 +181,7 @@ class ForwardTests(unittest.TestCase):
 
     def test_long_exit_single_hop(self) -> None:
         info = b"Q" * 20 + b"y" * 1000
-        packet = single(server_keys()[0].public, SMTP_TYPE, info)
+        packet = single(server_keys()[0].public, routing.SMTP_TYPE, info)
         result = processor(0)[0].process(packet)
         assert isinstance(result, Exit)
         self.assertEqual(result.routing_info, info)
@@ -203,8 +193,8 @@ class ForwardTests(unittest.TestCase):
         self.assertGreater(len(info), 172)
         keys = server_keys()
         secrets = [rng(16), rng(16)]
-        h1 = build_header([HopRouting(keys[0].public, FWD_HOST_TYPE, info),
-                           HopRouting(keys[1].public, SMTP_TYPE, b"t" * 20 + b"a@b.example")],
+        h1 = build_header([HopRouting(keys[0].public, routing.FWD_HOST_TYPE, info),
+                           HopRouting(keys[1].public, routing.SMTP_TYPE, b"t" * 20 + b"a@b.example")],
                           secrets, rng)
         packet = assemble_packet(h1, rng(2048), rng(PAYLOAD_LEN), secrets, None)
         first = processor(0)[0].process(packet)
@@ -227,7 +217,7 @@ class RejectTests(unittest.TestCase):
     def setUp(self) -> None:
         self.key = server_keys()[0]
         self.proc, (self.log,) = processor(0)
-        self.packet = single(self.key.public, FWD_HOST_TYPE, host(1))
+        self.packet = single(self.key.public, routing.FWD_HOST_TYPE, host(1))
 
     def assertReject(self, packet: bytes, reason: RejectReason,
                      proc: Optional[PacketProcessor] = None) -> Reject:
@@ -285,14 +275,14 @@ class RejectTests(unittest.TestCase):
         second = self.assertReject(self.packet, RejectReason.REPLAY)
         self.assertEqual(second.subheader, first.subheader)
         # Another packet reusing the secret (a reused reply block) too.
-        again = single(self.key.public, SMTP_TYPE, b"t" * 20 + b"x@y.example",
+        again = single(self.key.public, routing.SMTP_TYPE, b"t" * 20 + b"x@y.example",
                        secret=first.subheader.secret)
         self.assertReject(again, RejectReason.REPLAY)
         # A fresh server has never seen it.
         self.assertIsInstance(processor(0)[0].process(self.packet), Relay)
 
     def test_drop(self) -> None:
-        packet = single(self.key.public, DROP_TYPE, b"")
+        packet = single(self.key.public, routing.DROP_TYPE, b"")
         result = self.proc.process(packet)
         self.assertIsInstance(result, Drop)
         self.assertIn(replay_value(result.subheader.secret), self.log)
@@ -316,13 +306,13 @@ class RejectTests(unittest.TestCase):
 
     def test_bad_routing_info(self) -> None:
         cases = [
-            (FWD_IPV4_TYPE, host(1)),                      # host info under an IPv4 type
-            (SWAP_FWD_IPV4_TYPE, b"\x01" * 25),
-            (FWD_HOST_TYPE, b"\x00\x01" + bytes(20)),      # no hostname
-            (FWD_HOST_TYPE, b"\x00\x01" + bytes(20) + b"_.com"),
-            (SWAP_FWD_HOST_TYPE, b"\x00\x01" + bytes(20) + b".lead.dot"),
-            (SMTP_TYPE, b"short"),                         # tag needs 20 bytes
-            (MBOX_TYPE, b""),
+            (routing.FWD_IPV4_TYPE, host(1)),                      # host info under an IPv4 type
+            (routing.SWAP_FWD_IPV4_TYPE, b"\x01" * 25),
+            (routing.FWD_HOST_TYPE, b"\x00\x01" + bytes(20)),      # no hostname
+            (routing.FWD_HOST_TYPE, b"\x00\x01" + bytes(20) + b"_.com"),
+            (routing.SWAP_FWD_HOST_TYPE, b"\x00\x01" + bytes(20) + b".lead.dot"),
+            (routing.SMTP_TYPE, b"short"),                         # tag needs 20 bytes
+            (routing.MBOX_TYPE, b""),
         ]
         for rtype, info in cases:
             packet = single(self.key.public, rtype, info)
@@ -365,8 +355,8 @@ class KeyRotationTests(unittest.TestCase):
     def test_both_keys_accepted_each_with_its_log(self) -> None:
         proc, (old_log, new_log) = processor(0, 1)
         keys = server_keys()
-        to_old = single(keys[0].public, FWD_HOST_TYPE, host(2))
-        to_new = single(keys[1].public, FWD_HOST_TYPE, host(2))
+        to_old = single(keys[0].public, routing.FWD_HOST_TYPE, host(2))
+        to_new = single(keys[1].public, routing.FWD_HOST_TYPE, host(2))
         old = proc.process(to_old)
         new = proc.process(to_new)
         self.assertEqual((old.key_index, new.key_index), (0, 1))
@@ -376,7 +366,7 @@ class KeyRotationTests(unittest.TestCase):
         self.assertNotIn(replay_value(new.subheader.secret), old_log)
         for packet in (to_old, to_new):
             self.assertEqual(proc.process(packet).reason, RejectReason.REPLAY)
-        stranger = single(keys[2].public, FWD_HOST_TYPE, host(2))
+        stranger = single(keys[2].public, routing.FWD_HOST_TYPE, host(2))
         self.assertEqual(proc.process(stranger).reason, RejectReason.RSA_OAEP)
 
     def test_same_secret_under_two_keys_is_no_replay(self) -> None:
@@ -385,13 +375,13 @@ class KeyRotationTests(unittest.TestCase):
         keys = server_keys()
         secret = rng(16)
         for packet_key in keys[:2]:
-            result = proc.process(single(packet_key.public, FWD_HOST_TYPE, host(2), secret))
+            result = proc.process(single(packet_key.public, routing.FWD_HOST_TYPE, host(2), secret))
             self.assertIsInstance(result, Relay)
         self.assertEqual([len(log) for log in logs], [1, 1])
 
     def test_exit_under_second_key(self) -> None:
         proc, _ = processor(3, 4)
-        built = forward([0], [4], MBOX_TYPE, b"m" * 20 + b"fred")
+        built = forward([0], [4], routing.MBOX_TYPE, b"m" * 20 + b"fred")
         relay = processor(0)[0].process(built.packet)
         result = proc.process(relay.packet)
         assert isinstance(result, Exit)
@@ -402,10 +392,10 @@ class KeyRotationTests(unittest.TestCase):
 class BatchTests(unittest.TestCase):
     def test_batch_matches_one_by_one(self) -> None:
         keys = server_keys()
-        packets = [single(keys[0].public, FWD_HOST_TYPE, host(1)),
-                   single(keys[1].public, SMTP_TYPE, b"t" * 20 + b"a@b.example"),
+        packets = [single(keys[0].public, routing.FWD_HOST_TYPE, host(1)),
+                   single(keys[1].public, routing.SMTP_TYPE, b"t" * 20 + b"a@b.example"),
                    rng(PACKET_LEN), b"short",
-                   single(keys[0].public, DROP_TYPE, b""),
+                   single(keys[0].public, routing.DROP_TYPE, b""),
                    single(keys[1].public, 0x0042, b"")]
         packets += [packets[0], packets[1], packets[4]]      # replays within the batch
         batch_proc, batch_logs = processor(0, 1)
@@ -428,7 +418,7 @@ class BatchTests(unittest.TestCase):
 
         keys = server_keys()
         proc = PacketProcessor([(keys[0], CountingLog()), (keys[1], CountingLog())])
-        packets = [single(keys[i % 2].public, FWD_HOST_TYPE, host(3)) for i in range(5)]
+        packets = [single(keys[i % 2].public, routing.FWD_HOST_TYPE, host(3)) for i in range(5)]
         results = proc.process_batch(packets)
         self.assertTrue(all(isinstance(r, Relay) for r in results))
         self.assertEqual(sorted(calls), [2, 3])
@@ -451,7 +441,7 @@ class DurableLogTests(unittest.TestCase):
         return StoreReplayLog(store, self.key.public.keyid)
 
     def test_replay_survives_restart(self) -> None:
-        packet = single(self.key.public, FWD_HOST_TYPE, host(1))
+        packet = single(self.key.public, routing.FWD_HOST_TYPE, host(1))
         log = self.open_log()
         self.assertIsInstance(PacketProcessor([(self.key, log)]).process(packet), Relay)
         log.store.close()
@@ -459,7 +449,7 @@ class DurableLogTests(unittest.TestCase):
         self.assertEqual(result.reason, RejectReason.REPLAY)
 
     def test_batch_over_durable_log(self) -> None:
-        packets = [single(self.key.public, FWD_HOST_TYPE, host(1)) for _ in range(4)]
+        packets = [single(self.key.public, routing.FWD_HOST_TYPE, host(1)) for _ in range(4)]
         packets.append(packets[0])
         log = self.open_log()
         results = PacketProcessor([(self.key, log)]).process_batch(packets)

@@ -80,19 +80,7 @@ from mixminion.codec.process import (
     Relay,
 )
 from mixminion.codec.replay import MemoryReplayLog
-from mixminion.codec.routing import (
-    DROP_TYPE,
-    FRAGMENT_TYPE,
-    FWD_HOST_TYPE,
-    FWD_IPV4_TYPE,
-    MBOX_TYPE,
-    SMTP_TYPE,
-    SWAP_FWD_HOST_TYPE,
-    SWAP_FWD_IPV4_TYPE,
-    HostInfo,
-    IPv4Info,
-    RelayInfo,
-)
+from mixminion.codec.routing import HostInfo, IPv4Info, RelayInfo
 from mixminion.codec.rsa import PrivateKey
 from mixminion.codec.surb import ReplyBlock, build_reply_block, find_seed, parse_reply_blocks
 from mixminion.codec import textformat
@@ -261,8 +249,8 @@ smtp_addresses = st.builds(
 )
 mbox_names = st.text(string.ascii_lowercase + string.digits, min_size=1, max_size=16).map(
     lambda s: s.encode("ascii"))
-exits = st.one_of(st.tuples(st.just(SMTP_TYPE), smtp_addresses),
-                  st.tuples(st.just(MBOX_TYPE), mbox_names))
+exits = st.one_of(st.tuples(st.just(routing.SMTP_TYPE), smtp_addresses),
+                  st.tuples(st.just(routing.MBOX_TYPE), mbox_names))
 
 _header_value = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=60)
 exit_headers = st.fixed_dictionaries({}, optional={
@@ -456,7 +444,7 @@ class RoundTripTests(unittest.TestCase):
         pieces = []
         for packet, result in zip(built, results):
             self.assertEqual((result.exit_type, result.routing_info, result.tag, packet.tag),
-                             (FRAGMENT_TYPE, b"", b"", b""))
+                             (routing.FRAGMENT_TYPE, b"", b"", b""))
             piece = classify_payload(result.payload)
             assert isinstance(piece, FragmentPiece), piece
             pieces.append(piece.fragment)
@@ -482,7 +470,7 @@ class RoundTripTests(unittest.TestCase):
         k=16, n=22, so 66 packets)."""
         body = make_body("random", 1 << 20, 7)
         self.forward_round_trip(Network(default_addresses()), ([0], [1, 3]), random_legs,
-                                SMTP_TYPE, b"big@example.org", {"SUBJECT": "a mebibyte"},
+                                routing.SMTP_TYPE, b"big@example.org", {"SUBJECT": "a mebibyte"},
                                 body, 11)
 
     def test_large_messages(self) -> None:
@@ -500,7 +488,7 @@ class RoundTripTests(unittest.TestCase):
             kind = ("random", "text", "repeat")[seed % 3]
             body = make_body(kind, gen.randint(120_000, 1 << 20), seed)
             self.forward_round_trip(Network(addresses), (whole[:cut], whole[cut:]), random_legs,
-                                    (SMTP_TYPE, MBOX_TYPE)[seed % 2],
+                                    (routing.SMTP_TYPE, routing.MBOX_TYPE)[seed % 2],
                                     (b"large@example.org", b"largebox")[seed % 2],
                                     {"SUBJECT": f"large {seed}"}, body, seed)
 
@@ -512,7 +500,7 @@ class RoundTripTests(unittest.TestCase):
         for target in (MAX_SINGLETON - 1, MAX_SINGLETON, MAX_SINGLETON + 1):
             body = next(b for b in (make_body("random", size, 3) for size in range(28500, 28700))
                         if len(compress(encode_headers({}) + b)) == target)
-            self.forward_round_trip(net, ([0, 1], [2, 4]), random_legs, MBOX_TYPE, b"fred", {},
+            self.forward_round_trip(net, ([0, 1], [2, 4]), random_legs, routing.MBOX_TYPE, b"fred", {},
                                     body, target)
 
     @props(25)
@@ -629,7 +617,7 @@ class RoundTripTests(unittest.TestCase):
         assert isinstance(result, Drop), result
         sub = result.subheader
         self.assertEqual((sub.routing_type, sub.routing_length, sub.routing_info),
-                         (DROP_TYPE, 0, b""))
+                         (routing.DROP_TYPE, 0, b""))
         self.assertEqual(sum(len(log) for log in net.logs), len(visited))
 
 
@@ -640,7 +628,7 @@ class LongPathTests(unittest.TestCase):
 
     def send(self, net: Network, path1: list[int], path2: list[int], seed: int) -> None:
         body = b"through %d + %d hops" % (len(path1), len(path2))
-        built = build_message_packets(body, SMTP_TYPE, self.ADDRESS,
+        built = build_message_packets(body, routing.SMTP_TYPE, self.ADDRESS,
                                       lambda i: (net.path(path1), net.path(path2)),
                                       seeded_rng(seed))
         self.assertEqual(len(built), 1)
@@ -669,7 +657,7 @@ class LongPathTests(unittest.TestCase):
         for path1, path2 in ((sixteen, [0]), ([0], sixteen), (sixteen, sixteen)):
             self.assertRaises(BuildError, check_path_fits, net.path(path1), net.path(path2),
                               exit_len)
-            self.assertRaises(BuildError, build_message_packets, b"x", SMTP_TYPE, self.ADDRESS,
+            self.assertRaises(BuildError, build_message_packets, b"x", routing.SMTP_TYPE, self.ADDRESS,
                               lambda i, a=path1, b=path2: (net.path(a), net.path(b)),
                               seeded_rng(0))
         check_path_fits(net.path(fifteen), net.path(fifteen), exit_len)
@@ -682,7 +670,7 @@ class LongPathTests(unittest.TestCase):
         rng = seeded_rng(16)
         surb_path = [i % SERVER_COUNT for i in range(16)]
         user_key = b"sixteen hops of reply"
-        block, seed_tag = build_reply_block(net.path(surb_path), MBOX_TYPE, b"me", user_key, 0, rng)
+        block, seed_tag = build_reply_block(net.path(surb_path), routing.MBOX_TYPE, b"me", user_key, 0, rng)
         payload, = encode_message_payloads(b"the long way back", rng)
         built = build_reply_packet(payload, net.path([5]), block, rng)
         visited, result = net.deliver(built.packet, 5)
@@ -692,7 +680,7 @@ class LongPathTests(unittest.TestCase):
         got = decode_payload(result.payload, result.tag, {"me": user_key})
         assert got is not None
         self.assertEqual(got.message(), encode_headers({}) + b"the long way back")
-        self.assertRaises(BuildError, build_reply_block, net.path(surb_path + [0]), MBOX_TYPE,
+        self.assertRaises(BuildError, build_reply_block, net.path(surb_path + [0]), routing.MBOX_TYPE,
                           b"me", user_key, 0, rng)
 
     @props(40)
@@ -714,7 +702,7 @@ class LongPathTests(unittest.TestCase):
             self.assertRaises(BuildError, check_path_fits, net.path(path1), net.path(path2),
                               exit_len)
             self.assertRaises(BuildError, build_forward_packet, bytes(PAYLOAD_LEN),
-                              net.path(path1), net.path(path2), SMTP_TYPE, self.ADDRESS,
+                              net.path(path1), net.path(path2), routing.SMTP_TYPE, self.ADDRESS,
                               seeded_rng(seed))
 
     def test_longest_leg_for_each_hostname_length(self) -> None:
@@ -731,7 +719,7 @@ class LongPathTests(unittest.TestCase):
             self.send(net, path, [1], length)
             too_long = path + [longest % SERVER_COUNT]
             self.assertRaises(BuildError, build_forward_packet, bytes(PAYLOAD_LEN),
-                              net.path(too_long), net.path([1]), SMTP_TYPE, self.ADDRESS,
+                              net.path(too_long), net.path([1]), routing.SMTP_TYPE, self.ADDRESS,
                               seeded_rng(0))
 
 
@@ -755,7 +743,7 @@ def flip_fixture() -> FlipFixture:
     path = (0, 1, 2, 3)
     headers = {"SUBJECT": "flip me"}
     body = b"A message whose every bit is guarded.\n" * 20
-    built, = build_message_packets(body, SMTP_TYPE, b"guarded@example.org",
+    built, = build_message_packets(body, routing.SMTP_TYPE, b"guarded@example.org",
                                    lambda i: (net.path(path[:2]), net.path(path[2:])),
                                    seeded_rng(99), headers=headers)
     stages = [built.packet]
@@ -929,8 +917,8 @@ def sample_surbs() -> tuple[ReplyBlock, ...]:
     net = sample_net()
     rng = seeded_rng(5)
     return tuple(build_reply_block(net.path(p), t, a, b"user key", 12345, rng)[0]
-                 for p, t, a in (([0], MBOX_TYPE, b"me"),
-                                 ([1, 2, 3], SMTP_TYPE, b"me@example.org")))
+                 for p, t, a in (([0], routing.MBOX_TYPE, b"me"),
+                                 ([1, 2, 3], routing.SMTP_TYPE, b"me@example.org")))
 
 
 @functools.cache
@@ -939,9 +927,9 @@ def sample_packets() -> tuple[bytes, ...]:
     dummy, reply."""
     net = sample_net()
     rng = seeded_rng(6)
-    out = [build_forward_packet(bytes(PAYLOAD_LEN), net.path([0, 1]), net.path([2]), SMTP_TYPE,
+    out = [build_forward_packet(bytes(PAYLOAD_LEN), net.path([0, 1]), net.path([2]), routing.SMTP_TYPE,
                                 b"a@b.example", rng).packet,
-           build_forward_packet(bytes(PAYLOAD_LEN), net.path([0]), net.path([0]), MBOX_TYPE,
+           build_forward_packet(bytes(PAYLOAD_LEN), net.path([0]), net.path([0]), routing.MBOX_TYPE,
                                 b"x" * 200, rng).packet,
            build_dummy_packet(net.path([0]), net.path([1]), rng).packet,
            build_reply_packet(bytes(PAYLOAD_LEN), net.path([0]), sample_surbs()[1], rng).packet]
@@ -969,7 +957,7 @@ def sample_payloads() -> tuple[bytes, ...]:
     for body in (b"", b"hello", make_body("text", 5000, 1), bytes(30000),
                  b"SUBJECT:x\n\nbody", make_body("random", 100_000, 2)):
         out.extend(encode_message_payloads(body, rng, headers={"SUBJECT": "s"},
-                                           exit_type=SMTP_TYPE, exit_address=b"a@b.example"))
+                                           exit_type=routing.SMTP_TYPE, exit_address=b"a@b.example"))
     return tuple(out[:8])
 
 
@@ -1160,9 +1148,9 @@ class FuzzTests(unittest.TestCase):
     @with_edge_lengths
     def test_parse_relay_info(self, data: bytes) -> None:
         """Each relay type, and two types that are not relay types."""
-        for rtype in (FWD_IPV4_TYPE, SWAP_FWD_IPV4_TYPE, FWD_HOST_TYPE, SWAP_FWD_HOST_TYPE):
+        for rtype in (routing.FWD_IPV4_TYPE, routing.SWAP_FWD_IPV4_TYPE, routing.FWD_HOST_TYPE, routing.SWAP_FWD_HOST_TYPE):
             only_codec_errors(routing.parse_relay_info, rtype, data)
-        for rtype in (DROP_TYPE, SMTP_TYPE):
+        for rtype in (routing.DROP_TYPE, routing.SMTP_TYPE):
             self.assertRaises(ParseError, routing.parse_relay_info, rtype, data)
 
     @props(200)
