@@ -1,11 +1,21 @@
 """The MMTP initiator: sending packets to other servers.
 
-:class:`MMTPInitiatorProtocol` wraps an :class:`InitiatorMachine` for one
-TLS connection: after the handshake it checks that the peer's chain is
-certified by the identity key the routing info names, negotiates the
-version, and pipelines frames (six in flight by default).  Each packet has
-a Deferred that fires on RECEIVED and fails on REJECTED or on any loss of
-the connection, so the caller keeps its copy until the peer has it.
+:class:`MMTPInitiatorProtocol` is one connection to a next hop, from the
+TCP connect until it is lost.  It wraps an :class:`InitiatorMachine`:
+after the TLS handshake it checks that the peer's chain is certified by
+the identity key the routing info names, negotiates the version, and
+pipelines frames (six in flight by default).  Each packet has a Deferred
+that fires on RECEIVED and fails on REJECTED or on any loss of the
+connection, so the caller keeps its copy until the peer has it.
+
+The life of a connection is one Automat machine, its states named by
+:class:`Phase` and its transitions listed together at the end of
+:class:`MMTPInitiatorProtocol`::
+
+    CONNECTING --TCP up--> HANDSHAKING --TLS done--> NEGOTIATING
+        --version agreed--> OPEN --all acknowledged--> CLOSING --lost--> CLOSED
+    CONNECTING --connect failed--> CLOSED
+    HANDSHAKING, NEGOTIATING, OPEN, CLOSING --failed--> ABORTING --lost--> CLOSED
 
 :class:`MMTPClient` queues packets on one connection per destination, at
 most ``max_packets_per_connection`` on each; the next connection opens
@@ -13,7 +23,10 @@ while the full one still waits for its acknowledgements (at most
 ``connections_per_destination`` at once).  At most ``max_connections``
 connections are connecting or open in all (``[Outgoing/MMTP]
 MaxConnections``); a destination that needs one when none is free waits
-in line for the next one that closes.
+in line for the next one that closes.  What the client holds for a
+destination (its packets, its connections, its place in line) is one
+:class:`_Destination`; which next hops proved themselves or got stuck is
+remembered apart (:class:`_Recent`), for longer than any of that lasts.
 
 A next hop that never answers must not stall the others (issue 12: 6,000
 packets each for a different address that accepted TCP and said nothing
@@ -49,11 +62,13 @@ with :class:`NextHopDenied`, which a caller must not retry.
 
 from __future__ import annotations
 
+import enum
 import os
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field, fields
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
+from automat import MethodicalMachine
 from twisted.internet import defer, error
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import (
@@ -91,6 +106,9 @@ PROVEN_MEMORY = 4096
 STUCK_MEMORY = 16384
 #: seconds from the first stuck next hop of a series to its report
 STUCK_GRACE = 5.0
+#: the default of each deadline that bounds what a next hop that never
+#: answers costs us: TCP connect, TLS handshake, acknowledgement, close
+DEADLINE = 30.0
 
 
 class MMTPError(Exception):
@@ -141,23 +159,39 @@ class _Item:
     deferred: defer.Deferred = field(default_factory=defer.Deferred)
 
 
+@dataclass(frozen=True)
+class _Ending:
+    """Why a connection failed: what its packets fail with, whether one
+    of our deadlines ran out, and whether the client gave it up for
+    reasons of its own (shutdown, address rules, nothing left to send)
+    rather than for any fault of the peer's."""
+
+    error: Exception
+    timed_out: bool = False
+    by_us: bool = False
+
+
 @dataclass
 class InitiatorSettings:
+    """Outbound limits and timeouts, in seconds.  The client and its
+    connections share one instance (a SIGHUP copies new values into it:
+    :meth:`MMTPClient.apply_settings`)."""
+
     writeahead: int = 6
     max_packets_per_connection: int = 1000
     #: TCP connect
-    connect_timeout: float = 30.0
+    connect_timeout: float = DEADLINE
     #: TLS handshake, from the TCP connection
-    handshake_timeout: float = 30.0
+    handshake_timeout: float = DEADLINE
     #: from the TCP connection to the first acknowledgement, then from one
     #: to the next while any is awaited: a peer that accepted TCP and never
     #: completes TLS, never answers our version or never acknowledges frees
     #: its slot after this long
-    ack_timeout: float = 30.0
+    ack_timeout: float = DEADLINE
     idle_timeout: float = 300.0
     #: how long to wait for the peer's TLS close_notify after ours; a peer
     #: that never answers would otherwise hold the destination forever
-    close_timeout: float = 30.0
+    close_timeout: float = DEADLINE
     #: open connections to one destination: one accepts new packets while
     #: the one before it waits for its last acknowledgements
     connections_per_destination: int = 2
@@ -175,14 +209,70 @@ class InitiatorSettings:
     bind_address: Optional[tuple[str, int]] = None
 
 
+class Phase(enum.Enum):
+    """Where a connection to a next hop is in its life: the states of
+    :class:`MMTPInitiatorProtocol`'s machine."""
+
+    #: TCP connect (and name lookup) under way, against ``connect_timeout``
+    CONNECTING = "connecting"
+    #: TCP up: TLS handshake under way; the handshake and first
+    #: acknowledgement deadlines run from here
+    HANDSHAKING = "handshaking"
+    #: TLS done: the peer's chain is checked at once (a wrong one fails
+    #: the connection), then our version line goes out
+    NEGOTIATING = "negotiating"
+    #: version agreed: frames go out, acknowledgements come back (it takes
+    #: packets until it holds ``max_packets_per_connection``, then drains)
+    OPEN = "open"
+    #: everything acknowledged: our close_notify is out; aborted if the
+    #: peer does not answer it within ``close_timeout``
+    CLOSING = "closing"
+    #: failed (deadline, wrong peer, protocol error, or closed by the
+    #: client): aborted, waiting for the transport to report the loss
+    ABORTING = "aborting"
+    #: lost, or never connected: its packets and its slot are settled
+    CLOSED = "closed"
+
+
+#: the phases in which a connection takes packets
+_TAKING = frozenset({Phase.CONNECTING, Phase.HANDSHAKING, Phase.NEGOTIATING, Phase.OPEN})
+#: the phases in which queued frames may be written (our version line is out)
+_WRITING = frozenset({Phase.NEGOTIATING, Phase.OPEN})
+
+
+def _phase_states(machine: MethodicalMachine) -> list[Any]:
+    """One state of ``machine`` per :class:`Phase`, in its order (the first
+    is the initial one), each serialized as its phase so that
+    :attr:`MMTPInitiatorProtocol.phase` can tell where a connection is."""
+    states: list[Any] = []
+    for phase in Phase:
+        def state(self: Any) -> None:
+            pass
+
+        state.__name__ = state.__qualname__ = phase.value
+        states.append(machine.state(initial=not states, serialized=phase)(state))
+    return states
+
+
 @implementer(IHandshakeListener)
 class MMTPInitiatorProtocol(Protocol):
+    """One connection to a next hop, from the connect until it is lost.
+
+    The client builds it before connecting (its factory hands out this
+    one), so the whole life of a connection, and the slot it holds, is the
+    one machine below; :attr:`phase` says where it is.  Why it failed
+    (:attr:`ending`) is set once, by the transition into ABORTING or
+    CLOSED, for the client's ``on_done``.
+    """
+
     log = Logger()
+    _lifecycle = MethodicalMachine()
 
     def __init__(self, destination: NextHop, tls: InitiatorTLS, clock: IReactorTime,
                  settings: InitiatorSettings, stats: MMTPStats,
                  on_done: Callable[["MMTPInitiatorProtocol"], None],
-                 on_ack: Optional[Callable[[NextHop], None]] = None) -> None:
+                 on_ack: Optional[Callable[[NextHop], None]] = None,
+                 unproven: bool = False) -> None:
         self.destination = destination
         self.tls = tls
         self.clock = clock
@@ -190,27 +280,29 @@ class MMTPInitiatorProtocol(Protocol):
         self.stats = stats
         self.on_done = on_done
         self.on_ack = on_ack
+        #: opened to a next hop not proven then: counted in the unproven share
+        self.unproven = unproven
         self.machine: InitiatorMachine[_Item] = InitiatorMachine(writeahead=settings.writeahead)
         self.timers = Timers(clock)
         self.queued = 0
         self.acked = 0
-        self.closing = False
-        self.authenticated = False
-        #: one of our deadlines (handshake, ack, idle) closed it
-        self.timed_out = False
-        #: closed by the client for reasons of its own (shutdown, address
-        #: rules, nothing left to send), not by any fault of the peer's
-        self.closed_by_us = False
         #: items that failed when the connection was lost
         self.lost = 0
+        #: why it failed (None: it closed cleanly, or is still up)
+        self.ending: Optional[_Ending] = None
         self._failure: Optional[Failure] = None
 
     # --- used by the client ------------------------------------------------
 
     @property
+    def phase(self) -> Phase:
+        return self._current_phase()
+
+    @property
     def accepting(self) -> bool:
-        """Whether more packets may still be queued on this connection."""
-        return (not self.closing and not self.machine.dead
+        """Whether more packets may still be queued on this connection (a
+        full one takes none, even after a SIGHUP raised the limit)."""
+        return (self.phase in _TAKING and not self.machine.dead
                 and self.queued < self.settings.max_packets_per_connection)
 
     def queue(self, item: _Item) -> None:
@@ -219,44 +311,33 @@ class MMTPInitiatorProtocol(Protocol):
             self.machine.queue_junk(item.data, item)
         else:
             self.machine.queue_packet(item.data, item)
-        if self.authenticated:
+        if self.phase in _WRITING:
             self._flush()
-
-    # --- connection lifecycle ------------------------------------------------
 
     @property
     def failure(self) -> Optional[Failure]:
         """Why it failed (None if it closed cleanly or is still open)."""
         return self._failure
 
-    def connectionMade(self) -> None:  # noqa: N802
-        set_no_delay(self.transport)
-        self.timers.start("handshake", self.settings.handshake_timeout,
-                          lambda: self._deadline("TLS handshake timed out"))
-        # Runs until the connection closes: restarted by each acknowledgement
-        # (the connection closes once nothing more is awaited).
-        self.timers.start("ack", self.settings.ack_timeout,
-                          lambda: self._deadline("no acknowledgement in time"))
+    @property
+    def timed_out(self) -> bool:
+        """One of our deadlines (connect, handshake, ack, idle) ended it."""
+        return self.ending is not None and self.ending.timed_out
 
-    def handshakeCompleted(self) -> None:  # noqa: N802
-        self.timers.cancel("handshake")
-        try:
-            self.tls.authenticate(self.transport, self.destination.keyid, self.clock.seconds())
-        except KeyIdMismatch as exc:
-            self.stats.count(Event.KEY_ID_MISMATCH)
-            self.log.warn("Next hop's identity key does not match its routing info: {why}",
-                          why=str(exc))
-            self._fail(PeerAuthenticationFailed(str(exc)))
-            return
-        except TLSVerificationError as exc:
-            self.stats.count(Event.FAILED_CONNECT)
-            self.log.warn("Next hop failed certificate verification: {why}", why=str(exc))
-            self._fail(PeerAuthenticationFailed(str(exc)))
-            return
-        self.authenticated = True
-        self.stats.count(Event.SUCCESSFUL_CONNECT)
-        self.transport.write(self.machine.start())
-        self._touch()
+    @property
+    def closed_by_us(self) -> bool:
+        """The client gave it up for reasons of its own."""
+        return self.ending is not None and self.ending.by_us
+
+    @property
+    def next_hop_failed(self) -> bool:
+        """Whether its end is the next hop's doing: it ran out of one of our
+        deadlines, or failed (or never connected) before acknowledging
+        anything; never when the client closed it for reasons of its own."""
+        return not self.closed_by_us and (self.timed_out or (
+            not self.acked and (self._failure is not None or self.lost > 0)))
+
+    # --- frames and deadlines ------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
         self._touch()
@@ -269,11 +350,11 @@ class MMTPInitiatorProtocol(Protocol):
                 if isinstance(event, Acknowledged):
                     self._acknowledged(event.item, event.accepted)
                 elif isinstance(event, VersionAgreed):
-                    pass
+                    self._version_agreed()
         except ProtocolError as exc:
             self.stats.count(Event.PROTOCOL_ERROR)
             self.log.info("Next hop broke the MMTP protocol ({code})", code=exc.code)
-            self._fail(ConnectionFailed(f"protocol error: {exc.code}"))
+            self._fail(_Ending(ConnectionFailed(f"protocol error: {exc.code}")))
             return
         self._flush()
 
@@ -298,47 +379,125 @@ class MMTPInitiatorProtocol(Protocol):
         out = self.machine.data_to_send()
         if out:
             self.transport.write(out)
-        if self.machine.version is not None and self.machine.finished:
-            # Everything acknowledged: close (mmtp.md §7.4 step 3); packets
-            # that come later open a new connection.
-            self._close()
-
-    def _close(self) -> None:
-        if not self.closing:
-            self.closing = True
-            self.machine.close()
-            self.timers.cancel_all()
-            # Until connectionLost the client keeps this connection as the
-            # destination's, so a peer that never answers our close_notify
-            # must not hold it (and the packets waiting for it) forever.
-            self.timers.start("close", self.settings.close_timeout, self._close_timed_out)
-            self.transport.loseConnection()
-
-    def _close_timed_out(self) -> None:
-        self.stats.count(Event.TIMED_OUT)
-        self.log.info("Next hop did not finish closing the MMTP connection; aborting it")
-        self.transport.abortConnection()
+        if self.machine.finished:
+            self._all_acknowledged()
 
     def _touch(self) -> None:
         self.timers.restart("idle", self.settings.idle_timeout,
                             lambda: self._deadline("connection timed out"))
 
     def _deadline(self, why: str) -> None:
-        self.timed_out = True
         self.stats.count(Event.TIMED_OUT)
-        self._fail(ConnectionFailed(why))
+        self._fail(_Ending(ConnectionFailed(why), timed_out=True))
 
-    def _fail(self, error: Exception, by_us: bool = False) -> None:
-        if self._failure is None:
-            self._failure = Failure(error)
-            self.closed_by_us = by_us
-        self.closing = True
-        self.timers.cancel_all()
+    def _close_timed_out(self) -> None:
+        self.stats.count(Event.TIMED_OUT)
+        self.log.info("Next hop did not finish closing the MMTP connection; aborting it")
         self.transport.abortConnection()
 
+    # --- the lifecycle: states and inputs ------------------------------------------
+
+    _connecting, _handshaking, _negotiating, _open, _closing, _aborting, _closed = (
+        _phase_states(_lifecycle))
+
+    @_lifecycle.serializer()
+    def _current_phase(self, state: Phase) -> Phase:
+        return state
+
+    @_lifecycle.input()
+    def connectionMade(self) -> None:  # noqa: N802
+        "TCP connected: the TLS handshake starts, and our deadlines with it."
+
+    @_lifecycle.input()
+    def _connect_failed(self, ending: _Ending) -> None:
+        "The connect failed or ran out of time; nothing was sent."
+
+    @_lifecycle.input()
+    def handshakeCompleted(self) -> None:  # noqa: N802
+        """TLS is up: the peer's chain is checked before any MMTP byte
+        goes out."""
+
+    @_lifecycle.input()
+    def _version_agreed(self) -> None:
+        "The peer answered our version line: frames may flow."
+
+    @_lifecycle.input()
+    def _all_acknowledged(self) -> None:
+        """Every frame queued is acknowledged: close (mmtp.md §7.4 step 3);
+        packets that come later open a new connection."""
+
+    @_lifecycle.input()
+    def _fail(self, ending: _Ending) -> None:
+        """Give the connection up (a deadline passed, the peer broke the
+        protocol or is not who its routing info names, or the client
+        closes it for reasons of its own): its packets fail."""
+
+    @_lifecycle.input()
     def connectionLost(self, reason: Failure = None) -> None:  # noqa: N802
-        self.closing = True
+        "The transport is gone: what was not acknowledged fails."
+
+    # --- the lifecycle: outputs --------------------------------------------------
+
+    @_lifecycle.output()
+    def _start_deadlines(self) -> None:
+        set_no_delay(self.transport)
+        self.timers.start("handshake", self.settings.handshake_timeout,
+                          lambda: self._deadline("TLS handshake timed out"))
+        # Runs until the connection closes: restarted by each acknowledgement
+        # (the connection closes once nothing more is awaited).
+        self.timers.start("ack", self.settings.ack_timeout,
+                          lambda: self._deadline("no acknowledgement in time"))
+
+    @_lifecycle.output()
+    def _verify_peer(self) -> None:
+        """Check the peer's chain against the key id its routing info
+        names; a wrong one fails the connection at once, else our version
+        line goes out."""
+        self.timers.cancel("handshake")
+        try:
+            self.tls.authenticate(self.transport, self.destination.keyid, self.clock.seconds())
+        except KeyIdMismatch as exc:
+            self.stats.count(Event.KEY_ID_MISMATCH)
+            self.log.warn("Next hop's identity key does not match its routing info: {why}",
+                          why=str(exc))
+            self._fail(_Ending(PeerAuthenticationFailed(str(exc))))
+            return
+        except TLSVerificationError as exc:
+            self.stats.count(Event.FAILED_CONNECT)
+            self.log.warn("Next hop failed certificate verification: {why}", why=str(exc))
+            self._fail(_Ending(PeerAuthenticationFailed(str(exc))))
+            return
+        self.stats.count(Event.SUCCESSFUL_CONNECT)
+        self.transport.write(self.machine.start())
+        self._touch()
+
+    @_lifecycle.output()
+    def _start_closing(self) -> None:
+        self.machine.close()
         self.timers.cancel_all()
+        # Until connectionLost the client keeps this connection as the
+        # destination's, so a peer that never answers our close_notify
+        # must not hold it (and the packets waiting for it) forever.
+        self.timers.start("close", self.settings.close_timeout, self._close_timed_out)
+        self.transport.loseConnection()
+
+    @_lifecycle.output()
+    def _record_failure(self, ending: _Ending) -> None:
+        self.ending = ending
+        self._failure = Failure(ending.error)
+
+    @_lifecycle.output()
+    def _stop_deadlines(self) -> None:
+        self.timers.cancel_all()
+
+    @_lifecycle.output()
+    def _abort(self) -> None:
+        self.transport.abortConnection()
+
+    @_lifecycle.output()
+    def _fail_outstanding(self, reason: Failure = None) -> None:
+        """Fail every packet not acknowledged, with the failure that ended
+        the connection (or the transport's reason)."""
         failure = self._failure or Failure(ConnectionFailed(
             f"connection lost: {reason.getErrorMessage() if reason else 'unknown'}"))
         outstanding = [i for i in self.machine.outstanding() if not i.deferred.called]
@@ -354,18 +513,51 @@ class MMTPInitiatorProtocol(Protocol):
             if not item.junk:
                 self.stats.count(Event.FAILED_RELAY)
             item.deferred.errback(failure)
+
+    @_lifecycle.output()
+    def _tell_client(self) -> None:
         self.on_done(self)
+
+    # --- the lifecycle: transitions ----------------------------------------------
+    # The machine enters the new state before the outputs run, so an input
+    # an output causes (_verify_peer's _fail, a packet's callback sending
+    # more) acts on the new state.
+
+    _connecting.upon(connectionMade, enter=_handshaking, outputs=[_start_deadlines])
+    _connecting.upon(_connect_failed, enter=_closed, outputs=[_record_failure, _tell_client])
+    _handshaking.upon(handshakeCompleted, enter=_negotiating, outputs=[_verify_peer])
+    _negotiating.upon(_version_agreed, enter=_open, outputs=[])
+    _open.upon(_all_acknowledged, enter=_closing, outputs=[_start_closing])
+    for _up in (_handshaking, _negotiating, _open, _closing):
+        _up.upon(_fail, enter=_aborting, outputs=[_record_failure, _stop_deadlines, _abort])
+    # Once failed, the first failure stands: another only aborts again.
+    _aborting.upon(_fail, enter=_aborting, outputs=[_stop_deadlines, _abort])
+    for _up in (_handshaking, _negotiating, _open, _closing, _aborting):
+        _up.upon(connectionLost, enter=_closed,
+                 outputs=[_stop_deadlines, _fail_outstanding, _tell_client])
+    # News that comes too late changes nothing: a handshake or bytes still
+    # arriving on a connection being aborted or closed, or the client
+    # shutting down after the loss.
+    for _late in (handshakeCompleted, _version_agreed, _all_acknowledged):
+        _aborting.upon(_late, enter=_aborting, outputs=[])
+    _closing.upon(_all_acknowledged, enter=_closing, outputs=[])
+    _closed.upon(_fail, enter=_closed, outputs=[])
+    del _up, _late
 
 
 class _InitiatorFactory(Factory):
+    """Hands the connection the client built to the TCP connection the
+    connect makes, once (a second one would have no slot: it is closed)."""
+
     #: one per outgoing connection: no "Starting factory" line for each
     noisy = False
 
-    def __init__(self, build: Callable[[], MMTPInitiatorProtocol]) -> None:
-        self._build = build
+    def __init__(self, connection: MMTPInitiatorProtocol) -> None:
+        self._connection: Optional[MMTPInitiatorProtocol] = connection
 
-    def buildProtocol(self, addr):  # noqa: N802
-        return self._build()
+    def buildProtocol(self, addr) -> Optional[MMTPInitiatorProtocol]:  # noqa: N802
+        connection, self._connection = self._connection, None
+        return connection
 
 
 def unproven_share(max_connections: int) -> int:
@@ -375,36 +567,58 @@ def unproven_share(max_connections: int) -> int:
     return max(1, limit - limit // 4)
 
 
+class _Recent:
+    """The next hops most recently marked, at most ``size`` of them (the
+    least recently marked is forgotten first): the client's memory of
+    which hops proved themselves, or got stuck, outlives their queues."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._hops: OrderedDict[NextHop, None] = OrderedDict()
+
+    def __contains__(self, hop: object) -> bool:
+        return hop in self._hops
+
+    def __len__(self) -> int:
+        return len(self._hops)
+
+    def mark(self, hop: NextHop) -> bool:
+        """Remember ``hop`` as the most recent; whether it is new."""
+        if hop in self._hops:
+            self._hops.move_to_end(hop)
+            return False
+        self._hops[hop] = None
+        if len(self._hops) > self.size:
+            self._hops.popitem(last=False)
+        return True
+
+    def forget(self, hop: NextHop) -> bool:
+        """Forget ``hop``; whether it was remembered."""
+        if hop not in self._hops:
+            return False
+        del self._hops[hop]
+        return True
+
+
 @dataclass(eq=False)
-class _Peer:
-    """What the client holds for one destination."""
+class _Destination:
+    """What the client holds for one next hop while it has packets or
+    connections (it is forgotten when it has neither)."""
 
     destination: NextHop
     #: packets on no connection yet, oldest first
     pending: deque[_Item] = field(default_factory=deque)
     #: connections connecting or open (at most connections_per_destination)
-    live: int = 0
-    #: a connection is being opened; it takes ``pending`` once it is up
-    connecting: bool = False
+    connections: list[MMTPInitiatorProtocol] = field(default_factory=list)
+    #: the connection being opened: it takes ``pending`` once it is up
+    opening: Optional[MMTPInitiatorProtocol] = None
     #: the open connection new packets go to while it accepts them
     active: Optional[MMTPInitiatorProtocol] = None
-    #: in one of the client's lines of destinations waiting for a connection
-    in_line: bool = False
     #: packets held for it: pending, or on its connections unacknowledged
     held: int = 0
-    #: when it joined its line (the client's count of arrivals)
-    since: int = 0
-
-
-@dataclass(eq=False)
-class _Slot:
-    """One connection, counted against ``max_connections`` from the
-    connect until it is lost."""
-
-    #: to a next hop not proven when it opened: counted in the unproven share
-    unproven: bool
-    #: our connect deadline cancelled the connect
-    timed_out: bool = False
+    #: when it joined one of the client's lines of destinations waiting for
+    #: a connection (the client's count of arrivals); 0: in neither
+    in_line_since: int = 0
 
 
 class MMTPClient:
@@ -412,7 +626,9 @@ class MMTPClient:
 
     ``connect`` may be replaced in tests: it takes a destination and a
     protocol factory and returns a Deferred firing with the connected
-    protocol (by default TCP via ``HostnameEndpoint``, wrapped in TLS).
+    protocol (by default TCP via ``HostnameEndpoint``, wrapped in TLS);
+    the factory builds one protocol, the connection the client made for
+    the connect.
 
     ``allows`` (``None``: every address) may be replaced at any time; it
     applies to packets sent and connections made from then on.
@@ -434,26 +650,25 @@ class MMTPClient:
         self.settings = settings or InitiatorSettings()
         self.stats = stats or MMTPStats()
         self.allows = allows
-        self._peers: dict[NextHop, _Peer] = {}
+        #: every next hop with packets waiting or connections
+        self._destinations: dict[NextHop, _Destination] = {}
         #: destinations that need a connection and wait for one to be free
         #: (MaxConnections): those not proven ...
-        self._line: deque[_Peer] = deque()
+        self._line: deque[_Destination] = deque()
         #: ... and those proven, which have a share of the slots of their own
-        self._proven_line: deque[_Peer] = deque()
+        self._proven_line: deque[_Destination] = deque()
         #: numbers the destinations as they join a line
         self._arrivals = 0
         #: next hops that acknowledged a packet and have not failed since
-        #: (the most recent last)
-        self._proven: OrderedDict[NextHop, None] = OrderedDict()
+        self._proven = _Recent(PROVEN_MEMORY)
+        #: next hops whose last connection ran out of a deadline
+        self._stuck = _Recent(STUCK_MEMORY)
         #: connections connecting or open, to every destination
         self._connections = 0
         #: ... of them to next hops not proven when they opened
         self._unproven_connections = 0
-        #: every open connection, including full ones no longer a peer's active
-        self._protocols: set[MMTPInitiatorProtocol] = set()
-        self._opening = False
-        #: next hops whose last connection ran out of a deadline
-        self._stuck: OrderedDict[NextHop, None] = OrderedDict()
+        #: _open_waiting is running (a connect that finishes at once calls it again)
+        self._filling = False
         #: stuck next hops and their packets since the last report
         self._stuck_new = 0
         self._stuck_packets = 0
@@ -474,13 +689,21 @@ class MMTPClient:
     @property
     def waiting_destinations(self) -> int:
         """Destinations whose packets wait for a free connection."""
-        return (sum(1 for peer in self._line if peer.pending)
-                + sum(1 for peer in self._proven_line if peer.pending))
+        return (sum(1 for dest in self._line if dest.pending)
+                + sum(1 for dest in self._proven_line if dest.pending))
 
     @property
     def stuck_destinations(self) -> int:
         """Next hops whose last connection ran out of a deadline."""
         return len(self._stuck)
+
+    @property
+    def _protocols(self) -> list[MMTPInitiatorProtocol]:
+        """Every connection past its connect, including full ones no longer
+        a destination's active one (tests/test_three_nodes.py waits until
+        there is none)."""
+        return [conn for dest in self._destinations.values() for conn in dest.connections
+                if conn is not dest.opening]
 
     def proven(self, destination: NextHop) -> bool:
         """Whether ``destination`` acknowledged a packet and has not failed
@@ -489,8 +712,8 @@ class MMTPClient:
 
     def held(self, destination: NextHop) -> int:
         """Packets held in memory for ``destination``."""
-        peer = self._peers.get(destination)
-        return peer.held if peer is not None else 0
+        dest = self._destinations.get(destination)
+        return dest.held if dest is not None else 0
 
     def apply_settings(self, settings: InitiatorSettings) -> None:
         """Take ``settings`` (after a SIGHUP): copied into the settings the
@@ -523,9 +746,9 @@ class MMTPClient:
         ip = literal_address(destination.host)
         return ip is not None and not self._allowed(ip, destination.port)
 
-    def _peer_address(self, proto: MMTPInitiatorProtocol) -> Optional[str]:
+    def _peer_address(self, conn: MMTPInitiatorProtocol) -> Optional[str]:
         """The address TCP connected to (None if the transport cannot say)."""
-        peer = proto.transport.getPeer() if proto.transport is not None else None
+        peer = conn.transport.getPeer() if conn.transport is not None else None
         addr = normalize_address(str(getattr(peer, "host", "")))
         return str(addr) if addr is not None else None
 
@@ -537,45 +760,44 @@ class MMTPClient:
                            "rules", host=destination.host, port=destination.port)
             return defer.fail(NextHopDenied("the next hop's address is denied by our "
                                                 "[Outgoing/MMTP] rules"))
-        peer = self._peers.get(destination)
-        if peer is None:
-            peer = self._peers[destination] = _Peer(destination)
+        dest = self._destinations.get(destination)
+        if dest is None:
+            dest = self._destinations[destination] = _Destination(destination)
         cap = self.settings.max_queued_per_destination
-        if cap > 0 and peer.held >= cap:
-            self._forget_if_idle(peer)
+        if cap > 0 and dest.held >= cap:
+            self._forget_if_idle(dest)
             return defer.fail(NextHopBusy(f"{cap} packets are held for this next hop "
                                               "already"))
         if not item.junk:
             self.stats.count(Event.ATTEMPTED_RELAY)
-        peer.held += 1
-        item.deferred.addBoth(self._released, peer)
-        peer.pending.append(item)
-        self._dispatch(peer)
+        dest.held += 1
+        item.deferred.addBoth(self._released, dest)
+        dest.pending.append(item)
+        self._dispatch(dest)
         if self._line or self._proven_line:  # max_connections may have been raised
             self._open_waiting()
         return item.deferred
 
     @staticmethod
-    def _released(result, peer: _Peer):
-        peer.held -= 1
+    def _released(result, dest: _Destination):
+        dest.held -= 1
         return result
 
-    def _dispatch(self, peer: _Peer) -> None:
-        """Put ``peer``'s pending packets on its open connection; ask for
+    def _dispatch(self, dest: _Destination) -> None:
+        """Put ``dest``'s pending packets on its open connection; ask for
         another connection for those that do not fit."""
-        proto = peer.active
-        while peer.pending and proto is not None and proto.accepting:
-            proto.queue(peer.pending.popleft())
-        if (peer.pending and not peer.connecting
-                and peer.live < self.settings.connections_per_destination):
-            if not peer.in_line:
-                peer.in_line = True
+        conn = dest.active
+        while dest.pending and conn is not None and conn.accepting:
+            conn.queue(dest.pending.popleft())
+        if (dest.pending and dest.opening is None
+                and len(dest.connections) < self.settings.connections_per_destination):
+            if not dest.in_line_since:
                 self._arrivals += 1
-                peer.since = self._arrivals
-                if peer.destination in self._proven:
-                    self._proven_line.append(peer)
+                dest.in_line_since = self._arrivals
+                if dest.destination in self._proven:
+                    self._proven_line.append(dest)
                 else:
-                    self._line.append(peer)
+                    self._line.append(dest)
             self._open_waiting()
         # else: the connection being opened takes them, or one of the
         # destination's own connections must finish first (_finished)
@@ -584,22 +806,22 @@ class MMTPClient:
         """Open connections for the destinations in line while fewer than
         ``max_connections`` are connecting or open; those not proven only
         while they hold fewer than their share (:func:`unproven_share`)."""
-        if self._opening:  # called again from a connect that finished at once
+        if self._filling:  # called again from a connect that finished at once
             return
-        self._opening = True
+        self._filling = True
         try:
             while self._connections < max(1, self.settings.max_connections):
-                peer = self._next_in_line()
-                if peer is None:
+                dest = self._next_in_line()
+                if dest is None:
                     break
-                peer.in_line = False
-                if (peer.pending and not peer.connecting
-                        and peer.live < self.settings.connections_per_destination):
-                    self._open(peer)
+                dest.in_line_since = 0
+                if (dest.pending and dest.opening is None
+                        and len(dest.connections) < self.settings.connections_per_destination):
+                    self._open(dest)
         finally:
-            self._opening = False
+            self._filling = False
 
-    def _next_in_line(self) -> Optional[_Peer]:
+    def _next_in_line(self) -> Optional[_Destination]:
         """The next destination to connect to, first come first served:
         whichever waited longer, but the common one only while it holds
         less than its share."""
@@ -607,34 +829,37 @@ class MMTPClient:
         common = self._line if self._unproven_connections < unproven_share(
             self.settings.max_connections) else None
         if proven and common:
-            line = proven if proven[0].since < common[0].since else common
+            line = proven if proven[0].in_line_since < common[0].in_line_since else common
         else:
             line = proven or common
         return line.popleft() if line else None
 
-    def _open(self, peer: _Peer) -> None:
-        """Connect for ``peer``'s pending packets; a full connection keeps
-        draining its acknowledgements while the next one does its handshake."""
-        slot = _Slot(unproven=peer.destination not in self._proven)
-        peer.connecting = True
-        peer.live += 1
+    # --- connections --------------------------------------------------------------
+
+    def _open(self, dest: _Destination) -> None:
+        """Connect for ``dest``'s pending packets; a full connection keeps
+        draining its acknowledgements while the next one does its handshake.
+        The connection counts against ``max_connections`` from now until
+        it is settled (:meth:`_finished`)."""
+        conn = MMTPInitiatorProtocol(dest.destination, self.tls, self.reactor, self.settings,
+                                     self.stats, lambda conn: self._finished(conn, dest),
+                                     self._acknowledged,
+                                     unproven=dest.destination not in self._proven)
+        dest.connections.append(conn)
+        dest.opening = conn
         self._connections += 1
-        if slot.unproven:
+        if conn.unproven:
             self._unproven_connections += 1
         self.stats.count(Event.ATTEMPTED_CONNECT)
-        destination = peer.destination
 
-        def build() -> MMTPInitiatorProtocol:
-            return MMTPInitiatorProtocol(destination, self.tls, self.reactor, self.settings,
-                                         self.stats, lambda proto: self._finished(proto, peer, slot),
-                                         self._acknowledged)
-
-        d = self.connect(destination, _InitiatorFactory(build))
+        d = self.connect(dest.destination, _InitiatorFactory(conn))
+        expired = False
         if not d.called and self.settings.connect_timeout > 0:
             # Our own deadline too: it covers a name lookup, and a connect
             # replaced in tests.
             def expire() -> None:
-                slot.timed_out = True
+                nonlocal expired
+                expired = True
                 d.cancel()
 
             deadline = self.reactor.callLater(self.settings.connect_timeout, expire)
@@ -645,8 +870,8 @@ class MMTPClient:
                 return result
 
             d.addBoth(settled)
-        d.addCallbacks(self._connected, self._connect_failed,
-                       callbackArgs=(peer,), errbackArgs=(peer, slot))
+        d.addCallbacks(lambda _: self._connected(conn, dest),
+                       lambda failure: self._could_not_connect(failure, conn, expired))
 
     def connect(self, destination: NextHop, factory: Factory) -> defer.Deferred:
         endpoint = HostnameEndpoint(self.reactor, destination.host, destination.port,
@@ -656,108 +881,96 @@ class MMTPClient:
             endpoint = self.wrap_endpoint(endpoint)
         return wrapClientTLS(self.tls, endpoint).connect(factory)
 
-    def _connected(self, proto: MMTPInitiatorProtocol, peer: _Peer) -> None:
-        peer.connecting = False
-        self._protocols.add(proto)
+    def _connected(self, conn: MMTPInitiatorProtocol, dest: _Destination) -> None:
+        dest.opening = None
         if self.allows is not None:
-            address = self._peer_address(proto)
-            if address is None or not self._allowed(address, peer.destination.port):
-                self._refuse(proto, peer, address)
+            address = self._peer_address(conn)
+            if address is None or not self._allowed(address, dest.destination.port):
+                self._refuse(conn, dest, address)
                 return
-        if not peer.pending:
+        if not dest.pending:
             # Its packets failed while it connected (close()): nothing to send.
-            proto._fail(ConnectionFailed("nothing left to send"), by_us=True)
+            conn._fail(_Ending(ConnectionFailed("nothing left to send"), by_us=True))
             return
-        peer.active = proto
-        self._dispatch(peer)
+        dest.active = conn
+        self._dispatch(dest)
 
-    def _refuse(self, proto: MMTPInitiatorProtocol, peer: _Peer, address: Optional[str]) -> None:
-        """The next hop's name led to an address the rules deny: close
-        before any MMTP byte and fail its packets (they are not retried)."""
-        self.stats.count(Event.DENIED_CONNECT)
-        self.log.warn("Refused to relay to a next hop: its hostname leads to an address "
-                      "denied by our [Outgoing/MMTP] rules")
-        self.log.debug("Next hop {host}:{port} connected at {address}, which the outgoing "
-                       "address rules deny", host=peer.destination.host,
-                       port=peer.destination.port, address=address)
-        error = NextHopDenied("the next hop's address is denied by our "
-                                  "[Outgoing/MMTP] rules")
-        self._fail_pending(peer, Failure(error))  # first: the abort must not reopen for them
-        proto._fail(error, by_us=True)
-
-    def _fail_pending(self, peer: _Peer, failure: Failure) -> int:
-        """Fail the packets waiting for a connection; how many there were."""
-        items = list(peer.pending)
-        peer.pending.clear()
-        self._forget_if_idle(peer)
-        for item in items:
-            if not item.junk:
-                self.stats.count(Event.FAILED_RELAY)
-            item.deferred.errback(failure)
-        return len(items)
-
-    def _release(self, peer: _Peer, slot: _Slot) -> None:
-        peer.live -= 1
-        self._connections -= 1
-        if slot.unproven:
-            self._unproven_connections -= 1
-
-    def _connect_failed(self, failure: Failure, peer: _Peer, slot: _Slot) -> None:
-        peer.connecting = False
-        self._release(peer, slot)
+    def _could_not_connect(self, failure: Failure, conn: MMTPInitiatorProtocol,
+                           expired: bool) -> None:
+        """The connect failed (``expired``: our deadline cancelled it)."""
         self.stats.count(Event.FAILED_CONNECT)
-        timed_out = slot.timed_out or failure.check(error.TimeoutError) is not None
+        timed_out = expired or failure.check(error.TimeoutError) is not None
         if timed_out:
             self.stats.count(Event.TIMED_OUT)
         # The reason may name the next hop (a DNS error does): debug only.
         self.log.info("Could not connect to a next hop: {kind}",
                       kind="timed out" if timed_out else failure.type.__name__)
         self.log.debug("Could not connect to a next hop: {why}", why=failure.getErrorMessage())
-        self._proven.pop(peer.destination, None)
-        why = "timed out" if slot.timed_out else failure.getErrorMessage()
-        failed = self._fail_pending(peer, Failure(ConnectionFailed(f"cannot connect: {why}")))
-        if timed_out:
-            self._stuck_next_hop(peer.destination, failed)
-        self._open_waiting()
+        why = "timed out" if expired else failure.getErrorMessage()
+        conn._connect_failed(_Ending(ConnectionFailed(f"cannot connect: {why}"), timed_out))
 
-    def _finished(self, proto: MMTPInitiatorProtocol, peer: _Peer, slot: _Slot) -> None:
-        self._protocols.discard(proto)
-        self._release(peer, slot)
-        if peer.active is proto:
-            peer.active = None
-        if not proto.closed_by_us and (proto.timed_out or (
-                not proto.acked and (proto.failure or proto.lost))):
-            # The next hop stopped answering, or took nothing: it is no
-            # longer proven, and what waits for it fails too (its caller
-            # retries it on its own schedule) instead of holding the next
-            # free connection.
-            self._proven.pop(peer.destination, None)
-            failure = proto.failure or Failure(ConnectionFailed(
+    def _refuse(self, conn: MMTPInitiatorProtocol, dest: _Destination,
+                address: Optional[str]) -> None:
+        """The next hop's name led to an address the rules deny: close
+        before any MMTP byte and fail its packets (they are not retried)."""
+        self.stats.count(Event.DENIED_CONNECT)
+        self.log.warn("Refused to relay to a next hop: its hostname leads to an address "
+                      "denied by our [Outgoing/MMTP] rules")
+        self.log.debug("Next hop {host}:{port} connected at {address}, which the outgoing "
+                       "address rules deny", host=dest.destination.host,
+                       port=dest.destination.port, address=address)
+        error = NextHopDenied("the next hop's address is denied by our "
+                                  "[Outgoing/MMTP] rules")
+        self._fail_pending(dest, Failure(error))  # first: the abort must not reopen for them
+        conn._fail(_Ending(error, by_us=True))
+
+    def _fail_pending(self, dest: _Destination, failure: Failure) -> int:
+        """Fail the packets waiting for a connection; how many there were."""
+        items = list(dest.pending)
+        dest.pending.clear()
+        self._forget_if_idle(dest)
+        for item in items:
+            if not item.junk:
+                self.stats.count(Event.FAILED_RELAY)
+            item.deferred.errback(failure)
+        return len(items)
+
+    def _finished(self, conn: MMTPInitiatorProtocol, dest: _Destination) -> None:
+        """``conn`` is lost, or never connected: its slot is free.  If the
+        next hop is to blame (:attr:`MMTPInitiatorProtocol.next_hop_failed`)
+        it is no longer proven, and what waits for it fails too (its caller
+        retries it on its own schedule) instead of holding the next free
+        connection."""
+        dest.connections.remove(conn)
+        if dest.opening is conn:
+            dest.opening = None
+        if dest.active is conn:
+            dest.active = None
+        self._connections -= 1
+        if conn.unproven:
+            self._unproven_connections -= 1
+        if conn.next_hop_failed:
+            self._proven.forget(dest.destination)
+            failure = conn.failure or Failure(ConnectionFailed(
                 "connection lost before any acknowledgement"))
-            failed = proto.lost + self._fail_pending(peer, failure)
-            if proto.timed_out:
-                self._stuck_next_hop(peer.destination, failed)
-        self._dispatch(peer)  # the destination's own limit may have held some
+            failed = conn.lost + self._fail_pending(dest, failure)
+            if conn.timed_out:
+                self._stuck_next_hop(dest.destination, failed)
+        self._dispatch(dest)  # the destination's own limit may have held some
         self._open_waiting()  # a connection is free for the next in line
-        self._forget_if_idle(peer)
+        self._forget_if_idle(dest)
 
-    def _forget_if_idle(self, peer: _Peer) -> None:
-        if (not peer.live and not peer.pending
-                and self._peers.get(peer.destination) is peer):
-            del self._peers[peer.destination]
+    def _forget_if_idle(self, dest: _Destination) -> None:
+        if (not dest.connections and not dest.pending
+                and self._destinations.get(dest.destination) is dest):
+            del self._destinations[dest.destination]
 
     # --- proven and stuck next hops ----------------------------------------------
 
     def _acknowledged(self, destination: NextHop) -> None:
         """``destination`` acknowledged a frame: proven (again)."""
-        if destination in self._proven:
-            self._proven.move_to_end(destination)
-        else:
-            self._proven[destination] = None
-            if len(self._proven) > PROVEN_MEMORY:
-                self._proven.popitem(last=False)
-        if destination in self._stuck:
-            del self._stuck[destination]
+        self._proven.mark(destination)
+        if self._stuck.forget(destination):
             self.log.debug("Next hop {host}:{port} answers again",
                            host=destination.host, port=destination.port)
 
@@ -767,12 +980,7 @@ class MMTPClient:
         :meth:`_report_stuck`)."""
         self.log.debug("Next hop {host}:{port} is stuck: no acknowledgement within the "
                        "deadline", host=destination.host, port=destination.port)
-        if destination in self._stuck:
-            self._stuck.move_to_end(destination)
-        else:
-            self._stuck[destination] = None
-            if len(self._stuck) > STUCK_MEMORY:
-                self._stuck.popitem(last=False)
+        if self._stuck.mark(destination):
             self._stuck_new += 1
             self.stats.count(Event.STUCK_NEXT_HOP)
         self._stuck_packets += packets
@@ -811,9 +1019,9 @@ class MMTPClient:
         self._stuck_report = None
         self._line.clear()
         self._proven_line.clear()
-        for peer in list(self._peers.values()):
-            peer.in_line = False
-            self._fail_pending(peer, error)
-        for proto in list(self._protocols):
-            proto._fail(ConnectionFailed("client shutting down"), by_us=True)
+        for dest in list(self._destinations.values()):
+            dest.in_line_since = 0
+            self._fail_pending(dest, error)
+        for conn in self._protocols:
+            conn._fail(_Ending(ConnectionFailed("client shutting down"), by_us=True))
         return defer.succeed(None)

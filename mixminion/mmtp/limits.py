@@ -35,6 +35,8 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence, Union
 
+from mixminion.mmtp.frames import MAX_LINE_LENGTH
+
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 
@@ -126,7 +128,8 @@ class ConnectionLimits:
     frame_timeout: float = 60.0
     #: since the last packet (JUNK frames do not count; see responder)
     idle_timeout: float = 300.0
-    max_line_length: int = 4096
+    #: a protocol line, CRLF included (mmtp.md §6)
+    max_line_length: int = MAX_LINE_LENGTH
     #: packets awaiting storage before we stop reading from the peer
     max_unacknowledged: int = 64
 

@@ -19,9 +19,10 @@ from twisted.test.iosim import FakeTransport, connectedServerAndClient
 
 from mixminion.mmtp.initiator import (
     AddressPolicy,
+    InitiatorSettings,
     NextHop,
     NextHopDenied,
-    InitiatorSettings,
+    Phase,
     literal_address,
 )
 from mixminion.test.test_mmtp_protocol import (
@@ -187,7 +188,8 @@ class AddressRuleTests(LogMixin):
         self.assertEqual(net.opened, [good, evil])
         self.assertEqual(ds.types(), [None, NextHopDenied, NextHopDenied])
         refused = net.initiators[1]
-        self.assertFalse(refused.authenticated)
+        self.assertIs(refused.phase, Phase.CLOSED)
+        self.assertEqual(net.client.stats["SuccessfulConnect"], 1, "evil's TLS was not checked")
         self.assertIsNone(refused.machine.version, "no MMTP byte was sent")
         self.assertEqual([p for p, _ in net.sink.held], [make_packet(0)])
         self.assertEqual(net.client.connections, 0)

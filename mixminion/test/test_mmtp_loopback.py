@@ -15,11 +15,9 @@ real-time wait is the slowloris test's 0.5 s frame deadline.
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import random
 import resource
-import socket
 import warnings
 from typing import Any, Callable, Coroutine, Optional, TypeVar
 
@@ -49,7 +47,9 @@ from mixminion.mmtp.stats import MMTPStats
 from mixminion.mmtp.tls import InitiatorTLS, ResponderTLS
 from mixminion.server.durable import DurableSink
 from mixminion.server.packetstore import PacketStore, PacketStoreError
+from mixminion.test.test_mmtp_protocol import make_packet, send_frame
 from mixminion.testing.keys import key
+from mixminion.testing.sockets import can_bind, have_ipv6_loopback
 
 PACKET_LEN = 32768
 VERSION_LINE = b"MMTP 0.3\r\n"
@@ -58,36 +58,6 @@ T = TypeVar("T")
 
 
 # ------------------------------------------------------------------ helpers
-
-
-def make_packet(n: int) -> bytes:
-    return random.Random(n).randbytes(PACKET_LEN)
-
-
-def send_frame(packet: bytes) -> bytes:
-    return b"SEND\r\n" + packet + hashlib.sha1(packet + b"SEND").digest()
-
-
-def have_ipv6_loopback() -> bool:
-    if not socket.has_ipv6:
-        return False
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
-            s.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
-def can_bind(host: str) -> bool:
-    """Whether a TCP socket can be bound to ``host`` (Linux routes all of
-    127/8 to loopback; other systems may only have 127.0.0.1)."""
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind((host, 0))
-    except OSError:
-        return False
-    return True
 
 
 SECOND_LOOPBACK = "127.0.0.2"

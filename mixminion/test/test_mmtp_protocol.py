@@ -33,11 +33,12 @@ from zope.interface import implementer
 
 from mixminion.mmtp.initiator import (
     ConnectionFailed,
-    NextHop,
     InitiatorSettings,
     MMTPClient,
+    NextHop,
     PacketRejected,
     PeerAuthenticationFailed,
+    Phase,
 )
 from mixminion.mmtp.interfaces import IPacketSink
 from mixminion.mmtp.limits import (
@@ -113,7 +114,12 @@ class HeldSink:
         d: defer.Deferred[Any] = defer.Deferred()
         self.held.append((packet, d))
         self.peers.append(peer)
+        self.arrived(len(self.held) - 1)
         return d
+
+    def arrived(self, index: int) -> None:
+        """What becomes of packet ``index`` at once: here nothing (the
+        test stores or fails it when it likes)."""
 
     @property
     def waiting(self) -> int:
@@ -134,24 +140,18 @@ class HeldSink:
                 self.store(i)
 
 
-@implementer(IPacketSink)
 class MemorySink(HeldSink):
     """Stores every packet at once."""
 
-    def receivePacket(self, packet: bytes, peer: str) -> defer.Deferred[Any]:  # noqa: N802
-        d = super().receivePacket(packet, peer)
-        self.store(len(self.held) - 1)
-        return d
+    def arrived(self, index: int) -> None:
+        self.store(index)
 
 
-@implementer(IPacketSink)
 class FailingSink(HeldSink):
     """A store whose disk is full: every packet fails at once."""
 
-    def receivePacket(self, packet: bytes, peer: str) -> defer.Deferred[Any]:  # noqa: N802
-        d = super().receivePacket(packet, peer)
-        self.fail(len(self.held) - 1)
-        return d
+    def arrived(self, index: int) -> None:
+        self.fail(index)
 
 
 class LogMixin(unittest.TestCase):
@@ -209,6 +209,22 @@ class ResponderHarness:
             if self.aborted:
                 return
             self.proto.dataReceived(data[i:i + chunk])
+
+    def run_out(self, seconds: float) -> None:
+        """Let ``seconds`` pass: a deadline due then must close the
+        connection then, not a moment (0.1 s) earlier."""
+        self.clock.advance(seconds - 0.1)
+        assert not self.aborted, f"closed before {seconds}s"
+        self.clock.advance(0.1)
+        assert self.aborted, f"still open after {seconds}s"
+
+    def trickle(self, frame: bytes, seconds: int) -> None:
+        """Feed ``frame`` as a slowloris does, 100 bytes every 10 s for
+        ``seconds``; the connection must stay open until the last step."""
+        for second in range(0, seconds, 10):
+            assert not self.aborted, f"closed early at {second}s"
+            self.feed(frame[second * 10:second * 10 + 100])
+            self.clock.advance(10)
 
     def written(self) -> bytes:
         out = self.transport.value()
@@ -406,11 +422,7 @@ class ResponderTests(LogMixin):
         """A trickle keeps the idle timer alive but not the frame deadline."""
         h = self.harness(frame_timeout=60, idle_timeout=15)
         h.negotiate()
-        frame = send_frame(make_packet(5))
-        for second in range(0, 60, 10):
-            self.assertFalse(h.aborted, f"closed early at {second}s")
-            h.feed(frame[second * 10:second * 10 + 100])
-            h.clock.advance(10)
+        h.trickle(send_frame(make_packet(5)), 60)
         self.assertTrue(h.aborted)
         self.assertEqual(h.clock.seconds(), 60)
         h.lost(ConnectionAborted())
@@ -433,10 +445,7 @@ class ResponderTests(LogMixin):
         h.feed(stream[5 * half:])
         self.assertEqual(h.written(), b"".join(received_ack(p) for p in packets))
         h.feed(send_frame(make_packet(9))[:10])
-        h.clock.advance(59.9)
-        self.assertFalse(h.aborted)
-        h.clock.advance(0.1)
-        self.assertTrue(h.aborted)
+        h.run_out(60)
         h.lost(ConnectionAborted())
         self.expect_log("partial frame timed out", LogLevel.info, count=1)
         self.assertEqual(h.sink.stored, packets)
@@ -446,10 +455,7 @@ class ResponderTests(LogMixin):
         h.negotiate()
         h.feed(send_frame(make_packet(6)))
         self.assertEqual(len(h.written()), 30)
-        h.clock.advance(299.9)
-        self.assertFalse(h.aborted)
-        h.clock.advance(0.1)
-        self.assertTrue(h.aborted)
+        h.run_out(300)
         self.assertEqual(h.stats["TimedOut"], 1)
         h.lost(ConnectionAborted())
         self.expect_log("MMTP connection closed: idle connection timed out", LogLevel.info,
@@ -490,10 +496,7 @@ class ResponderTests(LogMixin):
         self.assertFalse(h.aborted, "the peer was blamed for our slow disk")
         h.sink.store(0)
         self.assertEqual(h.transport.producerState, "producing")
-        h.clock.advance(59.9)
-        self.assertFalse(h.aborted)
-        h.clock.advance(0.1)
-        self.assertTrue(h.aborted)
+        h.run_out(60)
         h.lost(ConnectionAborted())
         self.expect_log("partial frame timed out", LogLevel.info, count=1)
         self.assertEqual(h.sink.stored, [first])
@@ -547,6 +550,27 @@ class Network:
                     if probe is not None:
                         probe()
 
+
+class ScriptedPeer:
+    """An MMTPClient whose one connection is a StringTransport: the test
+    plays the TLS layer and the next hop, calling the protocol itself."""
+
+    def __init__(self, tls: Any, settings: InitiatorSettings) -> None:
+        self.clock = Clock()
+        self.client = MMTPClient(self.clock, tls, settings)
+        self.client.connect = self.connect  # type: ignore[method-assign]
+        self.destination = NextHop("192.0.2.9", 1, bytes(20))
+        self.transport = StringTransport()
+        self.proto: Any = None  # MMTPInitiatorProtocol, once connected
+
+    def connect(self, destination: NextHop, factory: Any) -> defer.Deferred[Any]:
+        assert self.proto is None, "one connection only"
+        self.proto = factory.buildProtocol(None)
+        self.proto.makeConnection(self.transport)
+        return defer.succeed(self.proto)
+
+    def send(self, packets: list[bytes]) -> Outcomes:
+        return Outcomes([self.client.send_packet(self.destination, p) for p in packets])
 
 
 class Outcomes:
@@ -685,7 +709,7 @@ class InitiatorTests(LogMixin):
         while ds.results == ["?"]:  # stop pumping once the ack arrived
             self.assertTrue(pump.pump())
         proto = net.initiators[0]
-        self.assertTrue(proto.closing)
+        self.assertIs(proto.phase, Phase.CLOSING)
         client_io = pump.clientIO
         client_io.getOutBuffer()  # the close_notify is lost in the network
         net.clock.advance(29.9)
@@ -700,31 +724,40 @@ class InitiatorTests(LogMixin):
         self.assertEqual(net.sink.stored, [make_packet(1)])
 
     def test_handshake_timeout(self) -> None:
-        clock = Clock()
-        client = MMTPClient(clock, InitiatorTLS(), InitiatorSettings(handshake_timeout=10))
-        transports: list[StringTransport] = []
-        protos: list[Any] = []
-
-        def connect(destination: NextHop, factory: Any) -> defer.Deferred[Any]:
-            protos.append(factory.buildProtocol(None))
-            transports.append(StringTransport())
-            protos[-1].makeConnection(transports[-1])
-            return defer.succeed(protos[-1])
-
-        client.connect = connect  # type: ignore[method-assign]
-        ds = Outcomes([client.send_packet(NextHop("192.0.2.9", 1, bytes(20)),
-                                          make_packet(1))])
-        clock.advance(9.9)
-        self.assertFalse(transports[0].disconnected)
-        clock.advance(0.1)
-        self.assertTrue(transports[0].disconnected)
-        protos[0].connectionLost(Failure(ConnectionAborted()))
+        peer = ScriptedPeer(InitiatorTLS(), InitiatorSettings(handshake_timeout=10))
+        ds = peer.send([make_packet(1)])
+        peer.clock.advance(9.9)
+        self.assertFalse(peer.transport.disconnected)
+        peer.clock.advance(0.1)
+        self.assertTrue(peer.transport.disconnected)
+        self.assertIs(peer.proto.phase, Phase.ABORTING)
+        peer.proto.connectionLost(Failure(ConnectionAborted()))
+        self.assertIs(peer.proto.phase, Phase.CLOSED)
         [error] = ds.results
         self.assertIs(type(error), ConnectionFailed)
         self.assertEqual(str(error), "TLS handshake timed out")
         self.expect_log("lost with 1 packets unacknowledged: TLS handshake timed out",
                         LogLevel.info, count=1)
 
+
+    def test_phases_of_a_connection(self) -> None:
+        """A connection's life, as :class:`Phase` names it, from the TCP
+        connection to its loss."""
+        peer = ScriptedPeer(TrustingTLS(), InitiatorSettings())
+        packet = make_packet(1)
+        ds = peer.send([packet])
+        phases = [peer.proto.phase]
+        for step in (peer.proto.handshakeCompleted,
+                     lambda: peer.proto.dataReceived(VERSION_LINE),
+                     lambda: peer.proto.dataReceived(received_ack(packet)),
+                     lambda: peer.proto.connectionLost(Failure(ConnectionDone()))):
+            step()
+            phases.append(peer.proto.phase)
+        self.assertEqual(phases, [Phase.HANDSHAKING, Phase.NEGOTIATING, Phase.OPEN,
+                                  Phase.CLOSING, Phase.CLOSED])
+        self.assertEqual(peer.transport.value(), VERSION_LINE + send_frame(packet))
+        self.assertEqual(ds.results, [None])
+        self.assertEqual(peer.client.connections, 0)
 
     def test_junk_is_acknowledged_end_to_end(self) -> None:
         net = Network(MemorySink())
@@ -738,28 +771,15 @@ class InitiatorTests(LogMixin):
     def scripted_peer(self, replies: list[bytes], code: str) -> None:
         """The initiator against a responder that says ``replies`` (one read
         each) after our version line: it must fail every packet and close."""
-        clock = Clock()
-        client = MMTPClient(clock, TrustingTLS(), InitiatorSettings())  # type: ignore[arg-type]
-        transports: list[StringTransport] = []
-        protos: list[Any] = []
-
-        def connect(destination: NextHop, factory: Any) -> defer.Deferred[Any]:
-            protos.append(factory.buildProtocol(None))
-            transports.append(StringTransport())
-            protos[-1].makeConnection(transports[-1])
-            return defer.succeed(protos[-1])
-
-        client.connect = connect  # type: ignore[method-assign]
-        packets = [make_packet(n) for n in range(3)]
-        ds = Outcomes([client.send_packet(NextHop("192.0.2.9", 1, bytes(20)), p)
-                       for p in packets])
-        protos[0].handshakeCompleted()
-        self.assertEqual(transports[0].value(), VERSION_LINE)
-        transports[0].clear()
+        peer = ScriptedPeer(TrustingTLS(), InitiatorSettings())
+        ds = peer.send([make_packet(n) for n in range(3)])
+        peer.proto.handshakeCompleted()
+        self.assertEqual(peer.transport.value(), VERSION_LINE)
+        peer.transport.clear()
         for reply in replies:
-            protos[0].dataReceived(reply)
-        self.assertTrue(transports[0].disconnected)
-        protos[0].connectionLost(Failure(ConnectionAborted()))
+            peer.proto.dataReceived(reply)
+        self.assertTrue(peer.transport.disconnected)
+        peer.proto.connectionLost(Failure(ConnectionAborted()))
         self.assertEqual(ds.types(), [ConnectionFailed] * 3)
         self.assertEqual(str(ds.results[0]), f"protocol error: {code}")
         self.expect_log(f"Next hop broke the MMTP protocol ({code})", LogLevel.info, count=1)

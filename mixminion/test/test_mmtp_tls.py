@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import math
-import socket
 import warnings
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -52,6 +51,7 @@ from mixminion.mmtp.tls import (
     verify_responder,
 )
 from mixminion.testing.keys import key
+from mixminion.testing.sockets import have_ipv6_loopback
 
 E = TypeVar("E", bound=TLSVerificationError)
 
@@ -803,17 +803,6 @@ class MemoryHandshakeTests(HandshakeMixin, unittest.TestCase):
         self.assertRaises(BadCertificateChain, InitiatorTLS().authenticate,
                           link.client.transport, keyid(), NOW)
         yield self.close(link)
-
-
-def have_ipv6_loopback() -> bool:
-    if not socket.has_ipv6:
-        return False
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
-            s.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
 
 
 class TCPHandshakeMixin(HandshakeMixin):
