@@ -66,6 +66,7 @@ import enum
 import os
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field, fields
+from functools import lru_cache
 from typing import Any, Callable, Optional
 
 from automat import MethodicalMachine
@@ -145,9 +146,11 @@ class NextHopDenied(MMTPError):
 AddressPolicy = Callable[[str, int], bool]
 
 
+@lru_cache(maxsize=4096)
 def literal_address(host: str) -> Optional[str]:
     """``host`` in canonical form if it is an IP literal (so no name
-    lookup can change where it leads), else None."""
+    lookup can change where it leads), else None.  Asked for every packet
+    sent; remembered, since a node relays to a few hundred hosts."""
     addr = normalize_address(host)
     return str(addr) if addr is not None else None
 
