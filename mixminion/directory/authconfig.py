@@ -1,29 +1,14 @@
 """``authority.conf``: the directory authority's configuration.
 
 Same file syntax and value types as ``mixminiond.conf`` (server.md §14.1,
-§14.2; reused from :mod:`mixminion.config`), one section::
-
-    [Authority]
-    BaseDir: /var/lib/mixminion-authority     (required)
-    Nickname: Quorum1                         (required)
-    ListenIP: 0.0.0.0                         (default 127.0.0.1)
-    Port: 8080                                (default 8080)
-    PublicURL: http://dir1.example.org:8080/  (default http://ListenIP:Port/)
-    IdentityKeyBits: 2048                     (2048-4096)
-    Peer: http://dir1.example.org:8080/ 0123...   (many; every authority,
-    Peer: http://dir2.example.org:8080/ 4567...    this one included or not)
-    Threshold: 2                              (default: majority of authorities)
-    VoteInterval: 5 minutes
-    DirectoryLifetime: 1 day                  (only 1 day: §7.2 fixes it)
-    Admission: auto                           (auto | manual)
-    VoteFile: votes                           (optional; relative to BaseDir)
-    MaxDescriptorSize: 32K
-    ClientVersions: 0.1.0, 0.1.1              (optional)
-    ServerVersions: 0.1.0                     (optional)
-    MaxConnections: 256                       (simultaneous HTTP connections)
-    MaxConnectionsPerAddress: 16              (from one client address)
-    RequestTimeout: 30 seconds                (for a whole HTTP request)
-    LogLevel: INFO                            (TRACE DEBUG INFO WARN ERROR FATAL NEVER)
+§14.2; reused from :mod:`mixminion.config`), one section, ``[Authority]``,
+whose options are declared once, in :data:`AUTHORITY_SCHEMA`: type,
+default, meaning, and how a change reaches the running authority
+(``consumer``: read at start, a restart applies a change; ``reload``: the
+function of :mod:`mixminion.directory.reload` a SIGHUP calls).
+``etc/authority.conf`` shows every option with a comment and
+``mixminion-directory(8)`` describes them; a test checks both against the
+schema.
 
 The HTTP limits: a connection beyond ``MaxConnections`` open in all, or
 beyond ``MaxConnectionsPerAddress`` from one address (a NAT or a test
@@ -37,6 +22,9 @@ only at ``LogLevel: DEBUG``: who downloads the directory is who uses the
 network.  The process needs about ``MaxConnections`` + 64 file
 descriptors; it raises its soft limit if it can, and warns if it cannot.
 
+``RejectFile`` is read here too (:mod:`mixminion.directory.rejects`), so
+that a bad line stops start-up, or a SIGHUP, like a bad option does.
+
 Unlike ``mixminiond.conf``, unknown options are errors: an authority is
 run by few people and a typo in ``Peer`` or ``Threshold`` must not pass.
 """
@@ -44,11 +32,13 @@ run by few people and a typo in ``Peer`` or ``Threshold`` must not pass.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional, Union
 
 from mixminion.directory.authority import ADMISSION_MODES, MAX_DESCRIPTOR_SIZE
+from mixminion.directory.rejects import load_reject_list
 from mixminion.directory.service import AuthoritySettings, Peer
 from mixminion.codec.textformat import SECONDS_PER_DAY
+from mixminion.config.schema import Option, SectionSpec
 from mixminion.config.syntax import ConfigError, RawSection, parse_sections
 from mixminion.config.values import (
     AUTHORITY,
@@ -69,28 +59,53 @@ from mixminion.directory.httpserver import (
 
 SECTION = "Authority"
 
-# key -> (parser, required, many, default text)
-_OPTIONS: dict[str, tuple[Callable[[str], Any], bool, bool, Optional[str]]] = {
-    "BaseDir": (STRING.parse, True, False, None),
-    "Nickname": (NICKNAME.parse, True, False, None),
-    "ListenIP": (IP.parse, False, False, "127.0.0.1"),
-    "Port": (PORT.parse, False, False, "8080"),
-    "PublicURL": (STRING.parse, False, False, None),
-    "IdentityKeyBits": (INT.parse, False, False, "2048"),
-    "Peer": (AUTHORITY.parse, False, True, None),
-    "Threshold": (INT.parse, False, False, None),
-    "VoteInterval": (INTERVAL.parse, False, False, "5 minutes"),
-    "DirectoryLifetime": (INTERVAL.parse, False, False, "1 day"),
-    "Admission": (STRING.parse, False, False, "auto"),
-    "VoteFile": (STRING.parse, False, False, None),
-    "MaxDescriptorSize": (SIZE.parse, False, False, str(MAX_DESCRIPTOR_SIZE)),
-    "ClientVersions": (STRING.parse, False, False, None),
-    "ServerVersions": (STRING.parse, False, False, None),
-    "MaxConnections": (INT.parse, False, False, str(MAX_CONNECTIONS)),
-    "MaxConnectionsPerAddress": (INT.parse, False, False, str(MAX_CONNECTIONS_PER_ADDRESS)),
-    "RequestTimeout": (INTERVAL.parse, False, False, f"{REQUEST_TIMEOUT:g} seconds"),
-    "LogLevel": (SEVERITY.parse, False, False, "INFO"),
-}
+_TAP = "mixminion.directory.tap:build_authority"
+_AUTHORITY = "mixminion.directory.service:Authority"
+_SERVICE = "mixminion.directory.service:AuthorityService"
+_RELOAD = "mixminion.directory.reload:"
+
+AUTHORITY_SCHEMA = SectionSpec(SECTION, "the directory authority", required=True, options=(
+    Option("BaseDir", STRING, "folder of the identity key, the descriptors, the votes and the "
+           "consensus; relative to the configuration file", required=True, consumer=_TAP),
+    Option("Nickname", NICKNAME, "this authority's name in its log", required=True, consumer=_TAP),
+    Option("ListenIP", IP, "IPv4 address the HTTP server listens on", default="127.0.0.1",
+           consumer=_SERVICE),
+    Option("Port", PORT, "TCP port the HTTP server listens on", default="8080", consumer=_SERVICE),
+    Option("PublicURL", STRING, "how the other authorities reach this one, when its own "
+           "fingerprint is not among the Peer lines", derived="http://ListenIP:Port/",
+           consumer=_AUTHORITY),
+    Option("IdentityKeyBits", INT, "size of the identity key made on first start (2048-4096)",
+           default="2048", consumer=_TAP),
+    Option("Peer", AUTHORITY, "one authority of the network, URL and fingerprint; one line "
+           "for each, this one's included or not", many=True, attr="peers", consumer=_AUTHORITY),
+    Option("Threshold", INT, "signatures a consensus needs before it is served",
+           derived="a majority of the authorities", consumer=_AUTHORITY),
+    Option("VoteInterval", INTERVAL, "length of a voting round (at least 3 seconds)",
+           default="5 minutes", consumer=_SERVICE),
+    Option("DirectoryLifetime", INTERVAL, "validity of a directory; only 1 day "
+           "(descriptors.md §7.2)", default="1 day", consumer=_AUTHORITY),
+    Option("Admission", STRING, "auto: vote for every valid descriptor; manual: only for "
+           "identities marked yes in VoteFile", default="auto", reload=_RELOAD + "apply_admission"),
+    Option("VoteFile", STRING, "the operator's vote file (yes, no, abstain, ignore lines); "
+           "relative to BaseDir", paths="base", reload=_RELOAD + "apply_vote_file"),
+    Option("MaxDescriptorSize", SIZE, "largest descriptor accepted",
+           default=str(MAX_DESCRIPTOR_SIZE), consumer=_AUTHORITY),
+    Option("ClientVersions", STRING, "client versions this authority recommends, "
+           "comma-separated", reload=_RELOAD + "apply_versions"),
+    Option("ServerVersions", STRING, "server versions this authority recommends, "
+           "comma-separated", reload=_RELOAD + "apply_versions"),
+    Option("MaxConnections", INT, "simultaneous HTTP connections", default=str(MAX_CONNECTIONS),
+           consumer=_SERVICE),
+    Option("MaxConnectionsPerAddress", INT, "simultaneous HTTP connections from one address",
+           default=str(MAX_CONNECTIONS_PER_ADDRESS), consumer=_SERVICE),
+    Option("RequestTimeout", INTERVAL, "time for a whole HTTP request",
+           default=f"{REQUEST_TIMEOUT:g} seconds", consumer=_SERVICE),
+    Option("LogLevel", SEVERITY, "least severe message logged; client addresses only at DEBUG",
+           default="INFO", reload=_RELOAD + "apply_log_level"),
+    Option("RejectFile", STRING, "servers this authority keeps out of its votes and refuses "
+           "uploads from, by fingerprint, nickname or address network; relative to the "
+           "configuration file", reload=_RELOAD + "apply_rejects"),
+))
 
 
 def _versions(text: Optional[str]) -> tuple[str, ...]:
@@ -100,26 +115,26 @@ def _versions(text: Optional[str]) -> tuple[str, ...]:
 def _read(section: RawSection) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for entry in section.entries:
-        option = _OPTIONS.get(entry.key)
+        option = AUTHORITY_SCHEMA.option(entry.key)
         if option is None:
-            raise section.error(entry.key, f"unknown option (known: {', '.join(_OPTIONS)})")
-        parse, _required, many, _default = option
-        if entry.key in values and not many:
+            known = ", ".join(o.key for o in AUTHORITY_SCHEMA.options)
+            raise section.error(entry.key, f"unknown option (known: {known})")
+        if entry.key in values and not option.many:
             raise section.error(entry.key, "given twice; it takes one value")
         try:
-            value = parse(entry.value)
+            value = option.type.parse(entry.value)
         except ValueError as exc:
             raise ConfigError(section.filename, entry.line, section.name, entry.key, str(exc)) from None
-        if many:
+        if option.many:
             values.setdefault(entry.key, []).append(value)
         else:
             values[entry.key] = value
-    for key, (parse, required, many, default) in _OPTIONS.items():
-        if key in values:
+    for option in AUTHORITY_SCHEMA.options:
+        if option.key in values:
             continue
-        if required:
-            raise section.error(None, f"required option {key} is missing")
-        values[key] = [] if many else (parse(default) if default is not None else None)
+        if option.required:
+            raise section.error(None, f"required option {option.key} is missing")
+        values[option.key] = [] if option.many else AUTHORITY_SCHEMA.default(option.key)
     return values
 
 
@@ -163,6 +178,13 @@ def parse_authority_config(text: Union[str, bytes], filename: str = "<string>",
     public_url = v["PublicURL"]
     if public_url is not None and not public_url.startswith(("http://", "https://")):
         raise section.error("PublicURL", "must be an http:// or https:// URL")
+    reject_file = v["RejectFile"]
+    if reject_file is not None:
+        reject_file = os.path.normpath(os.path.join(base, os.path.expanduser(reject_file)))
+    try:
+        rejects = load_reject_list(reject_file)
+    except OSError as exc:
+        raise section.error("RejectFile", f"cannot read {reject_file}: {exc.strerror}") from None
     return AuthoritySettings(
         base_dir=base_dir,
         nickname=v["Nickname"],
@@ -183,13 +205,19 @@ def parse_authority_config(text: Union[str, bytes], filename: str = "<string>",
         max_connections_per_address=v["MaxConnectionsPerAddress"],
         request_timeout=float(v["RequestTimeout"]),
         log_level=v["LogLevel"],
+        reject_file=reject_file,
+        rejects=rejects,
     )
 
 
 def load_authority_config(path: str) -> AuthoritySettings:
+    """Read ``path`` (and the reject list it names); the settings remember
+    ``path`` so that a SIGHUP can read it again."""
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as exc:
         raise ConfigError(path, 0, None, None, f"cannot read the file: {exc.strerror}") from None
-    return parse_authority_config(data, path)
+    settings = parse_authority_config(data, path)
+    settings.config_file = path
+    return settings

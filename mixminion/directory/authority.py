@@ -20,6 +20,13 @@ In both modes an optional vote file (§7.3 syntax, one
 nickname to a key (``yes``), keep a server out of our votes (``no``) or
 drop its uploads silently (``ignore``).
 
+Above both, the reject list (``RejectFile``,
+:mod:`mixminion.directory.rejects`) names servers by fingerprint,
+nickname or address network: their uploads are refused with ``Status: 0``
+and a message saying so, a peer's copy is not imported, and a descriptor
+stored before its entry was added stays on disk but leaves our votes (so
+removing the entry brings it back without a new upload).
+
 On disk, under the authority's base directory::
 
     descriptors/<base64url(digest), no padding>   current descriptors
@@ -40,6 +47,7 @@ from typing import Callable, Optional
 
 from mixminion.directory.descriptor import DescriptorError, ServerDescriptor, parse_descriptor
 from mixminion.directory.directory import MAX_FUTURE, is_superseded
+from mixminion.directory.rejects import RejectList
 from mixminion.codec.textformat import SECONDS_PER_DAY, TextFormatError, format_date, format_time
 from mixminion import fileutil
 
@@ -165,6 +173,7 @@ class AuthorityStore:
         #: the consensus drops descriptors starting later than this (§7.2 step 4)
         max_future: int = MAX_FUTURE,
         log: Optional[Log] = None,
+        rejects: Optional[RejectList] = None,
     ) -> None:
         if admission not in ADMISSION_MODES:
             raise ValueError(f"admission must be one of {', '.join(ADMISSION_MODES)}, not {admission!r}")
@@ -174,6 +183,8 @@ class AuthorityStore:
         self.max_size = max_size
         self.max_future = max_future
         self.log: Log = log or (lambda level, message: None)
+        #: replaced as a whole on SIGHUP (mixminion.directory.reload)
+        self.rejects = rejects if rejects is not None else RejectList()
         for name in (_DESCRIPTORS, _ARCHIVE, _HELD):
             os.makedirs(os.path.join(base_dir, name), mode=0o700, exist_ok=True)
         self._nicknames = self._read_nicknames()
@@ -248,6 +259,13 @@ class AuthorityStore:
             return False, f"Invalid descriptor: {exc}"
         fingerprint = descriptor.fingerprint
         where = f"{descriptor.nickname} ({fingerprint}, from {source})"
+        rejected = self.rejects.match(descriptor)
+        if rejected is not None:
+            self.log("info", f"refused descriptor of {where}: reject list {rejected}")
+            return False, (
+                f"Server {descriptor.nickname} ({fingerprint}) is on this authority's reject list: "
+                f"this authority refuses its descriptors and leaves it out of its votes."
+            )
         if descriptor.valid_until < now:
             return False, (
                 f"Descriptor expired at {format_date(descriptor.valid_until)} GMT; this authority's time is "
@@ -315,6 +333,8 @@ class AuthorityStore:
 
     def admitted(self, descriptor: ServerDescriptor) -> bool:
         """Whether our votes include this server (see the module docstring)."""
+        if self.rejects.match(descriptor) is not None:
+            return False
         vote = self.votes.get(descriptor.fingerprint)
         if vote is not None:
             return vote.vote == "yes" or (vote.vote == "abstain" and self.admission == "auto")

@@ -18,6 +18,13 @@ A peer that computed something else (a doctored vote, a fake descriptor)
 has a different digest, so it has nothing to sign ours with: its signature
 cannot be counted, and its own directory gathers too few to be served.
 
+The reject list (``RejectFile``) acts through the vote alone: a rejected
+server is left out of our vote and its descriptors are not imported, but
+the consensus is the §7.2 merge of every accepted vote, and we sign it
+even when enough other authorities voted for a server we reject (it is
+logged).  A consensus of our own would have another digest and no
+co-signers (doc/decisions-directory.md, "The reject list").
+
 HTTP (``twisted.web``; paths under the authority's URL):
 
 * ``POST /publish`` (form field ``desc``) -> ``text/plain``
@@ -39,7 +46,7 @@ import gzip
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 from twisted.application import service
@@ -52,10 +59,12 @@ from twisted.web import resource
 from mixminion.codec.crypto import RandomSource
 from mixminion.codec.rsa import PrivateKey
 from mixminion.directory import directory as dirformat
+from mixminion.directory.descriptor import ServerDescriptor
 from mixminion.directory.directory import ConsensusError
 from mixminion.directory.voting import accept_vote, compute_consensus
 from mixminion.directory.authority import MAX_DESCRIPTOR_SIZE, AuthorityStore, atomic_write
 from mixminion.directory.http import HTTPClient, join_url
+from mixminion.directory.rejects import RejectList
 from mixminion.directory.httpserver import (
     LISTEN_BACKLOG,
     MAX_CONNECTIONS,
@@ -112,6 +121,11 @@ class AuthoritySettings:
     request_timeout: float = REQUEST_TIMEOUT
     #: least severe message logged (client addresses appear only at DEBUG)
     log_level: str = "INFO"
+    #: ``RejectFile`` (absolute) and the list read from it
+    reject_file: Optional[str] = None
+    rejects: RejectList = field(default_factory=RejectList)
+    #: the file these settings were read from; a SIGHUP reads it again
+    config_file: Optional[str] = None
 
     @property
     def own_url(self) -> str:
@@ -160,7 +174,8 @@ class Authority:
         self.fingerprint = identity.public.fingerprint
         self.store = store or AuthorityStore(
             settings.base_dir, clock.seconds(), admission=settings.admission,
-            vote_file=settings.vote_file, max_size=settings.max_descriptor_size, log=_store_log)
+            vote_file=settings.vote_file, max_size=settings.max_descriptor_size, log=_store_log,
+            rejects=settings.rejects)
         self.voters = self._voters()
         self.threshold = settings.threshold or (len(self.voters) // 2 + 1)
         self.vote_text: Optional[str] = None
@@ -247,7 +262,17 @@ class Authority:
         self.consensus = Consensus(round_start, unsigned, digest, own)
         log.info("Consensus of round {round} from {n} votes: {d} descriptors, digest {digest}",
                  round=round_start, n=len(votes), d=len(descriptors), digest=digest.hex().upper())
+        self._note_outvoted(descriptors)
         return self.consensus
+
+    def _note_outvoted(self, descriptors: Sequence[ServerDescriptor]) -> None:
+        """Say when the consensus carries servers our reject list keeps out of
+        our vote: the other authorities outvoted us, and we sign it anyway
+        (doc/decisions-directory.md, "The reject list")."""
+        rejected = sorted({d.nickname for d in descriptors if self.store.rejects.match(d)})
+        if rejected:
+            log.info("The consensus lists {n} server(s) on our reject list, voted for by "
+                     "enough other authorities: {names}", n=len(rejected), names=", ".join(rejected))
 
     def consensus_contents(self, votes: Sequence[dirformat.SignedDirectory], valid_after: int):
         """The §7.2 merge; a method so tests can make a misbehaving authority."""
@@ -265,6 +290,11 @@ class Authority:
         """Authorities exchange what they have: take the peer's descriptors we lack."""
         for descriptor in vote.descriptors:
             if self.store.has(descriptor.digest):
+                continue
+            entry = self.store.rejects.match(descriptor)
+            if entry is not None:  # every round, from every peer that has it: not worth an INFO line
+                log.debug("Descriptor {nick} from authority {fp} not imported: reject list {entry}",
+                          nick=descriptor.nickname, fp=fp, entry=str(entry))
                 continue
             accepted, message = self.store.accept_upload(descriptor.text, now, source=f"authority {fp}")
             level = log.info if accepted else log.warn

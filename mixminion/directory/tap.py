@@ -5,6 +5,9 @@ key under ``BaseDir``, and returns the authority's service.  The first
 start logs the fingerprint: it goes into every authority's ``Peer`` list
 and every server's ``[DirectoryServers] Authority`` line.
 
+A SIGHUP re-reads the configuration and the reject list
+(:mod:`mixminion.directory.reload`).
+
 ``LogLevel`` (default INFO) filters what twistd writes, as the node's does:
 client addresses are logged only at DEBUG.  The soft limit on open files
 is raised to ``MaxConnections`` + ``SPARE_DESCRIPTORS`` when the hard limit
@@ -15,6 +18,7 @@ or the consensus file fail with EMFILE.
 from __future__ import annotations
 
 import os
+import signal
 import resource
 from typing import Any, Callable, Mapping
 
@@ -28,6 +32,8 @@ from mixminion.codec.rsa import PrivateKey
 from mixminion.directory.authconfig import load_authority_config
 from mixminion.directory.authority import atomic_write
 from mixminion.directory.http import HTTPClient
+from mixminion.directory.reload import ReloadService
+from mixminion.signals import SignalService
 from mixminion.directory.service import Authority, AuthorityService, AuthoritySettings
 from mixminion.config.syntax import ConfigError
 from mixminion.logfilter import apply_log_level
@@ -86,6 +92,7 @@ def ensure_descriptors(needed: int, getrlimit: Callable = resource.getrlimit,
 
 
 def build_authority(settings: AuthoritySettings, reactor) -> AuthorityService:
+    """The authority's service; a SIGHUP reloads ``settings.config_file``, if set."""
     os.makedirs(settings.base_dir, mode=0o700, exist_ok=True)
     ensure_descriptors(settings.max_connections + SPARE_DESCRIPTORS)
     identity = load_identity(os.path.join(settings.base_dir, IDENTITY_FILE), settings.identity_key_bits)
@@ -93,7 +100,15 @@ def build_authority(settings: AuthoritySettings, reactor) -> AuthorityService:
     authority = Authority(settings, identity, reactor, HTTPClient(reactor, timeout=timeout))
     log.info("Authority {nick} ({fp}): {n} authorities, threshold {t}",
              nick=settings.nickname, fp=authority.fingerprint, n=len(authority.voters), t=authority.threshold)
-    return AuthorityService(authority, reactor)
+    if settings.reject_file is not None:
+        log.info("Reject list {file}: {summary}", file=settings.reject_file,
+                 summary=settings.rejects.summary())
+    authority_service = AuthorityService(authority, reactor)
+    if settings.config_file is not None:
+        reload_service = ReloadService(authority, settings.config_file, reactor)
+        reload_service.setServiceParent(authority_service)
+        SignalService(signal.SIGHUP, reload_service.reload, reactor).setServiceParent(authority_service)
+    return authority_service
 
 
 def makeService(options: Mapping[str, Any]) -> service.IService:  # noqa: N802

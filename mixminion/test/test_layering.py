@@ -20,11 +20,12 @@ ALLOWED: dict[str, set[str]] = {
     "codec": set(),
     "mmtp": {"codec", "events"},
     "config": {"codec"},
-    "directory": {"codec", "config", "mmtp", "events", "fileutil", "logfilter", "listening"},
+    "directory": {"codec", "config", "mmtp", "events", "fileutil", "logfilter", "listening",
+                  "signals"},
     "client": {"codec", "config", "mmtp", "events", "directory", "fileutil"},
     "exits": {"codec", "config", "mmtp", "events", "directory", "plugins", "fileutil"},
     "server": {"codec", "config", "mmtp", "events", "directory", "exits", "plugins", "fileutil",
-               "logfilter", "procinfo", "listening"},
+               "logfilter", "procinfo", "listening", "signals"},
 }
 
 _PROBE = """
