@@ -54,19 +54,33 @@ class SeverityFilter:
 #: the filter twistd's observers go through once :func:`apply_log_level` ran
 LOG_FILTER = SeverityFilter()
 
+#: Twisted's INFO lines that say nothing an operator can use and name an
+#: object by its address in memory (``Starting factory <... at 0x7f...>``,
+#: one pair per outgoing connection and per upload)
+NOISE = frozenset({"Starting factory {factory!r}", "Stopping factory {factory!r}"})
+
+
+def drop_noise(event: dict) -> PredicateResult:
+    """Keeps the :data:`NOISE` lines out of the log."""
+    if event.get("log_format") in NOISE:
+        return PredicateResult.no
+    return PredicateResult.maybe
+
 
 def apply_log_level(severity: str, beginner=globalLogBeginner,
                     log_filter: SeverityFilter = LOG_FILTER) -> None:
     """Filter every observer twistd starts logging to by ``severity``.
 
     Twisted's own lines about starting up and shutting down are INFO; they
-    obey the same level.
+    obey the same level, and its factories' start and stop lines
+    (:data:`NOISE`) never show.
     """
     log_filter.set(severity)
     begin = beginner.beginLoggingTo
 
     def filtered(observers, *args, **kwargs):
-        wrapped = [FilteringLogObserver(observer, [log_filter]) for observer in observers]
+        wrapped = [FilteringLogObserver(observer, [log_filter, drop_noise])
+                   for observer in observers]
         return begin(wrapped, *args, **kwargs)
 
     beginner.beginLoggingTo = filtered

@@ -36,7 +36,7 @@ reactor: Any = _reactor
 RELOADED_ONE = "SIGHUP: applied 1 changed options"
 NOT_RELOADED = "SIGHUP: configuration not reloaded, still running on the old one: "
 
-#: seconds between two reads of /metrics (each read is a line in the node's log)
+#: seconds between two reads of /metrics
 METRICS_POLL = 0.5
 
 
@@ -228,7 +228,7 @@ class ReloadTests(NodeTestCase):
         pid_file = os.path.join(node.base, "pid")
         await node.daemon.wait_for(reactor, "the pid file", lambda: read_pid(pid_file) == pid)
         self.assertEqual(await node.send_all(node.drop_packets(1)), [None])
-        self.assertEqual(node.daemon.lines("started"), [])
+        self.assertEqual(node.daemon.lines("#info]"), [])
         node.write(node.config())
         node.daemon.signal(signal.SIGHUP)
         await node.daemon.wait_for_line(reactor, RELOADED_ONE)

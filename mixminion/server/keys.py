@@ -525,7 +525,7 @@ class KeyStore:
         with self._write_lock:
             self._keysets = keysets
             self._active = {}
-        dead = self._delete_dead(now)
+        dead = self.delete_dead(now)
         self._delete_orphan_logs()
         warnings = self._check_schedule()
         for message in warnings:
@@ -555,24 +555,44 @@ class KeyStore:
         self._identity = key
         return False
 
+    def inspect(self) -> dict[int, str]:
+        """Read the identity key and every keyset without changing anything
+        on disk (``mixminiond keys``): nothing is created, tidied or deleted.
+        Returns why each unusable keyset cannot be used, by number (:meth:`load`
+        would delete them).  OSError or InvalidKeyset if the identity key
+        cannot be read."""
+        self._identity = read_pem_key(self.identity_path)
+        keysets, unusable = self._read_all(tidy=False)
+        with self._write_lock:
+            self._keysets = keysets
+            self._active = {}
+        return unusable
+
     def _scan(self) -> tuple[dict[int, Keyset], list[str]]:
+        keysets, unusable = self._read_all(tidy=True)
+        for number, why in unusable.items():
+            self.warn(f"deleting unusable keyset {keyset_name(number)}: {why}")
+            self._destroy(number)
+        return keysets, [keyset_name(number) for number in unusable]
+
+    def _read_all(self, tidy: bool) -> tuple[dict[int, Keyset], dict[int, str]]:
+        """The keysets under ``key_dir`` that can be used, and why each other
+        cannot; ``tidy``: remove the temporary files a crash left first."""
         keysets: dict[int, Keyset] = {}
-        invalid: list[str] = []
+        unusable: dict[int, str] = {}
         for name in sorted(os.listdir(self.key_dir)):
             number = parse_keyset_name(name)
             if number is None or not os.path.isdir(os.path.join(self.key_dir, name)):
                 continue
             try:
-                keysets[number] = self._read_keyset(number)
+                keysets[number] = self._read_keyset(number, tidy)
             except (OSError, ValueError, CodecError, UnsupportedAlgorithm, KeyStoreError) as exc:
-                self.warn(f"deleting unusable keyset {name}: {exc}")
-                self._destroy(number)
-                invalid.append(name)
-        return keysets, invalid
+                unusable[number] = str(exc)
+        return keysets, unusable
 
-    def _read_keyset(self, number: int) -> Keyset:
+    def _read_keyset(self, number: int, tidy: bool = True) -> Keyset:
         directory = os.path.join(self.key_dir, keyset_name(number))
-        for name in (PACKET_KEY_FILE, DESCRIPTOR_FILE, PUBLISHED_FILE):
+        for name in (PACKET_KEY_FILE, DESCRIPTOR_FILE, PUBLISHED_FILE) if tidy else ():
             secure_delete(os.path.join(directory, name + _TMP_SUFFIX))
         packet_key = read_pem_key(os.path.join(directory, PACKET_KEY_FILE))
         with open(os.path.join(directory, DESCRIPTOR_FILE), "rb") as f:
@@ -783,11 +803,13 @@ class KeyStore:
         self._active = live
         if release is not None and removed:
             release(removed)
-        deleted = self._delete_dead(now)
+        deleted = self.delete_dead(now)
         return RotationResult(added, removed, tuple(deleted))
 
-    def _delete_dead(self, now: float) -> list[Keyset]:
-        """§8.3 step 5: destroy keysets with ``Valid-Until < now - Overlap``."""
+    def delete_dead(self, now: float) -> list[Keyset]:
+        """§8.3 step 5: destroy keysets with ``Valid-Until < now - Overlap``
+        (each rotation does; ``mixminiond keys --delete-expired`` too, on a
+        stopped node)."""
         dead = [k for k in self.keysets if k.is_dead(now, self.overlap)]
         for keyset in dead:
             self._destroy(keyset.number)

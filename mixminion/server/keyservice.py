@@ -12,10 +12,16 @@ from twisted.application import service
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
+from mixminion.codec.textformat import format_time
 from mixminion.server.clock import WALL
-from mixminion.server.keys import KeyStore
+from mixminion.server.keys import Keyset, KeyStore, RotationResult
 
 log = Logger()
+
+
+def validity(keyset: Keyset) -> str:
+    """``from 2025-01-01 00:00:00 to 2025-02-01 00:00:00 UTC``."""
+    return f"from {format_time(keyset.valid_after)} to {format_time(keyset.valid_until)} UTC"
 
 
 class KeyService(service.Service):
@@ -82,13 +88,23 @@ class KeyService(service.Service):
                                          why=f.getErrorMessage()))
         d.addBoth(self._done)
 
-    def _work(self, now: float):
-        self.keys.ensure_keys(now, self.template)
-        return self.keys.rotate(now)
+    def _work(self, now: float) -> tuple[list[Keyset], RotationResult]:
+        generated = self.keys.ensure_keys(now, self.template)
+        return generated, self.keys.rotate(now)
 
-    def _rotated(self, result) -> None:
-        self.rotated([keyset.packet_key.public.keyid for keyset in getattr(result, "removed", ())])
-        log.info("Packet keys rotated")
+    def _rotated(self, outcome: tuple[list[Keyset], RotationResult]) -> None:
+        generated, result = outcome
+        self.rotated([keyset.packet_key.public.keyid for keyset in result.removed])
+        for keyset in generated:
+            log.info("Generated packet key {keyset}, valid {validity}", keyset=keyset.name,
+                     validity=validity(keyset))
+        for keyset in result.added:
+            log.info("Packet key {keyset} in use, valid {validity}", keyset=keyset.name,
+                     validity=validity(keyset))
+        for keyset in result.removed:
+            log.info("Packet key {keyset} retired", keyset=keyset.name)
+        for keyset in result.deleted:
+            log.info("Packet key {keyset} expired and deleted", keyset=keyset.name)
         for listener in self.listeners:
             listener()
 

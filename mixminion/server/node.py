@@ -26,8 +26,8 @@ from typing import Callable, Optional, Sequence
 from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
-from twisted.logger import Logger
-from twisted.web.server import Site
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger, globalLogPublisher
 
 from mixminion.exits.registry import Dispatcher
 from mixminion.mmtp.bandwidth import BandwidthLimiter
@@ -38,7 +38,9 @@ from mixminion.server.clock import WALL
 from mixminion.server.delivery import Delivery
 from mixminion.server.draining import consumed_through, open_incoming
 from mixminion.server.durable import DurableSink
-from mixminion.server.metrics import metrics_root
+from mixminion.server.keys import KeyStore
+from mixminion.server.keyservice import validity
+from mixminion.server.metrics import QuietSite, http_root, node_registry
 from mixminion.listening import ListeningService
 from mixminion.server.mixing import Mixer
 from mixminion.server.config import ServerConfig
@@ -48,8 +50,21 @@ from mixminion.server.pidfile import PidFile
 from mixminion.server.mix_algorithm import MixAlgorithm, make_mix_algorithm
 from mixminion.server.processing import Processor
 from mixminion.server.processing_child import processing_lock
-from mixminion.server.queues import MIX, OUT
+from mixminion.server.publish import Publisher
+from mixminion.server.queues import MIX, OUT, delivery_queue
 from mixminion.server.stats import NodeStats, StatsReport
+from mixminion.server.status import (
+    NOTICE,
+    STATUS_INTERVAL,
+    RecentErrors,
+    health_facts,
+    health_reasons,
+    status_document,
+    status_json,
+    status_path,
+    valid_now,
+    write_status,
+)
 from mixminion.server.workers import run_in, worker_thread
 
 #: how often the counters are saved (they are also saved at a clean stop),
@@ -109,6 +124,8 @@ class MixNode(service.MultiService):
     the configured exit modules."""
 
     log = Logger()
+    #: the key store (``build_node`` sets it; None in a node built without one)
+    keys: Optional[KeyStore] = None
 
     def __init__(self, config: ServerConfig, reactor, identity, packet_keys: Callable[[], list],
                  dispatcher: Dispatcher, *, stats: Optional[NodeStats] = None,
@@ -117,6 +134,15 @@ class MixNode(service.MultiService):
         server, incoming, outgoing = config.server, config.incoming, config.outgoing
         self.config = config
         self.reactor = reactor
+        #: wall time of the start (of this object until the node starts)
+        self.started = WALL.seconds()
+        self._started_elapsed = reactor.seconds()
+        self.pipeline_running = False
+        #: the node's last WARN/ERROR lines, while it runs
+        self.recent_errors = RecentErrors()
+        self.status_file = status_path(server.work_dir)
+        self._status_loop: Optional[LoopingCall] = None
+        self._status_failed = False
         self.identity = identity
         self.packet_keys = packet_keys
         queue_dir = server.queue_dir
@@ -169,25 +195,48 @@ class MixNode(service.MultiService):
         self.responder = responder_factory(self.sink, self.tls, reactor, self.limits,
                                            incoming.connection_rules(), self.stats)
         factory = self.limiter.wrap_factory(self.responder)
-        self.listeners = []
+        #: (kind, listener) of each port: the MMTP ones, then metrics
+        self.listeners: list[tuple[str, ListeningService]] = []
         endpoint = TCP4ServerEndpoint(reactor, incoming.listen_port, backlog=128,
                                       interface=incoming.listen_ip)
-        self._listen(ListeningService(endpoint, factory))
+        self._listen("MMTP", ListeningService(endpoint, factory))
         if incoming.listen_ip6:
             endpoint6 = TCP6ServerEndpoint(reactor, incoming.listen_port, backlog=128,
                                            interface=incoming.listen_ip6)
-            self._listen(ListeningService(endpoint6, factory))
+            self._listen("MMTP", ListeningService(endpoint6, factory))
         if server.metrics_port is not None:
-            site = Site(metrics_root(self.metrics_text))
+            self.metrics_registry = node_registry(self)
+            site = QuietSite(http_root(self.metrics_registry, self.health, self.status_bytes))
             metrics = TCP4ServerEndpoint(reactor, server.metrics_port,
                                          interface=server.metrics_address)
-            self._listen(ListeningService(metrics, site))
+            self._listen("metrics", ListeningService(metrics, site))
         self._stats_call = None
         self._first_flush = None
 
-    def _listen(self, svc: ListeningService) -> None:
+    def _listen(self, kind: str, svc: ListeningService) -> None:
         svc.setServiceParent(self)
-        self.listeners.append(svc)
+        self.listeners.append((kind, svc))
+
+    @property
+    def mmtp_listeners(self) -> list[ListeningService]:
+        """The MMTP ports, which /health requires."""
+        return [svc for kind, svc in self.listeners if kind == "MMTP"]
+
+    def startService(self) -> None:  # noqa: N802
+        """Start every child (pipeline, listeners, keys, reload...), then
+        say so in one WARN line and write the first status."""
+        self.started = WALL.seconds()
+        self._started_elapsed = self.reactor.seconds()
+        globalLogPublisher.addObserver(self.recent_errors)
+        super().startService()
+        publisher = self.publisher
+        if publisher is not None and self.status_changed not in publisher.listeners:
+            publisher.listeners.append(self.status_changed)
+        self.log.warn("{line}", line=self.start_line(), **{NOTICE: True})
+        self.status_changed()
+        self._status_loop = LoopingCall(self.status_changed)
+        self._status_loop.clock = self.reactor
+        self._status_loop.start(STATUS_INTERVAL, now=False)
 
     # --- pipeline ------------------------------------------------------------
 
@@ -199,7 +248,7 @@ class MixNode(service.MultiService):
         self._first_flush = self.reactor.callLater(0, self.outgoing.flush)
         self._schedule_stats()
         self.stats_report.start()
-        self.log.info("Mix node {nickname} started", nickname=self.config.server.nickname)
+        self.pipeline_running = True
 
     def keys_rotated(self, retired: Sequence[bytes]) -> None:
         """After a key rotation: decrypt with the live keys only, and
@@ -207,6 +256,7 @@ class MixNode(service.MultiService):
         self.processor.set_keys(self.packet_keys())
         for keyid in retired:
             self.store.forget_replay_log(keyid)
+        self.status_changed()
 
     def replace_exits(self, dispatcher: Dispatcher) -> defer.Deferred:
         """Route and deliver through ``dispatcher`` (modules rebuilt from a
@@ -235,7 +285,10 @@ class MixNode(service.MultiService):
         for call in (self._stats_call, self._first_flush):
             if call is not None and call.active():
                 call.cancel()
+        if self._status_loop is not None and self._status_loop.running:
+            self._status_loop.stop()
         self.stats_report.stop()
+        self.pipeline_running = False
         try:
             await self.mixer.stop()
             if self._mixing_worker.started:
@@ -254,6 +307,8 @@ class MixNode(service.MultiService):
             try:
                 self.stats.save()
             finally:
+                self._write_status(running=False)
+                globalLogPublisher.removeObserver(self.recent_errors)
                 self.store.close()
                 self.incoming.close()
                 self.pid_file.release()
@@ -262,9 +317,73 @@ class MixNode(service.MultiService):
         return {"incoming": self.incoming.count(), "pool": self.store.count(MIX),
                 "outgoing": self.store.count(OUT)}
 
-    def metrics_text(self) -> str:
-        gauges = {f"queue_{k}_packets": v for k, v in self.queue_sizes().items()}
-        gauges["processing_running"] = 0 if self.processor.failing else 1
-        gauges["processing_paused_disk"] = 1 if self.processor.disk.paused else 0
-        gauges["delivery_paused_disk"] = len(self.delivery.paused_modules)
-        return self.stats.prometheus_text(gauges)
+    def deliver_sizes(self) -> dict[str, int]:
+        """Payloads waiting in each exit module's queue."""
+        return {m.name: self.store.count(delivery_queue(m.name))
+                for m in self.delivery.dispatcher.modules}
+
+    # --- what the node says about itself ------------------------------------------
+
+    @property
+    def publisher(self) -> Optional[Publisher]:
+        """The publisher among the children, if the node publishes."""
+        for child in self:
+            if isinstance(child, Publisher):
+                return child
+        return None
+
+    def uptime(self) -> float:
+        return self.reactor.seconds() - self._started_elapsed
+
+    def ports(self) -> list[tuple[str, str]]:
+        """(kind, ``host:port``) of each port listening: MMTP, then metrics."""
+        ports = []
+        for kind, svc in self.listeners:
+            if svc.port is not None:
+                host = svc.port.getHost()
+                name = f"[{host.host}]" if ":" in host.host else host.host
+                ports.append((kind, f"{name}:{host.port}"))
+        return ports
+
+    def listening(self) -> list[str]:
+        """``host:port`` of each listening port: MMTP, then metrics."""
+        return [address for _kind, address in self.ports()]
+
+    def start_line(self) -> str:
+        """What the node says once it started: nickname, identity, the
+        ports it listens on and its packet key's validity."""
+        ports = ", ".join(f"{address} ({kind})" for kind, address in self.ports())
+        current = valid_now(self.keys.keysets, WALL.seconds()) if self.keys is not None else []
+        if current:
+            key = f"packet key valid {validity(current[-1])}"
+        else:
+            key = "no packet key valid now"
+        return (f"Mix node {self.config.server.nickname} started: identity "
+                f"{self.identity.public.fingerprint}, listening on {ports or 'nothing'}, {key}")
+
+    def health(self) -> list[str]:
+        """Why the node is unhealthy, one reason each (none: healthy)."""
+        return health_reasons(health_facts(self, WALL.seconds()))
+
+    def status(self, running: bool = True) -> dict:
+        return status_document(self, WALL.seconds(), running)
+
+    def status_bytes(self) -> bytes:
+        return status_json(self.status())
+
+    def status_changed(self) -> None:
+        """Something worth telling happened (or time passed): rewrite
+        ``WorkDir/status.json``.  Only while the pipeline runs."""
+        if self.pipeline_running:
+            self._write_status(running=True)
+
+    def _write_status(self, running: bool) -> None:
+        try:
+            write_status(self.status_file, self.status(running))
+        except Exception as exc:  # noqa: BLE001 - a status file never stops the node
+            if not self._status_failed:
+                self.log.warn("Could not write {path}: {why}", path=self.status_file,
+                              why=getattr(exc, "strerror", None) or str(exc))
+            self._status_failed = True
+        else:
+            self._status_failed = False

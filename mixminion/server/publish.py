@@ -2,8 +2,9 @@
 
 Every keyset without a ``published`` marker is POSTed (descriptors.md §7.3)
 to every configured authority: at start-up, after key generation or
-rotation (:meth:`Publisher.kick`) and on SIGHUP.  A keyset counts as
-published once a majority of the authorities answered ``Status: 1`` -- the
+rotation (:meth:`Publisher.kick`), on SIGHUP, and on SIGUSR2
+(``mixminiond republish``: every descriptor again, :meth:`Publisher.republish`).
+A keyset counts as published once a majority of the authorities answered ``Status: 1`` -- the
 authorities exchange descriptors among themselves, so the rest will have it
 by their next round.  Anything short of that is retried with exponential
 backoff (30 s doubling to 1 h, plus jitter so that many servers do not
@@ -103,6 +104,13 @@ class Publisher(service.Service):
         self._retry: Optional[IDelayedCall] = None
         self._running: Optional[defer.Deferred] = None
         self._again = False
+        #: wall times of the last round that uploaded and of the last that
+        #: completed, and the last failure since (``status.json``)
+        self.last_attempt: Optional[float] = None
+        self.last_success: Optional[float] = None
+        self.last_error: Optional[str] = None
+        #: called after each round that uploaded something (the node's status)
+        self.listeners: list[Callable[[], object]] = []
 
     @property
     def majority(self) -> int:
@@ -131,6 +139,17 @@ class Publisher(service.Service):
         self.failures = 0
         return self._start(reason)
 
+    #: the next round uploads every current descriptor, published or not
+    _everything = False
+
+    def republish(self) -> defer.Deferred:
+        """``mixminiond republish`` (SIGUSR2): upload every current
+        descriptor again, to every authority, as if none had been published."""
+        self._everything = True
+        self.accepted.clear()
+        self._accepted_digest.clear()
+        return self.kick("republish")
+
     def _start(self, reason: str) -> defer.Deferred:
         if self._running is not None:
             self._again = True
@@ -148,23 +167,29 @@ class Publisher(service.Service):
 
     async def _round(self, reason: str) -> None:
         now = self.wall.seconds()
-        pending = [k for k in self.keys.unpublished() if k.valid_until >= now]
+        everything, self._everything = self._everything, False
+        candidates = self.keys.keysets if everything else self.keys.unpublished()
+        pending = [k for k in candidates if k.valid_until >= now]
         if not pending:
             log.debug("Publication ({reason}): nothing to publish", reason=reason)
             return
         log.info("Publication ({reason}): {n} descriptors to {a} authorities",
                  reason=reason, n=len(pending), a=len(self.authorities))
+        self.last_attempt = now
         complete = True
         for keyset in pending:
             complete = await self._publish(keyset) and complete
         if complete:
             self.failures = 0
+            self.last_success, self.last_error = self.wall.seconds(), None
         elif self.running:
             self.failures += 1
             delay = backoff_delay(self.failures, self.rng)
             log.warn("Publication incomplete; retry {n} in {delay:.0f} s", n=self.failures, delay=delay)
             self._cancel_retry()
             self._retry = self.clock.callLater(delay, self._retry_now)
+        for listener in self.listeners:
+            listener()
 
     def _retry_now(self) -> None:
         self._retry = None
@@ -188,9 +213,11 @@ class Publisher(service.Service):
             elif result.error:
                 log.warn("Upload of {keyset} to {url} failed: {why}", keyset=keyset.name, url=url,
                          why=result.message)
+                self.last_error = f"upload of {keyset.name} to {url} failed: {result.message}"
             else:
                 log.warn("Authority {url} rejected descriptor of {keyset}: {message}",
                          url=url, keyset=keyset.name, message=result.message)
+                self.last_error = f"{url} rejected {keyset.name}: {result.message}"
         if len(accepted) < self.majority:
             return False
         self.accepted.pop(keyset.number, None)

@@ -11,7 +11,6 @@ one and says why at WARN.
 
 from __future__ import annotations
 
-import signal
 from typing import Any, Callable
 
 from twisted.application import service
@@ -103,36 +102,29 @@ def applier(name: str) -> Applier:
 
 
 class ReloadService(service.Service):
-    """SIGHUP: re-read the configuration file and apply what can change
-    while running; say which changes need a restart.  One reload at a time:
-    a SIGHUP during one waits for it."""
+    """SIGHUP (a :class:`~mixminion.signals.SignalService` calls
+    :meth:`reload`): re-read the configuration file and apply what can
+    change while running; say which changes need a restart.  One reload at
+    a time: a SIGHUP during one waits for it."""
 
     def __init__(self, node: MixNode, config: ServerConfig, reactor,
                  regenerate_descriptor: Callable[[ServerConfig, Any], None]) -> None:
         self.node, self.config, self.reactor = node, config, reactor
         self.regenerate_descriptor = regenerate_descriptor
-        self._previous: Any = None
         self._lock = defer.DeferredLock()
         #: called after every SIGHUP that was applied (the publisher)
         self.listeners: list = []
 
-    def privilegedStartService(self) -> None:  # noqa: N802
-        """The handler goes in before any service starts: a SIGHUP sent as
-        soon as the pid file exists must reload, not kill, the node."""
-        super().privilegedStartService()
-        self._previous = signal.signal(
-            signal.SIGHUP, lambda signum, frame: self.reactor.callFromThread(self.reload))
-
-    def stopService(self):  # noqa: N802
-        super().stopService()
-        if self._previous is not None:
-            signal.signal(signal.SIGHUP, self._previous)
-            self._previous = None
-
     def reload(self) -> defer.Deferred:
         """Fires once the changes are applied (or refused) and the exit
-        modules swapped."""
-        return self._lock.run(lambda: defer.ensureDeferred(self._reload()))
+        modules swapped, and the node's status says so."""
+        d = self._lock.run(lambda: defer.ensureDeferred(self._reload()))
+        d.addBoth(self._reloaded)
+        return d
+
+    def _reloaded(self, result: Any) -> Any:
+        self.node.status_changed()
+        return result
 
     async def _reload(self) -> None:
         try:

@@ -16,6 +16,7 @@ from typing import Optional
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
+from mixminion.events import Event
 from mixminion.mmtp.stats import MMTPStats
 
 
@@ -48,17 +49,10 @@ class NodeStats(MMTPStats):
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
 
-    def prometheus_text(self, gauges: Optional[dict[str, float]] = None) -> str:
-        """The counters in the Prometheus text exposition format."""
-        lines = ["# HELP mixminion_events_total Events counted by the node.",
-                 "# TYPE mixminion_events_total counter"]
-        for name in sorted(self.counts):
-            label = name.replace("\\", "\\\\").replace('"', '\\"')
-            lines.append(f'mixminion_events_total{{event="{label}"}} {self.counts[name]}')
-        for name, value in sorted((gauges or {}).items()):
-            lines.append(f"# TYPE mixminion_{name} gauge")
-            lines.append(f"mixminion_{name} {value}")
-        return "\n".join(lines) + "\n"
+    def event_counts(self) -> dict[str, int]:
+        """Every event of :class:`~mixminion.events.Event` (0 if never
+        counted) and every name counted (``ExitDelivered:SMTP``...)."""
+        return {**{event.value: 0 for event in Event}, **self.counts}
 
 
 class StatsReport:

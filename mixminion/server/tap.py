@@ -8,6 +8,7 @@ configuration stops start-up with the file, line, option and reason.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sqlite3
 from typing import Any, Mapping, Optional
@@ -32,6 +33,7 @@ from mixminion.server.paranoia import problems_for
 from mixminion.server.pidfile import NodeAlreadyRunning, PidFile
 from mixminion.server.publish import publisher_for
 from mixminion.server.reload import ReloadService
+from mixminion.signals import SignalService
 from mixminion.server.stats import NodeStats
 
 log = Logger()
@@ -117,13 +119,24 @@ def build_node(config: ServerConfig, reactor,
 
     reload_service = ReloadService(node, config, reactor, regenerate_descriptor)
     reload_service.setServiceParent(node)
+    SignalService(signal.SIGHUP, reload_service.reload, reactor).setServiceParent(node)
     publisher = publisher_for(config.directory, keys, reactor, WALL)
     if publisher is not None:
         publisher.setServiceParent(node)
         key_service.listeners.append(lambda: publisher.kick("new keys"))
         reload_service.listeners.append(lambda: publisher.kick("SIGHUP"))
+    SignalService(signal.SIGUSR2, lambda: republish(publisher), reactor).setServiceParent(node)
     node.keys = keys
     return node
+
+
+def republish(publisher) -> None:
+    """SIGUSR2 (``mixminiond republish``): upload every descriptor again."""
+    if publisher is None:
+        log.warn("SIGUSR2: nothing to republish: this node publishes no descriptor "
+                 "([DirectoryServers] names no Authority, or Publish is off)")
+    else:
+        publisher.republish()
 
 
 class StartupError(Exception):

@@ -31,7 +31,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from twisted.internet import defer, task
 
-from mixminion.procinfo import child_pids
+from mixminion.procinfo import child_pids, pid_alive
 
 __all__ = ["QUIET_LINES", "Daemon", "authority_config", "family_rss_mb", "free_ports", "gauge",
            "metric", "metrics_text", "node_config", "pid_alive", "port_free", "port_open",
@@ -120,19 +120,6 @@ def read_text(path: str) -> str:
         return ""
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie does not, for our purposes)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except OSError:
-        return True
 
 
 # --- configurations ------------------------------------------------------------------------
@@ -182,10 +169,11 @@ def gauge(port: int, name: str) -> float:
 
 def metric(port: int, event: str) -> int:
     """A node's ``mixminion_events_total{event=EVENT}`` from its metrics
-    port (0 if not counted yet)."""
-    found = re.search(rf'^mixminion_events_total{{event="{re.escape(event)}"}} (\d+)$',
+    port (0 if not counted yet; prometheus_client writes a count as a
+    float: ``5.0``, ``1.5e+06``)."""
+    found = re.search(rf'^mixminion_events_total{{event="{re.escape(event)}"}} (\S+)$',
                       metrics_text(port), re.M)
-    return int(found.group(1)) if found else 0
+    return int(float(found.group(1))) if found else 0
 
 
 def rss_kb(pid: int, field_name: str = "VmRSS") -> int:

@@ -152,8 +152,8 @@ class MixNode:
         """Write ``text`` as the configuration (if given; with none written
         yet, :meth:`config` with metrics), start twistd and wait for the
         start line (the line of this start: the log goes on across
-        restarts), or with ``listening`` for the MMTP port alone (a node
-        logging under INFO says no start line)."""
+        restarts; it is a WARN line, so it shows at any LogLevel), or with
+        ``listening`` for the MMTP port alone."""
         if text is not None:
             self.write(text)
         elif not os.path.exists(self.conf):
