@@ -10,5 +10,14 @@ if [ "$(id -u)" -ne 0 ] && [ -z "${MIXMINION_SKIP_MTA:-}" ]; then
     echo "scripts/test.sh: not root, so MIXMINION_SKIP_MTA=1 (the MTA test needs root)" >&2
     export MIXMINION_SKIP_MTA=1
 fi
-if [ "$#" -eq 0 ]; then set -- mixminion tests; fi
-exec python3 -m twisted.trial --temp-directory="${TMPDIR:-/tmp}/mixminion-trial-$$" "$@"
+temp="${TMPDIR:-/tmp}/mixminion-trial-$$"
+if [ "$#" -gt 0 ]; then
+    exec python3 -m twisted.trial --temp-directory="$temp" "$@"
+fi
+# The unit tests share nothing: one worker per core.  The tests with real
+# processes run one at a time: each times real daemons, and two at once on
+# a two-core machine would measure each other.
+status=0
+python3 -m twisted.trial -j"$(nproc)" --temp-directory="$temp-unit" mixminion || status=$?
+python3 -m twisted.trial --temp-directory="$temp-processes" tests || status=$?
+exit "$status"
