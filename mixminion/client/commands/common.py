@@ -14,6 +14,7 @@ import getpass
 import os
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, BinaryIO, Callable, Optional, Sequence, TextIO
 
@@ -285,15 +286,24 @@ def read_passphrase(ctx: Context, prompt: str, confirm: bool = False) -> str:
         return text[:-1] if text.endswith("\n") else text
     if PASSPHRASE_ENV in ctx.environ:
         return ctx.environ[PASSPHRASE_ENV]
+    no_terminal = UserError("The keyring needs a passphrase but there is no terminal to ask "
+                            f"on: use --passphrase-fd N or set {PASSPHRASE_ENV}.")
+    # getpass asks on the controlling terminal; without one it would read
+    # standard input with echo on (a GetPassWarning): refuse instead.
     try:
-        tty = open("/dev/tty", "r+")
+        os.close(os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY))
     except OSError:
-        raise UserError("The keyring needs a passphrase but there is no terminal to ask on: "
-                        f"use --passphrase-fd N or set {PASSPHRASE_ENV}.") from None
-    with tty:
-        first = getpass.getpass(prompt, stream=tty)
-        if confirm and getpass.getpass("Again, to confirm: ", stream=tty) != first:
-            raise UserError("The two passphrases differ; nothing was changed.")
+        raise no_terminal from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", getpass.GetPassWarning)
+        try:
+            first = getpass.getpass(prompt)
+            if confirm and getpass.getpass("Again, to confirm: ") != first:
+                raise UserError("The two passphrases differ; nothing was changed.")
+        except getpass.GetPassWarning:
+            raise no_terminal from None
+        except EOFError:
+            raise UserError("No passphrase was given; nothing was changed.") from None
     return first
 
 
