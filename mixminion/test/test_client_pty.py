@@ -50,6 +50,12 @@ class PassphrasePromptTests(unittest.TestCase):
         child.sendline(again)
         return self.finished(child)
 
+    def unlock(self, passphrase: str) -> tuple[int, str]:
+        child = self.client(*SURB)
+        child.expect_exact("Passphrase for your keyring: ")
+        child.sendline(passphrase)
+        return self.finished(child)
+
     def test_a_new_keyring_with_confirmation(self) -> None:
         status, out = self.create("correct horse", "correct horse")
         self.assertEqual(status, 0, out)
@@ -68,18 +74,12 @@ class PassphrasePromptTests(unittest.TestCase):
         self.assertEqual(self.create("correct horse", "correct horse")[0], 0)
         with open(self.keyring, "rb") as f:
             before = f.read()
-        child = self.client(*SURB)
-        child.expect_exact("Passphrase for your keyring: ")
-        child.sendline("correct horse")
-        status, out = self.finished(child)
+        status, out = self.unlock("correct horse")
         self.assertEqual(status, 0, out)
         self.assertIn("BEGIN TYPE III REPLY BLOCK", out)
         with open(self.keyring, "rb") as f:
             unlocked = f.read()
-        child = self.client(*SURB)
-        child.expect_exact("Passphrase for your keyring: ")
-        child.sendline("battery staple")
-        status, out = self.finished(child)
+        status, out = self.unlock("battery staple")
         self.assertEqual(status, 1, out)
         errors = [line for line in out.splitlines() if "[ERROR]" in line]
         self.assertEqual(len(errors), 1, out)
