@@ -59,6 +59,7 @@ from mixminion.server.status import (
     RecentErrors,
     health_facts,
     health_reasons,
+    keysets,
     status_document,
     status_json,
     status_path,
@@ -353,7 +354,7 @@ class MixNode(service.MultiService):
         """What the node says once it started: nickname, identity, the
         ports it listens on and its packet key's validity."""
         ports = ", ".join(f"{address} ({kind})" for kind, address in self.ports())
-        current = valid_now(self.keys.keysets, WALL.seconds()) if self.keys is not None else []
+        current = valid_now(keysets(self), WALL.seconds())
         if current:
             key = f"packet key valid {validity(current[-1])}"
         else:

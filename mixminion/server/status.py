@@ -94,7 +94,7 @@ def health_facts(node: Any, now: float) -> HealthFacts:
     """The facts of a :class:`~mixminion.server.node.MixNode` at wall time ``now``."""
     processor = node.processor
     if node.keys is not None:
-        key_valid = bool(valid_now(node.keys.keysets, now))
+        key_valid = bool(valid_now(keysets(node), now))
     else:  # a node built without a key store (tests): its live keys
         key_valid = bool(node.packet_keys())
     paused = ["processing"] if processor.disk.paused else []
