@@ -17,14 +17,11 @@ import argparse
 import io
 import os
 import sys
-from typing import Any, BinaryIO, Callable, Optional, Sequence, TextIO
-
-from twisted.internet import defer, task
-from twisted.logger import LogLevel, formatEvent, globalLogBeginner, globalLogPublisher
+from typing import Any, BinaryIO, Callable, Coroutine, Optional, Sequence, TextIO
 
 from mixminion import __version__
 from mixminion.client import keyring as keyring_mod
-from mixminion.client.commands import decode, queue, send, servers, surbs
+from mixminion.client.commands import decode, ping, queue, send, servers, surbs
 from mixminion.client.commands.common import PROG, Command, Context, UsageError, UserError
 from mixminion.client.config import load_client_config
 from mixminion.client.paths import PathError
@@ -33,7 +30,7 @@ from mixminion.config.syntax import ConfigError
 
 #: every command, in the order ``--help`` lists them
 TABLE: dict[str, Command] = {
-    c.name: c for group in (send, queue, servers, surbs, decode) for c in group.COMMANDS
+    c.name: c for group in (send, queue, servers, ping, surbs, decode) for c in group.COMMANDS
 }
 #: command name -> its one-line summary
 COMMANDS: dict[str, str] = {name: c.summary for name, c in TABLE.items()}
@@ -99,6 +96,7 @@ def build_parser(out: TextIO) -> tuple[Parser, dict[str, Parser]]:
 
 def _forward_twisted_logs(ctx: Context) -> Callable[[dict], None]:
     """Show the directory and MMTP code's warnings (and info with -v)."""
+    from twisted.logger import LogLevel, formatEvent
 
     def observer(event: dict) -> None:
         level = event.get("log_level")
@@ -116,10 +114,10 @@ async def run(argv: Sequence[str], *, stdin: Optional[BinaryIO] = None,
               stdout: Optional[BinaryIO] = None, stderr: Optional[TextIO] = None,
               environ: Optional[dict[str, str]] = None, reactor: Any = None,
               **hooks: Any) -> int:
-    """Run one command; returns the exit status (never raises for user errors)."""
-    if reactor is None:
-        from twisted.internet import reactor as global_reactor
-        reactor = global_reactor
+    """Run one command; returns the exit status (never raises for user errors).
+
+    ``reactor`` None: none is imported unless the command needs one (see
+    :func:`main`); tests pass trial's."""
     stdin = stdin if stdin is not None else sys.stdin.buffer
     stdout = stdout if stdout is not None else sys.stdout.buffer
     stderr = stderr if stderr is not None else sys.stderr
@@ -145,6 +143,8 @@ async def run(argv: Sequence[str], *, stdin: Optional[BinaryIO] = None,
         if help_out is not stdout:
             help_out.detach()
     ctx = Context(stdin, stdout, stderr, environ, reactor, args, **hooks)
+    from twisted.logger import globalLogPublisher
+
     observer = _forward_twisted_logs(ctx)
     globalLogPublisher.addObserver(observer)  # type: ignore[arg-type]
     lock: Optional[ClientLock] = None
@@ -187,21 +187,53 @@ def _flush_notices(ctx: Context, notices: list[str]) -> None:
     notices.clear()
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    """Console script: run the command under the reactor and exit with its status."""
+def _finish_on_reactor(coro: Coroutine[Any, Any, int], waiting: Any) -> int:
+    """Run the rest of ``coro`` under Twisted: it awaits ``waiting`` (a
+    Deferred, from a directory download), so it needs the reactor after all."""
+    from twisted.internet import defer, task
+    from twisted.logger import globalLogBeginner
+
     globalLogBeginner.beginLoggingTo([], redirectStandardIO=False, discardBuffer=True)
+
+    async def rest(reactor: Any) -> None:
+        pending = waiting
+        while True:
+            error: Optional[BaseException] = None
+            value: Any = None
+            try:
+                value = await pending
+            except BaseException as exc:  # noqa: BLE001 - handed back to the command
+                error = exc
+            try:
+                pending = coro.throw(error) if error is not None else coro.send(value)
+            except StopIteration as stop:
+                if stop.value:
+                    raise SystemExit(stop.value)
+                return
+
+    task.react(lambda reactor: defer.ensureDeferred(rest(reactor)))
+    return 0  # pragma: no cover - react exits
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Console script: run the command and exit with its status.
+
+    The command runs without a reactor until it awaits something (only a
+    directory download does); then the rest runs under ``task.react``.
+    Sending, queueing, decoding never import Twisted."""
     arguments = list(sys.argv[1:] if argv is None else argv)
-
-    async def body(reactor: Any) -> None:
+    coro = run(arguments)
+    try:
         try:
-            status = await run(arguments, reactor=reactor)
-        except KeyboardInterrupt:
-            sys.stderr.write("Interrupted.\n")
-            status = 1
-        if status:
-            raise SystemExit(status)
-
-    task.react(lambda reactor: defer.ensureDeferred(body(reactor)))
+            waiting = coro.send(None)
+        except StopIteration as stop:
+            status = stop.value
+        else:
+            status = _finish_on_reactor(coro, waiting)
+    except KeyboardInterrupt:
+        sys.stderr.write("Interrupted.\n")
+        status = 1
+    raise SystemExit(status)
 
 
 if __name__ == "__main__":  # pragma: no cover

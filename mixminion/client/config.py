@@ -73,6 +73,9 @@ CLIENT_SCHEMA: Mapping[str, Mapping[str, tuple[ValueType, bool, str]]] = {
     "Network": {
         "Timeout": (INTERVAL, False, "MMTP timeout (default 2 minutes)"),
         "ConnectionTimeout": (INTERVAL, False, "deprecated synonym of Timeout"),
+        "Legacy": (BOOLEAN, False, "speak the 0.0.8-era link (TLS 1.0, 1024-bit link keys) "
+                   "to every first hop, not only to those whose descriptor names the original "
+                   "software (default no)"),
     },
 }
 
@@ -105,6 +108,7 @@ DirectoryTimeout: 1 minute
 
 [Network]
 Timeout: 2 minutes
+#Legacy: no
 """
 
 
@@ -127,6 +131,8 @@ class ClientConfig:
     block_exits: frozenset[str] = frozenset()
     timeout: int = DEFAULT_TIMEOUT
     file_paranoia: bool = True
+    #: the weaker 0.0.8-era link for every first hop (``[Network] Legacy``)
+    legacy: bool = False
     warnings: list[str] = field(default_factory=list)
 
 
@@ -197,6 +203,7 @@ def parse_client_config(text: str, filename: str = "<string>") -> ClientConfig:
             config.warnings.append(f"{filename}: [Network] Timeout of {timeout} s is unusual "
                                    "(5 seconds to 2 minutes is sensible).")
         config.timeout = timeout
+    config.legacy = bool(one("Network", "Legacy", False))
     file_paranoia = one("Host", "FileParanoia")
     if file_paranoia is not None:
         config.file_paranoia = bool(file_paranoia)

@@ -311,6 +311,13 @@ def _rejection_advice(exc: BaseException) -> str:
 # --- the client's directory --------------------------------------------------------------
 
 
+class _WallClock:
+    """``IReactorTime.seconds`` without a reactor."""
+
+    def seconds(self) -> float:
+        return time.time()
+
+
 class ClientDirectory:
     """The directory a client uses to pick servers, and how it stays fresh.
 
@@ -332,9 +339,6 @@ class ClientDirectory:
         timeout: float = DEFAULT_TIMEOUT,
         environ: Optional[Mapping[str, str]] = None,
     ) -> None:
-        if reactor is None:
-            from twisted.internet import reactor as global_reactor
-            reactor = global_reactor
         self.root = os.path.abspath(os.path.expanduser(root))
         self.authorities = tuple((url, "".join(fp.split()).upper()) for url, fp in authorities)
         self.trusted: dict[str, Optional[PublicKey]]
@@ -348,8 +352,8 @@ class ClientDirectory:
             raise ValueError(f"threshold {threshold} is more than the {len(self.trusted)} "
                              "trusted authorities: no directory could ever be accepted")
         self.threshold = threshold
-        self.clock = clock if clock is not None else reactor
-        self.reactor = reactor
+        self.clock = clock if clock is not None else (reactor or _WallClock())
+        self._reactor = reactor
         self.timeout = timeout
         self.environ = os.environ if environ is None else environ
         self.directory: Optional[Any] = None
@@ -360,6 +364,16 @@ class ClientDirectory:
         self._import_paths: dict[bytes, str] = {}
         self.validated: dict[bytes, int] = {}
         self._loaded = False
+
+    @property
+    def reactor(self) -> Any:
+        """The reactor downloads run on: imported only for a download, so
+        commands that only read the cache start without it."""
+        if self._reactor is None:
+            from twisted.internet import reactor
+
+            self._reactor = reactor
+        return self._reactor
 
     # -- paths and time -----------------------------------------------------------
 

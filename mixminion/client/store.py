@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
 from mixminion.codec.fragments import Reassembler
-from mixminion.mmtp.initiator import NextHop
+from mixminion.codec.routing import NextHop
 from mixminion.fileutil import atomic_write
 
 PACKET_LEN = 32768
@@ -49,6 +49,9 @@ class QueuedPacket:
     nickname: str
     inserted: float
     packet: bytes
+    #: the first hop's descriptor names the original (0.0.8-era) software:
+    #: its link is the legacy one (doc/mmtp-legacy.md)
+    original: bool = False
 
 
 class ClientQueue:
@@ -56,7 +59,7 @@ class ClientQueue:
         self.folder = os.path.join(user_dir, "queue")
 
     def add(self, destination: NextHop, nickname: str, packet: bytes,
-            now: Optional[float] = None) -> str:
+            now: Optional[float] = None, original: bool = False) -> str:
         """Store durably; returns the handle (file name)."""
         if len(packet) != PACKET_LEN:
             raise ValueError("queued packets are 32768 bytes")
@@ -64,7 +67,7 @@ class ClientQueue:
         meta = json.dumps({
             "host": destination.host, "port": destination.port,
             "keyid": destination.keyid.hex(), "nickname": nickname,
-            "inserted": time.time() if now is None else now,
+            "inserted": time.time() if now is None else now, "original": original,
         }).encode("ascii")
         data = QUEUE_MAGIC + struct.pack(">I", len(meta)) + meta + packet
         handle = "pkt_" + os.urandom(12).hex()
@@ -91,7 +94,7 @@ class ClientQueue:
             raise ValueError(f"{path} holds a truncated packet")
         dest = NextHop(meta["host"], int(meta["port"]), bytes.fromhex(meta["keyid"]))
         return QueuedPacket(handle, dest, meta.get("nickname", meta["host"]),
-                            float(meta["inserted"]), packet)
+                            float(meta["inserted"]), packet, bool(meta.get("original", False)))
 
     def packets(self, warn: Callable[[str], None] = lambda _: None) -> Iterator[QueuedPacket]:
         for handle in self.handles():

@@ -20,7 +20,7 @@ import socket
 import time
 from typing import Any, Optional, Sequence
 
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from twisted.internet import reactor as _reactor
 from twisted.trial import unittest
 
@@ -70,8 +70,12 @@ PORTS: dict[str, int] = {}
 @functools.cache
 def descriptor(nickname: str, smtp: bool = True, max_fragments: Optional[int] = 16,
                relay: bool = True, valid_until: int = TODAY + 30 * DAY,
-               valid_after: int = TODAY - DAY) -> ServerDescriptor:
-    port = PORTS.setdefault(nickname, free_port())
+               valid_after: int = TODAY - DAY, port: Optional[int] = None,
+               software: Optional[str] = None) -> ServerDescriptor:
+    """``nickname``'s descriptor on 127.0.0.1 (on ``port``, else one port
+    per nickname for the whole run)."""
+    port = port or PORTS.setdefault(nickname, free_port())
+    extra = {"software": software} if software else {}
     fields = DescriptorFields(
         nickname=nickname,
         contact=f"{nickname.lower()}@example.org",
@@ -83,6 +87,7 @@ def descriptor(nickname: str, smtp: bool = True, max_fragments: Optional[int] = 
         outgoing=OutgoingMMTP() if relay else None,
         smtp=DeliveryInfo(max_size_kib=100) if smtp else None,
         max_fragments=max_fragments,
+        **extra,
     )
     return signed_descriptor(fields, nickname)
 
@@ -163,7 +168,8 @@ class Env:
                   environ: Optional[dict] = None) -> tuple[int, bytes, str]:
         out, err = io.BytesIO(), io.StringIO()
         status = await cli.run(list(argv), stdin=io.BytesIO(stdin), stdout=out, stderr=err,
-                               environ=environ or self.environ, reactor=reactor)
+                               environ=environ or self.environ, reactor=reactor,
+                               offload=threads.deferToThread)
         return status, out.getvalue(), err.getvalue()
 
     def queued(self) -> list:

@@ -22,7 +22,6 @@ from mixminion.client import keyring as keyring_mod
 from mixminion.client.config import ClientConfig
 from mixminion.client.paths import ExitNeeds, Legs, PathSelector, PathSpec, hop_for
 from mixminion.directory.descriptor import ServerDescriptor
-from mixminion.mmtp.initiator import MMTPClient
 
 PROG = "mixminion-client"
 PASSPHRASE_ENV = "MIXMINION_PASSPHRASE"
@@ -89,6 +88,18 @@ def _fd(text: str) -> int:
     return value
 
 
+async def run_here(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run a blocking call where we are (see :attr:`Context.offload`)."""
+    return fn(*args)
+
+
+def legacy_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--legacy", action="store_true",
+                   help="speak the weaker 0.0.8-era link (TLS 1.0, 1024-bit link keys) to "
+                        "every first hop, not only to those whose descriptor names the original "
+                        "software (see [Network] Legacy)")
+
+
 def directory_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("-D", "--download-directory", metavar="yes|no", type=_yes_no_force,
                    dest="download", default=None,
@@ -105,19 +116,25 @@ def passphrase_option(p: argparse.ArgumentParser) -> None:
 @dataclass
 class Context:
     """One command's run: its streams, arguments, configuration and the
-    hooks tests use to replace the directory and the MMTP client."""
+    hooks tests use to replace the directory and how blocking calls run.
+    ``reactor`` is None on the command line: the directory imports one
+    only to download (a send starts faster without Twisted); tests pass
+    theirs, which is also the clock."""
 
     stdin: BinaryIO
     stdout: BinaryIO
     stderr: TextIO
     environ: dict[str, str]
-    reactor: Any
+    reactor: Optional[Any]
     args: argparse.Namespace
     config: ClientConfig = field(default_factory=ClientConfig)
     rng: Callable[[int], bytes] = os.urandom
     random: random.Random = field(default_factory=random.SystemRandom)
     directory_factory: Optional[Callable[["Context"], Any]] = None
-    mmtp_client: Optional[Callable[["Context"], MMTPClient]] = None
+    #: runs a blocking call (an MMTP connection) and awaits its result:
+    #: in place by default (the command line has nothing else to do);
+    #: tests whose responder runs on the same reactor pass a thread runner
+    offload: Callable[..., Awaitable[Any]] = field(default=lambda fn, *a: run_here(fn, *a))
 
     @property
     def quiet(self) -> bool:
@@ -128,7 +145,7 @@ class Context:
         return bool(getattr(self.args, "verbose", False))
 
     def now(self) -> float:
-        return float(self.reactor.seconds())
+        return float(self.reactor.seconds()) if self.reactor is not None else time.time()
 
     def log(self, level: str, message: str) -> None:
         if self.quiet and level != "ERROR":

@@ -14,38 +14,59 @@ from mixminion.client.commands.common import (
     Context,
     Progress,
     UserError,
+    legacy_option,
     local_directory,
     positive,
 )
 from mixminion.client.store import ClientQueue, QueuedPacket
+from mixminion.codec.routing import NextHop
 from mixminion.codec.textformat import SECONDS_PER_DAY
-from mixminion.mmtp.initiator import NextHop, InitiatorSettings, MMTPClient
-from mixminion.mmtp.tls import InitiatorTLS
+
+#: what a descriptor's ``Software`` line says on the original 0.0.x servers
+ORIGINAL_SOFTWARE = "Mixminion 0.0."
 
 
 @dataclass
 class FirstHopPacket:
     """A built packet and the first hop it goes to; ``handle`` names its
-    file in the :class:`ClientQueue` once it is queued."""
+    file in the :class:`ClientQueue` once it is queued.  ``original``: the
+    hop's descriptor names the original software, which speaks only the
+    legacy link."""
 
     destination: NextHop
     nickname: str
     packet: bytes
     handle: Optional[str] = None
+    original: bool = False
 
 
-def _mmtp_client(ctx: Context) -> MMTPClient:
-    if ctx.mmtp_client is not None:
-        return ctx.mmtp_client(ctx)
-    t = float(ctx.config.timeout)
-    return MMTPClient(ctx.reactor, InitiatorTLS(),
-                      InitiatorSettings(connect_timeout=t, handshake_timeout=t, idle_timeout=t,
-                                        close_timeout=min(t, 10.0)))
+def runs_original_software(descriptor: Any) -> bool:
+    """Whether a descriptor's ``Software`` line names a 0.0.x release (the
+    reference implementation), whose link needs legacy TLS."""
+    return (getattr(descriptor, "software", None) or "").startswith(ORIGINAL_SOFTWARE)
+
+
+def use_legacy_link(ctx: Context, item: FirstHopPacket) -> bool:
+    """The client's link policy (doc/mmtp-legacy.md): legacy TLS for a hop
+    whose descriptor names the original software, or for every hop when
+    the user asks (``--legacy``, ``[Network] Legacy``); never otherwise."""
+    return item.original or ctx.config.legacy or bool(getattr(ctx.args, "legacy", False))
+
+
+def _send_group(ctx: Context, dest: NextHop, group: Sequence[FirstHopPacket],
+                legacy: bool, cache: dict[bytes, bytes]) -> Any:
+    """One connection to one first hop (blocking: run through ``ctx.offload``)."""
+    from mixminion.mmtp.blocking import send_packets
+
+    return send_packets(dest.host, dest.port, dest.keyid, [i.packet for i in group],
+                        legacy=legacy, timeout=float(ctx.config.timeout), now=ctx.now,
+                        cache=cache)
 
 
 async def transmit(ctx: Context, items: Sequence[FirstHopPacket], queue: Optional[ClientQueue]
                    ) -> int:
-    """Send ``items`` grouped by first hop, groups and packets shuffled.
+    """Send ``items`` grouped by first hop, groups and packets shuffled;
+    one MMTP connection per first hop, closed as mmtp.md §7.4 says.
 
     Acknowledged packets leave ``queue`` (if they were in it).  Warns once
     per first hop that failed, saying why; returns the number delivered.
@@ -55,32 +76,27 @@ async def transmit(ctx: Context, items: Sequence[FirstHopPacket], queue: Optiona
         groups.setdefault(item.destination, []).append(item)
     order = list(groups)
     ctx.random.shuffle(order)
-    client = _mmtp_client(ctx)
     progress = Progress(ctx, "Sending packets", len(items))
-    failures: dict[str, str] = {}
+    cache: dict[bytes, bytes] = {}
     delivered = 0
-    try:
-        pending = []
-        for dest in order:
-            group = groups[dest]
-            ctx.random.shuffle(group)
-            for item in group:
-                d = client.send_packet(dest, item.packet)
-                pending.append((item, d))
-        for item, d in pending:
-            try:
-                await d
-            except Exception as exc:  # noqa: BLE001 - any failure leaves it queued
-                failures.setdefault(item.nickname, str(exc))
-            else:
-                delivered += 1
-                if queue is not None and item.handle is not None:
-                    queue.remove(item.handle)
-            progress.step()
-    finally:
-        await client.close()
-    for nickname, why in failures.items():
-        ctx.warn(f"Could not deliver to {nickname}: {why}")
+    for dest in order:
+        group = groups[dest]
+        ctx.random.shuffle(group)
+        nickname = group[0].nickname
+        legacy = any(use_legacy_link(ctx, item) for item in group)
+        if legacy:
+            ctx.log("DEBUG", f"Speaking the legacy (0.0.8-era) link to {nickname}.")
+        result = await ctx.offload(_send_group, ctx, dest, group, legacy, cache)
+        for index in result.accepted:
+            delivered += 1
+            if queue is not None and group[index].handle is not None:
+                queue.remove(group[index].handle)  # type: ignore[arg-type]
+        progress.step(len(group))
+        if result.failure:
+            ctx.warn(f"Could not deliver to {nickname}: {result.failure}")
+        elif result.rejected:
+            ctx.warn(f"{nickname} refused {len(result.rejected)} packet(s) for now "
+                     "(it answered REJECTED); they stay queued.")
     return delivered
 
 
@@ -90,7 +106,8 @@ async def deliver(ctx: Context, items: list[FirstHopPacket], mode: str) -> int:
     queue = ClientQueue(ctx.config.user_dir)
     if mode in ("queue", "send"):
         for item in items:
-            item.handle = queue.add(item.destination, item.nickname, item.packet, ctx.now())
+            item.handle = queue.add(item.destination, item.nickname, item.packet, ctx.now(),
+                                    original=item.original)
     if mode == "queue":
         ctx.say(f"Queued {len(items)} packet(s); run '{PROG} flush' to send them.")
         return 0
@@ -143,7 +160,8 @@ async def cmd_flush(ctx: Context) -> int:
     if not queued:
         ctx.say("No packets to flush.")
         return 0
-    items = [FirstHopPacket(q.destination, q.nickname, q.packet, q.handle) for q in queued]
+    items = [FirstHopPacket(q.destination, q.nickname, q.packet, q.handle, q.original)
+             for q in queued]
     delivered = await transmit(ctx, items, queue)
     if delivered == len(items):
         ctx.say(f"Queue flushed: {delivered} packet(s) sent.")
@@ -176,6 +194,7 @@ def _flush_options(p: argparse.ArgumentParser) -> None:
                    help="only packets for these first hops (nickname, host name or address)")
     p.add_argument("-n", "--count", metavar="N", type=positive,
                    help="send only N randomly chosen packets")
+    legacy_option(p)
 
 
 COMMANDS = (

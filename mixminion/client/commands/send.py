@@ -22,13 +22,14 @@ from mixminion.client.commands.common import (
     choose_legs,
     directory_option,
     hops_of,
+    legacy_option,
     load_directory,
     make_selector,
     path_text,
     positive,
     read_input,
 )
-from mixminion.client.commands.queue import FirstHopPacket, deliver
+from mixminion.client.commands.queue import FirstHopPacket, deliver, runs_original_software
 from mixminion.client.paths import Address, ExitNeeds, Legs, PathSelector, PathSpec, parse_address, parse_path
 from mixminion.client.store import SurbLog
 from mixminion.codec.build import (
@@ -40,10 +41,9 @@ from mixminion.codec.build import (
 from mixminion.codec.errors import BuildError, ParseError
 from mixminion.codec.exit_headers import encode_headers
 from mixminion.codec.packet import PAYLOAD_LEN
-from mixminion.codec.routing import DROP_TYPE, FRAGMENT_TYPE
+from mixminion.codec.routing import DROP_TYPE, FRAGMENT_TYPE, NextHop
 from mixminion.codec.surb import ReplyBlock, parse_reply_blocks
 from mixminion.codec.textformat import SECONDS_PER_DAY, previous_midnight
-from mixminion.mmtp.initiator import NextHop
 
 
 def exit_headers(args: argparse.Namespace) -> dict[str, str]:
@@ -195,7 +195,7 @@ def _to_first_hop(legs: Legs, packet: bytes) -> FirstHopPacket:
     first = legs.leg1[0]
     assert first.hostname is not None and first.port is not None
     return FirstHopPacket(NextHop(first.hostname, first.port, first.identity_digest),
-                          first.nickname, packet)
+                          first.nickname, packet, original=runs_original_software(first))
 
 
 def _raw_payloads(body: bytes, rng: Callable[[int], bytes]) -> list[bytes]:
@@ -264,6 +264,7 @@ def _send_options(p: argparse.ArgumentParser, with_queue_flags: bool) -> None:
                        help="only queue the packets (like the queue command)")
         p.add_argument("--no-queue", action="store_true",
                        help="never queue: packets whose first hop is down are lost")
+        legacy_option(p)
 
 
 COMMANDS = (
