@@ -1,10 +1,22 @@
 """``decode`` (client.md §5.3): received messages -- plain, compressed,
-fragments, and replies encrypted to our reply blocks -- back to text.
+fragments, and replies encrypted to our reply blocks -- back to what was sent.
+
+Each message is written as the reference client writes it: a delivered
+plaintext or binary block as delivered (the exit already took the exit
+headers off), and everything this command decompresses itself (a reply, a
+forced overcompressed block, a reassembled fragmented message) as the
+whole decompressed message, its header block (``SUBJECT:...`` lines and an
+empty line, or just the empty line) included.  The reference simply
+concatenates messages; we put a separator line between them, or, with
+``--separate``, write each to its own file.  doc/mixminion-client.1 (decode)
+documents the format.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
 from typing import Optional
 
 from mixminion.client import keyring as keyring_mod
@@ -18,7 +30,12 @@ from mixminion.client.commands.common import (
     write_file,
 )
 from mixminion.client.store import FragmentPool, private_dir
-from mixminion.codec.compression import DecompressionLimitExceeded, decompress, reassembled_limit
+from mixminion.codec.compression import (
+    DecompressionLimitExceeded,
+    decompress,
+    reassembled_limit,
+    singleton_limit,
+)
 from mixminion.codec.decode import FORCED_LIMIT, CorruptPayload, decode_payload
 from mixminion.codec.errors import CodecError, CompressionError, ParseError
 from mixminion.codec.exit import (
@@ -29,26 +46,28 @@ from mixminion.codec.exit import (
     is_printing,
     parse_text_messages,
 )
-from mixminion.codec.exit_headers import parse_message
 from mixminion.codec.fragments import Outcome
 from mixminion.codec.payload import FragmentPayload, parse_payload
 from mixminion.codec.textformat import SECONDS_PER_DAY
 
 #: the reassembly pool's identity for fragments that came unencrypted
 FORWARD_IDENTITY = "---"
-
-
-def _render(message: bytes) -> bytes:
-    """Exit headers as ``Name: value`` lines, a blank line, then the body."""
-    headers, body = parse_message(message)
-    if not headers:
-        return body
-    lines = "".join(f"{k.title()}: {v}\n" for k, v in sorted(headers.items()))
-    return lines.encode("ascii") + b"\n" + body
+#: the line between two messages written to one output (N counts from 1)
+SEPARATOR = "==== message {index} of {total}\n"
+#: ``--separate`` file names: at least four digits, numbered on from the
+#: highest such name already in the directory
+SEPARATE_NAME = "msg-{:04d}"
+_SEPARATE_RE = re.compile(r"msg-([0-9]+)\Z")
 
 
 async def cmd_decode(ctx: Context) -> int:
+    """Decode every armored message in the input, then write them all: the
+    pool is saved only after the output, so a failed write loses nothing."""
     args = ctx.args
+    if args.separate is not None:
+        # Before anything is decoded: fragments taken into the pool must
+        # not be lost to a directory we cannot write.
+        _prepare_separate_dir(args.separate)
     data = read_input(ctx, args.input)
     try:
         messages = parse_text_messages(data)
@@ -86,8 +105,8 @@ async def cmd_decode(ctx: Context) -> int:
                 failures += 1
                 continue
             if not isinstance(parsed, FragmentPayload):
-                outputs.append(_render(_decompress(parsed.compressed, None if not args.force
-                                                   else FORCED_LIMIT)))
+                outputs.append(_decompress(parsed.compressed, FORCED_LIMIT if args.force
+                                           else singleton_limit(len(parsed.compressed))))
                 continue
             fragment = parsed
         else:  # encrypted: a reply to one of our reply blocks
@@ -109,15 +128,19 @@ async def cmd_decode(ctx: Context) -> int:
                 failures += 1
                 continue
             if decoded.identity is not None:
-                identity = keyring_mod.Keyring.identity_of(decoded.identity) or "default identity"
+                name = keyring_mod.Keyring.identity_of(decoded.identity)
+                identity = name or "default identity"
+                if name:  # as the reference logs it
+                    ctx.info(f"Decoded reply message to identity {name!r}")
             if decoded.is_fragment:
                 fragment = decoded.payload  # type: ignore[assignment]
             else:
                 try:
-                    outputs.append(_render(decoded.message(force=args.force)))
+                    outputs.append(decoded.message(force=args.force))
                 except DecompressionLimitExceeded:
-                    ctx.warn("A reply decompresses to far more than its size (a possible zlib "
-                             "bomb); skipped. Use -F to decompress it anyway.")
+                    ctx.log("ERROR", "A reply decompresses to far more than its size (a "
+                            "possible zlib bomb); skipped. Use -F to decompress it anyway.")
+                    failures += 1
                 except CodecError as exc:
                     ctx.log("ERROR", f"A reply is damaged ({exc}).")
                     failures += 1
@@ -130,7 +153,7 @@ async def cmd_decode(ctx: Context) -> int:
         if result.outcome is Outcome.COMPLETED:
             assert result.message is not None
             limit = FORCED_LIMIT if args.force else reassembled_limit(len(result.message))
-            outputs.append(_render(_decompress(result.message, limit)))
+            outputs.append(_decompress(result.message, limit))
             ctx.info(f"Reassembled message {result.message_id.hex()[:16]}.")
         elif result.outcome is Outcome.STORED:
             stored += 1
@@ -138,6 +161,9 @@ async def cmd_decode(ctx: Context) -> int:
             ctx.log("ERROR", "A fragment does not match the others of its message; that "
                     "message was discarded.")
             failures += 1
+    # Written before the pool is saved: if writing fails, the fragments that
+    # completed a message are still in the pool on disk for another run.
+    _deliver(ctx, outputs)
     if pool is not None:
         pool.reassembler.forget_status(day - 30)
         pool.reassembler.expire(day - 30, day)
@@ -146,24 +172,103 @@ async def cmd_decode(ctx: Context) -> int:
         missing = sum(pool.reassembler.missing(mid) for mid in pool.reassembler.pending) if pool else 0
         ctx.info(f"Stored {stored} fragment(s); at least {missing} more needed before the "
                  "message(s) can be reassembled.")
-    joined = b"".join(outputs)
-    if args.output == "-":
-        isatty = getattr(ctx.stdout, "isatty", lambda: False)()
-        if joined and isatty and not args.force and not is_printing(joined):
-            raise UserError("The decoded message is binary; refusing to write it to a terminal. "
-                            "Use -o FILE, or -F to write it anyway.")
-        if joined:
-            ctx.write(joined)
-    else:
-        write_file(args.output, joined)
     if failures:
         raise UserError(f"{failures} of {len(messages)} message(s) could not be decoded (see above).")
     return 0
 
 
-def _decompress(data: bytes, limit: Optional[int]) -> bytes:
+def join_messages(outputs: list[bytes]) -> bytes:
+    """One output for several messages: ``SEPARATOR`` before the second
+    and later ones, on a line of its own (a newline is added first when the
+    message before does not end in one).  One message stays byte-exact."""
+    out = bytearray()
+    for index, message in enumerate(outputs, 1):
+        if index > 1:
+            if out and not out.endswith(b"\n"):
+                out += b"\n"
+            out += SEPARATOR.format(index=index, total=len(outputs)).encode("ascii")
+        out += message
+    return bytes(out)
+
+
+def _deliver(ctx: Context, outputs: list[bytes]) -> None:
+    """Write the decoded messages where the options say."""
+    args = ctx.args
+    if args.separate is not None:
+        names = write_separate(args.separate, outputs)
+        listed = f": {', '.join(names)}" if names else ""
+        ctx.info(f"Wrote {len(names)} decoded message(s) to {args.separate}{listed}.")
+        return
+    joined = join_messages(outputs)
+    output = args.output or "-"
+    if output == "-":
+        isatty = getattr(ctx.stdout, "isatty", lambda: False)()
+        if isatty and not args.force and not all(is_printing(m) for m in outputs):
+            raise UserError("The decoded message is binary; refusing to write it to a terminal. "
+                            "Use -o FILE or --separate DIR, or -F to write it anyway.")
+        if joined:
+            ctx.write(joined)
+    else:
+        write_file(output, joined)
+
+
+def _prepare_separate_dir(path: str) -> None:
+    """Create ``path`` (mode 0700) unless it is already a directory."""
     try:
-        return decompress(data, limit if limit is not None else reassembled_limit(len(data)))
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise UserError(f"--separate {path}: it exists and is not a directory.") from None
+        return
+    except OSError as exc:
+        raise UserError(f"Cannot create the directory {path}: {exc.strerror}.") from None
+    os.chmod(path, 0o700)  # exactly, whatever the umask
+
+
+def write_separate(path: str, outputs: list[bytes]) -> list[str]:
+    """Each message in its own new file (mode 0600) in ``path``; the names
+    used.  Numbering goes on from the highest ``msg-N`` already there, so
+    names sort in arrival order across runs; a taken name is skipped,
+    never overwritten."""
+    try:
+        taken = [int(m.group(1)) for n in os.listdir(path) if (m := _SEPARATE_RE.match(n))]
+    except OSError as exc:
+        raise UserError(f"Cannot read the directory {path}: {exc.strerror}.") from None
+    number = max(taken, default=0) + 1
+    names: list[str] = []
+    for message in outputs:
+        while True:
+            name = SEPARATE_NAME.format(number)
+            number += 1
+            target = os.path.join(path, name)
+            try:
+                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                continue
+            except OSError as exc:
+                raise UserError(f"Cannot write {target}: {exc.strerror}"
+                                f"{_written_so_far(names)}.") from None
+            break
+        try:
+            with os.fdopen(fd, "wb") as f:
+                os.fchmod(f.fileno(), 0o600)
+                f.write(message)
+        except OSError as exc:
+            raise UserError(f"Cannot write {target}: {exc.strerror}"
+                            f"{_written_so_far(names)}.") from None
+        names.append(name)
+    return names
+
+
+def _written_so_far(names: list[str]) -> str:
+    return f" ({len(names)} message(s) were written before it: {', '.join(names)})" if names else ""
+
+
+def _decompress(data: bytes, limit: int) -> bytes:
+    """Decompress what this command itself must open; a bomb or bad data
+    stops the run before the pool is saved, so ``-F`` can retry it."""
+    try:
+        return decompress(data, limit)
     except DecompressionLimitExceeded:
         raise UserError("The message decompresses to far more than its size (a possible zlib "
                         "bomb). Use -F to decompress it anyway.") from None
@@ -174,7 +279,13 @@ def _decompress(data: bytes, limit: Optional[int]) -> bytes:
 def _decode_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-i", "--input", metavar="FILE", default="-",
                    help="received message(s), e.g. a saved e-mail ('-' = stdin, the default)")
-    p.add_argument("-o", "--output", metavar="FILE", default="-", help="where to write ('-' = stdout)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("-o", "--output", metavar="FILE", default=None,
+                       help="where to write ('-' = stdout, the default); several messages are "
+                            "separated by '==== message N of M' lines")
+    where.add_argument("--separate", metavar="DIR", default=None,
+                       help="write each message to its own new file DIR/msg-NNNN (mode 0600; "
+                            "DIR is created, mode 0700, if missing)")
     p.add_argument("-F", "--force", action="store_true",
                    help="decompress suspiciously compressible messages and write binary to a terminal")
     passphrase_option(p)
