@@ -2,6 +2,7 @@
 
 ``mmtp WORKDIR``: an MMTP responder with a durable sink; prints
 ``PORT KEYID`` and, when stdin closes, the number of packets stored.
+Its identity key is ``WORKDIR/identity.der`` if that exists.
 ``raw WORKDIR BYTES``: a plain TLS server that answers one byte once it
 has received BYTES bytes.
 """
@@ -41,7 +42,14 @@ class _StdinWatcher(protocol.Protocol):
 
 def main() -> None:
     mode, workdir = sys.argv[1], sys.argv[2]
-    identity = PrivateKey.generate(2048)
+    # A caller that must describe this responder (benchmarks/client.py
+    # writes its descriptor) leaves the identity key in WORKDIR.
+    key_file = os.path.join(workdir, "identity.der")
+    if os.path.exists(key_file):
+        with open(key_file, "rb") as f:
+            identity = PrivateKey.from_der(f.read())
+    else:
+        identity = PrivateKey.generate(2048)
     tls = ResponderTLS(identity, "bench", clock=reactor)
     if mode == "mmtp":
         store = PacketStore(os.path.join(workdir, "store.db"))

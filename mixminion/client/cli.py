@@ -17,12 +17,20 @@ import argparse
 import io
 import os
 import sys
-from typing import Any, BinaryIO, Callable, Coroutine, Optional, Sequence, TextIO
+from typing import Any, BinaryIO, Coroutine, Optional, Sequence, TextIO
 
 from mixminion import __version__
 from mixminion.client import keyring as keyring_mod
-from mixminion.client.commands import decode, ping, queue, send, servers, surbs
-from mixminion.client.commands.common import PROG, Command, Context, UsageError, UserError
+from mixminion.client.commands import decode, fragments, ping, queue, send, servers, surbs
+from mixminion.client.commands.common import (
+    PROG,
+    Command,
+    Context,
+    UsageError,
+    UserError,
+    check_status_fd,
+    fd_number,
+)
 from mixminion.client.config import load_client_config
 from mixminion.client.paths import PathError
 from mixminion.client.store import ClientLock, private_dir
@@ -30,10 +38,17 @@ from mixminion.config.syntax import ConfigError
 
 #: every command, in the order ``--help`` lists them
 TABLE: dict[str, Command] = {
-    c.name: c for group in (send, queue, servers, ping, surbs, decode) for c in group.COMMANDS
+    c.name: c for group in (send, queue, servers, ping, surbs, decode, fragments)
+    for c in group.COMMANDS
 }
 #: command name -> its one-line summary
 COMMANDS: dict[str, str] = {name: c.summary for name, c in TABLE.items()}
+#: the reference's other names for commands (client.md §2) -> the command
+ALIASES: dict[str, str] = {
+    "list-server": "list-servers",
+    "generate-surbs": "generate-surb",
+    "inspect-surb": "inspect-surbs",
+}
 
 
 class _Exit(Exception):
@@ -71,20 +86,33 @@ def _general_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("-Q", "--quiet", action="store_true", help="log only errors")
     g.add_argument("-f", "--config", metavar="FILE",
                    help="configuration file (default $MIXMINIONRC, else ~/.mixminionrc)")
+    g.add_argument("--status-fd", metavar="N", type=fd_number,
+                   help="write machine-readable status lines ('[MIXMINION:] TYPE ARGS') to "
+                        "file descriptor N, which must be open for writing")
+
+
+def _aliases_of(name: str) -> list[str]:
+    return [alias for alias, target in ALIASES.items() if target == name]
+
+
+def _also(name: str) -> str:
+    aliases = _aliases_of(name)
+    return f" (also: {', '.join(aliases)})" if aliases else ""
 
 
 def build_parser(out: TextIO) -> tuple[Parser, dict[str, Parser]]:
     Parser.out = out
     top = Parser(prog=PROG, description="Send and receive Type III (Mixminion) anonymous "
                  "messages.", formatter_class=argparse.RawDescriptionHelpFormatter,
-                 epilog="commands:\n" + "".join(f"  {n:<15} {h}\n" for n, h in COMMANDS.items())
+                 epilog="commands:\n" + "".join(f"  {n:<15} {h}{_also(n)}\n"
+                                                 for n, h in COMMANDS.items())
                  + f"\nRun '{PROG} COMMAND --help' for a command's options.")
     top.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = top.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     parsers: dict[str, Parser] = {}
     for name, command in TABLE.items():
         p = sub.add_parser(name, help=command.summary, description=command.summary + ".",
-                           prog=f"{PROG} {name}")
+                           prog=f"{PROG} {name}", aliases=_aliases_of(name))
         command.options(p)
         _general_options(p)
         parsers[name] = p
@@ -92,22 +120,6 @@ def build_parser(out: TextIO) -> tuple[Parser, dict[str, Parser]]:
 
 
 # --- running a command ---------------------------------------------------------------------
-
-
-def _forward_twisted_logs(ctx: Context) -> Callable[[dict], None]:
-    """Show the directory and MMTP code's warnings (and info with -v)."""
-    from twisted.logger import LogLevel, formatEvent
-
-    def observer(event: dict) -> None:
-        level = event.get("log_level")
-        if not str(event.get("log_namespace", "")).startswith("mixminion"):
-            return
-        if level in (LogLevel.warn, LogLevel.error, LogLevel.critical):
-            ctx.log("WARN" if level == LogLevel.warn else "ERROR", formatEvent(event))
-        elif ctx.verbose:
-            ctx.log("DEBUG", formatEvent(event))
-
-    return observer
 
 
 async def run(argv: Sequence[str], *, stdin: Optional[BinaryIO] = None,
@@ -124,14 +136,19 @@ async def run(argv: Sequence[str], *, stdin: Optional[BinaryIO] = None,
     environ = dict(os.environ if environ is None else environ)
     help_out = io.TextIOWrapper(stdout, encoding="utf-8", write_through=True) \
         if not isinstance(stdout, io.TextIOBase) else stdout
-    top, _ = build_parser(help_out)  # type: ignore[arg-type]
+    top, parsers = build_parser(help_out)  # type: ignore[arg-type]
     try:
-        args = top.parse_args(list(argv))
+        args, unknown = top.parse_known_args(list(argv))
+        args.command = ALIASES.get(args.command, args.command)
+        if unknown:  # blamed on the command whose options they are not
+            (parsers[args.command] if args.command else top).error(
+                f"unrecognized arguments: {' '.join(unknown)}")
         if not args.command:
             raise UsageError(f"{PROG}: no command given (commands: {', '.join(COMMANDS)}; "
                              f"see '{PROG} --help')")
         if args.verbose and args.quiet:
             raise UsageError(f"{PROG} {args.command}: -v and -Q contradict each other")
+        check_status_fd(args)
     except UsageError as exc:
         stderr.write(f"{exc}\n")
         return 2
@@ -143,10 +160,6 @@ async def run(argv: Sequence[str], *, stdin: Optional[BinaryIO] = None,
         if help_out is not stdout:
             help_out.detach()
     ctx = Context(stdin, stdout, stderr, environ, reactor, args, **hooks)
-    from twisted.logger import globalLogPublisher
-
-    observer = _forward_twisted_logs(ctx)
-    globalLogPublisher.addObserver(observer)  # type: ignore[arg-type]
     lock: Optional[ClientLock] = None
     # Notices from loading the configuration (e.g. "wrote a default
     # ~/.mixminionrc") are held back until the command's arguments have
@@ -178,7 +191,6 @@ async def run(argv: Sequence[str], *, stdin: Optional[BinaryIO] = None,
     finally:
         if lock is not None:
             lock.release()
-        globalLogPublisher.removeObserver(observer)  # type: ignore[arg-type]
 
 
 def _flush_notices(ctx: Context, notices: list[str]) -> None:

@@ -31,7 +31,6 @@ networking and timeouts use ``reactor``.
 
 from __future__ import annotations
 
-import email.utils
 import json
 import os
 import re
@@ -39,17 +38,8 @@ import tempfile
 import time
 import zlib
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Tuple, Union
 from urllib.parse import urlsplit
-
-from twisted.internet import defer, error as net_error, protocol
-from twisted.internet.endpoints import HostnameEndpoint
-from twisted.logger import Logger
-from twisted.python.failure import Failure
-from twisted.web import client as web_client
-from twisted.web.http import PotentialDataLoss
-from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent
 
 from mixminion import __version__
 from mixminion.codec.rsa import PublicKey
@@ -67,7 +57,19 @@ from mixminion.codec.textformat import (
 )
 from mixminion.fileutil import atomic_write, fsync_dir
 
-log = Logger()
+#: ``report(level, message)``: how the directory tells its user what it did
+#: (level "DEBUG", "INFO" or "WARN"); the command line passes its own logger
+Report = Callable[[str, str], None]
+
+
+def twisted_report(level: str, message: str) -> None:
+    """The default :data:`Report`: a Twisted log event (for the node and
+    the test network, which log through Twisted anyway)."""
+    from twisted.logger import Logger
+
+    logger = Logger(namespace=__name__)
+    emit = {"WARN": logger.warn, "DEBUG": logger.debug}.get(level, logger.info)
+    emit("{message}", message=message)
 
 #: HTTP timeout for one authority (client.md: DirectoryTimeout, default 1 minute)
 DEFAULT_TIMEOUT = 60.0
@@ -208,74 +210,6 @@ def version_advice(recommended: Sequence[str], version: str = __version__) -> Op
 
 
 
-class _BodyTooLarge(Exception):
-    pass
-
-
-class _LimitedBody(protocol.Protocol):
-    """Collects a response body, giving up beyond ``limit`` bytes."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.parts: list[bytes] = []
-        self.size = 0
-        self.done: defer.Deferred[bytes] = defer.Deferred(lambda _: self._stop())
-
-    def _stop(self) -> None:
-        if self.transport is not None:
-            self.transport.stopProducing()
-
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted naming
-        if self.done.called:
-            return
-        self.size += len(data)
-        if self.size > self.limit:
-            self.done.errback(_BodyTooLarge(f"more than {self.limit} bytes"))
-            self._stop()
-            return
-        self.parts.append(data)
-
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]  # noqa: N802
-        if self.done.called:
-            return
-        if reason is None or reason.check(web_client.ResponseDone, PotentialDataLoss):
-            self.done.callback(b"".join(self.parts))
-        else:
-            self.done.errback(reason)
-
-
-def _decompress(data: bytes) -> bytes:
-    """Gunzip ``data``, refusing anything that expands past the size limit."""
-    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-    out = inflater.decompress(data, MAX_DIRECTORY_BYTES)
-    if inflater.unconsumed_tail:
-        raise _BodyTooLarge(f"more than {MAX_DIRECTORY_BYTES} bytes once decompressed")
-    if not inflater.eof:
-        raise zlib.error("truncated gzip data")
-    return out
-
-
-def _timed_out(result: Any, timeout: float) -> None:
-    """Whatever the cancelled request failed with, the cause was our deadline."""
-    if isinstance(result, Failure):
-        result.trap(Exception)  # consumed: the timeout is the story
-    raise defer.TimeoutError(f"no answer within {timeout:g} s")
-
-
-def _describe_network_error(failure: BaseException) -> str:
-    if isinstance(failure, defer.TimeoutError | defer.CancelledError):
-        return f"no answer in time ({failure})."
-    if isinstance(failure, web_client.ResponseNeverReceived):
-        reasons = "; ".join(r.getErrorMessage() for r in failure.reasons)
-        return f"the connection failed before an answer arrived ({reasons})."
-    if isinstance(failure, net_error.ConnectError):
-        return f"could not connect ({failure.__class__.__name__}: {failure})."
-    if isinstance(failure, web_client.ResponseFailed):
-        reasons = "; ".join(r.getErrorMessage() for r in failure.reasons)
-        return f"the download broke off ({reasons})."
-    return f"network error ({failure.__class__.__name__}: {failure})."
-
-
 _NETWORK_ADVICE = ("Check your network connection (and http_proxy, if you use a proxy); "
                    "the authority may be down, so try again later.")
 
@@ -338,7 +272,9 @@ class ClientDirectory:
         reactor: Any = None,
         timeout: float = DEFAULT_TIMEOUT,
         environ: Optional[Mapping[str, str]] = None,
+        report: Report = twisted_report,
     ) -> None:
+        self.report = report
         self.root = os.path.abspath(os.path.expanduser(root))
         self.authorities = tuple((url, "".join(fp.split()).upper()) for url, fp in authorities)
         self.trusted: dict[str, Optional[PublicKey]]
@@ -422,8 +358,8 @@ class ClientDirectory:
             try:
                 self.directory = self._parse(text, self._now(), check_validity=False)
             except dirformat.DirectoryError as exc:
-                log.warn("The cached directory {path} is no longer acceptable ({why}); "
-                         "run update-servers to download a new one.", path=path, why=exc)
+                self.report("WARN", f"The cached directory {path} is no longer acceptable "
+                            f"({exc}); run update-servers to download a new one.")
             else:
                 self._remember(self.directory.descriptors)
                 if self.downloaded is None:
@@ -451,7 +387,7 @@ class ClientDirectory:
             pass
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             # §8: the cache is rebuilt from dir and imported/ when unreadable
-            log.info("Rebuilding the directory cache ({why}).", why=exc)
+            self.report("INFO", f"Rebuilding the directory cache ({exc}).")
             self.downloaded, self.source_url, self.validated = None, None, {}
 
     def _write_cache(self) -> None:
@@ -482,8 +418,8 @@ class ClientDirectory:
                     d = parse_descriptor(f.read(), self._now(), check_validity=False,
                                          verified_digests=self.validated)
             except (OSError, DescriptorError) as exc:
-                log.warn("Ignoring imported descriptor {path}: {why}. Delete it, or import a "
-                         "good copy.", path=path, why=exc)
+                self.report("WARN", f"Ignoring imported descriptor {path}: {exc}. Delete it, "
+                            "or import a good copy.")
                 continue
             if d.digest not in self._import_paths:
                 found.append(d)
@@ -523,14 +459,7 @@ class ClientDirectory:
 
     # -- downloading -------------------------------------------------------------------
 
-    def _agent_for(self, url: str, pool: web_client.HTTPConnectionPool) -> Any:
-        proxy = proxy_for(url, self.environ)
-        if proxy is None:
-            return web_client.Agent(self.reactor, connectTimeout=self.timeout, pool=pool)
-        endpoint = HostnameEndpoint(self.reactor, proxy[0], proxy[1], timeout=self.timeout)
-        return web_client.ProxyAgent(endpoint, reactor=self.reactor, pool=pool)
-
-    async def update(self, force: bool = False, agent: Optional[IAgent] = None) -> UpdateResult:
+    async def update(self, force: bool = False, agent: Optional[Any] = None) -> UpdateResult:
         """Download a new directory if one is needed (or ``force``).
 
         Authorities are tried in order; the first to give a directory that
@@ -549,24 +478,28 @@ class ClientDirectory:
                 "No directory authorities are configured, so no directory can be downloaded. "
                 "Add [DirectoryServers] Authority: URL FINGERPRINT lines to your configuration.",
                 kept=self.directory)
-        log.info("Downloading a directory: {reason}.", reason=reason)
+        self.report("INFO", f"Downloading a directory: {reason}.")
         failures: list[DownloadFailure] = []
-        pool = web_client.HTTPConnectionPool(self.reactor, persistent=False)
+        from mixminion.client import download
+
+        pool = download.connection_pool(self.reactor)
         try:
             for url, _fingerprint in self.authorities:
                 target = directory_url(url)
                 try:
                     text, directory, skew = await self._attempt(
-                        target, agent or self._agent_for(target, pool), now)
+                        target, agent or download.agent_for(target, self.reactor, self.timeout,
+                                                            self.environ, pool), now)
                 except _Refused as refused:
-                    log.warn("Directory download refused: {failure}", failure=refused.failure)
+                    # Said once, in the error or the warnings of the result.
+                    self.report("DEBUG", f"Directory download refused: {refused.failure}")
                     failures.append(refused.failure)
                     continue
                 self._save_directory(text, directory, target, now)
                 self.clean(now)
                 warnings = tuple(([skew] if skew else []) + [str(f) for f in failures])
-                log.info("Directory from {url} verified and saved ({n} descriptors).",
-                         url=target, n=len(directory.descriptors))
+                self.report("INFO", f"Directory from {target} verified and saved "
+                            f"({len(directory.descriptors)} descriptors).")
                 return UpdateResult(True, reason, directory, target, warnings)
         finally:
             await pool.closeCachedConnections()
@@ -588,27 +521,30 @@ class ClientDirectory:
         lines += [f"  {f}" for f in failures]
         return "\n".join(lines)
 
-    async def _attempt(self, url: str, agent: IAgent, now: float
+    async def _attempt(self, url: str, agent: Any, now: float
                        ) -> Tuple[bytes, Any, Optional[str]]:
         """Fetch and verify from one URL; :class:`_Refused` says why not."""
+        from mixminion.client import download
+
         try:
-            d = defer.ensureDeferred(self._fetch(url, agent))
-            d.addTimeout(self.timeout, self.reactor, onTimeoutCancel=_timed_out)
-            body, date = await d
-        except _Refused:
-            raise
-        except _BodyTooLarge as exc:
+            answer = await download.fetch(url, agent, self.timeout, self.reactor,
+                                          MAX_DIRECTORY_BYTES)
+        except download.BodyTooLarge as exc:
             raise _Refused(DownloadFailure(url, f"the answer is too large ({exc}).",
                                            _DEFAULT_REJECTION_ADVICE)) from None
         except zlib.error as exc:
             raise _Refused(DownloadFailure(url, f"the answer is not valid gzip data ({exc}).",
                                            _DEFAULT_REJECTION_ADVICE)) from None
         except Exception as exc:  # anything the network can throw at us
-            raise _Refused(DownloadFailure(url, _describe_network_error(exc),
+            raise _Refused(DownloadFailure(url, download.describe_network_error(exc),
                                            _NETWORK_ADVICE)) from None
+        if answer.code != 200:
+            advice = ("Check the Authority URL in your configuration."
+                      if answer.code == 404 else _NETWORK_ADVICE)
+            raise _Refused(DownloadFailure(url, f"HTTP {answer.code} {answer.phrase}.", advice))
+        body, date = answer.body, answer.date
+        # Said once: in the result's warnings, or in the refusal's advice.
         skew = self._skew_warning(url, date, now)
-        if skew:
-            log.warn("{skew}", skew=skew)
         try:
             directory = self._parse(body, now, check_validity=True)
         except dirformat.DirectoryError as exc:
@@ -625,30 +561,6 @@ class ClientDirectory:
                 "That authority is behind, or someone is replaying an old directory; "
                 "try again later."))
         return body, directory, skew
-
-    async def _fetch(self, url: str, agent: Any) -> Tuple[bytes, Optional[str]]:
-        """GET ``url`` without caches; the (decompressed) body and Date header."""
-        headers = Headers({
-            b"Pragma": [b"no-cache"],
-            b"Cache-Control": [b"no-cache"],
-            b"User-Agent": [f"Mixminion/{__version__}".encode("ascii")],
-        })
-        response: Any = await agent.request(b"GET", url.encode("ascii"), headers)
-        if response.code != 200:
-            discard = _LimitedBody(64 * 1024)  # read and drop, so the connection can close
-            response.deliverBody(discard)
-            discard.done.addErrback(lambda _: None)
-            phrase = response.phrase.decode("latin-1", "replace")
-            advice = ("Check the Authority URL in your configuration."
-                      if response.code == 404 else _NETWORK_ADVICE)
-            raise _Refused(DownloadFailure(url, f"HTTP {response.code} {phrase}.", advice))
-        collector = _LimitedBody(MAX_DIRECTORY_BYTES)
-        response.deliverBody(collector)
-        body = await collector.done
-        if url.lower().endswith(".gz") or body[:2] == b"\x1f\x8b":
-            body = _decompress(body)
-        dates = response.headers.getRawHeaders(b"date") or []
-        return body, (dates[0].decode("latin-1") if dates else None)
 
     def _rejection(self, exc: BaseException) -> str:
         """Why a directory was refused, leading with the count for signature
@@ -670,6 +582,8 @@ class ClientDirectory:
         if not date:
             return None
         try:
+            import email.utils  # only after a download: sends do not pay for it
+
             theirs = email.utils.parsedate_to_datetime(date).timestamp()
         except (TypeError, ValueError, IndexError):
             return None
@@ -692,7 +606,7 @@ class ClientDirectory:
         for d in expired:
             path = self._import_paths.pop(d.digest, None)
             if path is not None:
-                log.info("Removing expired imported descriptor {path}.", path=path)
+                self.report("INFO", f"Removing expired imported descriptor {path}.")
                 try:
                     os.unlink(path)
                 except FileNotFoundError:
@@ -768,17 +682,17 @@ class ClientDirectory:
         if best is not None:
             newer = [d for d in imported if usable(d) and d.published > best.published]
             if newer:
-                log.warn("Using the directory's descriptor for {nick} (published {dir_pub}), "
-                         "not the newer imported one (published {imp_pub}): imported "
-                         "descriptors never replace the directory's.",
-                         nick=best.nickname, dir_pub=format_time(best.published),
-                         imp_pub=format_time(max(d.published for d in newer)))
+                self.report("WARN", f"Using the directory's descriptor for {best.nickname} "
+                            f"(published {format_time(best.published)}), not the newer "
+                            "imported one (published "
+                            f"{format_time(max(d.published for d in newer))}): imported "
+                            "descriptors never replace the directory's.")
             return best
         identities = {d.identity for d in from_dir}
         conflicting = [d for d in imported if identities and d.identity not in identities]
         if conflicting:
-            log.warn("Ignoring {n} imported descriptor(s) for {nick}: their identity key "
-                     "differs from the directory's.", n=len(conflicting), nick=nickname)
+            self.report("WARN", f"Ignoring {len(conflicting)} imported descriptor(s) for "
+                        f"{nickname}: their identity key differs from the directory's.")
         candidates = [d for d in imported if usable(d) and d not in conflicting]
         chosen = max(candidates, key=lambda d: d.published, default=None)
         if chosen is not None:
@@ -825,8 +739,7 @@ class ClientDirectory:
                 f"{format_date(d.valid_until)}. Ask the server's operator for a current one.")
         same_name = [s for s in self.all_descriptors() if s.nickname.lower() == d.nickname.lower()]
         if any(s.digest == d.digest for s in same_name):
-            log.info("{source}: descriptor for {nick} is already known.", source=source,
-                     nick=d.nickname)
+            self.report("INFO", f"{source}: descriptor for {d.nickname} is already known.")
             return d
         impostor = next((s for s in same_name if s.identity != d.identity), None)
         if impostor is not None:

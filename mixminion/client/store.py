@@ -8,7 +8,8 @@
   so one SURB never carries two replies (that would link them);
 * :class:`FragmentPool` -- ``fragments/pool``: the reassembly state of
   :class:`mixminion.codec.fragments.Reassembler`, so ``decode`` can collect
-  the fragments of one message over several runs;
+  the fragments of one message over several runs, and the messages they
+  completed, for ``reassemble`` (``list-fragments`` shows both);
 * :class:`ClientLock` -- ``lock``: one client process at a time touches
   these files.
 """
@@ -24,7 +25,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
-from mixminion.codec.fragments import Reassembler
+from mixminion.codec.fragments import AddResult, FragmentParams, Outcome, Reassembler
+from mixminion.codec.payload import FragmentPayload
 from mixminion.codec.routing import NextHop
 from mixminion.fileutil import atomic_write
 
@@ -161,16 +163,103 @@ def _from_json(value: Any) -> Any:
     return value
 
 
+@dataclass(frozen=True)
+class CompleteMessage:
+    """A reassembled message kept in the pool: ``message`` is what the
+    fragments carried (the compressed message, header block inside);
+    ``packets`` the number of fragments it took; ``day`` when it completed."""
+
+    message: bytes
+    nym: Optional[str]
+    day: int
+    packets: int
+
+
+@dataclass(frozen=True)
+class PoolEntry:
+    """One message in the pool, as ``list-fragments`` shows it (client.md §2.1)."""
+
+    message_id: bytes
+    nym: Optional[str]
+    #: the length of the reassembled (compressed) message, MSGLEN
+    size: int
+    have: int
+    need: int
+
+
+class ClientReassembler(Reassembler):
+    """A :class:`Reassembler` that also keeps each message it completes,
+    as the reference client's pool does (client.md §5.3 step 3): ``decode``
+    writes it at once, and it stays for ``reassemble`` until
+    ``reassemble -P`` or ``purge-fragments`` takes it, or :meth:`expire`
+    drops it with the stale partial messages."""
+
+    def __init__(self, max_length: Optional[int] = None) -> None:
+        super().__init__(max_length)
+        self.complete: dict[bytes, CompleteMessage] = {}
+
+    def add(self, fragment: FragmentPayload, day: int, nym: Optional[str] = None) -> AddResult:
+        result = super().add(fragment, day, nym)
+        if result.outcome is Outcome.COMPLETED:
+            assert result.message is not None
+            params = FragmentParams.for_message(fragment.message_length, fragment.overhead)
+            self.complete[result.message_id] = CompleteMessage(
+                result.message, nym, day, params.k * params.chunks)
+        return result
+
+    def expire(self, before_day: int, today: Optional[int] = None) -> list[bytes]:
+        old = [mid for mid, c in self.complete.items() if c.day < before_day]
+        for mid in old:
+            del self.complete[mid]
+        return super().expire(before_day, today) + old
+
+    def entries(self) -> list[PoolEntry]:
+        """Every message in the pool, complete or not, sorted by ID."""
+        out = [PoolEntry(mid, c.nym, len(c.message), c.packets, c.packets)
+               for mid, c in self.complete.items()]
+        for mid, state in self.pending.items():
+            params = state.params
+            need = params.k * params.chunks
+            out.append(PoolEntry(mid, state.nym, state.length, need - self.missing(mid), need))
+        return sorted(out, key=lambda e: e.message_id)
+
+    def remove(self, message_id: bytes, day: int) -> None:
+        """Take a message out of the pool: a complete one stays marked
+        COMPLETED, a partial one is rejected, so that fragments of it that
+        arrive later are dropped instead of starting it again."""
+        if self.complete.pop(message_id, None) is None:
+            self.reject(message_id, day)
+
+    def snapshot(self) -> dict:
+        state = super().snapshot()
+        state["complete"] = {mid: [c.message, c.nym, c.day, c.packets]
+                             for mid, c in self.complete.items()}
+        return state
+
+    @classmethod
+    def restore(cls, state: dict) -> "ClientReassembler":
+        r = super().restore(state)
+        assert isinstance(r, ClientReassembler)
+        r.complete = {mid: CompleteMessage(*v) for mid, v in state.get("complete", {}).items()}
+        return r
+
+
+def message_id_text(message_id: bytes) -> str:
+    """How commands show a fragmented message's ID: its first 16 hex
+    digits, as ``decode`` logs a reassembled message."""
+    return message_id.hex()[:16]
+
+
 class FragmentPool:
-    """A persistent :class:`Reassembler` (client-side reassembly)."""
+    """A persistent :class:`ClientReassembler` (client-side reassembly)."""
 
     def __init__(self, user_dir: str) -> None:
         self.path = os.path.join(user_dir, "fragments", "pool")
         try:
             with open(self.path, "rb") as f:
-                self.reassembler = Reassembler.restore(_from_json(json.load(f)))
+                self.reassembler = ClientReassembler.restore(_from_json(json.load(f)))
         except FileNotFoundError:
-            self.reassembler = Reassembler()
+            self.reassembler = ClientReassembler()
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise OSError(f"{self.path} is damaged ({exc}); move it away to start an empty "
                           "fragment pool (partly received messages are then lost).") from None

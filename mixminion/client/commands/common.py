@@ -10,6 +10,7 @@ choosing paths, reading input and passphrases, opening the keyring.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import getpass
 import os
 import random
@@ -68,24 +69,43 @@ def _yes_no_force(text: str) -> Optional[bool]:
     raise argparse.ArgumentTypeError(f"expected yes or no, not {text!r}")
 
 
+def _whole(text: str, minimum: int, too_small: str, noun: str = "whole number") -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a {noun}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(too_small)
+    return value
+
+
 def positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
-    return value
+    return _whole(text, 1, f"{text!r} must be at least 1")
 
 
-def _fd(text: str) -> int:
+def non_negative(text: str) -> int:
+    return _whole(text, 0, f"{text!r} must be 0 or more")
+
+
+def fd_number(text: str) -> int:
+    return _whole(text, 0, "file descriptors are not negative", "file descriptor number")
+
+
+def check_status_fd(args: argparse.Namespace) -> None:
+    """Refuse ``--status-fd N`` up front when N is not open for writing:
+    status lines are for a program reading them, and losing them silently
+    halfway would mislead it (a usage error: the option is wrong)."""
+    fd = getattr(args, "status_fd", None)
+    if fd is None:
+        return
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a file descriptor number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError("file descriptors are not negative")
-    return value
+        mode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+    except OSError:
+        raise UsageError(f"{PROG} {args.command}: --status-fd {fd}: file descriptor {fd} is "
+                         "not open") from None
+    if mode == os.O_RDONLY:
+        raise UsageError(f"{PROG} {args.command}: --status-fd {fd}: file descriptor {fd} is "
+                         "open for reading only")
 
 
 async def run_here(fn: Callable[..., Any], *args: Any) -> Any:
@@ -108,7 +128,7 @@ def directory_option(p: argparse.ArgumentParser) -> None:
 
 
 def passphrase_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--passphrase-fd", metavar="N", type=_fd,
+    p.add_argument("--passphrase-fd", metavar="N", type=fd_number,
                    help=f"read the keyring passphrase from file descriptor N (else ${PASSPHRASE_ENV}, "
                         "else ask on the terminal)")
 
@@ -169,6 +189,20 @@ class Context:
     def say(self, text: str) -> None:
         self.write((text + "\n").encode("utf-8"))
 
+    def status(self, kind: str, *args: str) -> None:
+        """One ``--status-fd`` line (client.md §9) for the program that
+        runs us; one ``os.write`` each, so lines never interleave.  Nothing
+        without ``--status-fd``."""
+        fd = getattr(self.args, "status_fd", None)
+        if fd is None:
+            return
+        line = " ".join(("[MIXMINION:]", kind) + args) + "\n"
+        try:
+            os.write(fd, line.encode("utf-8"))
+        except OSError as exc:
+            raise UserError(f"Cannot write status to file descriptor {fd} (--status-fd): "
+                            f"{exc.strerror}.") from None
+
 
 class Progress:
     """``Building packets: 12/40`` on stderr, redrawn in place; only when
@@ -206,7 +240,7 @@ def default_directory(ctx: Context) -> Any:
                         f"{len(authorities)} Authority lines; lower it or add authorities.")
     return ClientDirectory(config.user_dir, authorities, trusted, config.threshold,
                            ctx.reactor, reactor=ctx.reactor, timeout=config.directory_timeout,
-                           environ=ctx.environ)
+                           environ=ctx.environ, report=ctx.log)
 
 
 def local_directory(ctx: Context) -> Any:
@@ -286,20 +320,25 @@ def choose_legs(ctx: Context, selector: PathSelector, spec: PathSpec, kind: str,
     return legs
 
 
+def read_fd(fd: int, what: str) -> bytes:
+    """Everything on file descriptor ``fd`` up to end of file (``what``
+    names the data in the error)."""
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError as exc:
+            raise UserError(f"Cannot read {what} from file descriptor {fd}: "
+                            f"{exc.strerror}.") from None
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
 def read_passphrase(ctx: Context, prompt: str, confirm: bool = False) -> str:
     fd = getattr(ctx.args, "passphrase_fd", None)
     if fd is not None:
-        chunks = []
-        while True:
-            try:
-                chunk = os.read(fd, 4096)
-            except OSError as exc:
-                raise UserError(f"Cannot read the passphrase from file descriptor {fd}: "
-                                f"{exc.strerror}.") from None
-            if not chunk:
-                break
-            chunks.append(chunk)
-        text = b"".join(chunks).decode("utf-8", "replace")
+        text = read_fd(fd, "the passphrase").decode("utf-8", "replace")
         return text[:-1] if text.endswith("\n") else text
     if PASSPHRASE_ENV in ctx.environ:
         return ctx.environ[PASSPHRASE_ENV]

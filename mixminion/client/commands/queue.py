@@ -1,5 +1,6 @@
-"""The client-side queue (client.md §4): ``flush``, ``inspect-queue``, and
-handing built packets to their first hops (queue, send, or both).
+"""The client-side queue (client.md §4): ``flush``, ``inspect-queue``,
+``clean-queue``, and handing built packets to their first hops (queue,
+send, or both).
 """
 
 from __future__ import annotations
@@ -16,12 +17,15 @@ from mixminion.client.commands.common import (
     UserError,
     legacy_option,
     local_directory,
+    non_negative,
     positive,
 )
 from mixminion.client.store import ClientQueue, QueuedPacket
 from mixminion.codec.routing import NextHop
 from mixminion.codec.textformat import SECONDS_PER_DAY
 
+#: ``clean-queue`` removes packets at least this many days old by default
+CLEAN_AFTER_DAYS = 60
 #: what a descriptor's ``Software`` line says on the original 0.0.x servers
 ORIGINAL_SOFTWARE = "Mixminion 0.0."
 
@@ -138,23 +142,31 @@ def _matches(item: QueuedPacket, name: str, directory: Optional[Any], now: float
     return False
 
 
+def for_servers(ctx: Context, queued: list[QueuedPacket], names: Sequence[str]
+                ) -> list[QueuedPacket]:
+    """The packets whose first hop one of ``names`` names (nickname, via
+    the directory's KeyID, host name or KeyID; client.md §4.2 step 1);
+    warns for names with none.  No names: all of them."""
+    if not names:
+        return queued
+    directory = None
+    try:
+        directory = local_directory(ctx)
+    except Exception:  # noqa: BLE001 - names can still match host or KeyID
+        directory = None
+    selected: list[QueuedPacket] = []
+    for name in names:
+        mine = [q for q in queued if _matches(q, name, directory, ctx.now())]
+        if not mine:
+            ctx.warn(f"No queued packets for {name}.")
+        selected.extend(q for q in mine if q not in selected)
+    return selected
+
+
 async def cmd_flush(ctx: Context) -> int:
     args = ctx.args
     queue = ClientQueue(ctx.config.user_dir)
-    queued = list(queue.packets(ctx.warn))
-    if args.servers:
-        directory = None
-        try:
-            directory = local_directory(ctx)
-        except Exception:  # noqa: BLE001 - names can still match host or KeyID
-            directory = None
-        selected: list[QueuedPacket] = []
-        for name in args.servers:
-            mine = [q for q in queued if _matches(q, name, directory, ctx.now())]
-            if not mine:
-                ctx.warn(f"No queued packets for {name}.")
-            selected.extend(q for q in mine if q not in selected)
-        queued = selected
+    queued = for_servers(ctx, list(queue.packets(ctx.warn)), args.servers)
     if args.count and args.count < len(queued):
         queued = ctx.random.sample(queued, args.count)
     if not queued:
@@ -189,6 +201,34 @@ async def cmd_inspect_queue(ctx: Context) -> int:
     return 0
 
 
+async def cmd_clean_queue(ctx: Context) -> int:
+    """Delete packets queued ``--days`` days ago or earlier (client.md
+    §2.1): nothing else ever removes a packet whose first hop stays down."""
+    args = ctx.args
+    queue = ClientQueue(ctx.config.user_dir)
+    cutoff = ctx.now() - args.days * SECONDS_PER_DAY
+    old = [q for q in for_servers(ctx, list(queue.packets(ctx.warn)), args.servers)
+           if q.inserted <= cutoff]
+    if not old:
+        ctx.say("No packets removed.")
+        return 0
+    removed: dict[str, int] = {}
+    for q in old:
+        queue.remove(q.handle)
+        removed[q.nickname] = removed.get(q.nickname, 0) + 1
+    for name in sorted(removed, key=str.lower):
+        ctx.say(f"Removed {removed[name]} packets for {name}")
+    return 0
+
+
+def _clean_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("servers", nargs="*", metavar="SERVER",
+                   help="only packets for these first hops (nickname, host name or address)")
+    p.add_argument("-d", "--days", metavar="N", type=non_negative, default=CLEAN_AFTER_DAYS,
+                   help=f"remove packets queued N or more days ago (default {CLEAN_AFTER_DAYS}; "
+                        "0 = all)")
+
+
 def _flush_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("servers", nargs="*", metavar="SERVER",
                    help="only packets for these first hops (nickname, host name or address)")
@@ -200,4 +240,6 @@ def _flush_options(p: argparse.ArgumentParser) -> None:
 COMMANDS = (
     Command("flush", "try again to send queued packets", cmd_flush, _flush_options, locked=True),
     Command("inspect-queue", "summarise the packets waiting in the queue", cmd_inspect_queue),
+    Command("clean-queue", "delete old packets from the queue", cmd_clean_queue, _clean_options,
+            locked=True),
 )

@@ -1,14 +1,18 @@
-"""``send`` and ``queue``: build a message's packets (client.md §3).
+"""``send`` and ``queue``: build a message's packets (client.md §3);
+``count-packets``: say how many there would be.
 
 Forward messages go to an address (``-t``), replies through reply blocks
-(``-R``, client.md §5.2); the packets are then queued and/or sent by
-:func:`mixminion.client.commands.queue.deliver`.
+(``-R``, ``--reply-block-fd``, client.md §5.2); the packets are then queued
+and/or sent by :func:`mixminion.client.commands.queue.deliver`.
+``count-packets`` shares every step up to building the packets, so its
+count is the one ``send`` would build.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 from mixminion.client.commands.common import (
@@ -21,12 +25,14 @@ from mixminion.client.commands.common import (
     UserError,
     choose_legs,
     directory_option,
+    fd_number,
     hops_of,
     legacy_option,
     load_directory,
     make_selector,
     path_text,
     positive,
+    read_fd,
     read_input,
 )
 from mixminion.client.commands.queue import FirstHopPacket, deliver, runs_original_software
@@ -60,15 +66,25 @@ def exit_headers(args: argparse.Namespace) -> dict[str, str]:
     return headers
 
 
-def load_reply_blocks(ctx: Context, names: Sequence[str], stdin_data: Optional[bytes]) -> list[ReplyBlock]:
+def load_reply_blocks(ctx: Context, names: Sequence[str], stdin_data: Optional[bytes],
+                      fd_data: Sequence[tuple[int, bytes]] = ()) -> list[ReplyBlock]:
+    """The reply blocks of ``-R`` files (``-`` = ``stdin_data``) and of
+    ``--reply-block-fd`` descriptors (already read: ``fd_data``)."""
+    sources = [(name, stdin_data if name == "-" else read_input(ctx, name)) for name in names]
+    sources += [(f"file descriptor {fd}", data) for fd, data in fd_data]
     blocks: list[ReplyBlock] = []
-    for name in names:
-        data = stdin_data if name == "-" else read_input(ctx, name)
+    for name, data in sources:
         try:
             blocks.extend(parse_reply_blocks(data or b""))
         except ParseError as exc:
             raise UserError(f"{name}: no usable reply block ({exc}).") from None
     return blocks
+
+
+def read_reply_fds(ctx: Context) -> list[tuple[int, bytes]]:
+    """What each ``--reply-block-fd`` holds, read before anything slow
+    (as ``-R -`` reads standard input)."""
+    return [(fd, read_fd(fd, "reply blocks")) for fd in ctx.args.reply_block_fd]
 
 
 def choose_reply_blocks(ctx: Context, blocks: list[ReplyBlock], log: SurbLog, needed: int,
@@ -90,6 +106,92 @@ def choose_reply_blocks(ctx: Context, blocks: list[ReplyBlock], log: SurbLog, ne
     return usable[:needed]
 
 
+def check_message_options(ctx: Context, reply: bool, reply_option: str
+                          ) -> tuple[Optional[Address], dict[str, str], PathSpec]:
+    """What ``send``, ``queue`` and ``count-packets`` check before reading
+    anything (client.md §3.1 steps 1-3, 5-6): the address (None for a
+    reply), the exit headers and the path.  ``reply_option`` is how the
+    command's usage names its reply option."""
+    args = ctx.args
+    if bool(args.to) == reply:
+        raise UsageError(f"{PROG} {args.command}: give exactly one of -t ADDRESS and {reply_option}")
+    headers = exit_headers(args)
+    if args.deliver_fragments and headers:
+        raise UsageError(f"{PROG} {args.command}: --deliver-fragments cannot carry headers "
+                         "(--subject, --from, --in-reply-to, --references)")
+    blocks_on_stdin = "-" in getattr(args, "reply_block", ()) or 0 in args.reply_block_fd
+    if blocks_on_stdin and args.input in (None, "-"):
+        raise UsageError(f"{PROG} {args.command}: the message and a reply block cannot both "
+                         "come from stdin; use -i FILE")
+    address = parse_address(args.to) if args.to else None
+    if address is not None and address.exit_type == DROP_TYPE and args.input is not None:
+        raise UsageError(f"{PROG} {args.command}: -t drop sends a dummy packet and takes no -i")
+    kind = "forward" if address is not None else "reply"
+    default = ctx.config.forward_path if kind == "forward" else ctx.config.reply_path
+    return address, headers, parse_path(path_text(ctx, args, default), kind)
+
+
+def read_message(ctx: Context, address: Optional[Address]) -> Optional[bytes]:
+    """The message (client.md §3.1 step 9); None for dummy traffic, which
+    reads nothing.  An empty standard input is refused: it is far more
+    often a pipe that broke than a message meant to be empty, and the
+    reference sends a body-less packet only for ``drop``.  An empty file
+    given with ``-i`` is sent: that is deliberate."""
+    if address is not None and address.exit_type == DROP_TYPE:
+        return None
+    name = ctx.args.input or "-"
+    body = read_input(ctx, name, prompt=True)
+    if not body and name == "-":
+        raise UserError("The message on standard input is empty; nothing was sent. To send an "
+                        "empty message on purpose, give -i with an empty file.")
+    return body
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A message as payloads, one per packet, and what its exit must
+    offer: what ``send`` builds packets from and ``count-packets`` counts."""
+
+    payloads: list[bytes]
+    #: None for a reply: the reply block carries it to the recipient
+    needs: Optional[ExitNeeds]
+    #: the exit reassembles the message (server-side fragments)
+    fragmented: bool = False
+
+
+def encode_message(ctx: Context, selector: PathSelector, spec: PathSpec,
+                   address: Optional[Address], body: Optional[bytes],
+                   headers: dict[str, str]) -> Encoded:
+    """Encode the message (client.md §3.1 steps 10-11) and check that the
+    path can carry it, before any packet is built."""
+    if body is None:  # dummy traffic: one random payload
+        assert address is not None
+        needs = ExitNeeds(address)
+        selector.validate(spec, needs, "forward")
+        return Encoded([ctx.rng(PAYLOAD_LEN)], needs)
+    server_side = address is not None and not ctx.args.deliver_fragments
+    try:
+        if address is None:  # a reply: the recipient reassembles any fragments
+            payloads = encode_message_payloads(body, ctx.rng, headers=headers)
+        elif server_side:
+            payloads = encode_message_payloads(body, ctx.rng, headers=headers,
+                                               exit_type=address.exit_type,
+                                               exit_address=address.address)
+        else:
+            payloads = _raw_payloads(body, ctx.rng)
+    except BuildError as exc:
+        raise UserError(f"Cannot encode the message: {exc}.") from None
+    if address is None:
+        selector.validate(spec, None, "reply")
+        return Encoded(payloads, None)
+    fragmented = len(payloads) > 1 and server_side
+    size = len(encode_headers(headers)) + len(body)
+    needs = ExitNeeds(address, size=size, headers=frozenset(headers),
+                      fragments=len(payloads) if fragmented else 0)
+    selector.validate(spec, needs, "forward")
+    return Encoded(payloads, needs, fragmented)
+
+
 async def cmd_send(ctx: Context, mode: str) -> int:
     args = ctx.args
     if getattr(args, "queue", False) and getattr(args, "no_queue", False):
@@ -98,86 +200,65 @@ async def cmd_send(ctx: Context, mode: str) -> int:
         mode = "queue"
     elif getattr(args, "no_queue", False):
         mode = "no-queue"
-    if bool(args.to) == bool(args.reply_block):
-        raise UsageError(f"{PROG} {args.command}: give exactly one of -t ADDRESS and -R FILE")
-    if args.swap_at and args.reply_block:
+    reply = bool(args.reply_block or args.reply_block_fd)
+    if args.swap_at and reply:
         raise UsageError(f"{PROG} {args.command}: --swap-at only applies to forward messages")
-    headers = exit_headers(args)
-    if args.deliver_fragments and headers:
-        raise UsageError(f"{PROG} {args.command}: --deliver-fragments cannot carry headers "
-                         "(--subject, --from, --in-reply-to, --references)")
-    if "-" in args.reply_block and (args.input in (None, "-")):
-        raise UsageError(f"{PROG} {args.command}: the message and a reply block cannot both "
-                         "come from stdin; use -i FILE")
-    address = parse_address(args.to) if args.to else None
-    kind = "forward" if address is not None else "reply"
-    default = ctx.config.forward_path if kind == "forward" else ctx.config.reply_path
-    spec = parse_path(path_text(ctx, args, default), kind)
+    address, headers, spec = check_message_options(ctx, reply, "-R FILE")
     if args.swap_at and spec.swap is not None:
         raise UsageError(f"{PROG} {args.command}: --swap-at and ':' in the path both set the "
                          "swap point; use one")
     stdin_blocks = ctx.stdin.read() if "-" in args.reply_block else None
+    fd_blocks = read_reply_fds(ctx)
 
     directory = await load_directory(ctx, args.download)
     now = ctx.now()
     end = previous_midnight(int(now + SECONDS_PER_DAY))
     selector = make_selector(ctx, directory, now, end)
 
-    if address is not None and address.exit_type == DROP_TYPE:
-        if args.input is not None:
-            raise UsageError(f"{PROG} {args.command}: -t drop sends a dummy packet and takes no -i")
-        body = None
-    else:
-        reply_blocks = load_reply_blocks(ctx, args.reply_block, stdin_blocks) if kind == "reply" else []
-        if kind == "reply" and args.input in (None, "-"):
+    reply_blocks: list[ReplyBlock] = []
+    if reply:
+        reply_blocks = load_reply_blocks(ctx, args.reply_block, stdin_blocks, fd_blocks)
+        if args.input in (None, "-"):
             choose_reply_blocks(ctx, reply_blocks, SurbLog(ctx.config.user_dir), 1, now)
-        body = read_input(ctx, args.input or "-", prompt=True)
-
-    items: list[FirstHopPacket] = []
-    if kind == "forward":
-        assert address is not None
-        items = build_forward(ctx, selector, spec, address, body, headers)
+    body = read_message(ctx, address)
+    encoded = encode_message(ctx, selector, spec, address, body, headers)
+    if address is not None:
+        items = build_forward(ctx, selector, spec, address, encoded)
     else:
-        assert body is not None
-        items = build_replies(ctx, selector, spec, reply_blocks, body, headers, now)
+        items = build_replies(ctx, selector, spec, reply_blocks, encoded, now)
     return await deliver(ctx, items, mode)
 
 
-def build_forward(ctx: Context, selector: PathSelector, spec: PathSpec, address: Address,
-                  body: Optional[bytes], headers: dict[str, str]) -> list[FirstHopPacket]:
+async def cmd_count_packets(ctx: Context) -> int:
+    """Read and encode the message as ``send`` would, checking the path the
+    same way, and say how many packets it takes (client.md §2.1)."""
     args = ctx.args
-    if body is None:  # dummy traffic
-        needs = ExitNeeds(address)
-        selector.validate(spec, needs, "forward")
-        legs = choose_legs(ctx, selector, spec, "forward", needs)
-        built = build_forward_packet(ctx.rng(PAYLOAD_LEN), hops_of(legs.leg1), hops_of(legs.leg2),
-                                     DROP_TYPE, b"", ctx.rng)
-        return [_to_first_hop(legs, built.packet)]
-    server_side = not args.deliver_fragments
-    try:
-        if server_side:
-            payloads = encode_message_payloads(body, ctx.rng, headers=headers,
-                                               exit_type=address.exit_type,
-                                               exit_address=address.address)
-        else:
-            payloads = _raw_payloads(body, ctx.rng)
-    except BuildError as exc:
-        raise UserError(f"Cannot encode the message: {exc}.") from None
-    fragmented = len(payloads) > 1 and server_side
-    size = len(encode_headers(headers)) + len(body)
-    needs = ExitNeeds(address, size=size, headers=frozenset(headers),
-                      fragments=len(payloads) if fragmented else 0)
-    selector.validate(spec, needs, "forward")
+    reply = bool(args.reply or args.reply_block_fd)
+    address, headers, spec = check_message_options(ctx, reply, "-R")
+    fd_blocks = read_reply_fds(ctx)
+    directory = await load_directory(ctx, args.download)
+    now = ctx.now()
+    selector = make_selector(ctx, directory, now, previous_midnight(int(now + SECONDS_PER_DAY)))
+    load_reply_blocks(ctx, [], None, fd_blocks)  # unreadable blocks fail here as in send
+    body = read_message(ctx, address)
+    count = len(encode_message(ctx, selector, spec, address, body, headers).payloads)
+    ctx.say(f"{count} packets needed")
+    ctx.status("COUNT_PACKETS", str(count))
+    return 0
+
+
+def build_forward(ctx: Context, selector: PathSelector, spec: PathSpec, address: Address,
+                  encoded: Encoded) -> list[FirstHopPacket]:
     fixed_exit = None
-    if fragmented:
-        fixed_exit = choose_legs(ctx, selector, spec, "forward", needs).leg2[-1]
-        ctx.info(f"The message needs {len(payloads)} packets; {fixed_exit.nickname} will "
-                 "reassemble it.")
-    progress = Progress(ctx, "Building packets", len(payloads))
+    if encoded.fragmented:
+        fixed_exit = choose_legs(ctx, selector, spec, "forward", encoded.needs).leg2[-1]
+        ctx.info(f"The message needs {len(encoded.payloads)} packets; {fixed_exit.nickname} "
+                 "will reassemble it.")
+    progress = Progress(ctx, "Building packets", len(encoded.payloads))
     items = []
-    for payload in payloads:
-        legs = choose_legs(ctx, selector, spec, "forward", needs, fixed_exit)
-        if fragmented:
+    for payload in encoded.payloads:
+        legs = choose_legs(ctx, selector, spec, "forward", encoded.needs, fixed_exit)
+        if encoded.fragmented:
             exit_type, exit_address = FRAGMENT_TYPE, b""
         else:
             exit_type, exit_address = address.exit_type, address.address
@@ -213,17 +294,12 @@ def _raw_payloads(body: bytes, rng: Callable[[int], bytes]) -> list[bytes]:
 
 
 def build_replies(ctx: Context, selector: PathSelector, spec: PathSpec, blocks: list[ReplyBlock],
-                  body: bytes, headers: dict[str, str], now: float) -> list[FirstHopPacket]:
-    try:
-        payloads = encode_message_payloads(body, ctx.rng, headers=headers)
-    except BuildError as exc:
-        raise UserError(f"Cannot encode the message: {exc}.") from None
+                  encoded: Encoded, now: float) -> list[FirstHopPacket]:
     log = SurbLog(ctx.config.user_dir)
-    chosen = choose_reply_blocks(ctx, blocks, log, len(payloads), now)
-    selector.validate(spec, None, "reply")
-    progress = Progress(ctx, "Building packets", len(payloads))
+    chosen = choose_reply_blocks(ctx, blocks, log, len(encoded.payloads), now)
+    progress = Progress(ctx, "Building packets", len(encoded.payloads))
     items = []
-    for payload, block in zip(payloads, chosen):
+    for payload, block in zip(encoded.payloads, chosen):
         legs = choose_legs(ctx, selector, spec, "reply", None)
         try:
             built: BuiltPacket = build_reply_packet(payload, hops_of(legs.leg1), block, ctx.rng)
@@ -235,23 +311,35 @@ def build_replies(ctx: Context, selector: PathSelector, spec: PathSpec, blocks: 
     return items
 
 
-def _send_options(p: argparse.ArgumentParser, with_queue_flags: bool) -> None:
+def _message_options(p: argparse.ArgumentParser, reply_flag: bool) -> None:
+    """Destination, input and path: ``send``, ``queue``, ``count-packets``."""
     p.add_argument("-t", "--to", metavar="ADDRESS",
                    help="recipient: user@domain, smtp:user@domain, mbox:NAME@SERVER, drop "
                         "(dummy traffic), test:DATA or 0xTTTT:DATA")
-    p.add_argument("-R", "--reply-block", metavar="FILE", action="append", default=[],
-                   help="answer through the reply blocks in FILE instead of -t (repeatable; "
-                        "'-' = stdin)")
+    if reply_flag:
+        p.add_argument("-R", "--reply", action="store_true",
+                       help="the message is a reply, to go through reply blocks instead of to -t")
+    else:
+        p.add_argument("-R", "--reply-block", metavar="FILE", action="append", default=[],
+                       help="answer through the reply blocks in FILE instead of -t (repeatable; "
+                            "'-' = stdin)")
+    p.add_argument("--reply-block-fd", metavar="N", type=fd_number, action="append", default=[],
+                   help="the message is a reply: read reply blocks from file descriptor N "
+                        "(checked as send checks them; repeatable)" if reply_flag else
+                        "answer through the reply blocks read from file descriptor N, as -R "
+                        "FILE does (repeatable; 0 = stdin)")
     p.add_argument("-i", "--input", metavar="FILE", default=None,
-                   help="message to send ('-' = stdin, the default)")
+                   help="message to send ('-' = stdin, the default; an empty stdin is refused)")
     p.add_argument("-P", "--path", metavar="PATH",
                    help="path: servers by nickname or descriptor file, '?' one random server, "
                         "'*N' N random servers, '~N' about N; ':' marks the swap point "
                         "(default: ForwardPath/ReplyPath from the configuration, else ~5)")
     p.add_argument("-H", "--hops", metavar="N", type=positive,
                    help="use N random hops (same as -P '*N')")
-    p.add_argument("--swap-at", metavar="N", type=positive,
-                   help="end the first leg after hop N (forward messages; not with ':' in -P)")
+
+
+def _encoding_options(p: argparse.ArgumentParser) -> None:
+    """Directory, exit headers and fragments: ``send``, ``queue``, ``count-packets``."""
     directory_option(p)
     p.add_argument("--subject", metavar="TEXT", help="Subject: header for the recipient")
     p.add_argument("--from", metavar="NAME", dest="from_", help="From: name shown to the recipient")
@@ -259,12 +347,24 @@ def _send_options(p: argparse.ArgumentParser, with_queue_flags: bool) -> None:
     p.add_argument("--references", metavar="IDS", help="References: header")
     p.add_argument("--deliver-fragments", action="store_true",
                    help="let the recipient reassemble a large message instead of the exit server")
+
+
+def _send_options(p: argparse.ArgumentParser, with_queue_flags: bool) -> None:
+    _message_options(p, reply_flag=False)
+    p.add_argument("--swap-at", metavar="N", type=positive,
+                   help="end the first leg after hop N (forward messages; not with ':' in -P)")
+    _encoding_options(p)
     if with_queue_flags:
         p.add_argument("--queue", action="store_true",
                        help="only queue the packets (like the queue command)")
         p.add_argument("--no-queue", action="store_true",
                        help="never queue: packets whose first hop is down are lost")
         legacy_option(p)
+
+
+def _count_options(p: argparse.ArgumentParser) -> None:
+    _message_options(p, reply_flag=True)
+    _encoding_options(p)
 
 
 COMMANDS = (
@@ -274,4 +374,6 @@ COMMANDS = (
     Command("queue", "build a message's packets and only queue them (send later with flush)",
             functools.partial(cmd_send, mode="queue"),
             functools.partial(_send_options, with_queue_flags=False), locked=True),
+    Command("count-packets", "say how many packets a message needs, without building them",
+            cmd_count_packets, _count_options, locked=True),
 )

@@ -1,8 +1,10 @@
-"""Reply blocks (client.md §5.1): ``generate-surb`` and ``inspect-surbs``."""
+"""Reply blocks (client.md §5.1): ``generate-surb`` and ``inspect-surbs``
+(also ``generate-surbs`` and ``inspect-surb``, the reference's other names)."""
 
 from __future__ import annotations
 
 import argparse
+import base64
 
 from mixminion.client import keyring as keyring_mod
 from mixminion.client.commands.common import (
@@ -59,14 +61,16 @@ async def cmd_generate_surb(ctx: Context) -> int:
         private_dir(ctx.config.user_dir)
         keyring_mod.write_keyring(ctx.config.user_dir, ring, passphrase)
     out = []
+    tags = []
     for _ in range(args.count):
         legs = choose_legs(ctx, selector, spec, "surb", needs)
         try:
-            block, _seed = build_reply_block(hops_of(legs.leg1), address.exit_type,
-                                             address.address, key, end, ctx.rng)
+            block, tag = build_reply_block(hops_of(legs.leg1), address.exit_type,
+                                           address.address, key, end, ctx.rng)
         except BuildError as exc:
             raise UserError(f"Cannot build a reply block for path {legs}: {exc}.") from None
         out.append(block.pack() if args.binary else block.to_text().encode("ascii"))
+        tags.append(tag)
     data = b"".join(out)
     if args.output == "-":
         ctx.write(data)
@@ -74,6 +78,8 @@ async def cmd_generate_surb(ctx: Context) -> int:
         write_file(args.output, data)
         ctx.info(f"Wrote {args.count} reply block(s) to {args.output}, usable until "
                  f"{format_time(end)} GMT.")
+    for tag in tags:  # once they are written: each names a block the user has
+        ctx.status("GENERATED_SURB", base64.b64encode(tag).decode("ascii"))
     return 0
 
 
@@ -98,7 +104,9 @@ async def cmd_inspect_surbs(ctx: Context) -> int:
             ctx.say(f"Reply block hash: {b.digest.hex().upper()}")
             ctx.say(f"Expires at: {format_time(b.timestamp)} GMT")
             ctx.say(f"First server is: {first}")
-            ctx.say(f"Used: {'yes' if log.is_used(b.digest) else 'no'}")
+            used = log.is_used(b.digest)
+            ctx.say(f"Used: {'yes' if used else 'no'}")
+            ctx.status("INSPECT_SURB", b.digest.hex(), str(b.timestamp), "1" if used else "0")
     if failed:
         raise UserError(f"{failed} file(s) held no readable reply block.")
     return 0
