@@ -1,7 +1,8 @@
 """The responder's certificate chain and its check (mmtp.md sections 3 and 5).
 
 Pure: DER bytes in, a KeyID or a :class:`TLSVerificationError` out, with
-``cryptography`` only (no pyOpenSSL, no Twisted), so the node's Twisted
+``cryptography`` only (no pyOpenSSL, no Twisted; the certificate fields
+are read by :mod:`mixminion.mmtp.certificate`), so the node's Twisted
 initiator and the client's standard-library sender check a peer with the
 same code.
 """
@@ -10,13 +11,17 @@ from __future__ import annotations
 
 import hmac
 
-from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
-from cryptography.x509.oid import SignatureAlgorithmOID
 
 from mixminion.codec.rsa import PUBLIC_EXPONENT, PublicKey
+from mixminion.mmtp.certificate import (
+    RSA_SIGNATURES,
+    CertificateFields,
+    CertificateFormatError,
+    read_certificate,
+)
 
 KEYID_LEN = 20
 #: "Do not authenticate the responder" (``mixminion ping``).
@@ -27,15 +32,13 @@ LEGACY_LINK_BITS = 1024
 IDENTITY_MIN_BITS = 2048
 IDENTITY_MAX_BITS = 4096
 
-_MODERN_SIGNATURE_HASHES: dict[x509.ObjectIdentifier, hashes.HashAlgorithm] = {
-    SignatureAlgorithmOID.RSA_WITH_SHA256: hashes.SHA256(),
-    SignatureAlgorithmOID.RSA_WITH_SHA384: hashes.SHA384(),
-    SignatureAlgorithmOID.RSA_WITH_SHA512: hashes.SHA512(),
+#: link-certificate signature hashes accepted (names as in RSA_SIGNATURES)
+_MODERN_SIGNATURE_HASHES: dict[str, hashes.HashAlgorithm] = {
+    "sha256": hashes.SHA256(),
+    "sha384": hashes.SHA384(),
+    "sha512": hashes.SHA512(),
 }
-_LEGACY_SIGNATURE_HASHES = {
-    **_MODERN_SIGNATURE_HASHES,
-    SignatureAlgorithmOID.RSA_WITH_SHA1: hashes.SHA1(),
-}
+_LEGACY_SIGNATURE_HASHES = {**_MODERN_SIGNATURE_HASHES, "sha1": hashes.SHA1()}
 
 
 # ---------------------------------------------------------------- errors
@@ -98,25 +101,23 @@ class LinkKeyIsIdentity(TLSVerificationError):
 # ---------------------------------------------------------- verification
 
 
-def _parse(der: bytes, role: str) -> x509.Certificate:
+def _parse(der: bytes, role: str) -> CertificateFields:
     try:
-        return x509.load_der_x509_certificate(der)
-    except (ValueError, x509.InvalidVersion):
+        return read_certificate(der)
+    except CertificateFormatError:
         raise BadCertificateChain(f"the {role} certificate cannot be parsed") from None
 
 
-def _check_validity(leaf: x509.Certificate, now: float) -> None:
-    not_before = leaf.not_valid_before_utc.timestamp()
-    not_after = leaf.not_valid_after_utc.timestamp()
-    if now < not_before:
-        raise CertificateNotYetValid(not_before, not_after)
-    if now > not_after:
-        raise CertificateExpired(not_before, not_after)
+def _check_validity(leaf: CertificateFields, now: float) -> None:
+    if now < leaf.not_before:
+        raise CertificateNotYetValid(leaf.not_before, leaf.not_after)
+    if now > leaf.not_after:
+        raise CertificateExpired(leaf.not_before, leaf.not_after)
 
 
-def _rsa_key(cert: x509.Certificate, role: str) -> rsa.RSAPublicKey:
+def _rsa_key(cert: CertificateFields, role: str) -> rsa.RSAPublicKey:
     try:
-        key = cert.public_key()
+        key = serialization.load_der_public_key(cert.public_key_info)
     except (ValueError, UnsupportedAlgorithm):
         raise BadCertificateChain(f"the {role} public key cannot be parsed") from None
     if not isinstance(key, rsa.RSAPublicKey):
@@ -147,14 +148,14 @@ def _identity_der(chain: list[bytes]) -> bytes:
 
 
 def _check_leaf_signature(
-    leaf: x509.Certificate, identity: rsa.RSAPublicKey, legacy: bool
+    leaf: CertificateFields, identity: rsa.RSAPublicKey, legacy: bool
 ) -> None:
     allowed = _LEGACY_SIGNATURE_HASHES if legacy else _MODERN_SIGNATURE_HASHES
-    algorithm = allowed.get(leaf.signature_algorithm_oid)
+    algorithm = allowed.get(RSA_SIGNATURES.get(leaf.signature_oid, ""))
     if algorithm is None:
         raise BadCertificateChain("the link certificate's signature algorithm is refused")
     try:
-        identity.verify(leaf.signature, leaf.tbs_certificate_bytes, padding.PKCS1v15(), algorithm)
+        identity.verify(leaf.signature, leaf.tbs, padding.PKCS1v15(), algorithm)
     except (InvalidSignature, ValueError):
         raise BadCertificateChain("the link certificate is not signed by the identity key") from None
 
@@ -182,7 +183,7 @@ def verify_chain(
         raise ValueError("a KeyID is 20 bytes")  # our caller's mistake
     try:
         return _verify(chain, expected_keyid, now, cache, legacy)
-    except (ValueError, UnsupportedAlgorithm, x509.InvalidVersion):
+    except (ValueError, UnsupportedAlgorithm):
         # A parser corner not mapped above must still not crash a relay
         # (the reference did: section 13).
         raise BadCertificateChain() from None
