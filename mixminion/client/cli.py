@@ -201,37 +201,69 @@ def _flush_notices(ctx: Context, notices: list[str]) -> None:
 
 def _finish_on_reactor(coro: Coroutine[Any, Any, int], waiting: Any) -> int:
     """Run the rest of ``coro`` under Twisted: it awaits ``waiting`` (a
-    Deferred, from a directory download), so it needs the reactor after all."""
-    from twisted.internet import defer, task
+    Deferred, from a directory download), so it needs the reactor after all.
+
+    Ctrl-C stops the command where it is (our SIGINT handler, installed
+    before the reactor starts, so Twisted leaves SIGINT alone): a download
+    cut short must not let a send carry on with the servers already known.
+    An unexpected error prints its traceback, as it would without a reactor.
+    """
+    import signal
+    import traceback
+
+    from twisted.internet import defer, reactor
     from twisted.logger import globalLogBeginner
 
     globalLogBeginner.beginLoggingTo([], redirectStandardIO=False, discardBuffer=True)
+    pending: list[Any] = [waiting]
+    interrupted: list[int] = []
+    status: list[int] = [1]
 
-    async def rest(reactor: Any) -> None:
-        pending = waiting
+    def interrupt(signum: int, frame: Any) -> None:
+        interrupted.append(signum)
+        reactor.callFromThread(pending[0].cancel)
+
+    async def rest() -> int:
         while True:
             error: Optional[BaseException] = None
             value: Any = None
             try:
-                value = await pending
+                value = await pending[0]
             except BaseException as exc:  # noqa: BLE001 - handed back to the command
                 error = exc
+            if interrupted:
+                coro.close()  # the command's finally blocks run (the client lock)
+                sys.stderr.write("Interrupted.\n")
+                return 1
             try:
-                pending = coro.throw(error) if error is not None else coro.send(value)
+                pending[0] = coro.throw(error) if error is not None else coro.send(value)
             except StopIteration as stop:
-                if stop.value:
-                    raise SystemExit(stop.value)
-                return
+                return int(stop.value or 0)
+            except Exception:  # noqa: BLE001 - a bug: say where, exit 1
+                traceback.print_exc()
+                return 1
 
-    task.react(lambda reactor: defer.ensureDeferred(rest(reactor)))
-    return 0  # pragma: no cover - react exits
+    def finish(result: Any) -> None:
+        if isinstance(result, int):
+            status[0] = result
+        else:  # a Failure: the command did not even end cleanly
+            sys.stderr.write(result.getTraceback())
+        reactor.stop()
+
+    previous = signal.signal(signal.SIGINT, interrupt)
+    try:
+        reactor.callWhenRunning(lambda: defer.ensureDeferred(rest()).addBoth(finish))
+        reactor.run()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return status[0]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Console script: run the command and exit with its status.
 
     The command runs without a reactor until it awaits something (only a
-    directory download does); then the rest runs under ``task.react``.
+    directory download does); then the rest runs under the reactor.
     Sending, queueing, decoding never import Twisted."""
     arguments = list(sys.argv[1:] if argv is None else argv)
     coro = run(arguments)

@@ -188,11 +188,15 @@ def proxy_for(url: str, environ: Mapping[str, str]) -> Optional[Tuple[str, int]]
     if "://" not in proxy:
         proxy = "http://" + proxy
     proxy_parts = urlsplit(proxy)
-    if not proxy_parts.hostname:
+    try:
+        port = proxy_parts.port or 80
+    except ValueError:  # not a number, or out of range
+        port = 0
+    if not proxy_parts.hostname or not port:
         raise ClientDirectoryError(
-            f"http_proxy is set to {environ['http_proxy']!r}, which names no host. "
+            f"http_proxy is set to {environ['http_proxy']!r}, which names no host and port. "
             "Set it to http://HOST:PORT/ or unset it.")
-    return proxy_parts.hostname, proxy_parts.port or 80
+    return proxy_parts.hostname, port
 
 
 def version_advice(recommended: Sequence[str], version: str = __version__) -> Optional[str]:

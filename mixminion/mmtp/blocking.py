@@ -100,7 +100,10 @@ class _Connection:
 
     def __init__(self, host: str, port: int, keyid: bytes, *, legacy: bool, timeout: float,
                  now: Callable[[], float], cache: dict[bytes, bytes],
-                 context: Optional[ssl.SSLContext] = None) -> None:
+                 context: Optional[ssl.SSLContext] = None,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        self.timeout = timeout
+        self.monotonic = monotonic
         raw = socket.create_connection((host, port), timeout=timeout)
         try:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -116,16 +119,30 @@ class _Connection:
             raise
         self.machine: InitiatorMachine[int] = InitiatorMachine()
 
+    def _budget(self, deadline: float) -> None:
+        """Each socket call waits at most ``timeout``, and all of them
+        together end by ``deadline``: a peer trickling a byte at a time
+        cannot hold the client (and its lock) for long."""
+        left = deadline - self.monotonic()
+        if left <= 0:
+            raise socket.timeout("timed out")
+        self.sock.settimeout(min(self.timeout, left))
+
     def exchange(self, frames: Sequence[tuple[bytes, bool]], result: SendResult) -> None:
         """Send each ``(data, junk)``; record each acknowledgement."""
         m = self.machine
+        # the handshake's allowance, then one per frame
+        deadline = self.monotonic() + self.timeout * (2 + len(frames))
+        self._budget(deadline)
         self.sock.sendall(m.start())
         for index, (data, junk) in enumerate(frames):
             (m.queue_junk if junk else m.queue_packet)(data, index)
         while not m.finished:
             out = m.data_to_send()
             if out:
+                self._budget(deadline)
                 self.sock.sendall(out)
+            self._budget(deadline)
             data = self.sock.recv(_READ)
             if not data:
                 m.receive_eof()
@@ -155,11 +172,13 @@ class _Connection:
 
 def _run(host: str, port: int, keyid: bytes, frames: Sequence[tuple[bytes, bool]], *,
          legacy: bool, timeout: float, now: Callable[[], float],
-         cache: Optional[dict[bytes, bytes]], context: Optional[ssl.SSLContext]) -> SendResult:
+         cache: Optional[dict[bytes, bytes]], context: Optional[ssl.SSLContext],
+         monotonic: Callable[[], float] = time.monotonic) -> SendResult:
     result = SendResult()
     try:
         conn = _Connection(host, port, keyid, legacy=legacy, timeout=timeout, now=now,
-                           cache={} if cache is None else cache, context=context)
+                           cache={} if cache is None else cache, context=context,
+                           monotonic=monotonic)
     except (OSError, ValueError, TLSVerificationError) as exc:
         result.failure = _reason(exc)
         result.wrong_key = isinstance(exc, KeyIdMismatch)
@@ -178,15 +197,18 @@ def send_packets(host: str, port: int, keyid: bytes, packets: Sequence[bytes], *
                  legacy: bool = False, timeout: float = 120.0,
                  now: Callable[[], float] = time.time,
                  cache: Optional[dict[bytes, bytes]] = None,
-                 context: Optional[ssl.SSLContext] = None) -> SendResult:
+                 context: Optional[ssl.SSLContext] = None,
+                 monotonic: Callable[[], float] = time.monotonic) -> SendResult:
     """Send ``packets`` (32 KiB each) to the responder at ``host:port``
     whose identity hashes to ``keyid``, on one connection.  Never raises
-    for anything the network or the peer does: see ``result.failure``."""
+    for anything the network or the peer does: see ``result.failure``.
+    ``timeout`` bounds each wait, and ``timeout`` times (2 + packets) the
+    whole exchange (by ``monotonic``)."""
     for packet in packets:
         if len(packet) != PACKET_LEN:
             raise ValueError(f"MMTP sends {PACKET_LEN}-byte packets, not {len(packet)}")
     return _run(host, port, keyid, [(p, False) for p in packets], legacy=legacy,
-                timeout=timeout, now=now, cache=cache, context=context)
+                timeout=timeout, now=now, cache=cache, context=context, monotonic=monotonic)
 
 
 def ping(host: str, port: int, keyid: bytes = ZERO_KEYID, *, legacy: bool = False,

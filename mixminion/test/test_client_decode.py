@@ -149,6 +149,21 @@ class OutputFormTests(ReplyHelpers):
         self.assertEqual((status, out), (0, b"\n" + second), err)
 
     @inline
+    async def test_a_block_that_cannot_be_decoded_does_not_stop_the_others(self) -> None:
+        """The man page: nothing is written for it, the others are, exit 1."""
+        env = Env(self)
+        (reply,) = await self.replies(env, [(b"Reply.\n", [])])
+        os.unlink(os.path.join(env.user_dir, "keys", "keyring.txt"))
+        plain = encode_text_message(b"Plain.\n", PLAINTEXT)
+        broken = encode_text_message(b"not zlib at all", OVERCOMPRESSED)
+        status, out, err = await env.run("decode", "-F", "-i",
+                                         env.write("mixed", mbox(plain, reply, broken, plain)))
+        self.assertEqual(status, 1, err)
+        self.assertEqual(out, decode_cmd.join_messages([b"Plain.\n", b"Plain.\n"]))
+        self.assertEqual(err.count("no keyring"), 1, err)
+        self.assertIn("does not decompress", err)
+
+    @inline
     async def test_reply_to_a_named_identity_is_logged(self) -> None:
         env = Env(self)
         (text,) = await self.replies(env, [(b"For Ludwig.\n", [])], identity="Ludwig")

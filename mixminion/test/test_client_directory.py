@@ -23,6 +23,7 @@ from twisted.trial import unittest
 from twisted.web import http, proxy, resource, server
 
 from mixminion.client.directory import (
+    ClientDirectoryError,
     CACHE_FILE,
     DIR_FILE,
     IMPORTED_DIR,
@@ -453,6 +454,9 @@ class HelperTests(unittest.TestCase):
         self.assertEqual(proxy_for("http://dir.example/", {"http_proxy": "http://p:8/"}), ("p", 8))
         self.assertIsNone(proxy_for("http://dir.example/", {"HTTP_PROXY": "http://p:8/"}))
         self.assertIsNone(proxy_for("http://dir.example/", {"http_proxy": "http://p/", "no_proxy": "*"}))
+        for bad in ("http://:8080", "http://proxy:99999", "http://proxy:port/"):
+            with self.assertRaises(ClientDirectoryError, msg=bad):
+                proxy_for("http://dir.example/", {"http_proxy": bad})
 
     def test_version_advice(self) -> None:
         self.assertIsNone(version_advice([], "0.0.8"))

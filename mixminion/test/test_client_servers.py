@@ -399,3 +399,13 @@ class UpdateServersTests(unittest.TestCase):
         status, out, err = await env.run("update-servers")
         self.assertEqual((status, out), (1, b""))
         self.assertIn("No directory authorities are configured", err)
+
+    @inline
+    async def test_malformed_http_proxy_is_one_error(self) -> None:
+        env = Env(self)
+        for proxy in ("http://:8080", "http://proxy:99999"):
+            status, out, err = await env.run("update-servers",
+                                             environ={**env.environ, "http_proxy": proxy})
+            self.assertEqual((status, out), (1, b""), err)
+            self.assertIn("http_proxy is set to", err)
+            self.assertNotIn("Traceback", err)

@@ -10,6 +10,8 @@ by ``benchmarks/client.py``, not here.)
 from __future__ import annotations
 
 import json
+import signal
+import socket
 import subprocess
 import sys
 
@@ -79,3 +81,66 @@ class SendStartupTests(unittest.TestCase):
         self.assertEqual(forbidden_in(modules), [])
         self.assertNotIn("ssl", modules)
         self.assertNotIn("mixminion.mmtp.blocking", modules)
+
+
+class DownloadDriverTests(unittest.TestCase):
+    """The console script when a command does need the reactor: a send
+    whose directory download fails carries on; Ctrl-C during a download
+    stops the send, and nothing is sent or queued."""
+
+    def env_with_authority(self, url: str, first_hop_port: int) -> Env:
+        others = [d for d in standard_servers() if d.nickname != "Alpha"]
+        env = Env(self, [descriptor("Alpha", port=first_hop_port)] + others)
+        with open(env.rc) as f:
+            text = f.read()
+        with open(env.rc, "w") as f:
+            f.write(text.replace("http://127.0.0.1:9/", url))
+        return env
+
+    def send_argv(self, env: Env) -> list[str]:
+        return [sys.executable, "-c", "from mixminion.client.launch import main; main()",
+                "send", "-t", "bob@example.org", "-P", "Alpha,Beta", "-D", "yes",
+                "-i", env.write("m", b"hello\n")]
+
+    @inline
+    async def test_failed_download_then_send(self) -> None:
+        peer = TLSPeer(key("Alpha"), nickname="Alpha")
+        self.addCleanup(peer.close)
+        env = self.env_with_authority("http://127.0.0.1:9/", peer.port)
+        out = await threads.deferToThread(subprocess.run, self.send_argv(env), env=env.environ,
+                                          capture_output=True, text=True, timeout=60)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertIn("Continuing with the servers already known", out.stderr)
+        self.assertIn("Sent 1 packet", out.stdout)
+        await threads.deferToThread(peer.join)
+        self.assertEqual(len(peer.records[0].packets), 1)
+
+    def test_interrupt_during_download_sends_nothing(self) -> None:
+        silent = socket.create_server(("127.0.0.1", 0))  # accepts, never answers
+        self.addCleanup(silent.close)
+        peer = TLSPeer(key("Alpha"), nickname="Alpha")
+        self.addCleanup(peer.close)
+        env = self.env_with_authority(f"http://127.0.0.1:{silent.getsockname()[1]}/", peer.port)
+        proc = subprocess.Popen(self.send_argv(env), env=env.environ, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        self.addCleanup(proc.kill)
+        # The request reaching the authority means the reactor is running
+        # the download: interrupt it there.
+        silent.settimeout(30)
+        conn, _ = silent.accept()
+        self.addCleanup(conn.close)
+        conn.settimeout(30)
+        request = b""
+        while b"\r\n\r\n" not in request:
+            chunk = conn.recv(4096)
+            self.assertTrue(chunk, "the client closed before asking")
+            request += chunk
+        self.assertTrue(request.startswith(b"GET "))
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+        self.assertEqual(proc.returncode, 1, err)
+        self.assertIn("Interrupted.", err)
+        self.assertNotIn("Traceback", err)
+        self.assertEqual(out, "")
+        self.assertEqual(env.queued(), [])
+        self.assertEqual(peer.records, [])

@@ -142,6 +142,31 @@ class CloseTests(unittest.TestCase):
         self.assertEqual(peer.records[0].ending, "close_notify")
 
 
+class DeadlineTests(unittest.TestCase):
+
+    def test_a_trickling_peer_is_cut_off_by_the_overall_deadline(self) -> None:
+        """Each byte comes well within the per-call timeout; the whole
+        exchange still ends by timeout x (2 + packets)."""
+        peer = TLSPeer(key("blocking-identity"), trickle=True)
+        self.addCleanup(peer.close)
+        ticks = iter(range(10_000))  # one second per call: no real waiting
+        result = blocking.send_packets(
+            "127.0.0.1", peer.port, key("blocking-identity").public.keyid, packets(1),
+            timeout=4, monotonic=lambda: float(next(ticks)))
+        self.assertEqual((result.accepted, result.failure), ([], "timed out"))
+
+    def test_a_prompt_peer_is_within_the_deadline(self) -> None:
+        """The same clock and timeout as above: only the trickle runs out."""
+        peer = TLSPeer(key("blocking-identity"))
+        self.addCleanup(peer.close)
+        ticks = iter(range(10_000))
+        result = blocking.send_packets(
+            "127.0.0.1", peer.port, key("blocking-identity").public.keyid, packets(1),
+            timeout=4, monotonic=lambda: float(next(ticks)))
+        peer.join()
+        self.assertEqual((result.accepted, result.failure), ([0], None))
+
+
 class PingTests(unittest.TestCase):
 
     def test_junk_frame_acknowledged(self) -> None:

@@ -25,7 +25,7 @@ from mixminion.mmtp.certificate import (
     read_certificate,
 )
 from mixminion.mmtp.tls import make_link_credentials
-from mixminion.test.test_mmtp_tls import sha1_signed
+from mixminion.testing.certs import der_tlv, sha1_signed
 from mixminion.testing.keys import key
 
 NOW = 1_800_000_000.0
@@ -83,12 +83,24 @@ class ReaderTests(unittest.TestCase):
             "truncated": good[:-1],
             "trailing data": good + b"\x00",
             "not a sequence": b"\x31" + good[1:],
-            "long-form length for a short element": b"\x30\x81\x05" + b"\x02\x01\x00" * 1 + b"\x05\x00",
             "indefinite length": b"\x30\x80" + good[4:] + b"\x00\x00",
         }
         for name, data in cases.items():
             with self.assertRaises(CertificateFormatError, msg=name):
                 read_certificate(data)
+
+    def test_lengths_must_be_in_their_shortest_form(self) -> None:
+        """A real certificate with one length (the version's) in long form."""
+        good = samples()[0]
+        tbs = x509.load_der_x509_certificate(good).tbs_certificate_bytes
+        rest = good[good.index(tbs) + len(tbs):]
+        short, long_form = bytes.fromhex("a003020102"), bytes.fromhex("a08103020102")
+        self.assertEqual(tbs[4:9], short)
+        stretched = der_tlv(0x30, der_tlv(0x30, long_form + tbs[9:]) + rest)
+        with self.assertRaisesRegex(CertificateFormatError, "shortest form"):
+            read_certificate(stretched)
+        # the same rebuilt with the short form reads fine
+        self.assertEqual(read_certificate(der_tlv(0x30, der_tlv(0x30, tbs[4:]) + rest)).tbs, tbs)
 
     def test_mismatched_signature_algorithms_are_refused(self) -> None:
         legacy = make_link_credentials(key("cert-identity"), "Reader", NOW, 1024)

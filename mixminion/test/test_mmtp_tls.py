@@ -50,6 +50,7 @@ from mixminion.mmtp.tls import (
     peer_chain,
     verify_responder,
 )
+from mixminion.testing.certs import sha1_signed
 from mixminion.testing.keys import key
 from mixminion.testing.sockets import have_ipv6_loopback
 
@@ -83,33 +84,6 @@ def creds(ident: str = "A", link: str = "1", link_bits: int = 2048, now: float =
 
 def der(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.DER)
-
-
-def _der_len(n: int) -> bytes:
-    if n < 0x80:
-        return bytes([n])
-    body = n.to_bytes((n.bit_length() + 7) // 8, "big")
-    return bytes([0x80 | len(body)]) + body
-
-
-def _tlv(tag: int, body: bytes) -> bytes:
-    return bytes([tag]) + _der_len(len(body)) + body
-
-
-_ALG_SHA256_RSA = bytes.fromhex("300d06092a864886f70d01010b0500")
-_ALG_SHA1_RSA = bytes.fromhex("300d06092a864886f70d0101050500")
-
-
-def sha1_signed(cert: x509.Certificate, signer: rsa.RSAPrivateKey) -> bytes:
-    """``cert`` re-signed with sha1WithRSAEncryption, as 0.0.8 did.
-    ``cryptography`` no longer signs certificates with SHA-1, so the TBS is
-    edited (the two algorithm identifiers have the same length) and the
-    certificate reassembled by hand."""
-    tbs = cert.tbs_certificate_bytes
-    assert tbs.count(_ALG_SHA256_RSA) == 1
-    tbs = tbs.replace(_ALG_SHA256_RSA, _ALG_SHA1_RSA)
-    signature = signer.sign(tbs, padding.PKCS1v15(), hashes.SHA1())
-    return _tlv(0x30, tbs + _ALG_SHA1_RSA + _tlv(0x03, b"\x00" + signature))
 
 
 @functools.lru_cache(maxsize=None)

@@ -16,13 +16,13 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Optional
 
 from cryptography.hazmat.primitives import serialization
 
 from mixminion.codec.rsa import PrivateKey
 from mixminion.mmtp.machine import NEED_DATA, JunkReceived, PacketReceived, ResponderMachine
 from mixminion.mmtp.tls import FFDHE2048_PEM, make_link_credentials
+from mixminion.testing.certs import sha1_signed
 
 __all__ = ["PeerRecord", "TLSPeer"]
 
@@ -44,13 +44,17 @@ class TLSPeer:
     """Listens on 127.0.0.1 (port chosen by the system), serves
     ``connections`` connections one after the other, then stops.
 
-    ``original``: speak only what a 0.0.8 server speaks (TLS 1.0 and
-    ``DHE-RSA-AES128-SHA``).  ``answer_close``: answer the initiator's
+    ``original``: be what a 0.0.8 server is (TLS 1.0 and
+    ``DHE-RSA-AES128-SHA`` only, a chain signed with SHA-1).  ``answer_close``: answer the initiator's
     close_notify with ours (as the spec asks) before closing TCP."""
 
     def __init__(self, identity: PrivateKey, *, link_bits: int = 2048, original: bool = False,
-                 answer_close: bool = True, connections: int = 1, nickname: str = "Peer") -> None:
+                 answer_close: bool = True, connections: int = 1, nickname: str = "Peer",
+                 trickle: bool = False) -> None:
         self.identity = identity
+        #: send what we write one byte per TLS record (a peer holding the
+        #: initiator with a trickle)
+        self.trickle = trickle
         self.answer_close = answer_close
         self.records: list[PeerRecord] = []
         self.errors: list[BaseException] = []
@@ -66,6 +70,10 @@ class TLSPeer:
     def _make_context(identity: PrivateKey, nickname: str, link_bits: int,
                       original: bool) -> ssl.SSLContext:
         creds = make_link_credentials(identity, nickname, time.time(), link_bits)
+        if original:  # 0.0.8 signed both certificates with SHA-1
+            chain_der = [sha1_signed(c, identity.key) for c in creds.chain]
+        else:
+            chain_der = creds.chain_der
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         if original:
             ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1
@@ -74,9 +82,9 @@ class TLSPeer:
             ctx.set_ciphers("ECDHE-RSA-AES128-GCM-SHA256:DHE-RSA-AES128-SHA:@SECLEVEL=0")
         with tempfile.TemporaryDirectory(prefix="mixminion-peer-") as tmp:
             chain, key, dh = (os.path.join(tmp, n) for n in ("chain.pem", "key.pem", "dh.pem"))
-            with open(chain, "wb") as f:
-                for cert in creds.chain:
-                    f.write(cert.public_bytes(serialization.Encoding.PEM))
+            with open(chain, "w") as f:
+                for cert_der in chain_der:
+                    f.write(ssl.DER_cert_to_PEM_cert(cert_der))
             with open(key, "wb") as f:
                 f.write(creds.link_key.private_bytes(
                     serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
@@ -138,7 +146,10 @@ class TLSPeer:
                     record.junk += 1
                     machine.accept(event.seq)
             out = machine.data_to_send()
-            if out:
+            if out and self.trickle:
+                for byte in out:
+                    sock.sendall(bytes([byte]))
+            elif out:
                 sock.sendall(out)
 
     def join(self, timeout: float = 30) -> None:

@@ -79,6 +79,7 @@ async def cmd_decode(ctx: Context) -> int:
     now = ctx.now()
     day = int(now // SECONDS_PER_DAY)
     ring: Optional[keyring_mod.Keyring] = None
+    keyring_failed = False
     pool: Optional[FragmentPool] = None
     outputs: list[bytes] = []
     failures = 0
@@ -91,7 +92,7 @@ async def cmd_decode(ctx: Context) -> int:
             continue
         if m.message_type == OVERCOMPRESSED:
             if args.force:
-                outputs.append(_decompress(m.contents, FORCED_LIMIT))
+                failures += _add(ctx, outputs, m.contents, FORCED_LIMIT)
             else:
                 ctx.warn("A message decompresses to far more than its size (a possible zlib "
                          "bomb); writing it still compressed. Use -F to decompress it anyway.")
@@ -105,17 +106,27 @@ async def cmd_decode(ctx: Context) -> int:
                 failures += 1
                 continue
             if not isinstance(parsed, FragmentPayload):
-                outputs.append(_decompress(parsed.compressed, FORCED_LIMIT if args.force
-                                           else singleton_limit(len(parsed.compressed))))
+                failures += _add(ctx, outputs, parsed.compressed, FORCED_LIMIT if args.force
+                                 else singleton_limit(len(parsed.compressed)))
                 continue
             fragment = parsed
         else:  # encrypted: a reply to one of our reply blocks
+            if ring is None and not keyring_failed:
+                # Asked once; without it every reply fails, the rest is written.
+                try:
+                    ring, _ = open_keyring(ctx, create=False)
+                except UserError as exc:
+                    ctx.log("ERROR", str(exc))
+                else:
+                    if ring is None:
+                        ctx.log("ERROR", "This is an encrypted message (a reply), but you have "
+                                "no keyring ("
+                                f"{keyring_mod.keyring_path(ctx.config.user_dir)}): it cannot "
+                                "be decoded here.")
+                keyring_failed = ring is None
             if ring is None:
-                ring, _ = open_keyring(ctx, create=False)
-                if ring is None:
-                    raise UserError("This is an encrypted message (a reply), but you have no "
-                                    f"keyring ({keyring_mod.keyring_path(ctx.config.user_dir)}): "
-                                    "it cannot be decoded here.")
+                failures += 1
+                continue
             try:
                 decoded = decode_payload(m.contents, m.tag or b"", ring.decoding_keys(now))
             except (CorruptPayload, CodecError) as exc:
@@ -262,6 +273,18 @@ def write_separate(path: str, outputs: list[bytes]) -> list[str]:
 
 def _written_so_far(names: list[str]) -> str:
     return f" ({len(names)} message(s) were written before it: {', '.join(names)})" if names else ""
+
+
+def _add(ctx: Context, outputs: list[bytes], data: bytes, limit: int) -> int:
+    """Decompress one block's message into ``outputs``; a bomb or bad data
+    is reported and skipped (the others are still written).  Returns the
+    number of failures (0 or 1)."""
+    try:
+        outputs.append(_decompress(data, limit))
+    except UserError as exc:
+        ctx.log("ERROR", f"{exc} Skipped.")
+        return 1
+    return 0
 
 
 def _decompress(data: bytes, limit: int) -> bytes:

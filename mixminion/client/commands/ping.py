@@ -100,7 +100,7 @@ async def cmd_ping(ctx: Context) -> int:
     down = 0
     for target in targets:
         result = await ctx.offload(_ping_one, ctx, target)
-        if result.accepted:
+        if result.accepted or result.rejected:  # REJECTED is an answer too (mmtp.md §7.4)
             status = "Server seems to be running"
             if target.keyid == ZERO_KEYID:
                 status += " (its identity was not checked: no descriptor)"
@@ -127,5 +127,5 @@ def _ping_options(p: argparse.ArgumentParser) -> None:
 
 COMMANDS = (
     Command("ping", "check that servers accept MMTP and hold the key their descriptor names",
-            cmd_ping, _ping_options),
+            cmd_ping, _ping_options, locked=True),
 )

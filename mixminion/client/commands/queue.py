@@ -81,7 +81,9 @@ async def transmit(ctx: Context, items: Sequence[FirstHopPacket], queue: Optiona
     order = list(groups)
     ctx.random.shuffle(order)
     progress = Progress(ctx, "Sending packets", len(items))
-    cache: dict[bytes, bytes] = {}
+    # Verified link keys, one cache per link mode: a key accepted under the
+    # legacy rules (SHA-1) must not skip the modern check.
+    caches: dict[bool, dict[bytes, bytes]] = {False: {}, True: {}}
     delivered = 0
     for dest in order:
         group = groups[dest]
@@ -90,7 +92,7 @@ async def transmit(ctx: Context, items: Sequence[FirstHopPacket], queue: Optiona
         legacy = any(use_legacy_link(ctx, item) for item in group)
         if legacy:
             ctx.log("DEBUG", f"Speaking the legacy (0.0.8-era) link to {nickname}.")
-        result = await ctx.offload(_send_group, ctx, dest, group, legacy, cache)
+        result = await ctx.offload(_send_group, ctx, dest, group, legacy, caches[legacy])
         for index in result.accepted:
             delivered += 1
             if queue is not None and group[index].handle is not None:

@@ -364,7 +364,7 @@ def _kept(directory: Any, now: float) -> str:
 async def cmd_update_servers(ctx: Context) -> int:
     """Download now; exit 1 (and say what is still in use) when no
     authority gave a directory, rather than claim an update."""
-    from mixminion.client.directory import DirectoryUpdateError
+    from mixminion.client.directory import ClientDirectoryError, DirectoryUpdateError
 
     directory = local_directory(ctx)
     if not ctx.config.authorities:
@@ -379,6 +379,8 @@ async def cmd_update_servers(ctx: Context) -> int:
         lines += [f"  {failure}" for failure in exc.failures]
         lines.append(_kept(directory, ctx.now()))
         raise UserError("\n".join(lines)) from None
+    except ClientDirectoryError as exc:  # e.g. a malformed http_proxy
+        raise UserError(str(exc)) from None
     for warning in result.warnings:
         ctx.warn(warning)
     advice = directory.version_advice()
