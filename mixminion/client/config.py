@@ -23,6 +23,7 @@ from mixminion.config.values import (
     BOOLEAN,
     COMMAND,
     FILENAME,
+    FRACTION,
     INT,
     INTERVAL,
     STRING,
@@ -35,6 +36,8 @@ DEFAULT_PATH = "~5"
 DEFAULT_SURB_LIFETIME = 7 * 86400
 DEFAULT_TIMEOUT = 120
 DEFAULT_DIRECTORY_TIMEOUT = 60
+#: random hops skip measured servers less reliable than this (doc/reliability.md §4)
+DEFAULT_RELIABILITY_FLOOR = 0.9
 
 LIST = ValueType("list", lambda text: tuple(x.strip() for x in text.split(",") if x.strip()))
 
@@ -67,6 +70,9 @@ CLIENT_SCHEMA: Mapping[str, Mapping[str, tuple[ValueType, bool, str]]] = {
         "BlockServers": (LIST, True, "servers never chosen at random"),
         "BlockEntries": (LIST, True, "servers never chosen at random as first hop"),
         "BlockExits": (LIST, True, "servers never chosen at random as last hop"),
+        "ReliabilityFloor": (FRACTION, False, "servers the directory measured as less reliable "
+                             "than this (0 to 1, e.g. 0.9 or 90%) are never chosen at random; "
+                             "0 disables the floor (default 0.9)"),
         "PathLength": (STRING, False, "obsolete: use ForwardPath: *N"),
         "SURBPathLength": (STRING, False, "obsolete: use SURBPath: *N"),
     },
@@ -105,6 +111,7 @@ DirectoryTimeout: 1 minute
 #BlockServers: Nick1, Nick2
 #BlockEntries: Nick3
 #BlockExits: Nick4
+#ReliabilityFloor: 0.9
 
 [Network]
 Timeout: 2 minutes
@@ -129,6 +136,8 @@ class ClientConfig:
     block_servers: frozenset[str] = frozenset()
     block_entries: frozenset[str] = frozenset()
     block_exits: frozenset[str] = frozenset()
+    #: random hops skip measured servers less reliable than this (doc/reliability.md §4)
+    reliability_floor: float = DEFAULT_RELIABILITY_FLOOR
     timeout: int = DEFAULT_TIMEOUT
     file_paranoia: bool = True
     #: the weaker 0.0.8-era link for every first hop (``[Network] Legacy``)
@@ -189,6 +198,7 @@ def parse_client_config(text: str, filename: str = "<string>") -> ClientConfig:
     config.block_servers = _lower_set(values.get(("Security", "BlockServers"), []))
     config.block_entries = _lower_set(values.get(("Security", "BlockEntries"), []))
     config.block_exits = _lower_set(values.get(("Security", "BlockExits"), []))
+    config.reliability_floor = one("Security", "ReliabilityFloor", DEFAULT_RELIABILITY_FLOOR)
     for old, new in (("PathLength", "ForwardPath: *N"), ("SURBPathLength", "SURBPath: *N")):
         if ("Security", old) in values:
             config.warnings.append(f"{filename}: [Security] {old} is obsolete and ignored; "

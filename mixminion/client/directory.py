@@ -55,6 +55,7 @@ from mixminion.codec.textformat import (
     format_time,
     previous_midnight,
 )
+from mixminion.directory.reliability import ServerReliability
 from mixminion.fileutil import atomic_write, fsync_dir
 
 #: ``report(level, message)``: how the directory tells its user what it did
@@ -662,6 +663,16 @@ class ClientDirectory:
         if self.directory is None:
             return False
         return self.directory.is_recommended(nickname)
+
+    def reliability(self) -> Mapping[str, ServerReliability]:
+        """What the directory measured of its servers, by identity
+        fingerprint (doc/reliability.md §3-§4); empty without a directory
+        or when it carries no ``[Reliability]`` section.  Imported
+        descriptors are never measured here: only the directory speaks."""
+        self._ensure_loaded()
+        if self.directory is None:
+            return {}
+        return self.directory.reliability
 
     def lookup(self, nickname: str, now: float, interval: float = 0) -> ServerDescriptor:
         """The descriptor to use for ``nickname`` over ``[now, now + interval]``.

@@ -14,8 +14,9 @@ import os
 import random
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
+from mixminion.client.config import DEFAULT_RELIABILITY_FLOOR
 from mixminion.codec.errors import BuildError, ParseError
 from mixminion.codec.header import PER_HOP_OVERHEAD, Hop, check_header_room
 from mixminion.codec.routing import (
@@ -33,6 +34,7 @@ from mixminion.directory.descriptor import (
     ServerDescriptor,
     parse_descriptor,
 )
+from mixminion.directory.reliability import ServerReliability, format_reliability
 
 TEST_TYPE = 0xFFFE
 #: software whose exits mishandle exit headers (client.md §3.5 step 1)
@@ -301,6 +303,13 @@ class PathSelector:
     recommended ones); ``lookup(name)`` resolves a named server for the
     whole window (raising with a helpful message); ``blocked`` holds the
     ``BlockServers``/``BlockEntries``/``BlockExits`` nickname sets.
+
+    ``reliability`` (identity fingerprint -> what the directory measured)
+    and ``floor`` steer random hops only (doc/reliability.md §4): a
+    measured server below ``floor`` is skipped, and among the rest each is
+    drawn with weight equal to its reliability, an unmeasured one with the
+    median of the measured ones, so that a new server is neither shunned
+    nor favoured.  Named hops are the user's choice: used, with a warning.
     """
 
     def __init__(self, servers: Sequence[ServerDescriptor],
@@ -310,7 +319,9 @@ class PathSelector:
                  block_entries: frozenset[str] = frozenset(),
                  block_exits: frozenset[str] = frozenset(),
                  rng: Optional[random.Random] = None,
-                 warn: Callable[[str], None] = lambda _: None) -> None:
+                 warn: Callable[[str], None] = lambda _: None,
+                 reliability: Optional[Mapping[str, ServerReliability]] = None,
+                 floor: float = DEFAULT_RELIABILITY_FLOOR) -> None:
         self.start, self.end = start, end
         self.lookup_fn = lookup
         self.servers = [d for d in servers if d.is_valid_over(start, end)
@@ -321,6 +332,45 @@ class PathSelector:
         self.rng = rng or random.SystemRandom()
         self.warn = warn
         self._resolved: dict[str, ServerDescriptor] = {}
+        self.reliability = {fp.upper(): r for fp, r in (reliability or {}).items()}
+        self.floor = floor
+        eligible = {d.fingerprint: self.measured(d) for d in self.servers
+                    if d.nickname.lower() not in block_servers and not self.below_floor(d)}
+        median = _median([r.reliability for r in eligible.values() if r is not None])
+        self._unmeasured_weight = 1.0 if median is None else median
+
+    # -- reliability (doc/reliability.md §4) -------------------------------------
+
+    def measured(self, d: ServerDescriptor) -> Optional[ServerReliability]:
+        """What the directory measured of ``d``'s identity (None: unmeasured)."""
+        return self.reliability.get(d.fingerprint)
+
+    def below_floor(self, d: ServerDescriptor) -> bool:
+        """Measured and less reliable than the floor (never with floor 0)."""
+        r = self.measured(d)
+        return r is not None and r.reliability < self.floor
+
+    def weight(self, d: ServerDescriptor) -> float:
+        """How likely a random hop is ``d``, relative to the other candidates."""
+        r = self.measured(d)
+        return r.reliability if r is not None else self._unmeasured_weight
+
+    def _pick(self, candidates: Sequence[ServerDescriptor]) -> ServerDescriptor:
+        """One of ``candidates``, weighted by reliability.  Equal weights (as
+        when nothing is measured) draw exactly as before reliability existed."""
+        weights = [self.weight(d) for d in candidates]
+        if len(set(weights)) <= 1 or sum(weights) <= 0:
+            return self.rng.choice(candidates)
+        return self.rng.choices(candidates, weights=weights)[0]
+
+    def _floor_note(self) -> str:
+        """Why fewer servers qualify than are known, when the floor is why."""
+        below = {d.nickname.lower() for d in self.servers if self.below_floor(d)}
+        if not below:
+            return ""
+        return (f" {len(below)} server(s) are skipped as less reliable than [Security] "
+                f"ReliabilityFloor {format_reliability(self.floor)}; lower it (0 disables it) "
+                "to use them.")
 
     # -- named servers -----------------------------------------------------------
 
@@ -345,15 +395,24 @@ class PathSelector:
         if d.nickname.lower() in self.block_servers:
             self.warn(f"Using {d.nickname} although it is in BlockServers, because the path "
                       "names it.")
+        r = self.measured(d)
+        if r is not None and self.below_floor(d):
+            self.warn(f"Using {d.nickname} although its measured reliability is "
+                      f"{format_reliability(r.reliability)}, below [Security] ReliabilityFloor "
+                      f"{format_reliability(self.floor)}, because the path names it.")
         self._resolved[key] = d
         return d
 
     # -- validation before any drawing ------------------------------------------
 
-    def exit_candidates(self, needs: Optional[ExitNeeds]) -> list[ServerDescriptor]:
+    def exit_candidates(self, needs: Optional[ExitNeeds],
+                        apply_floor: bool = True) -> list[ServerDescriptor]:
+        """Servers a random exit may be (``apply_floor`` False: as if every
+        server were reliable enough, to explain an empty answer)."""
         out = [d for d in self.servers
                if d.nickname.lower() not in self.block_servers
-               and d.nickname.lower() not in self.block_exits]
+               and d.nickname.lower() not in self.block_exits
+               and not (apply_floor and self.below_floor(d))]
         if needs is not None:
             out = [d for d in out if needs.problem(d) is None]
         return out
@@ -396,6 +455,11 @@ class PathSelector:
         if not self.servers:
             return ("No usable servers are known: run update-servers (and check the Authority "
                     "lines of your configuration), or import descriptors with import-server.")
+        if self.exit_candidates(needs, apply_floor=False):
+            return (f"Every recommended server that can deliver this {what} message is less "
+                    "reliable than [Security] ReliabilityFloor "
+                    f"{format_reliability(self.floor)}: lower the floor (0 disables it), or "
+                    "name an exit with -P.")
         if needs.fragments:
             return (f"No recommended server can deliver this message: it needs {needs.fragments} "
                     f"fragments reassembled and {what} delivery of {-(-needs.size // 1024)} KB. "
@@ -441,7 +505,7 @@ class PathSelector:
                 candidates = self.exit_candidates(needs)
                 if not candidates:
                     raise PathError(self._no_exit_message(needs))
-                slots[-1] = self.rng.choice(candidates)
+                slots[-1] = self._pick(candidates)
         if kind == "forward":
             if swap_at is not None:
                 if not 1 <= swap_at < len(slots):
@@ -465,7 +529,7 @@ class PathSelector:
             candidates = [d for d in exits if before is None
                           or d.nickname.lower() != before.nickname.lower()] or exits
             if candidates:
-                slots[-1] = self.rng.choice(candidates)
+                slots[-1] = self._pick(candidates)
         hops = self._fill_retrying(slots, reply=(kind == "reply"))
         if kind == "forward":
             legs = Legs(hops[:swap_slot], hops[swap_slot:])
@@ -491,9 +555,10 @@ class PathSelector:
         if not self.servers and any(s is None for s in slots):
             raise PathError("No usable servers are known: run update-servers (and check the "
                             "Authority lines of your configuration), or import descriptors.")
-        if 0 < len({d.nickname.lower() for d in self.servers}) < 3:
-            self.warn(f"Only {len({d.nickname.lower() for d in self.servers})} server(s) are "
-                      "known: your anonymity is weak.")
+        usable = {d.nickname.lower() for d in self.servers if not self.below_floor(d)}
+        if self.servers and len(usable) < 3:
+            self.warn(f"Only {len(usable)} server(s) are known: your anonymity is weak."
+                      + self._floor_note())
         out: list[Optional[ServerDescriptor]] = list(slots)
         last = len(out) - 1
         for i, slot in enumerate(out):
@@ -504,7 +569,7 @@ class PathSelector:
             candidates = []
             for d in self.servers:
                 name = d.nickname.lower()
-                if name in self.block_servers:
+                if name in self.block_servers or self.below_floor(d):
                     continue
                 if i == 0 and (name in self.block_entries or not d.can_start_at()):
                     continue
@@ -518,7 +583,7 @@ class PathSelector:
                     continue  # a reply's first leg ends by relaying to the reply block
                 candidates.append(d)
             if candidates:
-                out[i] = self.rng.choice(candidates)
+                out[i] = self._pick(candidates)
                 continue
             if strict:
                 raise _Cornered()
@@ -530,7 +595,7 @@ class PathSelector:
                 out[i] = nxt
             else:
                 raise PathError(f"No server can fill hop {i + 1} of the path; name servers "
-                                "with -P, or run update-servers.")
+                                "with -P, or run update-servers." + self._floor_note())
         return [d for d in out if d is not None]
 
     def _check_fits(self, legs: Legs, kind: str, needs: Optional[ExitNeeds]) -> None:
@@ -554,6 +619,15 @@ class PathSelector:
                             f"leg (path was {legs}).") from None
         if kind == "surb" and len(legs.leg1) > 16:
             raise PathError("A reply block path has at most 16 hops.")
+
+
+def _median(values: Sequence[float]) -> Optional[float]:
+    """The median (mean of the middle two for an even count); None if empty."""
+    ordered = sorted(values)
+    n = len(ordered)
+    if not n:
+        return None
+    return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
 
 
 def count_fragments(message_len: int) -> int:

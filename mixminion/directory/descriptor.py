@@ -437,14 +437,14 @@ def parse_descriptor(
         raise MalformedDescriptor(str(exc)) from None
     server = fields[SERVER]
     source = _source_text(text)
-    digest = _check_digest(source, server)
+    digest = check_digest(source, server)
     identity = load_key(server, "Identity", IDENTITY_MIN_BYTES, IDENTITY_MAX_BYTES)
     packet_key = load_key(server, "Packet-Key", PACKET_KEY_BYTES, PACKET_KEY_BYTES)
     # §5.4 step 5: ordering of the validity dates, and no publishing ahead.
     check_date_order(server, MalformedDescriptor)
     check_published(server, now, PublishedInFuture)
     if digest not in verified_digests:
-        _check_signature(server, identity, digest)
+        check_signature(server, identity, digest)
     descriptor = _assemble(source, digest, identity, packet_key, fields, sections, warnings)
     if check_validity:
         _check_validity(descriptor, now)
@@ -480,14 +480,18 @@ def _version_ok(section: Section, warnings: list[str]) -> bool:
     return True
 
 
-def _check_digest(text: str, server: Fields) -> bytes:
+def check_digest(text: str, fields: Fields, error: type[ParseError] = BadDigest) -> bytes:
+    """The digest of ``text`` (§5.2), which must be the one its ``Digest`` field claims.
+
+    Shared with every document signed like a descriptor (ping reports).
+    """
     digest = document_digest(text)
-    claimed: bytes = server["Digest"]
+    claimed: bytes = fields["Digest"]
     if not hmac.compare_digest(digest, claimed):
         detail = f"is {len(claimed)} bytes, not 20" if len(claimed) != len(digest) else (
             f"{encode_base64(claimed)} does not match the text (digest {encode_base64(digest)})"
         )
-        raise BadDigest(f"{server.where('Digest')}: {detail}")
+        raise error(f"{fields.where('Digest')}: {detail}")
     return digest
 
 
@@ -519,15 +523,18 @@ def check_published(fields: Fields, now: float, error: type[ParseError]) -> None
         )
 
 
-def _check_signature(server: Fields, identity: PublicKey, digest: bytes) -> None:
-    signature: bytes = server["Signature"]
+def check_signature(
+    fields: Fields, identity: PublicKey, digest: bytes, error: type[ParseError] = BadSignature
+) -> None:
+    """``Signature`` must verify to ``digest`` under ``identity`` (§5.4 step 6)."""
+    signature: bytes = fields["Signature"]
     if len(signature) != identity.size_bytes:
-        raise BadSignature(
-            f"{server.where('Signature')}: {len(signature)} bytes, but the Identity key "
+        raise error(
+            f"{fields.where('Signature')}: {len(signature)} bytes, but the Identity key "
             f"needs {identity.size_bytes}"
         )
     if not identity.check_signature(signature, digest):
-        raise BadSignature(f"{server.where('Signature')}: does not verify to the digest under the Identity key")
+        raise error(f"{fields.where('Signature')}: does not verify to the digest under the Identity key")
 
 
 def _check_validity(descriptor: ServerDescriptor, now: float) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hmac
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import (
     TYPE_CHECKING,
     Collection,
@@ -44,6 +44,12 @@ from mixminion.directory.descriptor import (
     check_published,
     load_key,
     parse_descriptor,
+)
+from mixminion.directory.reliability import (
+    ServerReliability,
+    decode_reliability_line,
+    format_reliability_line,
+    normalised_reliability,
 )
 from mixminion.codec.textformat import (
     SECONDS_PER_DAY,
@@ -87,6 +93,7 @@ MAX_FUTURE = 30 * SECONDS_PER_DAY
 SIGNED = "Signed-Directory"
 INFO = "Directory-Info"
 SOFTWARE = "Recommended-Software"
+RELIABILITY = "Reliability"
 LEGACY_HEADER = "Directory"
 LEGACY_SIGNATURE = "Signature"
 
@@ -276,10 +283,13 @@ class VotingServer(NamedTuple):
 
 @dataclass(frozen=True)
 class DirectoryInfo:
-    """The ``[Directory-Info]`` and ``[Recommended-Software]`` content of a 0.3 directory.
+    """The ``[Directory-Info]``, ``[Recommended-Software]`` and
+    ``[Reliability]`` content of a 0.3 directory.
 
     Parsed values are kept as written (a vote's order matters for
     acceptance); :func:`build_directory` writes them sorted.
+    ``reliability`` maps a carried server's fingerprint to what the vote or
+    consensus says of it (doc/reliability.md §3); empty writes no section.
     """
 
     status: str
@@ -289,11 +299,13 @@ class DirectoryInfo:
     voting_servers: Tuple[VotingServer, ...] = ()
     client_versions: Tuple[str, ...] = ()
     server_versions: Tuple[str, ...] = ()
+    reliability: Mapping[str, ServerReliability] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("recommended_nicknames", "client_versions", "server_versions"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         object.__setattr__(self, "voting_servers", tuple(VotingServer(*v) for v in self.voting_servers))
+        object.__setattr__(self, "reliability", dict(self.reliability))
 
 
 class SignatureCheck(NamedTuple):
@@ -378,6 +390,11 @@ class SignedDirectory(_DirectoryView):
     def server_versions(self) -> Tuple[str, ...]:
         return self.info.server_versions
 
+    @property
+    def reliability(self) -> Mapping[str, ServerReliability]:
+        """Fingerprint -> voted reliability of the measured servers it carries."""
+        return self.info.reliability
+
 
 @dataclass(frozen=True, eq=False)
 class LegacyDirectory(_DirectoryView):
@@ -394,6 +411,11 @@ class LegacyDirectory(_DirectoryView):
     signers: Tuple[str, ...]
     text: str
     warnings: Tuple[str, ...] = ()
+
+    @property
+    def reliability(self) -> Mapping[str, ServerReliability]:
+        """The legacy format measures nothing: every server is unmeasured."""
+        return {}
 
 
 AnyDirectory = Union[SignedDirectory, LegacyDirectory]
@@ -637,6 +659,7 @@ _SOFTWARE_SCHEMA: Schema = {
     "MixminionClient": optional(decode_list),
     "MixminionServer": optional(decode_list),
 }
+_RELIABILITY_SCHEMA: Schema = {"Server": repeated(decode_reliability_line)}
 
 
 def _check_version(section: Section, expected: str, line_offset: int) -> None:
@@ -669,7 +692,11 @@ def _shift_lines(message: str, offset: int) -> str:
 
 def _read_info(part: str, line_offset: int = 0) -> tuple[DirectoryInfo, list[str]]:
     fields, warnings = _read_header(
-        part, INFO, {INFO: _INFO_SCHEMA, SOFTWARE: _SOFTWARE_SCHEMA}, DIRECTORY_VERSION, line_offset
+        part,
+        INFO,
+        {INFO: _INFO_SCHEMA, SOFTWARE: _SOFTWARE_SCHEMA, RELIABILITY: _RELIABILITY_SCHEMA},
+        DIRECTORY_VERSION,
+        line_offset,
     )
     info = fields[INFO]
     status = info["Status"]
@@ -693,7 +720,18 @@ def _read_info(part: str, line_offset: int = 0) -> tuple[DirectoryInfo, list[str
         voting_servers=info["Voting-Server"],
         client_versions=_items(software.get("MixminionClient")) if software else (),
         server_versions=_items(software.get("MixminionServer")) if software else (),
+        reliability=_reliability(fields.get(RELIABILITY)),
     ), warnings
+
+
+def _reliability(section: Optional[Fields]) -> dict[str, ServerReliability]:
+    """The ``Server:`` lines in text order; a server listed twice is malformed."""
+    values: dict[str, ServerReliability] = {}
+    for fingerprint, value in section["Server"] if section else ():
+        if fingerprint in values:
+            raise MalformedDirectory(f"[{RELIABILITY}] Server: {fingerprint} listed twice")
+        values[fingerprint] = value
+    return values
 
 
 def _check_period(valid_after: int, valid_until: int, now: float) -> None:
@@ -774,9 +812,11 @@ def parse_directory(
     if check_validity:
         _check_period(info.valid_after, info.valid_until, now)
     located = [(offset + _line_of(body, at), part) for at, part in parts]
+    descriptors = _read_descriptors(located, now, verified_digests)
+    _check_measured_carried(info, descriptors)
     return SignedDirectory(
         info=info,
-        descriptors=_read_descriptors(located, now, verified_digests),
+        descriptors=descriptors,
         digest=digest,
         signers=signers,
         signatures=tuple(checks),
@@ -785,13 +825,24 @@ def parse_directory(
     )
 
 
+def _check_measured_carried(info: DirectoryInfo, descriptors: Sequence[ServerDescriptor]) -> None:
+    """``[Reliability]`` speaks only of servers the directory carries."""
+    stray = sorted(set(info.reliability) - {d.fingerprint for d in descriptors})
+    if stray:
+        raise MalformedDirectory(f"[{RELIABILITY}]: no descriptor in the directory for server(s) {', '.join(stray)}")
+
+
 # --- 0.3: building ----------------------------------------------------------------------------------
 
 _URL = re.compile(r"[\x21-\x7e]+")
 
 
-def _normalised_info(info: DirectoryInfo) -> DirectoryInfo:
-    """Check ``info`` is writable and put it in producer order (§7.2)."""
+def _normalised_info(info: DirectoryInfo, carried: Collection[str]) -> DirectoryInfo:
+    """Check ``info`` is writable and put it in producer order (§7.2).
+
+    Reliability values are rounded as they will be read, and kept only for
+    the ``carried`` servers (doc/reliability.md §3).
+    """
     if info.status not in STATUSES:
         raise BuildError(f"status {info.status!r} is not 'vote' or 'consensus'")
     require_midnights(valid_after=info.valid_after, valid_until=info.valid_until)
@@ -799,6 +850,7 @@ def _normalised_info(info: DirectoryInfo) -> DirectoryInfo:
         raise BuildError("valid_until must be after valid_after")
     if not info.voting_servers:
         raise BuildError("a directory needs at least one voting server")
+    reliability = {fp: _reliability_value(fp, value) for fp, value in sorted(info.reliability.items())}
     return DirectoryInfo(
         status=info.status,
         valid_after=info.valid_after,
@@ -807,7 +859,15 @@ def _normalised_info(info: DirectoryInfo) -> DirectoryInfo:
         voting_servers=tuple(sorted({_voting_server(v) for v in info.voting_servers})),
         client_versions=sort_versions(_version(v) for v in info.client_versions),
         server_versions=sort_versions(_version(v) for v in info.server_versions),
+        reliability={fp: value for fp, value in reliability.items() if fp in carried},
     )
+
+
+def _reliability_value(fingerprint: str, value: ServerReliability) -> ServerReliability:
+    try:
+        return normalised_reliability(fingerprint, value)
+    except ValueError as exc:
+        raise BuildError(f"reliability: {exc}") from None
 
 
 def _nickname(value: str) -> str:
@@ -838,6 +898,9 @@ def _version(value: str) -> str:
 
 
 def _info_text(info: DirectoryInfo) -> str:
+    reliability = [(RELIABILITY, [
+        Line("Server", format_reliability_line(fp, value)) for fp, value in info.reliability.items()
+    ])] if info.reliability else []
     return render_document([
         (INFO, [
             Line("Version", DIRECTORY_VERSION),
@@ -851,6 +914,7 @@ def _info_text(info: DirectoryInfo) -> str:
             Line("MixminionClient", format_list(info.client_versions)),
             Line("MixminionServer", format_list(info.server_versions)),
         ]),
+        *reliability,
     ])
 
 
@@ -882,10 +946,12 @@ def build_directory(info: DirectoryInfo, descriptors: Sequence[ServerDescriptor]
 
     Nicknames and voting servers sorted, versions in version order,
     descriptors by (lower nickname, Valid-After, digest) and copied from
-    their own text; equal inputs give equal bytes.
+    their own text, reliability lines by fingerprint and only for carried
+    servers (the section left out when none is measured); equal inputs give
+    equal bytes.
     """
-    normal = _normalised_info(info)
     chosen = unique_descriptors(descriptors)
+    normal = _normalised_info(info, {d.fingerprint for d in chosen})
     text = _info_text(normal) + "".join(_embedded_text(d) for d in chosen)
     _check_reads_back(text, normal, chosen)
     return text

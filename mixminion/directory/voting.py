@@ -13,6 +13,7 @@ from typing import Mapping, Sequence, Tuple, TypeVar
 from mixminion.codec.rsa import PublicKey
 from mixminion.codec.textformat import SECONDS_PER_DAY, format_date, previous_midnight
 from mixminion.directory.descriptor import ServerDescriptor
+from mixminion.directory.reliability import ServerReliability, consensus_value
 from mixminion.directory.directory import (
     MAX_FUTURE,
     STATUS_CONSENSUS,
@@ -82,6 +83,8 @@ def _check_vote(vote: SignedDirectory, table: Mapping[str, Tuple[PublicKey, str]
     keys = [descriptor_sort_key(d) for d in vote.descriptors]
     if keys != sorted(keys):
         raise _reject(f"descriptors are not sorted by (nickname, Valid-After, digest) {by}")
+    if list(info.reliability) != sorted(info.reliability):
+        raise _reject(f"[Reliability] Server lines are not sorted by fingerprint {by}")
 
 
 def _list_difference(theirs: Sequence[VotingServer], ours: Sequence[VotingServer]) -> str:
@@ -108,7 +111,7 @@ def compute_consensus(
 
     Deliberate deviation from step 2: Recommended-Servers names only servers
     whose descriptors the consensus carries (see :func:`_recommended` and
-    doc/decisions-directory.md).
+    doc/decisions-directory.md).  Reliability: see :func:`_reliability`.
 
     Independent of the order of ``votes``: feed the result to
     :func:`~mixminion.directory.directory.build_directory` and every authority gets the
@@ -127,8 +130,24 @@ def compute_consensus(
         voting_servers=tuple(sorted(VotingServer(fp, url) for fp, (_, url) in table.items())),
         client_versions=sort_versions(_by_threshold([set(v.client_versions) for v in votes], threshold)),
         server_versions=sort_versions(_by_threshold([set(v.server_versions) for v in votes], threshold)),
+        reliability=_reliability(votes, threshold, descriptors),
     )
     return info, descriptors
+
+
+def _reliability(
+    votes: Sequence[SignedDirectory], threshold: int, descriptors: Sequence[ServerDescriptor]
+) -> dict[str, ServerReliability]:
+    """Per carried server, the lower medians of the votes that measured it,
+    if ``threshold`` of them did (doc/reliability.md §3): fewer authorities
+    cannot invent a measurement, and each vote moves a median by one rank
+    at most."""
+    values: dict[str, ServerReliability] = {}
+    for fingerprint in sorted({d.fingerprint for d in descriptors}):
+        measured = [v.info.reliability[fingerprint] for v in votes if fingerprint in v.info.reliability]
+        if len(measured) >= threshold:
+            values[fingerprint] = consensus_value(measured)
+    return values
 
 
 def _recommended(

@@ -13,13 +13,13 @@ and checkpoints truncate the WAL, so removed packets do not linger.
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import threading
 from contextlib import contextmanager
 from typing import Iterable, Iterator, Optional, Sequence
 
 from mixminion.server.bodies import MAX_BODY, BodyFiles
+from mixminion.server.sqlitefile import open_private_sqlite
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS packets (
@@ -67,9 +67,6 @@ class PacketStore:
         self._to_zero: list[int] = []
         #: bodies written by the open transaction: zeroed if it rolls back
         self._written: list[int] = []
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        os.close(fd)
-        os.chmod(path, 0o600)
         self._lock = threading.RLock()
         self._tx_depth = 0
         #: the thread whose transaction is open (its reads must see its writes)
@@ -78,20 +75,12 @@ class PacketStore:
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
         try:
-            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-            # A new store only (an existing one keeps its page size): a
-            # 32 KiB packet spans 3 pages of 16 KiB instead of 9 of 4 KiB,
-            # so each write or read of one costs a third of the system calls.
-            self._db.execute(f"PRAGMA page_size={PAGE_SIZE}")
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("PRAGMA secure_delete=ON")
-            self._db.executescript(_SCHEMA)
-        except sqlite3.Error as exc:
+            # The page size applies to a new store only: a 32 KiB packet
+            # spans 3 pages of 16 KiB instead of 9 of 4 KiB, so each write
+            # or read of one costs a third of the system calls.
+            self._db = open_private_sqlite(path, _SCHEMA, page_size=PAGE_SIZE)
+        except (OSError, sqlite3.Error) as exc:
             raise PacketStoreError(f"cannot open packet store {path}: {exc}") from exc
-        for suffix in ("-wal", "-shm"):
-            if os.path.exists(path + suffix):
-                os.chmod(path + suffix, 0o600)
 
     @contextmanager
     def transaction(self) -> Iterator["PacketStore"]:

@@ -281,12 +281,17 @@ async def load_directory(ctx: Context, download: Optional[bool]) -> Any:
 
 
 def make_selector(ctx: Context, directory: Any, start: float, end: float) -> PathSelector:
+    """The path selector for ``[start, end]``: the directory's recommended
+    servers and measured reliability, the configuration's block lists and
+    ``ReliabilityFloor``."""
     def lookup(name: str) -> ServerDescriptor:
         return directory.lookup(name, start, end - start)
 
     return PathSelector(directory.recommended(start), lookup, start, end,
                         ctx.config.block_servers, ctx.config.block_entries,
-                        ctx.config.block_exits, rng=ctx.random, warn=ctx.warn)
+                        ctx.config.block_exits, rng=ctx.random, warn=ctx.warn,
+                        reliability=directory.reliability(),
+                        floor=ctx.config.reliability_floor)
 
 
 def path_text(ctx: Context, args: argparse.Namespace, default: str) -> str:

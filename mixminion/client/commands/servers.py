@@ -2,12 +2,13 @@
 ``update-servers`` and ``import-server``.
 
 ``list-servers`` shows *features* of each server: a few computed ones
-(:data:`DERIVED`: capabilities, status, fingerprint, address) and every
-field a descriptor can carry, named ``Section:Key`` or by a key that only
-one section has.  Each feature is one :class:`Feature` row, so a new
-column (client-side reliability, say) is one more entry in
-:data:`DERIVED`; the option parser, ``--list-features``, the name
-lookup and every output layout take it from there.
+(:data:`DERIVED`: capabilities, status, fingerprint, address, and what
+the directory measured: reliability, latency, pingers; doc/reliability.md
+§4) and every field a descriptor can carry, named ``Section:Key`` or by a
+key that only one section has.  Each feature is one :class:`Feature` row,
+so a new column is one more entry in :data:`DERIVED`; the option parser,
+``--list-features``, the name lookup and every output layout take it from
+there.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from mixminion.client.commands.common import (
 from mixminion.client.config import ClientConfig
 from mixminion.codec.textformat import format_date
 from mixminion.directory.descriptor import ServerDescriptor
+from mixminion.directory.reliability import ServerReliability, format_reliability
 
 # --- features -----------------------------------------------------------------------------
 
@@ -37,12 +39,14 @@ from mixminion.directory.descriptor import ServerDescriptor
 class Facts:
     """What a feature may consult besides the descriptor itself: the
     directory (recommendations), the configuration (block lists), the
-    time, and every known descriptor by lower-cased nickname."""
+    time, every known descriptor by lower-cased nickname, and what the
+    directory measured by identity fingerprint."""
 
     directory: Any
     config: ClientConfig
     now: float
     known: Mapping[str, Sequence[ServerDescriptor]]
+    reliability: Mapping[str, ServerReliability]
 
 
 @dataclass(frozen=True)
@@ -64,8 +68,11 @@ def _status(d: ServerDescriptor, facts: Facts) -> str:
     nickname (recommendations and block lists are by nickname)."""
     nick = d.nickname.lower()
     config = facts.config
+    measured = facts.reliability.get(d.fingerprint)
     notes = [note for note, applies in (
         ("not recommended", not facts.directory.is_recommended(d.nickname)),
+        ("unreliable", measured is not None
+         and measured.reliability < config.reliability_floor),
         ("blocked", nick in config.block_servers),
         ("blocked as entry", nick in config.block_entries),
         ("blocked as exit", nick in config.block_exits),
@@ -78,16 +85,36 @@ def _address(d: ServerDescriptor, facts: Facts) -> str:
     return f"{d.hostname}:{d.port}" if d.incoming is not None else ""
 
 
+def _measured(show: Callable[[ServerReliability], str]) -> Callable[[ServerDescriptor, Facts], str]:
+    """A feature showing what the directory measured of the server's
+    identity, ``-`` when it measured nothing (too few pingers, or a
+    server only imported descriptors know)."""
+
+    def value(d: ServerDescriptor, facts: Facts) -> str:
+        r = facts.reliability.get(d.fingerprint)
+        return "-" if r is None else show(r)
+
+    return value
+
+
 #: the computed features, in ``--list-features`` order
 DERIVED: tuple[Feature, ...] = (
     Feature("caps", lambda d, f: d.caps, ("capabilities",),
             "what the server does: mbox, smtp (delivery), relay, frag (reassembly)"),
     Feature("status", _status, (),
-            "(ok), or why it is not chosen at random: not recommended, blocked, blocked as "
-            "entry, blocked as exit ([Security] Block*), expired (no descriptor valid now)"),
+            "(ok), or why it is not chosen at random: not recommended, unreliable (measured "
+            "below [Security] ReliabilityFloor), blocked, blocked as entry, blocked as exit "
+            "([Security] Block*), expired (no descriptor valid now)"),
     Feature("fingerprint", lambda d, f: d.fingerprint, (),
             "hex SHA-1 of the identity key (compare with the operator's)"),
     Feature("address", _address, (), "HOST:PORT that clients and servers connect to"),
+    Feature("reliability", _measured(lambda r: format_reliability(r.reliability)), (),
+            "share of packets the server delivers, as the directory's pingers measured it "
+            "(0.000-1.000; - when unmeasured)"),
+    Feature("latency", _measured(lambda r: f"{r.latency_ms} ms"), (),
+            "median round trip of pings through the server (- when unmeasured)"),
+    Feature("pingers", _measured(lambda r: str(r.pingers)), (),
+            "how many independent pingers the measurement rests on (- when unmeasured)"),
 )
 
 #: what ``list-servers`` shows without ``-F`` (client.md §7)
@@ -332,7 +359,7 @@ async def cmd_list_servers(ctx: Context) -> int:
         what = "recommended servers valid now" if recommended else "servers"
         ctx.say(f"(No {what} known: run update-servers or import-server)")
         return 0
-    facts = Facts(directory, ctx.config, now, known)
+    facts = Facts(directory, ctx.config, now, known, directory.reliability())
     mode = "each" if args.no_collapse else "runs" if args.with_time else "server"
     servers = [(shown[key][-1].nickname, server_rows(shown[key], columns, facts, mode))
                for key in sorted(shown) if not wanted or key in wanted]
@@ -422,8 +449,8 @@ def _list_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-F", "--feature", dest="features", action="append", type=_columns,
                    metavar="NAME[,NAME...]",
                    help="what to show, in this order (repeatable): caps, status, fingerprint, "
-                        "address, or any descriptor field as Section:Key or a Key only one "
-                        "section has (software, valid-after, valid-until, contact...); see "
+                        "address, reliability, latency, pingers, or any descriptor field as "
+                        "Section:Key or a Key only one section has (software, valid-after, valid-until, contact...); see "
                         "--list-features (default: caps,status; caps with -r)")
     p.add_argument("--list-features", action="store_true",
                    help="print every feature name -F accepts, with its short forms, and exit")
