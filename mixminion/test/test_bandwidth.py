@@ -32,6 +32,7 @@ from mixminion.mmtp.responder import responder_factory
 from mixminion.mmtp.stats import MMTPStats
 from mixminion.mmtp.tls import InitiatorTLS, ResponderTLS
 from mixminion.testing.keys import key
+from mixminion.testing.asserts import NearAssertions
 
 PEER = IPv4Address("TCP", "198.51.100.7", 40000)
 NOW = 1767225600.0  # 2026-01-01 00:00:00 UTC, for the certificates
@@ -93,7 +94,7 @@ def data(n: int, seed: int = 0) -> bytes:
     return random.Random(seed).randbytes(n)
 
 
-class LimiterTestCase(unittest.TestCase):
+class LimiterTestCase(NearAssertions, unittest.TestCase):
     def limiter(self, rate: Optional[int], spike: Optional[int] = None) -> BandwidthLimiter:
         self.clock = Clock()
         return BandwidthLimiter(self.clock, rate, spike)
@@ -196,7 +197,7 @@ class WriteTests(LimiterTestCase):
         self.assertEqual((a.sent, b.sent), (1000, 0))
         self.clock.pump([0.125] * 80)  # 10 s: 10,000 bytes
         self.assertEqual(a.sent - 1000 + b.sent, 10000)
-        self.assertAlmostEqual(a.sent - 1000, b.sent, delta=125)
+        self.assertNear(a.sent - 1000, b.sent, delta=125)
 
     def test_slices_share_one_wake_up(self) -> None:
         """A tick's worth larger than a TLS record is shared in slices."""

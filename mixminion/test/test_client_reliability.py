@@ -29,6 +29,7 @@ from mixminion.client.paths import ExitNeeds, PathError, PathSelector, parse_add
 from mixminion.directory.descriptor import ServerDescriptor
 from mixminion.directory.directory import DirectoryInfo, VotingServer, build_directory, sign_directory
 from mixminion.directory.reliability import ServerReliability
+from mixminion.testing.asserts import NearAssertions
 from mixminion.test.test_client_cli import (
     AUTHORITY,
     DAY,
@@ -77,11 +78,7 @@ def single_hops(sel: PathSelector, draws: int = DRAWS) -> Counter[str]:
 # --- path selection -------------------------------------------------------------------
 
 
-class WeightingTests(unittest.TestCase):
-
-    def assertNear(self, got: float, wanted: float, delta: float) -> None:  # noqa: N802
-        """Trial's assertAlmostEqual counts places only."""
-        self.assertLessEqual(abs(got - wanted), delta, f"{got} is not {wanted} +- {delta}")
+class WeightingTests(NearAssertions, unittest.TestCase):
 
     def test_draws_follow_reliability_and_skip_servers_below_the_floor(self) -> None:
         sel = selector({ALPHA: 1.0, BETA: 0.95, GAMMA: 0.5})

@@ -32,6 +32,7 @@ from mixminion.server.mix_algorithm import (
     random_float,
     shuffle,
 )
+from mixminion.testing.asserts import NearAssertions
 
 #: standard normal quantile for an upper tail of 0.001
 Z_999 = 3.0902
@@ -68,12 +69,8 @@ def pooled_bins(expected: Sequence[float], minimum: float = 5.0) -> list[range]:
     return bins
 
 
-class ChiSquareMixin:
+class ChiSquareMixin(NearAssertions):
     """Assertions shared by the statistical tests."""
-
-    def assertClose(self, value: float, target: float, delta: float, msg: str = "") -> None:
-        # trial's assertAlmostEqual has no ``delta``
-        self.assertTrue(abs(value - target) <= delta, f"{msg} {value} not within {delta} of {target}")  # type: ignore[attr-defined]
 
     def assertFits(self, observed: Sequence[float], expected: Sequence[float], what: str) -> None:
         stat = chi_square(observed, expected)
@@ -212,7 +209,7 @@ class CottrellStatisticsTests(ChiSquareMixin, unittest.TestCase):
         # frequency of each item ≈ k/n = 1/2
         self.assertUniformCounts(counts, range(n), 5 * rounds, "Cottrell item frequencies")
         for item in range(n):
-            self.assertClose(counts[item] / rounds, 0.5, delta=4 * math.sqrt(0.25 / rounds))
+            self.assertNear(counts[item] / rounds, 0.5, delta=4 * math.sqrt(0.25 / rounds))
 
     def test_every_subset_equally_likely(self) -> None:
         rounds = 7000
@@ -252,7 +249,7 @@ class BinomialStatisticsTests(ChiSquareMixin, unittest.TestCase):
         sizes = [len(pool.choose_batch(range(n))) for _ in range(rounds)]
         mean = sum(sizes) / rounds
         standard_error = math.sqrt(n * p * (1 - p) / rounds)
-        self.assertClose(mean, k, delta=4 * standard_error, msg=f"mean size for n={n}")
+        self.assertNear(mean, k, delta=4 * standard_error, msg=f"mean size for n={n}")
         self.assertEqual(pool.expected_batch_size(n), k)
         expected = [rounds * q for q in binomial_pmf(n, p)]
         counts = Counter(sizes)
@@ -291,9 +288,9 @@ class BinomialStatisticsTests(ChiSquareMixin, unittest.TestCase):
             counts.update(batch)
             pair += 0 in batch and 11 in batch
         for item in range(n):
-            self.assertClose(counts[item] / rounds, p, delta=4 * math.sqrt(p * (1 - p) / rounds))
+            self.assertNear(counts[item] / rounds, p, delta=4 * math.sqrt(p * (1 - p) / rounds))
         # independence: P(first and last both chosen) = p^2
-        self.assertClose(pair / rounds, p * p, delta=4 * math.sqrt(p * p * (1 - p * p) / rounds))
+        self.assertNear(pair / rounds, p * p, delta=4 * math.sqrt(p * p * (1 - p * p) / rounds))
 
     def test_order_is_shuffled(self) -> None:
         rounds = 6000
@@ -333,7 +330,7 @@ class TimedTests(ChiSquareMixin, unittest.TestCase):
         cells = list(itertools.permutations(("x", "y", "z")))
         self.assertUniformCounts(perms, cells, rounds, "Timed order")
         for cell in cells:
-            self.assertClose(perms[cell] / rounds, 1 / 6, delta=4 * math.sqrt(5 / 36 / rounds))
+            self.assertNear(perms[cell] / rounds, 1 / 6, delta=4 * math.sqrt(5 / 36 / rounds))
 
     def test_position_of_each_item_uniform(self) -> None:
         rounds, n = 4000, 8
@@ -404,7 +401,7 @@ class StatisticsHelperTests(ChiSquareMixin, unittest.TestCase):
     def test_critical_values(self) -> None:
         # tabulated chi-square quantiles at p = 0.001
         for df, table in [(5, 20.515), (9, 27.877), (34, 65.247)]:
-            self.assertClose(chi_square_critical(df), table, delta=0.02 * table)
+            self.assertNear(chi_square_critical(df), table, delta=0.02 * table)
 
     def test_pooled_bins_cover_everything(self) -> None:
         expected = [rounds * q for rounds, q in zip([1000] * 21, binomial_pmf(20, 0.6))]

@@ -39,6 +39,7 @@ from mixminion.server.pinging.store import (
     PingStore,
     PingStoreError,
 )
+from mixminion.testing.asserts import NearAssertions
 
 
 @dataclass(frozen=True)
@@ -75,11 +76,8 @@ def simulate(truth: dict[str, float], pings: int, seed: int) -> list[PingOutcome
     return out
 
 
-class TestCase(unittest.TestCase):
-    def assertNear(self, value: float, target: float, delta: float, msg: str = "") -> None:
-        """trial's ``assertAlmostEqual`` ignores ``delta``: this one does not."""
-        self.assertLessEqual(abs(value - target), delta,
-                             f"{value!r} is not within {delta} of {target!r} {msg}")
+class TestCase(NearAssertions, unittest.TestCase):
+    pass
 
 
 # --- the Poisson schedule -------------------------------------------------------
