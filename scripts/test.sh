@@ -14,10 +14,14 @@ temp="${TMPDIR:-/tmp}/mixminion-trial-$$"
 if [ "$#" -gt 0 ]; then
     exec python3 -m twisted.trial --temp-directory="$temp" "$@"
 fi
-# The unit tests share nothing: one worker per core.  The tests with real
-# processes run one at a time: each times real daemons, and two at once on
-# a two-core machine would measure each other.
+# The unit tests share nothing: one worker per core.  So do the tests with
+# real processes that only check what the daemons do.  Those that measure
+# time, memory or load (module-level "TIMED = True") run one at a time,
+# last: two at once on a two-core machine would measure each other.
 status=0
 python3 -m twisted.trial -j"$(nproc)" --temp-directory="$temp-unit" mixminion || status=$?
-python3 -m twisted.trial --temp-directory="$temp-processes" tests || status=$?
+timed=$(grep -l '^TIMED = True' tests/test_*.py | sed 's#/#.#; s#\.py$##' | sort)
+untimed=$(ls tests/test_*.py | sed 's#/#.#; s#\.py$##' | sort | comm -23 - <(echo "$timed"))
+python3 -m twisted.trial -j"$(nproc)" --temp-directory="$temp-processes" $untimed || status=$?
+python3 -m twisted.trial --temp-directory="$temp-timed" $timed || status=$?
 exit "$status"

@@ -10,6 +10,9 @@ slowest, so MBOX mail waited behind SMTP sessions hanging until their
 
 from __future__ import annotations
 
+#: measures time, memory or load: scripts/test.sh runs it alone, after the others
+TIMED = True
+
 import os
 
 from twisted.internet import defer

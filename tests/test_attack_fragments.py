@@ -46,6 +46,9 @@ Measured on this 2-core machine (node and processing child, VmRSS):
 
 from __future__ import annotations
 
+#: measures time, memory or load: scripts/test.sh runs it alone, after the others
+TIMED = True
+
 import os
 import re
 from typing import Any

@@ -41,6 +41,9 @@ this process with a bounded number of connects, stopped at the end.
 
 from __future__ import annotations
 
+#: measures time, memory or load: scripts/test.sh runs it alone, after the others
+TIMED = True
+
 import errno
 import os
 import selectors

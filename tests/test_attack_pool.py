@@ -43,6 +43,9 @@ the number of next hops (300).
 
 from __future__ import annotations
 
+#: measures time, memory or load: scripts/test.sh runs it alone, after the others
+TIMED = True
+
 import os
 import shutil
 import signal

@@ -61,6 +61,9 @@ A can drain during the test, 12 at a time with a 30 s deadline each).
 
 from __future__ import annotations
 
+#: measures time, memory or load: scripts/test.sh runs it alone, after the others
+TIMED = True
+
 import os
 import signal
 import time

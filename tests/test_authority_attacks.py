@@ -27,6 +27,9 @@ Afterwards the authority still publishes a consensus.  About 12-15 s here.
 
 from __future__ import annotations
 
+#: measures time, memory or load: scripts/test.sh runs it alone, after the others
+TIMED = True
+
 import errno
 import os
 import select

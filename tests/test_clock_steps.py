@@ -18,6 +18,9 @@ caught up.  Now:
 
 from __future__ import annotations
 
+#: measures time, memory or load: scripts/test.sh runs it alone, after the others
+TIMED = True
+
 import os
 
 from twisted.internet import defer

@@ -33,6 +33,9 @@ temporary directory, and the node's own logs are ``node-N.log`` beside it.
 
 from __future__ import annotations
 
+#: measures time, memory or load: scripts/test.sh runs it alone, after the others
+TIMED = True
+
 import hashlib
 import os
 import signal
