@@ -40,7 +40,10 @@ class Event(StrEnum):
     # --- processing ---
     PROCESSED_RELAY = "ProcessedRelay"
     PROCESSED_EXIT = "ProcessedExit"
+    #: a PING exit when this node does not ping, or not carrying a handle
     DROPPED_PING = "DroppedPing"
+    #: a PING exit with a handle, queued for this node's pinger
+    PROCESSED_PING = "ProcessedPing"
     DROPPED_DUMMY = "DroppedDummy"
     #: unreadable records of the incoming log
     DROPPED_DAMAGED = "DroppedDamaged"
@@ -53,6 +56,15 @@ class Event(StrEnum):
     RELAYED_TO_SELF = "RelayedToSelf"
     RELAY_DENIED = "RelayDenied"
     EXPIRED_RELAY = "ExpiredRelay"
+    # --- pinging (doc/reliability.md §1) ---
+    #: a ping built and queued for its first hop
+    PING_SENT = "PingSent"
+    #: a ping of ours came back before its timeout
+    PING_RETURNED = "PingReturned"
+    #: a PING exit whose handle is none of ours, or of a ping already settled
+    PING_UNMATCHED = "PingUnmatched"
+    #: a ping not back after [Pinging] Timeout
+    PING_LOST = "PingLost"
     # --- delivery (per module: ``ExitDelivered:SMTP``...) ---
     EXIT_DELIVERED = "ExitDelivered"
     EXIT_RETRY = "ExitRetry"

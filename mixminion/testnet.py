@@ -63,6 +63,7 @@ from mixminion.testing.daemon import (
     sleep,
     wait_until,
 )
+from mixminion.testing.sockets import can_bind
 
 T = TypeVar("T")
 
@@ -84,6 +85,19 @@ CONSENSUS_TIMEOUT = 90.0
 DELIVERY_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0
 RETRY = "every 2 seconds for 30 seconds, every 1 hour for 1 day"
+#: every node pings (doc/reliability.md), fast: a ping every 2 s on
+#: average, a report every 10 s, so list-servers shows reliability about a
+#: minute after `up`
+PINGING = """\
+[Pinging]
+Enabled: yes
+Interval: 2 seconds
+Timeout: 20 seconds
+Window: 2 minutes
+ReportInterval: 10 seconds
+"""
+#: what the authorities expect of the nodes' reports
+RELIABILITY = "ReportInterval: 10 seconds\n"
 
 
 class TestnetError(Exception):
@@ -109,6 +123,10 @@ class Proc:
     metrics_port: Optional[int] = None
     fingerprint: Optional[str] = None
     exit: bool = False
+    #: where a node listens and what it publishes: each node its own
+    #: 127.N.0.1, so that pingers count as different networks
+    #: (doc/reliability.md §3); 127.0.0.1 where only that one binds
+    address: str = "127.0.0.1"
 
     @property
     def pidfile(self) -> str:
@@ -287,9 +305,11 @@ def create_network(directory: str, nodes: int, mta: Optional[str],
                               fingerprint=key.public.fingerprint))
     for i in range(nodes):
         folder = os.path.join(directory, f"node{i + 1}")
+        address = f"127.{i + 1}.0.1"
         net.procs.append(Proc(f"node{i + 1}", "node", ports[AUTHORITIES + i], folder,
                               os.path.join(folder, "mixminiond.conf"),
-                              metrics_port=ports[AUTHORITIES + nodes + i], exit=i in exits))
+                              metrics_port=ports[AUTHORITIES + nodes + i], exit=i in exits,
+                              address=address if can_bind(address) else "127.0.0.1"))
     if mta is None:
         folder = os.path.join(directory, "smtpsink")
         net.procs.append(Proc("smtpsink", "sink", ports[-1], folder, os.path.join(folder, "smtpsink.tac")))
@@ -299,7 +319,8 @@ def create_network(directory: str, nodes: int, mta: Optional[str],
     for a in net.authorities:
         write_file(a.conf, authority_config(
             os.path.join(a.directory, "base"), a.name.capitalize(), a.port, peers, THRESHOLD,
-            VOTE_INTERVAL, comment=f"{a.name} of the mixminion-testnet network in {directory}"))
+            VOTE_INTERVAL, comment=f"{a.name} of the mixminion-testnet network in {directory}",
+            reliability=RELIABILITY))
     authority_lines = "".join(f"Authority: {a.url} {a.fingerprint}\n" for a in net.authorities)
     for n in net.nodes:
         os.makedirs(n.directory, mode=0o700, exist_ok=True)
@@ -307,6 +328,7 @@ def create_network(directory: str, nodes: int, mta: Optional[str],
         write_file(addresses, f"{MBOX_NYM}: {MBOX_ADDRESS}\n")
         text = node_config(
             os.path.join(n.directory, "base"), n.port, nickname=n.name,
+            address=n.address, hostname=n.address,
             contact=f"{n.name}@localhost.localdomain",
             comment=f"{n.name} of the mixminion-testnet network in {directory}: fast and "
                     "insecure\n(1-second Timed mixing, short retries), for trying things out on "
@@ -314,6 +336,7 @@ def create_network(directory: str, nodes: int, mta: Optional[str],
             server=f"MinFreeDisk: 1 MB\nMetricsPort: {n.metrics_port}\nMetricsAddress: 127.0.0.1\n",
             outgoing=f"Retry: {RETRY}\n")
         text += f"""\
+{PINGING}
 [DirectoryServers]
 Publish: yes
 {authority_lines}
@@ -387,7 +410,7 @@ async def started(reactor: Any, net: Network, procs: Sequence[Proc]) -> None:
     """Wait until every one of ``procs`` wrote its pid file and listens (a
     node also logged that it started)."""
     async def ready(p: Proc) -> bool:
-        if not os.path.exists(p.pidfile) or not await port_open(reactor, p.port):
+        if not os.path.exists(p.pidfile) or not await port_open(reactor, p.port, host=p.address):
             return False
         if p.kind != "node":
             return True

@@ -1,5 +1,5 @@
-"""The ``[Server]`` file options, ``[Outgoing/MMTP]`` relaying rules,
-``[Pinging]`` and SIGHUP, each shown on a real ``twistd -n mixminion -c
+"""The ``[Server]`` file options, ``[Outgoing/MMTP]`` relaying rules
+and SIGHUP, each shown on a real ``twistd -n mixminion -c
 FILE`` process (the manual is a contract: every option has a test through
 the real entry point that shows its effect).
 
@@ -323,19 +323,6 @@ class RelayToSelfTests(NodeTestCase):
             self.assertEqual(metric(node.metrics_port, "SuccessfulRelay"), 0)
 
         return defer.ensureDeferred(go())
-
-
-class PingingTests(NodeTestCase):
-    def test_pinging_enabled_warns_once(self) -> defer.Deferred:
-        return defer.ensureDeferred(self._pinging())
-
-    async def _pinging(self) -> None:
-        node = MixNode(self)
-        await node.start(node.config(extra="[Pinging]\nEnabled: yes\n"))
-        lines = node.daemon.lines("not implemented")
-        self.assertEqual(len(lines), 1, node.daemon.tail())
-        self.assertIn("#warn]", lines[0])
-        self.assertIn("[Pinging] Enabled: pinging is not implemented yet", lines[0])
 
 
 class BlacklistReloadTests(NodeTestCase):

@@ -1,14 +1,17 @@
 """``authority.conf``: the directory authority's configuration.
 
 Same file syntax and value types as ``mixminiond.conf`` (server.md §14.1,
-§14.2; reused from :mod:`mixminion.config`), one section, ``[Authority]``,
-whose options are declared once, in :data:`AUTHORITY_SCHEMA`: type,
-default, meaning, and how a change reaches the running authority
-(``consumer``: read at start, a restart applies a change; ``reload``: the
-function of :mod:`mixminion.directory.reload` a SIGHUP calls).
+§14.2; reused from :mod:`mixminion.config`), two sections, ``[Authority]``
+(required) and ``[Reliability]`` (doc/reliability.md §3), whose options
+are declared once, in :data:`AUTHORITY_SCHEMA` and
+:data:`RELIABILITY_SCHEMA`: type, default, meaning, and how a change
+reaches the running authority (``consumer``: read at start, a restart
+applies a change; ``reload``: the function of
+:mod:`mixminion.directory.reload` a SIGHUP calls).  Every option is one
+field of :class:`~mixminion.directory.service.AuthoritySettings`.
 ``etc/authority.conf`` shows every option with a comment and
-``mixminion-directory(8)`` describes them; a test checks both against the
-schema.
+``mixminion-directory(8)`` describes them; tests check both against the
+schemas.
 
 The HTTP limits: a connection beyond ``MaxConnections`` open in all, or
 beyond ``MaxConnectionsPerAddress`` from one address (a NAT or a test
@@ -32,11 +35,17 @@ run by few people and a typo in ``Peer`` or ``Threshold`` must not pass.
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Optional, Union
 
 from mixminion.directory.authority import ADMISSION_MODES, MAX_DESCRIPTOR_SIZE
 from mixminion.directory.rejects import load_reject_list
-from mixminion.directory.service import AuthoritySettings, Peer
+from mixminion.directory.service import (
+    DEFAULT_MIN_PINGERS,
+    DEFAULT_MIN_PINGS,
+    AuthoritySettings,
+    Peer,
+)
 from mixminion.codec.textformat import SECONDS_PER_DAY
 from mixminion.config.schema import Option, SectionSpec
 from mixminion.config.syntax import ConfigError, RawSection, parse_sections
@@ -50,6 +59,7 @@ from mixminion.config.values import (
     SEVERITY,
     SIZE,
     STRING,
+    ValueType,
 )
 from mixminion.directory.httpserver import (
     MAX_CONNECTIONS,
@@ -58,6 +68,7 @@ from mixminion.directory.httpserver import (
 )
 
 SECTION = "Authority"
+RELIABILITY = "Reliability"
 
 _TAP = "mixminion.directory.tap:build_authority"
 _AUTHORITY = "mixminion.directory.service:Authority"
@@ -108,16 +119,58 @@ AUTHORITY_SCHEMA = SectionSpec(SECTION, "the directory authority", required=True
 ))
 
 
+def _parse_fingerprints(text: str) -> Optional[frozenset[str]]:
+    """Comma-separated fingerprints, spaces and case ignored; none = None."""
+    found = set()
+    for item in text.split(","):
+        fingerprint = "".join(item.split()).upper()
+        if not fingerprint:
+            continue
+        if not re.fullmatch(r"[0-9A-F]{40}", fingerprint):
+            raise ValueError(f'"{item.strip()}" is not a fingerprint (expected 40 hex digits; '
+                             "separate fingerprints with commas)")
+        found.add(fingerprint)
+    return frozenset(found) or None
+
+
+FINGERPRINTS = ValueType("fingerprint list", _parse_fingerprints,
+                         lambda value: ", ".join(sorted(value or ())))
+
+#: a SIGHUP applies every one: the next vote and the next report read them
+_RELIABILITY = _RELOAD + "apply_reliability"
+
+RELIABILITY_SCHEMA = SectionSpec(RELIABILITY, "what this authority votes on the nodes' "
+                                 "reliability (doc/reliability.md section 3)", options=(
+    Option("MinPings", INT, "pings through a server a pinger's report needs to count for that "
+           "server (at least 1); with fewer the pinger abstains on it",
+           default=str(DEFAULT_MIN_PINGS), reload=_RELIABILITY),
+    Option("MinPingers", INT, "independent pingers (one per /16 network and per operator) a "
+           "server needs to be measured in this authority's vote (at least 1)",
+           default=str(DEFAULT_MIN_PINGERS), reload=_RELIABILITY),
+    Option("Pingers", FINGERPRINTS, "the only nodes whose reports count, by identity "
+           "fingerprint, comma-separated", derived="every listed node", reload=_RELIABILITY),
+    Option("ReportInterval", INTERVAL, "how often the nodes report ([Pinging] ReportInterval "
+           "of mixminiond.conf); a report published more than twice this long ago is refused, "
+           "and stops counting", default="1 hour",
+           reload=_RELIABILITY),
+))
+
+#: every section of ``authority.conf``, in the order the example shows them
+AUTHORITY_SECTIONS = (AUTHORITY_SCHEMA, RELIABILITY_SCHEMA)
+
+
 def _versions(text: Optional[str]) -> tuple[str, ...]:
     return tuple(v.strip() for v in (text or "").split(",") if v.strip())
 
 
-def _read(section: RawSection) -> dict[str, Any]:
+def _read(section: Optional[RawSection], spec: SectionSpec) -> dict[str, Any]:
+    """The section's values by key, defaults filled in; an absent section
+    (None) has every default."""
     values: dict[str, Any] = {}
-    for entry in section.entries:
-        option = AUTHORITY_SCHEMA.option(entry.key)
+    for entry in section.entries if section is not None else ():
+        option = spec.option(entry.key)
         if option is None:
-            known = ", ".join(o.key for o in AUTHORITY_SCHEMA.options)
+            known = ", ".join(o.key for o in spec.options)
             raise section.error(entry.key, f"unknown option (known: {known})")
         if entry.key in values and not option.many:
             raise section.error(entry.key, "given twice; it takes one value")
@@ -129,12 +182,12 @@ def _read(section: RawSection) -> dict[str, Any]:
             values.setdefault(entry.key, []).append(value)
         else:
             values[entry.key] = value
-    for option in AUTHORITY_SCHEMA.options:
+    for option in spec.options:
         if option.key in values:
             continue
         if option.required:
             raise section.error(None, f"required option {option.key} is missing")
-        values[option.key] = [] if option.many else AUTHORITY_SCHEMA.default(option.key)
+        values[option.key] = [] if option.many else spec.default(option.key)
     return values
 
 
@@ -143,13 +196,15 @@ def parse_authority_config(text: Union[str, bytes], filename: str = "<string>",
     """Parse and check an ``authority.conf``; errors name file, line and option."""
     sections = parse_sections(text, filename)
     by_name = {s.name: s for s in sections}
+    known = " and ".join(f"[{spec.name}]" for spec in AUTHORITY_SECTIONS)
     for s in sections:
-        if s.name != SECTION:
-            raise ConfigError(filename, s.line, s.name, None, f"unknown section; only [{SECTION}] is allowed")
+        if s.name not in {spec.name for spec in AUTHORITY_SECTIONS}:
+            raise ConfigError(filename, s.line, s.name, None, f"unknown section; only {known} are allowed")
     if SECTION not in by_name:
         raise ConfigError(filename, 1, SECTION, None, "required section is missing")
     section = by_name[SECTION]
-    v = _read(section)
+    v = _read(section, AUTHORITY_SCHEMA)
+    reliability = _reliability(by_name.get(RELIABILITY))
     base = config_dir if config_dir is not None else os.path.dirname(os.path.abspath(filename))
     base_dir = os.path.normpath(os.path.join(base, os.path.expanduser(v["BaseDir"])))
     bits = v["IdentityKeyBits"]
@@ -207,7 +262,20 @@ def parse_authority_config(text: Union[str, bytes], filename: str = "<string>",
         log_level=v["LogLevel"],
         reject_file=reject_file,
         rejects=rejects,
+        **reliability,
     )
+
+
+def _reliability(section: Optional[RawSection]) -> dict[str, Any]:
+    """The ``[Reliability]`` fields of the settings, checked."""
+    v = _read(section, RELIABILITY_SCHEMA)
+    if section is not None:  # the defaults are valid
+        for key in ("MinPings", "MinPingers"):
+            if v[key] < 1:
+                raise section.error(key, "must be at least 1")
+        if v["ReportInterval"] < 1:
+            raise section.error("ReportInterval", "must be at least 1 second")
+    return {option.name: v[option.key] for option in RELIABILITY_SCHEMA.options}
 
 
 def load_authority_config(path: str) -> AuthoritySettings:

@@ -33,6 +33,7 @@ On disk, under the authority's base directory::
     archive/<same name>                           superseded or expired
     held/<same name>                              refused nickname claims, for inspection
     nicknames                                     "nickname FINGERPRINT" per line, first claim wins
+    reports/<pinger's FINGERPRINT>                its latest accepted ping report (ReportStore)
 
 No Twisted here; the clock is the ``now`` argument of every call.
 """
@@ -43,11 +44,13 @@ import base64
 import os
 import re
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Container, Optional
 
+from mixminion.codec.errors import ParseError
 from mixminion.directory.descriptor import DescriptorError, ServerDescriptor, parse_descriptor
 from mixminion.directory.directory import MAX_FUTURE, is_superseded
 from mixminion.directory.rejects import RejectList
+from mixminion.directory.reliability import PingReport, accept_report, parse_report
 from mixminion.codec.textformat import SECONDS_PER_DAY, TextFormatError, format_date, format_time
 from mixminion import fileutil
 
@@ -55,6 +58,7 @@ __all__ = [
     "ADMISSION_MODES",
     "AuthorityStore",
     "MAX_DESCRIPTOR_SIZE",
+    "ReportStore",
     "VoteFile",
     "atomic_write",
     "digest_name",
@@ -68,6 +72,7 @@ ADMISSION_MODES = ("auto", "manual")
 VOTES = ("yes", "no", "abstain", "ignore")
 
 _DESCRIPTORS, _ARCHIVE, _HELD, _NICKNAMES = "descriptors", "archive", "held", "nicknames"
+_REPORTS = "reports"
 _TMP = ".tmp"
 _NAME = re.compile(r"[A-Za-z0-9_-]{27}")
 _VOTE_LINE = re.compile(r"(#?)\s*(yes|no|abstain|ignore)\s+([A-Za-z][A-Za-z0-9-]*)\s+([0-9A-Fa-f ]+)")
@@ -368,3 +373,98 @@ class AuthorityStore:
                         os.unlink(path)
                 except FileNotFoundError:
                     pass
+
+
+class ReportStore:
+    """The latest accepted ping report of each pinger (doc/reliability.md
+    §2-§3), one file each, named by the pinger's fingerprint.
+
+    Only a pinger's latest report counts in a vote, so one file a pinger
+    bounds the disk to the number of listed nodes, and a restart votes on
+    what was accepted before it.  Whether a pinger is listed and how old a
+    report may be are the caller's (``is_listed``, ``max_age``): they
+    change with the descriptors and the configuration.
+    """
+
+    def __init__(self, base_dir: str, now: float, *, max_size: int = MAX_DESCRIPTOR_SIZE,
+                 log: Optional[Log] = None) -> None:
+        self.folder = os.path.join(base_dir, _REPORTS)
+        self.max_size = max_size
+        self.log: Log = log or (lambda level, message: None)
+        os.makedirs(self.folder, mode=0o700, exist_ok=True)
+        self._latest: dict[str, PingReport] = {}
+        self._load(now)
+
+    def _path(self, fingerprint: str) -> str:
+        return os.path.join(self.folder, fingerprint)
+
+    def _load(self, now: float) -> None:
+        """Every stored report that still verifies; the others are deleted
+        (a pinger sends a new one every interval, nothing is lost)."""
+        for name in sorted(os.listdir(self.folder)):
+            path = os.path.join(self.folder, name)
+            if name.startswith("."):  # an interrupted atomic write
+                os.unlink(path)
+                continue
+            try:
+                with open(path, "rb") as f:
+                    report = parse_report(f.read(), now)
+                if report.fingerprint != name:
+                    raise ParseError(f"it is {report.fingerprint}'s")
+            except (OSError, ParseError) as exc:
+                self.log("warn", f"stored report {name} is unusable ({exc}); deleted")
+                _remove(path)
+                continue
+            self._latest[name] = report
+
+    def accept(self, text: str | bytes, now: float, max_age: float,
+               is_listed: Callable[[str], bool]) -> tuple[bool, str]:
+        """Verify one uploaded report and keep it if it is the pinger's
+        latest; ``(accepted, message for the uploader)``, as
+        :meth:`AuthorityStore.accept_upload` answers."""
+        if len(text) > self.max_size:
+            return False, f"Report is {len(text)} bytes; this authority accepts at most {self.max_size}."
+        try:
+            report = accept_report(text, now, max_age, is_listed)
+        except ParseError as exc:
+            return False, f"Report refused: {exc}"
+        who = f"{report.pinger} ({report.fingerprint})"
+        held = self._latest.get(report.fingerprint)
+        if held is not None and held.digest == report.digest:
+            return True, f"Already have this report of {who}."
+        if held is not None and (held.published, held.digest) > (report.published, report.digest):
+            # valid, so the pinger may stop retrying; it just does not count
+            return True, f"Accepted; a later report of {who} is already held."
+        atomic_write(self._path(report.fingerprint), report.text.encode("ascii"))
+        self._latest[report.fingerprint] = report
+        return True, f"Accepted the report of {who} published {format_time(report.published)}."
+
+    def latest(self) -> list[PingReport]:
+        """The report each pinger sent last, by fingerprint."""
+        return [self._latest[fp] for fp in sorted(self._latest)]
+
+    def housekeeping(self, now: float, max_age: float, listed: Container[str]) -> int:
+        """Delete the reports that can no longer count: of pingers no longer
+        listed, or published more than ``max_age`` before ``now`` (a
+        pinger that stopped reporting must stop being heard).  Returns how
+        many were deleted."""
+        dropped = 0
+        for fingerprint, report in list(self._latest.items()):
+            if fingerprint not in listed:
+                why = "its pinger is no longer listed"
+            elif report.published < now - max_age:
+                why = f"published {format_time(report.published)}, more than {int(max_age)} s ago"
+            else:
+                continue
+            _remove(self._path(fingerprint))
+            del self._latest[fingerprint]
+            self.log("info", f"dropped the report of {report.pinger} ({fingerprint}): {why}")
+            dropped += 1
+        return dropped
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -35,7 +35,7 @@ def join_url(base: str, path: str) -> str:
 
 
 class HTTPClient:
-    """GET and form POST with timeouts, on ``reactor`` for I/O and ``clock`` for deadlines."""
+    """GET and POST (a form, or a text body) with timeouts, on ``reactor`` for I/O and ``clock`` for deadlines."""
 
     def __init__(self, reactor, clock: Optional[IReactorTime] = None, timeout: float = 60.0) -> None:
         self.clock = clock or reactor
@@ -52,6 +52,12 @@ class HTTPClient:
         body = urlencode(fields).encode("ascii")
         headers = {b"Content-Type": [b"application/x-www-form-urlencoded"]}
         return self._request(b"POST", url, body, headers)
+
+    def post_text(self, url: str, text: str) -> defer.Deferred:
+        """POST ``text`` as the whole body (``text/plain``): a signed
+        document that is its own format, such as a ping report."""
+        headers = {b"Content-Type": [b"text/plain; charset=utf-8"]}
+        return self._request(b"POST", url, text.encode("utf-8"), headers)
 
     def _request(self, method: bytes, url: str, body: Optional[bytes],
                  headers: Mapping[bytes, list[bytes]]) -> defer.Deferred:

@@ -3,7 +3,7 @@ reject list, apply what can change while it runs, say what cannot.
 
 Before this, an authority had no SIGHUP handler, so the signal's default
 action killed it.  Now each option of
-:data:`~mixminion.directory.authconfig.AUTHORITY_SCHEMA` either names an
+:data:`~mixminion.directory.authconfig.AUTHORITY_SECTIONS` either names an
 applier here (``reload=``) or is read once at start (``consumer=``):
 
 * ``RejectFile`` -- the file is read again on every SIGHUP, whether its
@@ -11,7 +11,10 @@ applier here (``reload=``) or is read once at start (``consumer=``):
   and counts from our next vote;
 * ``LogLevel``;
 * ``Admission``, ``VoteFile``, ``ClientVersions``, ``ServerVersions`` --
-  read when the store admits a descriptor or the next vote is built.
+  read when the store admits a descriptor or the next vote is built;
+* ``[Reliability]`` ``MinPings``, ``MinPingers``, ``Pingers`` -- read
+  when the next vote is built; ``ReportInterval`` -- read when the next
+  report arrives and the next vote drops stale ones.
 
 A change to any other option is logged at WARN as taking effect after a
 restart: the listening address, the peers, the threshold and the round
@@ -30,9 +33,9 @@ from typing import Any, Callable, Optional
 from twisted.application import service
 from twisted.logger import Logger
 
-from mixminion.config.schema import Option
+from mixminion.config.schema import Option, SectionSpec
 from mixminion.config.syntax import ConfigError
-from mixminion.directory.authconfig import AUTHORITY_SCHEMA, load_authority_config
+from mixminion.directory.authconfig import AUTHORITY_SECTIONS, load_authority_config
 from mixminion.directory.authority import VoteFile
 from mixminion.directory.service import Authority, AuthoritySettings
 from mixminion.logfilter import set_log_level
@@ -64,6 +67,12 @@ def apply_versions(authority: Authority, settings: AuthoritySettings) -> None:
     """Nothing to do beyond the settings: ``make_vote`` reads them."""
 
 
+def apply_reliability(authority: Authority, settings: AuthoritySettings) -> None:
+    """Nothing to do beyond the settings: ``make_vote`` reads
+    ``settings.reliability`` and ``settings.report_max_age``, and so does
+    every uploaded report (``Authority.accept_report``)."""
+
+
 def applier(name: str) -> Applier:
     """The function a schema entry names (``module:function``)."""
     module, _, function = name.partition(":")
@@ -72,16 +81,21 @@ def applier(name: str) -> Applier:
     return globals()[function]
 
 
-def changed_options(old: AuthoritySettings, new: AuthoritySettings) -> list[Option]:
-    """The schema's options whose value differs; ``RejectFile`` also when
-    the file's entries did."""
+def all_options() -> list[tuple[SectionSpec, Option]]:
+    """Every option of ``authority.conf`` with its section."""
+    return [(spec, option) for spec in AUTHORITY_SECTIONS for option in spec.options]
+
+
+def changed_options(old: AuthoritySettings, new: AuthoritySettings) -> list[tuple[SectionSpec, Option]]:
+    """The options whose value differs; ``RejectFile`` also when the file's
+    entries did."""
     changed = []
-    for option in AUTHORITY_SCHEMA.options:
+    for spec, option in all_options():
         differs = getattr(old, option.name) != getattr(new, option.name)
         if option.key == "RejectFile":
             differs = differs or old.rejects != new.rejects
         if differs:
-            changed.append(option)
+            changed.append((spec, option))
     return changed
 
 
@@ -104,19 +118,19 @@ class ReloadService(service.Service):
             return None
         old = self.authority.settings
         changed = changed_options(old, new)
-        live = {o.name: getattr(new, o.name) for o in changed if o.reload}
-        for option in changed:
+        live = {o.name: getattr(new, o.name) for _, o in changed if o.reload}
+        for spec, option in changed:
             if not option.reload:
                 log.warn("SIGHUP: [{section}] {key} changed; it takes effect after a restart",
-                         section=AUTHORITY_SCHEMA.name, key=option.key)
+                         section=spec.name, key=option.key)
         # The list just read is always taken: the same entries may have moved
         # to other lines, which the log names.  "applied" says when they changed.
         running = dataclasses.replace(old, **live, rejects=new.rejects)
         self.authority.settings = running
         self.authority.store.rejects = running.rejects
-        for apply in dict.fromkeys(applier(o.reload) for o in changed if o.reload):
+        for apply in dict.fromkeys(applier(o.reload) for _, o in changed if o.reload):
             apply(self.authority, running)
-        applied = [o.key for o in AUTHORITY_SCHEMA.options if o.name in live]
+        applied = [o.key for _, o in all_options() if o.name in live]
         if applied:
             log.info("SIGHUP: applied {keys}", keys=", ".join(applied))
         else:

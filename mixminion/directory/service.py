@@ -29,6 +29,9 @@ HTTP (``twisted.web``; paths under the authority's URL):
 
 * ``POST /publish`` (form field ``desc``) -> ``text/plain``
   ``Status: 0|1`` + ``Message: ...`` (§7.3)
+* ``POST /report``: a signed ``[Ping-Report]`` (doc/reliability.md §2) as
+  the form field ``report`` or as the whole body of any other content
+  type -> the same answer as ``/publish``
 * ``GET /vote``, ``GET /directory``, ``GET /directory.gz``
 * ``GET|POST /consensus-signature?digest=HEX`` -> our ``[Signed-Directory]``
   block, if our consensus has that digest
@@ -38,16 +41,24 @@ The listener is an :class:`~mixminion.directory.httpserver.AuthoritySite`:
 connection limits, a deadline per request, bodies capped in memory (413
 beyond ``MaxDescriptorSize`` times the form overhead) and no client
 addresses in the log above DEBUG.
+
+Reliability (doc/reliability.md §2-§3): the latest report of each listed
+pinger is kept (:class:`~mixminion.directory.authority.ReportStore`), and
+each vote carries what they measured of the servers in it, grouped and
+medianed by :func:`~mixminion.directory.reliability.vote_values` under the
+``[Reliability]`` options.  The consensus takes the medians of the votes'
+values (``compute_consensus``), so nothing else here knows about them.
 """
 
 from __future__ import annotations
 
+import abc
 import gzip
 import math
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 from twisted.application import service
 from twisted.internet import defer
@@ -62,9 +73,10 @@ from mixminion.directory import directory as dirformat
 from mixminion.directory.descriptor import ServerDescriptor
 from mixminion.directory.directory import ConsensusError
 from mixminion.directory.voting import accept_vote, compute_consensus
-from mixminion.directory.authority import MAX_DESCRIPTOR_SIZE, AuthorityStore, atomic_write
+from mixminion.directory.authority import MAX_DESCRIPTOR_SIZE, AuthorityStore, ReportStore, atomic_write
 from mixminion.directory.http import HTTPClient, join_url
 from mixminion.directory.rejects import RejectList
+from mixminion.directory.reliability import PingerInfo, ReliabilitySettings, vote_values
 from mixminion.directory.httpserver import (
     LISTEN_BACKLOG,
     MAX_CONNECTIONS,
@@ -80,6 +92,11 @@ log = Logger()
 
 CONSENSUS_FILE = "consensus"
 DEFAULT_VOTE_INTERVAL = 300.0
+#: the nodes' report interval an authority expects unless told ([Reliability] ReportInterval)
+DEFAULT_REPORT_INTERVAL = 3600.0
+#: [Reliability] MinPings and MinPingers unless told
+DEFAULT_MIN_PINGS = 3
+DEFAULT_MIN_PINGERS = 3
 #: a form body may be somewhat larger than the descriptor it carries (URL encoding)
 _FORM_OVERHEAD = 4
 
@@ -124,12 +141,30 @@ class AuthoritySettings:
     #: ``RejectFile`` (absolute) and the list read from it
     reject_file: Optional[str] = None
     rejects: RejectList = field(default_factory=RejectList)
+    #: [Reliability]: pings a report needs through a server to count for it,
+    #: and independent pingers a server needs to be measured
+    min_pings: int = DEFAULT_MIN_PINGS
+    min_pingers: int = DEFAULT_MIN_PINGERS
+    #: the only pingers counted; None = every listed node
+    pingers: Optional[frozenset[str]] = None
+    #: how often nodes report; a report older than twice this is stale
+    report_interval: float = DEFAULT_REPORT_INTERVAL
     #: the file these settings were read from; a SIGHUP reads it again
     config_file: Optional[str] = None
 
     @property
     def own_url(self) -> str:
         return self.public_url or f"http://{self.listen_ip}:{self.port}/"
+
+    @property
+    def reliability(self) -> ReliabilitySettings:
+        return ReliabilitySettings(self.min_pings, self.min_pingers, self.pingers)
+
+    @property
+    def report_max_age(self) -> float:
+        """Two report intervals (doc/reliability.md §2): one lost upload is
+        forgiven, a pinger that stopped is not heard for long."""
+        return 2 * self.report_interval
 
     @property
     def http_limits(self) -> HTTPLimits:
@@ -165,7 +200,8 @@ class Authority:
 
     def __init__(self, settings: AuthoritySettings, identity: PrivateKey, clock: IReactorTime,
                  client: HTTPClient, rng: RandomSource = os.urandom,
-                 store: Optional[AuthorityStore] = None) -> None:
+                 store: Optional[AuthorityStore] = None,
+                 reports: Optional[ReportStore] = None) -> None:
         self.settings = settings
         self.identity = identity
         self.clock = clock
@@ -176,6 +212,8 @@ class Authority:
             settings.base_dir, clock.seconds(), admission=settings.admission,
             vote_file=settings.vote_file, max_size=settings.max_descriptor_size, log=_store_log,
             rejects=settings.rejects)
+        self.reports = reports or ReportStore(
+            settings.base_dir, clock.seconds(), max_size=settings.max_descriptor_size, log=_store_log)
         self.voters = self._voters()
         self.threshold = settings.threshold or (len(self.voters) // 2 + 1)
         self.vote_text: Optional[str] = None
@@ -216,6 +254,10 @@ class Authority:
         self.store.housekeeping(now)
         valid_after = self.round_valid_after(round_start)
         descriptors = self.store.descriptors(now)
+        pingers = pinger_info(descriptors)
+        self.reports.housekeeping(now, self.settings.report_max_age, pingers)
+        reliability = vote_values(self.reports.latest(), pingers, {d.fingerprint for d in descriptors},
+                                  self.settings.reliability)
         info = dirformat.DirectoryInfo(
             status="vote",
             valid_after=valid_after,
@@ -224,12 +266,20 @@ class Authority:
             voting_servers=tuple(dirformat.VotingServer(fp, url) for fp, url in self.voters),
             client_versions=self.settings.client_versions,
             server_versions=self.settings.server_versions,
+            reliability=reliability,
         )
         unsigned = dirformat.build_directory(info, descriptors)
         self.vote_text = dirformat.sign_directory(unsigned, self.identity, self.rng)
         self.vote_round = round_start
-        log.info("Built our vote for round {round}: {n} descriptors", round=round_start, n=len(descriptors))
+        log.info("Built our vote for round {round}: {n} descriptors, {m} measured from {r} reports",
+                 round=round_start, n=len(descriptors), m=len(reliability), r=len(self.reports.latest()))
         return self.vote_text
+
+    def accept_report(self, text: str | bytes, now: float) -> tuple[bool, str]:
+        """One uploaded ping report: kept if it verifies, is fresh and its
+        pinger is a node we list (our vote's descriptors)."""
+        listed = {d.fingerprint for d in self.store.descriptors(now)}
+        return self.reports.accept(text, now, self.settings.report_max_age, listed.__contains__)
 
     # --- step 2 ----------------------------------------------------------------------
 
@@ -381,8 +431,16 @@ class Authority:
             return None
 
 
+def pinger_info(descriptors: Iterable[ServerDescriptor]) -> dict[str, PingerInfo]:
+    """Network and operator of each listed node, from its latest descriptor
+    (a node's current and next keysets may be published apart)."""
+    ordered = sorted(descriptors, key=lambda d: (d.published, d.digest))
+    return {d.fingerprint: PingerInfo.of(d) for d in ordered}
+
+
 def _store_log(level: str, message: str) -> None:
-    {"warn": log.warn, "info": log.info}.get(level, log.debug)("Store: {message}", message=message)
+    # not "message": the legacy log bridge sets that key, and observers after it see "()"
+    {"warn": log.warn, "info": log.info}.get(level, log.debug)("Store: {line}", line=message)
 
 
 # --- HTTP -----------------------------------------------------------------------------------
@@ -390,8 +448,11 @@ def _store_log(level: str, message: str) -> None:
 
 def publish_answer(accepted: bool, message: str) -> bytes:
     """The §7.3 response body: ``Status: 0|1`` LF ``Message: text`` LF."""
-    one_line = re.sub(r"\s+", " ", message).strip()
-    return f"Status: {1 if accepted else 0}\nMessage: {one_line}\n".encode("ascii", "replace")
+    return f"Status: {1 if accepted else 0}\nMessage: {_one_line(message)}\n".encode("ascii", "replace")
+
+
+def _one_line(message: str) -> str:
+    return re.sub(r"\s+", " ", message).strip()
 
 
 def _plain(request, body: bytes, code: int = 200, content_type: bytes = b"text/plain") -> bytes:
@@ -412,28 +473,84 @@ def _body_size(request) -> int:
     return size
 
 
-class PublishResource(resource.Resource):
+_FORM_TYPES = (b"application/x-www-form-urlencoded", b"multipart/form-data")
+
+
+class UploadResource(resource.Resource, metaclass=abc.ABCMeta):
+    """A POST of one signed document, answered ``Status``/``Message`` (§7.3)
+    and logged in one line at INFO whatever the client sent; the client's
+    address only at DEBUG."""
+
     isLeaf = True
+    #: the log's name for the upload
+    what = "Upload"
 
     def __init__(self, authority: Authority) -> None:
         super().__init__()
         self.authority = authority
 
+    @property
+    @abc.abstractmethod
+    def max_size(self) -> int:
+        """The largest document; a body over :data:`_FORM_OVERHEAD` times it is refused unread."""
+
+    @abc.abstractmethod
+    def accept(self, request) -> tuple[bool, str]:
+        """``(accepted, message)`` for a body already known not to be too large."""
+
     def render_POST(self, request) -> bytes:  # noqa: N802
-        store = self.authority.store
         body_size = _body_size(request)
-        if body_size > store.max_size * _FORM_OVERHEAD:
+        if body_size > self.max_size * _FORM_OVERHEAD:
             accepted, message = False, f"Upload of {body_size} bytes is too large."
         else:
-            values = request.args.get(b"desc") or []
-            if len(values) != 1:
-                accepted, message = False, "Expected exactly one form field 'desc' with the descriptor."
-            else:
-                accepted, message = store.accept_upload(values[0], self.authority.clock.seconds())
+            accepted, message = self.accept(request)
         peer = request.getClientAddress()
-        log.debug("Publish from {peer}", peer=getattr(peer, "host", "?"))
-        log.info("Publish: status {status}: {answer}", status=int(accepted), answer=message)
+        log.debug("{what} from {peer}", what=self.what, peer=getattr(peer, "host", "?"))
+        log.info("{what}: status {status}: {answer}", what=self.what, status=int(accepted),
+                 answer=_one_line(message))
         return _plain(request, publish_answer(accepted, message))
+
+
+class PublishResource(UploadResource):
+    """``POST /publish``: a descriptor in the form field ``desc`` (§7.3)."""
+
+    what = "Publish"
+
+    @property
+    def max_size(self) -> int:
+        return self.authority.store.max_size
+
+    def accept(self, request) -> tuple[bool, str]:
+        values = request.args.get(b"desc") or []
+        if len(values) != 1:
+            return False, "Expected exactly one form field 'desc' with the descriptor."
+        return self.authority.store.accept_upload(values[0], self.authority.clock.seconds())
+
+
+class ReportResource(UploadResource):
+    """``POST /report``: a ping report (doc/reliability.md §2), in the form
+    field ``report`` as a descriptor is in ``desc``, or as the whole body
+    of any other content type."""
+
+    what = "Report"
+
+    @property
+    def max_size(self) -> int:
+        return self.authority.reports.max_size
+
+    def accept(self, request) -> tuple[bool, str]:
+        content_type = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
+        if content_type in _FORM_TYPES:
+            values = request.args.get(b"report") or []
+            if len(values) != 1:
+                return False, "Expected exactly one form field 'report' with the report."
+            text = values[0]
+        else:
+            text, content = b"", getattr(request, "content", None)
+            if content is not None:
+                content.seek(0)
+                text = content.read()
+        return self.authority.accept_report(text, self.authority.clock.seconds())
 
 
 class TextResource(resource.Resource):
@@ -477,6 +594,7 @@ class SignatureResource(resource.Resource):
 def authority_root(authority: Authority) -> resource.Resource:
     root = resource.Resource()
     root.putChild(b"publish", PublishResource(authority))
+    root.putChild(b"report", ReportResource(authority))
     root.putChild(b"vote", TextResource(lambda: authority.vote_text))
     root.putChild(b"directory", TextResource(lambda: authority.directory))
     root.putChild(b"directory.gz", TextResource(lambda: authority.directory, compress=True))

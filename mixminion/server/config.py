@@ -199,9 +199,15 @@ def _path(key: str, default: Optional[str], doc: str, derived: str = "", **effec
     return Option(key, FILENAME, doc, default=default, paths="base", derived=derived, **effect)
 
 
-def _pinging(key: str, default: str, doc: str) -> Option:
-    return Option(key, INTERVAL, doc, default=default,
-                  pending="not used until the pinger is built")
+_PINGER = "mixminion.server.pinging.service:pinger_for"
+_CHAINS = ("every ping is a chain X, S, Y sent at random times; use Interval (the mean gap "
+           "between pings) instead")
+
+
+def _old_pinging(key: str, doc: str, instead: str) -> Option:
+    """An option of the reference's pinger, which worked otherwise: refused
+    at start with the option to use instead (no default, so any value is)."""
+    return Option(key, INTERVAL, f"not supported: {doc}", refused=instead)
 
 
 NODE_SECTIONS: tuple[SectionSpec, ...] = (
@@ -383,16 +389,33 @@ NODE_SECTIONS: tuple[SectionSpec, ...] = (
                refused="the node does not compare clocks with the authorities; "
                "remove MaxSkew"),
     )),
-    SectionSpec("Pinging", "measuring other nodes (§10, §14.8); not built yet", (
-        Option("Enabled", BOOLEAN, "run the pinger (not built yet: yes only warns)",
-               default="no", pending="pinging is not implemented yet"),
-        _pinging("RecomputeInterval", "30 minutes", "how often results are recomputed"),
-        _pinging("ServerPingPeriod", "2 hours", "one-hop ping interval"),
-        _pinging("DullChainPingPeriod", "4 days", "two-hop interval, ordinary chains"),
-        _pinging("ChainPingPeriod", "1 day", "two-hop interval, interesting chains"),
-        _pinging("ServerProbePeriod", "1 hour", "connection probe interval"),
-        _pinging("RetainData", "30 days", "how long raw data is kept"),
-        _pinging("RetainResults", "1 year", "how long results are kept"),
+    SectionSpec("Pinging", "measuring other nodes (doc/reliability.md §1-§2)", (
+        Option("Enabled", BOOLEAN, "ours: send pings through the other servers of the "
+               "directory, infer their reliability and upload signed reports to the "
+               "authorities; needs [DirectoryServers] Authority lines and [Outgoing/MMTP] "
+               "Enabled", default="no", consumer=_PINGER),
+        Option("Interval", INTERVAL, "ours: mean gap between two pings (random, "
+               "exponential gaps)", default="2 minutes", consumer=_PINGER),
+        Option("Timeout", INTERVAL, "ours: a ping not back by then is counted lost",
+               default="1 hour", consumer=_PINGER),
+        Option("Window", INTERVAL, "ours: how far back the inference looks; older pings "
+               "are forgotten; longer than Timeout", default="1 day", consumer=_PINGER),
+        Option("ReportInterval", INTERVAL, "ours: how often a signed report is uploaded "
+               "to every authority (and the directory downloaded again)",
+               default="1 hour", consumer=_PINGER),
+        _old_pinging("RecomputeInterval", "how often results were recomputed",
+                     "results are worked out for each report; use ReportInterval instead"),
+        _old_pinging("ServerPingPeriod", "one-hop ping interval", _CHAINS),
+        _old_pinging("DullChainPingPeriod", "two-hop interval, ordinary chains", _CHAINS),
+        _old_pinging("ChainPingPeriod", "two-hop interval, interesting chains", _CHAINS),
+        _old_pinging("ServerProbePeriod", "connection probe interval",
+                     "there are no bare connection probes, pings measure the servers; use "
+                     "Interval instead"),
+        _old_pinging("RetainData", "how long raw data was kept",
+                     "pings are kept as long as the inference looks back; use Window instead"),
+        _old_pinging("RetainResults", "how long results were kept",
+                     "results are not kept, they go to the authorities in signed reports; "
+                     "use ReportInterval (and Window) instead"),
     )),
 )
 
@@ -603,14 +626,21 @@ class DirectorySection:
 
 @dataclass(frozen=True)
 class PingingSection:
+    """``[Pinging]``; intervals in seconds.  The reference's options are
+    refused, so they are always None."""
+
     enabled: bool
-    recompute_interval: int
-    server_ping_period: int
-    dull_chain_ping_period: int
-    chain_ping_period: int
-    server_probe_period: int
-    retain_data: int
-    retain_results: int
+    interval: int
+    timeout: int
+    window: int
+    report_interval: int
+    recompute_interval: Optional[int]
+    server_ping_period: Optional[int]
+    dull_chain_ping_period: Optional[int]
+    chain_ping_period: Optional[int]
+    server_probe_period: Optional[int]
+    retain_data: Optional[int]
+    retain_results: Optional[int]
 
 
 class DeliverySettings:
@@ -1089,6 +1119,29 @@ def _check_directory(b: _Builder) -> None:
         b.warn(s, "Publish", "yes, but no Authority is configured: nothing will be uploaded")
 
 
+def _check_pinging(b: _Builder) -> None:
+    """The pinger gets its servers from the directory and sends through the
+    outgoing queue; without either it could never ping, so it does not start."""
+    s = "Pinging"
+    for key in ("Interval", "Timeout", "Window", "ReportInterval"):
+        _check_range(b, s, key, 1, None, sched.format_interval)
+    if not b.get(s, "Enabled"):
+        return
+    if not b.get("DirectoryServers", "Authority"):
+        raise b.error(s, "Enabled", "needs [DirectoryServers] Authority lines: the pinger "
+                      "downloads the directory from them and reports to them")
+    if not b.get("Outgoing/MMTP", "Enabled"):
+        raise b.error(s, "Enabled", "needs [Outgoing/MMTP] Enabled: yes: pings leave "
+                      "through the outgoing queue")
+    if b.get(s, "Window") <= b.get(s, "Timeout"):
+        raise b.error(s, "Window", f"{sched.format_interval(b.get(s, 'Window'))} must be "
+                      f"longer than Timeout ({sched.format_interval(b.get(s, 'Timeout'))}): "
+                      "no loss would ever be counted")
+    if not b.get("DirectoryServers", "Publish"):
+        b.warn(s, "Enabled", "yes, but [DirectoryServers] Publish is no: the authorities "
+               "refuse reports from nodes they do not list")
+
+
 def _check_program(b: _Builder, section: str, key: str) -> None:
     """The program of a command option exists (absolute, or found in $PATH);
     it is made absolute so a later change of $PATH cannot swap it."""
@@ -1187,6 +1240,7 @@ def _validate(b: _Builder) -> None:
     _check_incoming(b)
     _check_outgoing(b)
     _check_directory(b)
+    _check_pinging(b)
     _check_deliveries(b)
 
 

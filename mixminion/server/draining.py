@@ -1,4 +1,5 @@
-"""Processing's batch logic: incoming queue → codec → mix pool.
+"""Processing's batch logic: incoming queue → codec → mix pool (and, on a
+pinging node, returned pings → ``ping`` queue).
 
 No Twisted and no clock of its own: it runs inside the processing child
 process (:mod:`mixminion.server.processing_child`) and in unit tests.
@@ -28,7 +29,8 @@ from mixminion.codec.routing import PING_TYPE
 from mixminion.server.incoming_log import IncomingLog
 from mixminion.server.items import DeliveryItem, encode_item
 from mixminion.server.packetstore import PacketStore
-from mixminion.server.queues import INCOMING, MIX
+from mixminion.server.pinging.handles import handle_of
+from mixminion.server.queues import INCOMING, MIX, PING
 
 #: kv name in the main store: the highest incoming id whose processing committed
 CONSUMED_KEY = "incoming-consumed-through"
@@ -64,13 +66,15 @@ def open_incoming(directory: str, store: PacketStore) -> IncomingLog:
 
 def drain(incoming: IncomingLog, store: PacketStore, processor: PacketProcessor,
           batch_size: int, now: Callable[[], float], opener: Optional[Executor] = None,
-          through: Optional[int] = None) -> Iterator[BatchDone]:
+          through: Optional[int] = None, pings: bool = False) -> Iterator[BatchDone]:
     """Process every incoming packet above the consumed mark (and up to
     ``through``, the last id the writer committed), a batch per commit,
     yielding after each commit.
 
     With an ``opener``, batch k+1 is read and opened there (its RSA and
     LIONESS mostly run without the GIL) while batch k commits here.
+    ``pings``: this node pings, so PING exits carrying a handle go to the
+    ``ping`` queue (see :func:`pool_row`).
     """
     def open_(ids: list[int]) -> tuple[list[OpenedPacket], int]:
         """The batch opened, and how many of its records were unreadable."""
@@ -87,14 +91,15 @@ def drain(incoming: IncomingLog, store: PacketStore, processor: PacketProcessor,
         following = batch_after(ids[-1])
         next_opening = opener.submit(open_, following) if opener and following else None
         opened, damaged = opening.result() if opening else open_(ids)
-        counts = commit_batch(store, processor, ids[-1], opened, now(), damaged)
+        counts = commit_batch(store, processor, ids[-1], opened, now(), damaged, pings)
         yield BatchDone(ids[-1], len(ids), counts)
         ids, opening = following, next_opening
 
 
 def commit_batch(store: PacketStore, processor: PacketProcessor, through: int,
-                 opened: Sequence[OpenedPacket], now: float, damaged: int = 0) -> Counter:
-    """Replay entries, pool items and the consumed mark in one transaction
+                 opened: Sequence[OpenedPacket], now: float, damaged: int = 0,
+                 pings: bool = False) -> Counter:
+    """Replay entries, queued items and the consumed mark in one transaction
     (``damaged``: records of the batch that could not be read, counted as
     dropped)."""
     counts: Counter = Counter()
@@ -102,25 +107,39 @@ def commit_batch(store: PacketStore, processor: PacketProcessor, through: int,
         counts[Event.DROPPED_DAMAGED] = damaged
     with store.transaction():
         results = processor.finish_batch(opened)
-        rows = [row for row in (pool_row(result, counts) for result in results) if row]
-        if rows:
-            store.add_many(MIX, [data for data, _ in rows], now, [meta for _, meta in rows])
+        by_queue: dict[str, list[tuple[bytes, bytes]]] = {}
+        for row in (pool_row(result, counts, pings) for result in results):
+            if row is not None:
+                queue, data, meta = row
+                by_queue.setdefault(queue, []).append((data, meta))
+        for queue, rows in by_queue.items():
+            store.add_many(queue, [data for data, _ in rows], now, [meta for _, meta in rows])
         store.set_value(CONSUMED_KEY, str(through).encode())
     return counts
 
 
-def pool_row(result, counts: Counter) -> Optional[tuple[bytes, bytes]]:
-    """(data, meta) to put in the pool for ``result``; None to drop it."""
+def pool_row(result, counts: Counter, pings: bool = False) -> Optional[tuple[str, bytes, bytes]]:
+    """(queue, data, meta) to store for ``result``; None to drop it.
+
+    Relay and exit items go to the pool.  A PING exit is dropped, unless
+    this node pings (``pings``) and its routing info can be one of our
+    handles: then it goes to the ``ping`` queue, stamped with the time it
+    was processed, for the pinger to settle (doc/reliability.md §1).
+    """
     if isinstance(result, Relay):
         counts[Event.PROCESSED_RELAY] += 1
-        return result.packet, encode_item(result.next_hop)
+        return MIX, result.packet, encode_item(result.next_hop)
     if isinstance(result, Exit):
         if result.exit_type == PING_TYPE:
-            counts[Event.DROPPED_PING] += 1
-            return None
+            handle = handle_of(result.routing_info) if pings else None
+            if handle is None:
+                counts[Event.DROPPED_PING] += 1
+                return None
+            counts[Event.PROCESSED_PING] += 1
+            return PING, b"", handle
         counts[Event.PROCESSED_EXIT] += 1
         item = DeliveryItem(result.exit_type, result.routing_info, result.application_key)
-        return result.payload, encode_item(item)
+        return MIX, result.payload, encode_item(item)
     if isinstance(result, Drop):
         counts[Event.DROPPED_DUMMY] += 1
     elif isinstance(result, Reject):

@@ -14,7 +14,7 @@ would fill the node's log with lines that say nothing.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
@@ -25,6 +25,7 @@ from twisted.web.server import Site
 
 import mixminion
 from mixminion.codec.packet import PACKET_LEN
+from mixminion.directory.reliability import Measured
 from mixminion.server.clock import WALL
 from mixminion.server.status import health_facts, health_reasons, keysets, processing_runs
 
@@ -88,6 +89,41 @@ class NodeCollector(Collector):
                          "(UNIX time).", node.keys.next_event(now))
         yield _gauge("healthy", "1 when /health answers 200.",
                      0 if health_reasons(health_facts(node, now)) else 1)
+        pinger = getattr(node, "pinger", None)
+        if pinger is not None:
+            yield from peer_metrics(pinger.peers())
+
+
+def peer_metrics(peers: Sequence[tuple[str, Measured]]) -> Iterator[Metric]:
+    """Per server the pinger measured, by nickname (1-24 characters of
+    ``A-Z a-z 0-9 -``, so a safe label value; at most one per server of the
+    directory) and fingerprint: the share of pings through it that came
+    back, its inferred reliability, and the round trip of those that did."""
+    labels = ["peer", "fingerprint"]
+    families = {
+        "sent": GaugeMetricFamily(PREFIX + "peer_pings", "Pings through each server in the "
+                                  "pinger's last Window (settled ones).", labels=labels),
+        "ratio": GaugeMetricFamily(PREFIX + "peer_ping_success_ratio", "Share of the pings "
+                                   "through each server that came back.", labels=labels),
+        "reliability": GaugeMetricFamily(PREFIX + "peer_reliability", "Each server's "
+                                         "reliability as the pinger infers it "
+                                         "(doc/reliability.md §1).", labels=labels),
+        "median": GaugeMetricFamily(PREFIX + "peer_ping_latency_median_seconds", "Median "
+                                    "round trip of the returned pings through each server.",
+                                    labels=labels),
+        "p90": GaugeMetricFamily(PREFIX + "peer_ping_latency_p90_seconds", "90th percentile "
+                                 "round trip of the returned pings through each server.",
+                                 labels=labels),
+    }
+    for nickname, m in peers:
+        key = [nickname, m.fingerprint]
+        families["sent"].add_metric(key, m.sent)
+        families["ratio"].add_metric(key, m.returned / m.sent if m.sent else 0.0)
+        families["reliability"].add_metric(key, m.reliability)
+        if m.returned:
+            families["median"].add_metric(key, m.median_ms / 1000)
+            families["p90"].add_metric(key, m.p90_ms / 1000)
+    yield from families.values()
 
 
 def node_registry(node: Any) -> CollectorRegistry:

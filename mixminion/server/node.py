@@ -21,7 +21,7 @@ the next hop's replay log).  Decryption runs in a child process
 from __future__ import annotations
 
 import os
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, TypeVar
 
 from twisted.application import service
 from twisted.internet import defer
@@ -47,6 +47,7 @@ from mixminion.server.config import ServerConfig
 from mixminion.server.outgoing import Outgoing
 from mixminion.server.packetstore import PacketStore
 from mixminion.server.pidfile import PidFile
+from mixminion.server.pinging.service import PingerService
 from mixminion.server.mix_algorithm import MixAlgorithm, make_mix_algorithm
 from mixminion.server.processing import Processor
 from mixminion.server.processing_child import processing_lock
@@ -67,6 +68,8 @@ from mixminion.server.status import (
     write_status,
 )
 from mixminion.server.workers import run_in, worker_thread
+
+_Child = TypeVar("_Child", bound=service.Service)
 
 #: how often the counters are saved (they are also saved at a clean stop),
 #: so a crash loses at most this much of the counts that /metrics and the
@@ -155,8 +158,11 @@ class MixNode(service.MultiService):
                                         server.log_stats, server.stats_interval, wall=WALL)
         body_dir = os.path.join(queue_dir, "bodies")
         self.store = PacketStore(os.path.join(queue_dir, "packets.db"), body_dir=body_dir)
+        # A pinging node's processing child queues returned pings for the
+        # pinger (mixminion.server.pinging.service) instead of dropping them.
         self.processor = Processor(os.path.join(queue_dir, "incoming"), self.store.path,
-                                   reactor, self.stats.count, body_dir=body_dir)
+                                   reactor, self.stats.count, body_dir=body_dir,
+                                   pings=config.pinging.enabled)
         with processing_lock(self.processor.lock_path) as waited:
             if waited:
                 self.log.info("Waited for the processing child of the previous run to exit")
@@ -325,13 +331,18 @@ class MixNode(service.MultiService):
 
     # --- what the node says about itself ------------------------------------------
 
+    def _child(self, kind: type[_Child]) -> Optional[_Child]:
+        return next((child for child in self if isinstance(child, kind)), None)
+
     @property
     def publisher(self) -> Optional[Publisher]:
         """The publisher among the children, if the node publishes."""
-        for child in self:
-            if isinstance(child, Publisher):
-                return child
-        return None
+        return self._child(Publisher)
+
+    @property
+    def pinger(self) -> Optional[PingerService]:
+        """The pinger among the children, if the node pings."""
+        return self._child(PingerService)
 
     def uptime(self) -> float:
         return self.reactor.seconds() - self._started_elapsed

@@ -18,7 +18,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional, Protocol, Sequence
+from typing import Callable, Mapping, Optional, Protocol, Sequence
 
 from automat import NoTransition, TypeMachine, TypeMachineBuilder
 from twisted.internet import defer, protocol
@@ -158,8 +158,14 @@ class Processor:
                  count: Callable[[str, int], None], *,
                  on_consumed: Optional[Callable[[int, int], None]] = None,
                  batch_size: int = 32, restart_delay: float = 1.0,
-                 body_dir: Optional[str] = None) -> None:
+                 body_dir: Optional[str] = None, pings: bool = False) -> None:
         self.incoming_path = incoming_path
+        #: the node pings: the child queues returned pings for the pinger
+        #: (a command-line flag: ``[Pinging] Enabled`` changes at a restart)
+        self.pings = pings
+        #: told the counts of each committed batch (the pinger collects
+        #: returned pings when there are some)
+        self.batch_listeners: list[Callable[[Mapping[str, int]], None]] = []
         self.store_path = store_path
         self.body_dir = body_dir
         self.lock_path = os.path.join(os.path.dirname(store_path), "processing.lock")
@@ -274,6 +280,8 @@ class Processor:
         self.consumed_through = max(self.consumed_through, through)
         if self.on_consumed is not None:
             self.on_consumed(through, consumed)
+        for listener in self.batch_listeners:
+            listener(message.counts)
 
     def _ended(self, child: _ChildProtocol, reason: Failure) -> None:
         if child is not self._child:
@@ -306,6 +314,8 @@ class Processor:
                 "--nice", str(CHILD_NICENESS)]
         if self.body_dir:
             argv += ["--bodies", self.body_dir]
+        if self.pings:
+            argv.append("--pings")
         self.reactor.spawnProcess(child, sys.executable, argv, env=env,
                                   childFDs={0: "w", 1: "r", 2: "r"})
         self._child = child

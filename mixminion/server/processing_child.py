@@ -71,11 +71,13 @@ class Child:
     """What the child does with each request from the node."""
 
     def __init__(self, incoming: IncomingLog, store: PacketStore, batch_size: int,
-                 out: BinaryIO, disks: Sequence[str] = ()) -> None:
+                 out: BinaryIO, disks: Sequence[str] = (), pings: bool = False) -> None:
         self.incoming = incoming
         self.store = store
         self.batch_size = batch_size
         self.out = out
+        #: the node pings: PING exits with a handle go to its ``ping`` queue
+        self.pings = pings
         self.processor: Optional[PacketProcessor] = None
         self.opener = ThreadPoolExecutor(1, thread_name_prefix="mixminion-opening")
         #: where a batch writes (the store's folder, its bodies' folder):
@@ -103,7 +105,7 @@ class Child:
                 if short is None:
                     for done in drain(self.incoming, self.store, self.processor,
                                       self.batch_size, node_clock(message.clock),
-                                      self.opener, message.through):
+                                      self.opener, message.through, self.pings):
                         self.send(msg.Batch(done.through, dict(done.counts)))
                         short = shortage(self.free_space, floor, batch_bytes)
                         if short is not None:
@@ -125,6 +127,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--lock", required=True, help="lock file held while running")
     parser.add_argument("--batch", type=int, default=32, help="packets per commit")
     parser.add_argument("--nice", type=int, default=0, help="lower this process's priority by N")
+    parser.add_argument("--pings", action="store_true",
+                        help="the node pings: queue PING exits with a handle for its pinger")
     args = parser.parse_args(argv)
     # The node decides when this process stops (by closing its stdin): a
     # Ctrl-C at a foreground twistd reaches the whole process group.
@@ -135,7 +139,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         incoming = IncomingLog(args.incoming, read_only=True)
         store = PacketStore(args.store, body_dir=args.bodies)
         child = Child(incoming, store, args.batch, sys.stdout.buffer,
-                      [os.path.dirname(os.path.abspath(args.store)), *filter(None, [args.bodies])])
+                      [os.path.dirname(os.path.abspath(args.store)), *filter(None, [args.bodies])],
+                      pings=args.pings)
         try:
             child.send(msg.Ready())
             for line in sys.stdin.buffer:

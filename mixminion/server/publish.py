@@ -64,8 +64,20 @@ Uploader = Callable[[str, str], "defer.Deferred[UploadResult]"]
 
 def http_uploader(client: HTTPClient) -> Uploader:
     """POST ``desc`` to ``<authority URL>/publish``."""
+    return _answered(lambda url, text: client.post_form(join_url(url, "publish"), {"desc": text}))
+
+
+def http_report_uploader(client: HTTPClient) -> Uploader:
+    """POST a ping report, its text as the body, to ``<authority URL>/report``
+    (doc/reliability.md §2); the answer is read as ``/publish``'s."""
+    return _answered(lambda url, text: client.post_text(join_url(url, "report"), text))
+
+
+def _answered(post: Callable[[str, str], defer.Deferred]) -> Uploader:
+    """An uploader that reads §7.3's answer to ``post(url, text)``; a failure
+    to get one is an :class:`UploadResult` with ``error`` set."""
     def upload(url: str, text: str) -> defer.Deferred:
-        d = client.post_form(join_url(url, "publish"), {"desc": text})
+        d = post(url, text)
         d.addCallback(parse_answer)
         d.addErrback(lambda f: UploadResult(False, f.getErrorMessage() or f.type.__name__, error=True))
         return d

@@ -3,8 +3,9 @@
 
 One document (:func:`status_document`), read by ``mixminiond status``
 from the file and served live on the metrics port: identity, listening
-addresses, packet keys, publication, queues, processing, health and the
-node's last WARN/ERROR lines.  The node writes it atomically when it has
+addresses, packet keys, publication, queues, processing, health, the
+node's last WARN/ERROR lines and, on a pinging node, its reliability as
+the pinger's last directory has it.  The node writes it atomically when it has
 started, every :data:`STATUS_INTERVAL` seconds, after a key rotation, a
 publication attempt and a SIGHUP, and once more at a clean stop with
 ``"running": false`` (doc/server.md, "Health and status").
@@ -189,7 +190,15 @@ def status_document(node: Any, now: float, running: bool = True) -> dict[str, An
                        "paused_for_disk": processor.disk.paused},
         "health": {"ok": not reasons, "reasons": reasons},
         "last_errors": node.recent_errors.items(),
+        "pinging": pinging(node),
     }
+
+
+def pinging(node: Any) -> Optional[dict[str, Any]]:
+    """The ``pinging`` part: what the pinger's last directory says of this
+    node and how its reports fare (None when the node does not ping)."""
+    pinger = getattr(node, "pinger", None)
+    return pinger.status() if pinger is not None else None
 
 
 def processing_runs(node: Any) -> bool:

@@ -113,6 +113,34 @@ def _processing_fact(processing: Any) -> str:
     return "running" if _get(processing, "running") else "stopped"
 
 
+def _reliability_fact(pinging: Any) -> str:
+    """This node's reliability as the pinger's last directory has it
+    (what other nodes measured, doc/reliability.md §5)."""
+    if not isinstance(pinging, dict):
+        return "unknown (pinging is off: the node downloads no directory)"
+    downloaded = pinging.get("directory_downloaded")
+    if not isinstance(downloaded, (int, float)):
+        return "unknown (no directory downloaded yet)"
+    own = pinging.get("reliability")
+    source = f"in the directory downloaded {when(downloaded)}"
+    if not isinstance(own, dict):
+        return f"unmeasured {source}"
+    reliability = own.get("reliability")
+    shown = f"{reliability:.3f}" if isinstance(reliability, (int, float)) else "?"
+    return (f"{shown}, latency {own.get('latency_ms')} ms, {own.get('pingers')} pingers "
+            f"{source}")
+
+
+def _reports_fact(pinging: Any) -> Optional[str]:
+    """How this node's ping reports fare (None when it does not ping)."""
+    if not isinstance(pinging, dict):
+        return None
+    text = (f"last accepted {when(pinging.get('last_report'))}; last attempt "
+            f"{when(pinging.get('last_report_attempt'))}")
+    error = pinging.get("last_report_error")
+    return f"{text}; last error: {error}" if error else text
+
+
 def status_facts(doc: dict, now: float, running: bool) -> list[str]:
     """One ``name: value`` line per fact of the status document."""
     started = doc.get("started")
@@ -130,8 +158,12 @@ def status_facts(doc: dict, now: float, running: bool) -> list[str]:
         f"publication: {_publication_fact(doc.get('publication'))}",
         f"queues: {_queues_fact(doc.get('queues'))}",
         f"processing: {_processing_fact(doc.get('processing'))}",
-        f"last errors: {len(errors) if errors else 'none'}",
+        f"reliability: {_reliability_fact(doc.get('pinging'))}",
     ]
+    reports = _reports_fact(doc.get("pinging"))
+    if reports is not None:
+        lines.append(f"ping reports: {reports}")
+    lines.append(f"last errors: {len(errors) if errors else 'none'}")
     lines += [f"  {when(_get(e, 'time'))} {_get(e, 'level')}: {_get(e, 'message')}" for e in errors]
     lines.append(f"status written: {relative(doc.get('updated'), now)}")
     return lines

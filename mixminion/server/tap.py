@@ -31,6 +31,8 @@ from mixminion.server.node import MixNode, node_stats_path
 from mixminion.server.packetstore import PacketStoreError
 from mixminion.server.paranoia import problems_for
 from mixminion.server.pidfile import NodeAlreadyRunning, PidFile
+from mixminion.server.pinging.service import pinger_for
+from mixminion.server.pinging.store import PingStoreError
 from mixminion.server.publish import publisher_for
 from mixminion.server.reload import ReloadService
 from mixminion.signals import SignalService
@@ -126,6 +128,9 @@ def build_node(config: ServerConfig, reactor,
         key_service.listeners.append(lambda: publisher.kick("new keys"))
         reload_service.listeners.append(lambda: publisher.kick("SIGHUP"))
     SignalService(signal.SIGUSR2, lambda: republish(publisher), reactor).setServiceParent(node)
+    pinger = pinger_for(config, node, keys, reactor)
+    if pinger is not None:  # a later child: stopped (its worker joined) before the pipeline
+        pinger.setServiceParent(node)
     node.keys = keys
     return node
 
@@ -147,8 +152,8 @@ class StartupError(Exception):
 #: what start-up can meet that the operator caused (a damaged key, a file
 #: where a folder should be, a full disk, a missing exit module...)
 _OPERATOR_ERRORS = (ConfigError, StartupError, KeyStoreError, ExitConfigError,
-                    NodeAlreadyRunning, PacketStoreError, IncomingLogError, OSError,
-                    sqlite3.Error)
+                    NodeAlreadyRunning, PacketStoreError, IncomingLogError, PingStoreError,
+                    OSError, sqlite3.Error)
 
 
 def _one_line(exc: BaseException) -> str:

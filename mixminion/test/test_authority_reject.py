@@ -203,9 +203,10 @@ class StoreTests(unittest.TestCase):
 # --- three authorities on loopback -----------------------------------------------------------------
 
 
-class RoundTests(LogCase):
+class LoopbackRounds(LogCase):
     """Three in-process authorities (``test_authority.RoundTests``' set-up:
-    Quince uploaded to the first, Rowan to the second, Sorrel to the third)."""
+    Quince uploaded to the first, Rowan to the second, Sorrel to the third),
+    for round tests in other modules."""
 
     timeout = 60
     tearDown = base.RoundTests.tearDown
@@ -215,6 +216,10 @@ class RoundTests(LogCase):
     def setUp(self) -> None:
         LogCase.setUp(self)
         base.RoundTests.setUp(self)  # type: ignore[arg-type]
+
+
+class RoundTests(LoopbackRounds):
+    """The reject list in voting rounds."""
 
     def reject(self, authority: Authority, text: str) -> None:
         authority.store.rejects = RejectList.parse(text, f"rejects-{authority.settings.nickname}")

@@ -381,8 +381,11 @@ class ParsedValueTests(ConfigTestCase):
         self.assertEqual((out.max_connections, out.max_packets_per_connection), (16, 1000))
         self.assertFalse(config.directory.publish)
         self.assertEqual(config.directory.authorities, ())
-        self.assertFalse(config.pinging.enabled)
-        self.assertEqual(config.pinging.server_ping_period, 7200)
+        ping = config.pinging
+        self.assertFalse(ping.enabled)
+        self.assertEqual((ping.interval, ping.timeout, ping.window, ping.report_interval),
+                         (120, 3600, 86400, 3600))
+        self.assertIsNone(ping.server_ping_period)
         self.assertTrue(config.host.file_paranoia)
         self.assertEqual(config.host.entropy_source, "/dev/urandom")
         self.assertEqual(config.deliveries, {})
@@ -745,12 +748,33 @@ class WarningTests(ConfigTestCase):
         self.assertIn("Publish: yes, but no Authority",
                       self.warnings(self.server("", "[DirectoryServers]\nPublish: yes\n")))
 
-    def test_pinging_is_not_built_yet(self) -> None:
-        config = self.parse(BASE)
-        self.assertFalse(config.pinging.enabled)
-        warnings = self.warnings(BASE + "[Pinging]\nEnabled: yes\n")
-        self.assertEqual(warnings, "mixminiond.conf:13: [Pinging] Enabled: pinging is not "
-                                   "implemented yet; the value is not used")
+    def test_pinging_options(self) -> None:
+        """Each [Pinging] option lands in config.pinging; Enabled needs
+        the authorities and relaying; Window must outlast Timeout."""
+        directory = "[DirectoryServers]\nPublish: yes\nAuthority: http://a.example/ " + "AB" * 20 + "\n"
+        config = self.parse(BASE + directory + "[Pinging]\nEnabled: yes\nInterval: 1 second\n"
+                            "Timeout: 10 seconds\nWindow: 1 minute\nReportInterval: 5 seconds\n")
+        ping = config.pinging
+        self.assertEqual((ping.enabled, ping.interval, ping.timeout, ping.window,
+                          ping.report_interval), (True, 1, 10, 60, 5))
+        self.assertEqual(config.warnings, ())
+        self.assertIn("[Pinging] Enabled: needs [DirectoryServers] Authority lines",
+                      str(self.assertRaises(ConfigError, self.parse,
+                                            BASE + "[Pinging]\nEnabled: yes\n")))
+        self.assertIn("[Pinging] Enabled: needs [Outgoing/MMTP] Enabled",
+                      str(self.assertRaises(ConfigError, self.parse, BASE.replace(
+                          "[Outgoing/MMTP]\nEnabled: yes", "[Outgoing/MMTP]\nEnabled: no")
+                          + directory + "[Pinging]\nEnabled: yes\n")))
+        self.assertIn("[Pinging] Window: 1 hour must be longer than Timeout (1 hour)",
+                      str(self.assertRaises(ConfigError, self.parse,
+                                            BASE + directory + "[Pinging]\nEnabled: yes\n"
+                                            "Window: 1 hour\n")))
+        self.assertIn("[Pinging] Interval: 0 seconds is out of range",
+                      str(self.assertRaises(ConfigError, self.parse,
+                                            BASE + "[Pinging]\nInterval: 0 seconds\n")))
+        self.assertIn("[DirectoryServers] Publish is no: the authorities refuse reports",
+                      self.warnings(BASE + directory.replace("Publish: yes", "Publish: no")
+                                    + "[Pinging]\nEnabled: yes\n"))
         self.assertEqual(self.warnings(BASE + "[Pinging]\nEnabled: no\n"), "")
 
     def test_network_warnings(self) -> None:

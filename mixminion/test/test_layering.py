@@ -24,8 +24,8 @@ ALLOWED: dict[str, set[str]] = {
                   "signals"},
     "client": {"codec", "config", "mmtp", "events", "directory", "fileutil"},
     "exits": {"codec", "config", "mmtp", "events", "directory", "plugins", "fileutil"},
-    "server": {"codec", "config", "mmtp", "events", "directory", "exits", "plugins", "fileutil",
-               "logfilter", "procinfo", "listening", "signals"},
+    "server": {"codec", "config", "mmtp", "events", "directory", "client", "exits", "plugins",
+               "fileutil", "logfilter", "procinfo", "listening", "signals"},
 }
 
 _PROBE = """

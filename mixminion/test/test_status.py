@@ -37,7 +37,7 @@ from mixminion.test.test_authority import NOW as T0
 #: ``mixminiond status`` lists them
 CONTRACT_KEYS = {"version", "running", "pid", "nickname", "fingerprint", "started", "updated",
                  "listening", "keys", "next_rotation", "publication", "queues", "processing",
-                 "health", "last_errors"}
+                 "health", "last_errors", "pinging"}
 
 MB = 1 << 20
 

@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -35,7 +36,7 @@ from mixminion.procinfo import child_pids, pid_alive
 
 __all__ = ["QUIET_LINES", "Daemon", "authority_config", "family_rss_mb", "free_ports", "gauge",
            "metric", "metrics_text", "node_config", "pid_alive", "port_free", "port_open",
-           "read_text", "rss_kb", "run_twistd", "sleep", "twistd", "wait_until"]
+           "read_text", "rss_kb", "run_twistd", "sleep", "twistd", "upload_report", "wait_until"]
 
 #: log lines not worth showing in a tail (one a second per node)
 QUIET_LINES = ("Mix: 0 of 0 items",)
@@ -93,12 +94,12 @@ def port_free(port: int) -> bool:
         s.close()
 
 
-async def port_open(reactor: Any, port: int, timeout: float = 2.0) -> bool:
-    """Whether something accepts TCP connections on loopback ``port``."""
+async def port_open(reactor: Any, port: int, timeout: float = 2.0, host: str = "127.0.0.1") -> bool:
+    """Whether something accepts TCP connections on ``host``:``port`` (loopback)."""
     from twisted.internet import error, protocol
     from twisted.internet.endpoints import TCP4ClientEndpoint
 
-    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=timeout)
+    endpoint = TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
     try:
         proto = await endpoint.connect(protocol.Factory.forProtocol(protocol.Protocol))
     except error.ConnectError:
@@ -128,28 +129,50 @@ def read_text(path: str) -> str:
 def node_config(base: str, port: int, nickname: str = "node", server: str = "",
                 incoming: str = "", outgoing: str = "", extra: str = "",
                 log_level: str = "INFO", relaying: bool = True, contact: str = "",
-                mix_interval: str = "1 second", comment: str = "") -> str:
+                mix_interval: str = "1 second", comment: str = "",
+                address: str = "127.0.0.1", hostname: str = "localhost") -> str:
     """A small working ``mixminiond.conf`` on loopback with fast (insecure)
     Timed mixing; the strings are added to their sections as written
-    (``comment``, lines without their ``#``, above it all)."""
+    (``comment``, lines without their ``#``, above it all).  ``address``
+    (listened on and published) and ``hostname`` (published): nodes that
+    must count as different networks (doc/reliability.md §3) each take
+    their own 127.N.0.1."""
     heading = "".join(f"# {line}\n" for line in comment.splitlines())
     return (f"{heading}[Server]\nBaseDir: {base}\nMode: relay\nNickname: {nickname}\n"
             f"Contact-Email: {contact or nickname + '@example.org'}\nMixAlgorithm: Timed\n"
             f"MixInterval: {mix_interval}\nLogLevel: {log_level}\n{server}\n"
-            f"[Incoming/MMTP]\nEnabled: yes\nIP: 127.0.0.1\nHostname: localhost\n"
+            f"[Incoming/MMTP]\nEnabled: yes\nIP: {address}\nHostname: {hostname}\n"
             f"Port: {port}\n{incoming}\n"
             f"[Outgoing/MMTP]\nEnabled: {'yes' if relaying else 'no'}\n{outgoing}\n{extra}")
 
 
 def authority_config(base: str, nickname: str, port: int, peers: Sequence[tuple[str, str]],
-                     threshold: int, vote_interval: int, comment: str = "") -> str:
+                     threshold: int, vote_interval: int, comment: str = "",
+                     reliability: str = "") -> str:
     """A directory authority's configuration on loopback; ``peers`` are
-    every authority's (URL, fingerprint), its own included."""
+    every authority's (URL, fingerprint), its own included; ``reliability``,
+    if given, is the body of its ``[Reliability]`` section (e.g.
+    ``"MinPingers: 2\nReportInterval: 30 seconds\n"``)."""
     heading = "".join(f"# {line}\n" for line in comment.splitlines())
     lines = "".join(f"Peer: {url} {fingerprint}\n" for url, fingerprint in peers)
+    section = f"[Reliability]\n{reliability}" if reliability else ""
     return (f"{heading}[Authority]\nBaseDir: {base}\nNickname: {nickname}\nListenIP: 127.0.0.1\n"
             f"Port: {port}\n{lines}Threshold: {threshold}\n"
-            f"VoteInterval: {vote_interval} seconds\n")
+            f"VoteInterval: {vote_interval} seconds\n{section}")
+
+
+def upload_report(url: str, text: str, timeout: float = 5) -> tuple[int, str]:
+    """POST a signed ping report to the authority at ``url`` (its ``/report``,
+    the report as the whole body); ``(HTTP status, answer text)``.  Blocking:
+    call it from a thread where that matters."""
+    request = urllib.request.Request(url.rstrip("/") + "/report", data=text.encode("ascii"),
+                                     headers={"Content-Type": "text/plain"}, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as answer:
+            return answer.status, answer.read().decode("ascii", "replace")
+    except urllib.error.HTTPError as refused:  # 413: the answer is in the body too
+        with refused:
+            return refused.code, refused.read().decode("ascii", "replace")
 
 
 # --- what a running node shows -------------------------------------------------------------

@@ -41,13 +41,14 @@ from mixminion.testing.daemon import (
     run_twistd,
     sleep,
     twistd,
+    upload_report,
     wait_until,
 )
 
 __all__ = ["BlackHole", "Daemon", "MixNode", "authority_config", "family_rss_mb",
            "forward_packets", "free_ports", "gauge", "metric", "metrics_text", "node_config",
            "pid_alive", "port_open", "read_text", "relay_and_next_hop", "rss_kb", "run_twistd",
-           "send_until_acknowledged", "sleep", "twistd", "wait_until"]
+           "send_until_acknowledged", "sleep", "twistd", "upload_report", "wait_until"]
 
 
 class BlackHole(protocol.Factory):
