@@ -282,8 +282,10 @@ async def http_get(reactor: Any, url: str, timeout: float = 5.0) -> tuple[int, b
 
 
 def create_network(directory: str, nodes: int, mta: Optional[str],
-                   blacklist: Optional[str] = None) -> Network:
-    """Keys and configurations for a new network in ``directory``."""
+                   blacklist: Optional[str] = None, *, pinging: str = PINGING,
+                   reliability: str = RELIABILITY, retry: str = RETRY) -> Network:
+    """Keys and configurations for a new network in ``directory``
+    (``pinging``, ``reliability`` and ``retry``: tests make them faster)."""
     from mixminion.directory.tap import IDENTITY_FILE, load_identity
     from mixminion.smtpsink import tac_text
 
@@ -320,7 +322,7 @@ def create_network(directory: str, nodes: int, mta: Optional[str],
         write_file(a.conf, authority_config(
             os.path.join(a.directory, "base"), a.name.capitalize(), a.port, peers, THRESHOLD,
             VOTE_INTERVAL, comment=f"{a.name} of the mixminion-testnet network in {directory}",
-            reliability=RELIABILITY))
+            reliability=reliability))
     authority_lines = "".join(f"Authority: {a.url} {a.fingerprint}\n" for a in net.authorities)
     for n in net.nodes:
         os.makedirs(n.directory, mode=0o700, exist_ok=True)
@@ -334,9 +336,9 @@ def create_network(directory: str, nodes: int, mta: Optional[str],
                     "insecure\n(1-second Timed mixing, short retries), for trying things out on "
                     "one machine.",
             server=f"MinFreeDisk: 1 MB\nMetricsPort: {n.metrics_port}\nMetricsAddress: 127.0.0.1\n",
-            outgoing=f"Retry: {RETRY}\n")
+            outgoing=f"Retry: {retry}\n")
         text += f"""\
-{PINGING}
+{pinging}
 [DirectoryServers]
 Publish: yes
 {authority_lines}
@@ -346,7 +348,7 @@ AddressFile: {addresses}
 RemoveContact: {n.name}@localhost.localdomain
 ReturnAddress: {n.name}@localhost.localdomain
 MboxFile: {net.mbox}
-Retry: {RETRY}
+Retry: {retry}
 """
         if n.exit:
             text += f"""
@@ -355,7 +357,7 @@ Enabled: yes
 ReturnAddress: {n.name}-exit@localhost.localdomain
 SMTPServer: {smtp_host}
 SMTPPort: {smtp_port}
-Retry: {RETRY}
+Retry: {retry}
 MaximumSize: 1 MB
 {f"BlacklistFile: {net.blacklist}" if net.blacklist else ""}
 [Delivery/Fragmented]
