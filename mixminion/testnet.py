@@ -84,7 +84,10 @@ START_TIMEOUT = 30.0
 CONSENSUS_TIMEOUT = 90.0
 DELIVERY_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0
-RETRY = "every 2 seconds for 30 seconds, every 1 hour for 1 day"
+#: a next hop that stops answering is tried again soon: a node that comes
+#: back (after `kill -STOP`, say) is measured reliable again within a
+#: minute or two, not after an hour
+RETRY = "every 2 seconds for 1 minute, every 30 seconds for 1 day"
 #: every node pings (doc/reliability.md), fast: a ping every 2 s on
 #: average, a report every 10 s, so list-servers shows reliability about a
 #: minute after `up`

@@ -80,9 +80,16 @@ class ReliabilityNetworkTests(unittest.TestCase):
         self.addCleanup(lambda: defer.ensureDeferred(self.stop()))
 
     async def stop(self) -> None:
+        """Every process stops, whatever happened (a failed lie included:
+        it is reported after the processes are gone)."""
         self.lying = False
-        if self.liar_task is not None:
-            await self.liar_task
+        try:
+            if self.liar_task is not None:
+                await self.liar_task
+        finally:
+            await self.stop_processes()
+
+    async def stop_processes(self) -> None:
         for p in self.net.nodes:
             pid = p.pid()
             if pid is not None:
