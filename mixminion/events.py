@@ -65,6 +65,9 @@ class Event(StrEnum):
     PING_UNMATCHED = "PingUnmatched"
     #: a ping not back after [Pinging] Timeout
     PING_LOST = "PingLost"
+    #: the first attempt to hand a ping to its first hop failed at the link
+    #: (connect, TLS, REJECTED), recorded against that hop
+    PING_LINK_FAILED = "PingLinkFailed"
     # --- delivery (per module: ``ExitDelivered:SMTP``...) ---
     EXIT_DELIVERED = "ExitDelivered"
     EXIT_RETRY = "ExitRetry"

@@ -125,8 +125,40 @@ class ConnectionFailed(MMTPError):
     """The connection failed or broke before the packet was acknowledged."""
 
 
-class PeerAuthenticationFailed(ConnectionFailed):
+class CannotConnect(ConnectionFailed):
+    """TCP did not connect (refused, unreachable, name unknown, or out of
+    time)."""
+
+
+class HandshakeFailed(ConnectionFailed):
+    """TCP connected, but the connection ended before TLS was up with the
+    peer the routing info names (a TLS error, the handshake deadline, or
+    the peer closing first)."""
+
+
+class PeerAuthenticationFailed(HandshakeFailed):
     """The peer's certificate chain did not prove the expected identity."""
+
+
+#: how far a failed send got, as the pinger records it against a first
+#: hop (doc/reliability.md §1): the connect, the TLS handshake (the peer
+#: proven included), or the peer's REJECTED
+LINK_CONNECT = "connect"
+LINK_TLS = "tls"
+LINK_REJECTED = "rejected"
+
+
+def link_failure(failure: Failure) -> Optional[str]:
+    """Which link-level failure ``failure`` is (:data:`LINK_CONNECT`,
+    :data:`LINK_TLS`, :data:`LINK_REJECTED`), or None for any other: a
+    connection that broke after MMTP began, our own limits, our rules."""
+    if failure.check(CannotConnect):
+        return LINK_CONNECT
+    if failure.check(HandshakeFailed):
+        return LINK_TLS
+    if failure.check(PacketRejected):
+        return LINK_REJECTED
+    return None
 
 
 class NextHopBusy(MMTPError):
@@ -294,6 +326,9 @@ class MMTPInitiatorProtocol(Protocol):
         #: why it failed (None: it closed cleanly, or is still up)
         self.ending: Optional[_Ending] = None
         self._failure: Optional[Failure] = None
+        #: TLS is up and the peer's chain proved the identity its routing
+        #: info names: a failure from here on is no longer the handshake's
+        self.peer_proven = False
 
     # --- used by the client ------------------------------------------------
 
@@ -391,7 +426,8 @@ class MMTPInitiatorProtocol(Protocol):
 
     def _deadline(self, why: str) -> None:
         self.stats.count(Event.TIMED_OUT)
-        self._fail(_Ending(ConnectionFailed(why), timed_out=True))
+        error = ConnectionFailed if self.peer_proven else HandshakeFailed
+        self._fail(_Ending(error(why), timed_out=True))
 
     def _close_timed_out(self) -> None:
         self.stats.count(Event.TIMED_OUT)
@@ -471,6 +507,7 @@ class MMTPInitiatorProtocol(Protocol):
             self._fail(_Ending(PeerAuthenticationFailed(str(exc))))
             return
         self.stats.count(Event.SUCCESSFUL_CONNECT)
+        self.peer_proven = True
         self.transport.write(self.machine.start())
         self._touch()
 
@@ -501,7 +538,8 @@ class MMTPInitiatorProtocol(Protocol):
     def _fail_outstanding(self, reason: Failure = None) -> None:
         """Fail every packet not acknowledged, with the failure that ended
         the connection (or the transport's reason)."""
-        failure = self._failure or Failure(ConnectionFailed(
+        error = ConnectionFailed if self.peer_proven else HandshakeFailed
+        failure = self._failure or Failure(error(
             f"connection lost: {reason.getErrorMessage() if reason else 'unknown'}"))
         outstanding = [i for i in self.machine.outstanding() if not i.deferred.called]
         self.lost = len(outstanding)
@@ -910,7 +948,7 @@ class MMTPClient:
                       kind="timed out" if timed_out else failure.type.__name__)
         self.log.debug("Could not connect to a next hop: {why}", why=failure.getErrorMessage())
         why = "timed out" if expired else failure.getErrorMessage()
-        conn._connect_failed(_Ending(ConnectionFailed(f"cannot connect: {why}"), timed_out))
+        conn._connect_failed(_Ending(CannotConnect(f"cannot connect: {why}"), timed_out))
 
     def _refuse(self, conn: MMTPInitiatorProtocol, dest: _Destination,
                 address: Optional[str]) -> None:

@@ -153,6 +153,12 @@ class Outgoing:
         self._scan: Optional[Generator[None, None, int]] = None
         self._scan_call: Optional[IDelayedCall] = None
         self._flush_again = False
+        #: told of every attempt's outcome, ``(packet id, None)`` when the
+        #: next hop acknowledged it, else ``(packet id, failure)``; not of
+        #: sends that never began (our own limits) or that our shutdown
+        #: cut short.  The pinger records its pings' first-hop failures
+        #: from this.
+        self.attempt_listeners: list[Callable[[int, Optional[Failure]], None]] = []
 
     # --- address retry state, kept across restarts ---------------------------
 
@@ -444,7 +450,12 @@ class Outgoing:
         d.addCallbacks(self._sent, self._failed, callbackArgs=(packet_id, dest, probation),
                        errbackArgs=(packet_id, dest, started, probation))
 
+    def _tell(self, packet_id: int, failure: Optional[Failure]) -> None:
+        for listener in self.attempt_listeners:
+            listener(packet_id, failure)
+
     def _sent(self, _result, packet_id: int, dest: NextHop, probation: bool) -> None:
+        self._tell(packet_id, None)
         state = self._state(dest)
         was_failing = state.first_failure is not None
         state.succeeded(self.clock.seconds())
@@ -464,6 +475,7 @@ class Outgoing:
             # denied address it warned once for the connection): drop the
             # packet, and do not hold it against the address's retry state.
             self.count(Event.RELAY_DENIED, 1)
+            self._tell(packet_id, failure)
             self._done.append(packet_id)
             self._remove_done()
             return
@@ -475,6 +487,7 @@ class Outgoing:
             # packet goes again at the next flush.
             self.log.debug("Relay deferred: {why}", why=failure.getErrorMessage())
             return
+        self._tell(packet_id, failure)
         state = self._state(dest)
         was_failing = state.first_failure is not None
         state.failed(started)

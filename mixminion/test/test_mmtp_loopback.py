@@ -33,12 +33,17 @@ from twisted.trial import unittest
 from zope.interface import implementer
 
 from mixminion.mmtp.initiator import (
-    ConnectionFailed,
+    LINK_CONNECT,
+    LINK_REJECTED,
+    LINK_TLS,
+    CannotConnect,
+    HandshakeFailed,
     NextHop,
     InitiatorSettings,
     MMTPClient,
     PacketRejected,
     PeerAuthenticationFailed,
+    link_failure,
 )
 from mixminion.mmtp.interfaces import IPacketSink
 from mixminion.mmtp.limits import ConnectionLimits, NetworkRule, NetworkRules
@@ -378,10 +383,40 @@ class DeliveryTests(LoopbackCase):
         client = self.client()
         results = await self.send_all(client, node.destination(),
                                       [make_packet(n) for n in range(2)])
-        self.assertEqual([type(r.value) for _, r in results], [ConnectionFailed] * 2)
+        self.assertEqual([type(r.value) for _, r in results], [CannotConnect] * 2)
+        self.assertEqual([link_failure(r) for _, r in results], [LINK_CONNECT] * 2)
         self.assertTrue(str(results[0][1].value).startswith("cannot connect: "))
         self.assertEqual(client.stats["FailedConnect"], 1)
         await self.logs.wait_for("Could not connect to a next hop", LogLevel.info)
+
+
+    @inline
+    async def test_a_peer_that_never_does_tls_is_a_handshake_failure(self) -> None:
+        """TCP accepted, then silence or a close: the packets fail as a
+        TLS failure (what the pinger records against a first hop), not as a
+        connect failure."""
+        for ending in ("silent", "closes"):
+            port = reactor.listenTCP(0, Factory.forProtocol(
+                lambda ending=ending: _TCPOnly(ending)), interface="127.0.0.1")
+            self.addCleanup(port.stopListening)
+            client = self.client(handshake_timeout=0.5)
+            results = await self.send_all(
+                client, NextHop("127.0.0.1", port.getHost().port, b"k" * 20), [make_packet(1)])
+            [(ok, failure)] = results
+            self.assertFalse(ok)
+            self.assertIsInstance(failure.value, HandshakeFailed, ending)
+            self.assertEqual(link_failure(failure), LINK_TLS, ending)
+
+
+class _TCPOnly(Protocol):
+    """Accepts TCP and never speaks TLS: stays silent, or closes at once."""
+
+    def __init__(self, ending: str) -> None:
+        self.ending = ending
+
+    def connectionMade(self) -> None:  # noqa: N802
+        if self.ending == "closes":
+            self.transport.loseConnection()
 
 
 # ---------------------------------------------------------- adversarial
@@ -514,6 +549,7 @@ class AdversaryTests(LoopbackCase):
         results = await self.send_all(client, node.destination(expect="impostor"),
                                       [make_packet(n) for n in range(3)])
         self.assertEqual([type(r.value) for _, r in results], [PeerAuthenticationFailed] * 3)
+        self.assertEqual([link_failure(r) for _, r in results], [LINK_TLS] * 3)
         self.assertEqual(client.stats["KeyIdMismatch"], 1)
         self.assertEqual(client.stats["SuccessfulConnect"], 0)
         await self.logs.wait_for("Next hop's identity key does not match its routing info",
@@ -530,6 +566,7 @@ class AdversaryTests(LoopbackCase):
         results = await self.send_all(client, node.destination(),
                                       [make_packet(n) for n in range(3)])
         self.assertEqual([type(r.value) for _, r in results], [PacketRejected] * 3)
+        self.assertEqual([link_failure(r) for _, r in results], [LINK_REJECTED] * 3)
         self.assertEqual(node.stats["RejectedPacket"], 3)
         self.assertEqual(client.stats["FailedRelay"], 3)
         await self.logs.wait_for("Packet refused by storage; answering REJECTED", LogLevel.warn,

@@ -32,13 +32,16 @@ from twisted.trial import unittest
 from zope.interface import implementer
 
 from mixminion.mmtp.initiator import (
+    LINK_TLS,
     ConnectionFailed,
+    HandshakeFailed,
     InitiatorSettings,
     MMTPClient,
     NextHop,
     PacketRejected,
     PeerAuthenticationFailed,
     Phase,
+    link_failure,
 )
 from mixminion.mmtp.interfaces import IPacketSink
 from mixminion.mmtp.limits import (
@@ -647,6 +650,8 @@ class InitiatorTests(LogMixin):
         server.transport.abortConnection()  # the TCP connection dies
         net.flush()
         self.assertEqual(ds.types(), [None] * 2 + [ConnectionFailed] * 8)
+        # after MMTP began: not a link-level failure the pinger records
+        self.assertIsNone(link_failure(Failure(ds.results[2])))
         self.expect_log("lost with 8 packets unacknowledged", LogLevel.info, count=1)
         net.sink.store_all()  # storage finishing late acknowledges nothing
         net.flush()
@@ -734,7 +739,8 @@ class InitiatorTests(LogMixin):
         peer.proto.connectionLost(Failure(ConnectionAborted()))
         self.assertIs(peer.proto.phase, Phase.CLOSED)
         [error] = ds.results
-        self.assertIs(type(error), ConnectionFailed)
+        self.assertIs(type(error), HandshakeFailed)
+        self.assertEqual(link_failure(Failure(error)), LINK_TLS)
         self.assertEqual(str(error), "TLS handshake timed out")
         self.expect_log("lost with 1 packets unacknowledged: TLS handshake timed out",
                         LogLevel.info, count=1)

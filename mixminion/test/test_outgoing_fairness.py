@@ -27,7 +27,9 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.test.iosim import connectedServerAndClient
 
 from mixminion.mmtp.initiator import (
+    CannotConnect,
     ConnectionFailed,
+    HandshakeFailed,
     NextHop,
     NextHopBusy,
     InitiatorSettings,
@@ -160,7 +162,7 @@ class ClientFairnessTests(LogMixin):
         self.assertEqual(honest.results, ["?"])
         net.advance(1)
         self.assertEqual(honest.results, [None])
-        self.assertEqual(black.types(), [ConnectionFailed] * 30)
+        self.assertEqual(black.types(), [HandshakeFailed] * 30)
         self.assertLessEqual(net.peak, 8)
         self.assertEqual(net.client.connections, 0)
 
@@ -174,7 +176,7 @@ class ClientFairnessTests(LogMixin):
         net.advance(DEADLINE - 1)
         self.assertEqual(ds.results, ["?", "?"])
         net.advance(1)
-        self.assertEqual(ds.types(), [ConnectionFailed, None])
+        self.assertEqual(ds.types(), [HandshakeFailed, None])
         self.assertEqual(str(ds.results[0]), "TLS handshake timed out")
         self.assertEqual(net.opened, [a, b])
         self.assertEqual(net.client.connections, 0)
@@ -236,7 +238,7 @@ class ClientFairnessTests(LogMixin):
         net.advance(DEADLINE - 1)
         self.assertEqual(ds.results, ["?"] * 3)
         net.advance(1)
-        self.assertEqual(ds.types(), [ConnectionFailed, ConnectionFailed, None])
+        self.assertEqual(ds.types(), [CannotConnect, CannotConnect, None])
         self.assertEqual(str(ds.results[0]), "cannot connect: timed out")
         self.assertEqual(net.client.stats["FailedConnect"], 1)
         self.assertEqual(net.client.connections, 0)
@@ -268,7 +270,7 @@ class ClientFairnessTests(LogMixin):
         self.assertEqual(net.client.held(a), 5)
         self.assertEqual(net.client.stats["AttemptedRelay"], 5)
         net.advance(DEADLINE)
-        self.assertEqual(ds.types(), [ConnectionFailed] * 5 + [NextHopBusy] * 2)
+        self.assertEqual(ds.types(), [HandshakeFailed] * 5 + [NextHopBusy] * 2)
         self.assertEqual(net.client.held(a), 0)
         ds = net.send_to([a] * 5, first=10)  # room again
         self.assertEqual(ds.results, ["?"] * 5)

@@ -13,7 +13,11 @@ from __future__ import annotations
 
 from twisted.trial import unittest
 
-from mixminion.mmtp.initiator import ConnectionFailed
+from typing import Optional
+
+from twisted.python.failure import Failure
+
+from mixminion.mmtp.initiator import CannotConnect, ConnectionFailed, NextHopBusy
 from mixminion.server.items import NextHop, encode_item
 from mixminion.server.outgoing import Outgoing
 from mixminion.server.queues import OUT
@@ -87,3 +91,26 @@ class OutgoingWindowTests(unittest.TestCase):
                          self.stats.count, ListSink(), worker=InPlaceWorker())
         self.addCleanup(again.stop)
         self.assertEqual(again.flush(), 3)  # right away after the restart
+
+    async def test_listeners_hear_how_each_attempt_ended(self) -> None:
+        """Acknowledged (None) or the failure; not a send our own memory
+        bound put off, nor one our shutdown cut short (the pinger records
+        its first hops' failures from this)."""
+        ids = self.store.add_many(OUT, [bytes(32768)] * 4, now=1000, meta=[self.meta] * 4)
+        out = self.outgoing(10)
+        heard: list[tuple[int, Optional[type]]] = []
+
+        def listen(packet_id: int, failure: Optional[Failure]) -> None:
+            heard.append((packet_id, None if failure is None else failure.type))
+        out.attempt_listeners.append(listen)
+        self.assertEqual(out.flush(), 4)
+        sent = [d for _, d in self.client.sent]
+        sent[0].callback(None)
+        sent[1].errback(CannotConnect("cannot connect: refused"))
+        sent[2].errback(NextHopBusy("our own limit"))
+        self.settle()
+        stopped = out.stop()
+        sent[3].errback(ConnectionFailed("client shutting down"))
+        self.settle()
+        await stopped
+        self.assertEqual(heard, [(ids[0], None), (ids[1], CannotConnect)])

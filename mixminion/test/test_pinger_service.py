@@ -27,6 +27,7 @@ from twisted.internet import defer
 from twisted.internet import reactor as _reactor
 from twisted.internet import task
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 from twisted.web import resource, server
 
@@ -45,7 +46,14 @@ from mixminion.server.draining import drain, pool_row
 from mixminion.server.incoming_log import IncomingLog
 from mixminion.server.items import decode_item
 from mixminion.server.metrics import peer_metrics
+from mixminion.mmtp.initiator import (
+    CannotConnect,
+    ConnectionFailed,
+    HandshakeFailed,
+    PacketRejected,
+)
 from mixminion.server.pinging.handles import HANDLE_LEN
+from mixminion.server.pinging.inference import PingOutcome, measure
 from mixminion.server.pinging.reports import ReportUploads
 from mixminion.server.pinging.service import PingerService, PingSettings, consensus_threshold
 from mixminion.server.pinging.store import PingStore
@@ -329,6 +337,77 @@ class ReturnTests(PingerTestCase):
         self.pinger.batch_done({Event.PROCESSED_RELAY: 5})
         self.settle()
         self.assertEqual(self.store.count(PING), 1)
+
+
+class FirstHopTests(PingerTestCase):
+    """doc/reliability.md §1: a first hop's link-level failures (connect,
+    TLS, REJECTED) are recorded against it, once per ping."""
+
+    def ping_row(self) -> tuple[int, str]:
+        """One ping: its row in the ``out`` queue and its first hop's
+        fingerprint."""
+        packet, hop = self.send_ping()
+        [row] = [r for r, _m, _a in self.store.items(OUT) if self.store.get(r) == packet]
+        [x] = [d.fingerprint for d in self.pinger.servers if d.identity_digest == hop.keyid]
+        return row, x
+
+    def link_outcomes(self) -> list[PingOutcome]:
+        return [o for o in self.pings.outcomes(0.0) if len(o.path) == 1]
+
+    def test_each_kind_of_link_failure_is_one_lost_one_hop_ping(self) -> None:
+        self.start()
+        expected = []
+        for error in (CannotConnect("cannot connect: refused"),
+                      HandshakeFailed("TLS handshake timed out"),
+                      PacketRejected("the next hop answered REJECTED")):
+            row, x = self.ping_row()
+            self.pinger.attempted(row, Failure(error))
+            self.settle()
+            expected.append(PingOutcome((x,), False))
+        self.assertEqual(self.link_outcomes(), expected)
+        self.assertEqual(self.counts[Event.PING_LINK_FAILED], 3)
+        # ... which the measurement lays on X: sent counts it, nothing returned
+        measured = measure(self.pings.outcomes(0.0))
+        for outcome in expected:
+            self.assertEqual(measured[outcome.path[0]].returned, 0)
+
+    def test_only_the_first_attempt_of_a_ping_counts(self) -> None:
+        """The queue retries a failing first hop many times; one ping is one
+        result.  A retry that gets through leaves the ping to come back."""
+        self.start()
+        row, x = self.ping_row()
+        for _ in range(5):
+            self.pinger.attempted(row, Failure(CannotConnect("cannot connect: refused")))
+        self.pinger.attempted(row, None)
+        self.settle()
+        self.assertEqual(self.link_outcomes(), [PingOutcome((x,), False)])
+
+    def test_acknowledged_or_not_link_level_records_nothing(self) -> None:
+        self.start()
+        acked, _ = self.ping_row()
+        self.pinger.attempted(acked, None)
+        self.pinger.attempted(acked, Failure(CannotConnect("cannot connect: later")))
+        broken, _ = self.ping_row()  # MMTP had begun: the hop proved itself
+        self.pinger.attempted(broken, Failure(ConnectionFailed("connection lost: reset")))
+        self.pinger.attempted(broken, Failure(CannotConnect("cannot connect: later")))
+        self.settle()
+        self.assertEqual(self.link_outcomes(), [])
+        self.assertEqual(self.counts[Event.PING_LINK_FAILED], 0)
+
+    def test_traffic_is_not_a_ping(self) -> None:
+        self.start()
+        traffic = self.store.add(OUT, b"x" * 32768, 1000.0, None)
+        self.pinger.attempted(traffic, Failure(CannotConnect("cannot connect: refused")))
+        self.settle()
+        self.assertEqual(self.link_outcomes(), [])
+
+    def test_pings_never_attempted_are_forgotten_with_the_window(self) -> None:
+        self.start()
+        row, _ = self.ping_row()
+        self.assertIn(row, self.pinger._first_hops)
+        self.reactor.advance(self.settings.window + 1)
+        self.settle()
+        self.assertNotIn(row, self.pinger._first_hops)
 
 
 class ProcessingTests(unittest.TestCase):
@@ -728,6 +807,7 @@ class NodeWiringTests(unittest.TestCase):
         self.assertIsInstance(pinger, PingerService)
         self.assertTrue(node.processor.pings)
         self.assertIn(pinger.batch_done, node.processor.batch_listeners)
+        self.assertIn(pinger.attempted, node.outgoing.attempt_listeners)
         self.assertEqual(pinger.settings, PingSettings(1.0, 5.0, 60.0, 10.0))
         [loop] = list(pinger)
         self.assertEqual(loop._schedule.mean_interval, 1.0)

@@ -19,6 +19,15 @@ inside a running node.
   It is queued before it is recorded: a crash between the two sends a
   packet whose return nobody claims, rather than blaming three servers for
   a ping that never left.
+* **Its first hop**: the outgoing stage tells the pinger how each attempt
+  to hand a ping to ``X`` ended; the first attempt of each ping that
+  failed at the link (connect, TLS, REJECTED:
+  :func:`mixminion.mmtp.initiator.link_failure`) is recorded against
+  ``X`` (:meth:`.store.PingStore.record_link_failure`).  One per ping, not
+  one per retry: a first hop that is down for a while is one lost
+  one-hop ping per ping that tried it, however often the queue retries.
+  Which queued packets are pings is known only in memory: after a restart
+  the pings still queued are no longer watched (their return still counts).
 * **A return**: the processing child puts each PING exit carrying a handle
   in the ``ping`` queue, stamped with the time it processed it, on the
   same elapsed clock (:func:`mixminion.server.draining.pool_row`); after
@@ -65,6 +74,7 @@ from mixminion.directory.descriptor import ServerDescriptor
 from mixminion.directory.http import HTTPClient
 from mixminion.directory.reliability import Measured, ReportFields, ServerReliability, build_report
 from mixminion.events import Event
+from mixminion.mmtp.initiator import link_failure
 from mixminion.server.clock import WALL
 from mixminion.server.config import ServerConfig
 from mixminion.server.items import encode_item
@@ -169,6 +179,10 @@ class PingerService(service.MultiService):
         self._collect_again = False
         #: work under way (worker calls, downloads): cancelled at stop
         self._pending: set[defer.Deferred] = set()
+        #: pings in the ``out`` queue whose first attempt has not ended, by
+        #: packet id: ``X``'s fingerprint and when the ping left.  Written
+        #: by the worker, read by the reactor (single dict operations).
+        self._first_hops: dict[int, tuple[str, float]] = {}
         PingLoop(reactor, PoissonSchedule(settings.interval, self.rng), self.ping
                  ).setServiceParent(self)
 
@@ -306,7 +320,8 @@ class PingerService(service.MultiService):
             return None
         handle = new_handle(self.entropy)
         ping = build_ping(*path, me, handle, self.entropy)
-        self.store.add(OUT, ping.packet, sent_at, encode_item(ping.first_hop))
+        packet_id = self.store.add(OUT, ping.packet, sent_at, encode_item(ping.first_hop))
+        self._first_hops[packet_id] = (path[0].fingerprint, sent_at)
         self.pings.record_sent(handle, [d.fingerprint for d in path], sent_at)
         return path
 
@@ -319,6 +334,23 @@ class PingerService(service.MultiService):
         self.count(Event.PING_SENT, 1)
         self.log.debug("Pinger: ping through {path}", path=", ".join(d.nickname for d in path))
         self.flush()
+
+    def attempted(self, packet_id: int, failure: Optional[Failure]) -> None:
+        """The outgoing stage ended an attempt to send packet ``packet_id``
+        (``failure`` None: acknowledged).  The first attempt of a ping
+        that failed at the link is recorded against its first hop."""
+        first_hop = self._first_hops.pop(packet_id, None)
+        if first_hop is None or failure is None or not self.running:
+            return
+        reason = link_failure(failure)
+        if reason is None:
+            return
+        fingerprint, _sent_at = first_hop
+        self.count(Event.PING_LINK_FAILED, 1)
+        self.log.debug("Pinger: first hop {name} failed ({reason})",
+                       name=self.nicknames.get(fingerprint, fingerprint), reason=reason)
+        self._track(self._run(self.pings.record_link_failure, fingerprint,
+                              self.reactor.seconds(), reason), "recording a first-hop failure")
 
     # --- returns ---------------------------------------------------------------------------
 
@@ -397,6 +429,9 @@ class PingerService(service.MultiService):
         settings = self.settings
         # Forgotten first: a ping older than the window is not counted lost.
         self.pings.prune(now - settings.window)
+        for packet_id, (_x, sent_at) in list(self._first_hops.items()):
+            if sent_at < now - settings.window:  # still queued, or dropped unsent
+                self._first_hops.pop(packet_id, None)
         lost = self.pings.expire(now, settings.timeout)
         measured = measure(self.pings.outcomes(now - settings.window))
         if not measured:
@@ -465,4 +500,5 @@ def pinger_for(config: ServerConfig, node: MixNode, keys: KeyStore, reactor: Any
         flush=node.outgoing.flush, count=node.stats.count, uploads=uploads, reactor=reactor,
         wall=wall)
     node.processor.batch_listeners.append(pinger.batch_done)
+    node.outgoing.attempt_listeners.append(pinger.attempted)
     return pinger

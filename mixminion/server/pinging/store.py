@@ -38,6 +38,7 @@ import threading
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from mixminion.mmtp.initiator import LINK_CONNECT, LINK_REJECTED, LINK_TLS
 from mixminion.server.pinging.handles import HANDLE_LEN
 from mixminion.server.pinging.inference import PingOutcome
 from mixminion.server.sqlitefile import open_private_sqlite
@@ -45,10 +46,8 @@ from mixminion.server.sqlitefile import open_private_sqlite
 #: the file's name in the work directory
 PINGS_DB = "pings.db"
 
-#: first-hop failures a node records against ``X``
-LINK_CONNECT = "connect"
-LINK_TLS = "tls"
-LINK_REJECTED = "rejected"
+#: first-hop failures a node records against ``X`` (how the MMTP client
+#: names them: :func:`mixminion.mmtp.initiator.link_failure`)
 LINK_FAILURES = frozenset({LINK_CONNECT, LINK_TLS, LINK_REJECTED})
 
 _SCHEMA = """
