@@ -77,6 +77,8 @@ OUTGOING = "Outgoing/MMTP"
 MBOX = "Delivery/MBOX"
 SMTP = "Delivery/SMTP"
 FRAGMENTED = "Delivery/Fragmented"
+#: ours (doc/nym.md §1): this node runs a nymserver
+NYM = "Delivery/Nym"
 TESTING = "Testing"
 
 
@@ -177,6 +179,15 @@ class DeliveryInfo:
 
 
 @dataclass(frozen=True)
+class NymInfo:
+    """``[Delivery/Nym]``: the nymserver's mail domain and the RSA key its
+    requests are encrypted to (doc/nym.md §1)."""
+
+    domain: str
+    key: PublicKey
+
+
+@dataclass(frozen=True)
 class DescriptorFields:
     """Everything a server chooses to publish; the input of :func:`build_descriptor`.
 
@@ -195,6 +206,7 @@ class DescriptorFields:
     mbox: Optional[DeliveryInfo] = None
     smtp: Optional[DeliveryInfo] = None
     max_fragments: Optional[int] = None
+    nym: Optional[NymInfo] = None
     packet_versions: Tuple[str, ...] = (PACKET_VERSION,)
     software: Optional[str] = DEFAULT_SOFTWARE
     insecurities: Tuple[str, ...] = ()
@@ -238,6 +250,8 @@ class ServerDescriptor:
     max_fragments: Optional[int]
     platform: Optional[str]
     configuration: Optional[str]
+    #: the nymserver this node runs, if any
+    nym: Optional[NymInfo]
     #: every section of the text, including unknown and skipped ones
     sections: Tuple[Section, ...]
     #: what was tolerated: unknown keys/sections, sections with other versions
@@ -321,6 +335,7 @@ class ServerDescriptor:
             mbox=self.mbox,
             smtp=self.smtp,
             max_fragments=self.max_fragments,
+            nym=self.nym,
             packet_versions=self.packet_versions,
             software=self.software,
             insecurities=tuple(self.why_insecure.split(", ")) if self.why_insecure else (),
@@ -389,6 +404,11 @@ _FRAGMENTED: Schema = {
     "Version": required(decode_string()),
     "Maximum-Fragments": required(decode_int),
 }
+_NYM: Schema = {
+    "Version": required(decode_string()),
+    "Domain": required(decode_host),
+    "Key": required(decode_base64),
+}
 _TESTING: Schema = {
     "Platform": optional(decode_string()),
     "Configuration": optional(decode_string()),
@@ -400,6 +420,7 @@ _SCHEMAS: Mapping[str, Schema] = {
     MBOX: _DELIVERY,
     SMTP: _DELIVERY,
     FRAGMENTED: _FRAGMENTED,
+    NYM: _NYM,
     TESTING: _TESTING,
 }
 #: sections whose version field selects whether we can read them (§4.1)
@@ -410,6 +431,7 @@ _VERSIONED: Mapping[str, tuple[str, str]] = {
     MBOX: ("Version", SECTION_VERSION),
     SMTP: ("Version", SECTION_VERSION),
     FRAGMENTED: ("Version", SECTION_VERSION),
+    NYM: ("Version", SECTION_VERSION),
 }
 
 
@@ -594,6 +616,7 @@ def _assemble(
     server = fields[SERVER]
     fragmented = fields.get(FRAGMENTED)
     testing = fields.get(TESTING)
+    nym = fields.get(NYM)
     return ServerDescriptor(
         text=text,
         digest=digest,
@@ -618,6 +641,8 @@ def _assemble(
         max_fragments=fragmented["Maximum-Fragments"] if fragmented else None,
         platform=testing.get("Platform") if testing else None,
         configuration=testing.get("Configuration") if testing else None,
+        nym=NymInfo(nym["Domain"], load_key(nym, "Key", IDENTITY_MIN_BYTES, IDENTITY_MAX_BYTES))
+        if nym else None,
         sections=sections,
         warnings=tuple(warnings),
     )
@@ -645,6 +670,12 @@ def format_descriptor(fields: DescriptorFields, identity: PublicKey) -> str:
         sections.append((FRAGMENTED, [
             Line("Version", SECTION_VERSION),
             Line("Maximum-Fragments", str(fields.max_fragments)),
+        ]))
+    if fields.nym is not None:
+        sections.append((NYM, [
+            Line("Version", SECTION_VERSION),
+            Line("Domain", fields.nym.domain),
+            Line("Key", encode_base64(fields.nym.key.der)),
         ]))
     testing = _optional_lines(("Platform", fields.platform), ("Configuration", fields.configuration))
     if testing:

@@ -262,8 +262,9 @@ class Dispatcher:
 
     def descriptor_fields(self) -> dict[str, Any]:
         """Keyword arguments for ``DescriptorFields`` (``mbox``, ``smtp``,
-        ``max_fragments``) from the advertised sections."""
-        keys = {"Delivery/MBOX": "mbox", "Delivery/SMTP": "smtp", "Delivery/Fragmented": "max_fragments"}
+        ``max_fragments``, ``nym``) from the advertised sections."""
+        keys = {"Delivery/MBOX": "mbox", "Delivery/SMTP": "smtp",
+                "Delivery/Fragmented": "max_fragments", "Delivery/Nym": "nym"}
         return {keys[ad.section]: ad.descriptor_value for ad in self.advertise() if ad.section in keys}
 
     def stop(self) -> defer.Deferred:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import re
 from typing import Any
 
 from twisted.trial import unittest
@@ -24,6 +25,7 @@ from mixminion.directory.descriptor import (
     IncomingMMTP,
     MalformedDescriptor,
     NotYetValid,
+    NymInfo,
     OutgoingMMTP,
     PublishedInFuture,
     UnsupportedVersion,
@@ -122,6 +124,27 @@ class RoundTripTests(unittest.TestCase):
         self.assertEqual(desc.caps, "mbox smtp relay frag")
         self.assertTrue(desc.can_start_at())
         self.assertTrue(desc.supports_packet_version())
+
+    def test_nym_section_round_trip(self) -> None:
+        """[Delivery/Nym] (doc/nym.md §1): domain and request key."""
+        fields = full_fields(nym=NymInfo("nym.example.org", key("nym").public))
+        text = build_descriptor(fields, identity(), fixed_rng)
+        self.assertIn("[Delivery/Nym]\nVersion: 0.1\nDomain: nym.example.org\nKey: ", text)
+        desc = parse_descriptor(text, NOW)
+        self.assertEqual(desc.nym, NymInfo("nym.example.org", key("nym").public))
+        self.assertEqual(desc.to_fields(), fields)
+        self.assertIsNone(parse_descriptor(build_descriptor(full_fields(), identity(), fixed_rng),
+                                           NOW).nym)
+
+    def test_nym_section_bad_key_or_other_version(self) -> None:
+        text = signed(full_fields(nym=NymInfo("nym.example.org", key("nym").public)))
+        with self.assertRaises(BadKey):
+            parse_descriptor(resign(re.sub(r"(\[Delivery/Nym\]\n(?:.*\n)*?Key: )\S+",
+                                           r"\1AAAA", text)), NOW)
+        other = parse_descriptor(resign(replace_line(
+            text, "[Delivery/Nym]\nVersion: 0.1", "[Delivery/Nym]\nVersion: 0.9")), NOW)
+        self.assertIsNone(other.nym)
+        self.assertTrue(any("[Delivery/Nym] Version is '0.9'" in w for w in other.warnings))
 
     def test_routing_info(self) -> None:
         """FWD_HOST: u16 port, identity keyid, lower-cased hostname."""

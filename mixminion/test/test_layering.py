@@ -20,11 +20,12 @@ ALLOWED: dict[str, set[str]] = {
     "codec": set(),
     "mmtp": {"codec", "events"},
     "config": {"codec"},
+    "nym": {"codec"},
     "directory": {"codec", "config", "mmtp", "events", "fileutil", "logfilter", "listening",
                   "signals"},
-    "client": {"codec", "config", "mmtp", "events", "directory", "fileutil"},
-    "exits": {"codec", "config", "mmtp", "events", "directory", "plugins", "fileutil"},
-    "server": {"codec", "config", "mmtp", "events", "directory", "client", "exits", "plugins",
+    "client": {"codec", "config", "mmtp", "events", "directory", "fileutil", "nym"},
+    "exits": {"codec", "config", "mmtp", "events", "directory", "plugins", "fileutil", "nym"},
+    "server": {"codec", "config", "mmtp", "events", "directory", "client", "exits", "plugins", "nym",
                "fileutil", "logfilter", "procinfo", "listening", "signals"},
 }
 
