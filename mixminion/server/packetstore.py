@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from typing import Iterable, Iterator, Optional, Sequence
 
 from mixminion.server.bodies import MAX_BODY, BodyFiles
-from mixminion.server.sqlitefile import open_private_sqlite
+from mixminion.sqlitefile import open_private_sqlite
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS packets (

@@ -24,9 +24,10 @@ ALLOWED: dict[str, set[str]] = {
     "directory": {"codec", "config", "mmtp", "events", "fileutil", "logfilter", "listening",
                   "signals"},
     "client": {"codec", "config", "mmtp", "events", "directory", "fileutil", "nym"},
-    "exits": {"codec", "config", "mmtp", "events", "directory", "plugins", "fileutil", "nym"},
+    "exits": {"codec", "config", "mmtp", "events", "directory", "plugins", "fileutil", "nym",
+              "sqlitefile"},
     "server": {"codec", "config", "mmtp", "events", "directory", "client", "exits", "plugins", "nym",
-               "fileutil", "logfilter", "procinfo", "listening", "signals"},
+               "fileutil", "sqlitefile", "logfilter", "procinfo", "listening", "signals"},
 }
 
 _PROBE = """

@@ -34,14 +34,13 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import threading
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from mixminion.mmtp.initiator import LINK_CONNECT, LINK_REJECTED, LINK_TLS
 from mixminion.server.pinging.handles import HANDLE_LEN
 from mixminion.server.pinging.inference import PingOutcome
-from mixminion.server.sqlitefile import open_private_sqlite
+from mixminion.sqlitefile import SQLiteStore
 
 #: the file's name in the work directory
 PINGS_DB = "pings.db"
@@ -86,27 +85,19 @@ class PingRecord:
     lost_at: Optional[float]
 
 
-class PingStore:
+class PingStore(SQLiteStore):
     """Pings by handle and first-hop failures.  Blocking and thread-safe:
     the node may call it from the reactor or from one worker thread."""
 
+    error = PingStoreError
+    label = "the ping store"
+
     def __init__(self, path: str) -> None:
-        self.path = path
-        self._lock = threading.Lock()
-        try:
-            self._db: Optional[sqlite3.Connection] = open_private_sqlite(path, _SCHEMA)
-        except (OSError, sqlite3.Error) as exc:
-            raise PingStoreError(f"cannot open ping store {path}: {exc}") from exc
+        super().__init__(path, _SCHEMA)
 
     @classmethod
     def in_work_dir(cls, work_dir: str) -> "PingStore":
         return cls(os.path.join(work_dir, PINGS_DB))
-
-    def close(self) -> None:
-        with self._lock:
-            if self._db is not None:
-                self._db.close()
-                self._db = None
 
     # --- pings ------------------------------------------------------------------
 
@@ -117,7 +108,7 @@ class PingStore:
         if len(path) != 3:
             raise ValueError(f"a ping path is X, S, Y, not {len(path)} servers")
         try:
-            self._write("INSERT INTO pings (handle, x, s, y, sent_at) VALUES (?, ?, ?, ?, ?)",
+            self._execute("INSERT INTO pings (handle, x, s, y, sent_at) VALUES (?, ?, ?, ?, ?)",
                           (bytes(handle), *path, sent_at))
         except sqlite3.IntegrityError as exc:
             raise ValueError("this handle was already used") from exc
@@ -135,13 +126,13 @@ class PingStore:
     def mark_returned(self, handle: bytes, at: float) -> bool:
         """The ping came back at ``at``.  False (nothing changed) for an
         unknown handle or a ping already settled: the caller reports it."""
-        return self._write("UPDATE pings SET returned_at = ? WHERE handle = ? "
+        return self._execute("UPDATE pings SET returned_at = ? WHERE handle = ? "
                            "AND returned_at IS NULL AND lost_at IS NULL", (at, bytes(handle))) == 1
 
     def expire(self, now: float, timeout: float) -> int:
         """Settle as lost every ping not back ``timeout`` seconds after it
         left; how many."""
-        return self._write("UPDATE pings SET lost_at = ? WHERE returned_at IS NULL "
+        return self._execute("UPDATE pings SET lost_at = ? WHERE returned_at IS NULL "
                            "AND lost_at IS NULL AND sent_at <= ?", (now, now - timeout))
 
     def measured_counts(self, since: float) -> dict[str, int]:
@@ -158,7 +149,7 @@ class PingStore:
         :data:`LINK_FAILURES`)."""
         if reason not in LINK_FAILURES:
             raise ValueError(f"unknown first-hop failure {reason!r}")
-        self._write("INSERT INTO link_failures (fingerprint, at, reason) VALUES (?, ?, ?)",
+        self._execute("INSERT INTO link_failures (fingerprint, at, reason) VALUES (?, ?, ?)",
                     (fingerprint, at, reason))
 
     # --- reading and forgetting ------------------------------------------------
@@ -180,39 +171,6 @@ class PingStore:
     def prune(self, before: float) -> int:
         """Forget pings sent and failures seen before ``before``, settled or
         not (a ping that old is past any window); how many rows went."""
-        with self._lock:
-            db = self._open()
-            try:
-                db.execute("BEGIN IMMEDIATE")
-                n = db.execute("DELETE FROM pings WHERE sent_at < ?", (before,)).rowcount
-                n += db.execute("DELETE FROM link_failures WHERE at < ?", (before,)).rowcount
-                db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise PingStoreError(f"cannot prune the ping store: {exc}") from exc
-            return n
-
-    # --- plumbing ----------------------------------------------------------------
-
-    def _open(self) -> sqlite3.Connection:
-        if self._db is None:
-            raise PingStoreError("the ping store is closed")
-        return self._db
-
-    def _query(self, sql: str, params: tuple) -> list[tuple]:
-        with self._lock:
-            try:
-                return self._open().execute(sql, params).fetchall()
-            except sqlite3.Error as exc:
-                raise PingStoreError(f"cannot read the ping store: {exc}") from exc
-
-    def _write(self, sql: str, params: tuple) -> int:
-        """One statement, its own durable transaction; the rows it changed."""
-        with self._lock:
-            try:
-                return self._open().execute(sql, params).rowcount
-            except sqlite3.IntegrityError:
-                raise
-            except sqlite3.Error as exc:
-                raise PingStoreError(f"cannot write the ping store: {exc}") from exc
+        with self.transaction():
+            return (self._execute("DELETE FROM pings WHERE sent_at < ?", (before,))
+                    + self._execute("DELETE FROM link_failures WHERE at < ?", (before,)))
