@@ -68,6 +68,15 @@ class Event(StrEnum):
     #: the first attempt to hand a ping to its first hop failed at the link
     #: (connect, TLS, REJECTED), recorded against that hop
     PING_LINK_FAILED = "PingLinkFailed"
+    # --- the nymserver (doc/nym.md) ---
+    #: per outcome: ``NymRequest:done``, ``:refused``, ``:ignored``, ``:fragment``, ``:unreadable``
+    NYM_REQUEST = "NymRequest"
+    NYM_MAIL_RECEIVED = "NymMailReceived"
+    NYM_MAIL_REFUSED = "NymMailRefused"
+    #: a message (answer or mail) sent to an owner through its reply blocks
+    NYM_DELIVERED = "NymDelivered"
+    NYM_MAIL_SENT = "NymMailSent"
+    NYM_MAIL_FAILED = "NymMailFailed"
     # --- delivery (per module: ``ExitDelivered:SMTP``...) ---
     EXIT_DELIVERED = "ExitDelivered"
     EXIT_RETRY = "ExitRetry"

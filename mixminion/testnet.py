@@ -80,6 +80,8 @@ PASSPHRASE = "testnet"
 MBOX_NYM = "me"
 MBOX_ADDRESS = "me@localhost.localdomain"
 DEMO_RECIPIENT = "alice@example.com"
+#: the mail domain of the nymserver the last node runs (doc/nym.md)
+NYM_DOMAIN = "nym.localhost.localdomain"
 START_TIMEOUT = 30.0
 CONSENSUS_TIMEOUT = 90.0
 DELIVERY_TIMEOUT = 60.0
@@ -130,6 +132,9 @@ class Proc:
     #: 127.N.0.1, so that pingers count as different networks
     #: (doc/reliability.md §3); 127.0.0.1 where only that one binds
     address: str = "127.0.0.1"
+    #: the port of a node's nymserver (doc/nym.md), where mail for the
+    #: nyms is delivered over SMTP; None: it runs none
+    nym_port: Optional[int] = None
 
     @property
     def pidfile(self) -> str:
@@ -295,7 +300,7 @@ def create_network(directory: str, nodes: int, mta: Optional[str],
     os.makedirs(directory, mode=0o700, exist_ok=True)
     os.chmod(directory, 0o700)
     net = Network(directory, mta=mta, blacklist=blacklist)
-    ports = free_ports(AUTHORITIES + 2 * nodes + 1)
+    ports = free_ports(AUTHORITIES + 2 * nodes + 2)
     exits = set(range(nodes - max(1, (nodes + 1) // 2), nodes))
     for i in range(AUTHORITIES):
         folder = os.path.join(directory, f"auth{i + 1}")
@@ -314,7 +319,8 @@ def create_network(directory: str, nodes: int, mta: Optional[str],
         net.procs.append(Proc(f"node{i + 1}", "node", ports[AUTHORITIES + i], folder,
                               os.path.join(folder, "mixminiond.conf"),
                               metrics_port=ports[AUTHORITIES + nodes + i], exit=i in exits,
-                              address=address if can_bind(address) else "127.0.0.1"))
+                              address=address if can_bind(address) else "127.0.0.1",
+                              nym_port=ports[-2] if i == nodes - 1 else None))
     if mta is None:
         folder = os.path.join(directory, "smtpsink")
         net.procs.append(Proc("smtpsink", "sink", ports[-1], folder, os.path.join(folder, "smtpsink.tac")))
@@ -366,6 +372,17 @@ MaximumSize: 1 MB
 [Delivery/Fragmented]
 Enabled: yes
 MaximumSize: 1 MB
+"""
+        if n.nym_port is not None:
+            text += f"""
+[Delivery/Nym]
+Enabled: yes
+Domain: {NYM_DOMAIN}
+IncomingPort: {n.nym_port}
+SMTPServer: {smtp_host}
+SMTPPort: {smtp_port}
+Retry: {retry}
+{f"BlacklistFile: {net.blacklist}" if net.blacklist else ""}
 """
         write_file(n.conf, text)
     if net.sink is not None:

@@ -42,6 +42,47 @@ class HandBack:
         self._target(item)
 
 
+class NodeLink:
+    """What a module that sends packets as this node needs from it (the
+    NYM module): :meth:`own_hop`, this node as a hop of a path (None while
+    it has no descriptor valid now), and :meth:`inject`, which puts a
+    packet in the node's incoming queue as if it came over MMTP (a
+    Deferred that fires once it is durably stored).  The node connects it
+    once it has keys and a queue.
+
+    ``services`` keeps what a module runs for the node's whole life (a
+    listener, a store): a SIGHUP rebuilds the modules, the new one finds
+    the running service here and reconfigures it; :meth:`adopt` hands the
+    services to the node to start and stop."""
+
+    def __init__(self) -> None:
+        self._own_hop: Optional[Callable[[], Any]] = None
+        self._inject: Optional[Callable[[bytes], Any]] = None
+        self.services: dict[str, Any] = {}
+        self._adopter: Optional[Callable[[Any], None]] = None
+
+    def connect(self, own_hop: Callable[[], Any], inject: Callable[[bytes], Any],
+                adopt: Callable[[Any], None]) -> None:
+        self._own_hop, self._inject, self._adopter = own_hop, inject, adopt
+        for svc in self.services.values():
+            adopt(svc)
+
+    def own_hop(self) -> Any:
+        return self._own_hop() if self._own_hop is not None else None
+
+    def inject(self, packet: bytes) -> Any:
+        if self._inject is None:
+            raise RuntimeError("no node is connected to take the packet")
+        return self._inject(packet)
+
+    def keep(self, name: str, svc: Any) -> None:
+        """Run ``svc`` for the node's life (started with the node, or at
+        once if the node runs already)."""
+        self.services[name] = svc
+        if self._adopter is not None:
+            self._adopter(svc)
+
+
 @dataclass(frozen=True)
 class ExitContext:
     """Shared services for exit modules.
@@ -51,7 +92,8 @@ class ExitContext:
     ``task.Clock`` in tests; the node's clock ignores wall-clock steps),
     ``wall`` (by default ``clock``) the date written on a message;
     ``reactor`` makes connections and processes.  ``hand_back`` queues an
-    item a module made for delivery by another module.
+    item a module made for delivery by another module; ``node_link``
+    sends packets as this node and keeps services across reconfigurations.
     """
 
     base_dir: str
@@ -61,6 +103,7 @@ class ExitContext:
     counters: Counters = dataclasses.field(default_factory=MMTPStats)
     hand_back: HandBack = dataclasses.field(default_factory=HandBack)
     wall: Any = None
+    node_link: NodeLink = dataclasses.field(default_factory=NodeLink)
 
     def __post_init__(self) -> None:
         if self.reactor is None:

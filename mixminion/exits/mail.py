@@ -282,6 +282,26 @@ def _program(argv: tuple[str, ...], name: str) -> list[str]:
     return [program, *argv[1:]]
 
 
+def mta_transport(values: Mapping[str, Any], section_name: str, context: ExitContext) -> Any:
+    """The MTA a section's ``SMTPServer``/``SMTPPort``/``SendmailCommand``/
+    ``MaxSMTPConnections`` name (:func:`mixminion.exits.options.mta_options`)."""
+    from mixminion.exits import mta
+
+    if values["MaxSMTPConnections"] < 1:
+        raise ExitConfigError(f"[{section_name}] MaxSMTPConnections must be at least 1")
+    sessions = values["MaxSMTPConnections"]
+    if values["SendmailCommand"] is not None:
+        # SMTPPort alone is ignored: it always has a value (its default).
+        if values["SMTPServer"] is not None:
+            raise ExitConfigError(f"[{section_name}] SendmailCommand and SMTPServer "
+                                  "are exclusive")
+        argv = _program(values["SendmailCommand"], section_name)
+        return mta.SendmailCommand(argv, context.reactor, context.logger(), max_sessions=sessions)
+    host = values["SMTPServer"] or "localhost"
+    return mta.SMTPRelay(host, values["SMTPPort"], context.reactor, context.logger(),
+                         max_sessions=sessions)
+
+
 class MailModule:
     """What the SMTP and MBOX modules share: options, checks in the order
     of server.md §9.3, formatting, and the transport to the MTA.
@@ -328,24 +348,7 @@ class MailModule:
         """Module-specific options; may set ``self.transport``."""
 
     def _make_mta_transport(self, values: Mapping[str, Any], context: ExitContext) -> Any:
-        from mixminion.exits import mta
-
-        if values["SendmailCommand"] is not None:
-            # SMTPPort alone is ignored: it always has a value (its default).
-            if values["SMTPServer"] is not None:
-                raise ExitConfigError(f"[{self.section_name}] SendmailCommand and SMTPServer "
-                                      "are exclusive")
-            argv = _program(values["SendmailCommand"], self.section_name)
-            return mta.SendmailCommand(argv, context.reactor, context.logger(),
-                                       max_sessions=self._max_sessions(values))
-        host = values["SMTPServer"] or "localhost"
-        return mta.SMTPRelay(host, values["SMTPPort"], context.reactor, context.logger(),
-                             max_sessions=self._max_sessions(values))
-
-    def _max_sessions(self, values: Mapping[str, Any]) -> int:
-        if values["MaxSMTPConnections"] < 1:
-            raise ExitConfigError(f"[{self.section_name}] MaxSMTPConnections must be at least 1")
-        return values["MaxSMTPConnections"]
+        return mta_transport(values, self.section_name, context)
 
     # -- delivery --------------------------------------------------------------------
 

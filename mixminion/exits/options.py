@@ -108,6 +108,37 @@ FRAGMENTED = SectionSpec("Delivery/Fragmented", "server-side reassembly (§9.7)"
 ))
 
 
+#: what reads the nymserver's listening address and port, once: a SIGHUP
+#: finds its service running and leaves them
+_AT_START = "mixminion.exits.nym.module:NymModule"
+
+NYM = SectionSpec("Delivery/Nym", "ours: a nymserver in this node (doc/nym.md); mail a "
+                  "nym sends goes to the MTA named here", (
+    Option("Enabled", BOOLEAN, "run the nymserver", required=True, published=True),
+    Option("Domain", STRING, "the mail domain of the nyms (NAME@Domain); its MX must lead "
+           "to IncomingPort, usually through an MTA; required when enabled", published=True),
+    Option("IncomingAddress", STRING, "address the SMTP listener for mail to the nyms "
+           "binds", default="127.0.0.1", consumer=_AT_START),
+    Option("IncomingPort", PORT, "port of that listener; required when enabled",
+           consumer=_AT_START),
+    Option("BlacklistFile", FILENAME, "addresses a nym may not mail (the SMTP exit's "
+           "format, usually its file); must exist; every SIGHUP re-reads it"),
+    Option("Retry", INTERVAL_LIST, "retry schedule of a nym's outgoing mail while the MTA "
+           "refuses it", default=DEFAULT_MODULE_RETRY),
+    Option("MaximumSize", SIZE, "largest mail to or from a nym", default="64K"),
+    Option("MaxNyms", INT, "most nyms held", default="1000"),
+    Option("MaxReplyBlocksPerNym", INT, "most reply blocks held per nym (the newest stay)",
+           default="100"),
+    Option("SendsPerNymPerDay", INT, "most mails a nym sends a day", default="50"),
+    Option("IncomingPerNymPerHour", INT, "most mails a nym receives an hour (answered 452 "
+           "beyond), so nobody drains its reply blocks faster", default="60"),
+    Option("MaxQueuedPerNym", INT, "most mails waiting for a nym's reply blocks",
+           default="100"),
+    Option("MaxQueuedBytesPerNym", SIZE, "most bytes of mail waiting for a nym",
+           default="10M"),
+) + _mta_options())
+
+
 def section_values(spec: SectionSpec, section: Mapping[str, Any]) -> dict[str, Any]:
     """What a module's ``configure`` reads: ``section`` typed by its schema
     (text is parsed, parsed values kept, defaults filled in)."""

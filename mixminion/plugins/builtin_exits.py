@@ -10,4 +10,7 @@ mbox = ExitModulePlugin("MBOX", "Delivery/MBOX", "mixminion.exits.mbox.MBOXModul
 fragment = ExitModulePlugin("FRAGMENT", "Delivery/Fragmented", "mixminion.exits.fragment.FragmentModule",
                             "Reassembly of fragmented messages for the other modules",
                             options=options.FRAGMENTED)
+nym = ExitModulePlugin("NYM", "Delivery/Nym", "mixminion.exits.nym.module.NymModule",
+                       "A nymserver: mail to NAME@Domain through its owner's reply blocks",
+                       options=options.NYM)
 drop = ExitModulePlugin("DROP", None, "mixminion.exits.drop.DropModule", "Counts and discards")

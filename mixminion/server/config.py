@@ -430,13 +430,16 @@ def exit_section(spec: SectionSpec) -> SectionSpec:
             return option
         if option.key == "Enabled":
             return dataclasses.replace(option, consumer=_BUILD_EXITS, reload="")
+        if option.consumer:  # read once, at start (the nymserver's listening port)
+            return option
         return dataclasses.replace(option, reload=_EXITS, consumer="")
     return dataclasses.replace(spec, options=tuple(effect(o) for o in spec.options))
 
 
 #: the node's own sections, then those of the exit modules that come with it
 SCHEMA_SECTIONS: tuple[SectionSpec, ...] = NODE_SECTIONS + tuple(
-    exit_section(spec) for spec in (exit_options.SMTP, exit_options.MBOX, exit_options.FRAGMENTED))
+    exit_section(spec) for spec in (exit_options.SMTP, exit_options.MBOX, exit_options.FRAGMENTED,
+                                    exit_options.NYM))
 SCHEMA: Mapping[str, SectionSpec] = {s.name: s for s in SCHEMA_SECTIONS}
 
 #: Delivery sections with a class of their own; other ``Delivery/*`` are plugins.

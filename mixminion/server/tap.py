@@ -17,6 +17,7 @@ from twisted.application import service
 from twisted.logger import Logger
 from twisted.python import usage
 
+from mixminion.client.paths import hop_for
 from mixminion.directory.descriptor import DescriptorFields, IncomingMMTP, OutgoingMMTP
 from mixminion.exits.context import ExitContext
 from mixminion.exits.errors import ExitConfigError
@@ -111,6 +112,7 @@ def build_node(config: ServerConfig, reactor,
     node = MixNode(config, reactor, keys.identity,
                    lambda: [key for key, _path in keys.packet_keys(WALL.seconds())], dispatcher,
                    stats=stats, pid_file=pid_file)
+    link_node_to_exits(context, node, keys)
     key_service = KeyService(keys, node.keys_rotated, template, reactor)
     key_service.setServiceParent(node)
     ClockWatch(clock if clock is not None else elapsed_clock(config),
@@ -133,6 +135,18 @@ def build_node(config: ServerConfig, reactor,
         pinger.setServiceParent(node)
     node.keys = keys
     return node
+
+
+def link_node_to_exits(context: ExitContext, node, keys: KeyStore) -> None:
+    """What an exit module that sends packets as this node (NYM) needs:
+    this node as a hop (its descriptor valid now), the incoming queue to
+    put packets in, and the node to run its service."""
+    def own_hop():
+        descriptor = keys.current_descriptor(WALL.seconds())
+        return hop_for(descriptor) if descriptor is not None else None
+    context.node_link.connect(own_hop=own_hop,
+                              inject=lambda packet: node.sink.receivePacket(packet, "nymserver"),
+                              adopt=lambda svc: svc.setServiceParent(node))
 
 
 def republish(publisher) -> None:

@@ -25,7 +25,7 @@ ALLOWED: dict[str, set[str]] = {
                   "signals"},
     "client": {"codec", "config", "mmtp", "events", "directory", "fileutil", "nym"},
     "exits": {"codec", "config", "mmtp", "events", "directory", "plugins", "fileutil", "nym",
-              "sqlitefile"},
+              "sqlitefile", "listening"},
     "server": {"codec", "config", "mmtp", "events", "directory", "client", "exits", "plugins", "nym",
                "fileutil", "sqlitefile", "logfilter", "procinfo", "listening", "signals"},
 }
