@@ -21,7 +21,7 @@ from typing import Any, BinaryIO, Coroutine, Optional, Sequence, TextIO
 
 from mixminion import __version__
 from mixminion.client import keyring as keyring_mod
-from mixminion.client.commands import decode, fragments, ping, queue, send, servers, surbs
+from mixminion.client.commands import decode, fragments, nym, ping, queue, send, servers, surbs
 from mixminion.client.commands.common import (
     PROG,
     Command,
@@ -29,7 +29,7 @@ from mixminion.client.commands.common import (
     UsageError,
     UserError,
     check_status_fd,
-    fd_number,
+    general_options,
 )
 from mixminion.client.config import load_client_config
 from mixminion.client.paths import PathError
@@ -38,7 +38,7 @@ from mixminion.config.syntax import ConfigError
 
 #: every command, in the order ``--help`` lists them
 TABLE: dict[str, Command] = {
-    c.name: c for group in (send, queue, servers, ping, surbs, decode, fragments)
+    c.name: c for group in (send, queue, servers, ping, surbs, decode, fragments, nym)
     for c in group.COMMANDS
 }
 #: command name -> its one-line summary
@@ -66,6 +66,11 @@ class Parser(argparse.ArgumentParser):
 
     out: TextIO = sys.stdout
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: sub-command name -> its parser (``nym create``)
+        self.leaves: dict[str, "Parser"] = {}
+
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UsageError(f"{self.prog}: {message} (see '{self.prog} --help')")
 
@@ -79,18 +84,6 @@ class Parser(argparse.ArgumentParser):
             self.out.write(message)
 
 
-def _general_options(p: argparse.ArgumentParser) -> None:
-    """The options every command takes (client.md §1.1), after its own."""
-    g = p.add_argument_group("general options")
-    g.add_argument("-v", "--verbose", action="store_true", help="log everything, including debugging detail")
-    g.add_argument("-Q", "--quiet", action="store_true", help="log only errors")
-    g.add_argument("-f", "--config", metavar="FILE",
-                   help="configuration file (default $MIXMINIONRC, else ~/.mixminionrc)")
-    g.add_argument("--status-fd", metavar="N", type=fd_number,
-                   help="write machine-readable status lines ('[MIXMINION:] TYPE ARGS') to "
-                        "file descriptor N, which must be open for writing")
-
-
 def _aliases_of(name: str) -> list[str]:
     return [alias for alias, target in ALIASES.items() if target == name]
 
@@ -101,6 +94,8 @@ def _also(name: str) -> str:
 
 
 def build_parser(out: TextIO) -> tuple[Parser, dict[str, Parser]]:
+    """The top parser and each command's (a command with sub-commands
+    keeps theirs in its ``leaves``)."""
     Parser.out = out
     top = Parser(prog=PROG, description="Send and receive Type III (Mixminion) anonymous "
                  "messages.", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -114,9 +109,32 @@ def build_parser(out: TextIO) -> tuple[Parser, dict[str, Parser]]:
         p = sub.add_parser(name, help=command.summary, description=command.summary + ".",
                            prog=f"{PROG} {name}", aliases=_aliases_of(name))
         command.options(p)
-        _general_options(p)
+        general_options(p)
         parsers[name] = p
+        if not command.subcommands:
+            continue
+        inner = p.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True,
+                                 parser_class=Parser)
+        for s in command.subcommands:
+            q = inner.add_parser(s.name, help=s.summary, description=s.summary + ".",
+                                 prog=f"{PROG} {name} {s.name}")
+            s.options(q)
+            general_options(q, inherited=True)
+            p.leaves[s.name] = q
     return top, parsers
+
+
+def _chosen(args: argparse.Namespace) -> Optional[Command]:
+    """The command (or sub-command) the parsed arguments name; for a
+    sub-command, ``args.command`` becomes ``"NAME SUB"``, as its messages
+    name it."""
+    if not args.command:
+        return None
+    command = TABLE[args.command]
+    if command.subcommands:
+        command = {s.name: s for s in command.subcommands}[args.subcommand]
+        args.command = f"{args.command} {args.subcommand}"
+    return command
 
 
 # --- running a command ---------------------------------------------------------------------
@@ -140,10 +158,12 @@ async def run(argv: Sequence[str], *, stdin: Optional[BinaryIO] = None,
     try:
         args, unknown = top.parse_known_args(list(argv))
         args.command = ALIASES.get(args.command, args.command)
+        command = _chosen(args)
         if unknown:  # blamed on the command whose options they are not
-            (parsers[args.command] if args.command else top).error(
-                f"unrecognized arguments: {' '.join(unknown)}")
-        if not args.command:
+            name, _, leaf = (args.command or "").partition(" ")
+            blamed = parsers[name].leaves.get(leaf, parsers[name]) if name else top
+            blamed.error(f"unrecognized arguments: {' '.join(unknown)}")
+        if command is None:
             raise UsageError(f"{PROG}: no command given (commands: {', '.join(COMMANDS)}; "
                              f"see '{PROG} --help')")
         if args.verbose and args.quiet:
@@ -167,7 +187,6 @@ async def run(argv: Sequence[str], *, stdin: Optional[BinaryIO] = None,
     notices: list[str] = []
     try:
         ctx.config = load_client_config(args.config, environ, notices.append)
-        command = TABLE[args.command]
         if command.locked:
             private_dir(ctx.config.user_dir)
             lock = ClientLock(ctx.config.user_dir)

@@ -38,6 +38,8 @@ DEFAULT_TIMEOUT = 120
 DEFAULT_DIRECTORY_TIMEOUT = 60
 #: random hops skip measured servers less reliable than this (doc/reliability.md §4)
 DEFAULT_RELIABILITY_FLOOR = 0.9
+#: decode warns when a nymserver holds fewer reply blocks than this (doc/nym.md §3)
+DEFAULT_NYM_WARN_BELOW = 5
 
 LIST = ValueType("list", lambda text: tuple(x.strip() for x in text.split(",") if x.strip()))
 
@@ -83,6 +85,10 @@ CLIENT_SCHEMA: Mapping[str, Mapping[str, tuple[ValueType, bool, str]]] = {
                    "to every first hop, not only to those whose descriptor names the original "
                    "software (default no)"),
     },
+    "Nym": {
+        "WarnBelow": (INT, False, "decode warns when a nymserver says it holds fewer of a "
+                      "nym's reply blocks than this (default 5; 0 never warns)"),
+    },
 }
 
 DEFAULT_FILE = """\
@@ -116,6 +122,9 @@ DirectoryTimeout: 1 minute
 [Network]
 Timeout: 2 minutes
 #Legacy: no
+
+[Nym]
+#WarnBelow: 5
 """
 
 
@@ -142,6 +151,8 @@ class ClientConfig:
     file_paranoia: bool = True
     #: the weaker 0.0.8-era link for every first hop (``[Network] Legacy``)
     legacy: bool = False
+    #: decode warns below this many reply blocks at a nymserver (``[Nym] WarnBelow``)
+    nym_warn_below: int = DEFAULT_NYM_WARN_BELOW
     warnings: list[str] = field(default_factory=list)
 
 
@@ -214,6 +225,9 @@ def parse_client_config(text: str, filename: str = "<string>") -> ClientConfig:
                                    "(5 seconds to 2 minutes is sensible).")
         config.timeout = timeout
     config.legacy = bool(one("Network", "Legacy", False))
+    config.nym_warn_below = one("Nym", "WarnBelow", DEFAULT_NYM_WARN_BELOW)
+    if config.nym_warn_below < 0:
+        raise ConfigError(filename, 1, "Nym", "WarnBelow", "must be 0 or more")
     file_paranoia = one("Host", "FileParanoia")
     if file_paranoia is not None:
         config.file_paranoia = bool(file_paranoia)

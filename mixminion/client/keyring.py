@@ -1,4 +1,5 @@
-"""The SURB keyring: per-identity secrets that decode replies (client.md §5.4).
+"""The keyring: per-identity secrets that decode replies (client.md §5.4),
+and the nyms this client owns (doc/nym.md §6).
 
 The item layout inside is the reference's (type, length, value; SURB keys
 as expiry, identity, NUL, secret) so unknown items survive a rewrite, but
@@ -17,6 +18,17 @@ File (armored, ``TYPE III KEYRING``, header ``Version: 1.0``), binary body::
 
 The plaintext is padded with a zero-type "padding" item to a multiple of
 1024 bytes so its size reveals little about the number of identities.
+
+A nym is one item of type ``NYM_ITEM`` (ours; the reference knows only
+SURB keys, and keeps items it does not know, as we do), its value::
+
+    version (1) = 1 || counter (8) || created (8) || Ed25519 private key (32)
+    || name, domain, server nickname, reply-block address, nym key DER:
+       each as length (2) || bytes (UTF-8 for the text ones)
+
+all integers big-endian.  ``counter`` is the last one a request used:
+it is written here before that request leaves (doc/nym.md §2), so a
+crash can skip a counter but never reuse one.
 """
 
 from __future__ import annotations
@@ -44,6 +56,10 @@ SCRYPT_P = 1
 SALT_LEN = 16
 NONCE_LEN = 12
 SURB_KEY_ITEM = 0x00
+#: a nym: its key, counter and nymserver (ours, see above)
+NYM_ITEM = 0x10
+NYM_ITEM_VERSION = 1
+NYM_SECRET_LEN = 32
 PAD_ITEM = 0xFF
 SECRET_LEN = 20
 #: a key is reused for new reply blocks only if it lives at least this long
@@ -68,10 +84,71 @@ class SurbKey:
 
 
 @dataclass
+class NymEntry:
+    """A nym this client owns (doc/nym.md §6)."""
+
+    name: str
+    domain: str
+    #: the nickname of the node that runs its nymserver
+    server: str
+    #: where its reply blocks lead (``--to`` of ``nym create``)
+    address: str
+    #: the nymserver's request key (PKCS#1 DER), pinned at creation
+    server_key: bytes
+    #: the nym's Ed25519 private key (raw)
+    secret: bytes = field(repr=False)
+    #: the last counter a request used (0: none yet)
+    counter: int = 0
+    #: seconds since 1970
+    created: int = 0
+
+    @property
+    def full_name(self) -> str:
+        return f"{self.name}@{self.domain}"
+
+    @property
+    def identity(self) -> str:
+        """The keyring identity its reply blocks are made with: replies to
+        it are told apart from the default identity's and other nyms'."""
+        return self.full_name.lower()
+
+    def pack(self) -> bytes:
+        texts = [t.encode("utf-8") for t in (self.name, self.domain, self.server, self.address)]
+        return (struct.pack(">BQQ", NYM_ITEM_VERSION, self.counter, self.created) + self.secret
+                + b"".join(struct.pack(">H", len(v)) + v for v in texts + [self.server_key]))
+
+    @classmethod
+    def unpack(cls, value: bytes) -> "NymEntry":
+        bad = KeyringError("a nym in the keyring is malformed")
+        head = struct.calcsize(">BQQ")
+        if len(value) < head + NYM_SECRET_LEN or value[0] != NYM_ITEM_VERSION:
+            raise bad
+        _, counter, created = struct.unpack_from(">BQQ", value)
+        secret = value[head:head + NYM_SECRET_LEN]
+        pos, fields = head + NYM_SECRET_LEN, []
+        for _ in range(5):
+            if len(value) - pos < 2:
+                raise bad
+            (length,) = struct.unpack_from(">H", value, pos)
+            fields.append(value[pos + 2:pos + 2 + length])
+            pos += 2 + length
+            if len(fields[-1]) != length:
+                raise bad
+        if pos != len(value):
+            raise bad
+        try:
+            name, domain, server, address = (f.decode("utf-8") for f in fields[:4])
+        except UnicodeDecodeError:
+            raise bad from None
+        return cls(name, domain, server, address, fields[4], secret, counter, created)
+
+
+@dataclass
 class Keyring:
-    """The decrypted keyring: SURB keys plus items we do not understand."""
+    """The decrypted keyring: SURB keys, nyms, and items we do not understand."""
 
     keys: list[SurbKey] = field(default_factory=list)
+    nyms: list[NymEntry] = field(default_factory=list)
     unknown: list[tuple[int, bytes]] = field(default_factory=list)
     dirty: bool = False
 
@@ -111,7 +188,8 @@ class Keyring:
 
     def plaintext(self) -> bytes:
         items = [(SURB_KEY_ITEM, struct.pack(">I", k.expiry) + k.identity.encode("utf-8")
-                  + b"\0" + k.secret) for k in self.keys] + list(self.unknown)
+                  + b"\0" + k.secret) for k in self.keys]
+        items += [(NYM_ITEM, n.pack()) for n in self.nyms] + list(self.unknown)
         random.SystemRandom().shuffle(items)
         out = b"".join(struct.pack(">BH", t, len(v)) + v for t, v in items)
         if out:
@@ -139,6 +217,8 @@ class Keyring:
                 if not nul or len(secret) != SECRET_LEN:
                     raise KeyringError("a SURB key in the keyring is malformed")
                 ring.keys.append(SurbKey(name.decode("utf-8"), expiry, secret))
+            elif kind == NYM_ITEM:
+                ring.nyms.append(NymEntry.unpack(value))
             else:
                 ring.unknown.append((kind, value))
         return ring

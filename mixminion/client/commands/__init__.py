@@ -13,6 +13,9 @@ named in its command table; the handlers live here:
 * :mod:`.decode` -- ``decode`` (client.md §5.3).
 * :mod:`.fragments` -- ``list-fragments``, ``reassemble``, ``purge-fragments``:
   the pool where ``decode`` reassembles fragmented messages (client.md §2.1).
+* :mod:`.nym` -- ``nym create|add-surbs|send|config|status|delete|list``: the
+  owner's side of nyms (doc/nym.md §6); ``decode`` shows a nymserver's
+  messages with it.
 * :mod:`.common` -- what several groups share: the run :class:`~.common.Context`,
   the errors that set the exit status, shared options, loading the
   directory, choosing paths, reading input and opening the keyring.

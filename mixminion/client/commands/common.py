@@ -17,7 +17,7 @@ import random
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, BinaryIO, Callable, Optional, Sequence, TextIO
+from typing import Any, Awaitable, BinaryIO, Callable, Optional, Sequence, TextIO, TypeVar
 
 from mixminion.client import keyring as keyring_mod
 from mixminion.client.config import ClientConfig
@@ -41,6 +41,17 @@ class UserError(Exception):
     """A failure the user can act on: exit 1 with this message."""
 
 
+T = TypeVar("T")
+
+
+def only_one(matches: Sequence[T], none: str, several: str) -> T:
+    """The one item of ``matches`` (what the user named); else UserError
+    ``none`` or ``several``."""
+    if len(matches) == 1:
+        return matches[0]
+    raise UserError(several if matches else none)
+
+
 def _no_options(p: argparse.ArgumentParser) -> None:
     pass
 
@@ -58,6 +69,25 @@ class Command:
     options: Callable[[argparse.ArgumentParser], None] = _no_options
     #: touches the queue, the directory cache or the SURB log: take the client lock
     locked: bool = False
+    #: ``mixminion-client NAME SUB ...``: the sub-commands, each a row of
+    #: its own (the row's own ``run`` is then never called)
+    subcommands: tuple["Command", ...] = ()
+
+
+def general_options(p: argparse.ArgumentParser, inherited: bool = False) -> None:
+    """The options every command takes (client.md §1.1), after its own.
+    ``inherited``: a sub-command's, which leave what its command's parser
+    set (``nym -v list``) when not given again."""
+    default: dict[str, Any] = {"default": argparse.SUPPRESS} if inherited else {}
+    g = p.add_argument_group("general options")
+    g.add_argument("-v", "--verbose", action="store_true", **default,
+                   help="log everything, including debugging detail")
+    g.add_argument("-Q", "--quiet", action="store_true", **default, help="log only errors")
+    g.add_argument("-f", "--config", metavar="FILE", **default,
+                   help="configuration file (default $MIXMINIONRC, else ~/.mixminionrc)")
+    g.add_argument("--status-fd", metavar="N", type=fd_number, **default,
+                   help="write machine-readable status lines ('[MIXMINION:] TYPE ARGS') to "
+                        "file descriptor N, which must be open for writing")
 
 
 def _yes_no_force(text: str) -> Optional[bool]:

@@ -8,8 +8,9 @@ forced overcompressed block, a reassembled fragmented message) as the
 whole decompressed message, its header block (``SUBJECT:...`` lines and an
 empty line, or just the empty line) included.  The reference simply
 concatenates messages; we put a separator line between them, or, with
-``--separate``, write each to its own file.  doc/mixminion-client.1 (decode)
-documents the format.
+``--separate``, write each to its own file.  A reply from a nymserver
+(doc/nym.md §3) is shown as one (:func:`~.nym.present_reply`).
+doc/mixminion-client.1 (decode) documents the format.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from mixminion.client.commands.common import (
     read_input,
     write_file,
 )
+from mixminion.client.commands.nym import present_reply
 from mixminion.client.store import FragmentPool, private_dir
 from mixminion.codec.compression import (
     DecompressionLimitExceeded,
@@ -87,6 +89,8 @@ async def cmd_decode(ctx: Context) -> int:
     for m in messages:
         fragment: Optional[FragmentPayload] = None
         identity = FORWARD_IDENTITY
+        #: the keyring identity that decoded a reply (a nym's is NAME@DOMAIN)
+        reply_identity: Optional[str] = None
         if m.message_type in (PLAINTEXT, BINARY):
             outputs.append(m.contents)
             continue
@@ -139,7 +143,7 @@ async def cmd_decode(ctx: Context) -> int:
                 failures += 1
                 continue
             if decoded.identity is not None:
-                name = keyring_mod.Keyring.identity_of(decoded.identity)
+                name = reply_identity = keyring_mod.Keyring.identity_of(decoded.identity)
                 identity = name or "default identity"
                 if name:  # as the reference logs it
                     ctx.info(f"Decoded reply message to identity {name!r}")
@@ -147,7 +151,8 @@ async def cmd_decode(ctx: Context) -> int:
                 fragment = decoded.payload  # type: ignore[assignment]
             else:
                 try:
-                    outputs.append(decoded.message(force=args.force))
+                    outputs.append(present_reply(ctx, decoded.message(force=args.force),
+                                                 reply_identity, ring))
                 except DecompressionLimitExceeded:
                     ctx.log("ERROR", "A reply decompresses to far more than its size (a "
                             "possible zlib bomb); skipped. Use -F to decompress it anyway.")
@@ -164,7 +169,10 @@ async def cmd_decode(ctx: Context) -> int:
         if result.outcome is Outcome.COMPLETED:
             assert result.message is not None
             limit = FORCED_LIMIT if args.force else reassembled_limit(len(result.message))
-            outputs.append(_decompress(result.message, limit))
+            message = _decompress(result.message, limit)
+            if identity != FORWARD_IDENTITY:  # through our reply blocks: maybe a nymserver's
+                message = present_reply(ctx, message, reply_identity, ring)
+            outputs.append(message)
             ctx.info(f"Reassembled message {result.message_id.hex()[:16]}.")
         elif result.outcome is Outcome.STORED:
             stored += 1

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-from mixminion.client.commands.common import Command, Context, UserError, write_file
+from mixminion.client.commands.common import Command, Context, UserError, only_one, write_file
 from mixminion.client.commands.decode import join_messages
 from mixminion.client.store import ClientReassembler, FragmentPool, message_id_text
 from mixminion.codec.compression import DecompressionLimitExceeded, decompress, reassembled_limit
@@ -33,12 +33,9 @@ def find_message(reassembler: ClientReassembler, text: str) -> bytes:
     wanted = text.strip().lower()
     known = list(reassembler.complete) + list(reassembler.pending)
     matches = [mid for mid in known if wanted and mid.hex().startswith(wanted)]
-    if len(matches) == 1:
-        return matches[0]
-    if not matches:
-        raise UserError(f"No such message as {text!r} in the fragment pool; list-fragments "
-                        "shows the messages there.")
-    raise UserError(f"{text!r} is the start of {len(matches)} message IDs; give more of the "
+    return only_one(matches, f"No such message as {text!r} in the fragment pool; "
+                    "list-fragments shows the messages there.",
+                    f"{text!r} is the start of {len(matches)} message IDs; give more of the "
                     "ID (list-fragments shows them).")
 
 

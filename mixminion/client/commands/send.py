@@ -40,6 +40,7 @@ from mixminion.client.paths import Address, ExitNeeds, Legs, PathSelector, PathS
 from mixminion.client.store import SurbLog
 from mixminion.codec.build import (
     BuiltPacket,
+    build_encrypted_forward_packet,
     build_forward_packet,
     build_reply_packet,
     encode_message_payloads,
@@ -48,6 +49,7 @@ from mixminion.codec.errors import BuildError, ParseError
 from mixminion.codec.exit_headers import encode_headers
 from mixminion.codec.packet import PAYLOAD_LEN
 from mixminion.codec.routing import DROP_TYPE, FRAGMENT_TYPE, NextHop
+from mixminion.codec.rsa import PublicKey
 from mixminion.codec.surb import ReplyBlock, parse_reply_blocks
 from mixminion.codec.textformat import SECONDS_PER_DAY, previous_midnight
 
@@ -248,7 +250,10 @@ async def cmd_count_packets(ctx: Context) -> int:
 
 
 def build_forward(ctx: Context, selector: PathSelector, spec: PathSpec, address: Address,
-                  encoded: Encoded) -> list[FirstHopPacket]:
+                  encoded: Encoded, recipient: Optional[PublicKey] = None) -> list[FirstHopPacket]:
+    """The packets of a forward message; with ``recipient``, each payload
+    (of overhead 38) is encrypted to that key on its own (packet.md §16),
+    as a nym's requests are (doc/nym.md §1)."""
     fixed_exit = None
     if encoded.fragmented:
         fixed_exit = choose_legs(ctx, selector, spec, "forward", encoded.needs).leg2[-1]
@@ -263,8 +268,13 @@ def build_forward(ctx: Context, selector: PathSelector, spec: PathSpec, address:
         else:
             exit_type, exit_address = address.exit_type, address.address
         try:
-            built = build_forward_packet(payload, hops_of(legs.leg1), hops_of(legs.leg2),
-                                         exit_type, exit_address, ctx.rng)
+            if recipient is not None:
+                built = build_encrypted_forward_packet(payload, recipient, hops_of(legs.leg1),
+                                                       hops_of(legs.leg2), exit_type,
+                                                       exit_address, ctx.rng)
+            else:
+                built = build_forward_packet(payload, hops_of(legs.leg1), hops_of(legs.leg2),
+                                             exit_type, exit_address, ctx.rng)
         except BuildError as exc:
             raise UserError(f"Cannot build a packet for path {legs}: {exc}.") from None
         items.append(_to_first_hop(legs, built.packet))

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import base64
+from dataclasses import dataclass
+from typing import Any, Optional
 
 from mixminion.client import keyring as keyring_mod
 from mixminion.client.commands.common import (
@@ -26,49 +28,93 @@ from mixminion.client.commands.common import (
     read_input,
     write_file,
 )
-from mixminion.client.paths import ExitNeeds, parse_address, parse_path
+from mixminion.client.paths import (
+    Address,
+    ExitNeeds,
+    PathSelector,
+    PathSpec,
+    parse_address,
+    parse_path,
+)
 from mixminion.client.store import SurbLog, private_dir
 from mixminion.codec.errors import BuildError, ParseError
 from mixminion.codec.routing import DROP_TYPE, parse_relay_info
-from mixminion.codec.surb import build_reply_block, parse_reply_blocks
+from mixminion.codec.surb import ReplyBlock, build_reply_block, parse_reply_blocks
 from mixminion.codec.textformat import SECONDS_PER_DAY, format_time, previous_midnight
 
 
-async def cmd_generate_surb(ctx: Context) -> int:
-    args = ctx.args
-    to = args.to or ctx.config.surb_address
+@dataclass
+class ReplyBlockPlan:
+    """Where reply blocks lead and over which servers, checked before any
+    is made: ``generate-surb``'s and ``nym``'s (doc/nym.md §6) alike."""
+
+    ctx: Context
+    selector: PathSelector
+    spec: PathSpec
+    needs: ExitNeeds
+    #: their expiry: a midnight GMT
+    end: int
+
+    def build(self, key: bytes) -> tuple[ReplyBlock, bytes]:
+        """One reply block protected by ``key``, and its decoding handle."""
+        legs = choose_legs(self.ctx, self.selector, self.spec, "surb", self.needs)
+        address = self.needs.address
+        try:
+            return build_reply_block(hops_of(legs.leg1), address.exit_type, address.address,
+                                     key, self.end, self.ctx.rng)
+        except BuildError as exc:
+            raise UserError(f"Cannot build a reply block for path {legs}: {exc}.") from None
+
+
+def reply_address(ctx: Context, to: Optional[str], option: str = "-t ADDRESS") -> Address:
+    """Where reply blocks lead: ``to``, else ``[Security] SURBAddress``."""
+    to = to or ctx.config.surb_address
     if not to:
-        raise UsageError(f"{PROG} generate-surb: no address: give -t ADDRESS or set "
+        raise UsageError(f"{PROG} {ctx.args.command}: no address: give {option} or set "
                          "[Security] SURBAddress")
     address = parse_address(to)
     if address.exit_type == DROP_TYPE:
         raise UserError("A reply block to 'drop' would be useless; give a real address.")
-    spec = parse_path(path_text(ctx, args, ctx.config.surb_path), "surb")
-    lifetime = args.lifetime * SECONDS_PER_DAY if args.lifetime else ctx.config.surb_lifetime
-    directory = await load_directory(ctx, args.download)
+    return address
+
+
+def surb_lifetime(ctx: Context, days: Optional[int]) -> int:
+    """``--lifetime DAYS`` in seconds, else ``[Security] SURBLifetime``."""
+    return days * SECONDS_PER_DAY if days else ctx.config.surb_lifetime
+
+
+def plan_reply_blocks(ctx: Context, directory: Any, address: Address, spec: PathSpec,
+                      lifetime: int) -> ReplyBlockPlan:
+    """Check that reply blocks to ``address`` along ``spec`` can live
+    ``lifetime`` seconds (they expire at the midnight GMT before)."""
     now = ctx.now()
     end = previous_midnight(int(now + lifetime))
     if end <= now + SURB_MIN_REMAINING:
-        raise UsageError(f"{PROG} generate-surb: a lifetime of {lifetime // SECONDS_PER_DAY} "
+        raise UsageError(f"{PROG} {ctx.args.command}: a lifetime of {lifetime // SECONDS_PER_DAY} "
                          "day(s) ends before the next midnight GMT; use --lifetime 2 or more")
     selector = make_selector(ctx, directory, now, end)
     needs = ExitNeeds(address)
     selector.validate(spec, needs, "surb")
+    return ReplyBlockPlan(ctx, selector, spec, needs, end)
+
+
+async def cmd_generate_surb(ctx: Context) -> int:
+    args = ctx.args
+    address = reply_address(ctx, args.to)
+    spec = parse_path(path_text(ctx, args, ctx.config.surb_path), "surb")
+    lifetime = surb_lifetime(ctx, args.lifetime)
+    directory = await load_directory(ctx, args.download)
+    plan = plan_reply_blocks(ctx, directory, address, spec, lifetime)
     ring, passphrase = open_keyring(ctx, create=True)
     assert ring is not None
-    key = ring.surb_key(args.identity, now)
+    key = ring.surb_key(args.identity, ctx.now())
     if ring.dirty:
         private_dir(ctx.config.user_dir)
         keyring_mod.write_keyring(ctx.config.user_dir, ring, passphrase)
     out = []
     tags = []
     for _ in range(args.count):
-        legs = choose_legs(ctx, selector, spec, "surb", needs)
-        try:
-            block, tag = build_reply_block(hops_of(legs.leg1), address.exit_type,
-                                           address.address, key, end, ctx.rng)
-        except BuildError as exc:
-            raise UserError(f"Cannot build a reply block for path {legs}: {exc}.") from None
+        block, tag = plan.build(key)
         out.append(block.pack() if args.binary else block.to_text().encode("ascii"))
         tags.append(tag)
     data = b"".join(out)
@@ -77,7 +123,7 @@ async def cmd_generate_surb(ctx: Context) -> int:
     else:
         write_file(args.output, data)
         ctx.info(f"Wrote {args.count} reply block(s) to {args.output}, usable until "
-                 f"{format_time(end)} GMT.")
+                 f"{format_time(plan.end)} GMT.")
     for tag in tags:  # once they are written: each names a block the user has
         ctx.status("GENERATED_SURB", base64.b64encode(tag).decode("ascii"))
     return 0
