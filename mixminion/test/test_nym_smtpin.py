@@ -8,7 +8,7 @@ import smtplib
 from typing import Any, Optional
 
 from twisted.internet import defer, reactor, threads
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from mixminion.exits.nym.nymserver import NymSettings
@@ -70,6 +70,10 @@ class ListenerTests(unittest.TestCase):
         self.assertIn(b"Received: by nym.example.org (mixminion nymserver);", text)
         self.assertNotIn(b"127.0.0.1", text, "no client address")
         self.assertTrue(text.endswith(b"Subject: hi\n\nhello\n"))
+        said = " ".join(formatEvent(e) for e in self.events
+                        if e.get("log_level", LogLevel.info) > LogLevel.debug)
+        self.assertNotIn("bob@example.com", said, "no address in the log above debug")
+        self.assertNotIn("alice", said.lower())
 
     async def test_refusals_have_the_nymservers_codes(self) -> None:
         for to, code in (("nobody@nym.example.org", 550), ("alice@other.example", 550),

@@ -45,6 +45,15 @@ match from any for any action "deliver"
 """
 
 
+def smtpd_conf(port: int, maildir: str, relays: dict[str, int]) -> str:
+    """SMTPD_CONF, with a rule before the catch-all for each relayed domain."""
+    head, _, match = SMTPD_CONF.format(port=port, maildir=maildir).rpartition("match ")
+    rules = "".join(f'action "relay{i}" relay host smtp://127.0.0.1:{p}\n'
+                    f'match from any for domain "{domain}" action "relay{i}"\n'
+                    for i, (domain, p) in enumerate(sorted(relays.items())))
+    return head + rules + "match " + match
+
+
 @dataclass
 class MTA:
     """Our own opensmtpd: every recipient lands in one maildir."""
@@ -80,11 +89,46 @@ def running_smtpd() -> list[int]:
     return found
 
 
-async def start_opensmtpd(case: Any, workdir: str, skip_hint: str = "") -> MTA:
+#: held while one of our opensmtpd runs (opensmtpd allows one per machine)
+LOCK_FILE = "/tmp/mixminion-test-mta.lock"
+#: how long a test waits for another's MTA to finish
+LOCK_WAIT = 600.0
+
+
+async def machine_lock(case: Any, reactor: Any) -> None:
+    """Wait (up to :data:`LOCK_WAIT`) until no other test of ours runs an
+    MTA on this machine, and hold that until ``case`` ends."""
+    import fcntl
+    import time
+
+    from twisted.internet import task
+
+    fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    deadline = time.monotonic() + LOCK_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                os.close(fd)
+                case.fail(f"another test held {LOCK_FILE} (its MTA) for {LOCK_WAIT:.0f} s")
+            await task.deferLater(reactor, 0.5, lambda: None)
+    # Cleanups run last-added first: the MTA is stopped before this runs.
+    case.addCleanup(os.close, fd)
+
+
+async def start_opensmtpd(case: Any, workdir: str, skip_hint: str = "",
+                          relays: Optional[dict[str, int]] = None,
+                          port: Optional[int] = None) -> MTA:
     """A real opensmtpd on a free loopback port, delivering to a Maildir
     as 'nobody' (stopped when ``case``, a test case, ends); fails ``case``
     with what to do when the machine cannot run one.  ``skip_hint`` ends
-    those messages (how to run the test without the MTA, where it can)."""
+    those messages (how to run the test without the MTA, where it can).
+    ``relays`` maps mail domains to loopback ports the MTA relays their
+    mail to (a nymserver's listener), as a production MTA in front of it
+    would.  ``port``: listen there (one the caller chose, and wrote into
+    configurations already) rather than on a free one."""
     from twisted.internet import reactor
 
     smtpd = find_smtpd()
@@ -94,6 +138,8 @@ async def start_opensmtpd(case: Any, workdir: str, skip_hint: str = "") -> MTA:
     if os.geteuid() != 0:
         case.fail("opensmtpd only runs as root (it drops to its own users): run this test as "
                   f"root, as CI does{skip_hint}")
+    # One smtpd per machine: tests that run at once (trial -j) take turns.
+    await machine_lock(case, reactor)
     others = running_smtpd()
     if others:
         case.fail(f"an smtpd is already running (pid {', '.join(map(str, others))}); opensmtpd "
@@ -110,10 +156,11 @@ async def start_opensmtpd(case: Any, workdir: str, skip_hint: str = "") -> MTA:
     maildir = os.path.join(top, "Maildir")
     os.mkdir(maildir, 0o700)
     os.chown(maildir, nobody.pw_uid, nobody.pw_gid)
-    [port] = free_ports(1)
+    if port is None:
+        [port] = free_ports(1)
     conf = os.path.join(workdir, "smtpd.conf")
     with open(conf, "w", encoding="ascii") as f:
-        f.write(SMTPD_CONF.format(port=port, maildir=maildir))
+        f.write(smtpd_conf(port, maildir, relays or {}))
     os.chmod(conf, 0o644)
     process = Daemon(workdir, ["-d", "-f", conf], name="smtpd", program=[smtpd])
     process.start()

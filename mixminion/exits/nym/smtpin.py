@@ -111,6 +111,8 @@ class NymESMTP(smtp.ESMTP):
 
     log = Logger(namespace="mixminion.exits.nym")
     MAX_LENGTH = MAX_LINE
+    #: Twisted would log every mail's sender and recipients (server.md §11)
+    noisy = False
 
     def _messageHandled(self, resultList: Any) -> None:  # noqa: N802
         if not isinstance(resultList, list):  # Twisted's "thrown away": no recipient
