@@ -5,6 +5,7 @@
     mixminion-testnet up [--nodes N] [--mta HOST:PORT] [--blacklist FILE] [DIR]
     mixminion-testnet status [DIR]
     mixminion-testnet demo [--nodes N] [--mta HOST:PORT] [--blacklist FILE] [DIR]
+    mixminion-testnet nym-demo [--nodes N] [--mta HOST:PORT] [DIR]
     mixminion-testnet down [--purge] [DIR]
 
 ``up`` writes keys and configurations for three directory authorities and
@@ -17,7 +18,9 @@ every node.  Mail leaves the network through an SMTP sink of ours
 exits that ``BlacklistFile`` (``deny ...`` lines, see
 :mod:`mixminion.exits.blacklist`).  Every node delivers ``mbox:me`` into
 the mbox file ``DIR/mbox``; the exit nodes (the second half) also deliver
-by SMTP and reassemble fragments (messages up to 1 MB).  Mixing is Timed
+by SMTP and reassemble fragments (messages up to 1 MB); the last node also
+runs a nymserver for ``NAME@nym.localhost.localdomain`` (doc/nym.md), whose
+SMTP port is in ``testnet.json``.  Mixing is Timed
 with a 1-second interval and the authorities vote every 3 seconds, so
 everything happens fast -- and insecurely, which the nodes' descriptors say.
 
@@ -31,6 +34,13 @@ keys and ports.
 hops to the SMTP sink, and a reply through a reply block (SURB) to the
 client's own ``mbox:me``, which it decodes with the client's keyring.  It
 exits 0 only if both arrived.
+
+``nym-demo`` brings the network up if needed, creates a nym with
+``mixminion-client nym create`` (its reply blocks lead to ``mbox:me``),
+mails it from ``carol@example.org`` over SMTP, decodes what reached the
+mbox, answers as the nym with ``nym send`` and checks that the answer
+reached the SMTP sink ``From`` the nym; then deletes the nym.  It exits 0
+only if all of that happened.
 
 Nothing needs root.  Processes are stopped with ``down`` (SIGTERM, then
 SIGKILL after 10 s).
@@ -50,7 +60,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any, Awaitable, Callable, Optional, Sequence, TypeVar
 
-from twisted.internet import defer, task, utils
+from twisted.internet import defer, task, threads, utils
 
 from mixminion.testing.daemon import (
     Daemon,
@@ -684,15 +694,17 @@ async def show_status(reactor: Any, net: Network) -> int:
 
 
 async def run_client(reactor: Any, net: Network, args: list[str], show: str,
-                     echo: bool = True) -> bytes:
-    """Run ``mixminion-client ARGS`` for the network; its stdout, or TestnetError."""
+                     echo: bool = True, quiet: bool = False) -> bytes:
+    """Run ``mixminion-client ARGS`` for the network; its stdout, or
+    TestnetError.  ``quiet``: say nothing (a poll)."""
     env = dict(os.environ, MIXMINIONRC=net.client_rc, MIXMINION_PASSPHRASE=PASSPHRASE)
-    say(f"$ mixminion-client {show}")
+    if not quiet:
+        say(f"$ mixminion-client {show}")
     argv = client_command() + args
     out, err, code = await utils.getProcessOutputAndValue(argv[0], argv[1:], env=env,
                                                           path=net.directory, reactor=reactor)
     text = ((out if echo else b"") + err).decode("utf-8", "replace").strip()
-    if text:
+    if text and not quiet:
         say("\n".join("  " + ln for ln in text.splitlines()))
     if code != 0:
         raise TestnetError(f"mixminion-client {args[0]} failed (exit {code})")
@@ -851,6 +863,111 @@ async def demo(reactor: Any, directory: str, nodes: int, mta: Optional[str],
     return 1
 
 
+async def nym_demo(reactor: Any, directory: str, nodes: int, mta: Optional[str]) -> int:
+    """``nym-demo``: a nym created through the network, mail to it from an
+    ordinary address, and the nym's answer (doc/nym.md)."""
+    directory = os.path.abspath(directory)
+    net = Network.load(directory)
+    if net is None or any(p.pid() is None for p in net.procs):
+        net = await bring_up(reactor, directory, nodes if net is None else len(net.nodes),
+                             mta if net is None else net.mta)
+    else:
+        say(f"Using the running network in {directory}.")
+        await refresh_client(reactor, net)
+    servers = [n for n in net.nodes if n.nym_port is not None]
+    if not servers:
+        raise TestnetError(f"the network in {directory} runs no nymserver (it was made before "
+                           f"they were added): remove it with '{PROG} down --purge {directory}' "
+                           "and try again")
+    server = servers[0]
+    run_id = os.urandom(3).hex()
+    nym, token = f"demo-{run_id}", f"nym-{run_id}"
+    address = f"{nym}@{NYM_DOMAIN}"
+    sender = "carol@example.org"
+    owner = f"mbox:{MBOX_NYM}@{random.choice(net.nodes).name}"
+    work = os.path.join(directory, "demo")
+    os.makedirs(work, mode=0o700, exist_ok=True)
+    mbox_offset = os.path.getsize(net.mbox) if os.path.exists(net.mbox) else 0
+    received = os.path.join(work, "nym.mbox")
+    t0 = reactor.seconds()
+
+    async def decoded() -> str:
+        with open(received, "wb") as f:
+            f.write(mbox_tail(net, mbox_offset))
+        try:
+            out = await run_client(reactor, net, ["decode", "-i", received], "", echo=False,
+                                   quiet=True)
+        except TestnetError:  # nothing to decode yet
+            return ""
+        return out.decode("utf-8", "replace")
+
+    async def wait_decoded(what: str, text: str) -> str:
+        async def check() -> Optional[str]:
+            out = await decoded()
+            return out if text in out else None
+        return await wait_for(reactor, net, what, check, DELIVERY_TIMEOUT, 1.0)
+
+    def show(text: str) -> None:
+        say("\n".join("  | " + ln for ln in text.rstrip("\n").splitlines()))
+
+    say("")
+    say(f"1. A nym, {address}, on the nymserver of {server.name}: the request travels "
+        "through the network encrypted to the nymserver, with 4 reply blocks that lead to our "
+        f"mailbox ({owner})")
+    await run_client(reactor, net, ["nym", "create", nym, "--surbs", "4", "--to", owner],
+                     f"nym create {nym} --surbs 4 --to {owner}")
+    await wait_decoded("the nymserver's answer", "request 1 done")
+    say("")
+    say(f"2. {sender} mails {address} (straight to the nymserver's SMTP port {server.nym_port}; "
+        "in production an MTA for the domain relays it there)")
+    await threads.deferToThread(_smtp_send, server.nym_port, sender, address,
+                                f"From: {sender}\nSubject: hello ({token})\n\n"
+                                f"Hi, who are you? ({token})\n")
+    text = await wait_decoded("the mail in our mailbox", f"Hi, who are you? ({token})")
+    say(f"$ mixminion-client decode -i {received}")
+    show(text)
+    say("")
+    say(f"3. We answer as the nym; {sender} gets it from {address}")
+    reply = os.path.join(work, "nym-reply.txt")
+    write_file(reply, f"Someone you can write to again. ({token} answer)\n")
+    await run_client(reactor, net, ["nym", "send", nym, "-t", sender, "--subject",
+                                    f"Re: hello ({token})", "-i", reply],
+                     f"nym send {nym} -t {sender} --subject 'Re: hello' -i {reply}")
+    ok = True
+    if net.mta is None:
+        async def answered() -> Optional[list[str]]:
+            found = [m for m in new_mails(net, set(), f"{token} answer")]
+            return found or None
+        try:
+            [path, *_] = await wait_for(reactor, net, "the nym's mail at the SMTP sink", answered,
+                                        DELIVERY_TIMEOUT, 1.0)
+            with open(path, encoding="utf-8", errors="replace") as f:
+                mail = f.read()
+            say(f"Delivered by SMTP ({path}):")
+            show(mail)
+            ok = f"From: {address}" in mail
+        except TestnetError as exc:
+            say(str(exc))
+            ok = False
+    else:
+        say(f"The nym's mail goes to the MTA at {net.mta}; look for it in {sender}'s mailbox.")
+    await run_client(reactor, net, ["nym", "delete", nym], f"nym delete {nym}")
+    say("")
+    say(f"   ...after {reactor.seconds() - t0:.1f} s")
+    if ok:
+        say("Nym demo succeeded: mail reached the nym's owner, and the nym's answer its sender.")
+        return 0
+    say("Nym demo FAILED.")
+    return 1
+
+
+def _smtp_send(port: int, sender: str, to: str, text: str) -> None:
+    import smtplib
+
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
+        smtp.sendmail(sender, [to], text)
+
+
 # --- the command ------------------------------------------------------------------------------------
 
 
@@ -861,13 +978,15 @@ def build_parser() -> argparse.ArgumentParser:
     helps = {"up": "create and start the network (or restart a stopped one)",
              "status": "show the processes, the consensus and the queues",
              "down": "stop every process of the network",
-             "demo": "send a message and a SURB reply through the network (starting it if needed)"}
+             "demo": "send a message and a SURB reply through the network (starting it if needed)",
+             "nym-demo": "create a nym, mail it from an ordinary address and answer as the nym "
+                         "(starting the network if needed)"}
     for name, text in helps.items():
         s = sub.add_parser(name, help=text, description=text + ".")
         s.add_argument("dir", nargs="?", metavar="DIR", default=None,
                        help="the network's folder (default $MIXMINION_TESTNET_DIR or "
                             "~/.mixminion-testnet)")
-        if name in ("up", "demo"):
+        if name in ("up", "demo", "nym-demo"):
             s.add_argument("--nodes", type=int, default=DEFAULT_NODES, metavar="N",
                            help=f"mix nodes (default {DEFAULT_NODES}; at least 4)")
             s.add_argument("--mta", metavar="HOST:PORT", default=None,
@@ -887,7 +1006,7 @@ async def run(reactor: Any, argv: Sequence[str]) -> int:
     args = build_parser().parse_args(list(argv))
     directory = os.path.abspath(os.path.expanduser(args.dir or default_dir()))
     try:
-        if args.command in ("up", "demo") and args.nodes < 4:
+        if args.command in ("up", "demo", "nym-demo") and args.nodes < 4:
             raise TestnetError("--nodes must be at least 4 (the demo's path has 4 hops)")
         if args.command == "up":
             net = await bring_up(reactor, directory, args.nodes, args.mta, args.blacklist)
@@ -896,6 +1015,8 @@ async def run(reactor: Any, argv: Sequence[str]) -> int:
             return 0
         if args.command == "demo":
             return await demo(reactor, directory, args.nodes, args.mta, args.blacklist)
+        if args.command == "nym-demo":
+            return await nym_demo(reactor, directory, args.nodes, args.mta)
         net = Network.load(directory)
         if net is None:
             if args.command == "down" and args.purge and os.path.isdir(directory):

@@ -93,6 +93,14 @@ class TestnetTests(unittest.TestCase):
         mails = [n for n in os.listdir(os.path.join(self.dir, "mail")) if n.endswith(".eml")]
         self.assertEqual(len(mails), 1)
 
+        code, text = await self.command("nym-demo", self.dir)
+        self.assertEqual(code, 0, text)
+        self.assertIn("Using the running network", text)
+        self.assertRegex(text, r"request 1 done")
+        self.assertRegex(text, r"\| Hi, who are you\? \(nym-[0-9a-f]+\)")
+        self.assertRegex(text, r"\| From: demo-[0-9a-f]+@nym\.localhost\.localdomain")
+        self.assertIn("Nym demo succeeded", text)
+
         code, text = await self.command("down", self.dir)
         self.assertEqual(code, 0, text)
         self.assertNotIn("killed", text)
