@@ -132,7 +132,7 @@ class NymESMTP(smtp.ESMTP):
         self.sendCode(250, b"Kept for the nym")
 
 
-class _Factory(ServerFactory):
+class NymSMTPFactory(ServerFactory):
     noisy = False
 
     def __init__(self, receiver: Receiver) -> None:
@@ -148,4 +148,4 @@ class _Factory(ServerFactory):
 
 
 def nym_smtp_factory(receiver: Receiver) -> ServerFactory:
-    return _Factory(receiver)
+    return NymSMTPFactory(receiver)
