@@ -122,7 +122,8 @@ NYM = SectionSpec("Delivery/Nym", "ours: a nymserver in this node (doc/nym.md); 
     Option("IncomingPort", PORT, "port of that listener; required when enabled",
            consumer=_AT_START),
     Option("BlacklistFile", FILENAME, "addresses a nym may not mail (the SMTP exit's "
-           "format, usually its file); must exist; every SIGHUP re-reads it"),
+           "format); must exist; every SIGHUP re-reads it",
+           derived="[Delivery/SMTP] BlacklistFile"),
     Option("Retry", INTERVAL_LIST, "retry schedule of a nym's outgoing mail while the MTA "
            "refuses it", default=DEFAULT_MODULE_RETRY),
     Option("MaximumSize", SIZE, "largest mail to or from a nym", default="64K"),

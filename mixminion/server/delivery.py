@@ -52,6 +52,10 @@ def exit_sections(config: ServerConfig) -> dict[str, dict[str, Any]]:
             sections.setdefault(section, {})[key] = value
     for name, raw in config.plugin_sections.items():
         sections["Delivery/" + name] = {entry.key: entry.value for entry in raw.entries}
+    # A nym's mail obeys the SMTP exit's blacklist unless given one of its own.
+    nym, smtp = sections.get("Delivery/Nym"), sections.get("Delivery/SMTP", {})
+    if nym is not None and "BlacklistFile" not in nym and "BlacklistFile" in smtp:
+        nym["BlacklistFile"] = smtp["BlacklistFile"]
     return sections
 
 

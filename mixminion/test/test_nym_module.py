@@ -1,0 +1,59 @@
+"""The NYM module as the node builds it from mixminiond.conf: the
+blacklist a nym's mail obeys, and what it publishes (doc/nym.md §1, §4)."""
+
+from __future__ import annotations
+
+import os
+
+from twisted.internet import task
+from twisted.trial import unittest
+
+from mixminion.exits.context import ExitContext
+from mixminion.server.config import load_config
+from mixminion.server.delivery import build_exits
+from mixminion.testing.daemon import node_config
+
+
+class NymModuleTests(unittest.TestCase):
+    def build(self, smtp_list: bool, nym_list: bool):
+        base = os.path.abspath(self.mktemp())
+        os.makedirs(base)
+        for name, address in (("smtp-list", "spam@example.com"), ("nym-list", "ex@example.com")):
+            with open(os.path.join(base, name), "w") as f:
+                f.write(f"deny address {address}\n")
+        smtp = ("[Delivery/SMTP]\nEnabled: yes\nReturnAddress: exit@example.org\n"
+                f"SMTPServer: 127.0.0.1\n"
+                + (f"BlacklistFile: {base}/smtp-list\n" if smtp_list else ""))
+        nym = ("[Delivery/Nym]\nEnabled: yes\nDomain: nym.example.org\nIncomingPort: 2525\n"
+               + (f"BlacklistFile: {base}/nym-list\n" if nym_list else ""))
+        conf = os.path.join(base, "node.conf")
+        with open(conf, "w") as f:
+            f.write(node_config(os.path.join(base, "base"), 48099, extra=smtp + nym))
+        clock = task.Clock()
+        dispatcher = build_exits(load_config(conf), ExitContext(
+            base_dir=os.path.join(base, "base"), clock=clock, reactor=clock))
+        self.addCleanup(dispatcher.stop)
+        [module] = [m for m in dispatcher.modules if m.name == "NYM"]
+        return module
+
+    def test_the_smtp_exits_blacklist_by_default(self) -> None:
+        service = self.build(smtp_list=True, nym_list=False).service
+        self.assertTrue(service._blocked("spam@example.com"))
+        self.assertFalse(service._blocked("ex@example.com"))
+
+    def test_its_own_blacklist_when_given(self) -> None:
+        service = self.build(smtp_list=True, nym_list=True).service
+        self.assertTrue(service._blocked("ex@example.com"))
+        self.assertFalse(service._blocked("spam@example.com"))
+
+    def test_none_without_either(self) -> None:
+        self.assertIsNone(self.build(smtp_list=False, nym_list=False).service.blacklist)
+
+    def test_it_publishes_domain_and_key(self) -> None:
+        module = self.build(smtp_list=False, nym_list=False)
+        advert = module.advertise()
+        self.assertEqual(advert.section, "Delivery/Nym")
+        self.assertEqual(dict(advert.fields)["Domain"], "nym.example.org")
+        self.assertEqual(advert.descriptor_value.key, module.service.key.public)
+        key = os.path.join(module.service.folder, "nym.key")
+        self.assertEqual(os.stat(key).st_mode & 0o777, 0o600)
