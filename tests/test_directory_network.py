@@ -38,6 +38,9 @@ shows the tail of every log.
 
 from __future__ import annotations
 
+#: about how many seconds it takes: scripts/test.sh starts the longest first
+SLOW = 18
+
 import glob
 import os
 import shutil

@@ -27,6 +27,9 @@ tail of every log.
 
 from __future__ import annotations
 
+#: about how many seconds it takes: scripts/test.sh starts the longest first
+SLOW = 15
+
 import glob
 import os
 import signal

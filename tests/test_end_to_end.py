@@ -29,6 +29,9 @@ down`` and SIGKILLs whatever of the network is still alive.
 
 from __future__ import annotations
 
+#: about how many seconds it takes: scripts/test.sh starts the longest first
+SLOW = 31
+
 import base64
 import io
 import json

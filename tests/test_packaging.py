@@ -16,6 +16,9 @@
 
 from __future__ import annotations
 
+#: about how many seconds it takes: scripts/test.sh starts the longest first
+SLOW = 17
+
 import atexit
 import filecmp
 import functools

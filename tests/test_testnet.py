@@ -8,6 +8,9 @@ of the network still alive, so a failed test leaves nothing behind.
 
 from __future__ import annotations
 
+#: about how many seconds it takes: scripts/test.sh starts the longest first
+SLOW = 36
+
 import json
 import os
 import signal
