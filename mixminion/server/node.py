@@ -21,7 +21,7 @@ the next hop's replay log).  Decryption runs in a child process
 from __future__ import annotations
 
 import os
-from typing import Callable, Optional, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from twisted.application import service
 from twisted.internet import defer
@@ -40,18 +40,15 @@ from mixminion.server.draining import consumed_through, open_incoming
 from mixminion.server.durable import DurableSink
 from mixminion.server.keys import KeyStore
 from mixminion.server.keyservice import validity
-from mixminion.server.metrics import QuietSite, http_root, node_registry
 from mixminion.listening import ListeningService
 from mixminion.server.mixing import Mixer
 from mixminion.server.config import ServerConfig
 from mixminion.server.outgoing import Outgoing
 from mixminion.server.packetstore import PacketStore
 from mixminion.server.pidfile import PidFile
-from mixminion.server.pinging.service import PingerService
 from mixminion.server.mix_algorithm import MixAlgorithm, make_mix_algorithm
 from mixminion.server.processing import Processor
 from mixminion.server.processing_child import processing_lock
-from mixminion.server.publish import Publisher
 from mixminion.server.queues import MIX, OUT, delivery_queue
 from mixminion.server.stats import NodeStats, StatsReport
 from mixminion.server.status import (
@@ -69,7 +66,10 @@ from mixminion.server.status import (
 )
 from mixminion.server.workers import run_in, worker_thread
 
-_Child = TypeVar("_Child", bound=service.Service)
+if TYPE_CHECKING:  # imported when used: a node that neither pings nor publishes needs neither
+    from mixminion.server.pinging.service import PingerService
+    from mixminion.server.publish import Publisher
+
 
 #: how often the counters are saved (they are also saved at a clean stop),
 #: so a crash loses at most this much of the counts that /metrics and the
@@ -212,6 +212,9 @@ class MixNode(service.MultiService):
                                            interface=incoming.listen_ip6)
             self._listen("MMTP", ListeningService(endpoint6, factory))
         if server.metrics_port is not None:
+            # prometheus_client and twisted.web only for a node that serves them
+            from mixminion.server.metrics import QuietSite, http_root, node_registry
+
             self.metrics_registry = node_registry(self)
             site = QuietSite(http_root(self.metrics_registry, self.health, self.status_bytes))
             metrics = TCP4ServerEndpoint(reactor, server.metrics_port,
@@ -331,18 +334,23 @@ class MixNode(service.MultiService):
 
     # --- what the node says about itself ------------------------------------------
 
-    def _child(self, kind: type[_Child]) -> Optional[_Child]:
-        return next((child for child in self if isinstance(child, kind)), None)
-
     @property
     def publisher(self) -> Optional[Publisher]:
         """The publisher among the children, if the node publishes."""
-        return self._child(Publisher)
+        return self._named("publisher")  # Publisher.name
 
     @property
     def pinger(self) -> Optional[PingerService]:
         """The pinger among the children, if the node pings."""
-        return self._child(PingerService)
+        return self._named("pinger")  # PingerService.name
+
+    def _named(self, name: str) -> Any:
+        # By name, not by class: the node imports neither module unless
+        # it publishes or pings.
+        try:
+            return self.getServiceNamed(name)
+        except KeyError:
+            return None
 
     def uptime(self) -> float:
         return self.reactor.seconds() - self._started_elapsed

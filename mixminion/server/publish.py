@@ -97,6 +97,9 @@ class Publisher(service.Service):
     ``clock`` times the retries; ``wall`` (by default the same) dates
     publications, which are compared with descriptors' validity dates."""
 
+    #: how the node finds it among its children (MixNode.publisher)
+    name = "publisher"
+
     def __init__(self, keys: KeyStore, authorities: Sequence[tuple[str, str]], clock: IReactorTime,
                  uploader: Uploader, rng: Callable[[], float] = random.SystemRandom().random,
                  close: Optional[Callable[[], object]] = None,

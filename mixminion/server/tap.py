@@ -17,7 +17,6 @@ from twisted.application import service
 from twisted.logger import Logger
 from twisted.python import usage
 
-from mixminion.client.paths import hop_for
 from mixminion.directory.descriptor import DescriptorFields, IncomingMMTP, OutgoingMMTP
 from mixminion.exits.context import ExitContext
 from mixminion.exits.errors import ExitConfigError
@@ -32,9 +31,7 @@ from mixminion.server.node import MixNode, node_stats_path
 from mixminion.server.packetstore import PacketStoreError
 from mixminion.server.paranoia import problems_for
 from mixminion.server.pidfile import NodeAlreadyRunning, PidFile
-from mixminion.server.pinging.service import pinger_for
 from mixminion.server.pinging.store import PingStoreError
-from mixminion.server.publish import publisher_for
 from mixminion.server.reload import ReloadService
 from mixminion.signals import SignalService
 from mixminion.server.stats import NodeStats
@@ -124,15 +121,22 @@ def build_node(config: ServerConfig, reactor,
     reload_service = ReloadService(node, config, reactor, regenerate_descriptor)
     reload_service.setServiceParent(node)
     SignalService(signal.SIGHUP, reload_service.reload, reactor).setServiceParent(node)
-    publisher = publisher_for(config.directory, keys, reactor, WALL)
+    publisher = None
+    if config.directory.publish:  # (the HTTP client and its imports only then)
+        from mixminion.server.publish import publisher_for
+
+        publisher = publisher_for(config.directory, keys, reactor, WALL)
     if publisher is not None:
         publisher.setServiceParent(node)
         key_service.listeners.append(lambda: publisher.kick("new keys"))
         reload_service.listeners.append(lambda: publisher.kick("SIGHUP"))
     SignalService(signal.SIGUSR2, lambda: republish(publisher), reactor).setServiceParent(node)
-    pinger = pinger_for(config, node, keys, reactor)
-    if pinger is not None:  # a later child: stopped (its worker joined) before the pipeline
-        pinger.setServiceParent(node)
+    if config.pinging.enabled:
+        from mixminion.server.pinging.service import pinger_for
+
+        pinger = pinger_for(config, node, keys, reactor)
+        if pinger is not None:  # a later child: stopped (its worker joined) before the pipeline
+            pinger.setServiceParent(node)
     node.keys = keys
     return node
 
@@ -142,6 +146,8 @@ def link_node_to_exits(context: ExitContext, node, keys: KeyStore) -> None:
     this node as a hop (its descriptor valid now), the incoming queue to
     put packets in, and the node to run its service."""
     def own_hop():
+        from mixminion.client.paths import hop_for  # (only a module that sends asks)
+
         descriptor = keys.current_descriptor(WALL.seconds())
         return hop_for(descriptor) if descriptor is not None else None
     context.node_link.connect(own_hop=own_hop,

@@ -131,6 +131,9 @@ class PingerService(service.MultiService):
     gives this node's descriptor valid now (None while it has none).  Not
     restartable: stopping closes ``pings``."""
 
+    #: how the node finds it among its children (MixNode.pinger)
+    name = "pinger"
+
     log = Logger()
 
     def __init__(self, settings: PingSettings, *, nickname: str, identity: PrivateKey,
