@@ -23,9 +23,10 @@ Everything the owner does goes through ``mixminion-client`` as a process:
 from __future__ import annotations
 
 #: about how many seconds it takes: scripts/test.sh starts the longest first
-SLOW = 47
+SLOW = 60
 
 import os
+import re
 import signal
 import smtplib
 import subprocess
@@ -211,6 +212,15 @@ class NymNetworkTests(unittest.TestCase):
         async def refused() -> Optional[bool]:
             return True if await self.ignored_requests() >= before + 2 else None
         await testnet.wait_for(reactor, self.net, "both requests refused", refused, WAIT, 1.0)
+
+        def said() -> Optional[bool]:
+            with open(self.nymserver.log, encoding="utf-8", errors="replace") as f:
+                counts = re.findall(r"NYM: (\d+) request\(s\) refused without an answer", f.read())
+            return True if sum(map(int, counts)) >= 2 else None
+        await testnet.wait_for(reactor, self.net, "the refusals said in the log",
+                               lambda: defer.succeed(said()), 30, 1.0)
+        with open(self.nymserver.log, encoding="utf-8", errors="replace") as f:
+            self.assertNotIn(NYM, f.read(), "no nym's name in the log")
         await testnet.sleep(reactor, 3)
         self.assertEqual((await self.decoded()).count("==== message"), messages,
                          "a refused request spends no reply block")

@@ -151,6 +151,8 @@ class NymService(service.MultiService):
         self.fragment_store: Optional[FragmentStore] = None
         self.nymserver: Optional[Nymserver] = None
         self._worker: Optional[ThreadPool] = None
+        #: requests refused without an answer since the last tick
+        self.ignored = 0
         self._deliveries = Rounds(self._deliver_all, "deliveries", lambda: self.running)
         self._mail = Rounds(self._mail_out, "outgoing mail", lambda: self.running)
         endpoint = TCP4ServerEndpoint(self.reactor, listen[1], interface=listen[0])
@@ -234,8 +236,7 @@ class NymService(service.MultiService):
         self.log.debug("NYM: request {outcome}: {detail}", outcome=result.outcome.value,
                        detail=result.detail)
         if result.outcome is Handled.IGNORED:
-            self.log.info("NYM: a request was refused without an answer (malformed, forged, "
-                          "replayed or for an unknown nym)")
+            self.ignored += 1  # said in one line per TICK (a flood is one line, not thousands)
         if result.immediate is not None:
             try:
                 for packet in result.immediate.packets:
@@ -278,6 +279,10 @@ class NymService(service.MultiService):
     def tick(self) -> None:
         if not self.running:
             return
+        if self.ignored:
+            self.log.info("NYM: {n} request(s) refused without an answer (malformed, forged, "
+                          "replayed or for an unknown nym)", n=self.ignored)
+            self.ignored = 0
         d = self._run(self.store.forget_expired, int(self.now()) + self.settings.expiry_margin)
         d.addErrback(lambda f: self.log.warn("NYM: {why}", why=f.getErrorMessage()))
         self.kick()
