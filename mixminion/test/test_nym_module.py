@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from twisted.internet import task
+from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from mixminion.exits.context import ExitContext
@@ -57,3 +57,46 @@ class NymModuleTests(unittest.TestCase):
         self.assertEqual(advert.descriptor_value.key, module.service.key.public)
         key = os.path.join(module.service.folder, "nym.key")
         self.assertEqual(os.stat(key).st_mode & 0o777, 0o600)
+
+
+class NymServiceDiskTests(unittest.TestCase):
+    """A request the disk cannot take stays queued: RETRY, one WARN line."""
+
+    def test_a_failing_store_is_retry(self) -> defer.Deferred:
+        return defer.ensureDeferred(self._failing())
+
+    async def _failing(self) -> None:
+        from mixminion.codec.build import build_encrypted_forward_packet, encode_message_payloads
+        from mixminion.codec.payload import ENC_FWD_OVERHEAD
+        from mixminion.codec.process import Exit
+        from mixminion.exits.items import DeliveryItem, DeliveryResult
+        from mixminion.nym.formats import NYM_TYPE
+        from mixminion.test.test_properties import Network, default_addresses
+        from mixminion.testing.daemon import free_ports
+
+        [port] = free_ports(1)
+        base = os.path.abspath(self.mktemp())
+        os.makedirs(base)
+        conf = os.path.join(base, "node.conf")
+        with open(conf, "w") as f:
+            f.write(node_config(os.path.join(base, "base"), 48099, extra=(
+                f"[Delivery/Nym]\nEnabled: yes\nDomain: nym.example.org\nIncomingPort: {port}\n")))
+        dispatcher = build_exits(load_config(conf), ExitContext(
+            base_dir=os.path.join(base, "base"), clock=reactor, reactor=reactor))
+        [module] = [m for m in dispatcher.modules if m.name == "NYM"]
+        service = module.service
+        service.startService()
+        self.addCleanup(service.stopService)
+        net = Network(default_addresses())
+        # a request in several fragments: the first goes to the fragments' file
+        big = b"Mixminion-Nym-Request: 0.1\n" + os.urandom(60_000)
+        payload = encode_message_payloads(big, os.urandom, overhead=ENC_FWD_OVERHEAD)[0]
+        built = build_encrypted_forward_packet(payload, service.key.public, net.path([3]),
+                                               net.path([4, 0]), NYM_TYPE, b"", os.urandom)
+        _, exit_ = net.deliver(built.packet, 3)
+        assert isinstance(exit_, Exit)
+        item = DeliveryItem(NYM_TYPE, exit_.routing_info, payload=exit_.payload)
+        service.fragment_store.close()  # the disk fails under it
+        self.assertIs(await service.receive(item), DeliveryResult.RETRY)
+        service.store.close()
+        self.assertIs(await service.receive(item), DeliveryResult.RETRY)

@@ -229,7 +229,8 @@ class NymService(service.MultiService):
         try:
             result: Result = await self._run(self.nymserver.receive, item.tag, item.payload,
                                              self.now())
-        except NymStoreError as exc:
+        except (NymStoreError, sqlite3.Error, OSError) as exc:  # the disk (the nym store or
+            # the request fragments' file): the payload stays queued and is tried again
             self.log.warn("NYM: could not handle a request, will retry: {why}", why=str(exc))
             return DeliveryResult.RETRY
         self.context.count(f"{Event.NYM_REQUEST}:{result.outcome.value}")
