@@ -27,7 +27,10 @@ processing child process).
 * ``rss_mb_50k``: the resident memory (VmRSS, the node's process and its
   processing child together) of a second node, whose mix
   interval is a day, once 50,000 packets pushed through MMTP sit in its
-  pool (read from its metrics page).
+  pool (read from its metrics page); ``pss_mb_50k`` the same as
+  proportional set size (pages the two processes share, such as the
+  interpreter's and the libraries', counted once); ``rss_idle_mb`` and
+  ``pss_idle_mb`` before the first packet.
 
 One client (``--clients``, default 1) is one peer: MMTP lets it have six
 unacknowledged packets on each of two connections, so its rate is bounded
@@ -299,7 +302,7 @@ async def pool_run(reactor, workdir: str, sink_hop: Hop, total: int) -> dict:
     node = Node(workdir, "pool", "1 day")
     try:
         await node.started(reactor)
-        idle_rss = family_rss_mb(node.daemon.pid)
+        idle_rss, idle_pss = family_rss_mb(node.daemon.pid), family_rss_mb(node.daemon.pid, "Pss")
         routing = [HopRouting(node.private_packet_key.public, FWD_IPV4_TYPE,
                               sink_hop.address.pack())]
         rest = os.urandom(32768 - 2048)  # header 2 and payload: the node never checks them
@@ -349,9 +352,12 @@ async def pool_run(reactor, workdir: str, sink_hop: Hop, total: int) -> dict:
         pooled = time.perf_counter() - start
         await task.deferLater(reactor, 2, lambda: None)  # let the last batch settle
         rss, peak = family_rss_mb(node.daemon.pid), family_rss_mb(node.daemon.pid, "VmHWM")
+        pss = family_rss_mb(node.daemon.pid, "Pss")
         await client.close()
-        return {"rss_mb_50k" if total == 50000 else f"rss_mb_{total}": round(rss, 1),
+        size = "50k" if total == 50000 else str(total)
+        return {f"rss_mb_{size}": round(rss, 1), f"pss_mb_{size}": round(pss, 1),
                 "rss_peak_mb": round(peak, 1), "rss_idle_mb": round(idle_rss, 1),
+                "pss_idle_mb": round(idle_pss, 1),
                 "pool_fill_s": round(pooled, 1), "pool_push_per_s": round(total / pushed, 1),
                 "pool_rejected_sends": state["retries"]}
     finally:

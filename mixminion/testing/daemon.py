@@ -208,12 +208,23 @@ def rss_kb(pid: int, field_name: str = "VmRSS") -> int:
     return int(found.group(1))
 
 
+def pss_kb(pid: int) -> int:
+    """A process's proportional set size (``/proc/PID/smaps_rollup``): its
+    resident pages, those it shares counted as its share, in KiB."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        found = re.search(r"^Pss:\s+(\d+) kB", f.read(), re.M)
+    assert found is not None
+    return int(found.group(1))
+
+
 def family_rss_mb(pid: int, field_name: str = "VmRSS") -> float:
-    """:func:`rss_kb` of a node and its children (the processing child), in MiB."""
+    """:func:`rss_kb` of a node and its children (the processing child), in
+    MiB; ``field_name`` ``"Pss"``: :func:`pss_kb` (pages the node and its
+    child share, such as the interpreter's, counted once)."""
     total = 0
     for p in [pid, *child_pids(pid)]:
         try:
-            total += rss_kb(p, field_name)
+            total += pss_kb(p) if field_name == "Pss" else rss_kb(p, field_name)
         except (OSError, AssertionError):
             pass  # a child that just exited
     return total / 1024
