@@ -46,6 +46,7 @@ from mixminion.directory.descriptor import (
     parse_descriptor,
 )
 from mixminion.directory.reliability import (
+    FINGERPRINT,
     ServerReliability,
     decode_reliability_line,
     format_reliability_line,
@@ -177,7 +178,6 @@ class ConsensusError(ValueError):
 
 # --- fingerprints and trust -------------------------------------------------------------
 
-_HEX40 = re.compile(r"[0-9A-F]{40}")
 
 Trusted = Union[Mapping[str, PublicKey], Collection[str]]
 #: fingerprint -> (identity key, vote URL base) of every configured voter
@@ -187,7 +187,7 @@ Voters = Mapping[str, Tuple[PublicKey, str]]
 def normalise_fingerprint(value: str) -> str:
     """Upper-case hex without the display spaces; ValueError if not 20 bytes."""
     fingerprint = "".join(value.split()).upper()
-    if not _HEX40.fullmatch(fingerprint):
+    if not FINGERPRINT.fullmatch(fingerprint):
         raise ValueError(f"{value!r} is not a key fingerprint (40 hexadecimal digits)")
     return fingerprint
 

@@ -36,11 +36,11 @@ from typing import Optional, Sequence
 from mixminion.codec.textformat import decode_nickname
 from mixminion.config.syntax import ConfigError
 from mixminion.directory.descriptor import ServerDescriptor
+from mixminion.directory.reliability import FINGERPRINT
 from mixminion.mmtp.limits import IPAddress, NetworkRule, normalize_address
 
 __all__ = ["RejectEntry", "RejectList", "descriptor_addresses", "load_reject_list", "parse_entry"]
 
-_FINGERPRINT = re.compile(r"[0-9A-F]{40}")
 KINDS = ("fingerprint", "nickname", "address")
 
 
@@ -66,7 +66,7 @@ def parse_entry(text: str) -> tuple[str, str]:
     """``(kind, value)`` of one entry (comment already removed); ValueError
     with the reason otherwise."""
     packed = "".join(text.split()).upper()
-    if _FINGERPRINT.fullmatch(packed):
+    if FINGERPRINT.fullmatch(packed):
         return "fingerprint", packed
     if re.fullmatch(r"[0-9A-F]{25,}", packed):  # longer than any nickname
         raise ValueError(f'"{text}" is not a fingerprint: {len(packed)} hex digits, not 40')

@@ -93,13 +93,14 @@ class ServerReliability:
 
 # --- value codecs (reports and directories) ------------------------------------------
 
-_FINGERPRINT = re.compile(r"[0-9A-F]{40}")
+#: an identity fingerprint as producers write it (directories use it too)
+FINGERPRINT = re.compile(r"[0-9A-F]{40}")
 _RELIABILITY = re.compile(r"([01])\.([0-9]{3})")
 
 
 def decode_fingerprint(value: str) -> str:
     """An identity fingerprint as producers write it: 40 upper-case hex digits."""
-    if not _FINGERPRINT.fullmatch(value):
+    if not FINGERPRINT.fullmatch(value):
         raise ValueError(f"{value!r} is not a fingerprint (40 upper-case hexadecimal digits)")
     return value
 

@@ -125,9 +125,9 @@ class MailOut:
 
 
 class NymStore(SQLiteStore):
-    """See the module docstring.  A method that changes more than one row
-    runs in a transaction of its own, or joins the caller's
-    (:meth:`transaction`)."""
+    """See the module docstring.  A method of one statement commits it on
+    its own; one of several runs them in a transaction of its own; either
+    joins the caller's (:meth:`transaction`)."""
 
     error = NymStoreError
     label = "the nym store"
@@ -157,23 +157,20 @@ class NymStore(SQLiteStore):
 
     def create(self, name: str, key: bytes, counter: int, policy: Policy, now: float) -> None:
         """A new nym (NameTaken if the name exists)."""
-        with self.transaction():
-            try:
-                self._execute("INSERT INTO nyms (name, key, counter, policy, created) "
-                              "VALUES (?, ?, ?, ?, ?)", (name, key, counter, policy.value, now))
-            except sqlite3.IntegrityError:
-                raise NameTaken(name) from None
+        try:
+            self._execute("INSERT INTO nyms (name, key, counter, policy, created) "
+                          "VALUES (?, ?, ?, ?, ?)", (name, key, counter, policy.value, now))
+        except sqlite3.IntegrityError:
+            raise NameTaken(name) from None
 
     def use_counter(self, name: str, counter: int) -> bool:
         """Record ``counter`` as the nym's last if it is larger than the
         last; False (nothing changed) if not, or if there is no such nym."""
-        with self.transaction():
-            return self._execute("UPDATE nyms SET counter = ? WHERE name = ? AND counter < ?",
-                                 (counter, name, counter)) == 1
+        return self._execute("UPDATE nyms SET counter = ? WHERE name = ? AND counter < ?",
+                             (counter, name, counter)) == 1
 
     def set_policy(self, name: str, policy: Policy) -> None:
-        with self.transaction():
-            self._execute("UPDATE nyms SET policy = ? WHERE name = ?", (policy.value, name))
+        self._execute("UPDATE nyms SET policy = ? WHERE name = ?", (policy.value, name))
 
     def delete(self, name: str) -> None:
         """The nym and everything it holds (its reply blocks, its waiting
@@ -211,22 +208,19 @@ class NymStore(SQLiteStore):
 
     def forget_expired(self, usable_after: int) -> int:
         """Remove every block that expires at or before ``usable_after``."""
-        with self.transaction():
-            return self._execute("DELETE FROM reply_blocks WHERE expires <= ?", (usable_after,))
+        return self._execute("DELETE FROM reply_blocks WHERE expires <= ?", (usable_after,))
 
     # --- messages for the owner -------------------------------------------------------------
 
     def queue_mail(self, name: str, body: bytes, now: float) -> None:
-        with self.transaction():
-            self._execute("INSERT INTO outbox (nym, kind, body, queued_at) VALUES (?, ?, ?, ?)",
-                          (name, Kind.MAIL.value, body, now))
+        self._execute("INSERT INTO outbox (nym, kind, body, queued_at) VALUES (?, ?, ?, ?)",
+                      (name, Kind.MAIL.value, body, now))
 
     def queue_answer(self, name: str, counter: int, ok: bool, reason: str, body: bytes,
                      now: float) -> None:
-        with self.transaction():
-            self._execute("INSERT INTO outbox (nym, kind, body, queued_at, counter, ok, reason) "
-                          "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                          (name, Kind.ANSWER.value, body, now, counter, int(ok), reason))
+        self._execute("INSERT INTO outbox (nym, kind, body, queued_at, counter, ok, reason) "
+                      "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                      (name, Kind.ANSWER.value, body, now, counter, int(ok), reason))
 
     def waiting(self, name: str) -> list[Queued]:
         """The nym's messages in the order they go: answers, then mails,
@@ -268,13 +262,11 @@ class NymStore(SQLiteStore):
         return [MailOut(i, n, r, bytes(t), a, q) for i, n, r, t, a, q in rows]
 
     def mail_out_done(self, mail_id: int) -> None:
-        with self.transaction():
-            self._execute("DELETE FROM mail_out WHERE id = ?", (mail_id,))
+        self._execute("DELETE FROM mail_out WHERE id = ?", (mail_id,))
 
     def mail_out_later(self, mail_id: int, next_attempt: float) -> None:
-        with self.transaction():
-            self._execute("UPDATE mail_out SET attempts = attempts + 1, next_attempt = ? "
-                          "WHERE id = ?", (next_attempt, mail_id))
+        self._execute("UPDATE mail_out SET attempts = attempts + 1, next_attempt = ? "
+                      "WHERE id = ?", (next_attempt, mail_id))
 
     # --- rate limits --------------------------------------------------------------------------
 
