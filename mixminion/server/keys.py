@@ -155,15 +155,17 @@ def plan_keysets(
 ) -> list[tuple[int, int]]:
     """§8.3 step 3: the ``(Valid-After, Valid-Until)`` of ``count`` new keysets.
 
-    The first starts just after the last keyset (or now, if there is none or
-    it has ended), rounded down to midnight; each next one starts ``lifetime``
-    later.  Whole-day lifetimes give contiguous intervals.
+    The first starts just after the last keyset, rounded down to midnight;
+    each next one starts ``lifetime`` later.  Whole-day lifetimes give
+    contiguous intervals.  With no keyset, or only ended ones, the first
+    starts at the midnight before now, so the node has a key at once: the
+    reference added 60 s first, which in the last minute of a day gave a
+    fresh node no valid key until midnight (doc/server.md, Decisions).
     """
     if last_valid_until is None or last_valid_until < now:
-        start: float = now + KEYSET_START_DELAY
+        start = midnight(now)
     else:
-        start = last_valid_until + KEYSET_START_DELAY
-    start = midnight(start)
+        start = midnight(last_valid_until + KEYSET_START_DELAY)
     intervals = []
     for _ in range(count):
         valid_after = midnight(start + MIDNIGHT_SLACK)

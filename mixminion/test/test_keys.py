@@ -168,12 +168,16 @@ class ScheduleFunctionTests(unittest.TestCase):
         self.assertEqual(keysets_needed(T0, int(T0 + HORIZON - DAY - 1), DAY), 2)
 
     def test_first_keyset_starts_today(self) -> None:
-        """start = now + 60 s rounded down: a mid-day start is valid from the
-        previous midnight, so the key is usable at once."""
+        """With no keyset the first is valid from the previous midnight, so
+        the key is usable at once, even in the last minute of a day (where
+        the reference's now + 60 s started it at the next midnight)."""
         self.assertEqual(plan_keysets(T0, None, DAY, 2), [(M0, M0 + DAY), (M0 + DAY, M0 + 2 * DAY)])
-        # 30 s before midnight, now + 60 s is already the next day
-        late = M0 + DAY - 30
-        self.assertEqual(plan_keysets(late, None, DAY, 1), [(M0 + DAY, M0 + 2 * DAY)])
+        for late in (M0 + DAY - 60, M0 + DAY - 30, M0 + DAY - 1):
+            [(valid_after, valid_until)] = plan_keysets(late, None, DAY, 1)
+            self.assertEqual((valid_after, valid_until), (M0, M0 + DAY))
+            self.assertTrue(valid_after <= late <= valid_until)
+        # a node whose keysets all ended is treated the same way
+        self.assertEqual(plan_keysets(M0 + DAY - 30, M0 - DAY, DAY, 1), [(M0, M0 + DAY)])
 
     def test_follows_last_keyset(self) -> None:
         last = M0 + 10 * DAY
