@@ -207,6 +207,10 @@ class Sender:
 
 class CrashTest(unittest.TestCase):
     timeout = 400
+    #: ``[Server] ProcessingWorkers`` of every run of the node
+    workers = 1
+    #: ... except the last, which runs with this many (None: the same)
+    last_workers: Optional[int] = None
 
     def setUp(self) -> None:
         self.dir = os.path.abspath(self.mktemp())
@@ -214,10 +218,7 @@ class CrashTest(unittest.TestCase):
         self.base = os.path.join(self.dir, "base")
         [self.port] = free_ports(1)
         self.conf = os.path.join(self.dir, "node.conf")
-        with open(self.conf, "w") as f:
-            f.write(node_config(self.base, self.port, nickname="crashtest",
-                                contact="crash@localhost.localdomain",
-                                mix_interval=f"{MIX_INTERVAL} seconds"))
+        self.configure(self.workers)
         self.rng = random.Random(SEED)
         self.lines: list[str] = []
         self.t0 = time.monotonic()
@@ -237,6 +238,13 @@ class CrashTest(unittest.TestCase):
     def diagnosis(self) -> str:
         last = self.node.report(30) if self.node is not None else ""
         return "\n".join(self.lines[-60:]) + f"\n(last run of the node)\n{last}"
+
+    def configure(self, workers: int) -> None:
+        with open(self.conf, "w") as f:
+            f.write(node_config(self.base, self.port, nickname="crashtest",
+                                contact="crash@localhost.localdomain",
+                                mix_interval=f"{MIX_INTERVAL} seconds",
+                                server=f"ProcessingWorkers: {workers}"))
 
     def _kill_leftover(self) -> None:
         if self.node is not None:
@@ -340,6 +348,11 @@ class CrashTest(unittest.TestCase):
     async def crash_run(self, plan: list[tuple[str, str, int, float]]) -> None:
         node = self.spawn()
         await self.wait_listening(node)
+        # ProcessingWorkers took effect: that many processing children
+        await wait_until(reactor, f"{self.workers} processing children",
+                         lambda: len(child_pids(node.pid)) == self.workers, START_LIMIT, 0.05,
+                         watch=[node], report=lambda _: self.diagnosis(),
+                         error=self.failureException)
         keys = os.path.join(self.base, "keys")
         identity = read_pem_key(os.path.join(keys, "identity.key"))
         keysets = sorted(d for d in os.listdir(keys) if d.startswith("key_"))
@@ -392,6 +405,9 @@ class CrashTest(unittest.TestCase):
             else:
                 await self.stop_cleanly(why)
             await sleep(reactor, self.rng.uniform(0.05, 0.5))
+            if n + 1 == len(plan) and self.last_workers is not None:
+                self.configure(self.last_workers)
+                self.note(f"the last run has {self.last_workers} processing workers")
             node = self.spawn()
             if n + 1 < len(plan) and plan[n + 1][1] == "start":
                 continue  # the next kill lands while this run starts up
@@ -470,3 +486,14 @@ class CrashTest(unittest.TestCase):
         plan = self.kill_plan()
         self.note(f"seed {SEED}, {N_PACKETS} packets, kill plan {plan}")
         return defer.ensureDeferred(self.crash_run(plan))
+
+
+class TwoWorkersCrashTest(CrashTest):
+    """The same with ``ProcessingWorkers: 2`` (issue 18): two processing
+    children share the incoming log and one replay log, and SIGKILLs take
+    both.  The last run has one worker, so it starts from the marks two
+    workers left: packets one of them had processed above the other's
+    mark are refused as replays, never processed twice."""
+
+    workers = 2
+    last_workers = 1

@@ -306,6 +306,9 @@ NODE_SECTIONS: tuple[SectionSpec, ...] = (
                "local files (FRAGMENT, MBOX's MboxFile) wait, keeping what they hold, until "
                "space is back (0: no floor)", default="100 MB",
                reload="mixminion.server.reload:apply_queue_limits"),
+        Option("ProcessingWorkers", INT, "ours: processing children (decryption), each taking "
+               "its share of the received packets; one per core the node may use",
+               default="1", consumer=_NODE),
         Option("MetricsPort", PORT, "ours: serve Prometheus metrics on this port (unset: off)",
                consumer=_NODE),
         Option("MetricsAddress", ANY_IP, "ours: address of the metrics listener; keep it on "
@@ -446,6 +449,8 @@ SCHEMA: Mapping[str, SectionSpec] = {s.name: s for s in SCHEMA_SECTIONS}
 MAIL_MODULES = ("SMTP", "MBOX")
 PLUGIN_PREFIX = "Delivery/"
 MIN_MAXIMUM_SIZE = 32 * 1024
+#: more processing children than this is a typo, not a machine
+MAX_PROCESSING_WORKERS = 64
 DEFAULT_BASE_DIR = "/var/spool/minion"
 
 SUMMARY_KEYS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -508,6 +513,7 @@ class ServerSection:
     max_bandwidth_spike: Optional[int]
     max_queued_packets: int
     min_free_disk: int
+    processing_workers: int
     metrics_port: Optional[int]
     metrics_address: str
 
@@ -1040,6 +1046,7 @@ def _check_server(b: _Builder) -> None:
     for key in ("MixInterval", "Timeout", "StatsInterval"):
         _check_range(b, s, key, 1, None, sched.format_interval)
     _check_range(b, s, "MaxQueuedPackets", 1, None)
+    _check_range(b, s, "ProcessingWorkers", 1, MAX_PROCESSING_WORKERS)
     if len(b.get(s, "Contact-Email")) > MAX_CONTACT:
         raise b.error(s, "Contact-Email", f"longer than the {MAX_CONTACT} characters a descriptor allows")
     if b.get(s, "Mode") == "local":

@@ -14,6 +14,13 @@ entries, pool items and the highest incoming id it consumed commit
 together.  The node removes incoming packets up to that id later (and at
 start-up), and processing never reads below it; so a crash at any moment
 either leaves a packet to be processed again or has it processed once.
+
+With ``[Server] ProcessingWorkers: N`` there are N children, and each
+takes its :class:`Share` of the ids (``id % N``) with a consumed mark of
+its own.  They share one replay log: each batch's test-and-set of replay
+entries runs inside its commit, and SQLite lets one process write at a
+time, so a packet that reaches two workers (a replay) is processed by
+whichever commits first and refused by the other.
 """
 
 from __future__ import annotations
@@ -32,8 +39,55 @@ from mixminion.server.packetstore import PacketStore
 from mixminion.server.pinging.handles import handle_of
 from mixminion.server.queues import INCOMING, MIX, PING
 
-#: kv name in the main store: the highest incoming id whose processing committed
+#: kv name in the main store: every incoming id up to this one is processed
+#: (with one worker, its consumed mark; see :class:`Share`)
 CONSUMED_KEY = "incoming-consumed-through"
+
+
+@dataclass(frozen=True)
+class Share:
+    """The incoming ids one of ``of`` processing workers takes: those with
+    ``id % of == index``.  Its consumed mark ``c`` says that every id of
+    its share up to ``c`` is processed."""
+
+    index: int = 0
+    of: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.index < self.of:
+            raise ValueError(f"no worker {self.index} of {self.of}")
+
+    @property
+    def key(self) -> str:
+        """Its consumed mark's name in the main store's kv table."""
+        return CONSUMED_KEY if self.of == 1 else f"{CONSUMED_KEY}/{self.index}/{self.of}"
+
+    def next_after(self, last: int) -> int:
+        """The first id of this share above ``last``."""
+        return last + (self.index - last - 1) % self.of + 1
+
+    def ids(self, after: int, through: int, limit: int) -> list[int]:
+        """Up to ``limit`` ids of this share in ``(after, through]``, in order."""
+        first = self.next_after(after)
+        return list(range(first, min(through, first + (limit - 1) * self.of) + 1, self.of))
+
+    def count_between(self, after: int, through: int) -> int:
+        """How many ids of this share lie in ``(after, through]``."""
+        return len(range(self.next_after(after), through + 1, self.of))
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.of}"
+
+
+def shares(workers: int) -> list[Share]:
+    return [Share(i, workers) for i in range(workers)]
+
+
+def everything_through(marks: Sequence[int]) -> int:
+    """The highest id such that it and every id below it are processed,
+    when worker ``i`` of ``len(marks)`` has processed its share through
+    ``marks[i]``."""
+    return min(share.next_after(mark) for share, mark in zip(shares(len(marks)), marks)) - 1
 
 
 @dataclass(frozen=True)
@@ -45,18 +99,45 @@ class BatchDone:
     counts: Counter
 
 
-def consumed_through(store: PacketStore) -> int:
-    """The highest incoming id processing has committed (0 if none)."""
-    raw = store.get_value(CONSUMED_KEY)
-    return int(raw) if raw else 0
+def _int(raw: Optional[bytes], default: int = 0) -> int:
+    return int(raw) if raw else default
 
 
-def open_incoming(directory: str, store: PacketStore) -> IncomingLog:
+def worker_mark(store: PacketStore, share: Share) -> int:
+    """The last id of ``share`` processed (at least the common mark)."""
+    common = _int(store.get_value(CONSUMED_KEY))
+    return max(common, _int(store.get_value(share.key), common))
+
+
+def consumed_through(store: PacketStore, workers: int = 1) -> int:
+    """The highest incoming id such that it and every id below it are
+    processed, by ``workers`` workers (0 if none)."""
+    return everything_through([worker_mark(store, share) for share in shares(workers)])
+
+
+def settle_marks(store: PacketStore, workers: int) -> None:
+    """At start-up, with no child running: marks left by a different
+    number of workers become one common mark (what all of them had
+    processed), so the new shares start from it.  Packets above it that
+    an old worker had processed are met again and refused by the replay
+    log, which holds their entries (they count as replays)."""
+    old = store.values_named(CONSUMED_KEY + "/")
+    counts = {int(name.rsplit("/", 1)[1]) for name in old}
+    if not old or counts == {workers}:
+        return
+    with store.transaction():
+        common = max(consumed_through(store, n) for n in counts)
+        store.set_value(CONSUMED_KEY, str(common).encode())
+        store.delete_values(list(old))
+
+
+def open_incoming(directory: str, store: PacketStore, workers: int = 1) -> IncomingLog:
     """The node's incoming log, recovered after whatever stopped the node:
     records processing consumed are removed, and packets an older version
     queued inside the main store are taken over (appended first, so a
     crash here leaves a copy for the replay log to refuse, never a loss)."""
-    incoming = IncomingLog(directory, consumed_through(store))
+    settle_marks(store, workers)
+    incoming = IncomingLog(directory, consumed_through(store, workers))
     old = store.ids(INCOMING)
     if old:
         incoming.add_many(store.get_many(old))
@@ -66,10 +147,11 @@ def open_incoming(directory: str, store: PacketStore) -> IncomingLog:
 
 def drain(incoming: IncomingLog, store: PacketStore, processor: PacketProcessor,
           batch_size: int, now: Callable[[], float], opener: Optional[Executor] = None,
-          through: Optional[int] = None, pings: bool = False) -> Iterator[BatchDone]:
-    """Process every incoming packet above the consumed mark (and up to
-    ``through``, the last id the writer committed), a batch per commit,
-    yielding after each commit.
+          through: Optional[int] = None, pings: bool = False,
+          share: Share = Share()) -> Iterator[BatchDone]:
+    """Process every incoming packet of ``share`` above its consumed mark
+    (and up to ``through``, the last id the writer committed), a batch per
+    commit, yielding after each commit.
 
     With an ``opener``, batch k+1 is read and opened there (its RSA and
     LIONESS mostly run without the GIL) while batch k commits here.
@@ -82,26 +164,29 @@ def drain(incoming: IncomingLog, store: PacketStore, processor: PacketProcessor,
         readable = [p for p in packets if p is not None]
         return processor.open_batch(readable), len(packets) - len(readable)
 
-    def batch_after(last: int) -> list[int]:
-        return incoming.ids(after=last, limit=batch_size, through=through)
+    last_committed = incoming.committed_through if through is None else through
 
-    ids = batch_after(consumed_through(store))
+    def batch_after(last: int) -> list[int]:
+        return share.ids(max(last, incoming.removed_through), last_committed, batch_size)
+
+    ids = batch_after(worker_mark(store, share))
     opening = opener.submit(open_, ids) if opener and ids else None
     while ids:
         following = batch_after(ids[-1])
         next_opening = opener.submit(open_, following) if opener and following else None
         opened, damaged = opening.result() if opening else open_(ids)
-        counts = commit_batch(store, processor, ids[-1], opened, now(), damaged, pings)
+        counts = commit_batch(store, processor, ids[-1], opened, now(), damaged, pings,
+                              share)
         yield BatchDone(ids[-1], len(ids), counts)
         ids, opening = following, next_opening
 
 
 def commit_batch(store: PacketStore, processor: PacketProcessor, through: int,
                  opened: Sequence[OpenedPacket], now: float, damaged: int = 0,
-                 pings: bool = False) -> Counter:
-    """Replay entries, queued items and the consumed mark in one transaction
-    (``damaged``: records of the batch that could not be read, counted as
-    dropped)."""
+                 pings: bool = False, share: Share = Share()) -> Counter:
+    """Replay entries, queued items and ``share``'s consumed mark in one
+    transaction (``damaged``: records of the batch that could not be read,
+    counted as dropped)."""
     counts: Counter = Counter()
     if damaged:
         counts[Event.DROPPED_DAMAGED] = damaged
@@ -114,7 +199,7 @@ def commit_batch(store: PacketStore, processor: PacketProcessor, through: int,
                 by_queue.setdefault(queue, []).append((data, meta))
         for queue, rows in by_queue.items():
             store.add_many(queue, [data for data, _ in rows], now, [meta for _, meta in rows])
-        store.set_value(CONSUMED_KEY, str(through).encode())
+        store.set_value(share.key, str(through).encode())
     return counts
 
 

@@ -47,8 +47,7 @@ from mixminion.server.outgoing import Outgoing
 from mixminion.server.packetstore import PacketStore
 from mixminion.server.pidfile import PidFile
 from mixminion.server.mix_algorithm import MixAlgorithm, make_mix_algorithm
-from mixminion.server.processing import Processor
-from mixminion.server.processing_child import processing_lock
+from mixminion.server.processing import ProcessingWorkers
 from mixminion.server.queues import MIX, OUT, delivery_queue
 from mixminion.server.stats import NodeStats, StatsReport
 from mixminion.server.status import (
@@ -160,23 +159,25 @@ class MixNode(service.MultiService):
         self.store = PacketStore(os.path.join(queue_dir, "packets.db"), body_dir=body_dir)
         # A pinging node's processing child queues returned pings for the
         # pinger (mixminion.server.pinging.service) instead of dropping them.
-        self.processor = Processor(os.path.join(queue_dir, "incoming"), self.store.path,
-                                   reactor, self.stats.count, body_dir=body_dir,
-                                   pings=config.pinging.enabled)
-        with processing_lock(self.processor.lock_path) as waited:
+        self.processor = ProcessingWorkers(os.path.join(queue_dir, "incoming"), self.store.path,
+                                           reactor, self.stats.count,
+                                           workers=server.processing_workers,
+                                           body_dir=body_dir, pings=config.pinging.enabled)
+        with self.processor.locked() as waited:
             if waited:
                 self.log.info("Waited for the processing child of the previous run to exit")
             stray = self.store.sweep_bodies()
             if stray:
                 self.log.info("Overwrote {n} packet bodies left by a crash", n=stray)
-            self.incoming = open_incoming(self.processor.incoming_path, self.store)
+            self.incoming = open_incoming(self.processor.incoming_path, self.store,
+                                          server.processing_workers)
             if self.incoming.unreadable_at_start:
                 self.log.warn(
                     "The incoming log holds {n} unreadable records before its last good one "
                     "(torn by a crash in a commit never acknowledged, or damaged on disk); "
                     "processing will drop them", n=self.incoming.unreadable_at_start)
-        self.processor.committed_through = self.incoming.committed_through
-        self.processor.consumed_through = self.incoming.removed_through
+        self.processor.start_from(self.store, self.incoming.committed_through,
+                                  self.incoming.removed_through)
         self.sink = DurableSink(self.incoming, reactor, max_queued=server.max_queued_packets,
                                 min_free_bytes=server.min_free_disk,
                                 on_stored=self.processor.stored,
@@ -306,7 +307,8 @@ class MixNode(service.MultiService):
             await self.sink.stop()
             await self.processor.stop()
             # What processing consumed is overwritten now, not at the next start.
-            self.incoming.remove_through(consumed_through(self.store))
+            self.incoming.remove_through(consumed_through(self.store,
+                                                          len(self.processor.workers)))
             outgoing_stopped = self.outgoing.stop()  # before the close aborts its sends
             await self.client.close()
             await outgoing_stopped

@@ -190,6 +190,14 @@ class PacketStore:
     def set_value(self, name: str, value: bytes) -> None:
         self._write_many("INSERT OR REPLACE INTO kv (name, value) VALUES (?, ?)", [(name, value)])
 
+    def values_named(self, prefix: str) -> dict[str, bytes]:
+        """The kv values whose names start with ``prefix``."""
+        return {name: bytes(value) for name, value in self._query(
+            "SELECT name, value FROM kv WHERE substr(name, 1, ?) = ?", (len(prefix), prefix))}
+
+    def delete_values(self, names: Sequence[str]) -> None:
+        self._write_many("DELETE FROM kv WHERE name = ?", [(name,) for name in names])
+
     def get_value(self, name: str) -> Optional[bytes]:
         row = self._query_one("SELECT value FROM kv WHERE name = ?", (name,))
         return None if row is None else bytes(row[0])

@@ -14,11 +14,14 @@ reception side delete what it consumed (see
 
 from __future__ import annotations
 
+import functools
+import glob
 import os
 import sys
 import time
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Callable, Mapping, Optional, Protocol, Sequence
+from typing import Callable, Iterator, Mapping, Optional, Protocol, Sequence
 
 from automat import NoTransition, TypeMachine, TypeMachineBuilder
 from twisted.internet import defer, protocol
@@ -31,6 +34,9 @@ import mixminion
 from mixminion.codec.rsa import PrivateKey
 from mixminion.server import childmessages as msg
 from mixminion.server.diskspace import DiskPause, Shortage, later_floor
+from mixminion.server.draining import Share, everything_through, worker_mark
+from mixminion.server.packetstore import PacketStore
+from mixminion.server.processing_child import processing_lock
 
 #: longest line the child may send (a batch report is a few hundred bytes)
 MAX_LINE = 1 << 20
@@ -158,8 +164,11 @@ class Processor:
                  count: Callable[[str, int], None], *,
                  on_consumed: Optional[Callable[[int, int], None]] = None,
                  batch_size: int = 32, restart_delay: float = 1.0,
-                 body_dir: Optional[str] = None, pings: bool = False) -> None:
+                 body_dir: Optional[str] = None, pings: bool = False,
+                 share: Share = Share()) -> None:
         self.incoming_path = incoming_path
+        #: the incoming ids this worker's child takes
+        self.share = share
         #: the node pings: the child queues returned pings for the pinger
         #: (a command-line flag: ``[Pinging] Enabled`` changes at a restart)
         self.pings = pings
@@ -168,7 +177,7 @@ class Processor:
         self.batch_listeners: list[Callable[[Mapping[str, int]], None]] = []
         self.store_path = store_path
         self.body_dir = body_dir
-        self.lock_path = os.path.join(os.path.dirname(store_path), "processing.lock")
+        self.lock_path = lock_path(store_path, share.index)
         self.reactor = reactor
         self.count = count
         self.on_consumed = on_consumed
@@ -276,7 +285,7 @@ class Processor:
         # Ids are consecutive: counting from the last mark also covers
         # a batch whose report died with a killed child.
         through = message.through
-        consumed = max(0, through - self.consumed_through)
+        consumed = self.share.count_between(self.consumed_through, through)
         self.consumed_through = max(self.consumed_through, through)
         if self.on_consumed is not None:
             self.on_consumed(through, consumed)
@@ -316,6 +325,8 @@ class Processor:
             argv += ["--bodies", self.body_dir]
         if self.pings:
             argv.append("--pings")
+        if self.share.of > 1:
+            argv += ["--share", str(self.share)]
         self.reactor.spawnProcess(child, sys.executable, argv, env=env,
                                   childFDs={0: "w", 1: "r", 2: "r"})
         self._child = child
@@ -365,6 +376,109 @@ class Processor:
             child.transport.signalProcess("KILL")
         except Exception:  # already gone
             pass
+
+
+def lock_path(store_path: str, index: int) -> str:
+    """The lock file worker ``index``'s child holds while it runs."""
+    name = "processing.lock" if index == 0 else f"processing-{index}.lock"
+    return os.path.join(os.path.dirname(store_path), name)
+
+
+class ProcessingWorkers:
+    """``[Server] ProcessingWorkers`` children, each a :class:`Processor`
+    that takes its :class:`~mixminion.server.draining.Share` of the
+    incoming ids, seen by the node as one: the incoming log gives up a
+    packet once every id up to it is processed, whichever worker had it.
+
+    Processing counts as failing while any worker fails (its share of the
+    packets would wait), and as paused for disk space while any is.
+    """
+
+    def __init__(self, incoming_path: str, store_path: str, reactor,
+                 count: Callable[[str, int], None], *, workers: int = 1,
+                 body_dir: Optional[str] = None, pings: bool = False) -> None:
+        self.incoming_path = incoming_path
+        self.store_path = store_path
+        #: told ``(through, count)`` as the common mark advances
+        self.on_consumed: Optional[Callable[[int, int], None]] = None
+        #: told the counts of each worker's committed batches
+        self.batch_listeners: list[Callable[[Mapping[str, int]], None]] = []
+        self.workers = [Processor(incoming_path, store_path, reactor, count, body_dir=body_dir,
+                                  pings=pings, share=Share(i, workers))
+                        for i in range(workers)]
+        for worker in self.workers:
+            worker.batch_listeners = self.batch_listeners
+            worker.on_consumed = functools.partial(self._consumed, worker.share.index)
+        #: how far each worker processed its share
+        self._marks = [0] * workers
+        self.consumed_through = 0
+
+    @contextmanager
+    def locked(self) -> Iterator[bool]:
+        """Hold every worker's lock, and those of a previous run's extra
+        workers (their children may be finishing a batch); yields whether
+        one had to be waited for."""
+        paths = {worker.lock_path for worker in self.workers}
+        paths.update(glob.glob(os.path.join(os.path.dirname(self.store_path),
+                                            "processing*.lock")))
+        with ExitStack() as stack:
+            waited = [stack.enter_context(processing_lock(path)) for path in sorted(paths)]
+            yield any(waited)
+
+    def start_from(self, store: PacketStore, committed_through: int, removed_through: int) -> None:
+        """Where the workers begin: what the log holds, and each worker's
+        mark (after :func:`~mixminion.server.draining.settle_marks`)."""
+        self._marks = [max(removed_through, worker_mark(store, w.share)) for w in self.workers]
+        self.consumed_through = removed_through
+        for worker in self.workers:
+            worker.committed_through = committed_through
+            worker.consumed_through = removed_through
+
+    def _consumed(self, index: int, through: int, count: int) -> None:
+        self._marks[index] = max(self._marks[index], through)
+        self.consumed_through = max(self.consumed_through, everything_through(self._marks))
+        if self.on_consumed is not None:
+            self.on_consumed(self.consumed_through, count)
+
+    @property
+    def failing(self) -> Optional[str]:
+        return next((w.failing for w in self.workers if w.failing is not None), None)
+
+    @property
+    def disk(self) -> DiskPause:
+        return next((w.disk for w in self.workers if w.disk.paused), self.workers[0].disk)
+
+    @property
+    def starts(self) -> int:
+        return sum(w.starts for w in self.workers)
+
+    @property
+    def min_free_disk(self) -> Callable[[], int]:
+        return self.workers[0].min_free_disk
+
+    @min_free_disk.setter
+    def min_free_disk(self, value: Callable[[], int]) -> None:
+        for worker in self.workers:
+            worker.min_free_disk = value
+
+    def set_keys(self, keys: Sequence[PrivateKey]) -> None:
+        for worker in self.workers:
+            worker.set_keys(keys)
+
+    def stored(self, ids: Sequence[int]) -> None:
+        for worker in self.workers:
+            worker.stored(ids)
+
+    def kick(self, _ignored: object = None) -> None:
+        for worker in self.workers:
+            worker.kick()
+
+    def wait_idle(self) -> defer.Deferred:
+        return defer.gatherResults([w.wait_idle() for w in self.workers]).addCallback(
+            lambda _: None)
+
+    def stop(self) -> defer.Deferred:
+        return defer.gatherResults([w.stop() for w in self.workers]).addCallback(lambda _: None)
 
 
 def _lifecycle() -> TypeMachine[_Lifecycle, Processor]:

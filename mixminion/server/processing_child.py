@@ -32,7 +32,7 @@ from mixminion.codec.process import PacketProcessor
 from mixminion.codec.rsa import PrivateKey
 from mixminion.server import childmessages as msg
 from mixminion.server.diskspace import FreeSpace, shortage
-from mixminion.server.draining import drain
+from mixminion.server.draining import Share, drain
 from mixminion.server.incoming_log import IncomingLog, IncomingLogError
 from mixminion.server.packetstore import PacketStore, PacketStoreError
 from mixminion.server.store_replay import StoreReplayLog
@@ -71,8 +71,11 @@ class Child:
     """What the child does with each request from the node."""
 
     def __init__(self, incoming: IncomingLog, store: PacketStore, batch_size: int,
-                 out: BinaryIO, disks: Sequence[str] = (), pings: bool = False) -> None:
+                 out: BinaryIO, disks: Sequence[str] = (), pings: bool = False,
+                 share: Share = Share()) -> None:
         self.incoming = incoming
+        #: the incoming ids this worker takes
+        self.share = share
         self.store = store
         self.batch_size = batch_size
         self.out = out
@@ -105,7 +108,7 @@ class Child:
                 if short is None:
                     for done in drain(self.incoming, self.store, self.processor,
                                       self.batch_size, node_clock(message.clock),
-                                      self.opener, message.through, self.pings):
+                                      self.opener, message.through, self.pings, self.share):
                         self.send(msg.Batch(done.through, dict(done.counts)))
                         short = shortage(self.free_space, floor, batch_bytes)
                         if short is not None:
@@ -119,6 +122,11 @@ class Child:
                 self.send(msg.Idle())
 
 
+def _share(text: str) -> Share:
+    index, of = text.split("/")
+    return Share(int(index), int(of))
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--incoming", required=True, help="the incoming log's directory")
@@ -129,6 +137,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--nice", type=int, default=0, help="lower this process's priority by N")
     parser.add_argument("--pings", action="store_true",
                         help="the node pings: queue PING exits with a handle for its pinger")
+    parser.add_argument("--share", type=_share, default=Share(),
+                        help="I/N: this is worker I of N and takes the ids with id %% N == I")
     args = parser.parse_args(argv)
     # The node decides when this process stops (by closing its stdin): a
     # Ctrl-C at a foreground twistd reaches the whole process group.
@@ -140,7 +150,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         store = PacketStore(args.store, body_dir=args.bodies)
         child = Child(incoming, store, args.batch, sys.stdout.buffer,
                       [os.path.dirname(os.path.abspath(args.store)), *filter(None, [args.bodies])],
-                      pings=args.pings)
+                      pings=args.pings, share=args.share)
         try:
             child.send(msg.Ready())
             for line in sys.stdin.buffer:

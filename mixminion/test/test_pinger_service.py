@@ -805,7 +805,7 @@ class NodeWiringTests(unittest.TestCase):
         node = tap.build_node(load_config(conf), reactor)
         pinger = node.pinger
         self.assertIsInstance(pinger, PingerService)
-        self.assertTrue(node.processor.pings)
+        self.assertTrue(all(w.pings for w in node.processor.workers))
         self.assertIn(pinger.batch_done, node.processor.batch_listeners)
         self.assertIn(pinger.attempted, node.outgoing.attempt_listeners)
         self.assertEqual(pinger.settings, PingSettings(1.0, 5.0, 60.0, 10.0))

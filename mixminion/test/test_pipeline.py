@@ -33,9 +33,16 @@ from mixminion.server.mixing import Mixer
 from mixminion.server.outgoing import Outgoing
 from mixminion.server.packetstore import PacketStore, PacketStoreError
 from mixminion.server.mix_algorithm import TimedMix
-from mixminion.server.draining import consumed_through, drain, open_incoming
+from mixminion.server.draining import (
+    CONSUMED_KEY,
+    Share,
+    consumed_through,
+    drain,
+    everything_through,
+    open_incoming,
+)
 from mixminion.server.incoming_log import IncomingLog
-from mixminion.server.processing import Processor
+from mixminion.server.processing import ProcessingWorkers, Processor
 from mixminion.server.queues import INCOMING, MIX, OUT, delivery_queue
 from mixminion.server.store_replay import StoreReplayLog
 from mixminion.server.stats import NodeStats
@@ -132,6 +139,31 @@ class ProcessorTests(TwoStoreTestCase):
 
         return defer.ensureDeferred(go())
 
+    def test_two_workers_share_the_packets_and_report_one_mark(self) -> None:
+        """``ProcessingWorkers: 2``: two children, each its share; the node
+        hears the common mark advance, and a count for every packet."""
+        workers = ProcessingWorkers(self.incoming.path, self.store.path, reactor,
+                                    self.stats.count, workers=2)
+        workers.on_consumed = lambda *a: self.consumed.append(a)
+        self.addCleanup(workers.stop)
+        packet = _packet()
+        ids = self.incoming.add_many([_packet() for _ in range(9)] + [packet, packet])
+        workers.start_from(self.store, 0, 0)
+
+        async def go():
+            workers.stored(ids)
+            workers.set_keys([key("mix0")])
+            await workers.wait_idle()
+            self.assertEqual([w.starts for w in workers.workers], [1, 1])
+            self.assertEqual(self.store.count(MIX), 10)
+            self.assertEqual((self.stats["ProcessedRelay"], self.stats["Rejected:replay"]),
+                             (10, 1))
+            self.assertEqual(max(through for through, _ in self.consumed), ids[-1])
+            self.assertEqual(sum(count for _, count in self.consumed), 11)
+            self.assertEqual(consumed_through(self.store, 2), ids[-1])
+
+        return defer.ensureDeferred(go())
+
     def test_stop_ends_the_child(self) -> None:
         processor = self._processor()
 
@@ -184,7 +216,7 @@ class ProcessorTests(TwoStoreTestCase):
         self.assertEqual(os.stat(lock).st_mode & 0o777, 0o600)
 
 
-class DrainingTests(TwoStoreTestCase):
+class DrainingTestCase(TwoStoreTestCase):
     """The batch logic the child runs, called directly."""
 
     def setUp(self) -> None:
@@ -196,6 +228,8 @@ class DrainingTests(TwoStoreTestCase):
         return list(drain(self.incoming, self.store, self.processor, batch_size,
                           lambda: 123.0, through=self.incoming.committed_through))
 
+
+class DrainingTests(DrainingTestCase):
     def test_batches_commit_in_order_with_the_consumed_mark(self) -> None:
         ids = self.incoming.add_many([_packet() for _ in range(5)])
         with ThreadPoolExecutor(1) as opener:
@@ -280,6 +314,87 @@ class DrainingTests(TwoStoreTestCase):
         self.assertEqual(self.store.count(INCOMING), 0)
         self.assertEqual(self.incoming.count(), 2)
         self.assertEqual(sum(b.count for b in self._drain()), 2)
+
+
+class ShareTests(unittest.TestCase):
+    """Which ids each of N processing workers takes, and what is done."""
+
+    def test_shares_split_the_ids(self) -> None:
+        shares = [Share(i, 3) for i in range(3)]
+        taken = sorted(i for share in shares for i in share.ids(0, 20, 100))
+        self.assertEqual(taken, list(range(1, 21)))
+        self.assertEqual(Share(1, 3).ids(0, 20, 3), [1, 4, 7])
+        self.assertEqual(Share(1, 3).ids(4, 20, 100), [7, 10, 13, 16, 19])
+        self.assertEqual(Share(0, 3).ids(4, 5, 10), [])
+        self.assertEqual(Share().ids(4, 9, 3), [5, 6, 7])
+        self.assertEqual(Share(2, 3).count_between(2, 11), 3)  # 5, 8, 11
+        self.assertEqual(Share(0, 1).key, CONSUMED_KEY)
+        self.assertEqual(Share(1, 2).key, CONSUMED_KEY + "/1/2")
+        self.assertRaises(ValueError, Share, 2, 2)
+
+    def test_everything_through_is_the_first_gap_minus_one(self) -> None:
+        self.assertEqual(everything_through([7]), 7)
+        self.assertEqual(everything_through([100, 99]), 100)  # 101 is worker 1's next
+        self.assertEqual(everything_through([100, 51]), 52)  # 53 is worker 1's next
+        self.assertEqual(everything_through([0, 0]), 0)
+        self.assertEqual(everything_through([0, 1]), 1)
+
+
+class WorkerDrainingTests(DrainingTestCase):
+    """Two workers' drains over one incoming log and one store."""
+
+    def _drain_share(self, share: Share, batch_size: int = 16) -> list:
+        return list(drain(self.incoming, self.store, self.processor, batch_size,
+                          lambda: 123.0, through=self.incoming.committed_through, share=share))
+
+    def test_each_worker_processes_its_share_once(self) -> None:
+        ids = self.incoming.add_many([_packet() for _ in range(7)])
+        first = self._drain_share(Share(0, 2), 2)
+        self.assertEqual([b.through for b in first], [ids[3], ids[5]])  # 2, 4 | 6
+        self.assertEqual(consumed_through(self.store, 2), 0)  # id 1 is worker 1's
+        second = self._drain_share(Share(1, 2), 2)
+        self.assertEqual([b.through for b in second], [ids[2], ids[6]])  # 1, 3 | 5, 7
+        self.assertEqual(consumed_through(self.store, 2), ids[6])
+        self.assertEqual(self.store.count(MIX), 7)
+        self.assertEqual(self._drain_share(Share(0, 2)) + self._drain_share(Share(1, 2)), [])
+
+    def test_a_replay_across_workers_is_processed_once(self) -> None:
+        """The shared replay log: the same packet at an id of each share."""
+        packet = _packet()
+        self.incoming.add_many([packet, packet])
+        [one] = self._drain_share(Share(1, 2))
+        [other] = self._drain_share(Share(0, 2))
+        self.assertEqual((one.counts["ProcessedRelay"], other.counts["Rejected:replay"]), (1, 1))
+        self.assertEqual(self.store.count(MIX), 1)
+
+    def test_a_new_number_of_workers_starts_from_what_all_had_done(self) -> None:
+        """Worker 0 of 2 went ahead; with one worker the node starts after
+        the first gap, and what worker 0 had done above it is refused as a
+        replay, not processed twice."""
+        self.incoming.add_many([_packet() for _ in range(6)])
+        self._drain_share(Share(0, 2))  # 2, 4, 6
+        self.store.set_value(Share(1, 2).key, b"1")  # worker 1 did only 1
+        self.incoming.close()
+        self.incoming = open_incoming(self.incoming.directory, self.store, 1)
+        self.addCleanup(self.incoming.close)
+        self.assertEqual(consumed_through(self.store), 2)
+        self.assertEqual(self.store.values_named(CONSUMED_KEY + "/"), {})
+        self.assertEqual(self.incoming.count(), 4)  # 3-6
+        [done] = self._drain()
+        self.assertEqual((done.counts["ProcessedRelay"], done.counts["Rejected:replay"]), (2, 2))
+        self.assertEqual(self.store.count(MIX), 5)  # 2, 4, 6 and 3, 5 (1 was never here)
+
+    def test_the_same_number_of_workers_keeps_their_marks(self) -> None:
+        self.incoming.add_many([_packet() for _ in range(4)])
+        self._drain_share(Share(0, 2))
+        self.incoming.close()
+        self.incoming = open_incoming(self.incoming.directory, self.store, 2)
+        self.addCleanup(self.incoming.close)
+        self.assertEqual(self.incoming.count(), 4)  # 1 is not done: nothing removed
+        self.assertEqual(self._drain_share(Share(0, 2)), [])
+        [done] = self._drain_share(Share(1, 2))
+        self.assertEqual((done.counts["ProcessedRelay"], done.counts.get("Rejected:replay", 0)),
+                         (2, 0))
 
 
 class MixerTests(StoreTestCase):
