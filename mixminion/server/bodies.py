@@ -14,10 +14,12 @@ unlinked.  A crash between the two
 steps leaves a body with no row, which :meth:`BodyFiles.sweep` zeroes at
 the next start.
 
-Two processes share the files: the processing child writes bodies of new
-rows (ids above every committed one) and the node zeroes and unlinks only
-slots of deleted rows and segments below the committed id sequence, so
-they never touch the same bytes.
+Several processes share the files: the node and its processing children
+(``ProcessingWorkers``) write bodies of new rows only inside their
+writing transaction, which SQLite grants one process at a time, at ids
+above every committed one; the node zeroes and unlinks only slots of
+deleted rows and segments below the committed id sequence, so no two
+touch the same bytes.
 """
 
 from __future__ import annotations

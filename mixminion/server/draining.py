@@ -25,6 +25,7 @@ whichever commits first and refused by the other.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -115,14 +116,25 @@ def consumed_through(store: PacketStore, workers: int = 1) -> int:
     return everything_through([worker_mark(store, share) for share in shares(workers)])
 
 
+def _marks_of_others(store: PacketStore) -> dict[str, int]:
+    """The per-worker marks in the store, by name, with how many workers
+    wrote them; names that are not marks are left alone."""
+    found = {}
+    for name in store.values_named(CONSUMED_KEY + "/"):
+        match = re.fullmatch(re.escape(CONSUMED_KEY) + r"/(\d+)/(\d+)", name)
+        if match and int(match.group(1)) < int(match.group(2)):
+            found[name] = int(match.group(2))
+    return found
+
+
 def settle_marks(store: PacketStore, workers: int) -> None:
     """At start-up, with no child running: marks left by a different
     number of workers become one common mark (what all of them had
     processed), so the new shares start from it.  Packets above it that
     an old worker had processed are met again and refused by the replay
     log, which holds their entries (they count as replays)."""
-    old = store.values_named(CONSUMED_KEY + "/")
-    counts = {int(name.rsplit("/", 1)[1]) for name in old}
+    old = _marks_of_others(store)
+    counts = set(old.values())
     if not old or counts == {workers}:
         return
     with store.transaction():
@@ -137,7 +149,11 @@ def open_incoming(directory: str, store: PacketStore, workers: int = 1) -> Incom
     queued inside the main store are taken over (appended first, so a
     crash here leaves a copy for the replay log to refuse, never a loss)."""
     settle_marks(store, workers)
-    incoming = IncomingLog(directory, consumed_through(store, workers))
+    # A worker may be past the log's last good record (records it had
+    # processed were damaged since, or the log's folder was lost): new ids
+    # must start above every worker's mark, or it would skip them.
+    used = max(worker_mark(store, share) for share in shares(workers))
+    incoming = IncomingLog(directory, consumed_through(store, workers), used_through=used)
     old = store.ids(INCOMING)
     if old:
         incoming.add_many(store.get_many(old))

@@ -57,7 +57,7 @@ class IncomingLog:
     """
 
     def __init__(self, directory: str, consumed_through: int = 0, per_segment: int = 256,
-                 *, read_only: bool = False) -> None:
+                 *, read_only: bool = False, used_through: int = 0) -> None:
         self.directory = directory
         self.per_segment = per_segment
         self.read_only = read_only
@@ -76,7 +76,7 @@ class IncomingLog:
         #: records up to this id are gone (zeroed, their segments unlinked)
         self.removed_through = consumed_through
         if not read_only:
-            self._recover(consumed_through)
+            self._recover(consumed_through, used_through)
 
     @property
     def path(self) -> str:
@@ -138,9 +138,12 @@ class IncomingLog:
 
     # --- recovery ----------------------------------------------------------------
 
-    def _recover(self, consumed_through: int) -> None:
+    def _recover(self, consumed_through: int, used_through: int = 0) -> None:
         """Find the committed records above ``consumed_through``; zero
-        what is below it and what follows the last good record.
+        what is below it and what follows the last good record.  New ids
+        start above the last good record and above ``used_through`` (ids a
+        processing worker has passed already: its share of them must not
+        be handed out again).
 
         Commits run one after another and each is synced before the next
         starts, so a good record proves that every commit before its own
@@ -155,8 +158,8 @@ class IncomingLog:
             if self._read_record(packet_id) is not None:
                 last_good, good = packet_id, good + 1
         #: unreadable or missing records below the last good one (for the log)
-        self.unreadable_at_start = last_good - consumed_through - good
-        self.committed_through = last_good
+        self.committed_through = max(last_good, used_through)
+        self.unreadable_at_start = max(0, self.committed_through - consumed_through - good)
         self._zero_from(last_good + 1)
         self.removed_through = 0
         self._remove_through_locked(consumed_through, every_segment=True)

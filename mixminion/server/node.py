@@ -176,13 +176,14 @@ class MixNode(service.MultiService):
                     "The incoming log holds {n} unreadable records before its last good one "
                     "(torn by a crash in a commit never acknowledged, or damaged on disk); "
                     "processing will drop them", n=self.incoming.unreadable_at_start)
-        self.processor.start_from(self.store, self.incoming.committed_through,
-                                  self.incoming.removed_through)
+        processed = self.processor.start_from(self.store, self.incoming.committed_through,
+                                              self.incoming.removed_through)
         self.sink = DurableSink(self.incoming, reactor, max_queued=server.max_queued_packets,
                                 min_free_bytes=server.min_free_disk,
                                 on_stored=self.processor.stored,
                                 unable=lambda: self.processor.failing)
         self.processor.on_consumed = self.sink.consumed
+        self.sink.removed(processed)  # in the log until every worker passes them
         self.tls = ResponderTLS(identity, server.nickname, clock=WALL, legacy=incoming.legacy)
         self.limiter = BandwidthLimiter(reactor, server.max_bandwidth, server.max_bandwidth_spike)
         self.client = MMTPClient(reactor, InitiatorTLS(legacy=outgoing.legacy),

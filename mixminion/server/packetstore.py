@@ -50,6 +50,9 @@ PAGE_SIZE = 16384
 #: are the packets table's, which grows with the pool, and the kernel's
 #: page cache holds them anyway.
 CACHE_KIB = 256
+#: how long a writer waits for another process's transaction (SQLite's
+#: default in Python is 5 s)
+BUSY_TIMEOUT_MS = 60_000
 
 
 class PacketStoreError(Exception):
@@ -85,6 +88,9 @@ class PacketStore:
             # or read of one costs a third of the system calls.
             self._db = open_private_sqlite(path, _SCHEMA, page_size=PAGE_SIZE)
             self._db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
+            # The node and its processing children write in turn; one holds
+            # the lock through its syncs, which a busy disk can make slow.
+            self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         except (OSError, sqlite3.Error) as exc:
             raise PacketStoreError(f"cannot open packet store {path}: {exc}") from exc
 

@@ -425,14 +425,20 @@ class ProcessingWorkers:
             waited = [stack.enter_context(processing_lock(path)) for path in sorted(paths)]
             yield any(waited)
 
-    def start_from(self, store: PacketStore, committed_through: int, removed_through: int) -> None:
+    def start_from(self, store: PacketStore, committed_through: int, removed_through: int) -> int:
         """Where the workers begin: what the log holds, and each worker's
-        mark (after :func:`~mixminion.server.draining.settle_marks`)."""
-        self._marks = [max(removed_through, worker_mark(store, w.share)) for w in self.workers]
+        mark (after :func:`~mixminion.server.draining.settle_marks`).
+        Returns how many records of the log some worker had processed
+        already: the queue's length does not count them."""
+        self._marks = [max(removed_through, min(committed_through, worker_mark(store, w.share)))
+                       for w in self.workers]
         self.consumed_through = removed_through
-        for worker in self.workers:
+        done = 0
+        for worker, mark in zip(self.workers, self._marks):
             worker.committed_through = committed_through
-            worker.consumed_through = removed_through
+            worker.consumed_through = mark
+            done += worker.share.count_between(removed_through, mark)
+        return done
 
     def _consumed(self, index: int, through: int, count: int) -> None:
         self._marks[index] = max(self._marks[index], through)

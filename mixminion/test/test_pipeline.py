@@ -10,6 +10,7 @@ child and of the sink's real worker thread await the Deferreds those fire.
 from __future__ import annotations
 
 import os
+from collections import Counter
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 
@@ -383,6 +384,38 @@ class WorkerDrainingTests(DrainingTestCase):
         [done] = self._drain()
         self.assertEqual((done.counts["ProcessedRelay"], done.counts["Rejected:replay"]), (2, 2))
         self.assertEqual(self.store.count(MIX), 5)  # 2, 4, 6 and 3, 5 (1 was never here)
+
+    def test_new_ids_start_above_every_workers_mark(self) -> None:
+        """Worker 0 of 2 processed 2, 4, 6, worker 1 only 1, and records 5
+        and 6 were damaged on disk since: the log's last good record is 4,
+        but new packets must not get ids 5 and 6 (worker 0 would skip 6,
+        and the common mark would then pass it unprocessed)."""
+        self.incoming.add_many([_packet() for _ in range(6)])
+        self._drain_share(Share(0, 2))
+        self.store.set_value(Share(1, 2).key, b"1")
+        self.incoming.close()
+        for packet_id in (5, 6):
+            segment, offset = self.incoming._locate(packet_id)
+            with open(self.incoming._segment_path(segment), "r+b") as f:
+                f.seek(offset + 100)
+                f.write(b"X" * 10)
+        self.incoming = open_incoming(self.incoming.directory, self.store, 2)
+        self.addCleanup(self.incoming.close)
+        self.assertEqual(self.incoming.add_many([_packet(), _packet()]), [7, 8])
+        counts: Counter = Counter()
+        for share in (Share(0, 2), Share(1, 2)):
+            for done in self._drain_share(share):
+                counts.update(done.counts)
+        self.assertEqual((counts["ProcessedRelay"], counts["DroppedDamaged"]), (3, 1))  # 3 5 7 8
+        self.assertEqual(consumed_through(self.store, 2), 8)
+
+    def test_records_a_worker_had_processed_are_not_counted_as_queued(self) -> None:
+        self.incoming.add_many([_packet() for _ in range(6)])
+        self._drain_share(Share(0, 2))  # 2, 4, 6; 1, 3, 5 wait
+        workers = ProcessingWorkers(self.incoming.path, self.store.path, None, self.stats.count,
+                                    workers=2)
+        self.assertEqual(workers.start_from(self.store, 6, 0), 3)
+        self.assertEqual([w.consumed_through for w in workers.workers], [6, 0])
 
     def test_the_same_number_of_workers_keeps_their_marks(self) -> None:
         self.incoming.add_many([_packet() for _ in range(4)])
