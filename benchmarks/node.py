@@ -37,7 +37,14 @@ unacknowledged packets on each of two connections, so its rate is bounded
 by the node's acknowledgement latency; several clients stand for several
 peers.  ``--profile`` runs the relay node under cProfile (reactor thread).
 
-Usage: python3 benchmarks/node.py [--packets N] [--clients N] [--pool N] [--profile FILE]
+``--workers N`` runs the relay node with ``ProcessingWorkers: N``.
+``slowest_client_share`` is the slowest client's acknowledged packets, by
+the time half of all were acknowledged, over an even share (1.0 with one
+client); ``rss_mb_when_ingested`` the relay node's resident memory (both
+processes) once every packet is acknowledged.
+
+Usage: python3 benchmarks/node.py [--packets N] [--clients N] [--workers N] [--pool N]
+       [--profile FILE]
 """
 
 from __future__ import annotations
@@ -103,16 +110,21 @@ class CountingSink:
             self.times.append(time.monotonic())
         return defer.succeed(None)
 
+    def answer(self) -> dict:
+        """What a request on the control channel gets (with the CPU time)."""
+        return {"times": self.times}
 
-def serve_sink() -> None:
+
+def serve_sink(sink: Optional[CountingSink] = None) -> None:
     """The next hop's own process (``--serve-sink``): an MMTP responder
-    with a fresh identity that counts arrivals.  It prints its port and
-    KeyID, then its count as it grows; a line on stdin asks for the
-    arrival times (and its CPU time), and end of stdin stops it."""
+    with a fresh identity that counts arrivals (in ``sink``, by default a
+    :class:`CountingSink`).  It prints its port and KeyID, then its count
+    as it grows; a line on stdin asks for the sink's :meth:`answer` (the
+    arrival times) and its CPU time, and end of stdin stops it."""
     from twisted.internet import reactor, stdio
     from twisted.protocols.basic import LineReceiver
 
-    sink = CountingSink()
+    sink = CountingSink() if sink is None else sink
     identity = PrivateKey.generate(2048)
     port = reactor.listenTCP(0, responder_factory(sink, ResponderTLS(identity, "sink",
                                                                      clock=reactor), reactor),
@@ -134,8 +146,7 @@ def serve_sink() -> None:
                 self.sendLine(json.dumps({"count": self.reported}).encode())
 
         def lineReceived(self, line: bytes) -> None:  # noqa: N802
-            self.sendLine(json.dumps({"times": sink.times,
-                                      "cpu": time.process_time()}).encode())
+            self.sendLine(json.dumps({**sink.answer(), "cpu": time.process_time()}).encode())
 
         def connectionLost(self, reason=None) -> None:  # noqa: N802
             if self.ticker.running:
@@ -153,6 +164,9 @@ class SinkProcess(protocol.ProcessProtocol):
     process, its reactor would share one thread with the sender's, and
     every burst the node relays would hold up the sender's packets."""
 
+    #: the script run with ``--serve-sink`` (another benchmark's own sink)
+    script = os.path.abspath(__file__)
+
     def __init__(self, reactor) -> None:
         self.reactor = reactor
         self.count = 0
@@ -164,7 +178,7 @@ class SinkProcess(protocol.ProcessProtocol):
     async def start(self) -> tuple[int, bytes]:
         """Spawn it; its (port, identity KeyID)."""
         self.reactor.spawnProcess(self, sys.executable,
-                                  [sys.executable, os.path.abspath(__file__), "--serve-sink"],
+                                  [sys.executable, self.script, "--serve-sink"],
                                   env=os.environ.copy())
         hello = await self._started
         return hello["port"], bytes.fromhex(hello["keyid"])
@@ -182,11 +196,15 @@ class SinkProcess(protocol.ProcessProtocol):
                 answer, self._answer = self._answer, None
                 answer.callback(message)
 
-    async def times_and_cpu(self) -> tuple[list[float], float]:
-        """Arrival times so far and the process's CPU seconds."""
+    async def ask(self) -> dict:
+        """The sink's answer (:meth:`CountingSink.answer`) and ``cpu``."""
         self._answer = defer.Deferred()
         self.transport.write(b"times\n")
-        message = await self._answer
+        return await self._answer
+
+    async def times_and_cpu(self) -> tuple[list[float], float]:
+        """Arrival times so far and the process's CPU seconds."""
+        message = await self.ask()
         return message["times"], message["cpu"]
 
     def processEnded(self, reason) -> None:  # noqa: N802
@@ -213,11 +231,12 @@ class Node(MixNode):
     default at the default LogLevel, WARN), whose keys this process reads."""
 
     def __init__(self, workdir: str, name: str, interval: str, profile: Optional[str] = None,
-                 server: str = "", log_level: str = "WARN") -> None:
+                 server: str = "", log_level: str = "WARN", incoming: str = "") -> None:
         super().__init__(workdir, name, twistd_options=[
             f"--profile={profile}", "--profiler=cprofile", "--savestats"] if profile else [])
         self.write(self.config(metrics=True, server=server, mix_interval=interval,
-                               log_level=log_level, contact="bench@localhost.localdomain"))
+                               log_level=log_level, contact="bench@localhost.localdomain",
+                               incoming=incoming))
 
     async def started(self, reactor) -> None:
         """Start it, wait until it listens, then read its keys."""
@@ -240,9 +259,27 @@ class Node(MixNode):
         await self.daemon.stop(reactor, 60, strict=False)
 
 
+def slowest_share(ack_times: list[list[float]]) -> float:
+    """How the slowest client fared while all of them sent: its
+    acknowledged packets, by the time half of all packets were
+    acknowledged, over an even share of those (1.0: every client got as
+    much; near 0: one was starved)."""
+    every = sorted(t for times in ack_times for t in times)
+    half = every[len(every) // 2]
+    fair = (len(every) // 2 + 1) / len(ack_times)
+    return min(sum(1 for t in times if t <= half) for times in ack_times) / fair
+
+
 async def relay_run(reactor, workdir: str, sink_hop: Hop, sink: SinkProcess, packets: int,
-                    n_clients: int, profile: Optional[str]) -> dict:
-    node = Node(workdir, "relay", f"{MIX_INTERVAL} seconds", profile)
+                    n_clients: int, profile: Optional[str], workers: int = 1) -> dict:
+    # Every client connects from 127.0.0.1: the limits per address and
+    # per network would refuse the 9th; they must allow each client's two
+    # connections, as the node's peers would have from addresses of their own.
+    limit = max(128, 2 * n_clients + 8)
+    node = Node(workdir, "relay", f"{MIX_INTERVAL} seconds", profile,
+                server=f"ProcessingWorkers: {workers}",
+                incoming=f"MaxConnections: {limit}\nMaxConnectionsPerAddress: {limit}\n"
+                         f"MaxConnectionsPerNetwork: {limit}\n")
     try:
         await node.started(reactor)
         dummy = Hop(PrivateKey.generate(2048).public, IPv4Info("127.0.0.1", 1, bytes(20)))
@@ -265,11 +302,18 @@ async def relay_run(reactor, workdir: str, sink_hop: Hop, sink: SinkProcess, pac
         _, sink_cpu_start = await sink.times_and_cpu()
         start = time.monotonic()
         cpu_start, own_start = family_cpu_seconds(node.daemon.pid), time.process_time()
-        sends = [clients[i % len(clients)].send_packet(node.dest, p) for i, p in enumerate(batch)]
+        ack_times: list[list[float]] = [[] for _ in clients]
+
+        def send(i: int, packet: bytes) -> defer.Deferred:
+            d = clients[i % len(clients)].send_packet(node.dest, packet)
+            return d.addCallback(lambda _: ack_times[i % len(clients)].append(time.monotonic()))
+
+        sends = [send(i, p) for i, p in enumerate(batch)]
         del batch
         await defer.gatherResults(sends)
         acked = time.monotonic() - start
         backlog = await node.queues(reactor)  # where packets wait once all are in
+        rss_ingested = family_rss_mb(node.daemon.pid)
         deadline = time.monotonic() + 120
         while sink.count < packets and time.monotonic() < deadline:
             await task.deferLater(reactor, 0.01, lambda: None)
@@ -292,7 +336,9 @@ async def relay_run(reactor, workdir: str, sink_hop: Hop, sink: SinkProcess, pac
                 "queues_when_ingested": backlog,
                 "node_cpu_ms_per_packet": round(node_cpu / packets * 1000, 3),
                 "node_cpu_share": round(node_cpu / elapsed, 2),
-                "bench_cpu_share": round(own_cpu / elapsed, 2)}
+                "bench_cpu_share": round(own_cpu / elapsed, 2),
+                "rss_mb_when_ingested": round(rss_ingested, 1),
+                "slowest_client_share": round(slowest_share(ack_times), 3)}
     finally:
         await node.stop(reactor)
 
@@ -302,6 +348,10 @@ async def pool_run(reactor, workdir: str, sink_hop: Hop, total: int) -> dict:
     node = Node(workdir, "pool", "1 day")
     try:
         await node.started(reactor)
+        # Idle means with its processing child started and settled.
+        while not child_pids(node.daemon.pid):
+            await task.deferLater(reactor, 0.1, lambda: None)
+        await task.deferLater(reactor, 3, lambda: None)
         idle_rss, idle_pss = family_rss_mb(node.daemon.pid), family_rss_mb(node.daemon.pid, "Pss")
         routing = [HopRouting(node.private_packet_key.public, FWD_IPV4_TYPE,
                               sink_hop.address.pack())]
@@ -371,11 +421,11 @@ async def run(reactor, args) -> None:
     packet_key = PrivateKey.generate(2048)
     sink_hop = Hop(packet_key.public, IPv4Info("127.0.0.1", sink_port, sink_keyid))
     result: dict = {"packets": args.packets, "clients": args.clients,
-                    "mix_interval_s": MIX_INTERVAL}
+                    "processing_workers": args.workers, "mix_interval_s": MIX_INTERVAL}
     try:
         with tempfile.TemporaryDirectory() as work:
             result.update(await relay_run(reactor, work, sink_hop, sink, args.packets,
-                                          args.clients, args.profile))
+                                          args.clients, args.profile, args.workers))
             if args.pool:
                 result.update(await pool_run(reactor, work, sink_hop, args.pool))
     finally:
@@ -392,6 +442,8 @@ def main() -> None:
                         help="packets for the relay run (default 16000)")
     parser.add_argument("--clients", type=int, default=1,
                         help="MMTP clients sending at once, as several peers would (default 1)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="the node's ProcessingWorkers (default 1)")
     parser.add_argument("--pool", type=int, default=50000,
                         help="packets for the memory run (default 50000; 0 skips it)")
     parser.add_argument("--profile", metavar="FILE",
