@@ -207,6 +207,9 @@ class Sender:
 
 class CrashTest(unittest.TestCase):
     timeout = 400
+    #: packets sent, and SIGKILLs among them
+    packets = N_PACKETS
+    kills = KILLS
     #: ``[Server] ProcessingWorkers`` of every run of the node
     workers = 1
     #: ... except the last, which runs with this many (None: the same)
@@ -331,13 +334,13 @@ class CrashTest(unittest.TestCase):
         is still recovering), and one event is a clean stop (SIGTERM),
         whose aborted sends must not be held against the next hop.
         """
-        events = KILLS + 1
+        events = self.kills + 1
         halves = [("acks", (events + 1) // 2), ("relayed", events // 2)]
         plan = []
         for trigger, count in halves:
             for k in range(count):
-                lo = int(N_PACKETS * (0.05 + 0.9 * k / count))
-                hi = int(N_PACKETS * (0.05 + 0.9 * (k + 1) / count))
+                lo = int(self.packets * (0.05 + 0.9 * k / count))
+                hi = int(self.packets * (0.05 + 0.9 * (k + 1) / count))
                 plan.append(["KILL", trigger, self.rng.randrange(lo, hi),
                              self.rng.uniform(0.0, 0.3)])
         startup, term = self.rng.sample(range(1, events), 2)
@@ -357,7 +360,7 @@ class CrashTest(unittest.TestCase):
         identity = read_pem_key(os.path.join(keys, "identity.key"))
         keysets = sorted(d for d in os.listdir(keys) if d.startswith("key_"))
         node_key = read_pem_key(os.path.join(keys, keysets[0], "mix.key"))
-        self.note(f"node keysets {keysets}; building {N_PACKETS} packets")
+        self.note(f"node keysets {keysets}; building {self.packets} packets")
 
         hop_identity = PrivateKey.generate(2048)
         hop_packet_key = PrivateKey.generate(2048)
@@ -373,7 +376,7 @@ class CrashTest(unittest.TestCase):
         path2 = [Hop(hop_packet_key.public,
                      IPv4Info("127.0.0.1", hop_port, hop_identity.public.keyid))]
         packets = []
-        for i in range(N_PACKETS):
+        for i in range(self.packets):
             payload = i.to_bytes(4, "big") + build_rng(PAYLOAD_LEN - 4)
             packets.append(build_forward_packet(payload, path1, path2, FRAGMENT_TYPE, b"",
                                                 build_rng).packet)
@@ -383,7 +386,7 @@ class CrashTest(unittest.TestCase):
             result = mirror.process(packet)
             self.assertIsInstance(result, Relay)
             self.hop.expected[sha1(result.packet)] = i
-        self.note(f"built and mirrored {N_PACKETS} packets; next hop on port {hop_port}")
+        self.note(f"built and mirrored {self.packets} packets; next hop on port {hop_port}")
 
         client = MMTPClient(reactor)
         self.sender = Sender(client, NextHop("127.0.0.1", self.port, identity.public.keyid),
@@ -413,10 +416,10 @@ class CrashTest(unittest.TestCase):
                 continue  # the next kill lands while this run starts up
             await self.wait_listening(node)
 
-        await self._wait_progress("acks", N_PACKETS)
-        self.note(f"all {N_PACKETS} acknowledged after {self.sender.failures} failed sends")
+        await self._wait_progress("acks", self.packets)
+        self.note(f"all {self.packets} acknowledged after {self.sender.failures} failed sends")
         deadline = time.monotonic() + FINAL_WAIT
-        while self.hop.distinct() < N_PACKETS and time.monotonic() < deadline:
+        while self.hop.distinct() < self.packets and time.monotonic() < deadline:
             if not self.node.alive():
                 self.fail(f"{self.node.name} died by itself\n{self.diagnosis()}")
             await sleep(reactor, 0.1)
@@ -435,7 +438,7 @@ class CrashTest(unittest.TestCase):
         unknown = [a for a in hop.arrivals if a.index is None]
         self.assertEqual(len(unknown), 0, f"{len(unknown)} packets relayed that were never "
                                           f"sent\n{report}")
-        self.assertEqual(len(sender.acked), N_PACKETS, report)
+        self.assertEqual(len(sender.acked), self.packets, report)
         missing = sorted(sender.acked - set(hop.accepted))
         self.assertEqual(missing, [], f"{len(missing)} acknowledged packets never relayed "
                                       f"(first: {missing[:10]})\n{report}")
@@ -457,7 +460,7 @@ class CrashTest(unittest.TestCase):
             last_life[arrival.digest] = arrival.life
         self.assertEqual(same_life, [], f"packets relayed twice by one run of the node\n{report}")
         duplicates = sum(1 for a in hop.arrivals if a.replay)
-        self.note(f"checked: {N_PACKETS} acked and relayed once; {duplicates} resends after "
+        self.note(f"checked: {self.packets} acked and relayed once; {duplicates} resends after "
                   f"kills; {sender.failures} failed sends retried; {self.lives} runs")
 
         db = sqlite3.connect(os.path.join(self.base, "work", "queues", "packets.db"))
@@ -469,7 +472,7 @@ class CrashTest(unittest.TestCase):
         self.note(f"store after stop: {counts or 'empty'}; {replay_entries} replay entries")
         self.assertEqual({q: n for q, n in counts.items() if n}, {},
                          f"packets left in the node's queues\n{self.diagnosis()}")
-        self.assertEqual(replay_entries, N_PACKETS, self.diagnosis())
+        self.assertEqual(replay_entries, self.packets, self.diagnosis())
         # The incoming log and the body files keep nothing either: what
         # was consumed or relayed is zeros (or gone).
         leftover = {}
@@ -484,7 +487,7 @@ class CrashTest(unittest.TestCase):
 
     def test_kill_and_restart_loses_and_duplicates_nothing(self) -> defer.Deferred:
         plan = self.kill_plan()
-        self.note(f"seed {SEED}, {N_PACKETS} packets, kill plan {plan}")
+        self.note(f"seed {SEED}, {self.packets} packets, kill plan {plan}")
         return defer.ensureDeferred(self.crash_run(plan))
 
 
@@ -497,3 +500,7 @@ class TwoWorkersCrashTest(CrashTest):
 
     workers = 2
     last_workers = 1
+    # Half the packets and kills: the one-worker run above covers the
+    # schedule at full length; this one is about the shares.
+    packets = N_PACKETS // 2
+    kills = max(4, KILLS // 2)
