@@ -10,13 +10,11 @@ decoder's hot path and is kept cheap.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import struct
 from dataclasses import dataclass
 from typing import Union
 
-from mixminion.codec.crypto import RandomSource, sha1
+from mixminion.codec.crypto import RandomSource, digests_equal, sha1
 from mixminion.codec.errors import BuildError, ChecksumError, ParseError
 
 __all__ = [
@@ -152,8 +150,8 @@ def checksum_ok(payload: bytes) -> bool:
     if len(payload) not in _VALID_LENGTHS:
         return False
     start = SINGLETON_OVERHEAD + 1 if payload[0] & 0x80 else SINGLETON_OVERHEAD
-    digest = hashlib.sha1(memoryview(payload)[start:]).digest()
-    return hmac.compare_digest(digest, payload[start - _DIGEST_LEN : start])
+    digest = sha1(memoryview(payload)[start:])
+    return digests_equal(digest, payload[start - _DIGEST_LEN : start])
 
 
 def parse_payload(payload: bytes) -> Payload:

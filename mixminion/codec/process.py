@@ -16,7 +16,6 @@ afterwards still uses up its entry.
 from __future__ import annotations
 
 import enum
-import hmac
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
@@ -29,6 +28,7 @@ from mixminion.codec.crypto import (
     REPLAY_PREVENTION_MODE,
     ctr,
     derive_key,
+    digests_equal,
     keys_from_header,
     keys_from_payload,
     lioness_decrypt,
@@ -254,7 +254,7 @@ class PacketProcessor:
         sub = Subheader.parse(plaintext)
         if sub.major != MAJOR_NO or sub.minor != MINOR_NO:
             return Reject(RejectReason.BAD_VERSION, sub)
-        if not hmac.compare_digest(sub.digest, sha1(packet[ENC_SUBHEADER_LEN:HEADER_LEN])):
+        if not digests_equal(sub.digest, sha1(packet[ENC_SUBHEADER_LEN:HEADER_LEN])):
             return Reject(RejectReason.BAD_DIGEST, sub)
         return _Opened(packet, sub, key_index, replay_value(sub.secret))
 

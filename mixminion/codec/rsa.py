@@ -35,8 +35,6 @@ few documents an hour.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import math
 import os
 from dataclasses import dataclass, field
@@ -46,7 +44,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from mixminion.codec.crypto import RandomSource, sha1
+from mixminion.codec.crypto import RandomSource, digests_equal, sha1
 from mixminion.codec.errors import CryptoError
 
 OAEP_LABEL = (
@@ -84,7 +82,7 @@ def mgf1(seed: bytes, length: int) -> bytes:
     out = bytearray()
     counter = 0
     while len(out) < length:
-        out += hashlib.sha1(seed + counter.to_bytes(4, "big")).digest()
+        out += sha1(seed, counter.to_bytes(4, "big"))
         counter += 1
     return bytes(out[:length])
 
@@ -113,7 +111,7 @@ def oaep_decode(block: bytes, k: int, label: bytes = OAEP_LABEL) -> bytes:
     seed = _xor(masked_seed, mgf1(masked_db, 20))
     db = _xor(masked_db, mgf1(seed, k - 21))
     ok = block[0] == 0
-    ok &= hmac.compare_digest(db[:20], sha1(label))
+    ok &= digests_equal(db[:20], sha1(label))
     rest = db[20:].lstrip(b"\x00")
     ok &= rest[:1] == b"\x01"
     if not ok:
@@ -231,7 +229,7 @@ class PublicKey:
             data = self.verify(signature)
         except CryptoError:
             return False
-        return hmac.compare_digest(data, expected)
+        return digests_equal(data, expected)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, PublicKey) and self.n == other.n and self.e == other.e

@@ -49,3 +49,18 @@ class NodeImportTests(unittest.TestCase):
         loaded = self.loaded("MetricsPort: 48100\n")
         self.assertIn("prometheus_client", loaded)
         self.assertIn("twisted.web.server", loaded)
+
+
+class ChildImportTests(unittest.TestCase):
+    """The processing child hashes through cryptography alone: ``hashlib``
+    and ``hmac`` load ``_hashlib``, and with it the system's libcrypto
+    beside cryptography's own (3.7 MB of the child's memory)."""
+
+    def test_the_child_loads_no_second_libcrypto(self) -> None:
+        probe = ("import json, sys, mixminion.server.processing_child; "
+                 "print(json.dumps(sorted(sys.modules)))")
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                             check=True).stdout
+        loaded = set(json.loads(out.splitlines()[-1]))
+        self.assertIn("cryptography.hazmat.primitives.hashes", loaded)
+        self.assertEqual(sorted({"hashlib", "_hashlib", "hmac"} & loaded), [])
