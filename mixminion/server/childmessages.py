@@ -5,7 +5,7 @@ One dataclass per message, used by both ends
 :mod:`mixminion.server.processing_child`); on the pipe each is one JSON
 line ``{"kind": ..., fields...}``.  No Twisted here: the child imports it.
 
-node -> child: :class:`Keys`, :class:`Drain`.
+node -> child: :class:`Keys`, :class:`Drain`, :class:`More`.
 child -> node: :class:`Ready`, :class:`Batch`, :class:`Idle`,
 :class:`Paused`, :class:`Failed`.
 """
@@ -35,6 +35,17 @@ class Drain:
     through: int
     clock: Optional[float] = None
     floor: int = 0
+
+
+@dataclass(frozen=True)
+class More:
+    """The node committed more, up to incoming id ``through``: a drain under
+    way goes on to it rather than end and wait for the next Drain (a
+    packet that arrives during a drain waits for one batch, not for the
+    whole drain).  Outside a drain it says nothing the next Drain will
+    not."""
+
+    through: int
 
 
 @dataclass(frozen=True)
@@ -73,10 +84,10 @@ class Failed:
     why: str
 
 
-Message = Union[Keys, Drain, Ready, Batch, Idle, Paused, Failed]
+Message = Union[Keys, Drain, More, Ready, Batch, Idle, Paused, Failed]
 
 _KINDS: dict[str, type] = {cls.__name__.lower(): cls
-                           for cls in (Keys, Drain, Ready, Batch, Idle, Paused, Failed)}
+                           for cls in (Keys, Drain, More, Ready, Batch, Idle, Paused, Failed)}
 
 
 def encode(message: Message) -> bytes:

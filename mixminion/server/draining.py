@@ -164,10 +164,13 @@ def open_incoming(directory: str, store: PacketStore, workers: int = 1) -> Incom
 def drain(incoming: IncomingLog, store: PacketStore, processor: PacketProcessor,
           batch_size: int, now: Callable[[], float], opener: Optional[Executor] = None,
           through: Optional[int] = None, pings: bool = False,
-          share: Share = Share()) -> Iterator[BatchDone]:
+          share: Share = Share(),
+          more: Optional[Callable[[], int]] = None) -> Iterator[BatchDone]:
     """Process every incoming packet of ``share`` above its consumed mark
     (and up to ``through``, the last id the writer committed), a batch per
-    commit, yielding after each commit.
+    commit, yielding after each commit.  ``more``, asked before each batch
+    is taken, says how far the writer has committed since: the drain goes
+    on until a batch finds nothing new.
 
     With an ``opener``, batch k+1 is read and opened there (its RSA and
     LIONESS mostly run without the GIL) while batch k commits here.
@@ -183,17 +186,26 @@ def drain(incoming: IncomingLog, store: PacketStore, processor: PacketProcessor,
     last_committed = incoming.committed_through if through is None else through
 
     def batch_after(last: int) -> list[int]:
+        nonlocal last_committed
+        if more is not None:
+            last_committed = max(last_committed, more())
         return share.ids(max(last, incoming.removed_through), last_committed, batch_size)
 
+    def start_opening(ids: list[int]):
+        return opener.submit(open_, ids) if opener and ids else None
+
     ids = batch_after(worker_mark(store, share))
-    opening = opener.submit(open_, ids) if opener and ids else None
+    opening = start_opening(ids)
     while ids:
         following = batch_after(ids[-1])
-        next_opening = opener.submit(open_, following) if opener and following else None
+        next_opening = start_opening(following)
         opened, damaged = opening.result() if opening else open_(ids)
         counts = commit_batch(store, processor, ids[-1], opened, now(), damaged, pings,
                               share)
         yield BatchDone(ids[-1], len(ids), counts)
+        if not following:  # more may have come while this batch was opened
+            following = batch_after(ids[-1])
+            next_opening = start_opening(following)
         ids, opening = following, next_opening
 
 

@@ -186,6 +186,8 @@ class Processor:
         self._keys: list[PrivateKey] = []
         #: the last incoming id on stable storage (the child reads no further)
         self.committed_through = 0
+        #: the last incoming id the child was told is committed
+        self._told_through = 0
         #: the last incoming id the child reported consumed
         self.consumed_through = 0
         self._child: Optional[_ChildProtocol] = None
@@ -212,10 +214,11 @@ class Processor:
         self.kick()
 
     def stored(self, ids: Sequence[int]) -> None:
-        """Incoming packets with these ids are committed: process them."""
+        """Incoming packets with these ids are committed: process them (a
+        commit that only removed consumed records asks for nothing)."""
         if ids:
             self.committed_through = max(self.committed_through, max(ids))
-        self.kick()
+            self.kick()
 
     def kick(self, _ignored: object = None) -> None:
         """Process whatever is in the incoming queue, soon.  Without keys
@@ -344,6 +347,14 @@ class Processor:
         offset = self.reactor.seconds() - time.monotonic()
         self._send(msg.Drain(self.committed_through, offset,
                              later_floor(self.min_free_disk())))
+        self._told_through = self.committed_through
+
+    def _send_more(self) -> None:
+        """Tell the draining child what was committed since (it goes on
+        to it), unless it knows already."""
+        if self.committed_through > self._told_through:
+            self._send(msg.More(self.committed_through))
+            self._told_through = self.committed_through
 
     def _failed(self, failure: _Failure) -> float:
         """One more failure in a row: log it; after a few, say that
@@ -492,7 +503,9 @@ def _lifecycle() -> TypeMachine[_Lifecycle, Processor]:
 
     States: no child; starting (until it says Ready); idle; draining (a
     Drain sent, its Idle, Paused or Failed awaited); draining again (and
-    another drain wanted when this one ends); waiting for disk space;
+    another drain wanted when this one ends; meanwhile each kick tells the
+    child with More how far the queue is committed, so the drain under
+    way goes on to it); waiting for disk space;
     waiting to retry after a failed drain (the child alive) or to restart
     after the child died; stopping; stopped.  The three waits hold their
     timer, and stopping the call that kills a child too slow to exit.
@@ -541,9 +554,12 @@ def _lifecycle() -> TypeMachine[_Lifecycle, Processor]:
     def drain(c: _Lifecycle, p: Processor) -> None:
         p._send_drain()
 
-    draining.upon(_Lifecycle.kick).to(draining_again).returns(None)
-    for state in (starting, draining_again, disk_wait, retry_wait, restart_wait,
-                  stopping, stopped):
+    @draining.upon(_Lifecycle.kick).to(draining_again)
+    @draining_again.upon(_Lifecycle.kick).loop()
+    def tell_more(c: _Lifecycle, p: Processor) -> None:
+        p._send_more()
+
+    for state in (starting, disk_wait, retry_wait, restart_wait, stopping, stopped):
         state.upon(_Lifecycle.kick).loop().returns(None)
 
     # new_keys: a child not ready yet gets them when it is

@@ -6,8 +6,9 @@ and its store writes use a core of their own instead of competing with
 the reactor for the GIL.  It talks to the node in the messages of
 :mod:`mixminion.server.childmessages`, one JSON line each, over its stdin
 and stdout (see :class:`mixminion.server.processing.Processor` for the
-other end): the node sends the packet keys and asks it to drain; it says
-when it is ready, reports each committed batch, and ends each drain idle,
+other end): the node sends the packet keys and asks it to drain, and
+during a drain says how far more has been committed; the child says when
+it is ready, reports each committed batch, and ends each drain idle,
 paused for disk space, or failed.
 
 It exits when its stdin closes (the node stopped or died).  An exclusive
@@ -20,9 +21,11 @@ from __future__ import annotations
 import argparse
 import fcntl
 import os
+import select
 import signal
 import sys
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import BinaryIO, Callable, Iterator, Optional, Sequence
@@ -67,12 +70,58 @@ def node_clock(offset: Optional[float]) -> Callable[[], float]:
     return lambda: time.monotonic() + offset
 
 
+class Requests:
+    """The node's messages, a line each, read from ``fd``.
+
+    Between the batches of a drain the child looks at what has come
+    without waiting (:meth:`more`).  It takes only the More messages at
+    the head: anything behind another message (new packet keys) waits
+    until the drain ends, so no packet committed after new keys is
+    processed before the child has them."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._buffer = b""
+        self._lines: deque[bytes] = deque()
+        self._eof = False
+
+    def _read(self) -> None:
+        data = os.read(self.fd, 1 << 16)
+        self._eof = not data
+        *lines, self._buffer = (self._buffer + data).split(b"\n")
+        self._lines.extend(lines)
+
+    def __iter__(self) -> Iterator[msg.Message]:
+        """Each message, waiting for it; ends when the node closes the pipe."""
+        while True:
+            while not self._lines:
+                if self._eof:
+                    return
+                self._read()
+            yield msg.decode(self._lines.popleft())
+
+    def more(self) -> int:
+        """The highest mark of the More messages that have come (0: none)."""
+        while not self._eof and select.select([self.fd], [], [], 0)[0]:
+            self._read()
+        through = 0
+        while self._lines:
+            message = msg.decode(self._lines[0])
+            if not isinstance(message, msg.More):
+                break
+            self._lines.popleft()
+            through = max(through, message.through)
+        return through
+
+
 class Child:
     """What the child does with each request from the node."""
 
     def __init__(self, incoming: IncomingLog, store: PacketStore, batch_size: int,
                  out: BinaryIO, disks: Sequence[str] = (), pings: bool = False,
-                 share: Share = Share()) -> None:
+                 share: Share = Share(), more: Callable[[], int] = lambda: 0) -> None:
+        #: how far the node has committed since the drain began (see :class:`More`)
+        self.more = more
         self.incoming = incoming
         #: the incoming ids this worker takes
         self.share = share
@@ -108,7 +157,8 @@ class Child:
                 if short is None:
                     for done in drain(self.incoming, self.store, self.processor,
                                       self.batch_size, node_clock(message.clock),
-                                      self.opener, message.through, self.pings, self.share):
+                                      self.opener, message.through, self.pings, self.share,
+                                      self.more):
                         self.send(msg.Batch(done.through, dict(done.counts)))
                         short = shortage(self.free_space, floor, batch_bytes)
                         if short is not None:
@@ -148,13 +198,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     with processing_lock(args.lock):
         incoming = IncomingLog(args.incoming, read_only=True)
         store = PacketStore(args.store, body_dir=args.bodies)
+        requests = Requests(sys.stdin.fileno())
         child = Child(incoming, store, args.batch, sys.stdout.buffer,
                       [os.path.dirname(os.path.abspath(args.store)), *filter(None, [args.bodies])],
-                      pings=args.pings, share=args.share)
+                      pings=args.pings, share=args.share, more=requests.more)
         try:
             child.send(msg.Ready())
-            for line in sys.stdin.buffer:
-                child.handle(msg.decode(line))
+            for message in requests:
+                child.handle(message)
         except BrokenPipeError:
             pass  # the node is gone; what was committed stays committed
         finally:

@@ -242,6 +242,26 @@ class DrainingTests(DrainingTestCase):
         self.assertEqual(consumed_through(self.store), ids[4])
         self.assertEqual({added for _, _, added in self.store.items(MIX)}, {123.0})
 
+    def test_a_drain_goes_on_to_what_is_committed_meanwhile(self) -> None:
+        """``more`` is asked before each batch, and once more when the last
+        batch found nothing: packets committed during a drain are processed
+        in it, not left for the next one."""
+        ids = self.incoming.add_many([_packet() for _ in range(2)])
+        asked: list[int] = []
+
+        def more() -> int:
+            asked.append(len(asked))
+            if len(asked) == 3:  # after the first batch found nothing beyond itself
+                ids.extend(self.incoming.add_many([_packet() for _ in range(3)]))
+            return ids[-1]
+
+        with ThreadPoolExecutor(1) as opener:
+            done = list(drain(self.incoming, self.store, self.processor, 2, lambda: 123.0,
+                              opener, ids[1], more=more))
+        self.assertEqual([(b.through, b.count) for b in done],
+                         [(ids[1], 2), (ids[3], 2), (ids[4], 1)])
+        self.assertEqual(consumed_through(self.store), ids[4])
+
     def test_a_damaged_record_is_dropped_and_counted(self) -> None:
         """A record damaged on disk after its commit cannot be processed;
         it is counted and passed, not retried for ever (which would stop

@@ -106,6 +106,21 @@ class LifecycleTests(unittest.TestCase):
         self.successResultOf(idle)
         self.assertEqual(self.drains(pipe), 2)
 
+    def test_a_draining_child_is_told_what_was_committed_since(self) -> None:
+        """Each kick with newly committed packets sends one More (the drain
+        under way goes on to them); a kick with nothing new sends none."""
+        pipe = self.ready()
+        self.processor.stored([1])
+        self.processor.stored([2, 3])
+        self.processor.kick()
+        self.assertEqual([m for m in pipe.sent if isinstance(m, msg.More)],
+                         [msg.More(1), msg.More(3)])
+        self.processor._message(msg.Idle())
+        self.processor._message(msg.Idle())
+        self.processor.stored([4])  # idle: a Drain, not a More
+        self.assertEqual(pipe.sent[-1].through, 4)
+        self.assertIsInstance(pipe.sent[-1], msg.Drain)
+
     def test_nothing_starts_or_drains_without_keys(self) -> None:
         self.processor.kick()
         self.assertEqual(self.reactor.children, [])
