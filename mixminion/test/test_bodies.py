@@ -13,6 +13,7 @@ import stat
 from twisted.trial import unittest
 
 from mixminion.server.bodies import MAX_BODY, MAX_OPEN_FILES, SLOT_LEN, BodyFiles
+from mixminion.server import packetstore
 from mixminion.server.packetstore import PacketStore, PacketStoreError
 
 PER = 4
@@ -302,3 +303,47 @@ class BodyFilesTest(unittest.TestCase):
         self.assertEqual(len(self.files.segments()), 3 * MAX_OPEN_FILES)
         self.files.close()
         self.assertEqual(open_fds(), before)
+
+
+class WriteLockTest(unittest.TestCase):
+    """Two connections to one store (the node and a processing child):
+    a transaction waits for the other's write lock, polling at short
+    intervals (PacketStore._begin), instead of failing."""
+
+    def setUp(self) -> None:
+        path = os.path.join(self.mktemp(), "packets.db")
+        os.makedirs(os.path.dirname(path))
+        self.a = PacketStore(path)
+        self.b = PacketStore(path)
+        self.addCleanup(self.a.close)
+        self.addCleanup(self.b.close)
+
+    def test_a_writer_waits_for_the_other_connections_commit(self) -> None:
+        import threading
+
+        waiting = threading.Event()
+        tries = []
+        real_sleep = packetstore.time.sleep
+
+        def sleep(seconds: float) -> None:
+            tries.append(seconds)
+            waiting.set()
+            real_sleep(seconds)
+
+        self.patch(packetstore.time, "sleep", sleep)
+        done: list[int] = []
+        with self.a.transaction():
+            self.a.add("q", b"first")
+            writer = threading.Thread(target=lambda: done.append(self.b.add("q", b"second")))
+            writer.start()
+            self.assertTrue(waiting.wait(10), "the second writer never waited")
+            self.assertEqual(done, [])
+        writer.join(10)
+        self.assertEqual(len(done), 1)
+        self.assertEqual(sorted(self.a.get(i) for i in self.a.ids("q")), [b"first", b"second"])
+        self.assertEqual(tries[0], packetstore.LOCK_RETRY_FIRST)
+        self.assertLessEqual(max(tries), packetstore.LOCK_RETRY_MAX)
+
+    def test_an_error_that_is_not_the_lock_is_not_waited_out(self) -> None:
+        self.b._db.close()
+        self.assertRaises(PacketStoreError, self.b.add, "q", b"x")
