@@ -302,6 +302,70 @@ class RelayRuleTests(NodeTestCase):
         self.assertEqual(hop.connections, 0)
 
 
+class _CountingResponder:
+    """A real MMTP next hop (TLS, our responder, packets kept in memory)
+    that counts the connections it accepts."""
+
+    def __init__(self, test: unittest.TestCase) -> None:
+        from mixminion.mmtp.responder import responder_factory
+        from mixminion.mmtp.tls import ResponderTLS
+        from mixminion.test.test_mmtp_protocol import MemorySink
+        from mixminion.testing.keys import key
+
+        self.identity = key("responder")
+        self.sink = MemorySink()
+        self.factory = responder_factory(self.sink, ResponderTLS(self.identity, "NextHop"),
+                                         reactor)
+        self.connections = 0
+        build = self.factory.buildProtocol
+
+        def counted(addr: Any) -> Any:
+            self.connections += 1
+            return build(addr)
+
+        self.factory.buildProtocol = counted  # type: ignore[method-assign]
+        self.port = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
+        test.addCleanup(self.port.stopListening)
+
+    def hop(self, packet_key: Any) -> Hop:
+        """A hop through here: its packet key does not matter (we never
+        decrypt), its identity does (the node checks it at the handshake)."""
+        return Hop(packet_key, IPv4Info("127.0.0.1", self.port.getHost().port,
+                                        self.identity.public.keyid))
+
+
+class KeepOpenTests(NodeTestCase):
+    """``[Outgoing/MMTP] KeepOpen``: a connection to a next hop stays open
+    that long after its last acknowledgement, so the packets of the next
+    mix go out on it; at 0 the node closes it at once and the next packets
+    need a new connection (and TLS handshake)."""
+
+    def test_the_next_mix_goes_out_on_the_connection_kept_open(self) -> defer.Deferred:
+        return defer.ensureDeferred(self._relay_twice("KeepOpen: 1 minute", connections=1))
+
+    def test_at_zero_each_mix_opens_a_new_connection(self) -> defer.Deferred:
+        return defer.ensureDeferred(self._relay_twice("KeepOpen: 0 seconds", connections=2))
+
+    async def _relay_twice(self, outgoing: str, connections: int) -> None:
+        hop = _CountingResponder(self)
+        node = MixNode(self)
+        await node.start(node.config(outgoing=outgoing))
+        elsewhere = hop.hop(node.descriptor().packet_key)
+
+        def packet() -> bytes:
+            return build_forward_packet(os.urandom(PAYLOAD_LEN), [node.hop(), elsewhere],
+                                        [elsewhere], DROP_TYPE, b"", os.urandom).packet
+
+        # The second packet is sent once the first has arrived: it leaves
+        # at a later mix (every second), after the first connection's last
+        # acknowledgement.
+        for sent in (1, 2):
+            self.assertEqual(await node.send_all([packet()]), [None])
+            await node.daemon.wait_for(reactor, f"packet {sent} at the next hop",
+                                       lambda: len(hop.sink.stored) >= sent)
+        self.assertEqual(hop.connections, connections)
+
+
 class RelayToSelfTests(NodeTestCase):
     """A path may name one node twice in a row: the node hands the packet
     to its own incoming log, through the sink MMTP uses, and processes it

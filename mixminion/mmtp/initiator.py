@@ -224,6 +224,11 @@ class InitiatorSettings:
     #: its slot after this long
     ack_timeout: float = DEADLINE
     idle_timeout: float = 300.0
+    #: how long a connection stays open once everything on it is
+    #: acknowledged, for packets that come soon after (0: close at once,
+    #: as the reference does, mmtp.md §7.4 step 3); closed sooner when a
+    #: destination waits for its slot
+    keep_open: float = 0.0
     #: how long to wait for the peer's TLS close_notify after ours; a peer
     #: that never answers would otherwise hold the destination forever
     close_timeout: float = DEADLINE
@@ -259,6 +264,10 @@ class Phase(enum.Enum):
     #: version agreed: frames go out, acknowledgements come back (it takes
     #: packets until it holds ``max_packets_per_connection``, then drains)
     OPEN = "open"
+    #: everything acknowledged, kept open for ``keep_open`` seconds: a
+    #: packet queued meanwhile goes out at once (OPEN again), with no new
+    #: TCP connection or TLS handshake; no deadline but this one runs
+    IDLE = "idle"
     #: everything acknowledged: our close_notify is out; aborted if the
     #: peer does not answer it within ``close_timeout``
     CLOSING = "closing"
@@ -270,7 +279,8 @@ class Phase(enum.Enum):
 
 
 #: the phases in which a connection takes packets
-_TAKING = frozenset({Phase.CONNECTING, Phase.HANDSHAKING, Phase.NEGOTIATING, Phase.OPEN})
+_TAKING = frozenset({Phase.CONNECTING, Phase.HANDSHAKING, Phase.NEGOTIATING, Phase.OPEN,
+                     Phase.IDLE})
 #: the phases in which queued frames may be written (our version line is out)
 _WRITING = frozenset({Phase.NEGOTIATING, Phase.OPEN})
 
@@ -349,8 +359,18 @@ class MMTPInitiatorProtocol(Protocol):
             self.machine.queue_junk(item.data, item)
         else:
             self.machine.queue_packet(item.data, item)
+        if self.phase is Phase.IDLE:
+            self._woken()
         if self.phase in _WRITING:
             self._flush()
+
+    def close_if_idle(self) -> bool:
+        """Close now if kept open with nothing to send (its slot is wanted);
+        whether it was."""
+        if self.phase is not Phase.IDLE:
+            return False
+        self._close_idle()
+        return True
 
     @property
     def failure(self) -> Optional[Failure]:
@@ -418,7 +438,10 @@ class MMTPInitiatorProtocol(Protocol):
         if out:
             self.transport.write(out)
         if self.machine.finished:
-            self._all_acknowledged()
+            if self.settings.keep_open > 0 and self.accepting:
+                self._went_quiet()
+            else:
+                self._all_acknowledged()
 
     def _touch(self) -> None:
         self.timers.restart("idle", self.settings.idle_timeout,
@@ -436,7 +459,7 @@ class MMTPInitiatorProtocol(Protocol):
 
     # --- the lifecycle: states and inputs ------------------------------------------
 
-    _connecting, _handshaking, _negotiating, _open, _closing, _aborting, _closed = (
+    _connecting, _handshaking, _negotiating, _open, _idle, _closing, _aborting, _closed = (
         _phase_states(_lifecycle))
 
     @_lifecycle.serializer()
@@ -464,6 +487,19 @@ class MMTPInitiatorProtocol(Protocol):
     def _all_acknowledged(self) -> None:
         """Every frame queued is acknowledged: close (mmtp.md §7.4 step 3);
         packets that come later open a new connection."""
+
+    @_lifecycle.input()
+    def _went_quiet(self) -> None:
+        """Every frame queued is acknowledged and ``keep_open`` is set:
+        stay open for more."""
+
+    @_lifecycle.input()
+    def _woken(self) -> None:
+        "A packet was queued on a connection kept open."
+
+    @_lifecycle.input()
+    def _close_idle(self) -> None:
+        "Kept open long enough, or its slot is wanted: close."
 
     @_lifecycle.input()
     def _fail(self, ending: _Ending) -> None:
@@ -509,6 +545,20 @@ class MMTPInitiatorProtocol(Protocol):
         self.stats.count(Event.SUCCESSFUL_CONNECT)
         self.peer_proven = True
         self.transport.write(self.machine.start())
+        self._touch()
+
+    @_lifecycle.output()
+    def _start_idling(self) -> None:
+        # Nothing is awaited: the acknowledgement and idle deadlines would
+        # blame the next hop for our silence.
+        self.timers.cancel_all()
+        self.timers.start("keep open", self.settings.keep_open, self._close_idle)
+
+    @_lifecycle.output()
+    def _resume(self) -> None:
+        self.timers.cancel("keep open")
+        self.timers.start("ack", self.settings.ack_timeout,
+                          lambda: self._deadline("no acknowledgement in time"))
         self._touch()
 
     @_lifecycle.output()
@@ -569,19 +619,27 @@ class MMTPInitiatorProtocol(Protocol):
     _handshaking.upon(handshakeCompleted, enter=_negotiating, outputs=[_verify_peer])
     _negotiating.upon(_version_agreed, enter=_open, outputs=[])
     _open.upon(_all_acknowledged, enter=_closing, outputs=[_start_closing])
-    for _up in (_handshaking, _negotiating, _open, _closing):
+    _open.upon(_went_quiet, enter=_idle, outputs=[_start_idling])
+    _idle.upon(_woken, enter=_open, outputs=[_resume])
+    _idle.upon(_close_idle, enter=_closing, outputs=[_start_closing])
+    # keep_open set to 0 (a SIGHUP) while kept open: close as the reference would
+    _idle.upon(_all_acknowledged, enter=_closing, outputs=[_start_closing])
+    _idle.upon(_went_quiet, enter=_idle, outputs=[])
+    for _up in (_handshaking, _negotiating, _open, _idle, _closing):
         _up.upon(_fail, enter=_aborting, outputs=[_record_failure, _stop_deadlines, _abort])
     # Once failed, the first failure stands: another only aborts again.
     _aborting.upon(_fail, enter=_aborting, outputs=[_stop_deadlines, _abort])
-    for _up in (_handshaking, _negotiating, _open, _closing, _aborting):
+    for _up in (_handshaking, _negotiating, _open, _idle, _closing, _aborting):
         _up.upon(connectionLost, enter=_closed,
                  outputs=[_stop_deadlines, _fail_outstanding, _tell_client])
     # News that comes too late changes nothing: a handshake or bytes still
     # arriving on a connection being aborted or closed, or the client
     # shutting down after the loss.
-    for _late in (handshakeCompleted, _version_agreed, _all_acknowledged):
+    for _late in (handshakeCompleted, _version_agreed, _all_acknowledged, _went_quiet,
+                  _close_idle):
         _aborting.upon(_late, enter=_aborting, outputs=[])
-    _closing.upon(_all_acknowledged, enter=_closing, outputs=[])
+    for _late in (_all_acknowledged, _went_quiet, _close_idle):
+        _closing.upon(_late, enter=_closing, outputs=[])
     _closed.upon(_fail, enter=_closed, outputs=[])
     del _up, _late
 
@@ -859,8 +917,25 @@ class MMTPClient:
                 if (dest.pending and dest.opening is None
                         and len(dest.connections) < self.settings.connections_per_destination):
                     self._open(dest)
+            if self._connections >= max(1, self.settings.max_connections):
+                self._close_idle_for_waiting()
         finally:
             self._filling = False
+
+    def _close_idle_for_waiting(self) -> None:
+        """Every slot is taken and destinations wait: close connections
+        kept open with nothing to send, one for each waiting destination
+        (counting those already closing); each frees its slot once lost."""
+        waiting = self.waiting_destinations
+        if not waiting:
+            return
+        conns = self._protocols
+        closing = sum(1 for conn in conns if conn.phase is Phase.CLOSING)
+        for conn in conns:
+            if closing >= waiting:
+                break
+            if conn.close_if_idle():
+                closing += 1
 
     def _next_in_line(self) -> Optional[_Destination]:
         """The next destination to connect to, first come first served:

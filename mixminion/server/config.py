@@ -369,6 +369,11 @@ NODE_SECTIONS: tuple[SectionSpec, ...] = (
                default="16", reload=_OUTGOING),
         Option("MaxPacketsPerConnection", INT, "ours: packets sent on one connection before "
                "a fresh one is opened", default="1000", reload=_OUTGOING),
+        Option("KeepOpen", INTERVAL, "ours: how long a connection to a next hop stays open "
+               "once all its packets are acknowledged, so that packets for it soon after "
+               "need no new TLS handshake; closed sooner when another next hop waits for "
+               "its slot (0 seconds: close at once, as the reference does)",
+               default="5 seconds", reload=_OUTGOING),
         Option("Allow", ALLOW_RULE, "destinations we relay to; enforced (a packet for a "
                "refused next hop is dropped and counted as RelayDenied) and published",
                many=True, published=True, reload=_OUTGOING),
@@ -602,6 +607,7 @@ class OutgoingSection:
     retry: sched.Schedule
     max_connections: int
     max_packets_per_connection: int
+    keep_open: int
     allow: tuple[AddressRule, ...]
     deny: tuple[AddressRule, ...]
     legacy: bool

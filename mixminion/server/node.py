@@ -87,6 +87,7 @@ def initiator_settings(config: ServerConfig) -> InitiatorSettings:
         max_packets_per_connection=config.outgoing.max_packets_per_connection,
         max_connections=config.outgoing.max_connections,
         idle_timeout=float(config.server.timeout),
+        keep_open=float(config.outgoing.keep_open),
         # The queue hands over at most max_in_flight_per_destination per
         # next hop; this bounds the client's memory even if it did not.
         max_queued_per_destination=2 * Outgoing.max_in_flight_per_destination,

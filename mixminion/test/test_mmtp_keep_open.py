@@ -1,0 +1,82 @@
+"""``InitiatorSettings.keep_open`` (``[Outgoing/MMTP] KeepOpen``): a
+connection whose packets are all acknowledged stays open that long, so a
+packet that comes soon after goes out at once, with no TCP connection or
+TLS handshake to wait for (issue 18, point 2).  In memory, through real TLS
+to a real responder, on a ``task.Clock`` (the harness of
+``test_mmtp_protocol``); through ``twistd``: tests/test_node_options.py."""
+
+from __future__ import annotations
+
+from mixminion.mmtp.initiator import InitiatorSettings, Phase
+from mixminion.test.test_mmtp_client_limit import Hops
+from mixminion.test.test_mmtp_protocol import LogMixin, MemorySink, Network, make_packet
+
+
+class KeepOpenTests(LogMixin):
+    def test_at_zero_a_connection_closes_once_all_is_acknowledged(self) -> None:
+        """The reference's rule (mmtp.md §7.4 step 3), and the default."""
+        net = Network(MemorySink())
+        ds = net.send([make_packet(0)])
+        net.flush()
+        self.assertEqual(ds.results, [None])
+        self.assertEqual(net.client.connections, 0)
+
+    def test_a_packet_within_keep_open_goes_out_on_the_same_connection(self) -> None:
+        net = Network(MemorySink(), InitiatorSettings(keep_open=5.0))
+        first = net.send([make_packet(0)])
+        net.flush()
+        self.assertEqual(first.results, [None])
+        [conn] = net.initiators
+        self.assertIs(conn.phase, Phase.IDLE)
+        net.clock.advance(4.0)
+        second = net.send([make_packet(1), make_packet(2)])
+        net.flush()
+        self.assertEqual(second.results, [None, None])
+        self.assertEqual(len(net.links), 1, "no new connection")
+        self.assertEqual(net.sink.stored, [make_packet(n) for n in range(3)])
+        # The wait starts again from the last acknowledgement.
+        net.clock.advance(4.0)
+        self.assertIs(conn.phase, Phase.IDLE)
+        net.clock.advance(1.0)
+        net.flush()
+        self.assertIs(conn.phase, Phase.CLOSED)
+        self.assertIsNone(conn.failure)
+        self.assertEqual(net.client.connections, 0)
+
+    def test_an_idle_connection_is_not_a_stuck_next_hop(self) -> None:
+        """Nothing is awaited while it is kept open: the acknowledgement and
+        idle deadlines do not run, and its close is no failure."""
+        settings = InitiatorSettings(keep_open=120.0, ack_timeout=30.0, idle_timeout=60.0)
+        net = Network(MemorySink(), settings)
+        net.send([make_packet(0)])
+        net.flush()
+        [conn] = net.initiators
+        net.clock.advance(90.0)
+        net.flush()
+        self.assertIs(conn.phase, Phase.IDLE)
+        net.clock.advance(30.0)
+        net.flush()
+        self.assertIs(conn.phase, Phase.CLOSED)
+        self.assertFalse(conn.next_hop_failed)
+        self.assertTrue(net.client.proven(net.destination))
+        self.assertEqual(net.client.stats["TimedOut"], 0)
+
+    def test_a_full_connection_is_not_kept_open(self) -> None:
+        net = Network(MemorySink(),
+                      InitiatorSettings(keep_open=5.0, max_packets_per_connection=2))
+        net.send([make_packet(0), make_packet(1)])
+        net.flush()
+        self.assertEqual(net.client.connections, 0)
+
+    def test_a_destination_waiting_for_a_slot_closes_an_idle_connection(self) -> None:
+        net = Hops(MemorySink(), InitiatorSettings(keep_open=60.0, max_connections=1))
+        a, b = net.hop("192.0.2.1"), net.hop("192.0.2.2")
+        net.send_to([a])
+        net.flush()
+        self.assertEqual((net.client.connections, net.opened), (1, [a]))
+        ds = net.send_to([b], first=1)
+        net.flush()
+        self.assertEqual(ds.results, [None])
+        self.assertEqual(net.opened, [a, b])
+        self.assertEqual(net.initiators[0].phase, Phase.CLOSED)
+        self.assertIsNone(net.initiators[0].failure)
