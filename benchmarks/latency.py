@@ -40,9 +40,9 @@ pool for the next mix (0 to 1 s) and leaves with the whole batch, so
 ``--mix-interval`` under 1 (e.g. 0.002) the node's configuration still
 says 1 second, and a ``sitecustomize`` module that this benchmark puts on
 the node's ``PYTHONPATH`` (nothing under mixminion/ changes) makes its
-:class:`Mixer` tick at that interval instead: a stand-in for the
-test-only pass-through the issue asks for, reported as
-``mix_interval_patched``.
+:class:`Mixer` tick at that interval instead, and also mix as soon as
+processing commits a batch: a stand-in for the test-only pass-through
+the issue asks for, reported as ``mix_interval_patched``.
 
 Usage: python3 benchmarks/latency.py [--seconds S] [--packets N] [--capacity-packets N]
        [--mix-interval S] [--spacing poisson|even] [--dump FILE]
@@ -68,7 +68,7 @@ from mixminion.codec.packet import PACKET_LEN
 from mixminion.codec.process import PacketProcessor, Relay
 from mixminion.codec.replay import MemoryReplayLog
 from mixminion.codec.routing import FWD_IPV4_TYPE, IPv4Info
-from mixminion.mmtp.initiator import MMTPClient
+from mixminion.mmtp.initiator import InitiatorSettings, MMTPClient
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from node import (  # noqa: E402  (benchmarks/node.py)
@@ -92,13 +92,15 @@ INTERVAL_VARIABLE = "MIXMINION_BENCH_MIX_INTERVAL"
 #: least 1), so the Mixer's own start picks the interval up instead.
 SITECUSTOMIZE = f'''\
 """Written by benchmarks/latency.py: the node's Mixer ticks every
-${INTERVAL_VARIABLE} seconds, whatever MixInterval says (test-only)."""
+${INTERVAL_VARIABLE} seconds, whatever MixInterval says, and mixes as
+soon as processing commits a batch (test-only)."""
 import os
 
-from mixminion.server import mixing
+from mixminion.server import mixing, node
 
 _interval = float(os.environ["{INTERVAL_VARIABLE}"])
 _start = mixing.Mixer.start
+_start_pipeline = node.MixNode.start_pipeline
 
 
 def _patched_start(self):
@@ -106,7 +108,24 @@ def _patched_start(self):
     _start(self)
 
 
+def _patched_start_pipeline(self):
+    _start_pipeline(self)
+    again = []
+
+    def mix(counts=None):
+        # A commit during a round: one more round once it ends (the Mixer
+        # skips a round asked for while one runs).
+        if self.mixer._round is None:
+            self.mixer.mix()
+        elif not again:
+            again.append(True)
+            self.mixer._round.addBoth(lambda result: (again.clear(), mix(), result)[2])
+
+    self.processor.batch_listeners.append(mix)
+
+
 mixing.Mixer.start = _patched_start
+node.MixNode.start_pipeline = _patched_start_pipeline
 '''
 
 
@@ -188,7 +207,10 @@ async def send(reactor, node: Node, packets: Packets, offsets: Optional[list[flo
     sent, so a late tick catches up instead of lowering the rate."""
     n = len(packets.headers)
     sends = Sends([math.nan] * n, [math.nan] * n, {})
-    client = MMTPClient(reactor)
+    # As a node upstream sends (its [Outgoing/MMTP] KeepOpen default): at
+    # low load a connection per packet would spend the node's CPU on
+    # handshakes that a real previous hop does not cause.
+    client = MMTPClient(reactor, settings=InitiatorSettings(keep_open=5.0))
     pending: list[defer.Deferred] = []
 
     def acked(_, i: int) -> None:
