@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import random
 import re
 import signal
 import socket
@@ -67,13 +68,31 @@ def run_twistd(args: Sequence[str], cwd: str, timeout: float = 60,
                           timeout=timeout)
 
 
+def _listening_ports() -> range:
+    """Where :func:`free_ports` looks: below the kernel's ephemeral range
+    (the source ports of outgoing connections), so that no connection of
+    another test takes a daemon's port between its stop and its restart
+    (seen: "cannot listen on 127.0.0.1:32937: Address already in use")."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    return range(max(1024, low - 12000), max(2048, low))
+
+
 def free_ports(count: int) -> list[int]:
     """Distinct free loopback ports (all bound at once, then released)."""
-    sockets = []
+    candidates = _listening_ports()
+    sockets: list[socket.socket] = []
     try:
-        for _ in range(count):
+        while len(sockets) < count:
             s = socket.socket()
-            s.bind(("127.0.0.1", 0))
+            try:
+                s.bind(("127.0.0.1", random.choice(candidates)))
+            except OSError:  # in use
+                s.close()
+                continue
             sockets.append(s)
         return [s.getsockname()[1] for s in sockets]
     finally:
