@@ -49,10 +49,12 @@ class _Reactor:
         self.callLater = clock.callLater
         self.seconds = clock.seconds
         self.children: list[object] = []
+        self.envs: list[object] = []
         self.refuse: Optional[OSError] = None
 
     def spawnProcess(self, proto, *args, **kwargs) -> None:  # noqa: N802
         self.children.append(proto)
+        self.envs.append(kwargs.get("env"))
         if self.refuse is not None:
             raise self.refuse
         proto.transport = _Transport()
@@ -120,6 +122,15 @@ class LifecycleTests(unittest.TestCase):
         self.processor.stored([4])  # idle: a Drain, not a More
         self.assertEqual(pipe.sent[-1].through, 4)
         self.assertIsInstance(pipe.sent[-1], msg.Drain)
+
+    def test_the_child_runs_with_one_malloc_arena_unless_told_otherwise(self) -> None:
+        self.patch(os, "environ", {"PATH": "/bin"})
+        self.ready()
+        self.assertEqual(self.reactor.envs[-1]["MALLOC_ARENA_MAX"], "1")
+        self.new_processor()
+        self.patch(os, "environ", {"MALLOC_ARENA_MAX": "4"})
+        self.ready()
+        self.assertEqual(self.reactor.envs[-1]["MALLOC_ARENA_MAX"], "4")
 
     def test_nothing_starts_or_drains_without_keys(self) -> None:
         self.processor.kick()
