@@ -418,8 +418,7 @@ class MMTPInitiatorProtocol(Protocol):
 
     def _acknowledged(self, item: _Item, accepted: bool) -> None:
         self.acked += 1
-        self.timers.restart("ack", self.settings.ack_timeout,
-                            lambda: self._deadline("no acknowledgement in time"))
+        self._ack_deadline()
         if self.on_ack is not None:
             self.on_ack(self.destination)
         if accepted:
@@ -442,6 +441,11 @@ class MMTPInitiatorProtocol(Protocol):
                 self._went_quiet()
             else:
                 self._all_acknowledged()
+
+    def _ack_deadline(self) -> None:
+        """(Re)start the wait for the next acknowledgement."""
+        self.timers.restart("ack", self.settings.ack_timeout,
+                            lambda: self._deadline("no acknowledgement in time"))
 
     def _touch(self) -> None:
         self.timers.restart("idle", self.settings.idle_timeout,
@@ -518,10 +522,9 @@ class MMTPInitiatorProtocol(Protocol):
         set_no_delay(self.transport)
         self.timers.start("handshake", self.settings.handshake_timeout,
                           lambda: self._deadline("TLS handshake timed out"))
-        # Runs until the connection closes: restarted by each acknowledgement
-        # (the connection closes once nothing more is awaited).
-        self.timers.start("ack", self.settings.ack_timeout,
-                          lambda: self._deadline("no acknowledgement in time"))
+        # Runs until the connection closes or is kept open with nothing
+        # awaited: restarted by each acknowledgement.
+        self._ack_deadline()
 
     @_lifecycle.output()
     def _verify_peer(self) -> None:
@@ -557,8 +560,7 @@ class MMTPInitiatorProtocol(Protocol):
     @_lifecycle.output()
     def _resume(self) -> None:
         self.timers.cancel("keep open")
-        self.timers.start("ack", self.settings.ack_timeout,
-                          lambda: self._deadline("no acknowledgement in time"))
+        self._ack_deadline()
         self._touch()
 
     @_lifecycle.output()
