@@ -36,7 +36,7 @@ from mixminion.server import childmessages as msg
 from mixminion.server.diskspace import DiskPause, Shortage, later_floor
 from mixminion.server.draining import Share, everything_through, worker_mark
 from mixminion.server.packetstore import PacketStore
-from mixminion.server.processing_child import processing_lock
+from mixminion.server.processing_child import BATCH_SIZE, processing_lock
 
 #: longest line the child may send (a batch report is a few hundred bytes)
 MAX_LINE = 1 << 20
@@ -163,7 +163,7 @@ class Processor:
     def __init__(self, incoming_path: str, store_path: str, reactor,
                  count: Callable[[str, int], None], *,
                  on_consumed: Optional[Callable[[int, int], None]] = None,
-                 batch_size: int = 32, restart_delay: float = 1.0,
+                 batch_size: int = BATCH_SIZE, restart_delay: float = 1.0,
                  body_dir: Optional[str] = None, pings: bool = False,
                  share: Share = Share()) -> None:
         self.incoming_path = incoming_path
