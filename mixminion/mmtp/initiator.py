@@ -317,8 +317,11 @@ class MMTPInitiatorProtocol(Protocol):
                  settings: InitiatorSettings, stats: MMTPStats,
                  on_done: Callable[["MMTPInitiatorProtocol"], None],
                  on_ack: Optional[Callable[[NextHop], None]] = None,
-                 unproven: bool = False) -> None:
+                 unproven: bool = False,
+                 slot_wanted: Callable[[], bool] = lambda: False) -> None:
         self.destination = destination
+        #: another destination waits for a connection slot: not kept open
+        self.slot_wanted = slot_wanted
         self.tls = tls
         self.clock = clock
         self.settings = settings
@@ -437,7 +440,7 @@ class MMTPInitiatorProtocol(Protocol):
         if out:
             self.transport.write(out)
         if self.machine.finished:
-            if self.settings.keep_open > 0 and self.accepting:
+            if self.settings.keep_open > 0 and self.accepting and not self.slot_wanted():
                 self._went_quiet()
             else:
                 self._all_acknowledged()
@@ -624,9 +627,6 @@ class MMTPInitiatorProtocol(Protocol):
     _open.upon(_went_quiet, enter=_idle, outputs=[_start_idling])
     _idle.upon(_woken, enter=_open, outputs=[_resume])
     _idle.upon(_close_idle, enter=_closing, outputs=[_start_closing])
-    # keep_open set to 0 (a SIGHUP) while kept open: close as the reference would
-    _idle.upon(_all_acknowledged, enter=_closing, outputs=[_start_closing])
-    _idle.upon(_went_quiet, enter=_idle, outputs=[])
     for _up in (_handshaking, _negotiating, _open, _idle, _closing):
         _up.upon(_fail, enter=_aborting, outputs=[_record_failure, _stop_deadlines, _abort])
     # Once failed, the first failure stands: another only aborts again.
@@ -821,8 +821,12 @@ class MMTPClient:
         open connections share; a higher ``max_connections`` opens
         connections for waiting destinations at once."""
         if settings is not self.settings:
+            shorter = settings.keep_open < self.settings.keep_open
             for f in fields(InitiatorSettings):
                 setattr(self.settings, f.name, getattr(settings, f.name))
+            if shorter:  # connections kept open under the old value close now
+                for conn in self._protocols:
+                    conn.close_if_idle()
         self._open_waiting()
 
     def send_packet(self, destination: NextHop, packet: bytes) -> defer.Deferred:
@@ -919,18 +923,21 @@ class MMTPClient:
                 if (dest.pending and dest.opening is None
                         and len(dest.connections) < self.settings.connections_per_destination):
                     self._open(dest)
-            if self._connections >= max(1, self.settings.max_connections):
+            if self._slot_wanted():
                 self._close_idle_for_waiting()
         finally:
             self._filling = False
+
+    def _slot_wanted(self) -> bool:
+        """Every slot is taken and a destination waits for one."""
+        return (self._connections >= max(1, self.settings.max_connections)
+                and self.waiting_destinations > 0)
 
     def _close_idle_for_waiting(self) -> None:
         """Every slot is taken and destinations wait: close connections
         kept open with nothing to send, one for each waiting destination
         (counting those already closing); each frees its slot once lost."""
         waiting = self.waiting_destinations
-        if not waiting:
-            return
         conns = self._protocols
         closing = sum(1 for conn in conns if conn.phase is Phase.CLOSING)
         for conn in conns:
@@ -962,7 +969,8 @@ class MMTPClient:
         conn = MMTPInitiatorProtocol(dest.destination, self.tls, self.reactor, self.settings,
                                      self.stats, lambda conn: self._finished(conn, dest),
                                      self._acknowledged,
-                                     unproven=dest.destination not in self._proven)
+                                     unproven=dest.destination not in self._proven,
+                                     slot_wanted=self._slot_wanted)
         dest.connections.append(conn)
         dest.opening = conn
         self._connections += 1

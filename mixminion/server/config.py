@@ -372,7 +372,8 @@ NODE_SECTIONS: tuple[SectionSpec, ...] = (
         Option("KeepOpen", INTERVAL, "ours: how long a connection to a next hop stays open "
                "once all its packets are acknowledged, so that packets for it soon after "
                "need no new TLS handshake; closed sooner when another next hop waits for "
-               "its slot (0 seconds: close at once, as the reference does)",
+               "its slot (0 seconds: close at once, as the reference does; at most 1 minute, "
+               "well under a next hop's own idle timeout)",
                default="5 seconds", reload=_OUTGOING),
         Option("Allow", ALLOW_RULE, "destinations we relay to; enforced (a packet for a "
                "refused next hop is dropped and counted as RelayDenied) and published",
@@ -456,6 +457,8 @@ PLUGIN_PREFIX = "Delivery/"
 MIN_MAXIMUM_SIZE = 32 * 1024
 #: more processing children than this is a typo, not a machine
 MAX_PROCESSING_WORKERS = 64
+#: the longest [Outgoing/MMTP] KeepOpen (see _check_outgoing)
+MAX_KEEP_OPEN = 60
 DEFAULT_BASE_DIR = "/var/spool/minion"
 
 SUMMARY_KEYS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -1118,6 +1121,11 @@ def _check_outgoing(b: _Builder) -> None:
                "outgoing MMTP is not enabled: this node cannot relay packets to other nodes")
     _check_range(b, s, "MaxConnections", 1, None)
     _check_range(b, s, "MaxPacketsPerConnection", 1, None)
+    # A next hop closes a connection idle for its own Timeout (5 minutes by
+    # default, in the reference too): a packet sent on a kept connection
+    # just as the peer closes it is lost to that close and waits for its
+    # hop's next retry.  Kept well under any peer's timeout, that is rare.
+    _check_range(b, s, "KeepOpen", 0, MAX_KEEP_OPEN, sched.format_interval)
     if b.get(s, "Legacy"):
         b.warn(s, "Legacy", "speaks TLS 1.0 to old peers; their links are weaker")
     if b.get(s, "Enabled"):

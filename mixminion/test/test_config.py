@@ -609,6 +609,13 @@ class CrossFieldTests(ConfigTestCase):
         self.assertIn("larger than MaxConnections",
                       self.warnings(SERVER + INCOMING + "MaxConnections: 4\n" + OUTGOING))
 
+    def test_keep_open(self) -> None:
+        self.assertEqual(self.parse(BASE).outgoing.keep_open, 5)
+        self.assertEqual(self.parse(BASE + "KeepOpen: 0 seconds\n").outgoing.keep_open, 0)
+        self.assertEqual(self.parse(BASE + "KeepOpen: 1 minute\n").outgoing.keep_open, 60)
+        self.assertError(BASE + "KeepOpen: 61 seconds\n", "[Outgoing/MMTP] KeepOpen:",
+                         "must be between 0 seconds and 1 minute")
+
     def test_bandwidth(self) -> None:
         config = self.parse(self.server("MaxBandwidth: 100 KB\n"))
         self.assertEqual((config.server.max_bandwidth, config.server.max_bandwidth_spike), (102400, 512000))

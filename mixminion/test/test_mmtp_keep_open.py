@@ -80,3 +80,34 @@ class KeepOpenTests(LogMixin):
         self.assertEqual(net.opened, [a, b])
         self.assertEqual(net.initiators[0].phase, Phase.CLOSED)
         self.assertIsNone(net.initiators[0].failure)
+
+    def test_a_connection_is_not_kept_open_while_a_destination_waits_for_its_slot(self) -> None:
+        """The other order: B waits for the only slot while A still sends;
+        A's last acknowledgement closes it at once instead of keeping it."""
+        from mixminion.test.test_mmtp_protocol import HeldSink
+
+        net = Hops(HeldSink(), InitiatorSettings(keep_open=60.0, max_connections=1))
+        a, b = net.hop("192.0.2.1"), net.hop("192.0.2.2")
+        net.send_to([a])
+        net.flush()
+        ds = net.send_to([b], first=1)
+        net.flush()
+        self.assertEqual((net.opened, net.client.waiting_destinations), ([a], 1))
+        net.store(0)  # A's only packet is acknowledged
+        net.flush()
+        self.assertEqual(net.initiators[0].phase, Phase.CLOSED)
+        self.assertEqual(net.opened, [a, b])
+        net.store(1)
+        self.assertEqual(ds.results, [None])
+
+    def test_a_shorter_keep_open_closes_idle_connections_at_once(self) -> None:
+        """A SIGHUP that lowers KeepOpen (here to 0) does not leave
+        connections open for the old time."""
+        net = Network(MemorySink(), InitiatorSettings(keep_open=60.0))
+        net.send([make_packet(0)])
+        net.flush()
+        [conn] = net.initiators
+        net.client.apply_settings(InitiatorSettings(keep_open=0.0))
+        net.flush()
+        self.assertIs(conn.phase, Phase.CLOSED)
+        self.assertIsNone(conn.failure)
