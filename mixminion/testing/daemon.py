@@ -17,6 +17,7 @@ the logs' tails if a watched process died, and after its timeout.
 
 from __future__ import annotations
 
+import errno
 import inspect
 import os
 import random
@@ -68,32 +69,60 @@ def run_twistd(args: Sequence[str], cwd: str, timeout: float = 60,
                           timeout=timeout)
 
 
+#: trial workers (``-jN``) given ports of their own
+_PORT_SLICES = 8
+#: where free_ports goes on from in this process (None: not started)
+_port_cursor: Optional[int] = None
+
+
 def _listening_ports() -> range:
-    """Where :func:`free_ports` looks: below the kernel's ephemeral range
-    (the source ports of outgoing connections), so that no connection of
-    another test takes a daemon's port between its stop and its restart
-    (seen: "cannot listen on 127.0.0.1:32937: Address already in use")."""
+    """Where :func:`free_ports` looks.
+
+    Below the kernel's ephemeral range (the source ports of outgoing
+    connections), so that no connection of another test takes a daemon's
+    port between its stop and its restart (seen: "cannot listen on
+    127.0.0.1:32937: Address already in use"); and a slice of that per
+    trial worker (``trial -jN`` runs worker *i* in a folder named *i*), so
+    that two workers never pick the same port in the moment between one's
+    pick and its daemon's listen (seen with random picks)."""
     try:
         with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
             low = int(f.read().split()[0])
     except (OSError, ValueError, IndexError):
         low = 32768
-    return range(max(1024, low - 12000), max(2048, low))
+    ports = range(max(1024, low - 12000), max(2048, low))
+    worker = os.path.basename(os.getcwd())
+    index = int(worker) % _PORT_SLICES if worker.isdigit() else 0
+    size = len(ports) // _PORT_SLICES
+    return ports[index * size:(index + 1) * size]
 
 
 def free_ports(count: int) -> list[int]:
-    """Distinct free loopback ports (all bound at once, then released)."""
+    """Distinct free loopback ports (all bound at once, then released):
+    the next ones of this process's slice (:func:`_listening_ports`), so a
+    port comes back only after the whole slice."""
+    global _port_cursor
     candidates = _listening_ports()
+    if _port_cursor is None:
+        _port_cursor = random.randrange(len(candidates))
     sockets: list[socket.socket] = []
     try:
-        while len(sockets) < count:
+        for _ in range(len(candidates)):
+            if len(sockets) == count:
+                break
+            port = candidates[_port_cursor % len(candidates)]
+            _port_cursor += 1
             s = socket.socket()
             try:
-                s.bind(("127.0.0.1", random.choice(candidates)))
-            except OSError:  # in use
+                s.bind(("127.0.0.1", port))
+            except OSError as exc:
                 s.close()
+                if exc.errno != errno.EADDRINUSE:
+                    raise
                 continue
             sockets.append(s)
+        if len(sockets) < count:
+            raise OSError(f"no {count} free loopback ports in {candidates}")
         return [s.getsockname()[1] for s in sockets]
     finally:
         for s in sockets:
