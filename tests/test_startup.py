@@ -134,6 +134,13 @@ class StartupFailureTests(unittest.TestCase):
         self.write(self.config(server="Daemon: yes"))
         self.assertOneLineFailure("[Server] Daemon: not supported", "-n (--nodaemon)")
 
+    def test_interval_that_is_not_whole_seconds(self) -> None:
+        """Intervals count whole seconds: half a second is refused, not
+        taken as 0 (which for KeepOpen would close every connection at once)."""
+        self.write(self.config(outgoing="KeepOpen: 0.5 seconds"))
+        self.assertOneLineFailure("[Outgoing/MMTP] KeepOpen:", '"0.5 seconds" is not a whole '
+                                  "number of seconds")
+
     def test_unreadable_configuration(self) -> None:
         self.assertOneLineFailure(f"{self.conf}:0: cannot read the file")
 

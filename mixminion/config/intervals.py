@@ -63,15 +63,22 @@ def _unit_seconds(unit: str) -> Optional[int]:
 
 
 def parse_interval(text: str) -> int:
-    """``NUMBER UNIT`` as whole seconds, truncated (``.5 months`` = 15 days).
+    """``NUMBER UNIT`` as seconds (``.5 months`` = 15 days).
 
-    Exact rational arithmetic, so ``0.1 hour`` is 360 s, not 359.
+    Every interval counts whole seconds, so one that is not a whole number
+    of them is refused rather than truncated: ``KeepOpen: 0.5 seconds``
+    would otherwise mean 0, the opposite of what was asked.  Exact
+    rational arithmetic, so ``0.1 hour`` is 360 s, not 359.
     """
     match = _INTERVAL.fullmatch(text.strip())
     seconds = _unit_seconds(match.group("unit")) if match else None
     if match is None or seconds is None:
         raise ScheduleError(f'"{text.strip()}" is not an interval ({_INTERVAL_HINT})')
-    return math.floor(Fraction(match.group("number")) * seconds)
+    exact = Fraction(match.group("number")) * seconds
+    if exact.denominator != 1:
+        raise ScheduleError(f'"{text.strip()}" is not a whole number of seconds '
+                            f"(intervals count whole seconds)")
+    return int(exact)
 
 
 _FORMAT_UNITS = (("day", DAY), ("hour", HOUR), ("minute", MINUTE), ("second", 1))

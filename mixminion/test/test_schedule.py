@@ -43,7 +43,7 @@ class IntervalTests(unittest.TestCase):
         self.assertEqual(parse_interval(".5 months"), 15 * DAY)
         self.assertEqual(parse_interval("1.5 hours"), 5400)
         self.assertEqual(parse_interval("0.1 hour"), 360)
-        self.assertEqual(parse_interval("1.5 seconds"), 1)
+        self.assertEqual(parse_interval("1.0 seconds"), 1)
         self.assertEqual(parse_interval("2. days"), 2 * DAY)
         self.assertEqual(parse_interval("  30 minutes  "), 1800)
         self.assertEqual(parse_interval("30minutes"), 1800)
@@ -57,6 +57,13 @@ class IntervalTests(unittest.TestCase):
         self.assertEqual(
             str(self.assertRaises(ScheduleError, parse_interval, "ten minutes")),
             '"ten minutes" is not an interval (expected NUMBER UNIT, e.g. "30 minutes")')
+
+    def test_fractions_of_a_second_are_refused(self) -> None:
+        for text in ["0.5 seconds", "1.5 seconds", ".001 hours", "1.0000001 days"]:
+            with self.assertRaises(ScheduleError, msg=text) as caught:
+                parse_interval(text)
+            self.assertEqual(str(caught.exception), f'"{text}" is not a whole number of '
+                                                    "seconds (intervals count whole seconds)")
 
     def test_format_interval_uses_largest_exact_unit(self) -> None:
         self.assertEqual(format_interval(1800), "30 minutes")
