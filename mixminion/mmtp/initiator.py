@@ -192,6 +192,9 @@ class _Item:
     data: bytes
     junk: bool
     deferred: defer.Deferred = field(default_factory=defer.Deferred)
+    #: sent again once already, after the kept-open connection it went out
+    #: on was closed under it (see :attr:`MMTPInitiatorProtocol.returned`)
+    resent: bool = False
 
 
 @dataclass(frozen=True)
@@ -336,6 +339,13 @@ class MMTPInitiatorProtocol(Protocol):
         self.acked = 0
         #: items that failed when the connection was lost
         self.lost = 0
+        #: items the client sends again on a new connection: they went out on
+        #: this one as it was woken from being kept open, and it was lost
+        #: before any acknowledgement since (the next hop closed it as they
+        #: went: its idle timeout, a restart).  Once per item.
+        self.returned: list[_Item] = []
+        #: the acknowledgements counted when it was last woken (None: never kept open)
+        self._acked_when_woken: Optional[int] = None
         #: why it failed (None: it closed cleanly, or is still up)
         self.ending: Optional[_Ending] = None
         self._failure: Optional[Failure] = None
@@ -562,6 +572,7 @@ class MMTPInitiatorProtocol(Protocol):
 
     @_lifecycle.output()
     def _resume(self) -> None:
+        self._acked_when_woken = self.acked
         self.timers.cancel("keep open")
         self._ack_deadline()
         self._touch()
@@ -592,11 +603,21 @@ class MMTPInitiatorProtocol(Protocol):
     @_lifecycle.output()
     def _fail_outstanding(self, reason: Failure = None) -> None:
         """Fail every packet not acknowledged, with the failure that ended
-        the connection (or the transport's reason)."""
+        the connection (or the transport's reason), but those the client
+        sends again (:attr:`returned`)."""
         error = ConnectionFailed if self.peer_proven else HandshakeFailed
         failure = self._failure or Failure(error(
             f"connection lost: {reason.getErrorMessage() if reason else 'unknown'}"))
         outstanding = [i for i in self.machine.outstanding() if not i.deferred.called]
+        if self._lost_as_woken():
+            self.returned = [i for i in outstanding if not i.resent]
+            outstanding = [i for i in outstanding if i.resent]
+            for item in self.returned:
+                item.resent = True
+        if self.returned:
+            self.log.info("MMTP connection kept open was closed by the next hop as packets "
+                          "went out: {count} sent again on a new connection",
+                          count=len(self.returned))
         self.lost = len(outstanding)
         if outstanding:
             self.log.info("MMTP connection to a next hop lost with {count} packets "
@@ -609,6 +630,13 @@ class MMTPInitiatorProtocol(Protocol):
             if not item.junk:
                 self.stats.count(Event.FAILED_RELAY)
             item.deferred.errback(failure)
+
+    def _lost_as_woken(self) -> bool:
+        """The transport went (no deadline of ours, no protocol error, not
+        closed by the client) after the connection was woken from being
+        kept open, with no acknowledgement since."""
+        return (self.ending is None and self._acked_when_woken is not None
+                and self.acked == self._acked_when_woken)
 
     @_lifecycle.output()
     def _tell_client(self) -> None:
@@ -1075,6 +1103,9 @@ class MMTPClient:
         self._connections -= 1
         if conn.unproven:
             self._unproven_connections -= 1
+        # Sent as the next hop closed a connection kept open: first in line
+        # for the next one, as if never sent.
+        dest.pending.extendleft(reversed(conn.returned))
         if conn.next_hop_failed:
             self._proven.forget(dest.destination)
             failure = conn.failure or Failure(ConnectionFailed(

@@ -7,7 +7,12 @@ to a real responder, on a ``task.Clock`` (the harness of
 
 from __future__ import annotations
 
-from mixminion.mmtp.initiator import InitiatorSettings, Phase
+from typing import Any
+
+from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
+
+from mixminion.mmtp.initiator import ConnectionFailed, InitiatorSettings, Phase
 from mixminion.test.test_mmtp_client_limit import Hops
 from mixminion.test.test_mmtp_protocol import LogMixin, MemorySink, Network, make_packet
 
@@ -111,3 +116,61 @@ class KeepOpenTests(LogMixin):
         net.flush()
         self.assertIs(conn.phase, Phase.CLOSED)
         self.assertIsNone(conn.failure)
+
+
+class ClosedUnderUsTests(LogMixin):
+    """The next hop closes a connection we keep open (its own idle timeout,
+    a restart) just as packets go out on it: they never reached it, and
+    are sent again on a new connection at once, rather than failed and left
+    to the next hop's retry schedule (an hour by default)."""
+
+    def kept_open(self, sink: Any) -> tuple[Network, Any]:
+        net = Network(sink, InitiatorSettings(keep_open=60.0))
+        net.send([make_packet(0)])
+        net.flush()
+        if sink.waiting:  # a HeldSink: the first packet is stored now
+            sink.store(0)
+            net.flush()
+        [conn] = net.initiators
+        self.assertIs(conn.phase, Phase.IDLE)
+        return net, conn
+
+    @staticmethod
+    def peer_closes(net: Network) -> None:
+        """The first link goes: what we wrote on it never arrives."""
+        client, _, _ = net.links.pop(0)
+        client.transport.getOutBuffer()
+        client.connectionLost(Failure(ConnectionDone("closed by the next hop")))
+
+    def test_packets_sent_as_it_closes_go_out_on_a_new_connection(self) -> None:
+        net, conn = self.kept_open(MemorySink())
+        ds = net.send([make_packet(1), make_packet(2)])
+        self.peer_closes(net)
+        net.flush()
+        self.assertEqual(ds.results, [None, None])
+        self.assertEqual(len(net.initiators), 2)
+        self.assertEqual(net.sink.stored, [make_packet(n) for n in range(3)])
+        self.assertIs(conn.phase, Phase.CLOSED)
+        self.assertEqual(len(conn.returned), 2)
+        self.assertFalse(conn.next_hop_failed)
+        self.assertTrue(net.client.proven(net.destination))
+        self.assertEqual(net.client.stats["FailedRelay"], 0)
+        self.assertEqual(net.client.stats["SuccessfulRelay"], 3)
+
+    def test_once_it_has_answered_since_a_loss_fails_as_before(self) -> None:
+        """An acknowledgement after it was woken shows the next hop was
+        there: what is still unacknowledged when it goes fails as on any
+        connection (its caller retries it)."""
+        from mixminion.test.test_mmtp_protocol import HeldSink
+
+        net, conn = self.kept_open(HeldSink())
+        ds = net.send([make_packet(1), make_packet(2)])
+        net.flush()
+        net.sink.store(1)
+        net.flush()
+        self.assertEqual(ds.results, [None, "?"])
+        self.peer_closes(net)
+        net.flush()
+        self.assertEqual(ds.types(), [None, ConnectionFailed])
+        self.assertEqual(conn.returned, [])
+        self.assertEqual(len(net.initiators), 1)
