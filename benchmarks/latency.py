@@ -18,8 +18,8 @@ match each arrival to its packet.
   10th and the 90th percentile arrival (node.py's ``steady_rate``).
 * ``loads``: for 10, 50 and 90 % of that, packets sent at that rate for
   ``--seconds`` (at most ``--packets``), Poisson arrivals by default,
-  paced by a 1 ms timer.  Per packet, the *added latency* is its arrival
-  at the next hop minus its acknowledgement by the node (the MMTP
+  each sent by a timer set for it.  Per packet, the *added latency* is
+  its arrival at the next hop minus its acknowledgement by the node (the MMTP
   RECEIVED, seen here as its ``send_packet`` Deferred firing: the node
   has synced it to its incoming log).  Both processes read
   ``time.monotonic()`` on one machine.  ``added_ms`` gives its
@@ -28,6 +28,11 @@ match each arrival to its packet.
   ``offered_per_s`` the rate actually sent; ``node_cpu_share`` the node's
   and its processing child's CPU over the run, in cores.
 * ``p99_ms_at_50pct``: the issue's target is 10 ms.
+
+``--capacity PER_S`` skips the capacity run and takes PER_S as the
+capacity: the load levels then offer the same rates from run to run,
+whatever else the machine is doing, and their ``node_cpu_share`` over
+``offered_per_s`` compares the CPU a packet costs.
 
 ``--dump FILE`` writes every packet's three times, a JSON line per load
 level, to match against a trace of the node's own events.
@@ -45,7 +50,7 @@ processing commits a batch: a stand-in for the test-only pass-through
 the issue asks for, reported as ``mix_interval_patched``.
 
 Usage: python3 benchmarks/latency.py [--seconds S] [--packets N] [--capacity-packets N]
-       [--mix-interval S] [--spacing poisson|even] [--dump FILE]
+       [--capacity PER_S] [--mix-interval S] [--spacing poisson|even] [--dump FILE]
 """
 
 from __future__ import annotations
@@ -83,7 +88,6 @@ from node import (  # noqa: E402  (benchmarks/node.py)
 LOADS = (10, 50, 90)  # percent of the measured capacity
 TARGET_P99_MS = 10.0  # at 50 %
 HEADER_LEN = 2048
-PACE = 0.001  # seconds between two looks at the send schedule
 #: the node's Mixer interval, for the sitecustomize below
 INTERVAL_VARIABLE = "MIXMINION_BENCH_MIX_INTERVAL"
 
@@ -203,8 +207,10 @@ async def send(reactor, node: Node, packets: Packets, offsets: Optional[list[flo
     """Send every packet, at ``offsets`` seconds from now (None: all at
     once), on one client; fires once each is acknowledged or refused.
 
-    The schedule is read every :data:`PACE` seconds and whatever is due is
-    sent, so a late tick catches up instead of lowering the rate."""
+    One timer at a time, set for the next packet due; whatever is due when
+    it fires is sent, so a late timer catches up instead of lowering the
+    rate.  (A timer every millisecond, as before, cost this process about
+    as much CPU as the node at low load, on the cores the node shares.)"""
     n = len(packets.headers)
     sends = Sends([math.nan] * n, [math.nan] * n, {})
     # As a node upstream sends (its [Outgoing/MMTP] KeepOpen default): at
@@ -230,20 +236,22 @@ async def send(reactor, node: Node, packets: Packets, offsets: Optional[list[flo
             send_one(i)
     else:
         start, state = time.monotonic(), {"next": 0}
+        done: defer.Deferred = defer.Deferred()
 
-        def tick() -> None:
-            due = time.monotonic() - start
+        def due() -> None:
+            elapsed = time.monotonic() - start
             i = state["next"]
-            while i < n and offsets[i] <= due:
+            while i < n and offsets[i] <= elapsed:
                 send_one(i)
                 i += 1
             state["next"] = i
             if i == n:
-                loop.stop()
+                done.callback(None)
+            else:
+                reactor.callLater(max(0.0, offsets[i] - (time.monotonic() - start)), due)
 
-        loop = task.LoopingCall(tick)
-        loop.clock = reactor
-        await loop.start(PACE, now=True)
+        due()
+        await done
     await defer.DeferredList(pending)
     await client.close()
     return sends
@@ -372,8 +380,11 @@ async def run(reactor, args: argparse.Namespace) -> None:
             try:
                 await node.started(reactor)
                 print(f"latency: node pid {node.daemon.pid}", file=sys.stderr, flush=True)
-                result.update(await capacity_run(reactor, node, sink, sink_info,
-                                                 args.capacity_packets, args.mix_interval))
+                if args.capacity:
+                    result["capacity_per_s"] = args.capacity
+                else:
+                    result.update(await capacity_run(reactor, node, sink, sink_info,
+                                                     args.capacity_packets, args.mix_interval))
                 capacity = result["capacity_per_s"]
                 loads = result["loads"] = {}
                 for load in LOADS:
@@ -405,6 +416,9 @@ def main() -> None:
                         help="at most this many packets per load level (default 8000)")
     parser.add_argument("--capacity-packets", type=int, default=8000,
                         help="packets for the capacity run (default 8000)")
+    parser.add_argument("--capacity", type=float, metavar="PER_S",
+                        help="take this as the capacity instead of measuring it, so that "
+                             "runs on different hours offer the same rates")
     parser.add_argument("--mix-interval", type=float, default=1.0,
                         help="the node's Timed interval in seconds (default 1, the shortest "
                              "its configuration accepts); under 1, set by a test-only patch")
