@@ -44,7 +44,7 @@ from mixminion.listening import ListeningService
 from mixminion.server.mixing import Mixer
 from mixminion.server.config import ServerConfig
 from mixminion.server.outgoing import Outgoing
-from mixminion.server.packetstore import PacketStore
+from mixminion.server.packetstore import PacketStore, PacketStoreError
 from mixminion.server.pidfile import PidFile
 from mixminion.server.mix_algorithm import MixAlgorithm, make_mix_algorithm
 from mixminion.server.processing import ProcessingWorkers
@@ -265,11 +265,22 @@ class MixNode(service.MultiService):
 
     def keys_rotated(self, retired: Sequence[bytes]) -> None:
         """After a key rotation: decrypt with the live keys only, and
-        forget the replay entries of the retired keys (ids ``retired``)."""
+        forget the replay entries of the retired keys (ids ``retired``)
+        once processing no longer decrypts with them (a drain under way
+        ends with the keys it began with)."""
         self.processor.set_keys(self.packet_keys())
-        for keyid in retired:
-            self.store.forget_replay_log(keyid)
+        if retired:
+            self.processor.keys_in_use().addCallback(
+                lambda _: self._forget_replay_logs(retired))
         self.status_changed()
+
+    def _forget_replay_logs(self, keyids: Sequence[bytes]) -> None:
+        try:
+            for keyid in keyids:
+                self.store.forget_replay_log(keyid)
+        except PacketStoreError as exc:
+            self.log.error("Could not remove the replay entries of a retired packet key "
+                           "(they stay on disk, unused): {why}", why=str(exc))
 
     def replace_exits(self, dispatcher: Dispatcher) -> defer.Deferred:
         """Route and deliver through ``dispatcher`` (modules rebuilt from a

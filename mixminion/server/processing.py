@@ -184,6 +184,14 @@ class Processor:
         self.batch_size = batch_size
         self.restart_delay = restart_delay
         self._keys: list[PrivateKey] = []
+        #: set_keys calls so far, and the count when the drain under way
+        #: (if any: ``_drain_open``) was asked for: the child decrypts that
+        #: drain with the keys it had then, whatever came since
+        self._keys_serial = 0
+        self._drain_serial = 0
+        self._drain_open = False
+        #: (keys serial, Deferred) for :meth:`keys_in_use`
+        self._keys_waiters: list[tuple[int, defer.Deferred[None]]] = []
         #: the last incoming id on stable storage (the child reads no further)
         self.committed_through = 0
         #: the last incoming id the child was told is committed
@@ -210,8 +218,29 @@ class Processor:
     def set_keys(self, keys: Sequence[PrivateKey]) -> None:
         """Use these packet keys (newest first) from now on."""
         self._keys = list(keys)
+        self._keys_serial += 1
         self._machine.new_keys()
         self.kick()
+
+    def keys_in_use(self) -> defer.Deferred[None]:
+        """Fires once the child decrypts with the keys of the last
+        :meth:`set_keys` only: no drain asked for before them runs any
+        more.  A drain under way when keys change ends with the keys it
+        began with (the child takes new keys between drains), so the
+        replay entries of a retired key must stay until then, or a replay
+        of a packet for it would pass as new."""
+        d: defer.Deferred[None] = defer.Deferred()
+        self._keys_waiters.append((self._keys_serial, d))
+        self._keys_settled()
+        return d
+
+    def _keys_settled(self) -> None:
+        """Fire the :meth:`keys_in_use` waiters whose keys are in use."""
+        in_use = self._drain_serial if self._drain_open else self._keys_serial
+        ready = [d for serial, d in self._keys_waiters if serial <= in_use]
+        self._keys_waiters = [(s, d) for s, d in self._keys_waiters if s > in_use]
+        for d in ready:
+            d.callback(None)
 
     def stored(self, ids: Sequence[int]) -> None:
         """Incoming packets with these ids are committed: process them (a
@@ -250,6 +279,8 @@ class Processor:
         if isinstance(message, msg.Batch):
             self._batch(message)
             return
+        if isinstance(message, (msg.Idle, msg.Paused, msg.Failed)):
+            self._drain_open = False  # the drain is over (another may begin below)
         try:
             if isinstance(message, msg.Ready):
                 self._machine.ready()
@@ -267,6 +298,7 @@ class Processor:
                 self._out_of_turn(message)
         except NoTransition:
             self._out_of_turn(message)
+        self._keys_settled()
 
     def _out_of_turn(self, message: msg.Message) -> None:
         self.log.error("Processing child sent {kind} out of turn; ignored",
@@ -299,6 +331,8 @@ class Processor:
         if child is not self._child:
             return
         self._child = None
+        self._drain_open = False  # a new child gets the keys before any drain
+        self._keys_settled()
         why = reason.getErrorMessage()
         self._machine.ended(_Failure("Processing child exited ({why}); restarting it", why,
                                      f"the processing child exits at once ({why})"))
@@ -354,6 +388,7 @@ class Processor:
         self._send(msg.Drain(self.committed_through, offset,
                              later_floor(self.min_free_disk())))
         self._told_through = self.committed_through
+        self._drain_open, self._drain_serial = True, self._keys_serial
 
     def _send_more(self) -> None:
         """Tell the draining child what was committed since (it goes on
@@ -487,6 +522,11 @@ class ProcessingWorkers:
     def set_keys(self, keys: Sequence[PrivateKey]) -> None:
         for worker in self.workers:
             worker.set_keys(keys)
+
+    def keys_in_use(self) -> defer.Deferred:
+        """Fires once every worker decrypts with the last keys only."""
+        return defer.gatherResults([w.keys_in_use() for w in self.workers]).addCallback(
+            lambda _: None)
 
     def stored(self, ids: Sequence[int]) -> None:
         for worker in self.workers:

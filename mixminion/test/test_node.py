@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from typing import Any
 
 from twisted.internet import defer, reactor
 from twisted.logger import globalLogPublisher
@@ -151,9 +152,8 @@ class NodeFromConfigTests(unittest.TestCase):
 
         return d.addCallback(check)
 
-    def test_stop_overwrites_the_processed_incoming_packets(self) -> None:
-        """Received packets are processed into the pool; once the node has
-        stopped, nothing of them is left readable in the incoming log."""
+    def _started_node(self) -> tuple[str, int, Any]:
+        """A Timed relay started in this process: (BaseDir, port, node)."""
         base = os.path.abspath(self.mktemp())
         conf = base + ".conf"
         port = _free_port()
@@ -161,21 +161,34 @@ class NodeFromConfigTests(unittest.TestCase):
                     maxconn=128, metrics=_free_port())
         node = build_node(load_config(conf), reactor)
         node.startService()
+        return base, port, node
+
+    @staticmethod
+    async def _send_processed(node: Any, port: int, count: int) -> list[bytes]:
+        """``count`` packets for ``node`` sent to it over MMTP and processed
+        (each then dropped, one hop on); returns them."""
+        key = node.packet_keys()[0]
+        me = IPv4Info("127.0.0.1", port, node.identity.public.keyid)
+        elsewhere = Hop(key.public, IPv4Info("127.0.0.1", 1, bytes(20)))
+        packets = [build_forward_packet(os.urandom(PAYLOAD_LEN), [Hop(key.public, me),
+                                                                  elsewhere],
+                                        [elsewhere], DROP_TYPE, b"", os.urandom).packet
+                   for _ in range(count)]
+        client = MMTPClient(reactor)
+        dest = NextHop("127.0.0.1", port, node.identity.public.keyid)
+        await defer.gatherResults([client.send_packet(dest, p) for p in packets])
+        await client.close()
+        await node.processor.wait_idle()  # they are stored: they are processed
+        return packets
+
+    def test_stop_overwrites_the_processed_incoming_packets(self) -> None:
+        """Received packets are processed into the pool; once the node has
+        stopped, nothing of them is left readable in the incoming log."""
+        base, port, node = self._started_node()
         stopped = []
 
         async def go() -> None:
-            key = node.packet_keys()[0]
-            me = IPv4Info("127.0.0.1", port, node.identity.public.keyid)
-            elsewhere = Hop(key.public, IPv4Info("127.0.0.1", 1, bytes(20)))
-            packets = [build_forward_packet(os.urandom(PAYLOAD_LEN), [Hop(key.public, me),
-                                                                      elsewhere],
-                                            [elsewhere], DROP_TYPE, b"", os.urandom).packet
-                       for _ in range(3)]
-            client = MMTPClient(reactor)
-            dest = NextHop("127.0.0.1", port, node.identity.public.keyid)
-            await defer.gatherResults([client.send_packet(dest, p) for p in packets])
-            await client.close()
-            await node.processor.wait_idle()  # the three are stored: they are processed
+            packets = await self._send_processed(node, port, 3)
             self.assertEqual(node.queue_sizes()["pool"], 3)
             await node.stopService()
             stopped.append(True)
@@ -187,4 +200,29 @@ class NodeFromConfigTests(unittest.TestCase):
                     self.assertNotIn(packet[:4096], content)
 
         self.addCleanup(lambda: None if stopped else node.stopService())
+        return defer.ensureDeferred(go())
+
+    def test_a_retired_keys_replay_entries_go_once_processing_has_the_new_keys(self) -> None:
+        """keys_rotated: the child decrypts with the new keys from its next
+        drain on, so the retired key's replay entries stay until
+        Processor.keys_in_use fires (here held by the test), then go."""
+        _, port, node = self._started_node()
+        self.addCleanup(node.stopService)
+
+        def entries(keyid: bytes) -> int:
+            return node.store._query_one("SELECT COUNT(*) FROM replay WHERE key_digest = ?",
+                                         (keyid,))[0]
+
+        async def go() -> None:
+            await self._send_processed(node, port, 2)
+            key = node.packet_keys()[0]
+            keyid = key.public.keyid
+            self.assertEqual(entries(keyid), 2)
+            held: defer.Deferred = defer.Deferred()
+            node.processor.keys_in_use = lambda: held  # a drain with the old keys runs
+            node.keys_rotated([keyid])
+            self.assertEqual(entries(keyid), 2)
+            held.callback(None)
+            self.assertEqual(entries(keyid), 0)
+
         return defer.ensureDeferred(go())

@@ -268,3 +268,47 @@ class LifecycleTests(unittest.TestCase):
         self.assertEqual(self.errors(), ["Processing child sent {kind} out of turn; ignored"] * 3)
         self.processor.kick()
         self.assertEqual(self.drains(pipe), 2)
+
+
+class KeysInUseTests(unittest.TestCase):
+    """:meth:`Processor.keys_in_use`: a drain under way when the keys change
+    ends with the keys it began with, so a retired key's replay entries
+    must outlive it (a replay of a packet for that key, in that drain,
+    would otherwise pass as new)."""
+
+    setUp = LifecycleTests.new_processor
+
+    def test_at_once_when_no_drain_runs(self) -> None:
+        self.processor.set_keys([key("mix0")])  # starting: keys come with Ready
+        self.successResultOf(self.processor.keys_in_use())
+        self.processor._message(msg.Ready())
+        self.processor._message(msg.Idle())
+        self.processor.set_keys([key("mix1")])
+        self.successResultOf(self.processor.keys_in_use())
+
+    def test_after_the_drain_under_way_ends(self) -> None:
+        self.processor.set_keys([key("mix0")])
+        self.processor._message(msg.Ready())  # keys, then a drain
+        self.processor.stored([1, 2])  # the drain goes on (More)
+        self.processor.set_keys([key("mix1")])
+        in_use = self.processor.keys_in_use()
+        self.processor._message(msg.Batch(1))
+        self.assertNoResult(in_use)
+        self.processor._message(msg.Idle())  # the next drain has the new keys
+        self.successResultOf(in_use)
+        pipe = self.processor._child.transport
+        self.assertEqual([type(m) for m in pipe.sent[-2:]], [msg.Keys, msg.Drain])
+
+    def test_after_a_drain_that_fails_or_a_child_that_dies(self) -> None:
+        self.processor.set_keys([key("mix0")])
+        self.processor._message(msg.Ready())
+        self.processor.set_keys([key("mix1")])
+        failed = self.processor.keys_in_use()
+        self.processor._message(msg.Failed("disk I/O error"))
+        self.successResultOf(failed)
+        self.clock.advance(1.0)  # the drain is asked again, with the new keys
+        self.processor.set_keys([key("mix2")])
+        died = self.processor.keys_in_use()
+        self.assertNoResult(died)
+        self.processor._ended(self.processor._child, _Exited())
+        self.successResultOf(died)
