@@ -339,7 +339,8 @@ class MixNode(service.MultiService):
                 self.pid_file.release()
 
     def queue_sizes(self) -> dict[str, int]:
-        return {"incoming": self.incoming.count(), "pool": self.store.count(MIX),
+        return {"incoming": self.processor.waiting(self.incoming.committed_through),
+                "pool": self.store.count(MIX),
                 "outgoing": self.store.count(OUT)}
 
     def deliver_sizes(self) -> dict[str, int]:

@@ -492,6 +492,15 @@ class ProcessingWorkers:
             done += worker.share.count_between(removed_through, mark)
         return done
 
+    def waiting(self, committed_through: int) -> int:
+        """Packets committed up to ``committed_through`` that no worker
+        has processed yet: the incoming queue's length.  The log itself
+        keeps a record until every id below it is processed, whichever
+        worker had it, so its own count also holds what a worker ahead
+        of the others has done."""
+        return sum(worker.share.count_between(mark, committed_through)
+                   for worker, mark in zip(self.workers, self._marks))
+
     def _consumed(self, index: int, through: int, count: int) -> None:
         self._marks[index] = max(self._marks[index], through)
         self.consumed_through = max(self.consumed_through, everything_through(self._marks))

@@ -190,6 +190,7 @@ class NodeFromConfigTests(unittest.TestCase):
         async def go() -> None:
             packets = await self._send_processed(node, port, 3)
             self.assertEqual(node.queue_sizes()["pool"], 3)
+            self.assertEqual(node.queue_sizes()["incoming"], 0)  # processed, if not yet erased
             await node.stopService()
             stopped.append(True)
             log_dir = os.path.join(base, "work", "queues", "incoming")

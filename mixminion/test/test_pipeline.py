@@ -436,6 +436,11 @@ class WorkerDrainingTests(DrainingTestCase):
                                     workers=2)
         self.assertEqual(workers.start_from(self.store, 6, 0), 3)
         self.assertEqual([w.consumed_through for w in workers.workers], [6, 0])
+        self.assertEqual(self.incoming.count(), 6)  # the log keeps 2 4 6 behind 1
+        self.assertEqual(workers.waiting(6), 3)  # the queue: 1 3 5
+        workers.workers[1].on_consumed(3, 2)  # worker 1 reports 1 and 3
+        self.assertEqual(workers.waiting(6), 1)
+        self.assertEqual(workers.waiting(8), 3)  # 7 and 8 came: 5 7 8
 
     def test_the_same_number_of_workers_keeps_their_marks(self) -> None:
         self.incoming.add_many([_packet() for _ in range(4)])
