@@ -169,6 +169,9 @@ class Processor:
         self.incoming_path = incoming_path
         #: the incoming ids this worker's child takes
         self.share = share
+        if share.of > 1:
+            # With several workers, the log says which one each line is about.
+            self.log = Logger(namespace=f"{__name__}.worker{share.index}", source=self)
         #: the node pings: the child queues returned pings for the pinger
         #: (a command-line flag: ``[Pinging] Enabled`` changes at a restart)
         self.pings = pings

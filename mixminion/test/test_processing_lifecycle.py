@@ -197,6 +197,23 @@ class LifecycleTests(unittest.TestCase):
         self.assertEqual(self.errors()[-2:], [cannot, self.errors()[-1]])
         self.assertIn("Processing is not running", self.errors()[-1])
 
+    def test_with_several_workers_each_line_names_its_worker(self) -> None:
+        from mixminion.server.draining import Share
+
+        self.processor = Processor(self.mktemp(), self.mktemp(), self.reactor,
+                                   lambda name, n: None, share=Share(1, 2))
+        pipe = self.ready()
+        self.processor._message(msg.Failed("disk I/O error"))
+        [event] = [e for e in self.logs if e["log_level"] == LogLevel.error]
+        self.assertEqual(event["log_namespace"], "mixminion.server.processing.worker1")
+        self.assertEqual(len(pipe.sent), 2)
+        self.new_processor()
+        self.ready()
+        self.processor._message(msg.Failed("disk I/O error"))
+        self.assertEqual([e["log_namespace"] for e in self.logs
+                          if e["log_level"] == LogLevel.error][-1],
+                         "mixminion.server.processing.Processor")
+
     def test_stop_closes_stdin_and_fires_when_the_child_has_exited(self) -> None:
         pipe = self.ready()
         child = self.processor._child
