@@ -321,7 +321,8 @@ class MMTPInitiatorProtocol(Protocol):
                  on_done: Callable[["MMTPInitiatorProtocol"], None],
                  on_ack: Optional[Callable[[NextHop], None]] = None,
                  unproven: bool = False,
-                 slot_wanted: Callable[[], bool] = lambda: False) -> None:
+                 slot_wanted: Callable[["MMTPInitiatorProtocol"], bool] = lambda conn: False
+                 ) -> None:
         self.destination = destination
         #: another destination waits for a connection slot: not kept open
         self.slot_wanted = slot_wanted
@@ -450,7 +451,7 @@ class MMTPInitiatorProtocol(Protocol):
         if out:
             self.transport.write(out)
         if self.machine.finished:
-            if self.settings.keep_open > 0 and self.accepting and not self.slot_wanted():
+            if self.settings.keep_open > 0 and self.accepting and not self.slot_wanted(self):
                 self._went_quiet()
             else:
                 self._all_acknowledged()
@@ -956,17 +957,36 @@ class MMTPClient:
         finally:
             self._filling = False
 
-    def _slot_wanted(self) -> bool:
-        """Every slot is taken and a destination waits for one."""
+    def _slot_wanted(self, finishing: Optional[MMTPInitiatorProtocol] = None) -> bool:
+        """Every slot is taken and a destination waits that a freed slot
+        would go to (``finishing``: a connection with all acknowledged,
+        asking whether to stay open)."""
         return (self._connections >= max(1, self.settings.max_connections)
-                and self.waiting_destinations > 0)
+                and self._could_take_a_slot(finishing) > 0)
+
+    def _could_take_a_slot(self, finishing: Optional[MMTPInitiatorProtocol] = None) -> int:
+        """Destinations in line that a freed slot could go to: those not
+        proven only while their share has room, or would have once an idle
+        (or ``finishing``) connection counted in it closes.  Closing
+        kept-open connections for the others (under a flood of new next
+        hops, say) would free slots that nobody may take, and keep no
+        connection open at all."""
+        proven = sum(1 for dest in self._proven_line if dest.pending)
+        share_full = self._unproven_connections >= unproven_share(self.settings.max_connections)
+        if share_full and not any(conn.unproven and (conn.phase is Phase.IDLE or conn is finishing)
+                                  for conn in self._protocols):
+            return proven
+        return proven + sum(1 for dest in self._line if dest.pending)
 
     def _close_idle_for_waiting(self) -> None:
         """Every slot is taken and destinations wait: close connections
         kept open with nothing to send, one for each waiting destination
-        (counting those already closing); each frees its slot once lost."""
-        waiting = self.waiting_destinations
-        conns = self._protocols
+        that could take the slot (counting those already closing); each
+        frees its slot once lost."""
+        waiting = self._could_take_a_slot()
+        # Connections counted in the unproven share first: closing one frees
+        # a slot and room in the share.
+        conns = sorted(self._protocols, key=lambda conn: not conn.unproven)
         closing = sum(1 for conn in conns if conn.phase is Phase.CLOSING)
         for conn in conns:
             if closing >= waiting:

@@ -174,3 +174,40 @@ class ClosedUnderUsTests(LogMixin):
         self.assertEqual(ds.types(), [None, ConnectionFailed])
         self.assertEqual(conn.returned, [])
         self.assertEqual(len(net.initiators), 1)
+
+
+class UnprovenShareTests(LogMixin):
+    """Who a connection kept open makes way for."""
+
+    def test_a_destination_held_back_by_the_unproven_share_closes_nothing(self) -> None:
+        """Every slot taken, and the only one waiting is a next hop not
+        proven, whose share is full: closing the connection kept open to a
+        proven one would free a slot it may not take."""
+        from mixminion.test.test_mmtp_protocol import HeldSink
+
+        net = Hops(HeldSink(), InitiatorSettings(keep_open=60.0, max_connections=4))
+        proven = net.hop("192.0.2.1")
+        for n in (0, 1):  # the second connection opens once it is proven
+            net.send_to([proven], first=n)
+            net.flush()
+            net.store(n)
+            net.clock.advance(60.0)
+            net.flush()
+        net.send_to([proven], first=9)
+        net.flush()
+        net.store(9)
+        kept = net.initiators[-1]
+        self.assertFalse(kept.unproven)
+        self.assertIs(kept.phase, Phase.IDLE)
+        new = [net.hop(f"192.0.2.{n}") for n in (2, 3, 4, 5)]
+        net.send_to(new, first=10)  # three take the unproven share, the fourth waits
+        net.flush()
+        self.assertEqual((net.client.connections, net.client.waiting_destinations), (4, 1))
+        self.assertIs(kept.phase, Phase.IDLE)
+        opened = len(net.opened)
+        net.send_to([proven], first=20)  # it still serves its next hop at once
+        net.flush()
+        net.store(20)
+        self.assertEqual(len(net.opened), opened)
+        net.store(10)  # a new one answers: its slot goes to the one waiting
+        self.assertEqual(net.opened[-1], new[3])
