@@ -541,8 +541,16 @@ class ProcessingWorkers:
             lambda _: None)
 
     def stored(self, ids: Sequence[int]) -> None:
+        """Each worker hears of the ids of its share only: a commit with
+        none of them does not wake its child."""
+        if len(self.workers) == 1:
+            self.workers[0].stored(ids)
+            return
         for worker in self.workers:
-            worker.stored(ids)
+            share = worker.share
+            mine = [i for i in ids if i % share.of == share.index]
+            if mine:
+                worker.stored(mine)
 
     def kick(self, _ignored: object = None) -> None:
         for worker in self.workers:

@@ -442,6 +442,17 @@ class WorkerDrainingTests(DrainingTestCase):
         self.assertEqual(workers.waiting(6), 1)
         self.assertEqual(workers.waiting(8), 3)  # 7 and 8 came: 5 7 8
 
+    def test_a_commit_wakes_only_the_workers_whose_ids_it_holds(self) -> None:
+        workers = ProcessingWorkers(self.incoming.path, self.store.path, None, self.stats.count,
+                                    workers=2)
+        told: list[tuple[int, list[int]]] = []
+        for worker in workers.workers:
+            worker.stored = lambda ids, i=worker.share.index: told.append((i, list(ids)))
+        workers.stored([7])
+        workers.stored([8, 9, 10])
+        workers.stored([])
+        self.assertEqual(told, [(1, [7]), (0, [8, 10]), (1, [9])])
+
     def test_the_same_number_of_workers_keeps_their_marks(self) -> None:
         self.incoming.add_many([_packet() for _ in range(4)])
         self._drain_share(Share(0, 2))
