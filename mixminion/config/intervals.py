@@ -70,15 +70,20 @@ def parse_interval(text: str) -> int:
     would otherwise mean 0, the opposite of what was asked.  Exact
     rational arithmetic, so ``0.1 hour`` is 360 s, not 359.
     """
-    match = _INTERVAL.fullmatch(text.strip())
-    seconds = _unit_seconds(match.group("unit")) if match else None
-    if match is None or seconds is None:
-        raise ScheduleError(f'"{text.strip()}" is not an interval ({_INTERVAL_HINT})')
-    exact = Fraction(match.group("number")) * seconds
+    exact = _exact_seconds(text)
     if exact.denominator != 1:
         raise ScheduleError(f'"{text.strip()}" is not a whole number of seconds '
                             f"(intervals count whole seconds)")
     return int(exact)
+
+
+def _exact_seconds(text: str) -> Fraction:
+    """``NUMBER UNIT`` as an exact number of seconds."""
+    match = _INTERVAL.fullmatch(text.strip())
+    seconds = _unit_seconds(match.group("unit")) if match else None
+    if match is None or seconds is None:
+        raise ScheduleError(f'"{text.strip()}" is not an interval ({_INTERVAL_HINT})')
+    return Fraction(match.group("number")) * seconds
 
 
 _FORMAT_UNITS = (("day", DAY), ("hour", HOUR), ("minute", MINUTE), ("second", 1))
@@ -121,7 +126,8 @@ def _parse_item(item: str) -> list[int]:
             raise ScheduleError(f'"{item}": "every INTERVAL" needs "for DURATION"')
         return [parse_interval(item)]
     interval = parse_interval(match.group("interval"))
-    duration = parse_interval(match.group("duration"))
+    # Only a count of attempts comes of the duration: it need not be whole.
+    duration = _exact_seconds(match.group("duration"))
     if interval < 1:
         raise ScheduleError(f'"{item}": the repeated interval must be at least 1 second')
     return [interval] * math.ceil(duration / interval)

@@ -959,24 +959,30 @@ class MMTPClient:
 
     def _slot_wanted(self, finishing: Optional[MMTPInitiatorProtocol] = None) -> bool:
         """Every slot is taken and a destination waits that a freed slot
-        would go to (``finishing``: a connection with all acknowledged,
-        asking whether to stay open)."""
-        return (self._connections >= max(1, self.settings.max_connections)
-                and self._could_take_a_slot(finishing) > 0)
+        would go to, beyond those a connection already closing will serve
+        (``finishing``: a connection with all acknowledged, asking whether
+        to stay open)."""
+        if self._connections < max(1, self.settings.max_connections):
+            return False
+        closing = sum(1 for conn in self._protocols if conn.phase is Phase.CLOSING)
+        return self._could_take_a_slot(finishing) > closing
 
     def _could_take_a_slot(self, finishing: Optional[MMTPInitiatorProtocol] = None) -> int:
-        """Destinations in line that a freed slot could go to: those not
-        proven only while their share has room, or would have once an idle
-        (or ``finishing``) connection counted in it closes.  Closing
-        kept-open connections for the others (under a flood of new next
-        hops, say) would free slots that nobody may take, and keep no
-        connection open at all."""
+        """How many destinations in line freed slots could go to: every
+        proven one, and unproven ones only as far as their share has room,
+        now or once its idle (or ``finishing``, or closing) connections
+        are gone.  Closing kept-open connections for the others (under a
+        flood of new next hops, say) would free slots that nobody may
+        take, and keep no connection open at all."""
         proven = sum(1 for dest in self._proven_line if dest.pending)
-        share_full = self._unproven_connections >= unproven_share(self.settings.max_connections)
-        if share_full and not any(conn.unproven and (conn.phase is Phase.IDLE or conn is finishing)
-                                  for conn in self._protocols):
+        unproven = sum(1 for dest in self._line if dest.pending)
+        if not unproven:
             return proven
-        return proven + sum(1 for dest in self._line if dest.pending)
+        room = max(0, unproven_share(self.settings.max_connections)
+                   - self._unproven_connections)
+        room += sum(1 for conn in self._protocols if conn.unproven and (
+            conn.phase in (Phase.IDLE, Phase.CLOSING) or conn is finishing))
+        return proven + min(unproven, room)
 
     def _close_idle_for_waiting(self) -> None:
         """Every slot is taken and destinations wait: close connections

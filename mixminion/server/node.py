@@ -255,6 +255,10 @@ class MixNode(service.MultiService):
 
     def start_pipeline(self) -> None:
         self.pid_file.write(os.getpid())
+        # No child runs yet: entries of keys no longer live (a stop before
+        # keys_rotated could remove them) go now.
+        live = {key.public.keyid for key in self.packet_keys()}
+        self._forget_replay_logs([k for k in self.store.replay_logs() if k not in live])
         self.processor.set_keys(self.packet_keys())
         self.mixer.start()
         self.processor.kick()
@@ -270,17 +274,25 @@ class MixNode(service.MultiService):
         ends with the keys it began with)."""
         self.processor.set_keys(self.packet_keys())
         if retired:
-            self.processor.keys_in_use().addCallback(
-                lambda _: self._forget_replay_logs(retired))
+            d = self.processor.keys_in_use()
+            d.addCallback(lambda _: self._forget_replay_logs(retired))
+            d.addErrback(lambda failure: self.log.failure(
+                "Could not remove the replay entries of a retired packet key", failure))
         self.status_changed()
 
     def _forget_replay_logs(self, keyids: Sequence[bytes]) -> None:
+        """Remove the replay entries of these keys (no longer live); the
+        next start tries again for any left."""
         try:
             for keyid in keyids:
                 self.store.forget_replay_log(keyid)
         except PacketStoreError as exc:
             self.log.error("Could not remove the replay entries of a retired packet key "
-                           "(they stay on disk, unused): {why}", why=str(exc))
+                           "(the next start tries again): {why}", why=str(exc))
+            return
+        if keyids:
+            self.log.info("Removed the replay entries of {n} retired packet keys",
+                          n=len(keyids))
 
     def replace_exits(self, dispatcher: Dispatcher) -> defer.Deferred:
         """Route and deliver through ``dispatcher`` (modules rebuilt from a

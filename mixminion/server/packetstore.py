@@ -215,6 +215,16 @@ class PacketStore:
                 seen.append(cur.rowcount == 0)
             return seen
 
+    def replay_logs(self) -> list[bytes]:
+        """The key digests that have replay entries (one index seek each)."""
+        found: list[bytes] = []
+        while True:
+            row = self._query_one("SELECT key_digest FROM replay WHERE key_digest > ? "
+                                  "ORDER BY key_digest LIMIT 1", (found[-1] if found else b"",))
+            if row is None:
+                return found
+            found.append(bytes(row[0]))
+
     def forget_replay_log(self, key_digest: bytes) -> None:
         """Delete the replay entries of a retired packet key."""
         self._write_many("DELETE FROM replay WHERE key_digest = ?", [(key_digest,)])

@@ -211,3 +211,34 @@ class UnprovenShareTests(LogMixin):
         self.assertEqual(len(net.opened), opened)
         net.store(10)  # a new one answers: its slot goes to the one waiting
         self.assertEqual(net.opened[-1], new[3])
+
+    def test_only_as_many_close_as_the_unproven_share_has_room_for(self) -> None:
+        """Two next hops not proven arrive one after the other while the
+        unproven share has room for one more: one connection kept open
+        closes for the first, none for the second."""
+        from mixminion.test.test_mmtp_protocol import HeldSink
+
+        net = Hops(HeldSink(), InitiatorSettings(keep_open=60.0, max_connections=4))
+        p1, p2 = net.hop("192.0.2.1"), net.hop("192.0.2.2")
+        net.send_to([p1, p2])  # proven once they answer; then kept open, proven
+        net.flush()
+        net.store(0)
+        net.store(1)
+        net.clock.advance(60.0)
+        net.flush()
+        net.send_to([p1, p2], first=2)
+        net.flush()
+        net.store(2)
+        net.store(3)
+        kept = net.initiators[-2:]
+        self.assertEqual([(c.phase, c.unproven) for c in kept], [(Phase.IDLE, False)] * 2)
+        net.send_to([net.hop("192.0.2.3"), net.hop("192.0.2.4")], first=4)  # busy, unproven
+        net.flush()
+        self.assertEqual(net.client.connections, 4)
+        d1, d2 = net.hop("192.0.2.5"), net.hop("192.0.2.6")
+        net.send_to([d1], first=6)  # the first one's connection is still closing ...
+        net.send_to([d2], first=7)  # ... when the second comes
+        net.flush()
+        self.assertEqual(sorted(c.phase.value for c in kept), ["closed", "idle"])
+        self.assertEqual(net.opened[-1], d1)
+        self.assertEqual(net.client.waiting_destinations, 1)

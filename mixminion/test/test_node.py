@@ -152,14 +152,17 @@ class NodeFromConfigTests(unittest.TestCase):
 
         return d.addCallback(check)
 
-    def _started_node(self) -> tuple[str, int, Any]:
-        """A Timed relay started in this process: (BaseDir, port, node)."""
+    def _started_node(self, before: Any = None) -> tuple[str, int, Any]:
+        """A Timed relay started in this process (``before(node)`` runs
+        just before the start): (BaseDir, port, node)."""
         base = os.path.abspath(self.mktemp())
         conf = base + ".conf"
         port = _free_port()
         self._write(conf, base=base, algorithm="Timed", interval="1 hour", port=port,
                     maxconn=128, metrics=_free_port())
         node = build_node(load_config(conf), reactor)
+        if before is not None:
+            before(node)
         node.startService()
         return base, port, node
 
@@ -227,3 +230,16 @@ class NodeFromConfigTests(unittest.TestCase):
             self.assertEqual(entries(keyid), 0)
 
         return defer.ensureDeferred(go())
+
+    def test_a_start_removes_the_replay_entries_of_keys_no_longer_live(self) -> None:
+        """What a stop before keys_in_use fired left behind."""
+        gone, live = bytes([7]) * 20, []
+
+        def leftovers(node: Any) -> None:
+            node.store.replay_seen_or_add_many(gone, [b"a" * 20, b"b" * 20])
+            live.append(node.packet_keys()[0].public.keyid)
+            node.store.replay_seen_or_add_many(live[0], [b"c" * 20])
+
+        _, _, node = self._started_node(leftovers)
+        self.addCleanup(node.stopService)
+        self.assertEqual(node.store.replay_logs(), live)

@@ -65,6 +65,11 @@ class IntervalTests(unittest.TestCase):
             self.assertEqual(str(caught.exception), f'"{text}" is not a whole number of '
                                                     "seconds (intervals count whole seconds)")
 
+    def test_a_durations_fraction_only_counts_attempts(self) -> None:
+        self.assertEqual(parse_retry_schedule("every 7 hours for 0.3333 days"), (25200, 25200))
+        self.assertRaises(ScheduleError, parse_retry_schedule, "every 0.5 hours for 1 day, "
+                                                               "0.5 seconds")
+
     def test_format_interval_uses_largest_exact_unit(self) -> None:
         self.assertEqual(format_interval(1800), "30 minutes")
         self.assertEqual(format_interval(60), "1 minute")
