@@ -952,20 +952,23 @@ class MMTPClient:
                 if (dest.pending and dest.opening is None
                         and len(dest.connections) < self.settings.connections_per_destination):
                     self._open(dest)
-            if self._slot_wanted():
-                self._close_idle_for_waiting()
+            self._close_idle_for_waiting()
         finally:
             self._filling = False
 
     def _slot_wanted(self, finishing: Optional[MMTPInitiatorProtocol] = None) -> bool:
-        """Every slot is taken and a destination waits that a freed slot
-        would go to, beyond those a connection already closing will serve
-        (``finishing``: a connection with all acknowledged, asking whether
-        to stay open)."""
+        """Whether a connection with all acknowledged (``finishing``) must
+        not stay open: see :meth:`_slots_wanted`."""
+        return self._slots_wanted(finishing) > 0
+
+    def _slots_wanted(self, finishing: Optional[MMTPInitiatorProtocol] = None) -> int:
+        """Every slot is taken: how many destinations wait that freed slots
+        would go to, beyond those the connections already closing will
+        serve (0 while a slot is free)."""
         if self._connections < max(1, self.settings.max_connections):
-            return False
+            return 0
         closing = sum(1 for conn in self._protocols if conn.phase is Phase.CLOSING)
-        return self._could_take_a_slot(finishing) > closing
+        return max(0, self._could_take_a_slot(finishing) - closing)
 
     def _could_take_a_slot(self, finishing: Optional[MMTPInitiatorProtocol] = None) -> int:
         """How many destinations in line freed slots could go to: every
@@ -985,20 +988,17 @@ class MMTPClient:
         return proven + min(unproven, room)
 
     def _close_idle_for_waiting(self) -> None:
-        """Every slot is taken and destinations wait: close connections
-        kept open with nothing to send, one for each waiting destination
-        that could take the slot (counting those already closing); each
-        frees its slot once lost."""
-        waiting = self._could_take_a_slot()
+        """If every slot is taken and destinations wait that could take
+        one (:meth:`_slots_wanted`), close as many connections kept open
+        with nothing to send; each frees its slot once lost."""
+        wanted = self._slots_wanted()
+        if not wanted:
+            return
         # Connections counted in the unproven share first: closing one frees
         # a slot and room in the share.
-        conns = sorted(self._protocols, key=lambda conn: not conn.unproven)
-        closing = sum(1 for conn in conns if conn.phase is Phase.CLOSING)
-        for conn in conns:
-            if closing >= waiting:
-                break
-            if conn.close_if_idle():
-                closing += 1
+        for conn in sorted(self._protocols, key=lambda conn: not conn.unproven):
+            if wanted and conn.close_if_idle():
+                wanted -= 1
 
     def _next_in_line(self) -> Optional[_Destination]:
         """The next destination to connect to, first come first served:

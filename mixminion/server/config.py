@@ -1122,9 +1122,9 @@ def _check_outgoing(b: _Builder) -> None:
     _check_range(b, s, "MaxConnections", 1, None)
     _check_range(b, s, "MaxPacketsPerConnection", 1, None)
     # A next hop closes a connection idle for its own Timeout (5 minutes by
-    # default, in the reference too): a packet sent on a kept connection
-    # just as the peer closes it is lost to that close and waits for its
-    # hop's next retry.  Kept well under any peer's timeout, that is rare.
+    # default, in the reference too).  Kept well under any peer's timeout,
+    # a kept connection is rarely closed under us; when it is, just as
+    # packets go out on it, they go out again on a new one (doc/mmtp.md).
     _check_range(b, s, "KeepOpen", 0, MAX_KEEP_OPEN, sched.format_interval)
     if b.get(s, "Legacy"):
         b.warn(s, "Legacy", "speaks TLS 1.0 to old peers; their links are weaker")

@@ -63,6 +63,10 @@ class Share:
         """Its consumed mark's name in the main store's kv table."""
         return CONSUMED_KEY if self.of == 1 else f"{CONSUMED_KEY}/{self.index}/{self.of}"
 
+    def takes(self, packet_id: int) -> bool:
+        """Whether incoming id ``packet_id`` is this share's."""
+        return packet_id % self.of == self.index
+
     def next_after(self, last: int) -> int:
         """The first id of this share above ``last``."""
         return last + (self.index - last - 1) % self.of + 1

@@ -547,8 +547,7 @@ class ProcessingWorkers:
             self.workers[0].stored(ids)
             return
         for worker in self.workers:
-            share = worker.share
-            mine = [i for i in ids if i % share.of == share.index]
+            mine = [i for i in ids if worker.share.takes(i)]
             if mine:
                 worker.stored(mine)
 
