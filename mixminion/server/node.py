@@ -257,9 +257,10 @@ class MixNode(service.MultiService):
         self.pid_file.write(os.getpid())
         # No child runs yet: entries of keys no longer live (a stop before
         # keys_rotated could remove them) go now.
-        live = {key.public.keyid for key in self.packet_keys()}
+        keys = self.packet_keys()
+        live = {key.public.keyid for key in keys}
         self._forget_replay_logs([k for k in self.store.replay_logs() if k not in live])
-        self.processor.set_keys(self.packet_keys())
+        self.processor.set_keys(keys)
         self.mixer.start()
         self.processor.kick()
         self._first_flush = self.reactor.callLater(0, self.outgoing.flush)
